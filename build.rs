@@ -1,0 +1,12 @@
+//! Compiles `proto/metalbond.proto` into Rust with prost-build.
+//!
+//! protox parses the schema in pure Rust, so no system `protoc` is needed on a
+//! fresh machine. `bytes` fields are generated as `bytes::Bytes` so decoding a
+//! frame slices the received buffer instead of copying each address.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/metalbond.proto");
+    let fds = protox::compile(["proto/metalbond.proto"], ["proto"])?;
+    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Framing: `[version=1][length u16 BE][type][payload]`.
+//!
+//! Owns: the header layout and the streaming `FrameDecoder`, which accepts
+//! bytes split anywhere (half a header, many frames in one read) and yields
+//! validated messages; and `encode_frame`, which appends one frame to a
+//! caller's buffer without allocating.
+//!
+//! Must never: read or write sockets; the caller decides where bytes come
+//! from and go to.
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use super::error::DecodeError;
+use super::message::{Message, MessageType};
+
+/// The only protocol version there is.
+pub const VERSION: u8 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 4;
+/// Largest payload: the whole message fits one IPv6 minimum-MTU segment.
+pub const MAX_PAYLOAD: usize = 1188;
+/// Largest frame, header included.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
+
+/// Appends `msg` as one frame to `buf` and returns the frame's length.
+///
+/// Cannot fail: the largest message this crate can express (an IPv6 NAT
+/// UPDATE) is under 100 bytes, far below `MAX_PAYLOAD`; a test pins that.
+pub fn encode_frame(msg: &Message, buf: &mut impl BufMut) -> usize {
+    let len = msg.payload_len();
+    debug_assert!(len <= MAX_PAYLOAD);
+    buf.put_u8(VERSION);
+    buf.put_u16(len as u16);
+    buf.put_u8(msg.message_type() as u8);
+    msg.encode_payload(buf);
+    HEADER_LEN + len
+}
+
+/// Turns a byte stream into messages.
+///
+/// Feed it with `extend` as bytes arrive, then call `next_message` until it
+/// returns `Ok(None)` (needs more bytes). After an `Err` the stream is out of
+/// sync for good: the caller must close the connection and drop the decoder.
+#[derive(Default, Debug)]
+pub struct FrameDecoder {
+    /// Received bytes not yet decoded; at most one partial frame plus
+    /// whatever the last `extend` added.
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Appends bytes as they came off the wire.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet consumed (a partial frame, or frames not
+    /// yet pulled out).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete message, `Ok(None)` when more bytes are needed.
+    ///
+    /// A bad header is reported as soon as its 4 bytes are in, without
+    /// waiting for a payload that may never come.
+    pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let header = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+        if header[0] != VERSION {
+            return Err(DecodeError::Version(header[0]));
+        }
+        let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+        let msg_type =
+            MessageType::from_byte(header[3]).ok_or(DecodeError::UnknownType(header[3]))?;
+        if len > MAX_PAYLOAD {
+            return Err(DecodeError::PayloadTooLong(len));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            // Make room for the rest of this frame in one go.
+            self.buf.reserve(HEADER_LEN + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(HEADER_LEN);
+        let payload = self.buf.split_to(len).freeze();
+        Message::decode(msg_type, payload).map(Some)
+    }
+}

@@ -1,0 +1,27 @@
+//! MetalBond: a route reflector and client that distribute overlay routes
+//! (per VNI: prefix → IPv6 underlay next hop), wire-compatible with the Go
+//! implementation. See `../shared/PROTOCOL.md` for the contract.
+//!
+//! Layout, one owner per concern:
+//! - `types`: what a route is (VNI, prefix, next hop), valid by construction.
+//! - `codec`: bytes ↔ frames ↔ messages; no sockets.
+//! - `session`: the per-connection state machine, sans I/O.
+//! - `server`: the reflector (shards, VNI tables, fan-out).
+//! - `client`: sessions to servers, announcements, kernel routes.
+//! - `logging`: tracing set-up for the binaries.
+
+pub mod client;
+pub mod codec;
+pub mod logging;
+pub mod server;
+pub mod session;
+pub mod types;
+
+/// Types generated from `proto/metalbond.proto` by prost (see `build.rs`).
+/// Use `codec` rather than these directly: they are unvalidated.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/metalbond.rs"));
+}
+
+pub use types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};

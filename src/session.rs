@@ -1,0 +1,435 @@
+//! The per-connection session state machine of PROTOCOL.md "Session", sans I/O.
+//!
+//! Owns: the states (CONNECTING → HELLO_SENT / HELLO_RECEIVED → ESTABLISHED,
+//! CLOSED), keepalive negotiation, the keepalive send schedule and the hold
+//! timer (2.5 × interval). Both roles live here: the active side (client) and
+//! the passive side (server), so both speak exactly the same protocol.
+//!
+//! Must never: touch sockets, clocks or the route table. The caller feeds it
+//! decoded messages and the current `Instant`, and carries out what it returns
+//! (send a frame, hand a message up, close). That keeps every rule testable by
+//! replaying events, with no network and no sleeping.
+//!
+//! ```text
+//!  active (client)                         passive (server)
+//!  CONNECTING --start: send HELLO-->       CONNECTING
+//!  HELLO_SENT                               |  recv HELLO(k>0): reply HELLO(min)
+//!   | recv HELLO: send KEEPALIVE            v
+//!  HELLO_RECEIVED                          HELLO_RECEIVED
+//!   | recv KEEPALIVE                        | recv KEEPALIVE: reply KEEPALIVE
+//!  ESTABLISHED: SUBSCRIBE/UPDATE flow      ESTABLISHED: reply every KEEPALIVE
+//! ```
+
+use std::time::{Duration, Instant};
+
+use crate::codec::Message;
+
+/// Which end of the TCP connection we are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// We connected out (client); we speak first.
+    Active,
+    /// We accepted (server); we answer.
+    Passive,
+}
+
+/// Session states as PROTOCOL.md names them. `Retry` belongs to the client's
+/// reconnect loop, which reports it; this machine itself ends in `Closed`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum SessionState {
+    Connecting,
+    HelloSent,
+    HelloReceived,
+    Established,
+    Retry,
+    Closed,
+}
+
+impl SessionState {
+    /// Upper-case name as in PROTOCOL.md, for logs and status pages.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionState::Connecting => "CONNECTING",
+            SessionState::HelloSent => "HELLO_SENT",
+            SessionState::HelloReceived => "HELLO_RECEIVED",
+            SessionState::Established => "ESTABLISHED",
+            SessionState::Retry => "RETRY",
+            SessionState::Closed => "CLOSED",
+        }
+    }
+}
+
+/// Why a session ended. Every close carries one, for the log line and the
+/// disconnect counters.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum CloseReason {
+    /// The peer offered keepalive interval 0.
+    #[error("peer offered keepalive interval 0")]
+    ZeroKeepalive,
+    /// Nothing heard for 2.5 × the interval.
+    #[error("no keepalive from peer within {0:?}")]
+    KeepaliveTimeout(Duration),
+    /// A message the state machine does not allow in this state.
+    #[error("unexpected {message} in state {state}")]
+    Unexpected {
+        message: &'static str,
+        state: &'static str,
+    },
+    /// A frame that failed to decode (the codec's message).
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer closed the connection.
+    #[error("connection closed by peer")]
+    PeerClosed,
+    /// A socket error.
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// Our side decided to close (shutdown, limits, a slow peer).
+    #[error("{0}")]
+    Local(String),
+}
+
+impl CloseReason {
+    /// A short stable label for counters ("timeout", "protocol", ...).
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ZeroKeepalive | CloseReason::Unexpected { .. } => "protocol",
+            CloseReason::Malformed(_) => "malformed",
+            CloseReason::KeepaliveTimeout(_) => "timeout",
+            CloseReason::PeerClosed => "eof",
+            CloseReason::Io(_) => "io",
+            CloseReason::Local(_) => "local",
+        }
+    }
+}
+
+/// What the caller must do after feeding the session a message.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reaction {
+    /// Nothing to do (a keepalive that only refreshed the hold timer).
+    Nothing,
+    /// Send this message to the peer.
+    Reply(Message),
+    /// The session just became ESTABLISHED; send `reply` first if any.
+    /// The active side now sends its SUBSCRIBEs and UPDATEs.
+    Established { reply: Option<Message> },
+    /// A SUBSCRIBE / UNSUBSCRIBE / UPDATE for the layer above.
+    Deliver(Message),
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct PeerSession {
+    /// Active or passive; decides who speaks first and who answers keepalives.
+    role: Role,
+    /// Where in the handshake we are.
+    state: SessionState,
+    /// Our configured interval; the negotiated one is never larger.
+    own_interval: Duration,
+    /// min(own, peer's) once HELLOs are exchanged; our own before that.
+    interval: Duration,
+    /// When we last heard from the peer (any valid frame proves liveness).
+    last_heard: Instant,
+    /// Active side only: when our next KEEPALIVE is due.
+    next_keepalive: Option<Instant>,
+}
+
+impl PeerSession {
+    /// A new session for a connection that has just been set up.
+    pub fn new(role: Role, own_interval: Duration, now: Instant) -> PeerSession {
+        PeerSession {
+            role,
+            state: SessionState::Connecting,
+            own_interval,
+            interval: own_interval,
+            last_heard: now,
+            next_keepalive: None,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> SessionState {
+        self.state
+    }
+
+    /// The negotiated keepalive interval (our own until HELLOs are exchanged).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// How long the peer may stay silent before it is declared dead.
+    pub fn hold_time(&self) -> Duration {
+        self.interval * 5 / 2
+    }
+
+    /// Is the session ESTABLISHED?
+    pub fn is_established(&self) -> bool {
+        self.state == SessionState::Established
+    }
+
+    /// The first message on a new connection: the active side's HELLO.
+    /// The passive side says nothing first (`None`).
+    pub fn start(&mut self) -> Option<Message> {
+        match (self.role, self.state) {
+            (Role::Active, SessionState::Connecting) => {
+                self.state = SessionState::HelloSent;
+                Some(Message::Hello {
+                    keepalive_secs: secs(self.own_interval),
+                    is_server: false,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Marks the session closed (the caller is dropping the connection).
+    pub fn close(&mut self) {
+        self.state = SessionState::Closed;
+    }
+
+    /// Feeds one received message. `Err` means: close the connection now.
+    pub fn on_message(&mut self, msg: Message, now: Instant) -> Result<Reaction, CloseReason> {
+        if self.state == SessionState::Closed {
+            return Err(self.unexpected(&msg));
+        }
+        self.last_heard = now;
+        match (msg, self.role, self.state) {
+            (
+                Message::Hello {
+                    keepalive_secs: 0, ..
+                },
+                _,
+                _,
+            ) => Err(CloseReason::ZeroKeepalive),
+            (Message::Hello { keepalive_secs, .. }, Role::Passive, SessionState::Connecting) => {
+                self.negotiate(keepalive_secs);
+                self.state = SessionState::HelloReceived;
+                Ok(Reaction::Reply(Message::Hello {
+                    keepalive_secs: secs(self.interval),
+                    is_server: true,
+                }))
+            }
+            (Message::Hello { keepalive_secs, .. }, Role::Active, SessionState::HelloSent) => {
+                self.negotiate(keepalive_secs);
+                self.state = SessionState::HelloReceived;
+                self.next_keepalive = Some(now + self.interval);
+                Ok(Reaction::Reply(Message::Keepalive))
+            }
+            (Message::Keepalive, Role::Passive, SessionState::HelloReceived) => {
+                self.state = SessionState::Established;
+                Ok(Reaction::Established {
+                    reply: Some(Message::Keepalive),
+                })
+            }
+            (Message::Keepalive, Role::Passive, SessionState::Established) => {
+                Ok(Reaction::Reply(Message::Keepalive))
+            }
+            (Message::Keepalive, Role::Active, SessionState::HelloReceived) => {
+                self.state = SessionState::Established;
+                Ok(Reaction::Established { reply: None })
+            }
+            (Message::Keepalive, Role::Active, SessionState::Established) => Ok(Reaction::Nothing),
+            (
+                Message::Subscribe(_) | Message::Unsubscribe(_) | Message::Update { .. },
+                _,
+                SessionState::Established,
+            ) => Ok(Reaction::Deliver(msg)),
+            _ => Err(self.unexpected(&msg)),
+        }
+    }
+
+    /// Checks the timers. Returns a KEEPALIVE to send when one is due (active
+    /// side), or `Err` when the peer has been silent for the hold time.
+    pub fn on_tick(&mut self, now: Instant) -> Result<Option<Message>, CloseReason> {
+        if self.state == SessionState::Closed {
+            return Ok(None);
+        }
+        if now.saturating_duration_since(self.last_heard) >= self.hold_time() {
+            return Err(CloseReason::KeepaliveTimeout(self.hold_time()));
+        }
+        match self.next_keepalive {
+            Some(due) if now >= due => {
+                self.next_keepalive = Some(now + self.interval);
+                Ok(Some(Message::Keepalive))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The next instant at which `on_tick` has something to do.
+    pub fn next_deadline(&self) -> Instant {
+        let hold = self.last_heard + self.hold_time();
+        match self.next_keepalive {
+            Some(k) => k.min(hold),
+            None => hold,
+        }
+    }
+
+    fn negotiate(&mut self, peer_secs: u32) {
+        self.interval = self.own_interval.min(Duration::from_secs(peer_secs.into()));
+    }
+
+    fn unexpected(&self, msg: &Message) -> CloseReason {
+        CloseReason::Unexpected {
+            message: msg.message_type().name(),
+            state: self.state.name(),
+        }
+    }
+}
+
+/// Whole seconds for a HELLO, at least 1 (an interval of 0 is a protocol error).
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Vni;
+
+    const FIVE: Duration = Duration::from_secs(5);
+
+    fn hello(k: u32, is_server: bool) -> Message {
+        Message::Hello {
+            keepalive_secs: k,
+            is_server,
+        }
+    }
+
+    fn sub() -> Message {
+        Message::Subscribe(Vni::new(1).unwrap())
+    }
+
+    #[test]
+    fn passive_handshake_negotiates_minimum_and_answers_keepalives() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        assert_eq!(s.start(), None);
+        assert_eq!(
+            s.on_message(hello(3, false), t0),
+            Ok(Reaction::Reply(hello(3, true)))
+        );
+        assert_eq!(s.interval(), Duration::from_secs(3));
+        assert_eq!(s.state(), SessionState::HelloReceived);
+        assert_eq!(
+            s.on_message(Message::Keepalive, t0),
+            Ok(Reaction::Established {
+                reply: Some(Message::Keepalive)
+            })
+        );
+        assert_eq!(
+            s.on_message(Message::Keepalive, t0),
+            Ok(Reaction::Reply(Message::Keepalive))
+        );
+        assert_eq!(s.on_message(sub(), t0), Ok(Reaction::Deliver(sub())));
+    }
+
+    #[test]
+    fn passive_never_raises_interval_above_its_own() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        assert_eq!(
+            s.on_message(hello(60, false), t0),
+            Ok(Reaction::Reply(hello(5, true)))
+        );
+    }
+
+    #[test]
+    fn active_handshake_sends_keepalive_then_establishes_on_first_keepalive() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Active, FIVE, t0);
+        assert_eq!(s.start(), Some(hello(5, false)));
+        assert_eq!(s.state(), SessionState::HelloSent);
+        assert_eq!(
+            s.on_message(hello(2, true), t0),
+            Ok(Reaction::Reply(Message::Keepalive))
+        );
+        assert_eq!(s.interval(), Duration::from_secs(2));
+        assert_eq!(
+            s.on_message(Message::Keepalive, t0),
+            Ok(Reaction::Established { reply: None })
+        );
+        assert_eq!(s.on_message(Message::Keepalive, t0), Ok(Reaction::Nothing));
+        // Keepalives every negotiated interval.
+        assert_eq!(s.on_tick(t0 + Duration::from_millis(1999)), Ok(None));
+        assert_eq!(
+            s.on_tick(t0 + Duration::from_secs(2)),
+            Ok(Some(Message::Keepalive))
+        );
+    }
+
+    #[test]
+    fn zero_interval_hello_closes() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        assert_eq!(
+            s.on_message(hello(0, false), t0),
+            Err(CloseReason::ZeroKeepalive)
+        );
+        let mut a = PeerSession::new(Role::Active, FIVE, t0);
+        a.start();
+        assert_eq!(
+            a.on_message(hello(0, true), t0),
+            Err(CloseReason::ZeroKeepalive)
+        );
+    }
+
+    #[test]
+    fn keepalive_where_none_is_expected_closes() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        assert!(matches!(
+            s.on_message(Message::Keepalive, t0),
+            Err(CloseReason::Unexpected { .. })
+        ));
+        let mut a = PeerSession::new(Role::Active, FIVE, t0);
+        a.start();
+        assert!(matches!(
+            a.on_message(Message::Keepalive, t0),
+            Err(CloseReason::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn routing_messages_before_established_close() {
+        let t0 = Instant::now();
+        for pre in [0, 1] {
+            let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+            if pre == 1 {
+                s.on_message(hello(5, false), t0).unwrap();
+            }
+            let e = s.on_message(sub(), t0).unwrap_err();
+            assert!(e.to_string().contains("SUBSCRIBE"), "{e}");
+        }
+    }
+
+    #[test]
+    fn second_hello_closes() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        s.on_message(hello(5, false), t0).unwrap();
+        assert!(s.on_message(hello(5, false), t0).is_err());
+    }
+
+    #[test]
+    fn silence_for_hold_time_closes() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        s.on_message(hello(2, false), t0).unwrap();
+        s.on_message(Message::Keepalive, t0).unwrap();
+        assert_eq!(s.next_deadline(), t0 + Duration::from_secs(5));
+        assert_eq!(s.on_tick(t0 + Duration::from_millis(4999)), Ok(None));
+        assert!(matches!(
+            s.on_tick(t0 + Duration::from_secs(5)),
+            Err(CloseReason::KeepaliveTimeout(_))
+        ));
+    }
+
+    #[test]
+    fn silent_connection_without_hello_times_out_on_own_interval() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        assert!(s.on_tick(t0 + Duration::from_millis(12_499)).is_ok());
+        assert!(s.on_tick(t0 + Duration::from_millis(12_500)).is_err());
+    }
+}
