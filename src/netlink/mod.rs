@@ -282,10 +282,17 @@ impl KernelRouteSink {
         };
         {
             let mut desired = lock(&self.shared.desired);
-            let hops = desired.routes.entry(key).or_default();
             if add {
-                *hops.entry(target).or_insert(0) += 1;
+                *desired
+                    .routes
+                    .entry(key)
+                    .or_default()
+                    .entry(target)
+                    .or_insert(0) += 1;
             } else {
+                let Some(hops) = desired.routes.get_mut(&key) else {
+                    return;
+                };
                 match hops.get_mut(&target) {
                     Some(n) if *n > 1 => *n -= 1,
                     Some(_) => {
@@ -338,10 +345,19 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
                     elapsed = ?started.elapsed(),
                     "kernel routes updated"
                 ),
-                Err(e) => tracing::error!(
-                    "netlink socket failed, {} changes not applied: {e}",
-                    changes.len()
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        "netlink socket failed, {} changes will be retried: {e}",
+                        changes.len()
+                    );
+                    // Put the keys back so the next wake-up retries them.
+                    lock(&shared.desired)
+                        .dirty
+                        .extend(changes.iter().map(|c| c.key));
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = shared.wake.try_send(());
+                    continue;
+                }
             }
         }
         if shutdown {
