@@ -378,3 +378,45 @@ fn unreachable_server_is_retried_and_reported() {
     client.remove_server(&address).unwrap();
     assert!(client.servers().is_empty());
 }
+
+#[test]
+fn handle_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Client>();
+}
+
+#[test]
+fn http_status_serves_present_routes_as_json() {
+    let a = ScriptedServer::start();
+    let client = Client::new(fast_config(), RecordingSink::default());
+    client.subscribe(vni(23)).unwrap();
+    client.add_server(&a.address).unwrap();
+    wait_established(&client, &a.address);
+    let x = route(23, "10.0.1.0/24", "2001:db8::1");
+    a.send(Action::Add, x);
+    let deadline = Instant::now() + WAIT;
+    while client.present_routes().is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let http = metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &client).unwrap();
+    let get = |path: &str| {
+        let mut conn = TcpStream::connect(http.local_addr).unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text
+    };
+    let json = get("/routes.json");
+    assert!(json.starts_with("HTTP/1.0 200"), "{json}");
+    let body = json.split("\r\n\r\n").nth(1).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        doc["vnis"]["23"]["10.0.1.0/24"][0]["targetAddress"],
+        "2001:db8::1"
+    );
+    assert!(get("/").contains("VNI 23"));
+    assert!(get("/routes.yaml").contains("10.0.1.0/24"));
+    assert!(get("/nope").starts_with("HTTP/1.0 404"));
+}

@@ -122,7 +122,11 @@ pub(super) fn run_server(
                 if link.established {
                     backoff.reset();
                 }
-                tracing::info!(server = %address, reason = %reason, label = reason.label(), "session closed");
+                if stop.load(Ordering::SeqCst) {
+                    tracing::info!(server = %address, "session closed (server removed or client shutting down)");
+                } else {
+                    tracing::info!(server = %address, reason = %reason, label = reason.label(), "session closed");
+                }
                 inner.session_lost(id);
             }
             Err(e) => {

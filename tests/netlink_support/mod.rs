@@ -102,27 +102,36 @@ impl Netns {
     }
 
     /// Routes of `table` in the given family ("-4" or "-6"): prefix → the
-    /// encap destinations of its next hops, in kernel order. Asserts every
-    /// listed route is protocol 254 and leaves through `dev`.
+    /// encap destinations of its next hops, in kernel order. Panics unless
+    /// every listed route is protocol 254 with every next hop encapsulated
+    /// and leaving through `dev`.
     pub fn routes(&self, family: &str, table: u32, dev: &str) -> BTreeMap<String, Vec<String>> {
+        self.try_routes(family, table, dev)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `routes`, but a route of another form is an `Err` naming it.
+    pub fn try_routes(
+        &self,
+        family: &str,
+        table: u32,
+        dev: &str,
+    ) -> Result<BTreeMap<String, Vec<String>>, String> {
         let out = self.ip_output(&[family, "route", "show", "table", &table.to_string()]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         parse_routes(&text)
             .into_iter()
             .map(|r| {
-                assert!(r.protocol_254, "route without proto 254: {}", r.text);
-                assert!(
-                    r.devices.iter().all(|d| d == dev),
-                    "next hop not out of {dev}: {}",
-                    r.text
-                );
-                assert_eq!(
-                    r.devices.len(),
-                    r.encap_dsts.len(),
-                    "every next hop must be encapsulated: {}",
-                    r.text
-                );
-                (r.prefix, r.encap_dsts)
+                if !r.protocol_254 {
+                    return Err(format!("route without proto 254: {}", r.text));
+                }
+                if !r.devices.iter().all(|d| d == dev) {
+                    return Err(format!("next hop not out of {dev}: {}", r.text));
+                }
+                if r.devices.len() != r.encap_dsts.len() || r.devices.is_empty() {
+                    return Err(format!("every next hop must be encapsulated: {}", r.text));
+                }
+                Ok((r.prefix, r.encap_dsts))
             })
             .collect()
     }
