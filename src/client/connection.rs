@@ -174,12 +174,17 @@ fn connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
 
 /// One TCP connection to the server.
 struct Link<'a> {
+    /// The client's shared state (present set, outboxes, sink).
     inner: &'a ClientInner,
+    /// Our server slot.
     id: ServerId,
+    /// The server address, for logs.
     address: &'a str,
     /// Tags events of this connection; older readers' events are ignored.
     generation: u64,
+    /// Frames from the reader thread and wake-ups from the handle.
     events: &'a Receiver<Event>,
+    /// Set when the slot is removed or the client shuts down.
     stop: &'a std::sync::atomic::AtomicBool,
     /// Did this connection reach ESTABLISHED (resets the backoff)?
     established: bool,

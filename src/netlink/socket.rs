@@ -314,14 +314,19 @@ fn parse_ack(flags: u16, payload: &[u8]) -> Result<(), KernelError> {
 
 /// One netlink message inside a received datagram.
 struct RawMessage<'a> {
+    /// nlmsg_type (NLMSG_ERROR, RTM_NEWROUTE, ...).
     message_type: u16,
+    /// nlmsg_flags (multipart, capped, ack TLVs).
     flags: u16,
+    /// nlmsg_seq, matched against our requests.
     seq: u32,
+    /// Bytes after the header.
     payload: &'a [u8],
 }
 
 /// Walks the messages of one datagram, stopping at the first malformed one.
 struct Messages<'a> {
+    /// Bytes not yet walked.
     rest: &'a [u8],
 }
 

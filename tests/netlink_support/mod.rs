@@ -156,10 +156,15 @@ impl Drop for Netns {
 /// One route of `ip route show` text output.
 #[derive(Debug)]
 pub struct ShownRoute {
+    /// Destination as `ip` prints it.
     pub prefix: String,
+    /// `proto 254` was shown.
     pub protocol_254: bool,
+    /// `encap ip6 ... dst X` addresses, one per next hop.
     pub encap_dsts: Vec<String>,
+    /// `dev D` of each next hop.
     pub devices: Vec<String>,
+    /// The whole route, joined on one line, for messages.
     pub text: String,
 }
 
