@@ -325,6 +325,11 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    for vni in settings.tables.keys() {
+        if !settings.subscriptions.contains(vni) {
+            tracing::warn!(%vni, "--install-routes maps a VNI that is not in --subscribe: nothing will be received for it");
+        }
+    }
     let shard = match (&settings.tun, settings.tables.is_empty()) {
         (Some(device), false) => Some(KernelRoutes::start(KernelRoutesConfig {
             tables: settings.tables.clone(),
