@@ -261,7 +261,7 @@ impl Link<'_> {
                 });
                 if let Some(Some(Err(()))) = drained {
                     return CloseReason::Local(
-                        "too many queued subscription changes; reconnecting to resync".into(),
+                        "too many queued changes for a busy server; reconnecting to resync".into(),
                     );
                 }
             }

@@ -125,8 +125,12 @@ pub struct ServerStatus {
 /// instead (bounds memory when a server stops reading).
 const MAX_QUEUED_SUBSCRIPTION_CHANGES: usize = 4096;
 
+/// Most distinct routes with a queued change before a session is reset and
+/// resynced instead (a server that stopped reading costs at most this).
+const MAX_QUEUED_ROUTE_CHANGES: usize = 1 << 20;
+
 /// Messages for one established session, coalesced while it is busy.
-/// Bounded: routes by the number of distinct routes (latest action wins),
+/// Bounded: routes by `MAX_QUEUED_ROUTE_CHANGES` (latest action per route wins),
 /// subscriptions by `MAX_QUEUED_SUBSCRIPTION_CHANGES`.
 #[derive(Default, Debug)]
 struct Outbox {
@@ -134,7 +138,7 @@ struct Outbox {
     subscriptions: Vec<(Vni, bool)>,
     /// Latest announce (Add) or withdraw (Remove) per route.
     routes: HashMap<Route, Action>,
-    /// Too many subscription changes queued: reset the session.
+    /// Too many changes queued: reset the session (it resyncs on reconnect).
     overflowed: bool,
 }
 
@@ -148,6 +152,14 @@ impl Outbox {
             return;
         }
         self.subscriptions.push((vni, subscribe));
+    }
+
+    fn route(&mut self, route: Route, action: Action) {
+        if self.routes.len() >= MAX_QUEUED_ROUTE_CHANGES && !self.routes.contains_key(&route) {
+            self.overflowed = true;
+            return;
+        }
+        self.routes.insert(route, action);
     }
 }
 
@@ -445,7 +457,7 @@ impl Client {
         core.queue_for_sessions(|o| {
             o.subscription(vni, false);
             for r in &ours {
-                o.routes.insert(*r, Action::Add);
+                o.route(*r, Action::Add);
             }
         });
         core.present.vni_dropped(vni, &mut core.changes);
@@ -463,7 +475,7 @@ impl Client {
             return Err(ClientError::RouteAlreadyAnnounced(route));
         }
         core.queue_for_sessions(|o| {
-            o.routes.insert(route, Action::Add);
+            o.route(route, Action::Add);
         });
         core.present.own_announced(&route, &mut core.changes);
         core.deliver();
@@ -480,7 +492,7 @@ impl Client {
             return Err(ClientError::RouteNotAnnounced(route));
         }
         core.queue_for_sessions(|o| {
-            o.routes.insert(route, Action::Remove);
+            o.route(route, Action::Remove);
         });
         core.present.own_withdrawn(&route, &mut core.changes);
         core.deliver();
