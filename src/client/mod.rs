@@ -601,6 +601,38 @@ mod tests {
     }
 
     #[test]
+    fn outbox_coalesces_routes_and_overflows_to_a_resync() {
+        let v = Vni::new(23).unwrap();
+        let r = Route::new(
+            v,
+            "10.0.0.0/24".parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        let mut o = Outbox::default();
+        o.route(r, Action::Add);
+        o.route(r, Action::Remove);
+        o.subscription(v, true);
+        o.subscription(v, true);
+        let mut out = Vec::new();
+        assert_eq!(o.drain_into(&mut out), Ok(()));
+        let mut d = crate::codec::FrameDecoder::new();
+        d.extend(&out);
+        assert_eq!(d.next_message().unwrap(), Some(Message::Subscribe(v)));
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Update {
+                action: Action::Remove,
+                route: r
+            })
+        );
+        assert_eq!(d.next_message().unwrap(), None);
+        for i in 0..=MAX_QUEUED_SUBSCRIPTION_CHANGES {
+            o.subscription(v, i % 2 == 0);
+        }
+        assert_eq!(o.drain_into(&mut out), Err(()));
+    }
+
+    #[test]
     fn handle_errors_are_typed_and_change_nothing() {
         let c = Client::new(ClientConfig::default(), LogSink);
         let v = Vni::new(23).unwrap();
