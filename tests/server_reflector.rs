@@ -158,9 +158,9 @@ fn disconnect_withdraws_routes_and_subscriptions_exactly_once() {
     srv.wait_route_count(0);
     let peers = srv.wait_peers("one peer left", |ps| ps.len() == 1);
     assert_eq!(peers[0].vnis_subscribed, vec![vni(1), vni(2)]);
-    let stats = srv.handle().stats();
-    assert_eq!(stats.sum(|s| s.disconnects.eof), 1);
-    assert_eq!(stats.sum(|s| s.routes), 0);
+    srv.wait_stats("one eof, no routes", |s| {
+        s.sum(|s| s.disconnects.eof) == 1 && s.sum(|s| s.routes) == 0
+    });
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::server::{PeerInfo, Server, ServerConfig, ServerHandle};
+use metalbond::server::{PeerInfo, Server, ServerConfig, ServerHandle, ServerStats};
 use metalbond::{Action, NextHop, Route, Vni};
 
 /// Generous bound for anything a test waits for (never reached when correct).
@@ -55,6 +55,23 @@ impl TestServer {
                 return peers;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `f` holds for the counters (they are updated just after
+    /// a socket is closed, so a test that saw the close polls them).
+    pub fn wait_stats(&self, what: &str, f: impl Fn(&ServerStats) -> bool) -> ServerStats {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let stats = self.handle().stats();
+            if f(&stats) {
+                return stats;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {stats:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
