@@ -124,7 +124,7 @@ fn keepalive_timeout_closes_and_withdraws_routes() {
 #[test]
 fn peer_that_keeps_sending_keepalives_stays() {
     let srv = TestServer::with(1, |c| c.keepalive = Duration::from_secs(1));
-    let (mut a, _) = TestPeer::established(srv.addr, 1);
+    let (a, _) = TestPeer::established(srv.addr, 1);
     a.keep_alive(Duration::from_millis(400));
     std::thread::sleep(Duration::from_millis(3500));
     assert!(!a.eof);
