@@ -29,7 +29,7 @@ fn frames_split_at_every_byte_are_understood() {
     stream.extend(frame(&remove(route(8, 2, 1))));
     let mut state = BTreeSet::new();
     for cut in 1..stream.len() {
-        let mut p = TestPeer::connect(srv.addr);
+        let p = TestPeer::connect(srv.addr);
         // Two writes with a pause between: the server's first read ends at
         // `cut`, wherever that falls (header, payload, frame boundary).
         p.send_raw(&stream[..cut]);
@@ -55,7 +55,7 @@ fn frames_split_at_every_byte_are_understood() {
 #[test]
 fn one_byte_per_write_is_understood() {
     let srv = TestServer::start(1);
-    let mut p = TestPeer::connect(srv.addr);
+    let p = TestPeer::connect(srv.addr);
     let mut bytes = frame(&Message::Hello {
         keepalive_secs: 5,
         is_server: false,
