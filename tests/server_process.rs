@@ -152,7 +152,7 @@ fn listens_on_ipv6_and_ipv4_at_once() {
         "[::1]:4712",
     ]);
     let mut a = connect_when_up(v6);
-    let mut b = connect_when_up(v4);
+    let b = connect_when_up(v4);
     a.send(&metalbond::codec::Message::Subscribe(vni(1)));
     a.sync_point();
     b.send(&add(route(1, 1, 1)));
