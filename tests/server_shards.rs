@@ -250,3 +250,27 @@ fn shutdown_closes_every_peer_and_returns() {
         "listener closed"
     );
 }
+
+#[test]
+fn subscriber_that_stops_reading_entirely_is_cut_off_after_the_stall_timeout() {
+    let srv = TestServer::with(2, |c| {
+        c.limits.write_stall_timeout = Some(Duration::from_secs(1));
+    });
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut stuck, _) = TestPeer::established(srv.addr, 5);
+    stuck.keep_alive(Duration::from_millis(300)); // alive, never reads
+    stuck.send(&Message::Subscribe(vni(6)));
+    stuck.sync_point();
+    let (mut reader, _) = TestPeer::established(srv.addr, 5);
+    reader.send(&Message::Subscribe(vni(6)));
+    reader.sync_point();
+    // Enough to fill the stuck peer's socket buffers many times over.
+    let want = churn(&a, 6, 20_000, 30);
+    let mut state = BTreeSet::new();
+    reader.converge(&mut state, &want);
+    srv.wait_stats("stalled peer cut off", |s| {
+        s.sum(|s| s.disconnects.slow_peer) == 1
+    });
+    assert!(stuck.closed_within(WAIT));
+    assert!(reader.sync_point().is_empty());
+}

@@ -44,7 +44,7 @@ use crate::types::Vni;
 /// Messages pending in a shard's outboxes above which peer readers pause.
 pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
 /// Batches a shard-to-shard channel holds before the flusher waits.
-pub(crate) const CHANNEL_BATCHES: usize = 64;
+pub(crate) const CHANNEL_BATCHES: usize = 16;
 
 /// What shards tell each other.
 pub(crate) enum ShardMsg {
