@@ -1,9 +1,11 @@
 //! Reflector benchmarks (criterion).
 //!
 //! - `fanout_one_update/N`: one UPDATE from an announcer until each of N
-//!   subscribers (spread over 2 shards, real TCP on loopback, in process)
-//!   has read it. Includes the subscribers' own reads, done one socket after
-//!   the other by the bench thread.
+//!   subscribers (spread over 2 shards, real TCP on loopback; the server runs
+//!   in process) has read it. The subscribers live in a child process (the
+//!   bench binary re-executed), because 10,000 connections with both ends in
+//!   one process exceed the fd limit here; it reads one socket after the
+//!   other and reports back over a pipe, so its reads are in the figure.
 //! - `fanout_burst_10k/100`: 10,000 UPDATEs in one write, until each of 100
 //!   subscribers has read all of them (elements = updates delivered).
 //! - `table_apply/*`: `VniOwner` alone (no sockets) applying 1 M ADDs then
@@ -12,12 +14,13 @@
 //!
 //! Run: `cargo bench --bench fanout`; figures are recorded in BENCHMARKS.md.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use metalbond::codec::{encode_frame, Message};
 use metalbond::server::owner::{OwnerInput, VniOwner};
 use metalbond::server::{PeerId, Server, ServerConfig, ServerHandle};
@@ -36,17 +39,6 @@ fn frame(msg: &Message) -> Vec<u8> {
     let mut b = BytesMut::new();
     encode_frame(msg, &mut b);
     b.to_vec()
-}
-
-fn raise_fd_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: 65536,
-        rlim_max: 65536,
-    };
-    // SAFETY: plain setrlimit with a valid struct; failure only limits N.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
 }
 
 /// A blocking client that completed the handshake.
@@ -98,10 +90,95 @@ fn read_updates(s: &mut TcpStream, n: usize, buf: &mut [u8]) {
     }
 }
 
+/// The subscribers' process: N connections, driven over stdin/stdout.
+struct Subscribers {
+    child: Child,
+    to_child: ChildStdin,
+    from_child: BufReader<ChildStdout>,
+}
+
+impl Subscribers {
+    fn spawn(addr: SocketAddr, n: usize) -> Subscribers {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .env(CHILD_ENV, format!("{addr},{n}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let to_child = child.stdin.take().unwrap();
+        let from_child = BufReader::new(child.stdout.take().unwrap());
+        let mut s = Subscribers {
+            child,
+            to_child,
+            from_child,
+        };
+        s.wait_line(); // connected and subscribed
+        s
+    }
+
+    fn wait_line(&mut self) {
+        let mut line = String::new();
+        self.from_child.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "subscriber process died");
+    }
+
+    /// Returns once every subscriber has read `n` UPDATEs.
+    fn read_all(&mut self, n: usize) {
+        writeln!(self.to_child, "{n}").unwrap();
+        self.to_child.flush().unwrap();
+        self.wait_line();
+    }
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHILD_ENV: &str = "METALBOND_FANOUT_SUBSCRIBERS";
+
+/// Body of the subscribers' process.
+fn subscriber_child(spec: &str) {
+    let (addr, n) = spec.split_once(',').unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let n: usize = n.parse().unwrap();
+    let sub = frame(&Message::Subscribe(Vni::new(1).unwrap()));
+    let ka = frame(&Message::Keepalive);
+    let mut subs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = client(addr);
+        s.write_all(&sub).unwrap();
+        subs.push(s);
+    }
+    // A keepalive round trip each: every subscription has been processed.
+    for s in &mut subs {
+        s.write_all(&ka).unwrap();
+        read_frame(s);
+    }
+    let mut out = std::io::stdout();
+    writeln!(out, "ready").unwrap();
+    out.flush().unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { return };
+        let Ok(k) = line.trim().parse::<usize>() else {
+            return;
+        };
+        for s in &mut subs {
+            read_updates(s, k, &mut buf);
+        }
+        writeln!(out, "done").unwrap();
+        out.flush().unwrap();
+    }
+}
+
 struct Setup {
     handle: ServerHandle,
     announcer: TcpStream,
-    subscribers: Vec<TcpStream>,
+    subscribers: Subscribers,
 }
 
 fn setup(subs: usize) -> Setup {
@@ -111,19 +188,8 @@ fn setup(subs: usize) -> Setup {
     let handle = Server::start(c).unwrap();
     let addr = handle.local_addrs()[0];
     let announcer = client(addr);
-    let sub = frame(&Message::Subscribe(Vni::new(1).unwrap()));
-    let mut subscribers = Vec::with_capacity(subs);
-    for _ in 0..subs {
-        let mut s = client(addr);
-        s.write_all(&sub).unwrap();
-        subscribers.push(s);
-    }
-    // Wait until every subscription is live (a keepalive round trip each).
-    let ka = frame(&Message::Keepalive);
-    for s in &mut subscribers {
-        s.write_all(&ka).unwrap();
-        read_frame(s);
-    }
+    let subscribers = Subscribers::spawn(addr, subs);
+    // Sync of an empty table done; let the subscriptions go live.
     std::thread::sleep(Duration::from_millis(200));
     Setup {
         handle,
@@ -133,7 +199,6 @@ fn setup(subs: usize) -> Setup {
 }
 
 fn fanout_one_update(c: &mut Criterion) {
-    raise_fd_limit();
     let mut g = c.benchmark_group("fanout_one_update");
     g.sample_size(20).measurement_time(Duration::from_secs(10));
     for subs in [1usize, 100, 10_000] {
@@ -147,7 +212,6 @@ fn fanout_one_update(c: &mut Criterion) {
             route: route(1),
         });
         let mut n = 0u64;
-        let mut buf = vec![0u8; 4096];
         g.throughput(Throughput::Elements(subs as u64));
         g.bench_function(BenchmarkId::from_parameter(subs), |b| {
             b.iter_custom(|iters| {
@@ -156,9 +220,7 @@ fn fanout_one_update(c: &mut Criterion) {
                     let f = if n % 2 == 0 { &add } else { &remove };
                     n += 1;
                     s.announcer.write_all(f).unwrap();
-                    for sub in &mut s.subscribers {
-                        read_updates(sub, 1, &mut buf);
-                    }
+                    s.subscribers.read_all(1);
                 }
                 start.elapsed()
             })
@@ -166,9 +228,7 @@ fn fanout_one_update(c: &mut Criterion) {
         // Leave the table empty for the next size.
         if n % 2 == 1 {
             s.announcer.write_all(&remove).unwrap();
-            for sub in &mut s.subscribers {
-                read_updates(sub, 1, &mut buf);
-            }
+            s.subscribers.read_all(1);
         }
         let stats = s.handle.stats();
         eprintln!(
@@ -206,7 +266,6 @@ fn fanout_burst(c: &mut Criterion) {
         );
     }
     let mut n = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
     g.throughput(Throughput::Elements(u64::from(BURST) * SUBS as u64));
     g.bench_function(BenchmarkId::from_parameter(SUBS), |b| {
         b.iter_custom(|iters| {
@@ -215,9 +274,7 @@ fn fanout_burst(c: &mut Criterion) {
                 let f = if n % 2 == 0 { &adds } else { &removes };
                 n += 1;
                 s.announcer.write_all(f).unwrap();
-                for sub in &mut s.subscribers {
-                    read_updates(sub, BURST as usize, &mut buf);
-                }
+                s.subscribers.read_all(BURST as usize);
             }
             start.elapsed()
         })
@@ -282,4 +339,12 @@ fn table_apply(c: &mut Criterion) {
 }
 
 criterion_group!(benches, table_apply, fanout_one_update, fanout_burst);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        subscriber_child(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
