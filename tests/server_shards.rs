@@ -129,11 +129,12 @@ fn million_route_sync_is_chunked_and_does_not_stall_the_shard() {
     assert!(s.sync_point().is_empty(), "nothing more after convergence");
 }
 
-/// Announces churn over `distinct` routes: `rounds` times add all, remove
-/// half, then one marker route, so the final set differs from every state in
-/// between. Returns the final set.
-fn churn(a: &TestPeer, v: u32, distinct: u32, rounds: u32) -> BTreeSet<Route> {
+/// Churn over `distinct` routes: `rounds` times add all, remove half, then
+/// one marker route, so the final set differs from every state in between.
+/// Returns the writes to make and the final set.
+fn churn_plan(v: u32, distinct: u32, rounds: u32) -> (Vec<Vec<Message>>, BTreeSet<Route>) {
     let mut present = BTreeSet::new();
+    let mut writes = Vec::new();
     for round in 0..rounds {
         let mut msgs = Vec::new();
         for i in 0..distinct {
@@ -147,12 +148,21 @@ fn churn(a: &TestPeer, v: u32, distinct: u32, rounds: u32) -> BTreeSet<Route> {
             present.remove(&r);
             msgs.push(remove(r));
         }
-        a.send_all(&msgs);
+        writes.push(msgs);
     }
     let marker = route(v, 9_999_999, 2);
-    a.send(&add(marker));
+    writes.push(vec![add(marker)]);
     present.insert(marker);
-    present
+    (writes, present)
+}
+
+/// Sends the churn of `churn_plan` and returns the final set.
+fn churn(a: &TestPeer, v: u32, distinct: u32, rounds: u32) -> BTreeSet<Route> {
+    let (writes, want) = churn_plan(v, distinct, rounds);
+    for w in writes {
+        a.send_all(&w);
+    }
+    want
 }
 
 #[test]
@@ -264,13 +274,23 @@ fn subscriber_that_stops_reading_entirely_is_cut_off_after_the_stall_timeout() {
     let (mut reader, _) = TestPeer::established(srv.addr, 5);
     reader.send(&Message::Subscribe(vni(6)));
     reader.sync_point();
-    // Enough to fill the stuck peer's socket buffers many times over.
-    let want = churn(&a, 6, 20_000, 30);
-    let mut state = BTreeSet::new();
-    reader.converge(&mut state, &want);
+    // Enough to fill the stuck peer's socket buffers many times over; the
+    // reader reads concurrently, so only the stuck peer stalls.
+    let (writes, want) = churn_plan(6, 20_000, 30);
+    let reader_want = want.clone();
+    let reading = std::thread::spawn(move || {
+        let mut state = BTreeSet::new();
+        reader.converge(&mut state, &reader_want);
+        reader
+    });
+    for w in writes {
+        a.send_all(&w);
+    }
+    let mut reader = reading.join().expect("reader converged");
     srv.wait_stats("stalled peer cut off", |s| {
         s.sum(|s| s.disconnects.slow_peer) == 1
     });
     assert!(stuck.closed_within(WAIT));
     assert!(reader.sync_point().is_empty());
+    assert_eq!(want.len(), 10_001);
 }
