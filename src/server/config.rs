@@ -83,8 +83,8 @@ pub struct ServerConfig {
     pub limits: PeerLimits,
     /// Routes per SUBSCRIBE sync chunk; the owner yields between chunks.
     pub sync_chunk_routes: usize,
-    /// Whether to pin shard `i` to CPU `i % cpus` (off for tests that start
-    /// many servers in one process).
+    /// Whether to pin shard `i` to the `i`-th allowed CPU (modulo their
+    /// number); off for tests that start many servers in one process.
     pub pin_cpus: bool,
 }
 
@@ -154,6 +154,25 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// The ids of the CPUs this process may run on (its affinity mask), so that
+/// shards are pinned only to CPUs the scheduler allows (cgroups, taskset).
+pub fn allowed_cpu_ids() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for pid 0
+    // (this thread) and CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let ids: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&i| libc::CPU_ISSET(i, &set))
+                .collect();
+            if !ids.is_empty() {
+                return ids;
+            }
+        }
+    }
+    (0..available_cpus()).collect()
 }
 
 /// Why the server could not start (or stopped abnormally). Each variant

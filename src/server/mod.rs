@@ -112,7 +112,7 @@ impl Server {
         for (k, l) in listeners.into_iter().enumerate() {
             shard_listeners[k % n].push((l, k));
         }
-        let cpus = config::available_cpus();
+        let cpus = config::allowed_cpu_ids();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handle = ServerHandle {
             addrs,
@@ -140,7 +140,7 @@ impl Server {
                 ready: ready_tx.clone(),
             };
             let placement = if config.pin_cpus {
-                Placement::Fixed(index % cpus)
+                Placement::Fixed(cpus[index % cpus.len()])
             } else {
                 Placement::Unbound
             };

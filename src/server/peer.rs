@@ -251,8 +251,11 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
 
 /// What woke the reader.
 enum ReadEvent {
+    /// The socket read returned (bytes, EOF or error).
     Data(io::Result<usize>),
+    /// The session's next deadline passed (keepalive due or hold timer).
     Deadline,
+    /// The connection was closed from elsewhere (writer, shard, shutdown).
     Closed,
 }
 
