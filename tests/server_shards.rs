@@ -294,3 +294,55 @@ fn subscriber_that_stops_reading_entirely_is_cut_off_after_the_stall_timeout() {
     assert!(reader.sync_point().is_empty());
     assert_eq!(want.len(), 10_001);
 }
+
+#[test]
+fn snapshots_report_peers_routes_and_counters() {
+    let srv = TestServer::start(2);
+    let (a, _) = TestPeer::established(srv.addr, 3);
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.send(&Message::Subscribe(vni(12)));
+    s.send(&Message::Subscribe(vni(13)));
+    s.sync_point();
+    let want: BTreeSet<Route> = (0..25).map(|i| route(12, i, 1)).collect();
+    a.send_all(&want.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    let mut state = BTreeSet::new();
+    s.converge(&mut state, &want);
+
+    let a_addr = a.stream.local_addr().unwrap();
+    let s_addr = s.stream.local_addr().unwrap();
+    let peers = srv.wait_peers("announcer counted", |ps| {
+        ps.iter()
+            .any(|p| p.addr == a_addr && p.routes_announced == 25)
+    });
+    let pa = peers.iter().find(|p| p.addr == a_addr).unwrap();
+    let ps = peers.iter().find(|p| p.addr == s_addr).unwrap();
+    assert_ne!(pa.shard, ps.shard, "round-robin placement");
+    assert_eq!(pa.keepalive, Duration::from_secs(3));
+    assert_eq!(pa.state.name(), "ESTABLISHED");
+    assert!(pa.vnis_subscribed.is_empty());
+    assert_eq!(pa.frames_in, 2 + 25, "HELLO, KEEPALIVE, 25 UPDATEs");
+    assert_eq!(ps.vnis_subscribed, vec![vni(12), vni(13)]);
+    assert_eq!(ps.routes_announced, 0);
+    assert!(ps.frames_out >= 2 + 25, "HELLO, KEEPALIVEs, 25 UPDATEs");
+    assert!(ps.bytes_out > 25 * 20);
+    assert!(ps.connected_since <= std::time::SystemTime::now());
+
+    let routes = srv.handle().routes();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].vni, vni(12));
+    let got: BTreeSet<Route> = routes[0]
+        .routes
+        .iter()
+        .map(|(d, n)| Route::new(vni(12), *d, *n))
+        .collect();
+    assert_eq!(got, want);
+
+    let stats = srv.wait_stats("updates out", |s| s.sum(|s| s.updates_out) >= 25);
+    assert_eq!(stats.sum(|s| s.updates_in), 25);
+    assert_eq!(stats.sum(|s| s.updates_out), 25);
+    assert_eq!(stats.sum(|s| s.routes), 25);
+    assert_eq!(stats.sum(|s| s.peers_established), 2);
+    assert!(stats.sum(|s| s.bytes_written) >= ps.bytes_out);
+    assert!(stats.sum(|s| s.write_calls) >= 1);
+    assert_eq!(stats.sum(|s| s.disconnects.total()), 0);
+}
