@@ -304,3 +304,58 @@ fn missing_tunnel_device_is_an_error_at_start() {
     );
     assert!(err.to_string().contains(DEV));
 }
+
+#[test]
+fn a_refused_route_is_never_claimed_and_is_retried() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let shard = start(&ns, config(&[(23, 100)], false)).unwrap();
+    let sink = shard.sink();
+    // Without carrier the kernel refuses new multipath groups
+    // ("Carrier for nexthop device is down").
+    ns.ip(&["link", "set", &format!("{DEV}-p"), "down"]);
+    sink.add(vni(23), net("10.0.2.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("10.0.2.0/24"), &hop("2001:db8::2"));
+    assert!(shard.flush(FLUSH));
+    assert!(shard.installed().is_empty(), "state must match the kernel");
+    assert!(ns.routes("-4", 100, DEV).is_empty());
+    // Carrier back: the periodic retry installs it without any new change.
+    ns.ip(&["link", "set", &format!("{DEV}-p"), "up"]);
+    let want = expect(&[("10.0.2.0/24", &["2001:db8::1", "2001:db8::2"])]);
+    assert!(support::wait_until(Duration::from_secs(15), || ns
+        .routes("-4", 100, DEV)
+        == want));
+    assert_eq!(shard.installed().len(), 1);
+}
+
+#[test]
+fn routes_come_back_after_the_device_bounces() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let shard = start(&ns, config(&[(23, 100)], false)).unwrap();
+    let sink = shard.sink();
+    sink.add(vni(23), net("10.0.1.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("10.0.1.0/24"), &hop("2001:db8::2"));
+    sink.add(vni(23), net("2001:db8:1::/64"), &hop("2001:db8::1"));
+    assert!(shard.flush(FLUSH));
+    let want = expect(&[
+        ("10.0.1.0/24", &["2001:db8::1", "2001:db8::2"]),
+        ("2001:db8:1::/64", &["2001:db8::1"]),
+    ]);
+    let both = || {
+        let mut t = ns.routes("-4", 100, DEV);
+        t.extend(ns.routes("-6", 100, DEV));
+        t
+    };
+    assert_eq!(both(), want);
+    // The kernel flushes nexthop objects (and their routes) when the device
+    // goes down; the shard notices and re-installs once it is back.
+    ns.ip(&["link", "set", DEV, "down"]);
+    assert!(support::wait_until(Duration::from_secs(5), || both().is_empty()));
+    ns.ip(&["link", "set", DEV, "up"]);
+    assert!(
+        support::wait_until(Duration::from_secs(15), || both() == want),
+        "{:?}",
+        both()
+    );
+}

@@ -315,8 +315,12 @@ impl KernelRouteSink {
 fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
     loop {
         // Every sender lives in `shared`, so recv only fails if that is gone.
-        if woken.recv().is_err() {
-            return;
+        match woken.recv_timeout(HEALTH_CHECK_INTERVAL) {
+            Ok(()) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                health_check(&shared, &mut socket);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
         let (changes, generation, shutdown) = {
             let mut desired = lock(&shared.desired);
@@ -370,6 +374,56 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
         }
         *lock(&shared.applied) = generation;
         shared.applied_changed.notify_all();
+    }
+}
+
+/// How often the shard checks that the kernel still has our nexthop objects
+/// and retries routes the kernel refused.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The kernel flushes nexthop objects (and the routes using them) when the
+/// tunnel device goes down or loses carrier. Finds that out, sweeps what is
+/// left of ours and re-installs every desired route; also retries routes
+/// the kernel refused earlier.
+fn health_check(shared: &Shared, socket: &mut RouteSocket) {
+    let ids = match socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump()) {
+        Ok(replies) => replies
+            .iter()
+            .filter_map(|p| NexthopMessage::parse(p).ok())
+            .filter_map(|m| m.id())
+            .collect::<HashSet<u32>>(),
+        Err(e) => {
+            tracing::warn!("nexthop dump for the health check failed: {e}");
+            return;
+        }
+    };
+    let mut installed = lock(&shared.installed);
+    let lost = installed
+        .object_ids()
+        .iter()
+        .filter(|id| !ids.contains(id))
+        .count();
+    let mut retry = installed.failing_keys();
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            device = %shared.config.device,
+            "the kernel dropped nexthop objects of ours (tunnel device down?); re-installing every route"
+        );
+        let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+        match remove_stale(socket, &tables) {
+            Ok(foreign) => installed.reset(foreign),
+            Err(e) => {
+                tracing::error!("sweep before re-install failed: {e}");
+                return;
+            }
+        }
+        retry = lock(&shared.desired).routes.keys().copied().collect();
+    }
+    drop(installed);
+    if !retry.is_empty() {
+        lock(&shared.desired).dirty.extend(retry);
+        let _ = shared.wake.try_send(());
     }
 }
 

@@ -117,6 +117,11 @@ pub struct InstalledRoutes {
     foreign_ids: HashSet<u32>,
     /// Next id to try.
     next_id: u32,
+    /// Routes whose last change the kernel refused: retried periodically,
+    /// logged as errors once and at debug level while they keep failing.
+    failing: HashSet<RouteKey>,
+    /// Nexthop objects the kernel refused, for the same once-only logging.
+    failing_objects: HashSet<ObjectKey>,
 }
 
 fn family_of(prefix: &IpNet) -> u8 {
@@ -147,7 +152,30 @@ impl InstalledRoutes {
             by_id: HashMap::new(),
             foreign_ids,
             next_id: 1,
+            failing: HashSet::new(),
+            failing_objects: HashSet::new(),
         }
+    }
+
+    /// Forgets every route and object (the kernel flushed them, e.g. the
+    /// device went down): the caller sweeps leftovers and re-applies.
+    /// Foreign ids are replaced by `foreign_ids` from a fresh dump.
+    pub fn reset(&mut self, foreign_ids: HashSet<u32>) {
+        self.routes.clear();
+        self.objects.clear();
+        self.by_id.clear();
+        self.foreign_ids = foreign_ids;
+        self.failing_objects.clear();
+    }
+
+    /// Ids of every nexthop object we believe exists.
+    pub fn object_ids(&self) -> Vec<u32> {
+        self.objects.values().map(|o| o.id).collect()
+    }
+
+    /// Routes whose last change was refused, to retry.
+    pub fn failing_keys(&self) -> Vec<RouteKey> {
+        self.failing.iter().copied().collect()
     }
 
     /// Picks an unused id (ours or foreign).
@@ -319,6 +347,7 @@ impl InstalledRoutes {
                             }
                         }
                     }
+                    self.failing_objects.remove(&key);
                     tracing::debug!(id, object = ?key, "nexthop object created");
                     self.objects.insert(key, NexthopObject { id, users: 0 });
                     report.objects_created += 1;
@@ -329,7 +358,11 @@ impl InstalledRoutes {
                         // Someone else took the id since our dump.
                         self.foreign_ids.insert(id);
                     }
-                    tracing::error!(id, object = ?key, error = %e, "kernel refused nexthop object");
+                    if self.failing_objects.insert(key.clone()) {
+                        tracing::error!(id, object = ?key, error = %e, "kernel refused nexthop object");
+                    } else {
+                        tracing::debug!(id, object = ?key, error = %e, "kernel still refuses nexthop object");
+                    }
                     report.failed += 1;
                 }
             }
@@ -349,6 +382,7 @@ impl InstalledRoutes {
         for change in changes {
             let current = self.routes.get(&change.key).copied();
             if change.next_hops.is_empty() {
+                self.failing.remove(&change.key);
                 if current.is_some() {
                     requests.push(delete_route(change.key.table, change.key.prefix));
                     planned.push((change.key, None));
@@ -357,15 +391,18 @@ impl InstalledRoutes {
             }
             let object = object_for(family_of(&change.key.prefix), &change.next_hops);
             let Some(target) = self.objects.get(&object).map(|o| o.id) else {
-                tracing::error!(
-                    route = %change.key,
-                    next_hops = ?change.next_hops,
-                    "route not installed: its nexthop object was refused"
-                );
+                if self.failing.insert(change.key) {
+                    tracing::error!(
+                        route = %change.key,
+                        next_hops = ?change.next_hops,
+                        "route not installed: its nexthop object was refused"
+                    );
+                }
                 report.failed += 1;
                 continue;
             };
             if current == Some(target) {
+                self.failing.remove(&change.key);
                 continue;
             }
             requests.push(replace_route(change.key.table, change.key.prefix, target));
@@ -381,6 +418,9 @@ impl InstalledRoutes {
                     self.add_user(id);
                     if let Some(old) = self.routes.insert(key, id) {
                         self.drop_user(old);
+                    }
+                    if self.failing.remove(&key) {
+                        tracing::info!(route = %key, "kernel route installed after earlier refusal");
                     }
                     tracing::debug!(route = %key, nhid = id, "kernel route replaced");
                     report.replaced += 1;
@@ -401,7 +441,11 @@ impl InstalledRoutes {
                     } else {
                         "delete"
                     };
-                    tracing::error!(route = %key, error = %e, "kernel refused route {verb}");
+                    if self.failing.insert(key) {
+                        tracing::error!(route = %key, error = %e, "kernel refused route {verb}");
+                    } else {
+                        tracing::debug!(route = %key, error = %e, "kernel still refuses route {verb}");
+                    }
                     report.failed += 1;
                 }
             }
