@@ -86,7 +86,13 @@ fn a_thousand_peers_at_once() {
 
 #[test]
 fn million_route_sync_is_chunked_and_does_not_stall_the_shard() {
-    const N: u32 = 1_000_000;
+    // 1 M routes as in the issue (release, as CI runs it); a tenth of that in
+    // an unoptimised build so `cargo test` stays quick.
+    const N: u32 = if cfg!(debug_assertions) {
+        100_000
+    } else {
+        1_000_000
+    };
     // One shard: the sync, the announcer and the bystander share a thread.
     let srv = TestServer::start(1);
     let (a, _) = TestPeer::established(srv.addr, 60);
@@ -95,10 +101,11 @@ fn million_route_sync_is_chunked_and_does_not_stall_the_shard() {
     for chunk in all.chunks(50_000) {
         a.send_all(chunk);
     }
-    srv.wait_stats("1M routes", |s| s.sum(|s| s.routes) == N as u64);
+    srv.wait_stats("all routes", |s| s.sum(|s| s.routes) == N as u64);
 
     // The subscriber does not read yet: at most its socket buffers' worth of
-    // the ~45 MB sync can be on the way, so the sync is still running...
+    // the sync (~45 MB for 1 M routes) can be on the way, so the sync is
+    // still running...
     let (mut s, _) = TestPeer::established(srv.addr, 60);
     s.keep_alive(Duration::from_secs(1));
     s.send(&Message::Subscribe(vni(5)));
@@ -177,6 +184,7 @@ fn stuck_subscriber_neither_holds_back_others_nor_grows_and_catches_up() {
         .map(|_| TestPeer::established(srv.addr, 5).0)
         .collect();
     for o in &mut others {
+        o.keep_alive(Duration::from_secs(1));
         o.send(&Message::Subscribe(vni(3)));
         o.sync_point();
     }
@@ -272,6 +280,7 @@ fn subscriber_that_stops_reading_entirely_is_cut_off_after_the_stall_timeout() {
     stuck.send(&Message::Subscribe(vni(6)));
     stuck.sync_point();
     let (mut reader, _) = TestPeer::established(srv.addr, 5);
+    reader.keep_alive(Duration::from_secs(1));
     reader.send(&Message::Subscribe(vni(6)));
     reader.sync_point();
     // Enough to fill the stuck peer's socket buffers many times over; the
