@@ -355,3 +355,61 @@ fn snapshots_report_peers_routes_and_counters() {
     assert!(stats.sum(|s| s.write_calls) >= 1);
     assert_eq!(stats.sum(|s| s.disconnects.total()), 0);
 }
+
+#[test]
+fn overlapping_announcers_on_all_shards_converge_and_clean_up() {
+    // 30 announcers over 3 shards announce overlapping route sets into VNIs
+    // owned by every shard, then leave in an interleaved order (some with
+    // REMOVEs, some by disconnecting). Subscribers on every shard must see a
+    // consistent stream (no duplicate ADD, no unknown REMOVE) that follows
+    // the table exactly, and end empty.
+    let srv = TestServer::start(3);
+    let mut subs: Vec<TestPeer> = (0..3)
+        .map(|_| TestPeer::established(srv.addr, 5).0)
+        .collect();
+    for s in &mut subs {
+        s.keep_alive(Duration::from_secs(1));
+        for v in [40, 41, 42] {
+            s.send(&Message::Subscribe(vni(v)));
+        }
+        s.sync_point();
+    }
+    srv.wait_peers("subscribed", |ps| {
+        ps.iter().filter(|p| p.vnis_subscribed.len() == 3).count() == 3
+    });
+    let announcers: Vec<TestPeer> = (0..30)
+        .map(|_| TestPeer::established(srv.addr, 5).0)
+        .collect();
+    let routes_of = |k: u32| -> Vec<Route> {
+        // Announcer k covers routes k..k+20 in each VNI: heavy overlap.
+        [40, 41, 42]
+            .iter()
+            .flat_map(|v| (k..k + 20).map(move |i| route(*v, i, 1)))
+            .collect()
+    };
+    let mut want = BTreeSet::new();
+    for (k, a) in announcers.iter().enumerate() {
+        let rs = routes_of(k as u32);
+        a.send_all(&rs.iter().map(|r| add(*r)).collect::<Vec<_>>());
+        want.extend(rs);
+    }
+    let mut states: Vec<BTreeSet<Route>> = vec![BTreeSet::new(); subs.len()];
+    for (s, st) in subs.iter_mut().zip(&mut states) {
+        s.converge(st, &want);
+    }
+    // Leave: even announcers withdraw explicitly, odd ones disconnect.
+    for (k, a) in announcers.into_iter().enumerate() {
+        if k % 2 == 0 {
+            let rs = routes_of(k as u32);
+            a.send_all(&rs.iter().map(|r| remove(*r)).collect::<Vec<_>>());
+        } else {
+            a.close();
+        }
+        drop(a);
+    }
+    for (s, st) in subs.iter_mut().zip(&mut states) {
+        s.converge(st, &BTreeSet::new());
+        assert!(s.sync_point().is_empty(), "nothing after the last REMOVE");
+    }
+    srv.wait_route_count(0);
+}
