@@ -233,6 +233,11 @@ impl OutQueue {
         wb
     }
 
+    /// Drops coalesced changes of `vni` (the peer unsubscribed from it).
+    pub fn forget_vni(&mut self, vni: Vni) {
+        self.coalesced.retain(|route, _| route.vni != vni);
+    }
+
     /// The writer put `bytes` (from a `WriteBatch`) on the socket.
     pub fn written(&mut self, bytes: usize) {
         self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
