@@ -33,7 +33,9 @@ const REFILL_ROUTES: usize = 1024;
 enum OutItem {
     /// Encoded frames to write.
     Frames {
+        /// The frames (often a slice of a shared fan-out buffer).
         bytes: Bytes,
+        /// How many frames `bytes` holds (for the counters).
         frames: u32,
         /// HELLO/KEEPALIVE rather than UPDATEs (for the counters).
         control: bool,
