@@ -451,4 +451,25 @@ mod tests {
         assert_eq!(wb.frames, 1);
         assert_eq!(wb.sync_written, vec![vni]);
     }
+
+    #[test]
+    fn forget_vni_drops_only_that_vnis_coalesced_changes() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1, 100);
+        q.push_fanout(&batch(&[(Action::Add, 0)])).unwrap(); // queued
+        q.push_fanout(&batch(&[(Action::Add, 1), (Action::Add, 2)]))
+            .unwrap(); // coalesced
+        let other = Route::new(
+            Vni::new(2).unwrap(),
+            "10.9.9.0/24".parse().unwrap(),
+            NextHop::standard("2001:db8::2".parse().unwrap()),
+        );
+        let mut b = FanoutBuilder::new();
+        b.push(None, Action::Add, other);
+        q.push_fanout(&b.finish()).unwrap();
+        assert_eq!(q.coalesced_len(), 3);
+        q.forget_vni(Vni::new(1).unwrap());
+        assert_eq!(q.coalesced_len(), 1);
+        let got = drain(&mut q);
+        assert_eq!(got, vec![(Action::Add, route(0)), (Action::Add, other)]);
+    }
 }
