@@ -474,15 +474,20 @@ fn update_satisfied(shard: &Shard, peer: &LivePeer) {
 
 /// Sends the peer's SUBSCRIBEs and/or its announcements.
 fn start_peer(shard: &Shard, peer: &LivePeer, subscribe: bool, announce: bool) {
+    // Announcements go first: the SUBSCRIBE that follows then checks the
+    // rule that a subscriber is never sent its own routes (the Go server
+    // echoes them).
     let plan = &shard.shared.plan;
     if subscribe {
         peer.held.borrow_mut().mark_subscribed(plan);
-        for v in &plan.peer(peer.id).subscriptions {
-            peer.send(&Message::Subscribe(*v));
-        }
     }
     if announce {
         send_updates(shard, peer, &plan.peer(peer.id).announcements, Action::Add);
+    }
+    if subscribe {
+        for v in &plan.peer(peer.id).subscriptions {
+            peer.send(&Message::Subscribe(*v));
+        }
     }
     update_satisfied(shard, peer);
 }
