@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use metalbond::{Action, Route};
+use metalbond::{Action, Route, Vni};
 
 use crate::plan::{Expect, PeerId, Plan, RouteId};
 
@@ -113,9 +113,13 @@ pub struct HeldRoutes {
     /// and the old session's withdrawal then leaves them in place because
     /// the new session announces them too. So they are `Either` here.
     own_may_echo: bool,
-    /// Received routes of the catalogue with their multiplicity (ADDs minus
-    /// REMOVEs; above 1 only when the server duplicated).
-    held: RouteIdMap<u32>,
+    /// Per subscribed VNI, the multiplicity (ADDs minus REMOVEs, saturating
+    /// at 255) of each of its catalogue routes, indexed by `Plan::vni_pos`:
+    /// dense arrays, so the receive path does no hashing.
+    dense: Vec<(Vni, Vec<u8>)>,
+    /// Catalogue routes received outside the subscribed VNIs (or before
+    /// subscribing), with their multiplicity: all unexpected.
+    sparse: RouteIdMap<u32>,
     /// Received routes that are not in the catalogue: always extra.
     foreign: HashMap<Route, u32>,
     /// `Must` routes not held yet.
@@ -135,7 +139,8 @@ impl HeldRoutes {
             peer,
             subscribed: false,
             own_may_echo: false,
-            held: RouteIdMap::default(),
+            dense: Vec::new(),
+            sparse: RouteIdMap::default(),
             foreign: HashMap::new(),
             missing: 0,
             surplus: 0,
@@ -151,16 +156,40 @@ impl HeldRoutes {
             return;
         }
         self.subscribed = true;
-        self.missing = plan.must_count(self.peer);
-        self.surplus = self.foreign.values().map(|n| *n as usize).sum();
-        for (r, n) in &self.held {
-            match self.expect(plan, *r) {
-                Expect::Must => {
-                    self.missing -= 1;
-                    self.surplus += (*n as usize).saturating_sub(1);
+        self.dense = plan
+            .peer(self.peer)
+            .subscriptions
+            .iter()
+            .map(|v| (*v, vec![0u8; plan.routes_of(*v).len()]))
+            .collect();
+        // Anything received before now moves to its dense slot, and the
+        // distance to the expected state is recomputed from scratch.
+        let early: Vec<(RouteId, u32)> = self.sparse.drain().collect();
+        for (r, n) in early {
+            match self.slot(plan, r) {
+                Some((k, i)) => self.dense[k].1[i] = n.min(255) as u8,
+                None => {
+                    self.sparse.insert(r, n);
                 }
-                Expect::Either => self.surplus += (*n as usize).saturating_sub(1),
-                Expect::Never => self.surplus += *n as usize,
+            }
+        }
+        self.missing = plan.must_count(self.peer);
+        self.surplus = self.foreign.values().map(|n| *n as usize).sum::<usize>()
+            + self.sparse.values().map(|n| *n as usize).sum::<usize>();
+        for (v, counts) in &self.dense {
+            for (i, n) in counts.iter().enumerate() {
+                if *n == 0 {
+                    continue;
+                }
+                let n = usize::from(*n);
+                match self.expect_subscribed(plan, plan.routes_of(*v)[i]) {
+                    Expect::Must => {
+                        self.missing -= 1;
+                        self.surplus += n - 1;
+                    }
+                    Expect::Either => self.surplus += n - 1,
+                    Expect::Never => self.surplus += n,
+                }
             }
         }
     }
@@ -171,19 +200,18 @@ impl HeldRoutes {
         self.own_may_echo = true;
     }
 
-    fn expect(&self, plan: &Plan, r: RouteId) -> Expect {
-        if !self.subscribed {
-            return Expect::Never;
-        }
-        match plan.expect(self.peer, r) {
-            Expect::Never
-                if self.own_may_echo
-                    && plan.announcers(r).contains(&self.peer)
-                    && plan
-                        .peer(self.peer)
-                        .subscriptions
-                        .contains(&plan.route(r).vni) =>
-            {
+    /// Where `r` is counted when its VNI is subscribed: (index in `dense`,
+    /// position in that VNI).
+    fn slot(&self, plan: &Plan, r: RouteId) -> Option<(usize, usize)> {
+        let vni = plan.route(r).vni;
+        let k = self.dense.iter().position(|(v, _)| *v == vni)?;
+        Some((k, plan.vni_pos(r)))
+    }
+
+    /// The expectation for a route of a subscribed VNI.
+    fn expect_subscribed(&self, plan: &Plan, r: RouteId) -> Expect {
+        match plan.expect_subscribed(self.peer, r) {
+            Expect::Never if self.own_may_echo && plan.announcers(r).contains(&self.peer) => {
                 Expect::Either
             }
             e => e,
@@ -203,13 +231,24 @@ impl HeldRoutes {
             self.apply_foreign(action, route);
             return None;
         };
-        let expect = self.expect(plan, id);
-        match action {
+        self.apply_id(plan, action, id);
+        Some(id)
+    }
+
+    /// Applies one received UPDATE of a catalogue route known by its id.
+    pub fn apply_id(&mut self, plan: &Plan, action: Action, id: RouteId) {
+        let slot = self.slot(plan, id);
+        let (before, expect) = match slot {
+            Some((k, i)) => (
+                u32::from(self.dense[k].1[i]),
+                self.expect_subscribed(plan, id),
+            ),
+            None => (self.sparse.get(&id).copied().unwrap_or(0), Expect::Never),
+        };
+        let route = plan.route(id);
+        let after = match action {
             Action::Add => {
-                let n = self.held.entry(id).or_insert(0);
-                *n += 1;
-                let now = *n;
-                if now > 1 {
+                if before >= 1 {
                     self.surplus += 1;
                     self.violation(Difference::DuplicateAdd {
                         peer: self.peer,
@@ -222,28 +261,39 @@ impl HeldRoutes {
                         Expect::Never => self.surplus += 1,
                     }
                 }
+                before + 1
             }
-            Action::Remove => match self.held.get_mut(&id) {
-                None => self.violation(Difference::RemoveNotHeld {
-                    peer: self.peer,
-                    route: *route,
-                }),
-                Some(n) => {
-                    *n -= 1;
-                    if *n > 0 {
-                        self.surplus -= 1;
-                    } else {
-                        self.held.remove(&id);
-                        match expect {
-                            Expect::Must => self.missing += 1,
-                            Expect::Either => {}
-                            Expect::Never => self.surplus -= 1,
-                        }
+            Action::Remove => {
+                if before == 0 {
+                    self.violation(Difference::RemoveNotHeld {
+                        peer: self.peer,
+                        route: *route,
+                    });
+                    return;
+                }
+                if before > 1 {
+                    self.surplus -= 1;
+                } else {
+                    match expect {
+                        Expect::Must => self.missing += 1,
+                        Expect::Either => {}
+                        Expect::Never => self.surplus -= 1,
                     }
                 }
-            },
+                before - 1
+            }
+        };
+        match slot {
+            // Saturates: 255 copies of one route is a broken server either
+            // way, and every extra copy is already on record as a violation.
+            Some((k, i)) => self.dense[k].1[i] = after.min(255) as u8,
+            None if after == 0 => {
+                self.sparse.remove(&id);
+            }
+            None => {
+                self.sparse.insert(id, after);
+            }
         }
-        Some(id)
     }
 
     fn apply_foreign(&mut self, action: Action, route: &Route) {
@@ -289,31 +339,31 @@ impl HeldRoutes {
                 count: self.violation_count - recorded,
             });
         }
-        if self.subscribed {
-            for v in &plan.peer(peer).subscriptions {
-                for r in plan.routes_of(*v) {
-                    if plan.expect(peer, *r) == Expect::Must && !self.held.contains_key(r) {
-                        out.push(Difference::Missing {
-                            peer,
-                            route: *plan.route(*r),
-                        });
-                    }
+        for (v, counts) in &self.dense {
+            for (i, n) in counts.iter().enumerate() {
+                let r = plan.routes_of(*v)[i];
+                let expect = self.expect_subscribed(plan, r);
+                let route = *plan.route(r);
+                match (*n, expect) {
+                    (0, Expect::Must) => out.push(Difference::Missing { peer, route }),
+                    (0, _) => {}
+                    (_, Expect::Never) => out.push(Difference::Extra { peer, route }),
+                    (1, _) => {}
+                    (times, _) => out.push(Difference::Duplicate {
+                        peer,
+                        route,
+                        times: u32::from(times),
+                    }),
                 }
             }
         }
-        let mut held: Vec<(&RouteId, &u32)> = self.held.iter().collect();
-        held.sort();
-        for (r, n) in held {
-            let route = *plan.route(*r);
-            if self.expect(plan, *r) == Expect::Never {
-                out.push(Difference::Extra { peer, route });
-            } else if *n > 1 {
-                out.push(Difference::Duplicate {
-                    peer,
-                    route,
-                    times: *n,
-                });
-            }
+        let mut sparse: Vec<&RouteId> = self.sparse.keys().collect();
+        sparse.sort_unstable();
+        for r in sparse {
+            out.push(Difference::Extra {
+                peer,
+                route: *plan.route(*r),
+            });
         }
         let mut foreign: Vec<&Route> = self.foreign.keys().collect();
         foreign.sort();

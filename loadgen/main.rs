@@ -42,7 +42,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Upper bounds on sizes, so a typo cannot ask for terabytes.
 const MAX_PEERS: usize = 100_000;
-const MAX_ROUTES: usize = 20_000_000;
+const MAX_ROUTES: usize = 5_000_000;
 const MAX_VNIS: usize = 1_000_000;
 
 /// MetalBond load generator: simulated peers against a server, verified.
@@ -138,7 +138,8 @@ struct CommonArgs {
     /// Connection attempts in flight per shard.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
-    /// Receive buffer per peer in KiB (default: 64, or 4 above 2,000 peers).
+    /// Receive buffer per peer in KiB (default: 64 up to 64 peers, 16 up to
+    /// 2,000, else 4).
     #[arg(long)]
     read_buf_kib: Option<usize>,
     /// No progress lines on stderr.
@@ -337,7 +338,11 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
     let started = Instant::now();
     let read_kib = common
         .read_buf_kib
-        .unwrap_or(if plan.peer_count() > 2000 { 4 } else { 64 })
+        .unwrap_or(match plan.peer_count() {
+            0..=64 => 64,
+            65..=2000 => 16,
+            _ => 4,
+        })
         .clamp(1, 4096);
     let routes = plan.route_count();
     let peers = plan.peer_count();

@@ -15,7 +15,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use metalbond::{IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond::codec::Message;
+use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Index of a simulated peer in the run (0-based). Peer `p` runs on shard
 /// `p % shards` and uses the underlay address `2001:db8::p` as its next hop.
@@ -53,6 +54,21 @@ pub enum Expect {
     Never,
 }
 
+/// The announcers of one route, inline (at most two).
+#[derive(Clone, Copy, Debug, Default)]
+struct Announcers {
+    /// The first `len` entries are the announcers.
+    peers: [PeerId; 2],
+    /// How many of `peers` are set.
+    len: u8,
+}
+
+impl Default for PeerId {
+    fn default() -> PeerId {
+        PeerId(u32::MAX)
+    }
+}
+
 /// What one peer does in the run.
 #[derive(Clone, Debug, Default)]
 pub struct PeerPlan {
@@ -67,14 +83,23 @@ pub struct PeerPlan {
 pub struct Plan {
     /// Every route, indexed by `RouteId`.
     routes: Vec<Route>,
-    /// Who announces each route (usually one peer, sometimes two).
-    announcers: Vec<Vec<PeerId>>,
+    /// Who announces each route: one peer, sometimes two (kept inline: the
+    /// receive path looks this up for every update).
+    announcers: Vec<Announcers>,
+    /// Position of each route in its VNI's route list, so a subscriber can
+    /// keep its received routes in a dense array per VNI.
+    vni_pos: Vec<u32>,
     /// Routes of each VNI, to enumerate what a subscriber must hold.
     routes_by_vni: HashMap<Vni, Vec<RouteId>>,
     /// Subscribers of each VNI, to know how many copies an update fans out to.
     subscribers_by_vni: HashMap<Vni, Vec<PeerId>>,
     /// Per peer, indexed by `PeerId`.
     peers: Vec<PeerPlan>,
+    /// The canonical UPDATE ADD payload of every route, back to back: a
+    /// received payload equal to it needs no protobuf decoding.
+    payloads: Vec<u8>,
+    /// End offset of each route's payload in `payloads`.
+    payload_ends: Vec<u32>,
 }
 
 impl Plan {
@@ -108,7 +133,13 @@ impl Plan {
 
     /// Who announces `r`.
     pub fn announcers(&self, r: RouteId) -> &[PeerId] {
-        &self.announcers[r.index()]
+        let a = &self.announcers[r.index()];
+        &a.peers[..usize::from(a.len)]
+    }
+
+    /// Position of `r` in `routes_of(its VNI)`.
+    pub fn vni_pos(&self, r: RouteId) -> usize {
+        self.vni_pos[r.index()] as usize
     }
 
     /// Routes of VNI `v`.
@@ -148,20 +179,35 @@ impl Plan {
         };
         let route = Route::new(vni, destination, next_hop);
         let rid = RouteId(id);
+        Message::Update {
+            action: Action::Add,
+            route,
+        }
+        .encode_payload(&mut self.payloads);
+        self.payload_ends
+            .push(u32::try_from(self.payloads.len()).unwrap_or(u32::MAX));
         self.routes.push(route);
-        self.announcers.push(Vec::new());
-        self.routes_by_vni.entry(vni).or_default().push(rid);
+        self.announcers.push(Announcers::default());
+        let list = self.routes_by_vni.entry(vni).or_default();
+        self.vni_pos
+            .push(u32::try_from(list.len()).unwrap_or(u32::MAX));
+        list.push(rid);
         self.announce(announcer, rid);
         rid
     }
 
-    /// Makes `p` an announcer of the existing route `r` as well.
-    pub fn announce(&mut self, p: PeerId, r: RouteId) {
-        let list = &mut self.announcers[r.index()];
-        if !list.contains(&p) {
-            list.push(p);
-            self.peers[p.0 as usize].announcements.push(r);
+    /// Makes `p` an announcer of the existing route `r` as well. A route has
+    /// at most two announcers; returns false when `p` was not added.
+    pub fn announce(&mut self, p: PeerId, r: RouteId) -> bool {
+        let a = &mut self.announcers[r.index()];
+        let n = usize::from(a.len);
+        if n >= a.peers.len() || a.peers[..n].contains(&p) {
+            return false;
         }
+        a.peers[n] = p;
+        a.len += 1;
+        self.peers[p.0 as usize].announcements.push(r);
+        true
     }
 
     /// Makes `p` a subscriber of `vni`.
@@ -191,6 +237,29 @@ impl Plan {
         (self.routes.get(id.index()) == Some(route)).then_some(id)
     }
 
+    /// The canonical ADD payload of `r`.
+    fn payload(&self, r: RouteId) -> Option<&[u8]> {
+        let end = *self.payload_ends.get(r.index())? as usize;
+        let start = match r.index() {
+            0 => 0,
+            i => self.payload_ends[i - 1] as usize,
+        };
+        self.payloads.get(start..end)
+    }
+
+    /// Recognises a received UPDATE payload that is byte for byte the
+    /// canonical encoding (as our codec and proto3 serialisers write it) of a
+    /// catalogue route, ADD or REMOVE. `None` means: decode it generically
+    /// (another encoding, or not our route), never that it is wrong.
+    pub fn recognise(&self, payload: &[u8]) -> Option<(Action, RouteId)> {
+        let (action, body) = match payload {
+            [0x08, 0x01, rest @ ..] => (Action::Remove, rest),
+            _ => (Action::Add, payload),
+        };
+        let id = candidate_id(body)?;
+        (self.payload(id)? == body).then_some((action, id))
+    }
+
     /// What `p` should hold of `r` at convergence, given that `p` has sent
     /// its subscriptions.
     pub fn expect(&self, p: PeerId, r: RouteId) -> Expect {
@@ -198,6 +267,11 @@ impl Plan {
         if !self.peer(p).subscriptions.contains(&route.vni) {
             return Expect::Never;
         }
+        self.expect_subscribed(p, r)
+    }
+
+    /// `expect` for a peer already known to subscribe to `r`'s VNI.
+    pub fn expect_subscribed(&self, p: PeerId, r: RouteId) -> Expect {
         let announcers = self.announcers(r);
         let own = announcers.contains(&p);
         let others = announcers.iter().any(|a| *a != p);
@@ -302,6 +376,48 @@ impl Plan {
     }
 }
 
+/// The route id a canonical ADD payload names in its destination, found by
+/// walking the fields our encoder writes first (VNI, then the destination's
+/// optional ipVersion and its prefix). Only a candidate: the caller compares
+/// the whole payload.
+fn candidate_id(body: &[u8]) -> Option<RouteId> {
+    let mut i = 0;
+    if *body.first()? == 0x10 {
+        // Field 2, VNI varint.
+        i = 1;
+        while body.get(i)? & 0x80 != 0 {
+            i += 1;
+        }
+        i += 1;
+    }
+    // Field 3, destination, with a one-byte length.
+    if *body.get(i)? != 0x1a || body.get(i + 1)? & 0x80 != 0 {
+        return None;
+    }
+    i += 2;
+    if *body.get(i)? == 0x08 {
+        // ipVersion = IPv6.
+        i += 2;
+    }
+    if *body.get(i)? != 0x12 {
+        return None;
+    }
+    let len = usize::from(*body.get(i + 1)?);
+    let bytes = body.get(i + 2..i + 2 + len)?;
+    let raw = match len {
+        4 => u32::from_be_bytes(bytes.try_into().ok()?).checked_sub(V4_BASE)?,
+        16 => {
+            let a = u128::from_be_bytes(bytes.try_into().ok()?);
+            if a & !0xffff_ffff != V6_BASE {
+                return None;
+            }
+            u32::try_from(a & 0xffff_ffff).ok()?
+        }
+        _ => return None,
+    };
+    Some(RouteId(raw))
+}
+
 /// `PeerId` of the `p`-th peer (runs never exceed u32 peers).
 pub fn peer_id(p: usize) -> PeerId {
     PeerId(u32::try_from(p).unwrap_or(u32::MAX))
@@ -337,6 +453,33 @@ mod tests {
         let mut far = other;
         far.destination = "192.168.0.0/24".parse().unwrap();
         assert_eq!(plan.id_of(&far), None);
+    }
+
+    #[test]
+    fn canonical_payloads_are_recognised_without_decoding() {
+        let mut plan = Plan::new(2);
+        let ids: Vec<RouteId> = (0..40)
+            .map(|i| plan.add_route(fleet_vni(i % 3), PeerId(1)))
+            .collect();
+        for id in ids {
+            for action in [Action::Add, Action::Remove] {
+                let msg = Message::Update {
+                    action,
+                    route: *plan.route(id),
+                };
+                let mut payload = Vec::new();
+                msg.encode_payload(&mut payload);
+                assert_eq!(plan.recognise(&payload), Some((action, id)));
+                // Any other byte sequence falls back to full decoding.
+                let mut changed = payload.clone();
+                let last = changed.len() - 1;
+                changed[last] ^= 1;
+                assert_eq!(plan.recognise(&changed), None);
+                assert_eq!(plan.recognise(&payload[..last]), None);
+            }
+        }
+        assert_eq!(plan.recognise(&[]), None);
+        assert_eq!(plan.recognise(&[0x08, 0x01]), None);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use glommio::task::JoinHandle;
 use glommio::timer::sleep;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
+use metalbond::codec::{encode_frame, FrameDecoder, Message, MessageType};
 use metalbond::session::{CloseReason, PeerSession, Reaction, Role};
 use metalbond::Action;
 
@@ -561,13 +561,32 @@ fn on_frames(
         let mut held = peer.held.borrow_mut();
         let mut latency = shard.latency.borrow_mut();
         loop {
-            let msg = match decoder.next_message() {
-                Ok(Some(msg)) => msg,
+            let (msg_type, payload) = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
                     result = Err(CloseReason::Malformed(e.to_string()));
                     break;
                 }
+            };
+            // Fast path: an UPDATE that is byte for byte the canonical
+            // encoding of a planned route needs no protobuf decoding.
+            let known = match msg_type {
+                MessageType::Update => shared.plan.recognise(&payload),
+                _ => None,
+            };
+            let msg = match known {
+                Some((action, id)) => Message::Update {
+                    action,
+                    route: *shared.plan.route(id),
+                },
+                None => match Message::decode(msg_type, payload) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        result = Err(CloseReason::Malformed(e.to_string()));
+                        break;
+                    }
+                },
             };
             let reaction = peer.session.borrow_mut().on_message(msg, now);
             match reaction {
@@ -596,7 +615,14 @@ fn on_frames(
                         Action::Add => adds += 1,
                         Action::Remove => removes += 1,
                     }
-                    if let Some(id) = held.apply(&shared.plan, action, &route) {
+                    let id = match known {
+                        Some((_, id)) => {
+                            held.apply_id(&shared.plan, action, id);
+                            Some(id)
+                        }
+                        None => held.apply(&shared.plan, action, &route),
+                    };
+                    if let Some(id) = id {
                         let sent = shared.sent_at[id.index()].load(Ordering::Relaxed);
                         if sent != 0 && now_ns >= sent {
                             latency.saturating_record((now_ns - sent).max(1));
