@@ -475,6 +475,8 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             if !ok {
                 return Ok(phases);
             }
+            // Latency of the sync is timed from the SUBSCRIBE.
+            ctl.restamp_all();
             let phase = ctl.begin("late-sync");
             ctl.start(&[late], true, false)?;
             phases.push(ctl.converge(&phase, live, (*routes + 1) as u64, 0, true)?);

@@ -222,6 +222,15 @@ impl Controller {
         Ok(peers.len() - failed)
     }
 
+    /// Sets the send time of every route to now: a late subscriber's sync is
+    /// then timed from its SUBSCRIBE rather than from the announcements.
+    pub fn restamp_all(&self) {
+        let stamp = self.shared.ns(Instant::now()) + 1;
+        for t in &self.shared.sent_at {
+            t.store(stamp, Ordering::Relaxed);
+        }
+    }
+
     /// Established peers send subscriptions and/or announcements.
     pub fn start(
         &mut self,
