@@ -87,6 +87,10 @@ enum ScenarioCmd {
         /// Seconds of churn.
         #[arg(long, default_value_t = 2.0)]
         duration: f64,
+        /// Routes withdrawn at any one time; each is re-announced after
+        /// this many further withdrawals.
+        #[arg(long, default_value_t = 1000)]
+        window: usize,
     },
     /// A fleet, then every peer drops its session and reconnects at once.
     Reconnect {
@@ -289,6 +293,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
             fleet,
             rate,
             duration,
+            window,
             ..
         } => {
             check_fleet(fleet)?;
@@ -298,6 +303,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
             let mut p = serde_json::to_value(fleet).unwrap_or_default();
             p["rate"] = serde_json::json!(rate);
             p["duration"] = serde_json::json!(duration);
+            p["window"] = serde_json::json!(window);
             ("churn", fleet_plan(fleet), Ok(p))
         }
         ScenarioCmd::Burst {
@@ -432,9 +438,16 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             if !ok {
                 return Ok(phases);
             }
-            if let ScenarioCmd::Churn { rate, duration, .. } = cmd {
+            if let ScenarioCmd::Churn {
+                rate,
+                duration,
+                window,
+                ..
+            } = cmd
+            {
                 let phase = ctl.begin("churn");
-                let (sent, adds, removes) = ctl.churn(*rate, Duration::from_secs_f64(*duration))?;
+                let (sent, adds, removes) =
+                    ctl.churn(*rate, Duration::from_secs_f64(*duration), *window)?;
                 let mut churn = ctl.converge(&phase, live, adds, removes, true)?;
                 churn.notes.push(("offered-rate".into(), *rate));
                 churn.notes.push(("churn-updates".into(), sent as f64));

@@ -281,12 +281,19 @@ impl Controller {
 
     /// Churn on every shard at `rate` updates/s in total; returns the UPDATEs
     /// sent and the ADDs and REMOVEs they must cause.
-    pub fn churn(&mut self, rate: f64, duration: Duration) -> Result<(u64, u64, u64), String> {
+    pub fn churn(
+        &mut self,
+        rate: f64,
+        duration: Duration,
+        window: usize,
+    ) -> Result<(u64, u64, u64), String> {
         let per_shard = rate / self.shards() as f64;
+        let window = window.div_ceil(self.shards());
         let replies = self.broadcast(|_| {
             Some(Command::Churn {
                 rate: per_shard,
                 duration,
+                window,
             })
         })?;
         let mut totals = (0, 0, 0);

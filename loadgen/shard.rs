@@ -19,7 +19,7 @@
 //! and `PeerSession` do that), or talk to anything but the configured server.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -112,8 +112,14 @@ pub enum Command {
         action: Action,
     },
     /// Withdraw and re-announce this shard's single-announcer routes at
-    /// `rate` updates/s for `duration`, then re-announce what is withdrawn.
-    Churn { rate: f64, duration: Duration },
+    /// `rate` updates/s for `duration`, at most `window` withdrawn at a
+    /// time (each re-announced after `window` further withdrawals); at the
+    /// end re-announce what is still withdrawn.
+    Churn {
+        rate: f64,
+        duration: Duration,
+        window: usize,
+    },
     /// Close these peers' sessions on purpose (not counted as lost).
     Drop { peers: Vec<PeerId> },
     /// Hand over the latency histogram and start a new one.
@@ -298,7 +304,11 @@ async fn handle(shard: &Rc<Shard>, cmd: Command) -> Reply {
             }
             Reply::Done
         }
-        Command::Churn { rate, duration } => churn(shard, rate, duration).await,
+        Command::Churn {
+            rate,
+            duration,
+            window,
+        } => churn(shard, rate, duration, window).await,
         Command::Drop { peers } => {
             for p in peers {
                 let peer = shard.peers.borrow().get(&p).cloned();
@@ -701,20 +711,31 @@ async fn tick_loop(shard: Rc<Shard>) {
     }
 }
 
-/// Withdraws and re-announces this shard's single-announcer routes, round
-/// robin, at `rate` updates/s for `duration`; then re-announces everything
-/// still withdrawn so the run ends in the planned state.
-async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration) -> Reply {
+/// Withdraws and re-announces this shard's single-announcer routes at
+/// `rate` updates/s for `duration`: withdrawals walk the routes round robin,
+/// and once `window` routes are withdrawn each further update re-announces
+/// the oldest, so the offered load is an even mix of both. At the end the
+/// (at most `window`) withdrawn routes are re-announced so the run ends in
+/// the planned state.
+async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration, window: usize) -> Reply {
     let plan = &shard.shared.plan;
+    // Interleaved across peers (first route of every peer, then the second
+    // ...) so consecutive updates hit different peers and VNIs.
     let mut targets: Vec<(Rc<LivePeer>, RouteId)> = Vec::new();
     {
         let peers = shard.peers.borrow();
         let mut ids: Vec<&PeerId> = peers.keys().collect();
         ids.sort();
-        for p in ids {
-            let peer = &peers[p];
-            for r in plan.single_announcer_routes(*p) {
-                targets.push((peer.clone(), r));
+        let lists: Vec<(Rc<LivePeer>, Vec<RouteId>)> = ids
+            .iter()
+            .map(|p| (peers[*p].clone(), plan.single_announcer_routes(**p)))
+            .collect();
+        let longest = lists.iter().map(|(_, l)| l.len()).max().unwrap_or(0);
+        for k in 0..longest {
+            for (peer, list) in &lists {
+                if let Some(r) = list.get(k) {
+                    targets.push((peer.clone(), *r));
+                }
             }
         }
     }
@@ -722,10 +743,13 @@ async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration) -> Reply {
         announced: vec![true; targets.len()],
         ..ChurnState::default()
     };
-    if !targets.is_empty() && rate > 0.0 {
+    let n = targets.len();
+    let window = window.clamp(1, n.max(1));
+    if n > 0 && rate > 0.0 {
         let start = Instant::now();
         let end = (start + duration).min(shard.shared.deadline);
         let mut cursor = 0usize;
+        let mut withdrawn: VecDeque<usize> = VecDeque::with_capacity(window);
         loop {
             let now = Instant::now();
             if now >= end {
@@ -733,12 +757,28 @@ async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration) -> Reply {
             }
             let due = (rate * now.duration_since(start).as_secs_f64()) as u64;
             while state.sent < due {
-                state.flip(shard, &targets, cursor % targets.len());
-                cursor += 1;
+                let i = cursor % n;
+                if withdrawn.len() >= window || !state.announced[i] {
+                    // Re-announce the route withdrawn longest ago.
+                    match withdrawn.pop_front() {
+                        Some(j) => {
+                            state.flip(shard, &targets, j);
+                        }
+                        None => {
+                            cursor += 1;
+                            state.sent += 1;
+                        }
+                    }
+                } else {
+                    if state.flip(shard, &targets, i) {
+                        withdrawn.push_back(i);
+                    }
+                    cursor += 1;
+                }
             }
             sleep(Duration::from_millis(1)).await;
         }
-        for i in 0..targets.len() {
+        for i in 0..n {
             if !state.announced[i] {
                 state.flip(shard, &targets, i);
             }
@@ -772,12 +812,13 @@ struct ChurnState {
 
 impl ChurnState {
     /// Withdraws target `i` if announced, re-announces it otherwise.
-    fn flip(&mut self, shard: &Shard, targets: &[(Rc<LivePeer>, RouteId)], i: usize) {
+    /// Returns false when its peer's session is gone (nothing sent).
+    fn flip(&mut self, shard: &Shard, targets: &[(Rc<LivePeer>, RouteId)], i: usize) -> bool {
         let (peer, r) = &targets[i];
         if !peer.is_live() {
             // Count it as done so the rate loop cannot spin on dead peers.
             self.sent += 1;
-            return;
+            return false;
         }
         let fanout = shard.shared.plan.fanout(*r) as u64;
         if self.announced[i] {
@@ -789,6 +830,7 @@ impl ChurnState {
         }
         self.announced[i] = !self.announced[i];
         self.sent += 1;
+        true
     }
 }
 
