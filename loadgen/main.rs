@@ -495,12 +495,11 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             phases.push(ctl.converge(&phase, live, (*routes + 1) as u64, 0, true)?);
         }
         ScenarioCmd::Idle { duration, .. } => {
+            let phase = ctl.begin("connect");
             let live = ctl.connect(&all, false)?;
+            phases.push(ctl.connected(&phase, live == n)?);
             let phase = ctl.begin("hold");
-            let mut hold = ctl.hold(&phase, Duration::from_secs_f64(*duration))?;
-            hold.notes
-                .push(("sessions-established".into(), live as f64));
-            phases.push(hold);
+            phases.push(ctl.hold(&phase, Duration::from_secs_f64(*duration))?);
         }
     }
     Ok(phases)

@@ -136,6 +136,20 @@ impl Report {
             self.scenario, self.server, self.peers, self.shards, self.routes
         );
         for p in &self.phases {
+            if p.name == "hold" || p.name == "connect" {
+                let _ = writeln!(
+                    s,
+                    "  {:<10} {} after {:.3} s",
+                    p.name,
+                    if p.converged {
+                        "all sessions up"
+                    } else {
+                        "sessions LOST or missing"
+                    },
+                    p.seconds
+                );
+                continue;
+            }
             let _ = write!(
                 s,
                 "  {:<10} {} in {:.3} s: sent {}, delivered {} ({}updates/s)",

@@ -436,6 +436,21 @@ impl Controller {
         })
     }
 
+    /// Reports a connect phase: how long it took to establish the sessions.
+    pub fn connected(&mut self, phase: &PhaseStart, all: bool) -> Result<PhaseReport, String> {
+        let latency = self.take_latency()?;
+        Ok(PhaseReport {
+            name: phase.name.clone(),
+            converged: all,
+            seconds: phase.at.elapsed().as_secs_f64(),
+            sent_updates: 0,
+            delivered_updates: 0,
+            delivered_per_sec: 0.0,
+            latency: LatencySummary::from_ns(&latency),
+            notes: Vec::new(),
+        })
+    }
+
     /// Holds the sessions for `duration` (keepalives flow), then reports.
     pub fn hold(&mut self, phase: &PhaseStart, duration: Duration) -> Result<PhaseReport, String> {
         let end = (Instant::now() + duration).min(self.shared.deadline);
