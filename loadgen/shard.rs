@@ -714,9 +714,10 @@ async fn tick_loop(shard: Rc<Shard>) {
 /// Withdraws and re-announces this shard's single-announcer routes at
 /// `rate` updates/s for `duration`: withdrawals walk the routes round robin,
 /// and once `window` routes are withdrawn each further update re-announces
-/// the oldest, so the offered load is an even mix of both. At the end the
-/// (at most `window`) withdrawn routes are re-announced so the run ends in
-/// the planned state.
+/// the oldest, so the offered load is an even mix of both. After
+/// `duration` the still withdrawn routes (at most `window`) are re-announced
+/// at the same rate, so the run ends in the planned state without a closing
+/// burst that would dominate the latency figures.
 async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration, window: usize) -> Reply {
     let plan = &shard.shared.plan;
     // Interleaved across peers (first route of every peer, then the second
@@ -747,18 +748,22 @@ async fn churn(shard: &Rc<Shard>, rate: f64, duration: Duration, window: usize) 
     let window = window.clamp(1, n.max(1));
     if n > 0 && rate > 0.0 {
         let start = Instant::now();
-        let end = (start + duration).min(shard.shared.deadline);
+        let end = start + duration;
         let mut cursor = 0usize;
         let mut withdrawn: VecDeque<usize> = VecDeque::with_capacity(window);
         loop {
             let now = Instant::now();
-            if now >= end {
+            let closing = now >= end;
+            if (closing && withdrawn.is_empty()) || now >= shard.shared.deadline {
                 break;
             }
             let due = (rate * now.duration_since(start).as_secs_f64()) as u64;
             while state.sent < due {
                 let i = cursor % n;
-                if withdrawn.len() >= window || !state.announced[i] {
+                if closing && withdrawn.is_empty() {
+                    break;
+                }
+                if closing || withdrawn.len() >= window || !state.announced[i] {
                     // Re-announce the route withdrawn longest ago.
                     match withdrawn.pop_front() {
                         Some(j) => {
