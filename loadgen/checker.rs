@@ -23,6 +23,11 @@ use crate::plan::{Expect, PeerId, Plan, RouteId};
 /// stay exact); a broken server must not make the checker grow without bound.
 const MAX_RECORDED_VIOLATIONS: usize = 64;
 
+/// How many differences one peer lists at the final check; the rest are
+/// summed up in one line (a server that lost everything would otherwise
+/// produce peers × routes lines).
+pub const MAX_LISTED_PER_PEER: usize = 100;
+
 /// A multiplicative hasher for `RouteId` keys: ids are dense small integers,
 /// so SipHash's protection against chosen keys buys nothing and costs time
 /// on the receive path.
@@ -66,6 +71,8 @@ pub enum Difference {
     RemoveNotHeld { peer: PeerId, route: Route },
     /// More violations than were recorded individually.
     MoreViolations { peer: PeerId, count: u64 },
+    /// More differences of this peer than are listed.
+    MoreDifferences { peer: PeerId, count: usize },
     /// The session ended when it should not have.
     SessionLost { peer: PeerId, reason: String },
     /// The server sent something a client never receives (SUBSCRIBE...).
@@ -88,6 +95,9 @@ impl fmt::Display for Difference {
             }
             Difference::MoreViolations { peer, count } => {
                 write!(f, "peer {}: {count} more protocol violations", peer.0)
+            }
+            Difference::MoreDifferences { peer, count } => {
+                write!(f, "peer {}: {count} more differences", peer.0)
             }
             Difference::SessionLost { peer, reason } => {
                 write!(f, "peer {}: session lost: {reason}", peer.0)
@@ -373,6 +383,11 @@ impl HeldRoutes {
                 route: *route,
             });
         }
+        if out.len() > MAX_LISTED_PER_PEER {
+            let count = out.len() - MAX_LISTED_PER_PEER;
+            out.truncate(MAX_LISTED_PER_PEER);
+            out.push(Difference::MoreDifferences { peer, count });
+        }
         out
     }
 }
@@ -549,6 +564,27 @@ mod tests {
         h.mark_subscribed(&plan);
         // Now it counts as due; only `shared` is missing.
         assert_eq!(h.differences(&plan).len(), 1);
+    }
+
+    #[test]
+    fn listed_differences_are_bounded_per_peer() {
+        let mut plan = Plan::new(2);
+        let vni = fleet_vni(0);
+        plan.subscribe(PeerId(1), vni);
+        for _ in 0..500 {
+            plan.add_route(vni, PeerId(0));
+        }
+        let mut h = HeldRoutes::new(PeerId(1));
+        h.mark_subscribed(&plan);
+        let d = h.differences(&plan);
+        assert_eq!(d.len(), MAX_LISTED_PER_PEER + 1);
+        assert_eq!(
+            d[MAX_LISTED_PER_PEER],
+            Difference::MoreDifferences {
+                peer: PeerId(1),
+                count: 500 - MAX_LISTED_PER_PEER
+            }
+        );
     }
 
     #[test]

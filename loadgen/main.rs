@@ -230,6 +230,14 @@ fn server_addr(common: &CommonArgs) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// One plain connection before anything else, so a wrong address fails at
+/// once with a clear error instead of after the time limit of retries.
+fn preflight(server: SocketAddr) -> Result<(), String> {
+    std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3))
+        .map(drop)
+        .map_err(|e| format!("cannot connect to the server at {server}: {e}"))
+}
+
 /// Raises the open-file limit to the hard limit: every peer is a socket.
 fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
@@ -340,6 +348,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
     };
     let parameters = parameters.unwrap_or_default();
     raise_nofile_limit();
+    preflight(server)?;
 
     let started = Instant::now();
     let read_kib = common
@@ -428,7 +437,9 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
     let mut phases = Vec::new();
     match cmd {
         ScenarioCmd::Fleet { .. } | ScenarioCmd::Churn { .. } | ScenarioCmd::Reconnect { .. } => {
+            let phase = ctl.begin("connect");
             let live = ctl.connect(&all, false)?;
+            phases.push(ctl.connected(&phase, live == n)?);
             let must: u64 = ctl.must_total();
             let phase = ctl.begin("fleet");
             ctl.start(&all, true, true)?;
@@ -468,7 +479,9 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             let publisher = peer_id(0);
             let late = peer_id(n - 1);
             let subs: Vec<_> = (1..n - 1).map(peer_id).collect();
+            let phase = ctl.begin("connect");
             let live = ctl.connect(&all, false)?;
+            phases.push(ctl.connected(&phase, live == n)?);
             ctl.start(&subs, true, false)?;
             // The probe route proves the subscriptions are in place before
             // the burst is timed.

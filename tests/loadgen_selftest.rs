@@ -320,8 +320,12 @@ fn fleet_json_record_has_the_figures() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["passed"], true);
     assert_eq!(v["sessions_held"], 40);
-    let phase = &v["phases"][0];
-    assert_eq!(phase["name"], "fleet");
+    let phase = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "fleet")
+        .unwrap();
     // 40 peers × 5 routes, each to the 9 other subscribers of its VNI; the
     // 40 shared routes go to 8 non-announcers plus 0, 1 or 2 of their
     // co-announcers, depending on the order of SUBSCRIBE and ADD.
@@ -406,6 +410,31 @@ fn lost_updates_fail_the_run() {
     // The run cannot converge, so it ends at the limit and lists what is
     // missing.
     assert_fail_with(&loadgen(r.addr, &args), "missing");
+}
+
+#[test]
+fn unreachable_server_fails_at_once_with_a_clear_error() {
+    // A port nothing listens on: bind one, note it, release it.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["fleet", "--server", &addr.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect to the server"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
