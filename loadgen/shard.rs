@@ -105,7 +105,7 @@ pub enum Command {
         subscribe: bool,
         announce: bool,
     },
-    /// One peer sends these routes with this action, in one write.
+    /// One peer sends these routes with this action, back to back.
     Announce {
         peer: PeerId,
         routes: Vec<RouteId>,
@@ -172,8 +172,8 @@ struct LivePeer {
     session: RefCell<PeerSession>,
     /// Routes received in this session, checked against the plan.
     held: RefCell<HeldRoutes>,
-    /// Frames waiting for the writer task; many frames, one write.
-    out: RefCell<Vec<u8>>,
+    /// Frames waiting for the writer task; many frames per write.
+    out: RefCell<OutQueue>,
     /// Wakes the writer task (capacity 1: one pending wake-up is enough).
     wake: LocalSender<()>,
     /// Where the session is.
@@ -186,10 +186,55 @@ struct LivePeer {
     tasks: RefCell<Vec<JoinHandle<()>>>,
 }
 
+/// Size at which route frames start a new segment of the out queue.
+const SEGMENT: usize = 64 * 1024;
+
+/// Frames waiting for one peer's writer. Session frames (HELLO, KEEPALIVE)
+/// go ahead of route frames, which are kept in segments of whole frames: a
+/// keepalive then waits for at most one segment, not behind a burst of a
+/// million announcements (the server would hear no keepalive for the whole
+/// burst and we would see no reply, and time out). Everything else keeps
+/// its order (announcements before SUBSCRIBE, updates of one route in order).
+#[derive(Default)]
+struct OutQueue {
+    /// HELLO and KEEPALIVE frames, written first.
+    urgent: Vec<u8>,
+    /// SUBSCRIBE and UPDATE frames, in order, at most about `SEGMENT`
+    /// bytes per segment.
+    segments: VecDeque<Vec<u8>>,
+}
+
+impl OutQueue {
+    /// Appends one frame in its lane.
+    fn push(&mut self, msg: &Message) {
+        match msg {
+            Message::Hello { .. } | Message::Keepalive => {
+                encode_frame(msg, &mut self.urgent);
+            }
+            _ => {
+                if self.segments.back().is_none_or(|s| s.len() >= SEGMENT) {
+                    self.segments.push_back(Vec::with_capacity(SEGMENT + 256));
+                }
+                if let Some(seg) = self.segments.back_mut() {
+                    encode_frame(msg, seg);
+                }
+            }
+        }
+    }
+
+    /// What to write next: all urgent frames, else the oldest segment.
+    fn next_write(&mut self) -> Option<Vec<u8>> {
+        if !self.urgent.is_empty() {
+            return Some(std::mem::take(&mut self.urgent));
+        }
+        self.segments.pop_front()
+    }
+}
+
 impl LivePeer {
     /// Queues one frame and wakes the writer.
     fn send(&self, msg: &Message) {
-        encode_frame(msg, &mut *self.out.borrow_mut());
+        self.out.borrow_mut().push(msg);
         // Full means a wake-up is already pending: nothing lost.
         let _ = self.wake.try_send(());
     }
@@ -418,7 +463,7 @@ async fn connect_peer(shard: Rc<Shard>, p: PeerId, start: bool) {
             Instant::now(),
         )),
         held: RefCell::new(held),
-        out: RefCell::new(Vec::new()),
+        out: RefCell::new(OutQueue::default()),
         wake,
         status: RefCell::new(PeerStatus::Handshaking),
         satisfied: Cell::new(false),
@@ -513,11 +558,10 @@ fn send_updates(shard: &Shard, peer: &LivePeer, routes: &[RouteId], action: Acti
         let mut out = peer.out.borrow_mut();
         for r in routes {
             shared.sent_at[r.index()].store(stamp, Ordering::Relaxed);
-            let msg = Message::Update {
+            out.push(&Message::Update {
                 action,
                 route: *shared.plan.route(*r),
-            };
-            encode_frame(&msg, &mut *out);
+            });
         }
     }
     shared
@@ -553,6 +597,9 @@ async fn read_loop(shard: Rc<Shard>, peer: Rc<LivePeer>, mut rd: ReadHalf<TcpStr
             close_peer(&shard, &peer, Some(reason.to_string()));
             return;
         }
+        // A socket that always has data would otherwise keep this task
+        // running and starve the ticker (keepalives) and the other peers.
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -657,24 +704,19 @@ fn on_frames(
     result
 }
 
-/// Writes whatever is queued, many frames per write, until the session ends.
+/// Writes whatever is queued, session frames first, route frames a segment
+/// per write, until the session ends.
 async fn write_loop(
     shard: Rc<Shard>,
     peer: Rc<LivePeer>,
     mut wr: WriteHalf<TcpStream>,
     wake: LocalReceiver<()>,
 ) {
-    let mut spare = Vec::new();
     while wake.recv().await.is_some() {
         loop {
-            {
-                let mut out = peer.out.borrow_mut();
-                if out.is_empty() {
-                    break;
-                }
-                std::mem::swap(&mut *out, &mut spare);
-            }
-            if let Err(e) = wr.write_all(&spare).await {
+            let next = peer.out.borrow_mut().next_write();
+            let Some(buf) = next else { break };
+            if let Err(e) = wr.write_all(&buf).await {
                 close_peer(
                     &shard,
                     &peer,
@@ -682,20 +724,26 @@ async fn write_loop(
                 );
                 return;
             }
-            spare.clear();
-            // Give large buffers back rather than keep them per peer.
-            if spare.capacity() > 1 << 20 {
-                spare = Vec::new();
-            }
         }
     }
 }
 
 /// Sends keepalives when due and closes sessions whose server went silent.
+///
+/// If this shard itself was too busy to tick on time, silence is not held
+/// against the server in that round: the readers may not have had their
+/// turn either, and a loss must be the server's, not the loadgen's.
 async fn tick_loop(shard: Rc<Shard>) {
+    const PERIOD: Duration = Duration::from_millis(100);
+    let mut last = Instant::now();
     while !shard.stopping.get() {
-        sleep(Duration::from_millis(100)).await;
+        sleep(PERIOD).await;
         let now = Instant::now();
+        let late = now.duration_since(last) > PERIOD * 5;
+        if late {
+            tracing::debug!(gap = ?now.duration_since(last), "ticker ran late");
+        }
+        last = now;
         let peers: Vec<Rc<LivePeer>> = shard.peers.borrow().values().cloned().collect();
         for peer in peers {
             if !peer.is_live() {
@@ -705,6 +753,7 @@ async fn tick_loop(shard: Rc<Shard>) {
             match tick {
                 Ok(Some(m)) => peer.send(&m),
                 Ok(None) => {}
+                Err(_) if late => {}
                 Err(reason) => close_peer(&shard, &peer, Some(reason.to_string())),
             }
         }
@@ -872,5 +921,65 @@ fn verify(shard: &Shard) -> Reply {
     Reply::Verified {
         differences,
         established,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metalbond::Vni;
+
+    fn decode_all(bufs: &[Vec<u8>]) -> Vec<Message> {
+        let mut d = FrameDecoder::new();
+        for b in bufs {
+            d.extend(b);
+        }
+        let mut out = Vec::new();
+        while let Some(m) = d.next_message().unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn keepalives_overtake_queued_route_frames_by_at_most_one_segment() {
+        let plan = Plan::burst(1, 10_000);
+        let mut q = OutQueue::default();
+        for r in 0..10_000 {
+            q.push(&Message::Update {
+                action: Action::Add,
+                route: *plan.route(RouteId(r)),
+            });
+        }
+        q.push(&Message::Subscribe(Vni::new(100).unwrap()));
+        assert!(q.segments.len() > 3, "{} segments", q.segments.len());
+        // The writer takes one segment, then a keepalive is queued: it is
+        // the next write.
+        let first = q.next_write().unwrap();
+        q.push(&Message::Keepalive);
+        let second = q.next_write().unwrap();
+        assert_eq!(
+            decode_all(std::slice::from_ref(&second)),
+            vec![Message::Keepalive]
+        );
+        // Route frames keep their order and every segment holds whole frames.
+        let mut rest = vec![first];
+        while let Some(b) = q.next_write() {
+            assert!(b.len() <= SEGMENT + 256);
+            assert!(!decode_all(std::slice::from_ref(&b)).is_empty());
+            rest.push(b);
+        }
+        let msgs = decode_all(&rest);
+        assert_eq!(msgs.len(), 10_001);
+        for (i, m) in msgs[..10_000].iter().enumerate() {
+            assert_eq!(
+                *m,
+                Message::Update {
+                    action: Action::Add,
+                    route: *plan.route(RouteId(i as u32))
+                }
+            );
+        }
+        assert_eq!(msgs[10_000], Message::Subscribe(Vni::new(100).unwrap()));
     }
 }
