@@ -27,6 +27,8 @@ use crate::types::{Action, Route, Vni};
 
 /// Routes encoded per refill step from the coalescing map.
 const REFILL_ROUTES: usize = 1024;
+/// Queue slots a drained queue may keep; above this its buffer is released.
+const KEEP_ITEMS: usize = 64;
 
 /// One entry of the FIFO.
 #[derive(Debug)]
@@ -232,6 +234,11 @@ impl OutQueue {
                 None => break,
             }
         }
+        // A drained queue keeps the capacity of its largest burst for the
+        // connection's life unless released (thousands of peers × a burst).
+        if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
+            self.items = VecDeque::new();
+        }
         wb
     }
 
@@ -302,6 +309,8 @@ impl OutQueue {
         }
         if self.coalesced.is_empty() {
             self.coalescing = false;
+            // Release the map's table (sized for the whole backlog).
+            self.coalesced = HashMap::new();
         }
     }
 }

@@ -41,8 +41,16 @@ use crate::codec::{FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use crate::types::{Action, Route, Vni};
 
-/// Bytes read per syscall at most.
-const READ_BUF: usize = 64 * 1024;
+/// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
+/// frames; most of a large fleet's peers never need more. Kept small because
+/// it lives as long as the connection (10,000 idle peers × 64 KiB was most
+/// of the server's memory).
+const READ_BUF_MIN: usize = 4 * 1024;
+/// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
+/// size while reads fill it, and falls back to `READ_BUF_MIN` as soon as a
+/// read comes back short of the minimum or the peer goes quiet (a session
+/// deadline fires).
+const READ_BUF_MAX: usize = 64 * 1024;
 /// Bytes handed to one write at most.
 const WRITE_BYTES: usize = 256 * 1024;
 /// Buffers per vectored write at most.
@@ -279,7 +287,7 @@ async fn read_loop(
     mut reader: ReadHalf<TcpStream>,
     rs: &mut ReaderState,
 ) -> CloseReason {
-    let mut buf = vec![0u8; READ_BUF];
+    let mut buf = ReadBuf::new();
     loop {
         // Back-pressure: while the shard cannot move our changes out, stop
         // reading (TCP then slows the peer down).
@@ -296,7 +304,7 @@ async fn read_loop(
             .next_deadline()
             .saturating_duration_since(Instant::now());
         let event = future::or(
-            async { ReadEvent::Data(reader.read(&mut buf).await) },
+            async { ReadEvent::Data(reader.read(buf.as_mut()).await) },
             future::or(
                 async {
                     glommio::timer::sleep(wait).await;
@@ -311,16 +319,23 @@ async fn read_loop(
         .await;
         match event {
             ReadEvent::Closed => continue, // reason is picked up above
-            ReadEvent::Deadline => match rs.session.on_tick(Instant::now()) {
-                Err(reason) => return reason,
-                Ok(Some(msg)) => conn.push_control(&msg),
-                Ok(None) => {}
-            },
+            ReadEvent::Deadline => {
+                // Quiet peer: give back a grown buffer and the decoder's.
+                buf.shrink();
+                if rs.decoder.buffered() == 0 {
+                    rs.decoder = FrameDecoder::new();
+                }
+                match rs.session.on_tick(Instant::now()) {
+                    Err(reason) => return reason,
+                    Ok(Some(msg)) => conn.push_control(&msg),
+                    Ok(None) => {}
+                }
+            }
             ReadEvent::Data(Ok(0)) => return CloseReason::PeerClosed,
             ReadEvent::Data(Err(e)) => return CloseReason::Io(e.to_string()),
             ReadEvent::Data(Ok(n)) => {
                 conn.bytes_in.set(conn.bytes_in.get() + n as u64);
-                rs.decoder.extend(&buf[..n]);
+                rs.decoder.extend(&buf.as_mut()[..n]);
                 loop {
                     match rs.decoder.next_message() {
                         Ok(None) => break,
@@ -333,9 +348,61 @@ async fn read_loop(
                         Err(e) => return CloseReason::Malformed(e.to_string()),
                     }
                 }
+                // The decoder's buffer grew to hold this read and would keep
+                // that capacity for the connection's life: once it holds no
+                // partial frame, start afresh (a new decoder owns nothing).
+                if n > READ_BUF_MIN && rs.decoder.buffered() == 0 {
+                    rs.decoder = FrameDecoder::new();
+                }
+                buf.adapt(n);
                 // Let the shard's other tasks run between large reads.
                 glommio::yield_if_needed().await;
             }
+        }
+    }
+}
+
+/// The reader's socket buffer: small while the peer is quiet, grown while
+/// its reads fill the buffer (a burst of UPDATEs), shrunk again after.
+struct ReadBuf {
+    /// The bytes; its length is the current read size.
+    bytes: Vec<u8>,
+}
+
+impl ReadBuf {
+    /// A buffer of `READ_BUF_MIN`.
+    fn new() -> ReadBuf {
+        ReadBuf {
+            bytes: vec![0u8; READ_BUF_MIN],
+        }
+    }
+
+    /// The slice to read into.
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// Current size.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// After a read of `n` bytes: grow when it filled the buffer, shrink
+    /// when it was shorter than the minimum (the burst is over).
+    fn adapt(&mut self, n: usize) {
+        let len = self.bytes.len();
+        if n == len && len < READ_BUF_MAX {
+            self.bytes = vec![0u8; (len * 4).min(READ_BUF_MAX)];
+        } else if n < READ_BUF_MIN {
+            self.shrink();
+        }
+    }
+
+    /// Back to `READ_BUF_MIN`, releasing a grown buffer.
+    fn shrink(&mut self) {
+        if self.bytes.len() > READ_BUF_MIN {
+            self.bytes = vec![0u8; READ_BUF_MIN];
         }
     }
 }
@@ -557,5 +624,31 @@ fn send_vectored(fd: RawFd, parts: &[Bytes], offset: usize) -> io::Result<usize>
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {
+        let mut b = ReadBuf::new();
+        assert_eq!(b.len(), READ_BUF_MIN);
+        b.adapt(100);
+        assert_eq!(b.len(), READ_BUF_MIN, "a short read keeps the minimum");
+        b.adapt(READ_BUF_MIN);
+        assert_eq!(b.len(), READ_BUF_MIN * 4);
+        b.adapt(READ_BUF_MIN * 4);
+        assert_eq!(b.len(), READ_BUF_MAX);
+        b.adapt(READ_BUF_MAX);
+        assert_eq!(b.len(), READ_BUF_MAX, "never beyond the maximum");
+        b.adapt(READ_BUF_MIN * 2);
+        assert_eq!(b.len(), READ_BUF_MAX, "a medium read keeps the size");
+        b.adapt(10);
+        assert_eq!(b.len(), READ_BUF_MIN, "a short read gives it back");
+        b.adapt(READ_BUF_MIN);
+        b.shrink();
+        assert_eq!(b.len(), READ_BUF_MIN, "an idle peer gives it back");
     }
 }
