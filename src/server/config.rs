@@ -38,10 +38,25 @@ pub struct ServerArgs {
     /// all) while output is pending before it is disconnected; 0 disables.
     #[arg(long, default_value_t = 120)]
     pub write_stall_timeout: u64,
+    /// Connections served at once; further connections are accepted and
+    /// closed at once (counted, logged at most once a second per shard).
+    #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
+    pub max_peers: usize,
+    /// Routes one peer may announce at once; one more closes that peer
+    /// (its routes are withdrawn).
+    #[arg(long, default_value_t = PeerLimits::default().max_routes_per_peer)]
+    pub max_routes_per_peer: usize,
+    /// VNIs one peer may subscribe to at once; one more closes that peer.
+    #[arg(long, default_value_t = PeerLimits::default().max_subscriptions_per_peer)]
+    pub max_subscriptions_per_peer: usize,
     /// Verbose (debug) logging.
     #[arg(short, long)]
     pub verbose: bool,
 }
+
+/// Default `--max-peers`: a region's hypervisors with room to spare, and
+/// well below what the default file-descriptor limits of a service allow.
+pub const DEFAULT_MAX_PEERS: usize = 20_000;
 
 /// Limits that keep one peer from costing unbounded memory or time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +70,12 @@ pub struct PeerLimits {
     /// A peer whose socket stays unwritable this long with output pending is
     /// cut off (`None`: never).
     pub write_stall_timeout: Option<Duration>,
+    /// Routes one peer may announce at once (its table entries and its
+    /// share of every subscriber's sync); above it the peer is closed.
+    pub max_routes_per_peer: usize,
+    /// VNIs one peer may subscribe to at once (each costs a table entry on
+    /// an owner shard and a sync scan); above it the peer is closed.
+    pub max_subscriptions_per_peer: usize,
 }
 
 impl Default for PeerLimits {
@@ -63,6 +84,8 @@ impl Default for PeerLimits {
             max_queued_bytes: 4 << 20,
             max_coalesced_routes: 4_000_000,
             write_stall_timeout: Some(Duration::from_secs(120)),
+            max_routes_per_peer: 1_000_000,
+            max_subscriptions_per_peer: 10_000,
         }
     }
 }
@@ -79,7 +102,9 @@ pub struct ServerConfig {
     pub shards: usize,
     /// HTTP status address; stored for the HTTP work, not served yet.
     pub http: Option<SocketAddr>,
-    /// Per-peer limits (slow subscribers).
+    /// Connections served at once (see `ServerArgs::max_peers`).
+    pub max_peers: usize,
+    /// Per-peer limits (slow subscribers, routes, subscriptions).
     pub limits: PeerLimits,
     /// Routes per SUBSCRIBE sync chunk; the owner yields between chunks.
     pub sync_chunk_routes: usize,
@@ -97,6 +122,7 @@ impl ServerConfig {
             keepalive: Duration::from_secs(5),
             shards: available_cpus(),
             http: None,
+            max_peers: DEFAULT_MAX_PEERS,
             limits: PeerLimits::default(),
             sync_chunk_routes: 1024,
             pin_cpus: true,
@@ -127,6 +153,15 @@ impl ServerConfig {
                 "sync chunk and output limits must be positive".into(),
             ));
         }
+        if self.max_peers == 0
+            || self.limits.max_routes_per_peer == 0
+            || self.limits.max_subscriptions_per_peer == 0
+        {
+            return Err(ServerError::Config(
+                "--max-peers, --max-routes-per-peer and --max-subscriptions-per-peer must be positive"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -139,11 +174,14 @@ impl From<ServerArgs> for ServerConfig {
             c.shards = n;
         }
         c.http = a.http;
+        c.max_peers = a.max_peers;
         c.limits = PeerLimits {
             max_queued_bytes: a.max_queued_bytes,
             max_coalesced_routes: a.max_coalesced_routes,
             write_stall_timeout: (a.write_stall_timeout > 0)
                 .then(|| Duration::from_secs(a.write_stall_timeout)),
+            max_routes_per_peer: a.max_routes_per_peer,
+            max_subscriptions_per_peer: a.max_subscriptions_per_peer,
         };
         c
     }

@@ -119,6 +119,7 @@ impl Server {
             shard_listeners[k % n].push((l, k));
         }
         let cpus = config::allowed_cpu_ids();
+        let live_peers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handle = ServerHandle {
             addrs,
@@ -143,6 +144,7 @@ impl Server {
                 receivers,
                 control: ctl_rx,
                 counters: counters.clone(),
+                live_peers: live_peers.clone(),
                 ready: ready_tx.clone(),
             };
             let placement = if config.pin_cpus {

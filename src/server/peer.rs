@@ -34,7 +34,7 @@ use glommio::net::TcpStream;
 
 use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
-use super::shard::{LocalEvent, Shard, OUTBOX_HIGH};
+use super::shard::{LocalEvent, PeerSlot, Shard, OUTBOX_HIGH};
 use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
@@ -71,6 +71,8 @@ pub(crate) struct PeerConn {
     close_event: LocalEvent,
     /// The first reason the connection was closed for; `Some` = closing.
     close_reason: RefCell<Option<CloseReason>>,
+    /// Closed for exceeding a per-peer limit (counted apart in the stats).
+    over_limit: Cell<bool>,
     /// Session state, for snapshots and counters.
     state: Cell<SessionState>,
     /// Negotiated keepalive.
@@ -185,8 +187,14 @@ impl PeerConn {
 }
 
 /// Starts the tasks of a freshly accepted connection on this shard.
-pub(crate) fn spawn(shard: Rc<Shard>, stream: TcpStream) {
-    glommio::spawn_local(run(shard, stream)).detach();
+/// `slot` is the connection's place under `--max-peers`, held until the
+/// task ends.
+pub(crate) fn spawn(shard: Rc<Shard>, stream: TcpStream, slot: PeerSlot) {
+    glommio::spawn_local(async move {
+        run(shard, stream).await;
+        drop(slot);
+    })
+    .detach();
 }
 
 /// What the reader keeps about its peer.
@@ -221,6 +229,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         writer_wake: LocalEvent::default(),
         close_event: LocalEvent::default(),
         close_reason: RefCell::new(None),
+        over_limit: Cell::new(false),
         state: Cell::new(SessionState::Connecting),
         keepalive: Cell::new(shard.config.keepalive),
         routes_announced: Cell::new(0),
@@ -265,9 +274,12 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         .borrow()
         .clone()
         .unwrap_or(CloseReason::PeerClosed);
-    shard
-        .counters
-        .peer_gone(was_established, &reason, shard.shutting_down.get());
+    shard.counters.peer_gone(
+        was_established,
+        &reason,
+        shard.shutting_down.get(),
+        conn.over_limit.get(),
+    );
     tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
 }
 
@@ -430,19 +442,48 @@ fn on_message(
                 "session established"
             );
         }
-        Reaction::Deliver(m) => on_routing_message(shard, conn, rs, m),
+        Reaction::Deliver(m) => on_routing_message(shard, conn, rs, m)?,
     }
     Ok(())
 }
 
-fn on_routing_message(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState, msg: Message) {
+/// The peer went over one of its `PeerLimits`: it is closed (and its routes
+/// withdrawn) with a reason naming the limit and the flag that raises it.
+fn over_limit(conn: &PeerConn, what: &str, max: usize, flag: &str) -> CloseReason {
+    conn.over_limit.set(true);
+    let reason = format!("peer limit exceeded: more than {max} {what} (raise with {flag})");
+    tracing::warn!(peer = %conn.addr, %reason, "closing peer");
+    CloseReason::Local(reason)
+}
+
+fn on_routing_message(
+    shard: &Shard,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    msg: Message,
+) -> Result<(), CloseReason> {
     let id = conn.id;
+    let limits = &shard.config.limits;
     match msg {
         Message::Update { action, route } => {
             shard.counters.update_in();
             let vni = route.vni;
             match action {
                 Action::Add => {
+                    let max = limits.max_routes_per_peer;
+                    if conn.routes_announced.get() >= max
+                        && !rs
+                            .announced
+                            .get(&vni)
+                            .is_some_and(|set| set.contains(&route))
+                    {
+                        return Err(over_limit(
+                            conn,
+                            "routes announced",
+                            max,
+                            "--max-routes-per-peer",
+                        ));
+                    }
                     if rs.announced.entry(vni).or_default().insert(route) {
                         conn.routes_announced.set(conn.routes_announced.get() + 1);
                         tracing::debug!(peer = %conn.addr, %route, "ADD");
@@ -467,6 +508,19 @@ fn on_routing_message(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState, msg:
             }
         }
         Message::Subscribe(vni) => {
+            let max = limits.max_subscriptions_per_peer;
+            {
+                let subscribed = conn.subscribed.borrow();
+                if subscribed.len() >= max && !subscribed.contains_key(&vni) {
+                    drop(subscribed);
+                    return Err(over_limit(
+                        conn,
+                        "subscriptions",
+                        max,
+                        "--max-subscriptions-per-peer",
+                    ));
+                }
+            }
             if conn.subscribed.borrow_mut().insert(vni, false).is_none() {
                 tracing::debug!(peer = %conn.addr, %vni, "SUBSCRIBE");
                 shard.to_owner(vni, OwnerInput::Subscribe { peer: id, vni });
@@ -492,6 +546,7 @@ fn on_routing_message(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState, msg:
         // The session only delivers the three routing messages.
         Message::Hello { .. } | Message::Keepalive => {}
     }
+    Ok(())
 }
 
 async fn write_loop(

@@ -23,6 +23,7 @@ use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -52,8 +53,9 @@ pub(crate) enum ShardMsg {
     Owner(OwnerInput),
     /// Frames for peers on the receiving shard.
     Deliver(Delivery),
-    /// A new connection handed over by an accept loop.
-    Connection(AcceptedTcpStream),
+    /// A new connection handed over by an accept loop, with its place
+    /// under `--max-peers`.
+    Connection(AcceptedTcpStream, PeerSlot),
 }
 
 /// One channel message: many shard messages, one wake-up.
@@ -119,6 +121,36 @@ impl Future for EventWait<'_> {
     }
 }
 
+/// One connection's place under `ServerConfig::max_peers`, taken by the
+/// accept loop and given back when dropped (when the peer's task ends, or
+/// with an undelivered hand-over at shutdown), so the count cannot leak.
+pub(crate) struct PeerSlot {
+    /// Connections holding a slot, shared by every shard.
+    live: Arc<AtomicUsize>,
+}
+
+impl PeerSlot {
+    /// A slot if fewer than `max` connections hold one.
+    pub(crate) fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<PeerSlot> {
+        let mut n = live.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match live.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(PeerSlot { live: live.clone() }),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Everything a shard thread is started with.
 pub(crate) struct ShardSetup {
     /// This shard's index.
@@ -136,6 +168,8 @@ pub(crate) struct ShardSetup {
     pub control: crossbeam_channel::Receiver<Control>,
     /// Counters, shared with the handle.
     pub counters: Arc<ShardCounters>,
+    /// Connections currently served by all shards (see `PeerSlot`).
+    pub live_peers: Arc<AtomicUsize>,
     /// Reports that the shard is up (or why not).
     pub ready: std::sync::mpsc::Sender<Result<(), (usize, String)>>,
 }
@@ -170,6 +204,8 @@ pub(crate) struct Shard {
     pub shutting_down: Cell<bool>,
     /// Wakes accept loops and peers on shutdown.
     pub shutdown_event: LocalEvent,
+    /// Connections currently served by all shards (see `PeerSlot`).
+    live_peers: Arc<AtomicUsize>,
 }
 
 impl Shard {
@@ -234,9 +270,9 @@ impl Shard {
                     owner_touched = true;
                 }
                 ShardMsg::Deliver(d) => self.deliver(d),
-                ShardMsg::Connection(accepted) => {
+                ShardMsg::Connection(accepted, slot) => {
                     let stream = accepted.bind_to_executor();
-                    peer::spawn(self.clone(), stream);
+                    peer::spawn(self.clone(), stream, slot);
                 }
             }
         }
@@ -284,6 +320,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         receivers,
         control,
         counters,
+        live_peers,
         ready,
     } = setup;
     let shards = senders.len();
@@ -336,6 +373,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         next_peer: Cell::new(0),
         shutting_down: Cell::new(false),
         shutdown_event: LocalEvent::default(),
+        live_peers,
     });
 
     for rx in connected_receivers {
@@ -434,9 +472,16 @@ async fn sync_pump(shard: Rc<Shard>) {
     }
 }
 
-/// Accepts connections and hands them round-robin to the shards.
+/// How often a shard logs that it refuses connections (`--max-peers`).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Accepts connections and hands them round-robin to the shards. Above
+/// `--max-peers` a connection is closed at once, counted, and logged at
+/// most once per `REFUSAL_LOG_EVERY` (with how many were refused since).
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, start: usize) {
     let mut next = start;
+    let mut last_refusal_log: Option<std::time::Instant> = None;
+    let mut refused_unlogged = 0u64;
     loop {
         if shard.shutting_down.get() {
             break;
@@ -449,12 +494,33 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, start: usize) {
         match accepted {
             None => break,
             Some(Ok(stream)) => {
+                let max = shard.config.max_peers;
+                let Some(slot) = PeerSlot::take(&shard.live_peers, max) else {
+                    shard.counters.connection_refused();
+                    refused_unlogged += 1;
+                    let now = std::time::Instant::now();
+                    if last_refusal_log.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                        let peer = stream.peer_addr().ok();
+                        tracing::warn!(
+                            ?peer,
+                            refused = refused_unlogged,
+                            max_peers = max,
+                            "connection refused: --max-peers reached"
+                        );
+                        last_refusal_log = Some(now);
+                        refused_unlogged = 0;
+                    }
+                    // An `AcceptedTcpStream` does not close its fd when
+                    // dropped; a bound `TcpStream` does.
+                    drop(stream.bind_to_executor());
+                    continue;
+                };
                 let dest = next % shard.shards;
                 next = next.wrapping_add(1);
                 if dest == shard.index {
-                    peer::spawn(shard.clone(), stream.bind_to_executor());
+                    peer::spawn(shard.clone(), stream.bind_to_executor(), slot);
                 } else {
-                    shard.push(dest, ShardMsg::Connection(stream));
+                    shard.push(dest, ShardMsg::Connection(stream, slot));
                 }
             }
             Some(Err(e)) => {

@@ -23,6 +23,7 @@ struct DisconnectCounters {
     protocol: AtomicU64,
     malformed: AtomicU64,
     slow_peer: AtomicU64,
+    limit: AtomicU64,
     shutdown: AtomicU64,
 }
 
@@ -49,6 +50,8 @@ pub struct ShardCounters {
     coalesce_episodes: AtomicU64,
     /// Batches of messages received from other shards.
     shard_batches_in: AtomicU64,
+    /// Connections accepted and closed at once: `--max-peers` reached.
+    connections_refused: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,
 }
@@ -69,7 +72,15 @@ impl ShardCounters {
         self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
         add(&self.peers_established, 1);
     }
-    pub(crate) fn peer_gone(&self, was_established: bool, reason: &CloseReason, shutdown: bool) {
+    /// A peer's task ended; `over_limit` says it was closed for exceeding a
+    /// per-peer limit (routes, subscriptions), counted apart from the rest.
+    pub(crate) fn peer_gone(
+        &self,
+        was_established: bool,
+        reason: &CloseReason,
+        shutdown: bool,
+        over_limit: bool,
+    ) {
         if was_established {
             self.peers_established.fetch_sub(1, Ordering::Relaxed);
         } else {
@@ -83,6 +94,7 @@ impl ShardCounters {
             CloseReason::ZeroKeepalive | CloseReason::Unexpected { .. } => &d.protocol,
             CloseReason::Malformed(_) => &d.malformed,
             CloseReason::Local(_) if shutdown => &d.shutdown,
+            CloseReason::Local(_) if over_limit => &d.limit,
             CloseReason::Local(_) => &d.slow_peer,
         };
         add(c, 1);
@@ -105,6 +117,9 @@ impl ShardCounters {
     pub(crate) fn shard_batch_in(&self) {
         add(&self.shard_batches_in, 1);
     }
+    pub(crate) fn connection_refused(&self) {
+        add(&self.connections_refused, 1);
+    }
 
     /// A consistent-enough copy (each field read once, relaxed).
     pub fn snapshot(&self, shard: usize) -> ShardStats {
@@ -121,6 +136,7 @@ impl ShardCounters {
             write_calls: get(&self.write_calls),
             coalesce_episodes: get(&self.coalesce_episodes),
             shard_batches_in: get(&self.shard_batches_in),
+            connections_refused: get(&self.connections_refused),
             disconnects: DisconnectCounts {
                 eof: get(&d.eof),
                 io: get(&d.io),
@@ -128,6 +144,7 @@ impl ShardCounters {
                 protocol: get(&d.protocol),
                 malformed: get(&d.malformed),
                 slow_peer: get(&d.slow_peer),
+                limit: get(&d.limit),
                 shutdown: get(&d.shutdown),
             },
         }
@@ -149,6 +166,8 @@ pub struct DisconnectCounts {
     pub malformed: u64,
     /// Cut off by the slow-subscriber policy.
     pub slow_peer: u64,
+    /// Closed for exceeding a per-peer limit (routes or subscriptions).
+    pub limit: u64,
     /// Closed because the server shut down.
     pub shutdown: u64,
 }
@@ -162,6 +181,7 @@ impl DisconnectCounts {
             + self.protocol
             + self.malformed
             + self.slow_peer
+            + self.limit
             + self.shutdown
     }
 }
@@ -191,6 +211,9 @@ pub struct ShardStats {
     pub coalesce_episodes: u64,
     /// Batches received from other shards.
     pub shard_batches_in: u64,
+    /// Connections refused because `--max-peers` was reached (accepted and
+    /// closed at once; not counted as peers or disconnects).
+    pub connections_refused: u64,
     /// Disconnects by cause.
     pub disconnects: DisconnectCounts,
 }
