@@ -85,6 +85,7 @@ impl Server {
     /// them serve. Errors name the cause (address in use, io_uring missing...).
     pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
+        config::probe_io_uring()?;
         let n = config.shards;
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
@@ -156,14 +157,24 @@ impl Server {
                 .name(format!("mb-shard-{index}"))
                 .spawn(move || {
                     let ready = setup.ready.clone();
-                    match LocalExecutorBuilder::new(placement)
-                        .name(&format!("mb-shard-{index}"))
-                        .make()
-                    {
-                        Ok(ex) => ex.run(shard::run(setup)),
-                        Err(e) => {
+                    // glommio panics (rather than failing) on some ring
+                    // set-up errors: turn that into a start-up error too.
+                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        LocalExecutorBuilder::new(placement)
+                            .name(&format!("mb-shard-{index}"))
+                            .make()
+                    }));
+                    match made {
+                        Ok(Ok(ex)) => ex.run(shard::run(setup)),
+                        Ok(Err(e)) => {
                             let _ =
                                 ready.send(Err((index, format!("cannot create executor: {e}"))));
+                        }
+                        Err(_) => {
+                            let _ = ready.send(Err((
+                                index,
+                                "cannot create executor: glommio panicked (see above)".into(),
+                            )));
                         }
                     }
                 });
