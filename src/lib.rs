@@ -8,10 +8,12 @@
 //! - `session`: the per-connection state machine, sans I/O.
 //! - `server`: the reflector (shards, VNI tables, fan-out).
 //! - `client`: sessions to servers, announcements, kernel routes.
+//! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
 //! - `logging`: tracing set-up for the binaries.
 
 pub mod client;
 pub mod codec;
+pub mod http;
 pub mod logging;
 pub mod server;
 pub mod session;
