@@ -77,8 +77,8 @@ impl StatusSource for Fleet {
         let table = self.routes();
         MetricsView {
             peers_by_state: vec![
-                (SessionState::Established, 1),
-                (SessionState::HelloReceived, 0),
+                (SessionState::Established.name().to_string(), 1),
+                (SessionState::HelloReceived.name().to_string(), 0),
             ],
             routes_per_vni: table
                 .vnis

@@ -35,7 +35,7 @@ pub fn render(view: &MetricsView, role: StatusRole, version: &str) -> String {
         MetricKind::Gauge,
     );
     for (state, n) in &view.peers_by_state {
-        out.sample("metalbond_peers", &[("state", state.name())], *n);
+        out.sample("metalbond_peers", &[("state", state)], *n);
     }
 
     out.family(

@@ -299,9 +299,11 @@ fn ser_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Err
 /// contract.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsView {
-    /// Peers per session state (`metalbond_peers{state}`). Include states
-    /// with zero peers that a dashboard would plot (ESTABLISHED at least).
-    pub peers_by_state: Vec<(SessionState, u64)>,
+    /// Peers per session state (`metalbond_peers{state}`): a
+    /// `SessionState::name()`, or "HANDSHAKE" where a role only counts
+    /// "not yet established". Include states with zero peers that a
+    /// dashboard would plot (ESTABLISHED at least).
+    pub peers_by_state: Vec<(String, u64)>,
     /// Routes per VNI (`metalbond_vni_routes{vni}`).
     pub routes_per_vni: Vec<(Vni, u64)>,
     /// Routes in all VNIs (`metalbond_routes`).
