@@ -59,7 +59,7 @@ impl StatusSource for Fleet {
     }
     fn peers(&self) -> Vec<PeerView> {
         vec![PeerView {
-            address: "[::1]:40000".parse().unwrap(),
+            address: "[::1]:40000".to_string(),
             state: SessionState::Established,
             shard: Some(1),
             keepalive: Duration::from_secs(5),

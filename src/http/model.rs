@@ -11,7 +11,6 @@
 //! is the state owner's job, rendering it is `http`'s.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use serde::ser::{SerializeMap, SerializeStruct};
@@ -236,8 +235,9 @@ pub fn format_date(t: SystemTime) -> String {
 /// how much it has exchanged with us.
 #[derive(Clone, Debug, Serialize)]
 pub struct PeerView {
-    /// Remote address (server) or the server's address (client).
-    pub address: SocketAddr,
+    /// Remote address (server), or the server's address as configured
+    /// (client; may be a host name).
+    pub address: String,
     /// Session state, upper case as in PROTOCOL.md.
     #[serde(serialize_with = "ser_state")]
     pub state: SessionState,
