@@ -58,22 +58,22 @@ pub fn render(view: &MetricsView, role: StatusRole, version: &str) -> String {
         (
             "metalbond_updates_received_total",
             "UPDATE messages received from peers.",
-            Some(view.updates_in),
+            view.updates_in,
         ),
         (
             "metalbond_updates_sent_total",
             "UPDATE messages sent to peers.",
-            Some(view.updates_out),
+            view.updates_out,
         ),
         (
             "metalbond_frames_written_total",
             "Frames of any type written to peers.",
-            Some(view.frames_written),
+            view.frames_written,
         ),
         (
             "metalbond_bytes_written_total",
             "Bytes written to peers.",
-            Some(view.bytes_written),
+            view.bytes_written,
         ),
         (
             "metalbond_frames_read_total",

@@ -244,22 +244,23 @@ pub struct PeerView {
     /// Shard holding the connection (server only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard: Option<usize>,
-    /// Negotiated keepalive interval (ours until the HELLO exchange).
+    /// Negotiated keepalive interval (ours until the HELLO exchange);
+    /// `None` (null) where the role does not know it.
     #[serde(rename = "keepalive_seconds", serialize_with = "ser_secs")]
-    pub keepalive: Duration,
+    pub keepalive: Option<Duration>,
     /// Routes this peer announces (server: received from it; client: ours to it).
     pub routes_announced: u64,
     /// VNIs the peer is subscribed to (server) or we subscribed to (client).
     #[serde(serialize_with = "ser_vnis")]
     pub vnis_subscribed: Vec<Vni>,
-    /// Frames received from the peer.
-    pub frames_in: u64,
-    /// Bytes received from the peer.
-    pub bytes_in: u64,
-    /// Frames written to the peer.
-    pub frames_out: u64,
-    /// Bytes written to the peer.
-    pub bytes_out: u64,
+    /// Frames received from the peer; `None` (null) where the role does not count it.
+    pub frames_in: Option<u64>,
+    /// Bytes received from the peer; `None` (null) where the role does not count it.
+    pub bytes_in: Option<u64>,
+    /// Frames written to the peer; `None` (null) where the role does not count it.
+    pub frames_out: Option<u64>,
+    /// Bytes written to the peer; `None` (null) where the role does not count it.
+    pub bytes_out: Option<u64>,
     /// Bytes queued for the peer and not yet written, where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queued_bytes: Option<u64>,
@@ -272,11 +273,11 @@ fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Erro
     s.serialize_str(state.name())
 }
 
-fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    if d.subsec_nanos() == 0 {
-        s.serialize_u64(d.as_secs())
-    } else {
-        s.serialize_f64(d.as_secs_f64())
+fn ser_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        None => s.serialize_none(),
+        Some(d) if d.subsec_nanos() == 0 => s.serialize_u64(d.as_secs()),
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
     }
 }
 
@@ -309,13 +310,15 @@ pub struct MetricsView {
     /// Routes in all VNIs (`metalbond_routes`).
     pub routes_total: u64,
     /// UPDATE messages received (`metalbond_updates_received_total`).
-    pub updates_in: u64,
+    /// `None` only where a role does not count them (the family is then
+    /// left out rather than shown as a false zero).
+    pub updates_in: Option<u64>,
     /// UPDATE messages sent (`metalbond_updates_sent_total`).
-    pub updates_out: u64,
+    pub updates_out: Option<u64>,
     /// Frames written, all types (`metalbond_frames_written_total`).
-    pub frames_written: u64,
+    pub frames_written: Option<u64>,
     /// Bytes written (`metalbond_bytes_written_total`).
-    pub bytes_written: u64,
+    pub bytes_written: Option<u64>,
     /// Frames read, where counted (`metalbond_frames_read_total`).
     pub frames_read: Option<u64>,
     /// Bytes read, where counted (`metalbond_bytes_read_total`).
