@@ -64,6 +64,7 @@ impl StatusSource for Fleet {
             shard: Some(1),
             keepalive: Some(Duration::from_secs(5)),
             routes_announced: self.routes.lock().unwrap().len() as u64,
+            routes_received: None,
             vnis_subscribed: vec![vni(23), vni(42)],
             frames_in: Some(self.updates_in.load(Ordering::Relaxed)),
             bytes_in: Some(60 * self.updates_in.load(Ordering::Relaxed)),

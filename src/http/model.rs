@@ -250,6 +250,10 @@ pub struct PeerView {
     pub keepalive: Option<Duration>,
     /// Routes this peer announces (server: received from it; client: ours to it).
     pub routes_announced: u64,
+    /// Routes received from this peer that are held now, where the role
+    /// tracks it per peer (client: routes this server gave us).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes_received: Option<u64>,
     /// VNIs the peer is subscribed to (server) or we subscribed to (client).
     #[serde(serialize_with = "ser_vnis")]
     pub vnis_subscribed: Vec<Vni>,
