@@ -1,14 +1,347 @@
-//! The route reflector (placeholder until the server lands).
+//! The route reflector: thread-per-core shards, one owner shard per VNI.
+//!
+//! Owns: starting and stopping the shards (`Server::start`, `ServerHandle`),
+//! the `metalbond server` entry point (`run`) and the public API the HTTP,
+//! metrics and load-generator work builds on (config, counters, snapshots).
+//!
+//! ```text
+//!  listener(s) ── accept loop (shard k) ── round-robin hand-off ──┐
+//!                                                                 ▼
+//!  ┌──────────── shard i (glommio executor, pinned) ────────────────────┐
+//!  │ peer task per connection                                           │
+//!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐      │
+//!  │   writer: OutQueue (shared frames | per-route coalescing)   │      │
+//!  │             ▲ Delivery                                       ▼      │
+//!  │ receive tasks ◀── channel ◀── other shards      outbox[dest] ──┐   │
+//!  │ owner (VNIs with vni % N == i): VniTable per VNI,               │   │
+//!  │   FanoutBuilder encodes each change once per batch              │   │
+//!  │ sync pump: SUBSCRIBE table scans in chunks, credit window       │   │
+//!  │ flusher per destination: outbox → bounded channel (1 batch)  ◀──┘   │
+//!  │ control loop: snapshots, shutdown (polled from the handle)          │
+//!  └─────────────────────────────────────────────────────────────────────┘
+//! ```
+//! A change from a peer on shard A for VNI v goes A → owner(v) → every shard
+//! with live subscribers of v, as one shared buffer per shard; each
+//! subscriber's writer sends it with vectored writes, minus the frames the
+//! subscriber originated itself.
+//!
+//! Must never: block a shard thread, or let one peer's slowness grow memory
+//! or stall others (see `out_queue`).
 
-/// `metalbond server` flags.
-#[derive(clap::Args, Debug)]
-pub struct ServerArgs {
-    /// Verbose (debug) logging.
-    #[arg(short, long)]
-    pub verbose: bool,
+pub mod config;
+pub mod fanout;
+pub mod out_queue;
+pub mod owner;
+mod peer;
+mod shard;
+pub mod stats;
+pub mod vni_table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::shared_channel;
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub use config::{PeerLimits, ServerArgs, ServerConfig, ServerError};
+pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes};
+
+use shard::{Batch, Control, ShardSetup, CHANNEL_BATCHES};
+use stats::ShardCounters;
+
+/// A connection's identity across shards: the shard holding it and a
+/// per-shard sequence number, so an owner can address a subscriber's shard
+/// without a lookup.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PeerId(u64);
+
+impl PeerId {
+    /// Bits of the sequence number.
+    const SEQ_BITS: u32 = 48;
+
+    /// The `seq`-th peer of shard `shard`.
+    pub fn new(shard: usize, seq: u64) -> PeerId {
+        PeerId(((shard as u64) << Self::SEQ_BITS) | (seq & ((1 << Self::SEQ_BITS) - 1)))
+    }
+
+    /// The shard holding the connection.
+    pub fn shard(self) -> usize {
+        (self.0 >> Self::SEQ_BITS) as usize
+    }
 }
 
-/// Runs the server until shut down.
-pub fn run(_args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
-    Err("server mode is not built yet".into())
+/// Entry point for starting a server in-process.
+pub struct Server;
+
+impl Server {
+    /// Binds every listen address, starts the shards and returns once all of
+    /// them serve. Errors name the cause (address in use, io_uring missing...).
+    pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        config.validate()?;
+        let n = config.shards;
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for addr in &config.listen {
+            let l = bind(*addr, config.listen.len() > 1)?;
+            addrs.push(l.local_addr().map_err(|source| ServerError::Listen {
+                addr: *addr,
+                source,
+            })?);
+            listeners.push(l);
+        }
+
+        // One bounded channel per ordered pair of shards.
+        let mut senders: Vec<Vec<Option<shared_channel::SharedSender<Batch>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<shared_channel::SharedReceiver<Batch>>> =
+            (0..n).map(|_| Vec::new()).collect();
+        for (from, row) in senders.iter_mut().enumerate() {
+            for (to, slot) in row.iter_mut().enumerate() {
+                if from != to {
+                    let (tx, rx) = shared_channel::new_bounded(CHANNEL_BATCHES);
+                    *slot = Some(tx);
+                    receivers[to].push(rx);
+                }
+            }
+        }
+
+        let config = Arc::new(config);
+        let mut shard_listeners: Vec<Vec<(std::net::TcpListener, usize)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        for (k, l) in listeners.into_iter().enumerate() {
+            shard_listeners[k % n].push((l, k));
+        }
+        let cpus = config::allowed_cpu_ids();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut handle = ServerHandle {
+            addrs,
+            controls: Vec::new(),
+            threads: Vec::new(),
+            counters: Vec::new(),
+            config: config.clone(),
+        };
+        let shard_inputs = senders
+            .into_iter()
+            .zip(receivers)
+            .zip(shard_listeners)
+            .enumerate();
+        for (index, ((senders, receivers), listeners)) in shard_inputs {
+            let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+            let counters = Arc::new(ShardCounters::default());
+            let setup = ShardSetup {
+                index,
+                config: config.clone(),
+                listeners,
+                senders,
+                receivers,
+                control: ctl_rx,
+                counters: counters.clone(),
+                ready: ready_tx.clone(),
+            };
+            let placement = if config.pin_cpus {
+                Placement::Fixed(cpus[index % cpus.len()])
+            } else {
+                Placement::Unbound
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("mb-shard-{index}"))
+                .spawn(move || {
+                    let ready = setup.ready.clone();
+                    match LocalExecutorBuilder::new(placement)
+                        .name(&format!("mb-shard-{index}"))
+                        .make()
+                    {
+                        Ok(ex) => ex.run(shard::run(setup)),
+                        Err(e) => {
+                            let _ =
+                                ready.send(Err((index, format!("cannot create executor: {e}"))));
+                        }
+                    }
+                });
+            match spawned {
+                Ok(t) => {
+                    handle.controls.push(ctl_tx);
+                    handle.threads.push(t);
+                    handle.counters.push(counters);
+                }
+                Err(e) => {
+                    handle.abandon();
+                    return Err(ServerError::Shard {
+                        shard: index,
+                        reason: format!("cannot spawn thread: {e}"),
+                    });
+                }
+            }
+        }
+        drop(ready_tx);
+        for _ in 0..n {
+            let failure = match ready_rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(())) => continue,
+                Ok(Err((shard, reason))) => ServerError::Shard { shard, reason },
+                Err(_) => ServerError::Shard {
+                    shard: 0,
+                    reason: "shards did not report ready in time".into(),
+                },
+            };
+            handle.abandon();
+            return Err(failure);
+        }
+        tracing::info!(
+            addrs = ?handle.addrs,
+            shards = n,
+            keepalive = ?handle.config.keepalive,
+            "route reflector listening"
+        );
+        if let Some(http) = handle.config.http {
+            // Hook for the HTTP status page (a later issue): the address is in
+            // `ServerConfig::http`; snapshots come from `routes()`/`peers()`.
+            tracing::warn!(%http, "--http is accepted but the HTTP status page is not served yet");
+        }
+        Ok(handle)
+    }
+}
+
+/// Binds a listening socket: SO_REUSEADDR, and v6-only for IPv6 when several
+/// addresses are given (so `[::]:4711` and `0.0.0.0:4711` can coexist).
+fn bind(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener, ServerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| ServerError::Listen { addr, source };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv6() && v6_only {
+        sock.set_only_v6(true).map_err(err)?;
+    }
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(1024).map_err(err)?;
+    Ok(sock.into())
+}
+
+/// A running server: its addresses, counters and snapshots; shuts it down.
+/// Dropping the handle shuts the server down too.
+pub struct ServerHandle {
+    /// Bound addresses, in `ServerConfig::listen` order.
+    addrs: Vec<SocketAddr>,
+    /// Control channel of each shard.
+    controls: Vec<crossbeam_channel::Sender<Control>>,
+    /// Shard threads, joined on shutdown.
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Counters of each shard.
+    counters: Vec<Arc<ShardCounters>>,
+    /// The configuration the server runs with.
+    config: Arc<ServerConfig>,
+}
+
+/// How long a snapshot request waits for a shard.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ServerHandle {
+    /// The actually bound addresses (a port 0 in the config is resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Per-shard counters (atomics: never waits for the shards).
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            shards: self
+                .counters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.snapshot(i))
+                .collect(),
+        }
+    }
+
+    /// The route table: per VNI (sorted) its (destination, next hop) list.
+    /// Asks each shard for the VNIs it owns; each shard answers between two
+    /// tasks, so the cost is one table copy.
+    pub fn routes(&self) -> Vec<VniRoutes> {
+        let mut all: Vec<VniRoutes> = self.ask(Control::Routes).into_iter().flatten().collect();
+        all.sort_by_key(|v| v.vni);
+        all
+    }
+
+    /// Every connected peer (sorted by shard, then address).
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut all: Vec<PeerInfo> = self.ask(Control::Peers).into_iter().flatten().collect();
+        all.sort_by_key(|p| (p.shard, p.addr));
+        all
+    }
+
+    fn ask<T>(&self, make: impl Fn(crossbeam_channel::Sender<T>) -> Control) -> Vec<T> {
+        let mut replies = Vec::new();
+        let mut pending = Vec::new();
+        for c in &self.controls {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if c.send(make(tx)).is_ok() {
+                pending.push(rx);
+            }
+        }
+        for rx in pending {
+            if let Ok(r) = rx.recv_timeout(SNAPSHOT_TIMEOUT) {
+                replies.push(r);
+            }
+        }
+        replies
+    }
+
+    /// Closes listeners and every peer, stops the shards and joins them.
+    pub fn shutdown(mut self) {
+        self.shutdown_inner();
+    }
+
+    fn shutdown_inner(&mut self) {
+        for c in &self.controls {
+            let _ = c.send(Control::Shutdown);
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a shard thread panicked");
+            }
+        }
+        self.controls.clear();
+    }
+
+    /// Startup failed part-way: tell started shards to stop but do not wait
+    /// for them (they may be waiting on a shard that never started).
+    fn abandon(&mut self) {
+        for c in &self.controls {
+            let _ = c.send(Control::Shutdown);
+        }
+        self.controls.clear();
+        self.threads.clear();
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown_inner();
+    }
+}
+
+/// `metalbond server`: starts the shards, serves until SIGINT or SIGTERM,
+/// shuts down cleanly (exit status 0).
+pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Install the handler first, so a signal during start-up is not fatal.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Signal)?;
+    let handle = Server::start(ServerConfig::from(args))?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    handle.shutdown();
+    tracing::info!("server stopped");
+    Ok(())
 }

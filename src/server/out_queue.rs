@@ -1,0 +1,447 @@
+//! One peer's pending output, bounded whatever the churn.
+//!
+//! Owns: the slow-subscriber policy. While a peer keeps up, its output is a
+//! FIFO of shared frame buffers (`FanoutBatch` slices, no copies). When the
+//! queued bytes would pass `max_queued_bytes`, the peer switches to per-route
+//! coalescing: further changes are folded into a map holding only the net
+//! pending change per route (ADD then REMOVE of a route the peer never saw
+//! cancels out), so memory is bounded by the number of distinct routes, not by
+//! the churn. Once the socket drains below half the limit, the map is encoded
+//! for this peer alone, a chunk at a time, behind what is already queued, so
+//! per-route order is kept; when the map is empty the peer is back to shared
+//! buffers. If the map itself passes `max_coalesced_routes`, `Overflow` tells
+//! the caller to cut the peer off (it reconnects and resyncs). Nothing is ever
+//! dropped while the session stays up.
+//!
+//! Must never: touch the socket (the writer task drains it) or know tables.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use super::fanout::FanoutBatch;
+use super::PeerId;
+use crate::codec::{encode_frame, Message};
+use crate::types::{Action, Route, Vni};
+
+/// Routes encoded per refill step from the coalescing map.
+const REFILL_ROUTES: usize = 1024;
+
+/// One entry of the FIFO.
+#[derive(Debug)]
+enum OutItem {
+    /// Encoded frames to write.
+    Frames {
+        bytes: Bytes,
+        frames: u32,
+        /// HELLO/KEEPALIVE rather than UPDATEs (for the counters).
+        control: bool,
+    },
+    /// A SUBSCRIBE sync chunk for this VNI has been fully handed to the
+    /// socket; the owner may send the next one.
+    SyncChunkWritten(Vni),
+}
+
+/// The net change a slow peer has not been sent yet for one route.
+#[derive(Clone, Copy, Debug)]
+struct PendingChange {
+    /// Did the peer hold the route before the first coalesced change?
+    was_present: bool,
+    /// Should it hold the route after the last one?
+    now_present: bool,
+}
+
+/// The coalescing map outgrew its limit: the peer must be disconnected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("slow subscriber: {pending} route changes pending (limit {limit})")]
+pub struct Overflow {
+    /// Distinct routes with a pending change.
+    pub pending: usize,
+    /// `max_coalesced_routes`.
+    pub limit: usize,
+}
+
+/// What the writer should put on the socket next.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    /// Buffers to write, in order (one vectored write if the socket takes it).
+    pub parts: Vec<Bytes>,
+    /// Frames in `parts`.
+    pub frames: usize,
+    /// Of which UPDATE frames.
+    pub updates: usize,
+    /// Bytes in `parts`.
+    pub bytes: usize,
+    /// Sync chunks completed once `parts` are written.
+    pub sync_written: Vec<Vni>,
+}
+
+/// A peer's pending output.
+#[derive(Debug)]
+pub struct OutQueue {
+    /// The peer this queue writes to (its own changes are never queued).
+    me: PeerId,
+    /// Shared buffers and markers in send order.
+    items: VecDeque<OutItem>,
+    /// Bytes queued in `items` plus bytes handed to the writer and not yet
+    /// confirmed written.
+    queued_bytes: usize,
+    /// See `PeerLimits::max_queued_bytes`.
+    max_queued_bytes: usize,
+    /// See `PeerLimits::max_coalesced_routes`.
+    max_coalesced: usize,
+    /// Net pending change per route while coalescing.
+    coalesced: HashMap<Route, PendingChange>,
+    /// True from the first overflow until the map has been fully drained.
+    coalescing: bool,
+    /// Changes folded into the map over the queue's life (for stats).
+    pub coalesced_total: u64,
+    /// Times the queue switched into coalescing mode.
+    pub coalesce_episodes: u64,
+}
+
+impl OutQueue {
+    /// An empty queue for `me` with the given limits.
+    pub fn new(me: PeerId, max_queued_bytes: usize, max_coalesced: usize) -> OutQueue {
+        OutQueue {
+            me,
+            items: VecDeque::new(),
+            queued_bytes: 0,
+            max_queued_bytes,
+            max_coalesced,
+            coalesced: HashMap::new(),
+            coalescing: false,
+            coalesced_total: 0,
+            coalesce_episodes: 0,
+        }
+    }
+
+    /// Bytes queued or in flight.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Routes with a coalesced pending change.
+    pub fn coalesced_len(&self) -> usize {
+        self.coalesced.len()
+    }
+
+    /// Is the peer currently being coalesced (fell behind)?
+    pub fn is_coalescing(&self) -> bool {
+        self.coalescing
+    }
+
+    /// Anything left to write (queued frames or coalesced changes)?
+    pub fn has_output(&self) -> bool {
+        !self.items.is_empty() || !self.coalesced.is_empty()
+    }
+
+    /// Queues a session message (HELLO, KEEPALIVE). Always accepted: at most
+    /// one per received KEEPALIVE, and tiny.
+    pub fn push_control(&mut self, msg: &Message) {
+        let mut buf = BytesMut::with_capacity(16);
+        encode_frame(msg, &mut buf);
+        let bytes = buf.freeze();
+        self.queued_bytes += bytes.len();
+        self.items.push_back(OutItem::Frames {
+            bytes,
+            frames: 1,
+            control: true,
+        });
+    }
+
+    /// Queues a fan-out batch (minus this peer's own runs), or folds it into
+    /// the coalescing map when the peer is behind.
+    pub fn push_fanout(&mut self, batch: &FanoutBatch) -> Result<(), Overflow> {
+        if !self.coalescing {
+            let (parts, frames) = batch.parts_for(self.me);
+            let len: usize = parts.iter().map(Bytes::len).sum();
+            // An empty queue always takes one batch (batches are small), so
+            // a limit below the batch size cannot wedge a peer.
+            if self.queued_bytes == 0 || self.queued_bytes + len <= self.max_queued_bytes {
+                let n = parts.len();
+                for (i, p) in parts.into_iter().enumerate() {
+                    // Frame count is attributed to the last part.
+                    let f = if i + 1 == n { frames as u32 } else { 0 };
+                    self.push_bytes(p, f);
+                }
+                return Ok(());
+            }
+            self.coalescing = true;
+            self.coalesce_episodes += 1;
+        }
+        for (action, route) in batch.changes_for(self.me) {
+            self.coalesce(action, route);
+        }
+        if self.coalesced.len() > self.max_coalesced {
+            return Err(Overflow {
+                pending: self.coalesced.len(),
+                limit: self.max_coalesced,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues one SUBSCRIBE sync chunk and its completion marker. Always
+    /// accepted: the owner sends at most a small window of chunks before the
+    /// markers come back, so this is bounded by construction.
+    pub fn push_sync(&mut self, batch: &FanoutBatch, vni: Vni) {
+        let (parts, frames) = batch.parts_for(self.me);
+        let n = parts.len();
+        for (i, p) in parts.into_iter().enumerate() {
+            let f = if i + 1 == n { frames as u32 } else { 0 };
+            self.push_bytes(p, f);
+        }
+        self.items.push_back(OutItem::SyncChunkWritten(vni));
+    }
+
+    /// Takes up to about `max_bytes` (and at most `max_parts` buffers) for
+    /// one write. Refills from the coalescing map first when the backlog has
+    /// drained below half the limit.
+    pub fn take_for_write(&mut self, max_bytes: usize, max_parts: usize) -> WriteBatch {
+        self.refill();
+        let mut wb = WriteBatch::default();
+        while let Some(item) = self.items.front() {
+            match item {
+                OutItem::Frames { bytes, .. } => {
+                    if !wb.parts.is_empty()
+                        && (wb.bytes + bytes.len() > max_bytes || wb.parts.len() >= max_parts)
+                    {
+                        break;
+                    }
+                }
+                OutItem::SyncChunkWritten(_) => {}
+            }
+            match self.items.pop_front() {
+                Some(OutItem::Frames {
+                    bytes,
+                    frames,
+                    control,
+                }) => {
+                    wb.bytes += bytes.len();
+                    wb.frames += frames as usize;
+                    if !control {
+                        wb.updates += frames as usize;
+                    }
+                    wb.parts.push(bytes);
+                }
+                Some(OutItem::SyncChunkWritten(vni)) => wb.sync_written.push(vni),
+                None => break,
+            }
+        }
+        wb
+    }
+
+    /// The writer put `bytes` (from a `WriteBatch`) on the socket.
+    pub fn written(&mut self, bytes: usize) {
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+    }
+
+    fn push_bytes(&mut self, bytes: Bytes, frames: u32) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.queued_bytes += bytes.len();
+        self.items.push_back(OutItem::Frames {
+            bytes,
+            frames,
+            control: false,
+        });
+    }
+
+    fn coalesce(&mut self, action: Action, route: Route) {
+        self.coalesced_total += 1;
+        let present = action == Action::Add;
+        match self.coalesced.entry(route) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().now_present = present;
+                if e.get().now_present == e.get().was_present {
+                    e.remove();
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(PendingChange {
+                    was_present: !present,
+                    now_present: present,
+                });
+            }
+        }
+    }
+
+    /// Encodes a chunk of coalesced changes behind the queued frames once
+    /// the backlog is below half the limit; leaves coalescing mode when the
+    /// map is empty.
+    fn refill(&mut self) {
+        if !self.coalescing || self.queued_bytes > self.max_queued_bytes / 2 {
+            return;
+        }
+        if !self.coalesced.is_empty() {
+            let keys: Vec<Route> = self.coalesced.keys().take(REFILL_ROUTES).copied().collect();
+            let mut buf = BytesMut::with_capacity(keys.len() * 64);
+            let mut frames = 0u32;
+            for route in keys {
+                if let Some(change) = self.coalesced.remove(&route) {
+                    let action = if change.now_present {
+                        Action::Add
+                    } else {
+                        Action::Remove
+                    };
+                    encode_frame(&Message::Update { action, route }, &mut buf);
+                    frames += 1;
+                }
+            }
+            self.push_bytes(buf.freeze(), frames);
+        }
+        if self.coalesced.is_empty() {
+            self.coalescing = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::FrameDecoder;
+    use crate::server::fanout::FanoutBuilder;
+    use crate::types::NextHop;
+
+    fn route(i: u32) -> Route {
+        Route::new(
+            Vni::new(1).unwrap(),
+            format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        )
+    }
+
+    fn batch(changes: &[(Action, u32)]) -> FanoutBatch {
+        let mut b = FanoutBuilder::new();
+        for (a, i) in changes {
+            b.push(Some(PeerId::new(0, 99)), *a, route(*i));
+        }
+        b.finish()
+    }
+
+    /// Drains the queue as a writer would and decodes what the peer gets.
+    fn drain(q: &mut OutQueue) -> Vec<(Action, Route)> {
+        let mut out = Vec::new();
+        loop {
+            let wb = q.take_for_write(1 << 20, 64);
+            if wb.parts.is_empty() {
+                break;
+            }
+            let mut dec = FrameDecoder::new();
+            for p in &wb.parts {
+                dec.extend(p);
+            }
+            while let Some(m) = dec.next_message().unwrap() {
+                if let Message::Update { action, route } = m {
+                    out.push((action, route));
+                }
+            }
+            q.written(wb.bytes);
+        }
+        out
+    }
+
+    /// What a peer that applies `changes` in order ends up holding.
+    fn apply(changes: &[(Action, Route)]) -> std::collections::BTreeSet<Route> {
+        let mut s = std::collections::BTreeSet::new();
+        for (a, r) in changes {
+            match a {
+                Action::Add => s.insert(*r),
+                Action::Remove => s.remove(r),
+            };
+        }
+        s
+    }
+
+    #[test]
+    fn keeps_up_shares_buffers_in_order() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        let b = batch(&[(Action::Add, 1), (Action::Add, 2)]);
+        q.push_fanout(&b).unwrap();
+        assert!(!q.is_coalescing());
+        let wb = q.take_for_write(1 << 20, 64);
+        assert_eq!(wb.frames, 2);
+        assert_eq!(wb.parts[0], b.frames);
+        q.written(wb.bytes);
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn slow_peer_coalesces_and_converges_to_the_same_state() {
+        // Limit of ~3 frames: churn far beyond it.
+        let mut q = OutQueue::new(PeerId::new(1, 1), 100, 10_000);
+        let mut truth = Vec::new();
+        for round in 0..50u32 {
+            let mut changes = Vec::new();
+            for i in 0..20u32 {
+                let a = if (round + i) % 3 == 0 {
+                    Action::Remove
+                } else {
+                    Action::Add
+                };
+                changes.push((a, i));
+            }
+            // A consistent stream: only ADD absent routes, REMOVE present ones.
+            let mut state = apply(&truth);
+            let mut consistent = Vec::new();
+            for (a, i) in changes {
+                let r = route(i);
+                let ok = match a {
+                    Action::Add => state.insert(r),
+                    Action::Remove => state.remove(&r),
+                };
+                if ok {
+                    consistent.push((a, i));
+                    truth.push((a, r));
+                }
+            }
+            q.push_fanout(&batch(&consistent)).unwrap();
+            assert!(q.queued_bytes() <= 100 + 64 * 20);
+        }
+        assert!(q.is_coalescing());
+        assert!(q.coalesced_len() <= 20, "bounded by distinct routes");
+        let got = drain(&mut q);
+        assert_eq!(apply(&got), apply(&truth));
+        assert!(!q.is_coalescing());
+        assert!(!q.has_output());
+    }
+
+    #[test]
+    fn add_then_remove_of_unseen_route_cancels_out() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1, 100);
+        q.push_fanout(&batch(&[(Action::Add, 1)])).unwrap(); // queued (empty queue)
+        q.push_fanout(&batch(&[(Action::Add, 2)])).unwrap(); // coalesced
+        q.push_fanout(&batch(&[(Action::Remove, 2)])).unwrap();
+        assert_eq!(q.coalesced_len(), 0);
+        let got = drain(&mut q);
+        assert_eq!(got, vec![(Action::Add, route(1))]);
+    }
+
+    #[test]
+    fn overflow_of_coalescing_map_is_reported() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1, 5);
+        q.push_fanout(&batch(&[(Action::Add, 0)])).unwrap();
+        let many: Vec<(Action, u32)> = (1..10).map(|i| (Action::Add, i)).collect();
+        let err = q.push_fanout(&batch(&many)).unwrap_err();
+        assert_eq!(err.limit, 5);
+        assert!(err.pending > 5);
+    }
+
+    #[test]
+    fn own_changes_are_never_queued_and_sync_marker_follows_chunk() {
+        let me = PeerId::new(0, 99);
+        let mut q = OutQueue::new(me, 1 << 20, 10);
+        q.push_fanout(&batch(&[(Action::Add, 1)])).unwrap();
+        assert!(!q.has_output(), "origin excluded");
+        let vni = Vni::new(1).unwrap();
+        let mut b = FanoutBuilder::new();
+        b.push(None, Action::Add, route(3));
+        q.push_sync(&b.finish(), vni);
+        let wb = q.take_for_write(1 << 20, 64);
+        assert_eq!(wb.frames, 1);
+        assert_eq!(wb.sync_written, vec![vni]);
+    }
+}

@@ -1,0 +1,509 @@
+//! The VNIs a shard owns: their tables, fan-out and SUBSCRIBE syncs.
+//!
+//! Owns: applying route and subscription changes to the owned `VniTable`s
+//! (one owner per VNI gives every subscriber one order of changes per
+//! route), encoding each resulting UPDATE once per batch (`FanoutBuilder`),
+//! addressing the batch to every shard holding live subscribers, and driving
+//! the chunked, flow-controlled sync of new subscribers (at most
+//! `SYNC_WINDOW` chunks in flight per subscription; the next chunk goes out
+//! when the subscriber's shard reports one written).
+//!
+//! Must never: touch sockets or channels. It returns `Delivery`s addressed to
+//! shards; `shard` moves them. That keeps it unit-testable and lets the
+//! shard batch deliveries per destination.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::fanout::{FanoutBatch, FanoutBuilder};
+use super::vni_table::VniTable;
+use super::PeerId;
+use crate::types::{Action, Route, Vni};
+
+/// Sync chunks a subscription may have queued but not yet written.
+pub const SYNC_WINDOW: u32 = 2;
+/// A fan-out buffer is sent once it passes this size, so batches stay small
+/// enough to share and to coalesce.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// A change request for an owned VNI, from the shard holding the peer. The
+/// peer's shard has already filtered duplicates (ADD of a route the peer
+/// announces, REMOVE of one it does not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerInput {
+    /// The peer now announces the route.
+    Announce { peer: PeerId, route: Route },
+    /// The peer no longer announces the route.
+    Withdraw { peer: PeerId, route: Route },
+    /// The peer subscribes to the VNI.
+    Subscribe { peer: PeerId, vni: Vni },
+    /// The peer leaves the VNI (or disconnected).
+    Unsubscribe { peer: PeerId, vni: Vni },
+    /// One sync chunk for (peer, vni) reached the peer's socket.
+    SyncWritten { peer: PeerId, vni: Vni },
+}
+
+/// Frames for some peers of one shard.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// Peers (all on the destination shard) that get the batch.
+    pub recipients: Arc<[PeerId]>,
+    /// The shared frames.
+    pub batch: FanoutBatch,
+    /// Set for a sync chunk: report `SyncWritten` once it is written.
+    pub sync: Option<Vni>,
+}
+
+/// A subscription being synced.
+#[derive(Debug)]
+struct SyncJob {
+    /// Chunks the owner may still send before hearing one was written.
+    credit: u32,
+}
+
+/// Changes collected for one VNI during the current batch.
+#[derive(Debug, Default)]
+struct PendingFanout {
+    /// Frames for the live subscribers.
+    live: FanoutBuilder,
+    /// Frames for individual syncing subscribers (changes behind their cursor).
+    personal: HashMap<PeerId, FanoutBuilder>,
+}
+
+/// All VNIs owned by one shard.
+#[derive(Debug)]
+pub struct VniOwner {
+    /// Owned tables; a table is dropped when it has no routes nor subscribers.
+    tables: HashMap<Vni, VniTable>,
+    /// Fan-out accumulated since the last `flush`.
+    pending: HashMap<Vni, PendingFanout>,
+    /// Syncs in progress and their credit.
+    jobs: HashMap<(PeerId, Vni), SyncJob>,
+    /// Round-robin order of sync jobs.
+    job_order: VecDeque<(PeerId, Vni)>,
+    /// Routes per sync chunk.
+    chunk_routes: usize,
+    /// Routes in all owned tables.
+    route_count: usize,
+}
+
+impl VniOwner {
+    /// An owner with no VNIs; syncs send `chunk_routes` routes per chunk.
+    pub fn new(chunk_routes: usize) -> VniOwner {
+        VniOwner {
+            tables: HashMap::new(),
+            pending: HashMap::new(),
+            jobs: HashMap::new(),
+            job_order: VecDeque::new(),
+            chunk_routes: chunk_routes.max(1),
+            route_count: 0,
+        }
+    }
+
+    /// Routes in all owned tables.
+    pub fn route_count(&self) -> usize {
+        self.route_count
+    }
+
+    /// Owned VNIs with their routes (for snapshots).
+    pub fn tables(&self) -> impl Iterator<Item = (&Vni, &VniTable)> {
+        self.tables.iter()
+    }
+
+    /// Is a sync step possible now (a job with credit)?
+    pub fn has_sync_work(&self) -> bool {
+        self.jobs.values().any(|j| j.credit > 0)
+    }
+
+    /// Applies one input; deliveries that must go out at once (a full
+    /// batch buffer) are appended to `out`, the rest wait for `flush`.
+    pub fn apply(&mut self, input: OwnerInput, out: &mut Vec<(usize, Delivery)>) {
+        match input {
+            OwnerInput::Announce { peer, route } => {
+                let table = self.tables.entry(route.vni).or_default();
+                if table.announce(route, peer) {
+                    self.route_count += 1;
+                    self.record(route.vni, peer, Action::Add, route, out);
+                }
+            }
+            OwnerInput::Withdraw { peer, route } => {
+                let Some(table) = self.tables.get_mut(&route.vni) else {
+                    return;
+                };
+                if table.withdraw(&route, peer) {
+                    self.route_count -= 1;
+                    self.record(route.vni, peer, Action::Remove, route, out);
+                }
+                self.drop_if_empty(route.vni);
+            }
+            OwnerInput::Subscribe { peer, vni } => {
+                let table = self.tables.entry(vni).or_default();
+                if table.subscribe(peer) {
+                    self.jobs.insert(
+                        (peer, vni),
+                        SyncJob {
+                            credit: SYNC_WINDOW,
+                        },
+                    );
+                    self.job_order.push_back((peer, vni));
+                }
+            }
+            OwnerInput::Unsubscribe { peer, vni } => {
+                if let Some(table) = self.tables.get_mut(&vni) {
+                    table.unsubscribe(peer);
+                }
+                self.jobs.remove(&(peer, vni));
+                self.drop_if_empty(vni);
+            }
+            OwnerInput::SyncWritten { peer, vni } => {
+                if let Some(job) = self.jobs.get_mut(&(peer, vni)) {
+                    job.credit += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends everything accumulated: one shared batch per VNI and shard with
+    /// live subscribers, one personal batch per syncing subscriber.
+    pub fn flush(&mut self, out: &mut Vec<(usize, Delivery)>) {
+        let vnis: Vec<Vni> = self.pending.keys().copied().collect();
+        for vni in vnis {
+            self.flush_vni(vni, out);
+        }
+        self.pending.clear();
+    }
+
+    /// One sync step: the next subscription with credit gets its next chunk.
+    /// Returns false when no job could make progress.
+    pub fn sync_step(&mut self, out: &mut Vec<(usize, Delivery)>) -> bool {
+        // Changes recorded so far must reach subscribers before the cursor moves.
+        self.flush(out);
+        for _ in 0..self.job_order.len() {
+            let Some(key) = self.job_order.pop_front() else {
+                return false;
+            };
+            let (peer, vni) = key;
+            let Some(job) = self.jobs.get_mut(&key) else {
+                continue; // unsubscribed: forget it
+            };
+            if job.credit == 0 {
+                self.job_order.push_back(key);
+                continue;
+            }
+            let Some(chunk) = self
+                .tables
+                .get_mut(&vni)
+                .and_then(|t| t.sync_chunk(peer, self.chunk_routes))
+            else {
+                self.jobs.remove(&key);
+                continue;
+            };
+            if !chunk.routes.is_empty() {
+                job.credit -= 1;
+                let mut b = FanoutBuilder::new();
+                for route in chunk.routes {
+                    b.push(None, Action::Add, route);
+                }
+                out.push((
+                    peer.shard(),
+                    Delivery {
+                        recipients: Arc::from(vec![peer]),
+                        batch: b.finish(),
+                        sync: Some(vni),
+                    },
+                ));
+            }
+            if chunk.done {
+                self.jobs.remove(&key);
+            } else {
+                self.job_order.push_back(key);
+            }
+            return true;
+        }
+        false
+    }
+
+    fn record(
+        &mut self,
+        vni: Vni,
+        origin: PeerId,
+        action: Action,
+        route: Route,
+        out: &mut Vec<(usize, Delivery)>,
+    ) {
+        let Some(table) = self.tables.get(&vni) else {
+            return;
+        };
+        if table.subscriber_count() == 0 {
+            return;
+        }
+        let pending = self.pending.entry(vni).or_default();
+        pending.live.push(Some(origin), action, route);
+        if table.has_syncing() {
+            for peer in table.syncing_past(&route) {
+                if peer != origin {
+                    pending
+                        .personal
+                        .entry(peer)
+                        .or_default()
+                        .push(Some(origin), action, route);
+                }
+            }
+        }
+        if pending.live.len() >= MAX_BATCH_BYTES {
+            self.flush_vni(vni, out);
+        }
+    }
+
+    fn flush_vni(&mut self, vni: Vni, out: &mut Vec<(usize, Delivery)>) {
+        let Some(pending) = self.pending.get_mut(&vni) else {
+            return;
+        };
+        let Some(table) = self.tables.get_mut(&vni) else {
+            self.pending.remove(&vni);
+            return;
+        };
+        if !pending.live.is_empty() {
+            let batch = pending.live.finish();
+            for (shard, recipients) in table.live_by_shard().iter() {
+                out.push((
+                    *shard,
+                    Delivery {
+                        recipients: recipients.clone(),
+                        batch: batch.clone(),
+                        sync: None,
+                    },
+                ));
+            }
+        }
+        for (peer, mut b) in pending.personal.drain() {
+            out.push((
+                peer.shard(),
+                Delivery {
+                    recipients: Arc::from(vec![peer]),
+                    batch: b.finish(),
+                    sync: None,
+                },
+            ));
+        }
+    }
+
+    fn drop_if_empty(&mut self, vni: Vni) {
+        if self.tables.get(&vni).is_some_and(VniTable::is_empty) && !self.pending.contains_key(&vni)
+        {
+            self.tables.remove(&vni);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::NextHop;
+
+    fn vni() -> Vni {
+        Vni::new(5).unwrap()
+    }
+
+    fn route(i: u32) -> Route {
+        Route::new(
+            vni(),
+            format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        )
+    }
+
+    /// (shard, recipients, decoded changes per recipient view, sync)
+    fn decode(out: &[(usize, Delivery)], who: PeerId) -> Vec<(Action, Route)> {
+        out.iter()
+            .filter(|(_, d)| d.recipients.contains(&who))
+            .flat_map(|(_, d)| d.batch.changes_for(who))
+            .collect()
+    }
+
+    fn subscribe_live(o: &mut VniOwner, peer: PeerId) -> Vec<(usize, Delivery)> {
+        let mut out = Vec::new();
+        o.apply(OwnerInput::Subscribe { peer, vni: vni() }, &mut out);
+        while o.sync_step(&mut out) {
+            o.apply(OwnerInput::SyncWritten { peer, vni: vni() }, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn fanout_reaches_subscribers_on_each_shard_once_but_not_origin() {
+        let mut o = VniOwner::new(100);
+        let a = PeerId::new(0, 1);
+        let b = PeerId::new(1, 2);
+        let c = PeerId::new(1, 3);
+        for p in [a, b, c] {
+            subscribe_live(&mut o, p);
+        }
+        let mut out = Vec::new();
+        o.apply(
+            OwnerInput::Announce {
+                peer: a,
+                route: route(1),
+            },
+            &mut out,
+        );
+        o.apply(
+            OwnerInput::Announce {
+                peer: b,
+                route: route(1),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        assert_eq!(out.len(), 2, "one delivery per shard");
+        assert_eq!(decode(&out, a), vec![]);
+        assert_eq!(decode(&out, b), vec![(Action::Add, route(1))]);
+        assert_eq!(decode(&out, c), vec![(Action::Add, route(1))]);
+        out.clear();
+        o.apply(
+            OwnerInput::Withdraw {
+                peer: a,
+                route: route(1),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        assert!(out.is_empty(), "b still announces it");
+        o.apply(
+            OwnerInput::Withdraw {
+                peer: b,
+                route: route(1),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        assert_eq!(decode(&out, a), vec![(Action::Remove, route(1))]);
+        assert_eq!(decode(&out, b), vec![]);
+        assert_eq!(o.route_count(), 0);
+    }
+
+    #[test]
+    fn sync_is_chunked_flow_controlled_and_consistent_with_concurrent_changes() {
+        let mut o = VniOwner::new(10);
+        let src = PeerId::new(0, 1);
+        let sub = PeerId::new(1, 2);
+        let mut out = Vec::new();
+        for i in 0..100 {
+            o.apply(
+                OwnerInput::Announce {
+                    peer: src,
+                    route: route(i),
+                },
+                &mut out,
+            );
+        }
+        o.apply(
+            OwnerInput::Subscribe {
+                peer: sub,
+                vni: vni(),
+            },
+            &mut out,
+        );
+        let mut seen = Vec::new();
+        // Window of 2: the third step must wait for a SyncWritten.
+        assert!(o.sync_step(&mut out));
+        assert!(o.sync_step(&mut out));
+        assert!(!o.sync_step(&mut out));
+        // Changes behind the cursor (route 3) and ahead of it (route 50).
+        o.apply(
+            OwnerInput::Withdraw {
+                peer: src,
+                route: route(3),
+            },
+            &mut out,
+        );
+        o.apply(
+            OwnerInput::Withdraw {
+                peer: src,
+                route: route(50),
+            },
+            &mut out,
+        );
+        o.apply(
+            OwnerInput::Announce {
+                peer: src,
+                route: route(500),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        seen.extend(decode(&out, sub));
+        out.clear();
+        loop {
+            o.apply(
+                OwnerInput::SyncWritten {
+                    peer: sub,
+                    vni: vni(),
+                },
+                &mut out,
+            );
+            if !o.sync_step(&mut out) {
+                break;
+            }
+            assert!(out.iter().all(|(_, d)| d.sync == Some(vni())));
+            seen.extend(decode(&out, sub));
+            out.clear();
+        }
+        let mut state = std::collections::BTreeSet::new();
+        for (a, r) in &seen {
+            match a {
+                Action::Add => assert!(state.insert(*r), "duplicate ADD {r}"),
+                Action::Remove => assert!(state.remove(r), "REMOVE of unseen {r}"),
+            }
+        }
+        let want: std::collections::BTreeSet<Route> = (0..100)
+            .chain([500])
+            .filter(|i| *i != 3 && *i != 50)
+            .map(route)
+            .collect();
+        assert_eq!(state, want);
+        // Now live: a new change arrives through the shared path.
+        o.apply(
+            OwnerInput::Announce {
+                peer: src,
+                route: route(600),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        assert_eq!(decode(&out, sub), vec![(Action::Add, route(600))]);
+    }
+
+    #[test]
+    fn unsubscribe_stops_sync_and_fanout_and_empty_table_is_dropped() {
+        let mut o = VniOwner::new(10);
+        let a = PeerId::new(0, 1);
+        let b = PeerId::new(0, 2);
+        subscribe_live(&mut o, b);
+        let mut out = Vec::new();
+        o.apply(
+            OwnerInput::Unsubscribe {
+                peer: b,
+                vni: vni(),
+            },
+            &mut out,
+        );
+        o.apply(
+            OwnerInput::Announce {
+                peer: a,
+                route: route(1),
+            },
+            &mut out,
+        );
+        o.flush(&mut out);
+        assert!(out.is_empty());
+        o.apply(
+            OwnerInput::Withdraw {
+                peer: a,
+                route: route(1),
+            },
+            &mut out,
+        );
+        assert_eq!(o.tables().count(), 0);
+    }
+}

@@ -1,0 +1,544 @@
+//! One connection: its reader, its writer, and what it announced.
+//!
+//! Owns: the read loop (socket → `FrameDecoder` → `PeerSession` → owner
+//! inputs), the writer (the peer's `OutQueue` → vectored non-blocking
+//! `sendmsg` of shared buffers, falling back to glommio's readiness wait when
+//! the socket is full), the per-peer record of announced routes and
+//! subscriptions, and the exactly-once cleanup on disconnect: whatever ends
+//! the connection (EOF, error, keepalive timeout, protocol violation, slow
+//! peer, shutdown), `PeerConn::close` records the first reason and wakes both
+//! tasks, and the peer task then withdraws every route and subscription once.
+//!
+//! ```text
+//!   socket ──read──▶ reader task ──OwnerInput──▶ outbox ──▶ owner shard
+//!      ▲                 │ replies (HELLO, KEEPALIVE)
+//!      │                 ▼
+//!   writer task ◀── OutQueue ◀── Delivery (shared frames) ◀── owner shard
+//! ```
+//!
+//! Must never: keep a session alive after dropping an update for it, or let
+//! one peer's socket stall the shard (all socket I/O is non-blocking).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::out_queue::OutQueue;
+use super::owner::{Delivery, OwnerInput};
+use super::shard::{LocalEvent, Shard, OUTBOX_HIGH};
+use super::stats::{PeerInfo, ShardCounters};
+use super::PeerId;
+use crate::codec::{FrameDecoder, Message};
+use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
+use crate::types::{Action, Route, Vni};
+
+/// Bytes read per syscall at most.
+const READ_BUF: usize = 64 * 1024;
+/// Bytes handed to one write at most.
+const WRITE_BYTES: usize = 256 * 1024;
+/// Buffers per vectored write at most.
+const WRITE_PARTS: usize = 64;
+
+/// A connection as its shard sees it: shared by the reader, the writer, the
+/// shard (deliveries, snapshots, shutdown).
+pub(crate) struct PeerConn {
+    /// Identity (shard + sequence).
+    id: PeerId,
+    /// Remote address, for logs and snapshots.
+    addr: SocketAddr,
+    /// Pending output.
+    out: RefCell<OutQueue>,
+    /// Wakes the writer when output is queued or the peer is closed.
+    writer_wake: LocalEvent,
+    /// Wakes the reader when the peer is closed from elsewhere.
+    close_event: LocalEvent,
+    /// The first reason the connection was closed for; `Some` = closing.
+    close_reason: RefCell<Option<CloseReason>>,
+    /// Session state, for snapshots and counters.
+    state: Cell<SessionState>,
+    /// Negotiated keepalive.
+    keepalive: Cell<Duration>,
+    /// Routes currently announced.
+    routes_announced: Cell<usize>,
+    /// VNIs subscribed.
+    subscribed: RefCell<BTreeSet<Vni>>,
+    /// Frames received.
+    frames_in: Cell<u64>,
+    /// Bytes received.
+    bytes_in: Cell<u64>,
+    /// Frames written.
+    frames_out: Cell<u64>,
+    /// Bytes written.
+    bytes_out: Cell<u64>,
+    /// When the connection was accepted.
+    connected_since: SystemTime,
+}
+
+impl PeerConn {
+    /// Closes the connection for `reason` unless already closing (the first
+    /// reason wins and is the one logged and counted).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        {
+            let mut r = self.close_reason.borrow_mut();
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        self.close_event.notify();
+        self.writer_wake.notify();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.close_reason.borrow().is_some()
+    }
+
+    fn push_control(&self, msg: &Message) {
+        self.out.borrow_mut().push_control(msg);
+        self.writer_wake.notify();
+    }
+
+    /// Queues a delivery from an owner (or coalesces it, or cuts the peer
+    /// off if even coalescing is over its limit).
+    pub(crate) fn deliver(&self, d: &Delivery, counters: &ShardCounters) {
+        if self.is_closed() {
+            return;
+        }
+        let result = {
+            let mut out = self.out.borrow_mut();
+            let episodes = out.coalesce_episodes;
+            let r = match d.sync {
+                Some(vni) => {
+                    out.push_sync(&d.batch, vni);
+                    Ok(())
+                }
+                None => out.push_fanout(&d.batch),
+            };
+            if out.coalesce_episodes != episodes {
+                counters.coalesce_episode();
+                tracing::info!(
+                    peer = %self.addr,
+                    queued = out.queued_bytes(),
+                    "slow subscriber: coalescing pending changes per route"
+                );
+            }
+            r
+        };
+        match result {
+            Ok(()) => self.writer_wake.notify(),
+            Err(overflow) => {
+                self.close(CloseReason::Local(overflow.to_string()));
+            }
+        }
+    }
+
+    /// Snapshot for `ServerHandle::peers`.
+    pub(crate) fn info(&self, shard: usize) -> PeerInfo {
+        let out = self.out.borrow();
+        PeerInfo {
+            addr: self.addr,
+            state: self.state.get(),
+            shard,
+            keepalive: self.keepalive.get(),
+            routes_announced: self.routes_announced.get(),
+            vnis_subscribed: self.subscribed.borrow().iter().copied().collect(),
+            frames_in: self.frames_in.get(),
+            bytes_in: self.bytes_in.get(),
+            frames_out: self.frames_out.get(),
+            bytes_out: self.bytes_out.get(),
+            queued_bytes: out.queued_bytes(),
+            coalesced_routes: out.coalesced_len(),
+            connected_since: self.connected_since,
+        }
+    }
+}
+
+/// Starts the tasks of a freshly accepted connection on this shard.
+pub(crate) fn spawn(shard: Rc<Shard>, stream: TcpStream) {
+    glommio::spawn_local(run(shard, stream)).detach();
+}
+
+/// What the reader keeps about its peer.
+struct ReaderState {
+    /// The protocol state machine.
+    session: PeerSession,
+    /// Bytes → frames.
+    decoder: FrameDecoder,
+    /// Routes the peer announces, per VNI (withdrawn on disconnect).
+    announced: HashMap<Vni, HashSet<Route>>,
+}
+
+async fn run(shard: Rc<Shard>, stream: TcpStream) {
+    if shard.shutting_down.get() {
+        return;
+    }
+    let addr = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)));
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let id = shard.new_peer_id();
+    let limits = &shard.config.limits;
+    let conn = Rc::new(PeerConn {
+        id,
+        addr,
+        out: RefCell::new(OutQueue::new(
+            id,
+            limits.max_queued_bytes,
+            limits.max_coalesced_routes,
+        )),
+        writer_wake: LocalEvent::default(),
+        close_event: LocalEvent::default(),
+        close_reason: RefCell::new(None),
+        state: Cell::new(SessionState::Connecting),
+        keepalive: Cell::new(shard.config.keepalive),
+        routes_announced: Cell::new(0),
+        subscribed: RefCell::new(BTreeSet::new()),
+        frames_in: Cell::new(0),
+        bytes_in: Cell::new(0),
+        frames_out: Cell::new(0),
+        bytes_out: Cell::new(0),
+        connected_since: SystemTime::now(),
+    });
+    shard.peers.borrow_mut().insert(id, conn.clone());
+    shard.counters.peer_connected();
+    tracing::info!(peer = %addr, shard = shard.index, "peer connected");
+
+    let (reader, writer) = futures_lite::io::split(stream);
+    let writer_task = glommio::spawn_local(write_loop(shard.clone(), conn.clone(), writer, fd));
+    let mut rs = ReaderState {
+        session: PeerSession::new(Role::Passive, shard.config.keepalive, Instant::now()),
+        decoder: FrameDecoder::new(),
+        announced: HashMap::new(),
+    };
+    let reason = read_loop(&shard, &conn, reader, &mut rs).await;
+    conn.close(reason);
+    writer_task.await;
+
+    // Exactly-once cleanup: this task is the only one that gets here.
+    let was_established = rs.session.is_established();
+    rs.session.close();
+    conn.state.set(SessionState::Closed);
+    let subscribed = std::mem::take(&mut *conn.subscribed.borrow_mut());
+    for vni in subscribed {
+        shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
+    }
+    for (vni, routes) in rs.announced.drain() {
+        for route in routes {
+            shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
+        }
+    }
+    shard.peers.borrow_mut().remove(&id);
+    let reason = conn
+        .close_reason
+        .borrow()
+        .clone()
+        .unwrap_or(CloseReason::PeerClosed);
+    shard
+        .counters
+        .peer_gone(was_established, &reason, shard.shutting_down.get());
+    tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// What woke the reader.
+enum ReadEvent {
+    /// The socket read returned (bytes, EOF or error).
+    Data(io::Result<usize>),
+    /// The session's next deadline passed (keepalive due or hold timer).
+    Deadline,
+    /// The connection was closed from elsewhere (writer, shard, shutdown).
+    Closed,
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    conn: &Rc<PeerConn>,
+    mut reader: ReadHalf<TcpStream>,
+    rs: &mut ReaderState,
+) -> CloseReason {
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        // Back-pressure: while the shard cannot move our changes out, stop
+        // reading (TCP then slows the peer down).
+        while shard.outbox_pending() > OUTBOX_HIGH && !conn.is_closed() {
+            let drained = shard.outbox_drained.wait();
+            future::or(drained, conn.close_event.wait()).await;
+        }
+        let closed = conn.close_event.wait();
+        if let Some(r) = conn.close_reason.borrow().clone() {
+            return r;
+        }
+        let wait = rs
+            .session
+            .next_deadline()
+            .saturating_duration_since(Instant::now());
+        let event = future::or(
+            async { ReadEvent::Data(reader.read(&mut buf).await) },
+            future::or(
+                async {
+                    glommio::timer::sleep(wait).await;
+                    ReadEvent::Deadline
+                },
+                async {
+                    closed.await;
+                    ReadEvent::Closed
+                },
+            ),
+        )
+        .await;
+        match event {
+            ReadEvent::Closed => continue, // reason is picked up above
+            ReadEvent::Deadline => match rs.session.on_tick(Instant::now()) {
+                Err(reason) => return reason,
+                Ok(Some(msg)) => conn.push_control(&msg),
+                Ok(None) => {}
+            },
+            ReadEvent::Data(Ok(0)) => return CloseReason::PeerClosed,
+            ReadEvent::Data(Err(e)) => return CloseReason::Io(e.to_string()),
+            ReadEvent::Data(Ok(n)) => {
+                conn.bytes_in.set(conn.bytes_in.get() + n as u64);
+                rs.decoder.extend(&buf[..n]);
+                loop {
+                    match rs.decoder.next_message() {
+                        Ok(None) => break,
+                        Ok(Some(msg)) => {
+                            conn.frames_in.set(conn.frames_in.get() + 1);
+                            if let Err(reason) = on_message(shard, conn, rs, msg) {
+                                return reason;
+                            }
+                        }
+                        Err(e) => return CloseReason::Malformed(e.to_string()),
+                    }
+                }
+                // Let the shard's other tasks run between large reads.
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+}
+
+fn on_message(
+    shard: &Shard,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    msg: Message,
+) -> Result<(), CloseReason> {
+    let reaction = rs.session.on_message(msg, Instant::now())?;
+    conn.state.set(rs.session.state());
+    conn.keepalive.set(rs.session.interval());
+    match reaction {
+        Reaction::Nothing => {}
+        Reaction::Reply(m) => conn.push_control(&m),
+        Reaction::Established { reply } => {
+            if let Some(m) = reply {
+                conn.push_control(&m);
+            }
+            shard.counters.peer_established();
+            tracing::info!(
+                peer = %conn.addr,
+                keepalive = ?rs.session.interval(),
+                "session established"
+            );
+        }
+        Reaction::Deliver(m) => on_routing_message(shard, conn, rs, m),
+    }
+    Ok(())
+}
+
+fn on_routing_message(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState, msg: Message) {
+    let id = conn.id;
+    match msg {
+        Message::Update { action, route } => {
+            shard.counters.update_in();
+            let vni = route.vni;
+            match action {
+                Action::Add => {
+                    if rs.announced.entry(vni).or_default().insert(route) {
+                        conn.routes_announced.set(conn.routes_announced.get() + 1);
+                        tracing::debug!(peer = %conn.addr, %route, "ADD");
+                        shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
+                    } else {
+                        tracing::debug!(peer = %conn.addr, %route, "duplicate ADD ignored");
+                    }
+                }
+                Action::Remove => {
+                    let removed = rs
+                        .announced
+                        .get_mut(&vni)
+                        .is_some_and(|set| set.remove(&route));
+                    if removed {
+                        conn.routes_announced.set(conn.routes_announced.get() - 1);
+                        tracing::debug!(peer = %conn.addr, %route, "REMOVE");
+                        shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
+                    } else {
+                        tracing::debug!(peer = %conn.addr, %route, "REMOVE of a route the peer does not announce ignored");
+                    }
+                }
+            }
+        }
+        Message::Subscribe(vni) => {
+            if conn.subscribed.borrow_mut().insert(vni) {
+                tracing::debug!(peer = %conn.addr, %vni, "SUBSCRIBE");
+                shard.to_owner(vni, OwnerInput::Subscribe { peer: id, vni });
+            }
+        }
+        Message::Unsubscribe(vni) => {
+            if conn.subscribed.borrow_mut().remove(&vni) {
+                tracing::debug!(peer = %conn.addr, %vni, "UNSUBSCRIBE");
+                shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
+            }
+            // As in the existing implementation: its routes in the VNI go too.
+            if let Some(routes) = rs.announced.remove(&vni) {
+                conn.routes_announced
+                    .set(conn.routes_announced.get() - routes.len());
+                for route in routes {
+                    shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
+                }
+            }
+        }
+        // The session only delivers the three routing messages.
+        Message::Hello { .. } | Message::Keepalive => {}
+    }
+}
+
+async fn write_loop(
+    shard: Rc<Shard>,
+    conn: Rc<PeerConn>,
+    mut writer: WriteHalf<TcpStream>,
+    fd: RawFd,
+) {
+    loop {
+        let wake = conn.writer_wake.wait();
+        if conn.is_closed() {
+            return;
+        }
+        let wb = conn
+            .out
+            .borrow_mut()
+            .take_for_write(WRITE_BYTES, WRITE_PARTS);
+        if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            wake.await;
+            continue;
+        }
+        if !wb.parts.is_empty() {
+            let stall = shard.config.limits.write_stall_timeout;
+            match write_parts(&conn, &mut writer, fd, &wb.parts, stall).await {
+                Ok(calls) => {
+                    conn.out.borrow_mut().written(wb.bytes);
+                    conn.frames_out
+                        .set(conn.frames_out.get() + wb.frames as u64);
+                    conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
+                    shard
+                        .counters
+                        .written(wb.frames, wb.updates, wb.bytes, calls);
+                }
+                Err(reason) => {
+                    conn.close(reason);
+                    return;
+                }
+            }
+        }
+        for vni in wb.sync_written {
+            shard.to_owner(vni, OwnerInput::SyncWritten { peer: conn.id, vni });
+        }
+    }
+}
+
+/// Writes all of `parts`: vectored non-blocking `sendmsg` while the socket
+/// takes data, glommio's readiness-aware write when it is full. Returns the
+/// number of write calls made.
+async fn write_parts(
+    conn: &PeerConn,
+    writer: &mut WriteHalf<TcpStream>,
+    fd: RawFd,
+    parts: &[Bytes],
+    stall: Option<Duration>,
+) -> Result<usize, CloseReason> {
+    let mut idx = 0;
+    let mut off = 0;
+    let mut calls = 0;
+    while idx < parts.len() {
+        let n = match send_vectored(fd, &parts[idx..], off) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Socket full: wait for room (bounded by the stall timeout),
+                // or for the connection to be closed from elsewhere.
+                let closed = conn.close_event.wait();
+                if conn.is_closed() {
+                    return Err(CloseReason::Local("closed".into()));
+                }
+                let write = async { Some(writer.write(&parts[idx][off..]).await) };
+                let stop = async {
+                    match stall {
+                        Some(d) => {
+                            future::or(closed, glommio::timer::sleep(d)).await;
+                        }
+                        None => closed.await,
+                    }
+                    None
+                };
+                match future::or(write, stop).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(CloseReason::Io(e.to_string())),
+                    None if conn.is_closed() => return Err(CloseReason::Local("closed".into())),
+                    None => {
+                        return Err(CloseReason::Local(format!(
+                            "slow subscriber: socket not writable for {:?}",
+                            stall.unwrap_or_default()
+                        )))
+                    }
+                }
+            }
+            Err(e) => return Err(CloseReason::Io(e.to_string())),
+        };
+        calls += 1;
+        // Advance over what was written.
+        let mut left = n;
+        while left > 0 && idx < parts.len() {
+            let avail = parts[idx].len() - off;
+            if left >= avail {
+                left -= avail;
+                idx += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
+fn send_vectored(fd: RawFd, parts: &[Bytes], offset: usize) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len().min(WRITE_PARTS));
+    for (i, p) in parts.iter().take(WRITE_PARTS).enumerate() {
+        let slice = if i == 0 { &p[offset..] } else { &p[..] };
+        iov.push(libc::iovec {
+            iov_base: slice.as_ptr() as *mut libc::c_void,
+            iov_len: slice.len(),
+        });
+    }
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: every iovec points into a `Bytes` that outlives the call; the
+    // kernel only reads from them. MSG_DONTWAIT keeps the shard from
+    // blocking, MSG_NOSIGNAL turns a closed peer into EPIPE, not SIGPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -1,0 +1,468 @@
+//! One shard: a glommio executor pinned to a core, and the channels between
+//! shards.
+//!
+//! Owns: executor set-up, the per-destination outboxes (batches of
+//! `ShardMsg`, one channel message and one wake-up per batch), the receive
+//! tasks, the accept loops (connections are handed round-robin to shards and
+//! stay there), the sync pump, the control loop (snapshots, shutdown) and the
+//! map of this shard's peers.
+//!
+//! Deadlock freedom: a task that *handles* messages never awaits a channel
+//! send. Handlers only append to an outbox; a dedicated flusher task per
+//! destination awaits the bounded channel. Two shards sending to each other
+//! therefore never wait on each other's handlers. Outboxes are bounded in
+//! practice by back-pressure: peer readers stop reading from their sockets
+//! while the shard's outboxes hold more than `OUTBOX_HIGH` messages.
+//!
+//! Must never: block the thread (no std locks held across awaits, no
+//! blocking syscalls), or hold route logic (that is `owner`/`vni_table`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::channels::shared_channel::{
+    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
+use glommio::net::{AcceptedTcpStream, TcpListener};
+
+use super::config::ServerConfig;
+use super::owner::{Delivery, OwnerInput, VniOwner};
+use super::peer::{self, PeerConn};
+use super::stats::{PeerInfo, ShardCounters, VniRoutes};
+use super::PeerId;
+use crate::session::CloseReason;
+use crate::types::Vni;
+
+/// Messages pending in a shard's outboxes above which peer readers pause.
+pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
+/// Batches a shard-to-shard channel holds before the flusher waits.
+pub(crate) const CHANNEL_BATCHES: usize = 16;
+
+/// What shards tell each other.
+pub(crate) enum ShardMsg {
+    /// For the owner of the input's VNI.
+    Owner(OwnerInput),
+    /// Frames for peers on the receiving shard.
+    Deliver(Delivery),
+    /// A new connection handed over by an accept loop.
+    Connection(AcceptedTcpStream),
+}
+
+/// One channel message: many shard messages, one wake-up.
+pub(crate) type Batch = Vec<ShardMsg>;
+
+/// Requests from outside the shards (the `ServerHandle`).
+pub(crate) enum Control {
+    /// Close listeners and peers, then stop.
+    Shutdown,
+    /// Reply with the routes of the VNIs this shard owns.
+    Routes(crossbeam_channel::Sender<Vec<VniRoutes>>),
+    /// Reply with this shard's peers.
+    Peers(crossbeam_channel::Sender<Vec<PeerInfo>>),
+}
+
+/// A single-threaded wake-up: every `wait` created before a `notify`
+/// completes. Waiters check their condition, then create the wait future
+/// and await it with no await in between, so no wake-up is lost.
+#[derive(Default)]
+pub(crate) struct LocalEvent {
+    /// Bumped by each notify.
+    generation: Cell<u64>,
+    /// Tasks to wake on the next notify.
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl LocalEvent {
+    /// Wakes every current waiter.
+    pub(crate) fn notify(&self) {
+        self.generation.set(self.generation.get().wrapping_add(1));
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Completes at the next `notify` after this call.
+    pub(crate) fn wait(&self) -> EventWait<'_> {
+        EventWait {
+            event: self,
+            generation: self.generation.get(),
+        }
+    }
+}
+
+/// Future returned by `LocalEvent::wait`.
+pub(crate) struct EventWait<'a> {
+    event: &'a LocalEvent,
+    generation: u64,
+}
+
+impl Future for EventWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.event.generation.get() != self.generation {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.event.wakers.borrow_mut();
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// Everything a shard thread is started with.
+pub(crate) struct ShardSetup {
+    /// This shard's index.
+    pub index: usize,
+    /// The server's configuration.
+    pub config: Arc<ServerConfig>,
+    /// Listening sockets whose accept loop runs here, with the round-robin
+    /// start offset for each.
+    pub listeners: Vec<(std::net::TcpListener, usize)>,
+    /// Sending ends to every shard (`None` at our own index).
+    pub senders: Vec<Option<SharedSender<Batch>>>,
+    /// Receiving ends from every other shard.
+    pub receivers: Vec<SharedReceiver<Batch>>,
+    /// Requests from the handle.
+    pub control: crossbeam_channel::Receiver<Control>,
+    /// Counters, shared with the handle.
+    pub counters: Arc<ShardCounters>,
+    /// Reports that the shard is up (or why not).
+    pub ready: std::sync::mpsc::Sender<Result<(), (usize, String)>>,
+}
+
+/// A shard's state, shared by its tasks (single thread, `Rc`).
+pub(crate) struct Shard {
+    /// This shard's index.
+    pub index: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// The server's configuration.
+    pub config: Arc<ServerConfig>,
+    /// Counters, shared with the handle.
+    pub counters: Arc<ShardCounters>,
+    /// The VNIs this shard owns.
+    owner: RefCell<VniOwner>,
+    /// Wakes the sync pump when a sync may progress.
+    sync_wake: LocalEvent,
+    /// Pending messages per destination shard.
+    outboxes: Vec<RefCell<Batch>>,
+    /// Wakes the flusher of each destination.
+    outbox_wake: Vec<LocalEvent>,
+    /// Messages in all outboxes.
+    outbox_pending: Cell<usize>,
+    /// Notified when outboxes are drained (paused readers resume).
+    pub outbox_drained: LocalEvent,
+    /// This shard's peers.
+    pub peers: RefCell<HashMap<PeerId, Rc<PeerConn>>>,
+    /// Next peer sequence number.
+    next_peer: Cell<u64>,
+    /// Set once shutdown begins.
+    pub shutting_down: Cell<bool>,
+    /// Wakes accept loops and peers on shutdown.
+    pub shutdown_event: LocalEvent,
+}
+
+impl Shard {
+    /// The shard owning `vni`.
+    pub(crate) fn owner_of(&self, vni: Vni) -> usize {
+        (vni.get() as usize) % self.shards
+    }
+
+    /// A fresh id for a peer accepted on this shard.
+    pub(crate) fn new_peer_id(&self) -> PeerId {
+        let n = self.next_peer.get();
+        self.next_peer.set(n + 1);
+        PeerId::new(self.index, n)
+    }
+
+    /// Sends `input` to the owner of `vni` (batched).
+    pub(crate) fn to_owner(&self, vni: Vni, input: OwnerInput) {
+        let dest = self.owner_of(vni);
+        self.push(dest, ShardMsg::Owner(input));
+    }
+
+    /// Messages waiting in outboxes (readers pause above `OUTBOX_HIGH`).
+    pub(crate) fn outbox_pending(&self) -> usize {
+        self.outbox_pending.get()
+    }
+
+    fn push(&self, dest: usize, msg: ShardMsg) {
+        self.outboxes[dest].borrow_mut().push(msg);
+        self.outbox_pending.set(self.outbox_pending.get() + 1);
+        self.outbox_wake[dest].notify();
+    }
+
+    /// Routes owner output: deliveries to our own peers directly (keeping
+    /// order, since all of them take this path), others via outboxes.
+    fn route(&self, out: Vec<(usize, Delivery)>) {
+        for (dest, d) in out {
+            if dest == self.index {
+                self.deliver(d);
+            } else {
+                self.push(dest, ShardMsg::Deliver(d));
+            }
+        }
+    }
+
+    fn deliver(&self, d: Delivery) {
+        let peers = self.peers.borrow();
+        for id in d.recipients.iter() {
+            if let Some(conn) = peers.get(id) {
+                conn.deliver(&d, &self.counters);
+            }
+        }
+    }
+
+    /// Handles one batch from any shard (ourselves included).
+    fn handle_batch(self: &Rc<Self>, batch: Batch) {
+        let mut out = Vec::new();
+        let mut owner_touched = false;
+        for msg in batch {
+            match msg {
+                ShardMsg::Owner(input) => {
+                    self.owner.borrow_mut().apply(input, &mut out);
+                    owner_touched = true;
+                }
+                ShardMsg::Deliver(d) => self.deliver(d),
+                ShardMsg::Connection(accepted) => {
+                    let stream = accepted.bind_to_executor();
+                    peer::spawn(self.clone(), stream);
+                }
+            }
+        }
+        if owner_touched {
+            let mut owner = self.owner.borrow_mut();
+            owner.flush(&mut out);
+            self.counters.set_routes(owner.route_count());
+            if owner.has_sync_work() {
+                self.sync_wake.notify();
+            }
+            drop(owner);
+        }
+        self.route(out);
+    }
+
+    fn routes_snapshot(&self) -> Vec<VniRoutes> {
+        let owner = self.owner.borrow();
+        owner
+            .tables()
+            .filter(|(_, t)| t.route_count() > 0)
+            .map(|(vni, t)| VniRoutes {
+                vni: *vni,
+                routes: t.routes().map(|r| (r.destination, r.next_hop)).collect(),
+            })
+            .collect()
+    }
+
+    fn peers_snapshot(&self) -> Vec<PeerInfo> {
+        self.peers
+            .borrow()
+            .values()
+            .map(|c| c.info(self.index))
+            .collect()
+    }
+}
+
+/// The body of a shard thread: connects channels, starts the tasks, serves
+/// control requests until shutdown, then closes every peer.
+pub(crate) async fn run(setup: ShardSetup) {
+    let ShardSetup {
+        index,
+        config,
+        listeners,
+        senders,
+        receivers,
+        control,
+        counters,
+        ready,
+    } = setup;
+    let shards = senders.len();
+
+    // Connect every channel end concurrently: each connect waits for its
+    // peer shard to connect the other end.
+    let sender_tasks: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            glommio::spawn_local(async move {
+                match s {
+                    Some(s) => Some(s.connect().await),
+                    None => None,
+                }
+            })
+        })
+        .collect();
+    let receiver_tasks: Vec<_> = receivers
+        .into_iter()
+        .map(|r| glommio::spawn_local(r.connect()))
+        .collect();
+    let mut connected_senders: Vec<Option<ConnectedSender<Batch>>> = Vec::new();
+    for t in sender_tasks {
+        connected_senders.push(t.await);
+    }
+    let mut connected_receivers: Vec<ConnectedReceiver<Batch>> = Vec::new();
+    for t in receiver_tasks {
+        connected_receivers.push(t.await);
+    }
+
+    let mut glommio_listeners = Vec::new();
+    for (l, start) in listeners {
+        // SAFETY: the fd comes from a std listener we own and give up here.
+        let gl = unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) };
+        glommio_listeners.push((gl, start));
+    }
+
+    let shard = Rc::new(Shard {
+        index,
+        shards,
+        owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
+        config,
+        counters,
+        sync_wake: LocalEvent::default(),
+        outboxes: (0..shards).map(|_| RefCell::new(Vec::new())).collect(),
+        outbox_wake: (0..shards).map(|_| LocalEvent::default()).collect(),
+        outbox_pending: Cell::new(0),
+        outbox_drained: LocalEvent::default(),
+        peers: RefCell::new(HashMap::new()),
+        next_peer: Cell::new(0),
+        shutting_down: Cell::new(false),
+        shutdown_event: LocalEvent::default(),
+    });
+
+    for rx in connected_receivers {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = rx.recv().await {
+                shard.counters.shard_batch_in();
+                shard.handle_batch(batch);
+                glommio::yield_if_needed().await;
+            }
+        })
+        .detach();
+    }
+    for (dest, sender) in connected_senders.into_iter().enumerate() {
+        glommio::spawn_local(flusher(shard.clone(), dest, sender)).detach();
+    }
+    glommio::spawn_local(sync_pump(shard.clone())).detach();
+    for (listener, start) in glommio_listeners {
+        glommio::spawn_local(accept_loop(shard.clone(), listener, start)).detach();
+    }
+    let _ = ready.send(Ok(()));
+
+    // Control loop: polled, so the handle needs no executor of its own.
+    loop {
+        match control.try_recv() {
+            Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Ok(Control::Routes(reply)) => {
+                let _ = reply.send(shard.routes_snapshot());
+            }
+            Ok(Control::Peers(reply)) => {
+                let _ = reply.send(shard.peers_snapshot());
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    // Shutdown: stop accepting, close every peer, give them a moment to
+    // finish (their sockets are closed when their tasks end).
+    shard.shutting_down.set(true);
+    shard.shutdown_event.notify();
+    let peers: Vec<Rc<PeerConn>> = shard.peers.borrow().values().cloned().collect();
+    for p in peers {
+        p.close(CloseReason::Local("server shutting down".into()));
+    }
+    let give_up = std::time::Instant::now() + Duration::from_secs(3);
+    while !shard.peers.borrow().is_empty() && std::time::Instant::now() < give_up {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Moves one destination's outbox into its channel, a whole batch at a time
+/// (or handles it in place when the destination is this shard).
+async fn flusher(shard: Rc<Shard>, dest: usize, sender: Option<ConnectedSender<Batch>>) {
+    loop {
+        let wait = shard.outbox_wake[dest].wait();
+        if shard.outboxes[dest].borrow().is_empty() {
+            wait.await;
+            continue;
+        }
+        let batch = std::mem::take(&mut *shard.outboxes[dest].borrow_mut());
+        shard
+            .outbox_pending
+            .set(shard.outbox_pending.get().saturating_sub(batch.len()));
+        shard.outbox_drained.notify();
+        match &sender {
+            None => shard.handle_batch(batch),
+            Some(s) => {
+                if s.send(batch).await.is_err() {
+                    // The other shard has stopped (shutdown): nothing to do.
+                    if !shard.shutting_down.get() {
+                        tracing::warn!(shard = shard.index, dest, "shard channel closed");
+                    }
+                    return;
+                }
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Sends SUBSCRIBE sync chunks, one per step, yielding between steps so the
+/// shard's other peers keep being served during a large sync.
+async fn sync_pump(shard: Rc<Shard>) {
+    loop {
+        let wait = shard.sync_wake.wait();
+        let mut out = Vec::new();
+        let progressed = shard.owner.borrow_mut().sync_step(&mut out);
+        shard.route(out);
+        if progressed {
+            future::yield_now().await;
+        } else {
+            wait.await;
+        }
+    }
+}
+
+/// Accepts connections and hands them round-robin to the shards.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, start: usize) {
+    let mut next = start;
+    loop {
+        if shard.shutting_down.get() {
+            break;
+        }
+        let accepted = future::or(async { Some(listener.shared_accept().await) }, async {
+            shard.shutdown_event.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let dest = next % shard.shards;
+                next = next.wrapping_add(1);
+                if dest == shard.index {
+                    peer::spawn(shard.clone(), stream.bind_to_executor());
+                } else {
+                    shard.push(dest, ShardMsg::Connection(stream));
+                }
+            }
+            Some(Err(e)) => {
+                // E.g. out of file descriptors: log, back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Dropping the listener closes the socket.
+}

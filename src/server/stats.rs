@@ -1,0 +1,250 @@
+//! Counters and snapshots readable from outside the shards.
+//!
+//! Owns: `ShardCounters` (relaxed atomics each shard bumps on its own
+//! thread; readers on other threads never lock or slow it) and the plain
+//! snapshot structs returned by `ServerHandle::{stats, peers, routes}` for
+//! the HTTP/metrics work.
+//!
+//! Must never: hold a lock on the data path, or carry protocol logic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use crate::session::{CloseReason, SessionState};
+use crate::types::{IpNet, NextHop, Vni};
+
+/// Why peers left, one counter per cause (see `DisconnectCounts`).
+#[derive(Debug, Default)]
+struct DisconnectCounters {
+    eof: AtomicU64,
+    io: AtomicU64,
+    timeout: AtomicU64,
+    protocol: AtomicU64,
+    malformed: AtomicU64,
+    slow_peer: AtomicU64,
+    shutdown: AtomicU64,
+}
+
+/// One shard's live counters. Written only by the shard's thread.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    /// Peers before the handshake completes (CONNECTING / HELLO_RECEIVED).
+    peers_handshaking: AtomicU64,
+    /// Peers ESTABLISHED.
+    peers_established: AtomicU64,
+    /// Routes in the VNI tables this shard owns.
+    routes: AtomicU64,
+    /// UPDATE messages received from this shard's peers.
+    updates_in: AtomicU64,
+    /// UPDATE frames written to this shard's peers.
+    updates_out: AtomicU64,
+    /// Frames of any type written to this shard's peers.
+    frames_written: AtomicU64,
+    /// Bytes written to this shard's peers.
+    bytes_written: AtomicU64,
+    /// Write syscalls (vectored or not) to this shard's peers.
+    write_calls: AtomicU64,
+    /// Times a peer fell behind and switched to per-route coalescing.
+    coalesce_episodes: AtomicU64,
+    /// Batches of messages received from other shards.
+    shard_batches_in: AtomicU64,
+    /// Disconnects by cause.
+    disconnects: DisconnectCounters,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+impl ShardCounters {
+    pub(crate) fn peer_connected(&self) {
+        add(&self.peers_handshaking, 1);
+    }
+    pub(crate) fn peer_established(&self) {
+        self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
+        add(&self.peers_established, 1);
+    }
+    pub(crate) fn peer_gone(&self, was_established: bool, reason: &CloseReason, shutdown: bool) {
+        if was_established {
+            self.peers_established.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
+        let d = &self.disconnects;
+        let c = match reason {
+            CloseReason::PeerClosed => &d.eof,
+            CloseReason::Io(_) => &d.io,
+            CloseReason::KeepaliveTimeout(_) => &d.timeout,
+            CloseReason::ZeroKeepalive | CloseReason::Unexpected { .. } => &d.protocol,
+            CloseReason::Malformed(_) => &d.malformed,
+            CloseReason::Local(_) if shutdown => &d.shutdown,
+            CloseReason::Local(_) => &d.slow_peer,
+        };
+        add(c, 1);
+    }
+    pub(crate) fn set_routes(&self, n: usize) {
+        self.routes.store(n as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn update_in(&self) {
+        add(&self.updates_in, 1);
+    }
+    pub(crate) fn written(&self, frames: usize, updates: usize, bytes: usize, calls: usize) {
+        add(&self.frames_written, frames as u64);
+        add(&self.updates_out, updates as u64);
+        add(&self.bytes_written, bytes as u64);
+        add(&self.write_calls, calls as u64);
+    }
+    pub(crate) fn coalesce_episode(&self) {
+        add(&self.coalesce_episodes, 1);
+    }
+    pub(crate) fn shard_batch_in(&self) {
+        add(&self.shard_batches_in, 1);
+    }
+
+    /// A consistent-enough copy (each field read once, relaxed).
+    pub fn snapshot(&self, shard: usize) -> ShardStats {
+        let d = &self.disconnects;
+        ShardStats {
+            shard,
+            peers_handshaking: get(&self.peers_handshaking),
+            peers_established: get(&self.peers_established),
+            routes: get(&self.routes),
+            updates_in: get(&self.updates_in),
+            updates_out: get(&self.updates_out),
+            frames_written: get(&self.frames_written),
+            bytes_written: get(&self.bytes_written),
+            write_calls: get(&self.write_calls),
+            coalesce_episodes: get(&self.coalesce_episodes),
+            shard_batches_in: get(&self.shard_batches_in),
+            disconnects: DisconnectCounts {
+                eof: get(&d.eof),
+                io: get(&d.io),
+                timeout: get(&d.timeout),
+                protocol: get(&d.protocol),
+                malformed: get(&d.malformed),
+                slow_peer: get(&d.slow_peer),
+                shutdown: get(&d.shutdown),
+            },
+        }
+    }
+}
+
+/// Disconnects by cause.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DisconnectCounts {
+    /// The peer closed its side.
+    pub eof: u64,
+    /// A socket error.
+    pub io: u64,
+    /// No keepalive within 2.5 × the interval.
+    pub timeout: u64,
+    /// A message not allowed in the session state (or keepalive 0).
+    pub protocol: u64,
+    /// A frame that failed validation.
+    pub malformed: u64,
+    /// Cut off by the slow-subscriber policy.
+    pub slow_peer: u64,
+    /// Closed because the server shut down.
+    pub shutdown: u64,
+}
+
+impl DisconnectCounts {
+    /// All causes together.
+    pub fn total(&self) -> u64 {
+        self.eof
+            + self.io
+            + self.timeout
+            + self.protocol
+            + self.malformed
+            + self.slow_peer
+            + self.shutdown
+    }
+}
+
+/// One shard's counters at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: usize,
+    /// Peers still in the handshake.
+    pub peers_handshaking: u64,
+    /// Peers ESTABLISHED.
+    pub peers_established: u64,
+    /// Routes in the VNI tables this shard owns.
+    pub routes: u64,
+    /// UPDATEs received from this shard's peers.
+    pub updates_in: u64,
+    /// UPDATE frames written to this shard's peers.
+    pub updates_out: u64,
+    /// Frames written (all types).
+    pub frames_written: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Write syscalls.
+    pub write_calls: u64,
+    /// Times a peer switched to coalescing.
+    pub coalesce_episodes: u64,
+    /// Batches received from other shards.
+    pub shard_batches_in: u64,
+    /// Disconnects by cause.
+    pub disconnects: DisconnectCounts,
+}
+
+/// Counters of every shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// One entry per shard, by index.
+    pub shards: Vec<ShardStats>,
+}
+
+impl ServerStats {
+    /// Sum of a field over all shards, e.g. `stats.sum(|s| s.routes)`.
+    pub fn sum(&self, field: impl Fn(&ShardStats) -> u64) -> u64 {
+        self.shards.iter().map(field).sum()
+    }
+}
+
+/// One connected peer, as its shard sees it.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// Session state.
+    pub state: SessionState,
+    /// Shard holding the connection.
+    pub shard: usize,
+    /// Negotiated keepalive interval (ours until the HELLO exchange).
+    pub keepalive: Duration,
+    /// Routes the peer currently announces.
+    pub routes_announced: usize,
+    /// VNIs the peer is subscribed to, sorted.
+    pub vnis_subscribed: Vec<Vni>,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Frames written to it.
+    pub frames_out: u64,
+    /// Bytes written to it.
+    pub bytes_out: u64,
+    /// Bytes queued for it and not yet written.
+    pub queued_bytes: usize,
+    /// Route changes coalesced for it and not yet written (slow peer).
+    pub coalesced_routes: usize,
+    /// When the connection was accepted.
+    pub connected_since: SystemTime,
+}
+
+/// One VNI's routes: (destination, next hop), sorted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VniRoutes {
+    /// The VNI.
+    pub vni: Vni,
+    /// Its routes.
+    pub routes: Vec<(IpNet, NextHop)>,
+}

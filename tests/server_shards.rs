@@ -1,0 +1,348 @@
+//! Multi-shard behaviour and slow peers: announcer, owner and subscriber on
+//! different shards, 1,000 peers at once, a large SUBSCRIBE sync that does not
+//! stall the shard, stuck subscribers that neither hold back the others nor
+//! grow without bound, and the cut-off of a subscriber beyond its limits.
+
+mod server_support;
+
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use metalbond::codec::Message;
+use metalbond::{Action, Route};
+use server_support::*;
+
+#[test]
+fn announcer_owner_and_subscriber_on_three_different_shards() {
+    let srv = TestServer::start(3);
+    // Connections are handed round-robin: these land on shards 0, 1, 2.
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut b, _) = TestPeer::established(srv.addr, 5);
+    let (mut c, _) = TestPeer::established(srv.addr, 5);
+    let peers = srv.wait_peers("3 peers", |ps| ps.len() == 3);
+    let shards: BTreeSet<usize> = peers.iter().map(|p| p.shard).collect();
+    assert_eq!(shards.len(), 3, "one peer per shard: {peers:?}");
+    // VNIs 30, 31, 32 are owned by shards 0, 1, 2: every combination of
+    // announcer shard, owner shard and subscriber shard occurs.
+    for v in [30, 31, 32] {
+        b.send(&Message::Subscribe(vni(v)));
+        c.send(&Message::Subscribe(vni(v)));
+    }
+    b.sync_point();
+    c.sync_point();
+    srv.wait_peers("subscribed", |ps| {
+        ps.iter().filter(|p| p.vnis_subscribed.len() == 3).count() == 2
+    });
+    let want: BTreeSet<Route> = [30, 31, 32]
+        .iter()
+        .flat_map(|v| (0..10).map(move |i| route(*v, i, 1)))
+        .collect();
+    a.send_all(&want.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    let (mut sb, mut sc) = (BTreeSet::new(), BTreeSet::new());
+    b.converge(&mut sb, &want);
+    c.converge(&mut sc, &want);
+    let routes = srv.handle().routes();
+    assert_eq!(routes.len(), 3);
+    assert!(routes.iter().all(|v| v.routes.len() == 10));
+    let stats = srv.handle().stats();
+    assert_eq!(stats.shards.len(), 3);
+    assert!(
+        stats.shards.iter().all(|s| s.routes == 10),
+        "each shard owns one VNI: {stats:?}"
+    );
+    assert_eq!(stats.sum(|s| s.updates_in), 30);
+    assert!(stats.sum(|s| s.shard_batches_in) > 0);
+}
+
+#[test]
+fn a_thousand_peers_at_once() {
+    let srv = TestServer::start(2);
+    let mut subs: Vec<TestPeer> = (0..1000)
+        .map(|_| TestPeer::established(srv.addr, 5).0)
+        .collect();
+    for s in &subs {
+        s.send(&Message::Subscribe(vni(77)));
+    }
+    for s in &mut subs {
+        s.sync_point();
+    }
+    srv.wait_peers("1000 subscribed", |ps| {
+        ps.len() == 1000 && ps.iter().all(|p| p.vnis_subscribed == vec![vni(77)])
+    });
+    let stats = srv.handle().stats();
+    assert_eq!(stats.sum(|s| s.peers_established), 1000);
+    assert!(stats.shards.iter().all(|s| s.peers_established == 500));
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    a.send(&add(route(77, 1, 1)));
+    for s in &mut subs {
+        assert_eq!(s.recv_update(WAIT), Some((Action::Add, route(77, 1, 1))));
+    }
+    drop(a);
+    for s in &mut subs {
+        assert_eq!(s.recv_update(WAIT), Some((Action::Remove, route(77, 1, 1))));
+    }
+}
+
+#[test]
+fn million_route_sync_is_chunked_and_does_not_stall_the_shard() {
+    const N: u32 = 1_000_000;
+    // One shard: the sync, the announcer and the bystander share a thread.
+    let srv = TestServer::start(1);
+    let (a, _) = TestPeer::established(srv.addr, 60);
+    a.keep_alive(Duration::from_secs(1));
+    let all: Vec<Message> = (0..N).map(|i| add(route(5, i, 1))).collect();
+    for chunk in all.chunks(50_000) {
+        a.send_all(chunk);
+    }
+    srv.wait_stats("1M routes", |s| s.sum(|s| s.routes) == N as u64);
+
+    // The subscriber does not read yet: at most its socket buffers' worth of
+    // the ~45 MB sync can be on the way, so the sync is still running...
+    let (mut s, _) = TestPeer::established(srv.addr, 60);
+    s.keep_alive(Duration::from_secs(1));
+    s.send(&Message::Subscribe(vni(5)));
+    // ...while another peer on the same shard is served normally.
+    let (mut bystander, _) = TestPeer::established(srv.addr, 60);
+    for _ in 0..20 {
+        assert!(bystander.sync_point().is_empty());
+    }
+    let info = srv.wait_peers("subscriber", |ps| {
+        ps.iter().any(|p| p.vnis_subscribed == vec![vni(5)])
+    });
+    let sub = info.iter().find(|p| !p.vnis_subscribed.is_empty()).unwrap();
+    assert!(
+        sub.queued_bytes <= 1 << 20,
+        "sync is flow-controlled, not queued whole: {} bytes queued",
+        sub.queued_bytes
+    );
+    // Changes while the sync runs: withdraw 1000, add 1000 new ones.
+    let mut want: BTreeSet<Route> = (1000..N).map(|i| route(5, i, 1)).collect();
+    let mut changes: Vec<Message> = (0..1000).map(|i| remove(route(5, i, 1))).collect();
+    for i in N..N + 1000 {
+        changes.push(add(route(5, i, 1)));
+        want.insert(route(5, i, 1));
+    }
+    a.send_all(&changes);
+    let mut state = BTreeSet::new();
+    s.converge(&mut state, &want);
+    assert!(s.sync_point().is_empty(), "nothing more after convergence");
+}
+
+/// Churn over `distinct` routes: `rounds` times add all, remove half, then
+/// one marker route, so the final set differs from every state in between.
+/// Returns the writes to make and the final set.
+fn churn_plan(v: u32, distinct: u32, rounds: u32) -> (Vec<Vec<Message>>, BTreeSet<Route>) {
+    let mut present = BTreeSet::new();
+    let mut writes = Vec::new();
+    for round in 0..rounds {
+        let mut msgs = Vec::new();
+        for i in 0..distinct {
+            let r = route(v, i, 1);
+            if present.insert(r) {
+                msgs.push(add(r));
+            }
+        }
+        for i in (0..distinct).filter(|i| (i + round) % 2 == 0) {
+            let r = route(v, i, 1);
+            present.remove(&r);
+            msgs.push(remove(r));
+        }
+        writes.push(msgs);
+    }
+    let marker = route(v, 9_999_999, 2);
+    writes.push(vec![add(marker)]);
+    present.insert(marker);
+    (writes, present)
+}
+
+/// Sends the churn of `churn_plan` and returns the final set.
+fn churn(a: &TestPeer, v: u32, distinct: u32, rounds: u32) -> BTreeSet<Route> {
+    let (writes, want) = churn_plan(v, distinct, rounds);
+    for w in writes {
+        a.send_all(&w);
+    }
+    want
+}
+
+#[test]
+fn stuck_subscriber_neither_holds_back_others_nor_grows_and_catches_up() {
+    let srv = TestServer::with(2, |c| c.limits.max_queued_bytes = 64 * 1024);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    a.keep_alive(Duration::from_secs(1));
+    let (mut stuck, _) = TestPeer::established(srv.addr, 5);
+    stuck.keep_alive(Duration::from_secs(1)); // alive, but never reads (yet)
+    stuck.send(&Message::Subscribe(vni(3)));
+    let mut others: Vec<TestPeer> = (0..3)
+        .map(|_| TestPeer::established(srv.addr, 5).0)
+        .collect();
+    for o in &mut others {
+        o.send(&Message::Subscribe(vni(3)));
+        o.sync_point();
+    }
+    srv.wait_peers("4 subscribers", |ps| {
+        ps.iter().filter(|p| !p.vnis_subscribed.is_empty()).count() == 4
+    });
+    // ~600k changes (~27 MB of frames) over 5000 routes.
+    let want = churn(&a, 3, 5000, 120);
+    for o in &mut others {
+        let mut state = BTreeSet::new();
+        o.converge(&mut state, &want);
+    }
+    let stuck_addr = stuck.stream.local_addr().unwrap();
+    let stuck_info = srv
+        .handle()
+        .peers()
+        .into_iter()
+        .find(|p| p.addr == stuck_addr)
+        .expect("stuck peer still connected");
+    assert!(
+        stuck_info.coalesced_routes <= 5001,
+        "bounded by distinct routes: {stuck_info:?}"
+    );
+    assert!(
+        stuck_info.queued_bytes <= 64 * 1024 + 128 * 1024,
+        "queue bounded: {stuck_info:?}"
+    );
+    let stats = srv.handle().stats();
+    assert!(stats.sum(|s| s.coalesce_episodes) >= 1, "{stats:?}");
+    // Now it reads, and ends with exactly the table: nothing was dropped.
+    let mut state = BTreeSet::new();
+    stuck.converge(&mut state, &want);
+    assert!(stuck.sync_point().is_empty());
+    assert_eq!(stats.sum(|s| s.disconnects.total()), 0);
+}
+
+#[test]
+fn subscriber_beyond_coalescing_limit_is_cut_off_then_resyncs() {
+    let srv = TestServer::with(2, |c| {
+        c.limits.max_queued_bytes = 16 * 1024;
+        c.limits.max_coalesced_routes = 1000;
+    });
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut stuck, _) = TestPeer::established(srv.addr, 5);
+    stuck.send(&Message::Subscribe(vni(4)));
+    stuck.sync_point();
+    let want: BTreeSet<Route> = (0..200_000).map(|i| route(4, i, 1)).collect();
+    a.send_all(&want.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    srv.wait_stats("slow peer cut off", |s| {
+        s.sum(|s| s.disconnects.slow_peer) == 1
+    });
+    assert!(stuck.closed_within(WAIT));
+    // It reconnects and resyncs the whole table (a sync is flow-controlled,
+    // not subject to the coalescing limit).
+    srv.wait_stats("all routes", |s| s.sum(|s| s.routes) == 200_000);
+    let (mut again, _) = TestPeer::established(srv.addr, 5);
+    again.send(&Message::Subscribe(vni(4)));
+    let mut state = BTreeSet::new();
+    again.converge(&mut state, &want);
+}
+
+#[test]
+fn shutdown_closes_every_peer_and_returns() {
+    let srv = TestServer::start(2);
+    let mut peers: Vec<TestPeer> = (0..10)
+        .map(|_| TestPeer::established(srv.addr, 5).0)
+        .collect();
+    let mut srv = srv;
+    let handle = srv.handle.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        handle.shutdown();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(WAIT).expect("shutdown returns");
+    for p in &mut peers {
+        assert!(p.closed_within(WAIT));
+    }
+    assert!(
+        std::net::TcpStream::connect(srv.addr).is_err(),
+        "listener closed"
+    );
+}
+
+#[test]
+fn subscriber_that_stops_reading_entirely_is_cut_off_after_the_stall_timeout() {
+    let srv = TestServer::with(2, |c| {
+        c.limits.write_stall_timeout = Some(Duration::from_secs(1));
+    });
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut stuck, _) = TestPeer::established(srv.addr, 5);
+    stuck.keep_alive(Duration::from_millis(300)); // alive, never reads
+    stuck.send(&Message::Subscribe(vni(6)));
+    stuck.sync_point();
+    let (mut reader, _) = TestPeer::established(srv.addr, 5);
+    reader.send(&Message::Subscribe(vni(6)));
+    reader.sync_point();
+    // Enough to fill the stuck peer's socket buffers many times over; the
+    // reader reads concurrently, so only the stuck peer stalls.
+    let (writes, want) = churn_plan(6, 20_000, 30);
+    let reader_want = want.clone();
+    let reading = std::thread::spawn(move || {
+        let mut state = BTreeSet::new();
+        reader.converge(&mut state, &reader_want);
+        reader
+    });
+    for w in writes {
+        a.send_all(&w);
+    }
+    let mut reader = reading.join().expect("reader converged");
+    srv.wait_stats("stalled peer cut off", |s| {
+        s.sum(|s| s.disconnects.slow_peer) == 1
+    });
+    assert!(stuck.closed_within(WAIT));
+    assert!(reader.sync_point().is_empty());
+    assert_eq!(want.len(), 10_001);
+}
+
+#[test]
+fn snapshots_report_peers_routes_and_counters() {
+    let srv = TestServer::start(2);
+    let (a, _) = TestPeer::established(srv.addr, 3);
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.send(&Message::Subscribe(vni(12)));
+    s.send(&Message::Subscribe(vni(13)));
+    s.sync_point();
+    let want: BTreeSet<Route> = (0..25).map(|i| route(12, i, 1)).collect();
+    a.send_all(&want.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    let mut state = BTreeSet::new();
+    s.converge(&mut state, &want);
+
+    let a_addr = a.stream.local_addr().unwrap();
+    let s_addr = s.stream.local_addr().unwrap();
+    let peers = srv.wait_peers("announcer counted", |ps| {
+        ps.iter()
+            .any(|p| p.addr == a_addr && p.routes_announced == 25)
+    });
+    let pa = peers.iter().find(|p| p.addr == a_addr).unwrap();
+    let ps = peers.iter().find(|p| p.addr == s_addr).unwrap();
+    assert_ne!(pa.shard, ps.shard, "round-robin placement");
+    assert_eq!(pa.keepalive, Duration::from_secs(3));
+    assert_eq!(pa.state.name(), "ESTABLISHED");
+    assert!(pa.vnis_subscribed.is_empty());
+    assert_eq!(pa.frames_in, 2 + 25, "HELLO, KEEPALIVE, 25 UPDATEs");
+    assert_eq!(ps.vnis_subscribed, vec![vni(12), vni(13)]);
+    assert_eq!(ps.routes_announced, 0);
+    assert!(ps.frames_out >= 2 + 25, "HELLO, KEEPALIVEs, 25 UPDATEs");
+    assert!(ps.bytes_out > 25 * 20);
+    assert!(ps.connected_since <= std::time::SystemTime::now());
+
+    let routes = srv.handle().routes();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].vni, vni(12));
+    let got: BTreeSet<Route> = routes[0]
+        .routes
+        .iter()
+        .map(|(d, n)| Route::new(vni(12), *d, *n))
+        .collect();
+    assert_eq!(got, want);
+
+    let stats = srv.wait_stats("updates out", |s| s.sum(|s| s.updates_out) >= 25);
+    assert_eq!(stats.sum(|s| s.updates_in), 25);
+    assert_eq!(stats.sum(|s| s.updates_out), 25);
+    assert_eq!(stats.sum(|s| s.routes), 25);
+    assert_eq!(stats.sum(|s| s.peers_established), 2);
+    assert!(stats.sum(|s| s.bytes_written) >= ps.bytes_out);
+    assert!(stats.sum(|s| s.write_calls) >= 1);
+    assert_eq!(stats.sum(|s| s.disconnects.total()), 0);
+}
