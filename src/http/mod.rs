@@ -23,6 +23,7 @@ mod histogram;
 mod metrics;
 pub mod model;
 mod page;
+mod server_source;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -39,6 +40,7 @@ pub use model::{
     QueueDepth, RouteTableView, StatusRole, VniRoutesView,
 };
 pub use page::{MAX_VNI_SUMMARY_ROWS, REFRESH_SECONDS, ROWS_PER_PAGE};
+pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 /// The version shown on the page, in `/routes.json` and in `/metrics`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
