@@ -314,6 +314,8 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
         &[("queue", "peer_out_bytes")]
     )
     .is_some());
+    // The UPDATE copy to the subscriber was timed.
+    assert!(value(&after, "metalbond_fanout_latency_seconds_count", &[]).unwrap() >= 1.0);
 
     // The announcer leaves: its route is withdrawn and the disconnect counted.
     drop(announcer);

@@ -155,7 +155,7 @@ impl StatusSource for ServerStatusSource {
             frames_read: None,
             bytes_read: None,
             disconnects_by_reason,
-            fanout_latency: None,
+            fanout_latency: Some(self.handle.fanout_latency()),
             queue_depths,
             netlink: None,
             extra: vec![

@@ -267,6 +267,17 @@ impl ServerHandle {
         all
     }
 
+    /// Fan-out latency over all shards: from the owner taking the first
+    /// change of a batch to that batch being written to a subscriber's
+    /// socket, one observation per (batch, subscriber). Atomics only.
+    pub fn fanout_latency(&self) -> crate::http::HistogramView {
+        let mut view = crate::http::HistogramView::empty();
+        for c in &self.counters {
+            c.fanout_latency_into(&mut view);
+        }
+        view
+    }
+
     /// Every connected peer (sorted by shard, then address).
     pub fn peers(&self) -> Vec<PeerInfo> {
         let mut all: Vec<PeerInfo> = self.ask(Control::Peers).into_iter().flatten().collect();
