@@ -7,7 +7,8 @@
 //! - `codec`: bytes ↔ frames ↔ messages; no sockets.
 //! - `session`: the per-connection state machine, sans I/O.
 //! - `server`: the reflector (shards, VNI tables, fan-out).
-//! - `client`: sessions to servers, announcements, kernel routes.
+//! - `client`: sessions to servers, announcements, the embeddable library.
+//! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
 //! - `logging`: tracing set-up for the binaries.
 
@@ -15,6 +16,7 @@ pub mod client;
 pub mod codec;
 pub mod http;
 pub mod logging;
+pub mod netlink;
 pub mod server;
 pub mod session;
 pub mod types;

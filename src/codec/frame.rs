@@ -8,7 +8,7 @@
 //! Must never: read or write sockets; the caller decides where bytes come
 //! from and go to.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::error::DecodeError;
 use super::message::{Message, MessageType};
@@ -70,6 +70,17 @@ impl FrameDecoder {
     /// A bad header is reported as soon as its 4 bytes are in, without
     /// waiting for a payload that may never come.
     pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+        match self.next_frame()? {
+            Some((msg_type, payload)) => Message::decode(msg_type, payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next complete frame with its header checked but its payload not
+    /// decoded, `Ok(None)` when more bytes are needed. For a receiver that
+    /// recognises payloads it expects by their bytes (the load generator)
+    /// and decodes the rest with `Message::decode`.
+    pub fn next_frame(&mut self) -> Result<Option<(MessageType, Bytes)>, DecodeError> {
         if self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -89,7 +100,31 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.buf.advance(HEADER_LEN);
-        let payload = self.buf.split_to(len).freeze();
-        Message::decode(msg_type, payload).map(Some)
+        Ok(Some((msg_type, self.buf.split_to(len).freeze())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_frame_hands_out_raw_payloads_split_anywhere() {
+        let mut wire = Vec::new();
+        encode_frame(&Message::Keepalive, &mut wire);
+        let sub = Message::Subscribe(crate::types::Vni::new(23).unwrap());
+        encode_frame(&sub, &mut wire);
+        let mut d = FrameDecoder::new();
+        d.extend(&wire[..5]);
+        let (t, p) = d.next_frame().unwrap().unwrap();
+        assert_eq!((t, p.len()), (MessageType::Keepalive, 0));
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.extend(&wire[5..]);
+        let (t, p) = d.next_frame().unwrap().unwrap();
+        assert_eq!(t, MessageType::Subscribe);
+        assert_eq!(Message::decode(t, p).unwrap(), sub);
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.extend(&[2, 0, 0, 2]);
+        assert!(matches!(d.next_frame(), Err(DecodeError::Version(2))));
     }
 }
