@@ -7,12 +7,14 @@
 //! - `codec`: bytes ↔ frames ↔ messages; no sockets.
 //! - `session`: the per-connection state machine, sans I/O.
 //! - `server`: the reflector (shards, VNI tables, fan-out).
-//! - `client`: sessions to servers, announcements, kernel routes.
+//! - `client`: sessions to servers, announcements, the embeddable library.
+//! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `logging`: tracing set-up for the binaries.
 
 pub mod client;
 pub mod codec;
 pub mod logging;
+pub mod netlink;
 pub mod server;
 pub mod session;
 pub mod types;

@@ -40,7 +40,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line naming the cause; the log subscriber also writes to
+            // stderr, so logging it too would print it twice.
             eprintln!("metalbond: {e:#}");
             ExitCode::FAILURE
         }

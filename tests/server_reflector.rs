@@ -202,3 +202,93 @@ fn every_subscriber_sees_the_same_order_for_a_route() {
         assert_eq!(seen, want);
     }
 }
+
+#[test]
+fn nothing_arrives_for_a_vni_after_its_unsubscribe_even_under_load() {
+    // Announcer and owner (VNI 4) on shard 0, subscriber on shard 1: the
+    // deliveries cross shards, so some are in flight at the UNSUBSCRIBE.
+    let srv = TestServer::start(2);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.send(&Message::Subscribe(vni(4)));
+    s.sync_point();
+    srv.wait_peers("subscribed", |ps| {
+        ps.iter().any(|p| !p.vnis_subscribed.is_empty())
+    });
+    // Flood from another thread while the subscriber leaves.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<Message> = (i..i + 500)
+                    .flat_map(|k| [add(route(4, k, 1)), remove(route(4, k, 1))])
+                    .collect();
+                a.send_all(&batch);
+                i += 500;
+            }
+            a
+        })
+    };
+    assert!(
+        s.recv_update(WAIT).is_some(),
+        "flood reaches the subscriber"
+    );
+    s.send(&Message::Unsubscribe(vni(4)));
+    // Everything before the KEEPALIVE reply may still come; nothing after.
+    s.sync_point();
+    s.expect_no_update(QUIET);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _a = flood.join().unwrap();
+}
+
+#[test]
+fn unsubscribe_and_resubscribe_in_one_write_gives_a_clean_resync() {
+    // Announcer and owner (VNI 4) on shard 0, subscriber on shard 1, flood
+    // of changes: deliveries of the first subscription are in flight when
+    // the second one starts; none of them may reach the peer after its
+    // UNSUBSCRIBE, or the resync would show duplicate ADDs.
+    let srv = TestServer::start(2);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    let base: Vec<Message> = (0..200).map(|k| add(route(4, 100_000 + k, 2))).collect();
+    a.send_all(&base);
+    s.send(&Message::Subscribe(vni(4)));
+    s.sync_point();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<Message> = (i..i + 500)
+                    .flat_map(|k| [add(route(4, k, 1)), remove(route(4, k, 1))])
+                    .collect();
+                a.send_all(&batch);
+                i += 500;
+            }
+            a
+        })
+    };
+    for round in 0..20 {
+        s.send_all(&[
+            Message::Unsubscribe(vni(4)),
+            Message::Keepalive,
+            Message::Subscribe(vni(4)),
+        ]);
+        // Up to the KEEPALIVE reply: the old subscription. After it: a
+        // fresh view that must be consistent and hold the 200 base routes.
+        s.sync_point();
+        let mut view = BTreeSet::new();
+        let want: BTreeSet<_> = (0..200).map(|k| route(4, 100_000 + k, 2)).collect();
+        while !want.is_subset(&view) {
+            let (act, r) = s
+                .recv_update(WAIT)
+                .unwrap_or_else(|| panic!("round {round}"));
+            apply(&mut view, act, r);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _a = flood.join().unwrap();
+}

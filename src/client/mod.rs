@@ -1,14 +1,662 @@
-//! The client (placeholder until the client lands).
+//! The MetalBond client: the embeddable library and `metalbond client`.
+//!
+//! Owns: the `Client` handle (servers, subscriptions, announcements, status),
+//! the `RouteSink` trait through which embedders hear about present-route
+//! changes, one thread per server (`connection`), the present set
+//! (`present`), the typed errors (`error`) and the command line (`cli`).
+//!
+//! Must never: make an embedder run an async runtime. The handle is sync,
+//! `Send + Sync`, and every call returns quickly: it updates the desired
+//! state under one short lock and wakes the server threads, which do the I/O.
+//!
+//! ```text
+//!  embedder / CLI ──Client::{subscribe, announce, ...}──┐
+//!                                                       v
+//!                   Core (Mutex): subscriptions, announcements,
+//!                   per-server slot {state, outbox}, PresentRoutes, sink
+//!                     ^  wake                       │ present changes
+//!                     │                             v
+//!  server thread ×N (connection.rs) <─TCP─> server  RouteSink (embedder's,
+//!   PeerSession(Active), backoff, resync            or netlink::KernelRouteSink)
+//! ```
+//!
+//! Rules (PROTOCOL.md "Client rules"): every server gets the same
+//! subscriptions and announcements; received routes are kept per server; a
+//! route is present while at least one server holds it; a received route
+//! whose (VNI, prefix) we announce is not present (loop prevention). The sink
+//! is called only on real changes of the present set, in order, one call at
+//! a time. When the client shuts down the sink is *not* told to remove
+//! anything: installed routes stay for a restart (the CLI's `--cleanup`
+//! removes kernel routes explicitly).
 
-/// `metalbond client` flags.
-#[derive(clap::Args, Debug)]
-pub struct ClientArgs {
-    /// Verbose (debug) logging.
-    #[arg(short, long)]
-    pub verbose: bool,
+pub mod cli;
+mod connection;
+pub mod error;
+pub mod http;
+pub mod present;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use crate::codec::{encode_frame, Message};
+use crate::session::SessionState;
+use crate::types::{Action, IpNet, NextHop, Route, Vni};
+pub use cli::{run, ClientArgs, ClientOptions};
+use connection::Event;
+pub use error::ClientError;
+pub use present::{PresentChange, PresentRoutes, ServerId};
+
+/// Receives changes of the present route set. Implemented by the embedder
+/// (or by the kernel-route shard). Calls come one at a time, in order, from
+/// the client's threads; keep them short (queue work elsewhere if slow).
+pub trait RouteSink: Send + 'static {
+    /// `next_hop` for `destination` in `vni` became present.
+    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop);
+    /// `next_hop` for `destination` in `vni` is no longer present.
+    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop);
 }
 
-/// Runs the client until shut down.
-pub fn run(_args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
-    Err("client mode is not built yet".into())
+impl RouteSink for crate::netlink::KernelRouteSink {
+    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        self.add(vni, destination, &next_hop);
+    }
+
+    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        self.remove(vni, destination, &next_hop);
+    }
+}
+
+/// A sink that only logs (debug), for clients that do not install routes.
+#[derive(Debug, Default)]
+pub struct LogSink;
+
+impl RouteSink for LogSink {
+    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        tracing::debug!(%vni, %destination, %next_hop, "route present");
+    }
+
+    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        tracing::debug!(%vni, %destination, %next_hop, "route withdrawn");
+    }
+}
+
+/// Timing of sessions and reconnects.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Our keepalive interval (the session uses min(ours, server's)).
+    pub keepalive: Duration,
+    /// First reconnect delay after a failure.
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay (the backoff doubles up to this).
+    pub reconnect_max: Duration,
+    /// Give up one TCP connect attempt after this long.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            keepalive: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One server's session state, as reported by `Client::servers`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ServerStatus {
+    /// The address as given to `add_server`.
+    pub address: String,
+    /// Session state (RETRY while waiting to reconnect).
+    pub state: SessionState,
+    /// Routes this server currently holds for us.
+    pub routes_received: usize,
+}
+
+/// Most queued subscription changes before a session is reset and resynced
+/// instead (bounds memory when a server stops reading).
+const MAX_QUEUED_SUBSCRIPTION_CHANGES: usize = 4096;
+
+/// Most distinct routes with a queued change before a session is reset and
+/// resynced instead (a server that stopped reading costs at most this).
+const MAX_QUEUED_ROUTE_CHANGES: usize = 1 << 20;
+
+/// Messages for one established session, coalesced while it is busy.
+/// Bounded: routes by `MAX_QUEUED_ROUTE_CHANGES` (latest action per route wins),
+/// subscriptions by `MAX_QUEUED_SUBSCRIPTION_CHANGES`.
+#[derive(Default, Debug)]
+struct Outbox {
+    /// SUBSCRIBE (true) / UNSUBSCRIBE (false), in call order; sent first.
+    subscriptions: Vec<(Vni, bool)>,
+    /// Latest announce (Add) or withdraw (Remove) per route.
+    routes: HashMap<Route, Action>,
+    /// Too many changes queued: reset the session (it resyncs on reconnect).
+    overflowed: bool,
+}
+
+impl Outbox {
+    fn subscription(&mut self, vni: Vni, subscribe: bool) {
+        if self.subscriptions.last() == Some(&(vni, subscribe)) {
+            return;
+        }
+        if self.subscriptions.len() >= MAX_QUEUED_SUBSCRIPTION_CHANGES {
+            self.overflowed = true;
+            return;
+        }
+        self.subscriptions.push((vni, subscribe));
+    }
+
+    fn route(&mut self, route: Route, action: Action) {
+        if self.routes.len() >= MAX_QUEUED_ROUTE_CHANGES && !self.routes.contains_key(&route) {
+            self.overflowed = true;
+            return;
+        }
+        self.routes.insert(route, action);
+    }
+}
+
+/// One server the client talks to.
+struct ServerSlot {
+    /// Address as given (HOST:PORT), resolved at each connect.
+    address: String,
+    /// Current session state.
+    state: SessionState,
+    /// Pending messages while ESTABLISHED; `None` otherwise (the next
+    /// ESTABLISHED sends a full snapshot instead).
+    outbox: Option<Outbox>,
+    /// Wakes the server thread.
+    wake: Sender<Event>,
+    /// Tells the server thread to stop.
+    stop: Arc<AtomicBool>,
+    /// The live connection, so stopping can interrupt a blocked write.
+    stream: Option<TcpStream>,
+    /// The server thread.
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Everything behind the client's lock.
+struct Core {
+    /// VNIs we subscribe to (sent to every server).
+    subscriptions: BTreeSet<Vni>,
+    /// Routes we announce (sent to every server).
+    announcements: BTreeSet<Route>,
+    /// Server slots by id.
+    servers: BTreeMap<ServerId, ServerSlot>,
+    /// Received routes per server and the present set.
+    present: PresentRoutes,
+    /// Where present-set changes go.
+    sink: Box<dyn RouteSink>,
+    /// Scratch list of changes to deliver.
+    changes: Vec<PresentChange>,
+    /// Set once by shutdown; every later call fails with `ShutDown`.
+    shut_down: bool,
+    /// Next `ServerId`.
+    next_server: u64,
+}
+
+impl Core {
+    /// Hands pending present-set changes to the sink, in order.
+    fn deliver(&mut self) {
+        for change in self.changes.drain(..) {
+            match change {
+                PresentChange::Add(r) => self.sink.add_route(r.vni, r.destination, r.next_hop),
+                PresentChange::Remove(r) => {
+                    self.sink.remove_route(r.vni, r.destination, r.next_hop)
+                }
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        if self.shut_down {
+            Err(ClientError::ShutDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues `f` on every established session's outbox and wakes them.
+    fn queue_for_sessions(&mut self, f: impl Fn(&mut Outbox)) {
+        for slot in self.servers.values_mut() {
+            if let Some(outbox) = slot.outbox.as_mut() {
+                f(outbox);
+                let _ = slot.wake.try_send(Event::Wake);
+            }
+        }
+    }
+}
+
+/// State shared by the handle and the server threads.
+struct ClientInner {
+    /// Session timing.
+    config: ClientConfig,
+    /// The one lock.
+    core: Mutex<Core>,
+}
+
+impl ClientInner {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_slot<R>(&self, id: ServerId, f: impl FnOnce(&mut ServerSlot) -> R) -> Option<R> {
+        self.lock().servers.get_mut(&id).map(f)
+    }
+
+    fn set_state(&self, id: ServerId, state: SessionState) {
+        self.with_slot(id, |slot| slot.state = state);
+    }
+
+    /// The session became ESTABLISHED: encode the full snapshot into `out`
+    /// and open the outbox. Returns (subscriptions, announcements) sent.
+    fn established(&self, id: ServerId, out: &mut Vec<u8>) -> (usize, usize) {
+        let mut core = self.lock();
+        let core = &mut *core;
+        for vni in &core.subscriptions {
+            encode_frame(&Message::Subscribe(*vni), out);
+        }
+        for route in &core.announcements {
+            encode_frame(
+                &Message::Update {
+                    action: Action::Add,
+                    route: *route,
+                },
+                out,
+            );
+        }
+        if let Some(slot) = core.servers.get_mut(&id) {
+            slot.outbox = Some(Outbox::default());
+            slot.state = SessionState::Established;
+        }
+        (core.subscriptions.len(), core.announcements.len())
+    }
+
+    /// UPDATEs from server `id` (drained from `updates`).
+    fn received(&self, id: ServerId, updates: &mut Vec<(Action, Route)>) {
+        if updates.is_empty() {
+            return;
+        }
+        let mut core = self.lock();
+        let core = &mut *core;
+        if core.shut_down || !core.servers.contains_key(&id) {
+            updates.clear();
+            return;
+        }
+        for (action, route) in updates.drain(..) {
+            if !core.subscriptions.contains(&route.vni) {
+                tracing::debug!(%route, "update for a VNI we do not subscribe to; ignored");
+                continue;
+            }
+            tracing::trace!(?action, %route, server = id.0, "received");
+            core.present.received(id, action, route, &mut core.changes);
+        }
+        core.deliver();
+    }
+
+    /// Server `id`'s session ended: its routes are dropped (unless the
+    /// client is shutting down: then the sink keeps what it has).
+    fn session_lost(&self, id: ServerId) {
+        let mut core = self.lock();
+        let core = &mut *core;
+        if let Some(slot) = core.servers.get_mut(&id) {
+            slot.outbox = None;
+            slot.stream = None;
+        }
+        if !core.shut_down {
+            core.present.server_lost(id, &mut core.changes);
+            core.deliver();
+        }
+    }
+}
+
+/// The client handle. `Send + Sync`: share it (e.g. in an `Arc`) between
+/// threads. Dropping it shuts the client down.
+pub struct Client {
+    /// Shared with the server threads.
+    inner: Arc<ClientInner>,
+}
+
+/// Checks the `HOST:PORT` form (the host is resolved at each connect).
+fn check_address(address: &str) -> Result<(), ClientError> {
+    let bad = || ClientError::InvalidServerAddress(address.to_string());
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok =
+        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+impl Client {
+    /// A client with no servers yet; present-route changes go to `sink`.
+    pub fn new(config: ClientConfig, sink: impl RouteSink) -> Client {
+        Client {
+            inner: Arc::new(ClientInner {
+                config,
+                core: Mutex::new(Core {
+                    subscriptions: BTreeSet::new(),
+                    announcements: BTreeSet::new(),
+                    servers: BTreeMap::new(),
+                    present: PresentRoutes::new(),
+                    sink: Box::new(sink),
+                    changes: Vec::new(),
+                    shut_down: false,
+                    next_server: 1,
+                }),
+            }),
+        }
+    }
+
+    /// Starts a session to `address` (`HOST:PORT`, e.g. `[::1]:4711`),
+    /// reconnecting forever until `remove_server` or shutdown.
+    pub fn add_server(&self, address: &str) -> Result<(), ClientError> {
+        check_address(address)?;
+        let mut core = self.inner.lock();
+        core.check_open()?;
+        if core.servers.values().any(|s| s.address == address) {
+            return Err(ClientError::ServerAlreadyAdded(address.into()));
+        }
+        let id = ServerId(core.next_server);
+        core.next_server += 1;
+        let (tx, rx) = crossbeam_channel::bounded(connection::EVENT_QUEUE);
+        core.servers.insert(
+            id,
+            ServerSlot {
+                address: address.into(),
+                state: SessionState::Connecting,
+                outbox: None,
+                wake: tx.clone(),
+                stop: Arc::new(AtomicBool::new(false)),
+                stream: None,
+                thread: None,
+            },
+        );
+        let inner = self.inner.clone();
+        let addr = address.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("mb-server-{address}"))
+            .spawn(move || connection::run_server(inner, id, addr, rx, tx));
+        match spawned {
+            Ok(handle) => {
+                if let Some(slot) = core.servers.get_mut(&id) {
+                    slot.thread = Some(handle);
+                }
+                tracing::info!(server = %address, "server added");
+                Ok(())
+            }
+            Err(e) => {
+                core.servers.remove(&id);
+                tracing::error!(server = %address, "cannot start server thread: {e}");
+                Err(ClientError::ShutDown)
+            }
+        }
+    }
+
+    /// Ends the session to `address`; routes only it held are withdrawn.
+    pub fn remove_server(&self, address: &str) -> Result<(), ClientError> {
+        let (id, slot) = {
+            let mut core = self.inner.lock();
+            core.check_open()?;
+            let id = core
+                .servers
+                .iter()
+                .find(|(_, s)| s.address == address)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| ClientError::UnknownServer(address.into()))?;
+            let slot = core.servers.remove(&id);
+            (id, slot)
+        };
+        if let Some(slot) = slot {
+            stop_slot(slot);
+        }
+        let mut core = self.inner.lock();
+        let core = &mut *core;
+        core.present.server_lost(id, &mut core.changes);
+        core.deliver();
+        tracing::info!(server = %address, "server removed");
+        Ok(())
+    }
+
+    /// Subscribes to `vni` on every server.
+    pub fn subscribe(&self, vni: Vni) -> Result<(), ClientError> {
+        let mut core = self.inner.lock();
+        core.check_open()?;
+        if !core.subscriptions.insert(vni) {
+            return Err(ClientError::AlreadySubscribed(vni));
+        }
+        core.queue_for_sessions(|o| o.subscription(vni, true));
+        tracing::info!(%vni, "subscribed");
+        Ok(())
+    }
+
+    /// Unsubscribes from `vni`: its received routes are withdrawn from the
+    /// sink. Servers drop a peer's announcements in a VNI it unsubscribes
+    /// from, so our own announcements there are sent again.
+    pub fn unsubscribe(&self, vni: Vni) -> Result<(), ClientError> {
+        let mut core = self.inner.lock();
+        let core = &mut *core;
+        core.check_open()?;
+        if !core.subscriptions.remove(&vni) {
+            return Err(ClientError::NotSubscribed(vni));
+        }
+        let ours: Vec<Route> = core
+            .announcements
+            .iter()
+            .filter(|r| r.vni == vni)
+            .copied()
+            .collect();
+        core.queue_for_sessions(|o| {
+            o.subscription(vni, false);
+            for r in &ours {
+                o.route(*r, Action::Add);
+            }
+        });
+        core.present.vni_dropped(vni, &mut core.changes);
+        core.deliver();
+        tracing::info!(%vni, "unsubscribed");
+        Ok(())
+    }
+
+    /// Announces `route` to every server.
+    pub fn announce(&self, route: Route) -> Result<(), ClientError> {
+        let mut core = self.inner.lock();
+        let core = &mut *core;
+        core.check_open()?;
+        if !core.announcements.insert(route) {
+            return Err(ClientError::RouteAlreadyAnnounced(route));
+        }
+        core.queue_for_sessions(|o| {
+            o.route(route, Action::Add);
+        });
+        core.present.own_announced(&route, &mut core.changes);
+        core.deliver();
+        tracing::debug!(%route, "announced");
+        Ok(())
+    }
+
+    /// Withdraws `route` from every server.
+    pub fn withdraw(&self, route: Route) -> Result<(), ClientError> {
+        let mut core = self.inner.lock();
+        let core = &mut *core;
+        core.check_open()?;
+        if !core.announcements.remove(&route) {
+            return Err(ClientError::RouteNotAnnounced(route));
+        }
+        core.queue_for_sessions(|o| {
+            o.route(route, Action::Remove);
+        });
+        core.present.own_withdrawn(&route, &mut core.changes);
+        core.deliver();
+        tracing::debug!(%route, "withdrawn");
+        Ok(())
+    }
+
+    /// Every server with its session state.
+    pub fn servers(&self) -> Vec<ServerStatus> {
+        let core = self.inner.lock();
+        core.servers
+            .iter()
+            .map(|(id, s)| ServerStatus {
+                address: s.address.clone(),
+                state: s.state,
+                routes_received: core.present.held_by(*id),
+            })
+            .collect()
+    }
+
+    /// The session state of one server.
+    pub fn server_state(&self, address: &str) -> Result<SessionState, ClientError> {
+        self.inner
+            .lock()
+            .servers
+            .values()
+            .find(|s| s.address == address)
+            .map(|s| s.state)
+            .ok_or_else(|| ClientError::UnknownServer(address.into()))
+    }
+
+    /// VNIs we subscribe to, sorted.
+    pub fn subscriptions(&self) -> Vec<Vni> {
+        self.inner.lock().subscriptions.iter().copied().collect()
+    }
+
+    /// Routes we announce, sorted.
+    pub fn announcements(&self) -> Vec<Route> {
+        self.inner.lock().announcements.iter().copied().collect()
+    }
+
+    /// The present routes (what the sink has been told), sorted.
+    pub fn present_routes(&self) -> Vec<Route> {
+        let mut routes = self.inner.lock().present.present();
+        routes.sort();
+        routes
+    }
+
+    /// Stops every session and waits for the server threads. The sink is
+    /// not told to remove anything. Later calls return `ShutDown`.
+    pub fn shutdown(&self) {
+        let slots: Vec<ServerSlot> = {
+            let mut core = self.inner.lock();
+            if core.shut_down {
+                return;
+            }
+            core.shut_down = true;
+            std::mem::take(&mut core.servers).into_values().collect()
+        };
+        for slot in slots {
+            stop_slot(slot);
+        }
+        tracing::info!("client shut down");
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Signals a server thread to stop, interrupts its socket and joins it.
+fn stop_slot(mut slot: ServerSlot) {
+    slot.stop.store(true, Ordering::SeqCst);
+    if let Some(stream) = slot.stream.take() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = slot.wake.try_send(Event::Wake);
+    if let Some(thread) = slot.thread.take() {
+        if thread.join().is_err() {
+            tracing::error!(server = %slot.address, "server thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_need_host_and_port() {
+        for good in ["[::1]:4711", "127.0.0.1:4711", "reflector.example:4711"] {
+            assert_eq!(check_address(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "::1:4711",
+            "[::1]",
+            "host",
+            ":4711",
+            "host:port",
+            "host:70000",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn outbox_coalesces_routes_and_overflows_to_a_resync() {
+        let v = Vni::new(23).unwrap();
+        let r = Route::new(
+            v,
+            "10.0.0.0/24".parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        let mut o = Outbox::default();
+        o.route(r, Action::Add);
+        o.route(r, Action::Remove);
+        o.subscription(v, true);
+        o.subscription(v, true);
+        let mut out = Vec::new();
+        assert_eq!(o.drain_into(&mut out), Ok(()));
+        let mut d = crate::codec::FrameDecoder::new();
+        d.extend(&out);
+        assert_eq!(d.next_message().unwrap(), Some(Message::Subscribe(v)));
+        assert_eq!(
+            d.next_message().unwrap(),
+            Some(Message::Update {
+                action: Action::Remove,
+                route: r
+            })
+        );
+        assert_eq!(d.next_message().unwrap(), None);
+        for i in 0..=MAX_QUEUED_SUBSCRIPTION_CHANGES {
+            o.subscription(v, i % 2 == 0);
+        }
+        assert_eq!(o.drain_into(&mut out), Err(()));
+    }
+
+    #[test]
+    fn handle_errors_are_typed_and_change_nothing() {
+        let c = Client::new(ClientConfig::default(), LogSink);
+        let v = Vni::new(23).unwrap();
+        let r = Route::new(
+            v,
+            "10.0.0.0/24".parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        assert_eq!(c.unsubscribe(v), Err(ClientError::NotSubscribed(v)));
+        c.subscribe(v).unwrap();
+        assert_eq!(c.subscribe(v), Err(ClientError::AlreadySubscribed(v)));
+        assert_eq!(c.withdraw(r), Err(ClientError::RouteNotAnnounced(r)));
+        c.announce(r).unwrap();
+        assert_eq!(c.announce(r), Err(ClientError::RouteAlreadyAnnounced(r)));
+        assert_eq!(c.subscriptions(), vec![v]);
+        assert_eq!(c.announcements(), vec![r]);
+        assert!(matches!(
+            c.remove_server("[::1]:1"),
+            Err(ClientError::UnknownServer(_))
+        ));
+        c.shutdown();
+        assert_eq!(
+            c.subscribe(Vni::new(24).unwrap()),
+            Err(ClientError::ShutDown)
+        );
+    }
 }

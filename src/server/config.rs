@@ -185,12 +185,19 @@ pub enum ServerError {
     /// Binding or listening on an address failed (in use, not available...).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// The address from `--listen`.
         addr: SocketAddr,
+        /// What the OS said (in use, not available, permission...).
         source: std::io::Error,
     },
     /// A shard executor could not be started (e.g. io_uring unavailable).
     #[error("cannot start shard {shard}: {reason}")]
-    Shard { shard: usize, reason: String },
+    Shard {
+        /// Index of the shard that failed.
+        shard: usize,
+        /// Why (the executor's error).
+        reason: String,
+    },
     /// Installing the SIGINT/SIGTERM handler failed.
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),

@@ -5,20 +5,26 @@
 //! metrics and load-generator work builds on (config, counters, snapshots).
 //!
 //! ```text
-//!  listener(s) ── accept loop (shard k) ── round-robin hand-off ──┐
-//!                                                                 ▼
-//!  ┌──────────── shard i (glommio executor, pinned) ────────────────────┐
-//!  │ peer task per connection                                           │
-//!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐      │
-//!  │   writer: OutQueue (shared frames | per-route coalescing)   │      │
-//!  │             ▲ Delivery                                       ▼      │
-//!  │ receive tasks ◀── channel ◀── other shards      outbox[dest] ──┐   │
-//!  │ owner (VNIs with vni % N == i): VniTable per VNI,               │   │
-//!  │   FanoutBuilder encodes each change once per batch              │   │
-//!  │ sync pump: SUBSCRIBE table scans in chunks, credit window       │   │
-//!  │ flusher per destination: outbox → bounded channel (1 batch)  ◀──┘   │
-//!  │ control loop: snapshots, shutdown (polled from the handle)          │
-//!  └─────────────────────────────────────────────────────────────────────┘
+//!  listener(s): accept loop on shard k % N hands connections round-robin
+//!  to the shards, where they stay for life
+//!            │
+//!  ┌─ shard i: glommio executor pinned to a CPU ───────────────────────────┐
+//!  │ peer task, one per connection                                         │
+//!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐         │
+//!  │   writer: OutQueue (shared frames │ per-route coalescing)    │         │
+//!  │           → sendmsg(iovec)  ▲                                ▼         │
+//!  │                             │ Delivery          outbox[owner(vni)]    │
+//!  │ deliver ────────────────────┘                           │             │
+//!  │   ▲                                  flusher per dest:  │ whole batch │
+//!  │   │                                                     ▼             │
+//!  │ receive task per source ◀──── bounded SPSC channels ────▶ other shards │
+//!  │   │ OwnerInput                                                        │
+//!  │   ▼                                                                   │
+//!  │ VniOwner (VNIs with vni % N == i): VniTable per VNI; FanoutBuilder    │
+//!  │   encodes each change once → one Delivery per shard with subscribers; │
+//!  │   sync pump: SUBSCRIBE scans in chunks, two chunks in flight          │
+//!  │ control loop: stats / routes / peers snapshots, shutdown              │
+//!  └───────────────────────────────────────────────────────────────────────┘
 //! ```
 //! A change from a peer on shard A for VNI v goes A → owner(v) → every shard
 //! with live subscribers of v, as one shared buffer per shard; each

@@ -33,7 +33,9 @@ const REFILL_ROUTES: usize = 1024;
 enum OutItem {
     /// Encoded frames to write.
     Frames {
+        /// The frames (often a slice of a shared fan-out buffer).
         bytes: Bytes,
+        /// How many frames `bytes` holds (for the counters).
         frames: u32,
         /// HELLO/KEEPALIVE rather than UPDATEs (for the counters).
         control: bool,
@@ -231,6 +233,11 @@ impl OutQueue {
             }
         }
         wb
+    }
+
+    /// Drops coalesced changes of `vni` (the peer unsubscribed from it).
+    pub fn forget_vni(&mut self, vni: Vni) {
+        self.coalesced.retain(|route, _| route.vni != vni);
     }
 
     /// The writer put `bytes` (from a `WriteBatch`) on the socket.
@@ -443,5 +450,26 @@ mod tests {
         let wb = q.take_for_write(1 << 20, 64);
         assert_eq!(wb.frames, 1);
         assert_eq!(wb.sync_written, vec![vni]);
+    }
+
+    #[test]
+    fn forget_vni_drops_only_that_vnis_coalesced_changes() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1, 100);
+        q.push_fanout(&batch(&[(Action::Add, 0)])).unwrap(); // queued
+        q.push_fanout(&batch(&[(Action::Add, 1), (Action::Add, 2)]))
+            .unwrap(); // coalesced
+        let other = Route::new(
+            Vni::new(2).unwrap(),
+            "10.9.9.0/24".parse().unwrap(),
+            NextHop::standard("2001:db8::2".parse().unwrap()),
+        );
+        let mut b = FanoutBuilder::new();
+        b.push(None, Action::Add, other);
+        q.push_fanout(&b.finish()).unwrap();
+        assert_eq!(q.coalesced_len(), 3);
+        q.forget_vni(Vni::new(1).unwrap());
+        assert_eq!(q.coalesced_len(), 1);
+        let got = drain(&mut q);
+        assert_eq!(got, vec![(Action::Add, route(0)), (Action::Add, other)]);
     }
 }

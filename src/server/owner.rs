@@ -46,6 +46,10 @@ pub enum OwnerInput {
 /// Frames for some peers of one shard.
 #[derive(Clone, Debug)]
 pub struct Delivery {
+    /// The VNI the frames belong to: a recipient that has unsubscribed from
+    /// it since (the UNSUBSCRIBE is read on its shard, before the owner knows)
+    /// does not get them.
+    pub vni: Vni,
     /// Peers (all on the destination shard) that get the batch.
     pub recipients: Arc<[PeerId]>,
     /// The shared frames.
@@ -59,6 +63,10 @@ pub struct Delivery {
 struct SyncJob {
     /// Chunks the owner may still send before hearing one was written.
     credit: u32,
+    /// No chunk sent yet. The first step always sends one, even empty: it
+    /// tells the subscriber's shard that deliveries from an earlier
+    /// subscription to the same VNI are over.
+    first: bool,
 }
 
 /// Changes collected for one VNI during the current batch.
@@ -143,6 +151,7 @@ impl VniOwner {
                         (peer, vni),
                         SyncJob {
                             credit: SYNC_WINDOW,
+                            first: true,
                         },
                     );
                     self.job_order.push_back((peer, vni));
@@ -198,7 +207,8 @@ impl VniOwner {
                 self.jobs.remove(&key);
                 continue;
             };
-            if !chunk.routes.is_empty() {
+            if !chunk.routes.is_empty() || job.first {
+                job.first = false;
                 job.credit -= 1;
                 let mut b = FanoutBuilder::new();
                 for route in chunk.routes {
@@ -207,6 +217,7 @@ impl VniOwner {
                 out.push((
                     peer.shard(),
                     Delivery {
+                        vni,
                         recipients: Arc::from(vec![peer]),
                         batch: b.finish(),
                         sync: Some(vni),
@@ -269,6 +280,7 @@ impl VniOwner {
                 out.push((
                     *shard,
                     Delivery {
+                        vni,
                         recipients: recipients.clone(),
                         batch: batch.clone(),
                         sync: None,
@@ -280,6 +292,7 @@ impl VniOwner {
             out.push((
                 peer.shard(),
                 Delivery {
+                    vni,
                     recipients: Arc::from(vec![peer]),
                     batch: b.finish(),
                     sync: None,

@@ -20,7 +20,7 @@
 //! one peer's socket stall the shard (all socket I/O is non-blocking).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -69,8 +69,11 @@ pub(crate) struct PeerConn {
     keepalive: Cell<Duration>,
     /// Routes currently announced.
     routes_announced: Cell<usize>,
-    /// VNIs subscribed.
-    subscribed: RefCell<BTreeSet<Vni>>,
+    /// VNIs subscribed, each with whether the owner's first sync delivery
+    /// for this subscription has arrived. Until it has, other deliveries for
+    /// the VNI are leftovers of an earlier subscription (sent before the
+    /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
+    subscribed: RefCell<BTreeMap<Vni, bool>>,
     /// Frames received.
     frames_in: Cell<u64>,
     /// Bytes received.
@@ -113,6 +116,17 @@ impl PeerConn {
         if self.is_closed() {
             return;
         }
+        match self.subscribed.borrow_mut().get_mut(&d.vni) {
+            // Unsubscribed after the owner sent this: PROTOCOL.md says the
+            // peer stops receiving the VNI at its UNSUBSCRIBE. (A pending sync
+            // chunk is dropped too; the owner forgets the sync job when the
+            // UNSUBSCRIBE reaches it.)
+            None => return,
+            Some(sync_seen) if d.sync.is_some() => *sync_seen = true,
+            // From a previous subscription of the same VNI.
+            Some(false) => return,
+            Some(true) => {}
+        }
         let result = {
             let mut out = self.out.borrow_mut();
             let episodes = out.coalesce_episodes;
@@ -150,7 +164,7 @@ impl PeerConn {
             shard,
             keepalive: self.keepalive.get(),
             routes_announced: self.routes_announced.get(),
-            vnis_subscribed: self.subscribed.borrow().iter().copied().collect(),
+            vnis_subscribed: self.subscribed.borrow().keys().copied().collect(),
             frames_in: self.frames_in.get(),
             bytes_in: self.bytes_in.get(),
             frames_out: self.frames_out.get(),
@@ -202,7 +216,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         state: Cell::new(SessionState::Connecting),
         keepalive: Cell::new(shard.config.keepalive),
         routes_announced: Cell::new(0),
-        subscribed: RefCell::new(BTreeSet::new()),
+        subscribed: RefCell::new(BTreeMap::new()),
         frames_in: Cell::new(0),
         bytes_in: Cell::new(0),
         frames_out: Cell::new(0),
@@ -229,7 +243,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     rs.session.close();
     conn.state.set(SessionState::Closed);
     let subscribed = std::mem::take(&mut *conn.subscribed.borrow_mut());
-    for vni in subscribed {
+    for vni in subscribed.into_keys() {
         shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
     }
     for (vni, routes) in rs.announced.drain() {
@@ -386,14 +400,17 @@ fn on_routing_message(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState, msg:
             }
         }
         Message::Subscribe(vni) => {
-            if conn.subscribed.borrow_mut().insert(vni) {
+            if conn.subscribed.borrow_mut().insert(vni, false).is_none() {
                 tracing::debug!(peer = %conn.addr, %vni, "SUBSCRIBE");
                 shard.to_owner(vni, OwnerInput::Subscribe { peer: id, vni });
             }
         }
         Message::Unsubscribe(vni) => {
-            if conn.subscribed.borrow_mut().remove(&vni) {
+            if conn.subscribed.borrow_mut().remove(&vni).is_some() {
                 tracing::debug!(peer = %conn.addr, %vni, "UNSUBSCRIBE");
+                // Coalesced changes of the VNI would be written after this
+                // point: drop them (queued frames were due before it).
+                conn.out.borrow_mut().forget_vni(vni);
                 shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
             }
             // As in the existing implementation: its routes in the VNI go too.

@@ -1,0 +1,392 @@
+//! One server slot: connect, run the session, reconnect forever.
+//!
+//! Owns: the thread of one server address: resolving and connecting, the
+//! active-side `PeerSession`, the full resync (SUBSCRIBE every VNI, ADD every
+//! announcement) each time the session becomes ESTABLISHED, draining the
+//! slot's coalesced outbox, handing received UPDATEs to the present set, and
+//! capped exponential backoff with jitter between attempts. A helper thread
+//! per connection reads and decodes frames (split anywhere) and passes them
+//! on in batches over a bounded channel, so a flood from the server stalls
+//! its TCP window instead of growing a queue.
+//!
+//! Must never: hold the client lock while doing socket I/O, or touch another
+//! server's routes.
+//!
+//! ```text
+//!  reader thread ──Received(gen, msgs) / Closed(gen, why)──┐  (bounded)
+//!  Client handle ──Wake (try_send)─────────────────────────┤
+//!                                                          v
+//!  server thread: PeerSession (hold timer, keepalives) ──> writes frames
+//!                 ├─ Established: snapshot subscriptions + announcements
+//!                 ├─ UPDATE: Core.present.received → sink
+//!                 └─ closed: Core.present.server_lost → sink; backoff; retry
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rand::Rng;
+
+use super::present::ServerId;
+use super::{ClientInner, Outbox};
+use crate::codec::{encode_frame, FrameDecoder, Message};
+use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
+use crate::types::{Action, Route};
+
+/// What wakes a server thread.
+pub(super) enum Event {
+    /// Decoded messages from connection number `.0`.
+    Received(u64, Vec<Message>),
+    /// Connection number `.0` ended (EOF, socket error or bad frame).
+    Closed(u64, CloseReason),
+    /// The handle queued messages or asked us to stop.
+    Wake,
+}
+
+/// Bound of the per-server event channel (batches of frames, not frames).
+pub(super) const EVENT_QUEUE: usize = 64;
+
+/// Capped exponential backoff with jitter: attempt n waits a random time in
+/// [d/2, d] with d = min(min · 2^n, max).
+#[derive(Debug)]
+pub(super) struct Backoff {
+    /// First delay.
+    min: Duration,
+    /// Largest delay.
+    max: Duration,
+    /// Failed attempts since the last established session.
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(super) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    /// The next delay (and counts the attempt).
+    pub(super) fn next_delay(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let low = ceiling / 2;
+        let span = ceiling.saturating_sub(low).as_micros() as u64;
+        low + Duration::from_micros(rand::rng().random_range(0..=span))
+    }
+
+    /// A session was established: start again from `min`.
+    pub(super) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// The body of a server slot's thread; returns when the slot is stopped.
+pub(super) fn run_server(
+    inner: Arc<ClientInner>,
+    id: ServerId,
+    address: String,
+    events: Receiver<Event>,
+    events_tx: Sender<Event>,
+) {
+    let Some(stop) = inner.with_slot(id, |slot| slot.stop.clone()) else {
+        return;
+    };
+    let config = inner.config.clone();
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut generation = 0u64;
+    let mut last_error = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        inner.set_state(id, SessionState::Connecting);
+        match connect(&address, config.connect_timeout) {
+            Ok(stream) => {
+                generation += 1;
+                last_error.clear();
+                inner.with_slot(id, |slot| slot.stream = stream.try_clone().ok());
+                let mut link = Link {
+                    inner: &inner,
+                    id,
+                    address: &address,
+                    generation,
+                    events: &events,
+                    stop: &stop,
+                    established: false,
+                };
+                let reason = link.run(stream, events_tx.clone());
+                if link.established {
+                    backoff.reset();
+                }
+                if stop.load(Ordering::SeqCst) {
+                    tracing::info!(server = %address, "session closed (server removed or client shutting down)");
+                } else {
+                    tracing::info!(server = %address, reason = %reason, label = reason.label(), "session closed");
+                }
+                inner.session_lost(id);
+            }
+            Err(e) => {
+                // Log a changed error at info, repeats at debug.
+                if e != last_error {
+                    tracing::info!(server = %address, "cannot connect: {e}");
+                    last_error = e;
+                } else {
+                    tracing::debug!(server = %address, "cannot connect: {e}");
+                }
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        inner.set_state(id, SessionState::Retry);
+        let delay = backoff.next_delay();
+        tracing::debug!(server = %address, ?delay, "reconnecting after delay");
+        let until = Instant::now() + delay;
+        while !stop.load(Ordering::SeqCst) {
+            match events.recv_deadline(until) {
+                Ok(_) => continue, // stale frames or wake-ups
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+    inner.set_state(id, SessionState::Closed);
+}
+
+fn connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let addrs: Vec<_> = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?
+        .collect();
+    let mut last = format!("{address} resolves to no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// One TCP connection to the server.
+struct Link<'a> {
+    /// The client's shared state (present set, outboxes, sink).
+    inner: &'a ClientInner,
+    /// Our server slot.
+    id: ServerId,
+    /// The server address, for logs.
+    address: &'a str,
+    /// Tags events of this connection; older readers' events are ignored.
+    generation: u64,
+    /// Frames from the reader thread and wake-ups from the handle.
+    events: &'a Receiver<Event>,
+    /// Set when the slot is removed or the client shuts down.
+    stop: &'a std::sync::atomic::AtomicBool,
+    /// Did this connection reach ESTABLISHED (resets the backoff)?
+    established: bool,
+}
+
+impl Link<'_> {
+    fn run(&mut self, stream: TcpStream, events_tx: Sender<Event>) -> CloseReason {
+        let reason = self.session(&stream, events_tx);
+        let _ = stream.shutdown(Shutdown::Both);
+        reason
+    }
+
+    fn session(&mut self, stream: &TcpStream, events_tx: Sender<Event>) -> CloseReason {
+        let config = &self.inner.config;
+        let _ = stream.set_nodelay(true);
+        // A server that stops reading must not wedge us beyond its hold time.
+        let _ = stream.set_write_timeout(Some(config.keepalive.saturating_mul(3)));
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => return CloseReason::Io(e.to_string()),
+        };
+        let generation = self.generation;
+        let spawned = std::thread::Builder::new()
+            .name(format!("mb-read-{}", self.address))
+            .spawn(move || read_loop(reader, generation, events_tx));
+        if let Err(e) = spawned {
+            return CloseReason::Io(format!("cannot start reader thread: {e}"));
+        }
+        let mut writer = stream;
+        let mut session = PeerSession::new(Role::Active, config.keepalive, Instant::now());
+        let mut out = Vec::with_capacity(4096);
+        if let Some(hello) = session.start() {
+            encode_frame(&hello, &mut out);
+        }
+        let mut reported = SessionState::Connecting;
+        loop {
+            if session.state() != reported {
+                reported = session.state();
+                self.inner.set_state(self.id, reported);
+            }
+            if !out.is_empty() {
+                if let Err(e) = writer.write_all(&out) {
+                    return CloseReason::Io(e.to_string());
+                }
+                out.clear();
+            }
+            match self.events.recv_deadline(session.next_deadline()) {
+                Ok(Event::Received(g, messages)) if g == self.generation => {
+                    if let Err(reason) = self.on_messages(&mut session, messages, &mut out) {
+                        return reason;
+                    }
+                }
+                Ok(Event::Closed(g, reason)) if g == self.generation => return reason,
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return CloseReason::Local("event channel closed".into())
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return CloseReason::Local("server removed or client shut down".into());
+            }
+            match session.on_tick(Instant::now()) {
+                Ok(Some(keepalive)) => {
+                    encode_frame(&keepalive, &mut out);
+                }
+                Ok(None) => {}
+                Err(reason) => return reason,
+            }
+            if session.is_established() {
+                let drained = self.inner.with_slot(self.id, |slot| {
+                    slot.outbox
+                        .as_mut()
+                        .map(|outbox| outbox.drain_into(&mut out))
+                });
+                if let Some(Some(Err(()))) = drained {
+                    return CloseReason::Local(
+                        "too many queued changes for a busy server; reconnecting to resync".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_messages(
+        &mut self,
+        session: &mut PeerSession,
+        messages: Vec<Message>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CloseReason> {
+        let mut updates: Vec<(Action, Route)> = Vec::new();
+        for msg in messages {
+            match session.on_message(msg, Instant::now())? {
+                Reaction::Nothing => {}
+                Reaction::Reply(reply) => {
+                    encode_frame(&reply, out);
+                }
+                Reaction::Established { reply } => {
+                    if let Some(reply) = reply {
+                        encode_frame(&reply, out);
+                    }
+                    let (vnis, routes) = self.inner.established(self.id, out);
+                    self.established = true;
+                    tracing::info!(
+                        server = %self.address,
+                        keepalive = ?session.interval(),
+                        subscriptions = vnis,
+                        announcements = routes,
+                        "session established"
+                    );
+                }
+                Reaction::Deliver(Message::Update { action, route }) => {
+                    updates.push((action, route));
+                }
+                Reaction::Deliver(other) => {
+                    return Err(CloseReason::Unexpected {
+                        message: other.message_type().name(),
+                        state: "ESTABLISHED (a server never subscribes)",
+                    });
+                }
+            }
+        }
+        self.inner.received(self.id, &mut updates);
+        Ok(())
+    }
+}
+
+/// Reads the socket, decodes frames and forwards them in batches.
+fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => {
+                let _ = events.send(Event::Closed(generation, CloseReason::PeerClosed));
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = events.send(Event::Closed(generation, CloseReason::Io(e.to_string())));
+                return;
+            }
+        };
+        decoder.extend(&buf[..n]);
+        let mut messages = Vec::new();
+        let failure = loop {
+            match decoder.next_message() {
+                Ok(Some(m)) => messages.push(m),
+                Ok(None) => break None,
+                Err(e) => break Some(CloseReason::Malformed(e.to_string())),
+            }
+        };
+        if !messages.is_empty() && events.send(Event::Received(generation, messages)).is_err() {
+            return;
+        }
+        if let Some(reason) = failure {
+            let _ = events.send(Event::Closed(generation, reason));
+            return;
+        }
+    }
+}
+
+impl Outbox {
+    /// Encodes every queued message into `out` and empties the outbox.
+    /// `Err` when the subscription queue overflowed (resync needed).
+    pub(super) fn drain_into(&mut self, out: &mut Vec<u8>) -> Result<(), ()> {
+        if self.overflowed {
+            return Err(());
+        }
+        for (vni, subscribe) in self.subscriptions.drain(..) {
+            let msg = if subscribe {
+                Message::Subscribe(vni)
+            } else {
+                Message::Unsubscribe(vni)
+            };
+            encode_frame(&msg, out);
+        }
+        for (route, action) in self.routes.drain() {
+            encode_frame(&Message::Update { action, route }, out);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        let mut b = Backoff::new(min, max);
+        let first = b.next_delay();
+        assert!(first >= min / 2 && first <= min, "{first:?}");
+        let mut last = Duration::ZERO;
+        for _ in 0..30 {
+            last = b.next_delay();
+            assert!(last <= max);
+        }
+        assert!(last >= max / 2, "{last:?}");
+        b.reset();
+        assert!(b.next_delay() <= min);
+    }
+}

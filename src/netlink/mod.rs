@@ -1,0 +1,571 @@
+//! The netlink shard: installs the client's present routes as kernel routes.
+//!
+//! Owns: one thread with one rtnetlink socket (opened in the caller's network
+//! namespace), the desired route set per (table, prefix), coalescing of
+//! changes, start-up checks (tunnel device, CAP_NET_ADMIN, a probe nexthop
+//! object), deletion of stale protocol-254 routes and nexthop objects at start,
+//! and `--cleanup` at exit.
+//!
+//! Must never: block the caller on the kernel. `KernelRouteSink::add`/`remove`
+//! only update the desired set under a short lock and wake the shard; a burst
+//! of changes to one prefix costs the kernel one route message. Memory is
+//! bounded by the number of present routes, never by churn.
+//!
+//! ```text
+//!  session threads ──add/remove──> DesiredRoutes (Mutex: per key next-hop
+//!    (RouteSink)                   counts + dirty keys) ──wake (bounded 1)──┐
+//!                                                                           v
+//!                    kernel <──batches, acks── shard thread: take dirty keys,
+//!                                              InstalledRoutes::apply, report
+//!                                              applied generation (flush)
+//! ```
+//!
+//! Mapping: a present route (VNI, prefix, next hop) becomes next hop
+//! `encap ip6 dst <target> dev <tun>` of route `prefix` in the VNI's table.
+//! Several present routes with the same target address (e.g. NAT ranges)
+//! are one kernel next hop. Routes of unmapped VNIs are logged once.
+
+pub mod nexthop;
+pub mod routes;
+pub mod socket;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::CString;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+
+use crate::types::{NextHop, Vni};
+use nexthop::{NexthopMessage, AF_INET6, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
+pub use routes::{RouteTable, PROTOCOL_METALBOND};
+use routes::{RTM_GETROUTE, RTM_NEWROUTE};
+pub use socket::KernelError;
+use socket::{Request, RouteSocket};
+use state::InstalledRoutes;
+pub use state::{ApplyReport, RouteChange, RouteKey};
+
+/// What the shard needs to know, from `--install-routes`, `--tun`,
+/// `--ipv4-only` and `--cleanup`.
+#[derive(Clone, Debug)]
+pub struct KernelRoutesConfig {
+    /// VNI → routing table. Routes of other VNIs are not installed.
+    pub tables: BTreeMap<Vni, RouteTable>,
+    /// Name of the tunnel device every next hop leaves through.
+    pub device: String,
+    /// Skip IPv6 destinations.
+    pub ipv4_only: bool,
+    /// Delete our routes and nexthop objects when the shard shuts down.
+    pub cleanup_on_exit: bool,
+}
+
+/// Why the shard could not start (or stop cleanly). Start-up problems are
+/// found before the first route, with the cause named.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// `--tun` names no device in this network namespace.
+    #[error("tunnel device '{0}' does not exist (create it with: ip link add {0} type ip6tnl mode any external)")]
+    NoSuchDevice(String),
+    /// Installing routes needs CAP_NET_ADMIN.
+    #[error("installing kernel routes needs CAP_NET_ADMIN, which this process does not have")]
+    MissingCapability,
+    /// The rtnetlink socket failed.
+    #[error("rtnetlink socket: {0}")]
+    Socket(#[from] io::Error),
+    /// The kernel refused a test nexthop object on the device.
+    #[error("kernel refused a nexthop object 'encap ip6 dst ... dev {device}': {error}")]
+    Probe {
+        /// The tunnel device.
+        device: String,
+        /// What the kernel said.
+        error: KernelError,
+    },
+    /// The shard thread is gone (it panicked).
+    #[error("netlink shard thread stopped unexpectedly")]
+    ThreadGone,
+}
+
+/// Desired kernel state, written by sinks and taken by the shard.
+#[derive(Default)]
+struct DesiredRoutes {
+    /// Per route: underlay address → how many present routes use it.
+    routes: HashMap<RouteKey, BTreeMap<Ipv6Addr, u32>>,
+    /// Keys changed since the shard last looked.
+    dirty: HashSet<RouteKey>,
+    /// Bumped on every change; `flush` waits for the shard to reach it.
+    generation: u64,
+    /// Set by shutdown: the shard exits after its current batch.
+    shutdown: bool,
+}
+
+/// Shared between the handle, the sinks and the shard thread.
+struct Shared {
+    /// What we want in the kernel.
+    desired: Mutex<DesiredRoutes>,
+    /// What the kernel acknowledged (locked by the shard while applying).
+    installed: Mutex<InstalledRoutes>,
+    /// Generation of `desired` the kernel has caught up with.
+    applied: Mutex<u64>,
+    /// Signalled whenever `applied` moves.
+    applied_changed: Condvar,
+    /// Wakes the shard; capacity 1, a full channel already means "wake".
+    wake: Sender<()>,
+    /// VNI → table and family filter, for the sinks.
+    config: KernelRoutesConfig,
+    /// VNIs / addresses we already warned about (logged once).
+    warned: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Handle of the running shard. Dropping it shuts the shard down (running
+/// `--cleanup` if configured).
+pub struct KernelRoutes {
+    /// State shared with the thread and the sinks.
+    shared: Arc<Shared>,
+    /// The shard thread, joined on shutdown.
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Feeds present-route changes to the shard. Cheap to clone; never blocks
+/// on the kernel.
+#[derive(Clone)]
+pub struct KernelRouteSink {
+    /// The shard's shared state.
+    shared: Arc<Shared>,
+}
+
+impl KernelRoutes {
+    /// Checks the device and privileges, deletes stale routes and nexthop
+    /// objects of earlier runs, and starts the shard thread. The netlink
+    /// socket belongs to the calling thread's network namespace.
+    pub fn start(config: KernelRoutesConfig) -> Result<KernelRoutes, NetlinkError> {
+        let oif = device_index(&config.device)?;
+        if !has_net_admin() {
+            return Err(NetlinkError::MissingCapability);
+        }
+        let mut socket = RouteSocket::open()?;
+        let tables: HashSet<RouteTable> = config.tables.values().copied().collect();
+        let foreign = remove_stale(&mut socket, &tables)?;
+        let mut installed = InstalledRoutes::new(oif, foreign);
+        probe(&mut socket, &mut installed, oif, &config.device)?;
+        let (wake, woken) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            desired: Mutex::new(DesiredRoutes::default()),
+            installed: Mutex::new(installed),
+            applied: Mutex::new(0),
+            applied_changed: Condvar::new(),
+            wake,
+            config,
+            warned: Mutex::new(HashSet::new()),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("netlink-shard".into())
+            .spawn(move || shard_loop(thread_shared, socket, woken))?;
+        tracing::info!(
+            device = %shared.config.device,
+            tables = ?shared.config.tables,
+            "kernel route installation ready"
+        );
+        Ok(KernelRoutes {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A sink for present-route changes.
+    pub fn sink(&self) -> KernelRouteSink {
+        KernelRouteSink {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Waits until every change made so far has been applied to the kernel
+    /// (or refused and logged). `false` on timeout.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let target = lock(&self.shared.desired).generation;
+        let deadline = Instant::now() + timeout;
+        let mut applied = lock(&self.shared.applied);
+        while *applied < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return false;
+            }
+            applied = self
+                .shared
+                .applied_changed
+                .wait_timeout(applied, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The routes the kernel acknowledged, with their next hops.
+    pub fn installed(&self) -> Vec<RouteChange> {
+        lock(&self.shared.installed).snapshot()
+    }
+
+    /// Stops the shard; with `cleanup_on_exit`, deletes our routes and
+    /// nexthop objects first.
+    pub fn shutdown(mut self) -> Result<(), NetlinkError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), NetlinkError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        lock(&self.shared.desired).shutdown = true;
+        let _ = self.shared.wake.try_send(());
+        thread.join().map_err(|_| NetlinkError::ThreadGone)
+    }
+}
+
+impl Drop for KernelRoutes {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!("netlink shard: {e}");
+        }
+    }
+}
+
+impl KernelRouteSink {
+    /// A present route appeared.
+    pub fn add(&self, vni: Vni, destination: IpNet, next_hop: &NextHop) {
+        self.change(vni, destination, next_hop, true);
+    }
+
+    /// A present route disappeared.
+    pub fn remove(&self, vni: Vni, destination: IpNet, next_hop: &NextHop) {
+        self.change(vni, destination, next_hop, false);
+    }
+
+    fn warn_once(&self, what: String, message: &str) {
+        if lock(&self.shared.warned).insert(what.clone()) {
+            tracing::warn!("{message}: {what}");
+        }
+    }
+
+    fn change(&self, vni: Vni, destination: IpNet, next_hop: &NextHop, add: bool) {
+        let config = &self.shared.config;
+        let Some(table) = config.tables.get(&vni).copied() else {
+            self.warn_once(
+                format!("vni {vni}"),
+                "routes of a VNI without --install-routes mapping are not installed",
+            );
+            return;
+        };
+        if config.ipv4_only && matches!(destination, IpNet::V6(_)) {
+            tracing::debug!(%vni, %destination, "IPv6 destination skipped (--ipv4-only)");
+            return;
+        }
+        let IpAddr::V6(target) = next_hop.target else {
+            self.warn_once(
+                next_hop.target.to_string(),
+                "next hop is not IPv6 and cannot be an ip6 encap destination; not installed",
+            );
+            return;
+        };
+        let key = RouteKey {
+            table,
+            prefix: destination.trunc(),
+        };
+        {
+            let mut desired = lock(&self.shared.desired);
+            if add {
+                *desired
+                    .routes
+                    .entry(key)
+                    .or_default()
+                    .entry(target)
+                    .or_insert(0) += 1;
+            } else {
+                let Some(hops) = desired.routes.get_mut(&key) else {
+                    return;
+                };
+                match hops.get_mut(&target) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        hops.remove(&target);
+                    }
+                    None => return,
+                }
+                if hops.is_empty() {
+                    desired.routes.remove(&key);
+                }
+            }
+            desired.dirty.insert(key);
+            desired.generation += 1;
+        }
+        let _ = self.shared.wake.try_send(());
+    }
+}
+
+/// The shard thread: waits for changes, applies them in batches.
+fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
+    loop {
+        // Every sender lives in `shared`, so recv only fails if that is gone.
+        match woken.recv_timeout(HEALTH_CHECK_INTERVAL) {
+            Ok(()) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                health_check(&shared, &mut socket);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        let (changes, generation, shutdown) = {
+            let mut desired = lock(&shared.desired);
+            let dirty = std::mem::take(&mut desired.dirty);
+            let mut changes: Vec<RouteChange> = dirty
+                .into_iter()
+                .map(|key| RouteChange {
+                    key,
+                    next_hops: desired
+                        .routes
+                        .get(&key)
+                        .map(|h| h.keys().copied().collect())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            changes.sort_by_key(|a| a.key);
+            (changes, desired.generation, desired.shutdown)
+        };
+        if !changes.is_empty() && !shutdown {
+            let started = Instant::now();
+            let result = lock(&shared.installed).apply(&mut socket, &changes);
+            match result {
+                Ok(report) => tracing::debug!(
+                    changes = changes.len(),
+                    ?report,
+                    elapsed = ?started.elapsed(),
+                    "kernel routes updated"
+                ),
+                Err(e) => {
+                    tracing::error!(
+                        "netlink socket failed, {} changes will be retried: {e}",
+                        changes.len()
+                    );
+                    // Put the keys back so the next wake-up retries them.
+                    lock(&shared.desired)
+                        .dirty
+                        .extend(changes.iter().map(|c| c.key));
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = shared.wake.try_send(());
+                    continue;
+                }
+            }
+        }
+        if shutdown {
+            if shared.config.cleanup_on_exit {
+                cleanup(&shared, &mut socket);
+            }
+            *lock(&shared.applied) = generation;
+            shared.applied_changed.notify_all();
+            return;
+        }
+        *lock(&shared.applied) = generation;
+        shared.applied_changed.notify_all();
+    }
+}
+
+/// How often the shard checks that the kernel still has our nexthop objects
+/// and retries routes the kernel refused.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The kernel flushes nexthop objects (and the routes using them) when the
+/// tunnel device goes down or loses carrier. Finds that out, sweeps what is
+/// left of ours and re-installs every desired route; also retries routes
+/// the kernel refused earlier.
+fn health_check(shared: &Shared, socket: &mut RouteSocket) {
+    let ids = match socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump()) {
+        Ok(replies) => replies
+            .iter()
+            .filter_map(|p| NexthopMessage::parse(p).ok())
+            .filter_map(|m| m.id())
+            .collect::<HashSet<u32>>(),
+        Err(e) => {
+            tracing::warn!("nexthop dump for the health check failed: {e}");
+            return;
+        }
+    };
+    let mut installed = lock(&shared.installed);
+    let lost = installed
+        .object_ids()
+        .iter()
+        .filter(|id| !ids.contains(id))
+        .count();
+    let mut retry = installed.failing_keys();
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            device = %shared.config.device,
+            "the kernel dropped nexthop objects of ours (tunnel device down?); re-installing every route"
+        );
+        let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+        match remove_stale(socket, &tables) {
+            Ok(foreign) => installed.reset(foreign),
+            Err(e) => {
+                tracing::error!("sweep before re-install failed: {e}");
+                return;
+            }
+        }
+        retry = lock(&shared.desired).routes.keys().copied().collect();
+    }
+    drop(installed);
+    if !retry.is_empty() {
+        lock(&shared.desired).dirty.extend(retry);
+        let _ = shared.wake.try_send(());
+    }
+}
+
+/// `--cleanup`: delete every route and object we installed, then sweep for
+/// anything of ours the state does not know about.
+fn cleanup(shared: &Shared, socket: &mut RouteSocket) {
+    let mut installed = lock(&shared.installed);
+    let changes: Vec<RouteChange> = installed
+        .keys()
+        .into_iter()
+        .map(|key| RouteChange {
+            key,
+            next_hops: Vec::new(),
+        })
+        .collect();
+    match installed.apply(socket, &changes) {
+        Ok(report) => tracing::info!(
+            routes = report.deleted,
+            objects = report.objects_deleted,
+            "cleanup: deleted our kernel routes"
+        ),
+        Err(e) => tracing::error!("cleanup failed: {e}"),
+    }
+    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    if let Err(e) = remove_stale(socket, &tables) {
+        tracing::error!("cleanup sweep failed: {e}");
+    }
+}
+
+fn device_index(name: &str) -> Result<u32, NetlinkError> {
+    let c = CString::new(name).map_err(|_| NetlinkError::NoSuchDevice(name.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        Err(NetlinkError::NoSuchDevice(name.into()))
+    } else {
+        Ok(index)
+    }
+}
+
+/// Reads the effective capability set of this process (bit 12 = NET_ADMIN).
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true; // cannot tell; the probe will find out
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Creates and deletes one nexthop object on the device, so a kernel or
+/// device that cannot do `encap ip6` fails at start, not at the first route.
+fn probe(
+    socket: &mut RouteSocket,
+    installed: &mut InstalledRoutes,
+    oif: u32,
+    device: &str,
+) -> Result<(), NetlinkError> {
+    let id = installed.allocate_id();
+    let create =
+        NexthopMessage::encap_ip6(AF_INET6, id, oif, Ipv6Addr::LOCALHOST, PROTOCOL_METALBOND);
+    let verdicts = socket.execute(&[
+        Request::new(RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_EXCL, &create),
+        Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(id)),
+    ])?;
+    match verdicts.into_iter().next() {
+        Some(Err(error)) if error.errno == libc::EPERM => Err(NetlinkError::MissingCapability),
+        Some(Err(error)) => Err(NetlinkError::Probe {
+            device: device.into(),
+            error,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes protocol-254 routes in `tables` and every protocol-254 nexthop
+/// object (what an earlier run left behind). Returns the ids of nexthop
+/// objects that are not ours, which must never be reused.
+fn remove_stale(
+    socket: &mut RouteSocket,
+    tables: &HashSet<RouteTable>,
+) -> Result<HashSet<u32>, NetlinkError> {
+    let stale_routes: Vec<routes::DumpedRoute> = socket
+        .dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request())?
+        .iter()
+        .filter_map(|p| routes::parse_dumped(p))
+        .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
+        .collect();
+    let requests: Vec<Request> = stale_routes
+        .iter()
+        .map(|r| routes::delete_route(r.table, r.prefix))
+        .collect();
+    let mut deleted = 0;
+    for (route, verdict) in stale_routes.iter().zip(socket.execute(&requests)?) {
+        match verdict {
+            Ok(()) => deleted += 1,
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::error!(prefix = %route.prefix, table = %route.table, error = %e, "cannot delete stale route")
+            }
+        }
+    }
+
+    let mut foreign = HashSet::new();
+    let mut ours_groups = Vec::new();
+    let mut ours_single = Vec::new();
+    for payload in socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump())? {
+        let Ok(msg) = NexthopMessage::parse(&payload) else {
+            continue;
+        };
+        let Some(id) = msg.id() else { continue };
+        if msg.header.protocol != PROTOCOL_METALBOND {
+            foreign.insert(id);
+        } else if msg.is_group() {
+            ours_groups.push(id);
+        } else {
+            ours_single.push(id);
+        }
+    }
+    let objects = ours_groups.len() + ours_single.len();
+    for ids in [ours_groups, ours_single] {
+        let requests: Vec<Request> = ids
+            .iter()
+            .map(|id| Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(*id)))
+            .collect();
+        for (id, verdict) in ids.iter().zip(socket.execute(&requests)?) {
+            if let Err(e) = verdict {
+                if !e.is_not_found() {
+                    tracing::error!(id, error = %e, "cannot delete stale nexthop object");
+                }
+            }
+        }
+    }
+    if deleted > 0 || objects > 0 {
+        tracing::info!(
+            routes = deleted,
+            objects,
+            "deleted stale protocol-254 routes and nexthop objects"
+        );
+    }
+    Ok(foreign)
+}
