@@ -400,8 +400,12 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
     let phases = outcome?;
     let (diffs, established) = verified?;
 
+    // Lost sessions first: they explain most of what follows them.
+    let (lost, rest): (Vec<_>, Vec<_>) = diffs
+        .iter()
+        .partition(|d| matches!(d, checker::Difference::SessionLost { .. }));
     let mut differences: Vec<String> = ctl.findings.clone();
-    differences.extend(diffs.iter().map(ToString::to_string));
+    differences.extend(lost.iter().chain(rest.iter()).map(ToString::to_string));
     let difference_count = differences.len();
     differences.truncate(MAX_LISTED);
     let passed = difference_count == 0 && phases.iter().all(|p| p.converged);

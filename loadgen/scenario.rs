@@ -41,6 +41,8 @@ struct Snapshot {
     removes: u64,
     /// UPDATEs sent so far.
     sent: u64,
+    /// Sessions lost so far.
+    lost: usize,
 }
 
 /// Runs phases by commanding the shards.
@@ -356,6 +358,7 @@ impl Controller {
             adds: c.adds.load(Ordering::Relaxed),
             removes: c.removes.load(Ordering::Relaxed),
             sent: c.sent_updates.load(Ordering::Relaxed),
+            lost: c.lost.load(Ordering::Relaxed),
         }
     }
 
@@ -398,6 +401,16 @@ impl Controller {
                 }
             } else {
                 reached = None;
+            }
+            if snap.lost > phase.base.lost {
+                // A lost session cannot come back: the phase can no longer
+                // converge, so stop waiting (the final check names it).
+                self.findings.push(format!(
+                    "phase {}: {} session(s) lost, stopped waiting for convergence",
+                    phase.name,
+                    snap.lost - phase.base.lost
+                ));
+                break false;
             }
             if now >= self.shared.deadline {
                 self.time_limit_hit = true;

@@ -213,7 +213,8 @@ impl OutQueue {
             }
             _ => {
                 if self.segments.back().is_none_or(|s| s.len() >= SEGMENT) {
-                    self.segments.push_back(Vec::with_capacity(SEGMENT + 256));
+                    // Grows as needed: most peers queue a few frames, not 64 KiB.
+                    self.segments.push_back(Vec::new());
                 }
                 if let Some(seg) = self.segments.back_mut() {
                     encode_frame(msg, seg);

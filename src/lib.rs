@@ -9,10 +9,12 @@
 //! - `server`: the reflector (shards, VNI tables, fan-out).
 //! - `client`: sessions to servers, announcements, the embeddable library.
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
+//! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
 //! - `logging`: tracing set-up for the binaries.
 
 pub mod client;
 pub mod codec;
+pub mod http;
 pub mod logging;
 pub mod netlink;
 pub mod server;

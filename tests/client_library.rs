@@ -401,7 +401,7 @@ fn http_status_serves_present_routes_as_json() {
     }
     let http = metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &client).unwrap();
     let get = |path: &str| {
-        let mut conn = TcpStream::connect(http.local_addr).unwrap();
+        let mut conn = TcpStream::connect(http.local_addr()).unwrap();
         conn.set_read_timeout(Some(WAIT)).unwrap();
         write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
         let mut text = String::new();
@@ -413,7 +413,7 @@ fn http_status_serves_present_routes_as_json() {
     let body = json.split("\r\n\r\n").nth(1).unwrap();
     let doc: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(
-        doc["vnis"]["23"]["10.0.1.0/24"][0]["targetAddress"],
+        doc["vnet"]["23"]["10.0.1.0/24"][0]["TargetAddress"],
         "2001:db8::1"
     );
     assert!(get("/").contains("VNI 23"));

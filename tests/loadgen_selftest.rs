@@ -35,6 +35,9 @@ enum Bug {
     DuplicateAdd,
     /// Drop every 50th fan-out copy.
     LoseUpdates,
+    /// Close the first peer connection (id 1: loadgen probes with one plain
+    /// connection first) when it subscribes.
+    CloseFirstSession,
 }
 
 /// The reflector's table, under one lock.
@@ -218,6 +221,11 @@ fn serve(id: u64, conn: TcpStream, table: Arc<Mutex<Table>>, bug: Bug, stop: Arc
                     t.send(id, &m, Bug::None)
                 }
                 Ok(Reaction::Established { reply: None }) => {}
+                Ok(Reaction::Deliver(Message::Subscribe(_)))
+                    if bug == Bug::CloseFirstSession && id == 1 =>
+                {
+                    break 'conn
+                }
                 Ok(Reaction::Deliver(Message::Subscribe(v))) => t.subscribe(id, v, bug),
                 Ok(Reaction::Deliver(Message::Unsubscribe(v))) => {
                     if let Some(s) = t.subscribers.get_mut(&v) {
@@ -410,6 +418,21 @@ fn lost_updates_fail_the_run() {
     // The run cannot converge, so it ends at the limit and lists what is
     // missing.
     assert_fail_with(&loadgen(r.addr, &args), "missing");
+}
+
+#[test]
+fn a_lost_session_fails_the_run_without_waiting_for_the_time_limit() {
+    let r = Reflector::start(Bug::CloseFirstSession);
+    let t0 = Instant::now();
+    let mut args = vec!["fleet", "--time-limit", "25"];
+    args.extend_from_slice(FLEET);
+    let out = loadgen(r.addr, &args);
+    assert_fail_with(&out, "session lost");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]

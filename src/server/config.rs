@@ -23,7 +23,8 @@ pub struct ServerArgs {
     /// Number of shards (pinned executor threads); default: one per CPU.
     #[arg(long)]
     pub shards: Option<usize>,
-    /// Address for the HTTP status page (accepted, not served yet).
+    /// Address for the HTTP status pages and metrics (`/`, `/routes.json`,
+    /// `/routes.yaml`, `/peers`, `/metrics`).
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Per-peer output limit in bytes before a slow subscriber is switched to
@@ -100,7 +101,7 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     /// Number of shards (executor threads).
     pub shards: usize,
-    /// HTTP status address; stored for the HTTP work, not served yet.
+    /// HTTP status address (`server::run` serves `crate::http` there).
     pub http: Option<SocketAddr>,
     /// Connections served at once (see `ServerArgs::max_peers`).
     pub max_peers: usize,

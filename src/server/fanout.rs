@@ -10,6 +10,7 @@
 //! Must never: decide who subscribes, or touch sockets.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -36,6 +37,9 @@ pub struct FanoutBatch {
     pub frames: Bytes,
     /// Who originated which part, in order, covering `frames` exactly.
     pub runs: Arc<[OriginRun]>,
+    /// When the owner took the batch's first change: the start of the
+    /// fan-out latency the writers record (`metalbond_fanout_latency_seconds`).
+    pub born: Instant,
 }
 
 impl FanoutBatch {
@@ -95,6 +99,8 @@ pub struct FanoutBuilder {
     buf: BytesMut,
     /// Runs so far (the last one may still grow).
     runs: Vec<OriginRun>,
+    /// When the first frame of the current batch was pushed.
+    first_push: Option<Instant>,
 }
 
 impl FanoutBuilder {
@@ -115,6 +121,9 @@ impl FanoutBuilder {
 
     /// Appends one UPDATE frame caused by `origin`.
     pub fn push(&mut self, origin: Option<PeerId>, action: Action, route: Route) {
+        if self.first_push.is_none() {
+            self.first_push = Some(Instant::now());
+        }
         encode_frame(&Message::Update { action, route }, &mut self.buf);
         let end = self.buf.len() as u32;
         match self.runs.last_mut() {
@@ -134,7 +143,8 @@ impl FanoutBuilder {
     pub fn finish(&mut self) -> FanoutBatch {
         let frames = self.buf.split().freeze();
         let runs: Arc<[OriginRun]> = Arc::from(std::mem::take(&mut self.runs));
-        FanoutBatch { frames, runs }
+        let born = self.first_push.take().unwrap_or_else(Instant::now);
+        FanoutBatch { frames, runs, born }
     }
 }
 

@@ -212,11 +212,6 @@ impl Server {
             keepalive = ?handle.config.keepalive,
             "route reflector listening"
         );
-        if let Some(http) = handle.config.http {
-            // Hook for the HTTP status page (a later issue): the address is in
-            // `ServerConfig::http`; snapshots come from `routes()`/`peers()`.
-            tracing::warn!(%http, "--http is accepted but the HTTP status page is not served yet");
-        }
         Ok(handle)
     }
 }
@@ -291,6 +286,17 @@ impl ServerHandle {
         all
     }
 
+    /// Fan-out latency over all shards: from the owner taking the first
+    /// change of a batch to that batch being written to a subscriber's
+    /// socket, one observation per (batch, subscriber). Atomics only.
+    pub fn fanout_latency(&self) -> crate::http::HistogramView {
+        let mut view = crate::http::HistogramView::empty();
+        for c in &self.counters {
+            c.fanout_latency_into(&mut view);
+        }
+        view
+    }
+
     /// Every connected peer (sorted by shard, then address).
     pub fn peers(&self) -> Vec<PeerInfo> {
         let mut all: Vec<PeerInfo> = self.ask(Control::Peers).into_iter().flatten().collect();
@@ -356,11 +362,27 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Install the handler first, so a signal during start-up is not fatal.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Signal)?;
-    let handle = Server::start(ServerConfig::from(args))?;
+    let handle = Arc::new(Server::start(ServerConfig::from(args))?);
+    // `--http`: status pages on their own threads, reading the handle's
+    // atomics and snapshots (a bind failure stops the server: Drop).
+    let http = match handle.config().http {
+        Some(addr) => Some(crate::http::serve(
+            addr,
+            Arc::new(crate::http::ServerStatusSource::new(handle.clone())),
+        )?),
+        None => None,
+    };
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
     }
-    handle.shutdown();
+    // Stop the HTTP side first: it holds the other reference to the handle.
+    if let Some(http) = http {
+        http.shutdown();
+    }
+    match Arc::try_unwrap(handle) {
+        Ok(handle) => handle.shutdown(),
+        Err(shared) => drop(shared),
+    }
     tracing::info!("server stopped");
     Ok(())
 }

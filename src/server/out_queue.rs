@@ -17,6 +17,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -41,6 +42,9 @@ enum OutItem {
         frames: u32,
         /// HELLO/KEEPALIVE rather than UPDATEs (for the counters).
         control: bool,
+        /// Birth of the live fan-out batch these frames come from (`None`
+        /// for control frames, sync chunks and coalesced output).
+        born: Option<Instant>,
     },
     /// A SUBSCRIBE sync chunk for this VNI has been fully handed to the
     /// socket; the owner may send the next one.
@@ -79,6 +83,9 @@ pub struct WriteBatch {
     pub bytes: usize,
     /// Sync chunks completed once `parts` are written.
     pub sync_written: Vec<Vni>,
+    /// Births of the live fan-out batches in `parts` (one per batch), for
+    /// the fan-out latency histogram once they are written.
+    pub fanout_born: Vec<Instant>,
 }
 
 /// A peer's pending output.
@@ -152,6 +159,7 @@ impl OutQueue {
             bytes,
             frames: 1,
             control: true,
+            born: None,
         });
     }
 
@@ -168,7 +176,7 @@ impl OutQueue {
                 for (i, p) in parts.into_iter().enumerate() {
                     // Frame count is attributed to the last part.
                     let f = if i + 1 == n { frames as u32 } else { 0 };
-                    self.push_bytes(p, f);
+                    self.push_bytes(p, f, Some(batch.born));
                 }
                 return Ok(());
             }
@@ -195,7 +203,7 @@ impl OutQueue {
         let n = parts.len();
         for (i, p) in parts.into_iter().enumerate() {
             let f = if i + 1 == n { frames as u32 } else { 0 };
-            self.push_bytes(p, f);
+            self.push_bytes(p, f, None);
         }
         self.items.push_back(OutItem::SyncChunkWritten(vni));
     }
@@ -222,7 +230,13 @@ impl OutQueue {
                     bytes,
                     frames,
                     control,
+                    born,
                 }) => {
+                    if let Some(b) = born {
+                        if wb.fanout_born.last() != Some(&b) {
+                            wb.fanout_born.push(b);
+                        }
+                    }
                     wb.bytes += bytes.len();
                     wb.frames += frames as usize;
                     if !control {
@@ -252,7 +266,7 @@ impl OutQueue {
         self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
     }
 
-    fn push_bytes(&mut self, bytes: Bytes, frames: u32) {
+    fn push_bytes(&mut self, bytes: Bytes, frames: u32, born: Option<Instant>) {
         if bytes.is_empty() {
             return;
         }
@@ -261,6 +275,7 @@ impl OutQueue {
             bytes,
             frames,
             control: false,
+            born,
         });
     }
 
@@ -305,7 +320,7 @@ impl OutQueue {
                     frames += 1;
                 }
             }
-            self.push_bytes(buf.freeze(), frames);
+            self.push_bytes(buf.freeze(), frames, None);
         }
         if self.coalesced.is_empty() {
             self.coalescing = false;
@@ -370,6 +385,18 @@ mod tests {
             };
         }
         s
+    }
+
+    #[test]
+    fn live_batches_carry_their_birth_to_the_writer() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        let live = batch(&[(Action::Add, 1)]);
+        q.push_fanout(&live).unwrap();
+        q.push_control(&Message::Keepalive);
+        q.push_sync(&batch(&[(Action::Add, 2)]), Vni::new(1).unwrap());
+        let wb = q.take_for_write(1 << 20, 64);
+        // Only the live batch is timed; control frames and sync chunks are not.
+        assert_eq!(wb.fanout_born, vec![live.born]);
     }
 
     #[test]

@@ -579,6 +579,14 @@ async fn write_loop(
                     shard
                         .counters
                         .written(wb.frames, wb.updates, wb.bytes, calls);
+                    if !wb.fanout_born.is_empty() {
+                        let now = Instant::now();
+                        for born in &wb.fanout_born {
+                            shard
+                                .counters
+                                .fanout_written(now.saturating_duration_since(*born));
+                        }
+                    }
                 }
                 Err(reason) => {
                     conn.close(reason);

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::http::{HistogramView, LatencyHistogram};
 use crate::session::{CloseReason, SessionState};
 use crate::types::{IpNet, NextHop, Vni};
 
@@ -54,6 +55,9 @@ pub struct ShardCounters {
     connections_refused: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,
+    /// Time from the owner taking a change to the fan-out batch carrying it
+    /// being written to a subscriber of this shard (lock-free buckets).
+    fanout_latency: LatencyHistogram,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -119,6 +123,15 @@ impl ShardCounters {
     }
     pub(crate) fn connection_refused(&self) {
         add(&self.connections_refused, 1);
+    }
+
+    pub(crate) fn fanout_written(&self, latency: Duration) {
+        self.fanout_latency.record(latency);
+    }
+
+    /// Adds this shard's fan-out latency counts into `view`.
+    pub fn fanout_latency_into(&self, view: &mut HistogramView) {
+        self.fanout_latency.add_to(view);
     }
 
     /// A consistent-enough copy (each field read once, relaxed).

@@ -1,0 +1,412 @@
+//! What the HTTP status side shows, as plain data: the contract between the
+//! parts that own the state (server shards, client sessions) and the part that
+//! renders it (this `http` module).
+//!
+//! Owns: `RouteTableView`, `PeerView`, `MetricsView` and their pieces, and the
+//! JSON/YAML shape of `/routes.json` and `/routes.yaml` (the Go
+//! implementation's `date` / `vnet` / `metalbondVersion` document).
+//!
+//! Must never: hold references into live tables, lock anything, or know how
+//! the state was gathered. A view is a copy taken at one moment; building one
+//! is the state owner's job, rendering it is `http`'s.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Serialize, Serializer};
+
+use crate::session::SessionState;
+use crate::types::{IpNet, NextHop, NextHopKind, Vni};
+
+pub use super::histogram::HistogramView;
+
+/// Which binary is serving the status pages. Shown on the page and in
+/// `metalbond_build_info`, so that a dashboard can tell reflectors from
+/// hypervisor clients.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusRole {
+    /// `metalbond server`: the route reflector.
+    Server,
+    /// `metalbond client`: a hypervisor's announcer and route installer.
+    Client,
+}
+
+impl StatusRole {
+    /// Lower-case name ("server" / "client").
+    pub fn name(self) -> &'static str {
+        match self {
+            StatusRole::Server => "server",
+            StatusRole::Client => "client",
+        }
+    }
+}
+
+/// The route table at one moment, grouped by VNI then destination, every
+/// level sorted, so that two snapshots of the same table render identically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTableView {
+    /// One entry per VNI that has at least one route, ascending by VNI.
+    pub vnis: Vec<VniRoutesView>,
+}
+
+/// One VNI's routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VniRoutesView {
+    /// The overlay network.
+    pub vni: Vni,
+    /// Its destinations, ascending, each with at least one next hop.
+    pub destinations: Vec<DestinationView>,
+}
+
+/// One destination prefix and every next hop it is reachable through
+/// (several means ECMP on the client side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationView {
+    /// The overlay prefix (host bits cleared, as in `Route`).
+    pub prefix: IpNet,
+    /// Its next hops, ascending, no duplicates.
+    pub next_hops: Vec<NextHop>,
+}
+
+impl VniRoutesView {
+    /// Routes (destination, next hop pairs) in this VNI.
+    pub fn route_count(&self) -> usize {
+        self.destinations.iter().map(|d| d.next_hops.len()).sum()
+    }
+}
+
+impl RouteTableView {
+    /// Groups and sorts `(vni, destination, next hop)` triples in any order;
+    /// duplicates collapse (a route announced by two peers is one route).
+    pub fn from_routes(routes: impl IntoIterator<Item = (Vni, IpNet, NextHop)>) -> RouteTableView {
+        let mut grouped: BTreeMap<Vni, BTreeMap<IpNet, Vec<NextHop>>> = BTreeMap::new();
+        for (vni, prefix, hop) in routes {
+            grouped
+                .entry(vni)
+                .or_default()
+                .entry(prefix.trunc())
+                .or_default()
+                .push(hop);
+        }
+        RouteTableView {
+            vnis: grouped
+                .into_iter()
+                .map(|(vni, dests)| VniRoutesView {
+                    vni,
+                    destinations: dests
+                        .into_iter()
+                        .map(|(prefix, mut next_hops)| {
+                            next_hops.sort_unstable();
+                            next_hops.dedup();
+                            DestinationView { prefix, next_hops }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Routes (destination, next hop pairs) across all VNIs.
+    pub fn route_count(&self) -> usize {
+        self.vnis.iter().map(VniRoutesView::route_count).sum()
+    }
+
+    /// Destinations across all VNIs.
+    pub fn destination_count(&self) -> usize {
+        self.vnis.iter().map(|v| v.destinations.len()).sum()
+    }
+
+    /// The `/routes.json` / `/routes.yaml` document for this table, stamped
+    /// with `date` and `version`.
+    pub fn document<'a>(&'a self, date: SystemTime, version: &'a str) -> RoutesDocument<'a> {
+        RoutesDocument {
+            date: format_date(date),
+            table: self,
+            version,
+        }
+    }
+}
+
+/// `/routes.json` and `/routes.yaml`: the Go implementation's document
+/// (`date`, `vnet` → VNI → destination → next hops, `metalbondVersion`), so
+/// scripts written against the existing implementation keep working.
+pub struct RoutesDocument<'a> {
+    /// "YYYY-MM-DD HH:MM:SS" in UTC, the Go implementation's layout.
+    date: String,
+    /// The table being rendered.
+    table: &'a RouteTableView,
+    /// Our version string.
+    version: &'a str,
+}
+
+impl Serialize for RoutesDocument<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut doc = s.serialize_struct("RoutesDocument", 3)?;
+        doc.serialize_field("date", &self.date)?;
+        doc.serialize_field("vnet", &VnetMap(self.table))?;
+        doc.serialize_field("metalbondVersion", self.version)?;
+        doc.end()
+    }
+}
+
+/// The `vnet` map: VNI → destination → next hops.
+struct VnetMap<'a>(&'a RouteTableView);
+
+impl Serialize for VnetMap<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.vnis.len()))?;
+        for v in &self.0.vnis {
+            map.serialize_entry(&v.vni.get(), &DestinationMap(&v.destinations))?;
+        }
+        map.end()
+    }
+}
+
+/// One VNI's destination → next hops map.
+struct DestinationMap<'a>(&'a [DestinationView]);
+
+impl Serialize for DestinationMap<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for d in self.0 {
+            let hops: Vec<NextHopDoc> = d.next_hops.iter().map(NextHopDoc::from).collect();
+            map.serialize_entry(&d.prefix.to_string(), &hops)?;
+        }
+        map.end()
+    }
+}
+
+/// A next hop as the Go implementation's JSON names its fields, with the
+/// type spelled as in the protobuf enum rather than as a number.
+#[derive(Serialize)]
+struct NextHopDoc {
+    /// Underlay address.
+    #[serde(rename = "TargetAddress")]
+    target_address: String,
+    /// VNI on the target side (0 when not meaningful).
+    #[serde(rename = "TargetVNI")]
+    target_vni: u32,
+    /// "STANDARD", "NAT" or "LOADBALANCER_TARGET".
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    /// First NAT port (0 unless NAT).
+    #[serde(rename = "NATPortRangeFrom")]
+    nat_from: u16,
+    /// Last NAT port (0 unless NAT).
+    #[serde(rename = "NATPortRangeTo")]
+    nat_to: u16,
+}
+
+impl From<&NextHop> for NextHopDoc {
+    fn from(h: &NextHop) -> NextHopDoc {
+        let (nat_from, nat_to) = match h.kind {
+            NextHopKind::Nat { from, to } => (from, to),
+            _ => (0, 0),
+        };
+        NextHopDoc {
+            target_address: h.target.to_string(),
+            target_vni: h.target_vni,
+            kind: kind_name(h.kind),
+            nat_from,
+            nat_to,
+        }
+    }
+}
+
+/// The protobuf enum name of a next hop's kind.
+pub fn kind_name(kind: NextHopKind) -> &'static str {
+    match kind {
+        NextHopKind::Standard => "STANDARD",
+        NextHopKind::Nat { .. } => "NAT",
+        NextHopKind::LoadBalancerTarget => "LOADBALANCER_TARGET",
+    }
+}
+
+/// "YYYY-MM-DD HH:MM:SS" in UTC (the Go implementation's `date` layout).
+pub fn format_date(t: SystemTime) -> String {
+    let rfc = humantime::format_rfc3339_seconds(t).to_string();
+    // "2026-11-25T11:13:31Z" → "2026-11-25 11:13:31"
+    rfc.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
+/// One peer as `/peers` shows it: who, in which state, on which shard, and
+/// how much it has exchanged with us.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerView {
+    /// Remote address (server), or the server's address as configured
+    /// (client; may be a host name).
+    pub address: String,
+    /// Session state, upper case as in PROTOCOL.md.
+    #[serde(serialize_with = "ser_state")]
+    pub state: SessionState,
+    /// Shard holding the connection (server only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
+    /// Negotiated keepalive interval (ours until the HELLO exchange);
+    /// `None` (null) where the role does not know it.
+    #[serde(rename = "keepalive_seconds", serialize_with = "ser_secs")]
+    pub keepalive: Option<Duration>,
+    /// Routes this peer announces (server: received from it; client: ours to it).
+    pub routes_announced: u64,
+    /// Routes received from this peer that are held now, where the role
+    /// tracks it per peer (client: routes this server gave us).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes_received: Option<u64>,
+    /// VNIs the peer is subscribed to (server) or we subscribed to (client).
+    #[serde(serialize_with = "ser_vnis")]
+    pub vnis_subscribed: Vec<Vni>,
+    /// Frames received from the peer; `None` (null) where the role does not count it.
+    pub frames_in: Option<u64>,
+    /// Bytes received from the peer; `None` (null) where the role does not count it.
+    pub bytes_in: Option<u64>,
+    /// Frames written to the peer; `None` (null) where the role does not count it.
+    pub frames_out: Option<u64>,
+    /// Bytes written to the peer; `None` (null) where the role does not count it.
+    pub bytes_out: Option<u64>,
+    /// Bytes queued for the peer and not yet written, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_bytes: Option<u64>,
+    /// When the connection was made (RFC 3339, UTC); `None` while not connected.
+    #[serde(serialize_with = "ser_time")]
+    pub connected_since: Option<SystemTime>,
+}
+
+fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(state.name())
+}
+
+fn ser_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        None => s.serialize_none(),
+        Some(d) if d.subsec_nanos() == 0 => s.serialize_u64(d.as_secs()),
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+    }
+}
+
+fn ser_vnis<S: Serializer>(vnis: &[Vni], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(vnis.iter().map(|v| v.get()))
+}
+
+fn ser_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Every number `/metrics` exposes, as values copied at one moment.
+///
+/// Typed fields for what every fleet dashboard needs (so nothing on the
+/// issue's list can be forgotten silently), `Option` where only one role has
+/// it, and `extra` for the counters a role wants to add without changing this
+/// contract.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsView {
+    /// Peers per session state (`metalbond_peers{state}`): a
+    /// `SessionState::name()`, or "HANDSHAKE" where a role only counts
+    /// "not yet established". Include states with zero peers that a
+    /// dashboard would plot (ESTABLISHED at least).
+    pub peers_by_state: Vec<(String, u64)>,
+    /// Routes per VNI (`metalbond_vni_routes{vni}`).
+    pub routes_per_vni: Vec<(Vni, u64)>,
+    /// Routes in all VNIs (`metalbond_routes`).
+    pub routes_total: u64,
+    /// UPDATE messages received (`metalbond_updates_received_total`).
+    /// `None` only where a role does not count them (the family is then
+    /// left out rather than shown as a false zero).
+    pub updates_in: Option<u64>,
+    /// UPDATE messages sent (`metalbond_updates_sent_total`).
+    pub updates_out: Option<u64>,
+    /// Frames written, all types (`metalbond_frames_written_total`).
+    pub frames_written: Option<u64>,
+    /// Bytes written (`metalbond_bytes_written_total`).
+    pub bytes_written: Option<u64>,
+    /// Frames read, where counted (`metalbond_frames_read_total`).
+    pub frames_read: Option<u64>,
+    /// Bytes read, where counted (`metalbond_bytes_read_total`).
+    pub bytes_read: Option<u64>,
+    /// Sessions ended, by `CloseReason::label()` or a role-specific cause
+    /// (`metalbond_disconnects_total{reason}`).
+    pub disconnects_by_reason: Vec<(String, u64)>,
+    /// Time from an UPDATE's arrival to its copies being written
+    /// (`metalbond_fanout_latency_seconds`); server only.
+    pub fanout_latency: Option<HistogramView>,
+    /// Queue depths (`metalbond_queue_depth{queue}`), e.g. bytes queued to
+    /// peers or batches waiting between shards.
+    pub queue_depths: Vec<QueueDepth>,
+    /// Kernel route operations; client only (`None` on the server).
+    pub netlink: Option<NetlinkView>,
+    /// Further families a role exposes (reconnects, coalescing, ...).
+    pub extra: Vec<MetricFamily>,
+}
+
+/// One queue's depth at the snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueDepth {
+    /// What is queued where, e.g. "peer_out_bytes" or "shard_inbox".
+    pub queue: String,
+    /// The shard the queue belongs to, when queues are per shard.
+    pub shard: Option<usize>,
+    /// Items (or bytes, as the queue name says) waiting.
+    pub depth: u64,
+}
+
+/// Netlink work done by the client, per operation ("route_add",
+/// "route_del", "nexthop_add", ...).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetlinkView {
+    /// Requests sent and acknowledged, per operation
+    /// (`metalbond_netlink_operations_total{op}`).
+    pub operations: Vec<(String, u64)>,
+    /// Requests the kernel refused, per operation
+    /// (`metalbond_netlink_errors_total{op}`).
+    pub errors: Vec<(String, u64)>,
+}
+
+/// Whether a family only grows (counter) or goes up and down (gauge).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MetricKind {
+    /// Monotonic since start; name should end in `_total`.
+    Counter,
+    /// A current level.
+    Gauge,
+}
+
+/// A free-form family for `MetricsView::extra`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricFamily {
+    /// Metric name; invalid characters are replaced by `_` when rendered.
+    pub name: String,
+    /// One-line description for `# HELP`.
+    pub help: String,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The samples: label pairs and value.
+    pub samples: Vec<MetricSample>,
+}
+
+/// One sample of a `MetricFamily`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricSample {
+    /// Label name/value pairs (names sanitised, values escaped when rendered).
+    pub labels: Vec<(String, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+impl MetricFamily {
+    /// A family with a single unlabelled sample.
+    pub fn single(name: &str, help: &str, kind: MetricKind, value: f64) -> MetricFamily {
+        MetricFamily {
+            name: name.to_string(),
+            help: help.to_string(),
+            kind,
+            samples: vec![MetricSample {
+                labels: Vec::new(),
+                value,
+            }],
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! `StatusSource` for the route reflector: turns `ServerHandle`'s counters
+//! and snapshots into the status views.
+//!
+//! Owns: the mapping from `ServerStats` / `PeerInfo` / `VniRoutes` to
+//! `MetricsView` / `PeerView` / `RouteTableView`, and the cache that keeps
+//! per-VNI route counts from costing a table copy on every scrape.
+//!
+//! Must never: call into the shards more than the handle's own snapshot
+//! methods do (counters are atomics; `routes()` and `peers()` are one
+//! control message per shard, answered between two tasks).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::server::{PeerInfo, ServerHandle};
+use crate::session::SessionState;
+use crate::types::Vni;
+
+use super::model::{
+    MetricFamily, MetricKind, MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole,
+};
+use super::StatusSource;
+
+/// How long per-VNI route counts for `/metrics` are reused. The total comes
+/// from the shards' atomics and is always current.
+pub const VNI_COUNTS_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// Route count per VNI, ascending by VNI.
+type VniCounts = Vec<(Vni, u64)>;
+
+/// The reflector as the status pages see it.
+pub struct ServerStatusSource {
+    /// The running server (shared with `server::run`, which shuts it down
+    /// after the HTTP side has stopped).
+    handle: Arc<ServerHandle>,
+    /// Per-VNI route counts and when they were taken.
+    vni_counts: Mutex<Option<(Instant, VniCounts)>>,
+}
+
+impl ServerStatusSource {
+    /// Status of `handle`.
+    pub fn new(handle: Arc<ServerHandle>) -> ServerStatusSource {
+        ServerStatusSource {
+            handle,
+            vni_counts: Mutex::new(None),
+        }
+    }
+
+    fn routes_per_vni(&self) -> VniCounts {
+        let mut slot = match self.vni_counts.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((at, counts)) = slot.as_ref() {
+            if at.elapsed() < VNI_COUNTS_MAX_AGE {
+                return counts.clone();
+            }
+        }
+        let counts: VniCounts = self
+            .handle
+            .routes()
+            .iter()
+            .map(|v| (v.vni, v.routes.len() as u64))
+            .collect();
+        *slot = Some((Instant::now(), counts.clone()));
+        counts
+    }
+}
+
+impl StatusSource for ServerStatusSource {
+    fn role(&self) -> StatusRole {
+        StatusRole::Server
+    }
+
+    fn routes(&self) -> RouteTableView {
+        RouteTableView::from_routes(
+            self.handle
+                .routes()
+                .into_iter()
+                .flat_map(|v| v.routes.into_iter().map(move |(d, h)| (v.vni, d, h))),
+        )
+    }
+
+    fn peers(&self) -> Vec<PeerView> {
+        self.handle.peers().into_iter().map(peer_view).collect()
+    }
+
+    fn metrics(&self) -> MetricsView {
+        let stats = self.handle.stats();
+        let peers = self.handle.peers();
+        let sum = |f: fn(&crate::server::ShardStats) -> u64| stats.sum(f);
+
+        let mut queue_depths = Vec::new();
+        for shard in &stats.shards {
+            let on_shard = peers.iter().filter(|p| p.shard == shard.shard);
+            let (bytes, coalesced) = on_shard.fold((0u64, 0u64), |(b, c), p| {
+                (b + p.queued_bytes as u64, c + p.coalesced_routes as u64)
+            });
+            queue_depths.push(QueueDepth {
+                queue: "peer_out_bytes".into(),
+                shard: Some(shard.shard),
+                depth: bytes,
+            });
+            queue_depths.push(QueueDepth {
+                queue: "peer_coalesced_routes".into(),
+                shard: Some(shard.shard),
+                depth: coalesced,
+            });
+        }
+
+        let d = |f: fn(&crate::server::DisconnectCounts) -> u64| {
+            stats.shards.iter().map(|s| f(&s.disconnects)).sum::<u64>()
+        };
+        let disconnects_by_reason = vec![
+            ("eof".to_string(), d(|x| x.eof)),
+            ("io".to_string(), d(|x| x.io)),
+            ("timeout".to_string(), d(|x| x.timeout)),
+            ("protocol".to_string(), d(|x| x.protocol)),
+            ("malformed".to_string(), d(|x| x.malformed)),
+            ("slow_peer".to_string(), d(|x| x.slow_peer)),
+            ("limit".to_string(), d(|x| x.limit)),
+            ("shutdown".to_string(), d(|x| x.shutdown)),
+        ];
+
+        let per_shard =
+            |name: &str, help: &str, kind: MetricKind, f: fn(&crate::server::ShardStats) -> u64| {
+                MetricFamily {
+                    name: name.to_string(),
+                    help: help.to_string(),
+                    kind,
+                    samples: stats
+                        .shards
+                        .iter()
+                        .map(|s| super::model::MetricSample {
+                            labels: vec![("shard".to_string(), s.shard.to_string())],
+                            value: f(s) as f64,
+                        })
+                        .collect(),
+                }
+            };
+
+        MetricsView {
+            peers_by_state: vec![
+                (
+                    SessionState::Established.name().to_string(),
+                    sum(|s| s.peers_established),
+                ),
+                ("HANDSHAKE".to_string(), sum(|s| s.peers_handshaking)),
+            ],
+            routes_per_vni: self.routes_per_vni(),
+            routes_total: sum(|s| s.routes),
+            updates_in: Some(sum(|s| s.updates_in)),
+            updates_out: Some(sum(|s| s.updates_out)),
+            frames_written: Some(sum(|s| s.frames_written)),
+            bytes_written: Some(sum(|s| s.bytes_written)),
+            frames_read: None,
+            bytes_read: None,
+            disconnects_by_reason,
+            fanout_latency: Some(self.handle.fanout_latency()),
+            queue_depths,
+            netlink: None,
+            extra: vec![
+                per_shard(
+                    "metalbond_connections_refused_total",
+                    "Connections accepted and closed at once because --max-peers was reached, per shard.",
+                    MetricKind::Counter,
+                    |s| s.connections_refused,
+                ),
+                per_shard(
+                    "metalbond_write_calls_total",
+                    "Write syscalls (vectored or not) to peers, per shard.",
+                    MetricKind::Counter,
+                    |s| s.write_calls,
+                ),
+                per_shard(
+                    "metalbond_coalesce_episodes_total",
+                    "Times a slow subscriber was switched to per-route coalescing, per shard.",
+                    MetricKind::Counter,
+                    |s| s.coalesce_episodes,
+                ),
+                per_shard(
+                    "metalbond_shard_batches_received_total",
+                    "Batches of changes received from other shards, per shard.",
+                    MetricKind::Counter,
+                    |s| s.shard_batches_in,
+                ),
+                per_shard(
+                    "metalbond_shard_routes",
+                    "Routes in the VNI tables each shard owns.",
+                    MetricKind::Gauge,
+                    |s| s.routes,
+                ),
+                per_shard(
+                    "metalbond_shard_peers",
+                    "Peers (any state) held by each shard.",
+                    MetricKind::Gauge,
+                    |s| s.peers_established + s.peers_handshaking,
+                ),
+            ],
+        }
+    }
+}
+
+fn peer_view(p: PeerInfo) -> PeerView {
+    PeerView {
+        address: p.addr.to_string(),
+        state: p.state,
+        shard: Some(p.shard),
+        keepalive: Some(p.keepalive),
+        routes_announced: p.routes_announced as u64,
+        routes_received: None,
+        vnis_subscribed: p.vnis_subscribed,
+        frames_in: Some(p.frames_in),
+        bytes_in: Some(p.bytes_in),
+        frames_out: Some(p.frames_out),
+        bytes_out: Some(p.bytes_out),
+        queued_bytes: Some(p.queued_bytes as u64),
+        connected_since: Some(p.connected_since),
+    }
+}

@@ -1,0 +1,547 @@
+//! The HTTP status side of the real route reflector: peers speak the
+//! protocol over loopback TCP, and what they did must show up in
+//! `/routes.json`, `/routes.yaml`, `/peers`, `/metrics` and in the page as a
+//! headless browser renders it. One test runs the `metalbond` binary itself
+//! with `--http` and stops it with SIGTERM.
+//!
+//! Every wait has a deadline; servers, peers, browsers and processes are
+//! stopped in `Drop` even when an assertion fails.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use metalbond::codec::{encode_frame, FrameDecoder, Message};
+use metalbond::http::{serve, HttpHandle, ServerStatusSource};
+use metalbond::server::{Server, ServerConfig, ServerHandle};
+use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+
+/// Bound for anything a test waits for (never reached when correct).
+const WAIT: Duration = Duration::from_secs(20);
+
+fn vni(n: u32) -> Vni {
+    Vni::new(n).unwrap()
+}
+
+/// A blocking protocol peer (the active side) on a real TCP connection,
+/// sending keepalives from a thread until dropped.
+struct Peer {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    stop: Arc<AtomicBool>,
+}
+
+impl Peer {
+    fn established(addr: SocketAddr) -> Peer {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut p = Peer {
+            stream,
+            decoder: FrameDecoder::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        p.send(&Message::Hello {
+            keepalive_secs: 5,
+            is_server: false,
+        });
+        assert!(matches!(
+            p.recv(),
+            Message::Hello {
+                is_server: true,
+                ..
+            }
+        ));
+        p.send(&Message::Keepalive);
+        assert_eq!(p.recv(), Message::Keepalive);
+        let mut w = p.stream.try_clone().unwrap();
+        let stop = p.stop.clone();
+        std::thread::spawn(move || {
+            let mut ka = BytesMut::new();
+            encode_frame(&Message::Keepalive, &mut ka);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                if w.write_all(&ka).is_err() {
+                    return;
+                }
+            }
+        });
+        p
+    }
+
+    fn send(&mut self, msg: &Message) {
+        let mut b = BytesMut::new();
+        encode_frame(msg, &mut b);
+        self.stream.write_all(&b).unwrap();
+    }
+
+    /// The next non-keepalive message after the handshake (or the HELLO /
+    /// first KEEPALIVE during it), within `WAIT`.
+    fn recv(&mut self) -> Message {
+        self.stream.set_read_timeout(Some(WAIT)).unwrap();
+        loop {
+            if let Some(m) = self.decoder.next_message().unwrap() {
+                return m;
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.stream.read(&mut buf).expect("read within WAIT");
+            assert!(n > 0, "server closed the connection");
+            self.decoder.extend(&buf[..n]);
+        }
+    }
+
+    fn recv_update(&mut self) -> (Action, Route) {
+        loop {
+            match self.recv() {
+                Message::Update { action, route } => return (action, route),
+                Message::Keepalive => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// An in-process reflector with the status side on it; both stopped on drop.
+struct Running {
+    server: Option<Arc<ServerHandle>>,
+    http: Option<HttpHandle>,
+    addr: SocketAddr,
+}
+
+impl Running {
+    fn start() -> Running {
+        let mut c = ServerConfig::new(vec!["127.0.0.1:0".parse().unwrap()]);
+        c.shards = 2;
+        c.pin_cpus = false;
+        let server = Arc::new(Server::start(c).unwrap());
+        let addr = server.local_addrs()[0];
+        let http = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(ServerStatusSource::new(server.clone())),
+        )
+        .unwrap();
+        Running {
+            server: Some(server),
+            http: Some(http),
+            addr,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.http.as_ref().unwrap().local_addr(),
+            path
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(h) = self.http.take() {
+            h.shutdown();
+        }
+        if let Some(s) = self.server.take() {
+            if let Ok(s) = Arc::try_unwrap(s) {
+                s.shutdown();
+            }
+        }
+    }
+}
+
+/// GET with a bound: (status, body).
+fn get(url: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .proxy(None)
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .unwrap();
+    (status, body)
+}
+
+/// Parses `/metrics` with a Prometheus text-format parser.
+fn scrape(url: &str) -> prometheus_parse::Scrape {
+    let (status, body) = get(url);
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`, if any.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))?;
+    match &sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Polls `f` until it returns `Some`, within `WAIT`.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn announced_route() -> Route {
+    let prefix: IpNet = "10.23.0.0/16".parse().unwrap();
+    let target: IpAddr = "2001:db8::23".parse().unwrap();
+    Route::new(
+        vni(23),
+        prefix,
+        NextHop {
+            target,
+            target_vni: 0,
+            kind: NextHopKind::Nat {
+                from: 2000,
+                to: 2999,
+            },
+        },
+    )
+}
+
+#[test]
+fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
+    let srv = Running::start();
+    let before = scrape(&srv.url("/metrics"));
+    let updates_in_before = value(&before, "metalbond_updates_received_total", &[]).unwrap();
+    let updates_out_before = value(&before, "metalbond_updates_sent_total", &[]).unwrap();
+    let eof_before = value(&before, "metalbond_disconnects_total", &[("reason", "eof")]).unwrap();
+    assert_eq!(
+        value(&before, "metalbond_build_info", &[("role", "server")]),
+        Some(1.0)
+    );
+
+    let mut subscriber = Peer::established(srv.addr);
+    subscriber.send(&Message::Subscribe(vni(23)));
+    let mut announcer = Peer::established(srv.addr);
+    let route = announced_route();
+    announcer.send(&Message::Update {
+        action: Action::Add,
+        route,
+    });
+    assert_eq!(subscriber.recv_update(), (Action::Add, route));
+
+    // /routes.json and /routes.yaml hold the route (snapshots are cached
+    // for up to a second, hence the polling).
+    let doc = eventually("route in /routes.json", || {
+        let (_, body) = get(&srv.url("/routes.json"));
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        doc["vnet"]["23"]["10.23.0.0/16"].is_array().then_some(doc)
+    });
+    let hop = &doc["vnet"]["23"]["10.23.0.0/16"][0];
+    assert_eq!(hop["TargetAddress"], "2001:db8::23");
+    assert_eq!(hop["Type"], "NAT");
+    assert_eq!(hop["NATPortRangeFrom"], 2000);
+    assert_eq!(hop["NATPortRangeTo"], 2999);
+    assert_eq!(doc["vnet"].as_object().unwrap().len(), 1);
+    let (_, yaml) = get(&srv.url("/routes.yaml"));
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    let hops = &yaml["vnet"][23]["10.23.0.0/16"];
+    assert_eq!(hops[0]["TargetAddress"].as_str(), Some("2001:db8::23"));
+    assert_eq!(hops[0]["Type"].as_str(), Some("NAT"));
+
+    // /peers: one subscriber of VNI 23, one announcer of one route.
+    let (_, peers) = get(&srv.url("/peers"));
+    let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    let peers = peers.as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    assert!(peers.iter().all(|p| p["state"] == "ESTABLISHED"));
+    assert!(peers.iter().all(|p| p["keepalive_seconds"] == 5));
+    let sub = peers
+        .iter()
+        .find(|p| p["vnis_subscribed"] == serde_json::json!([23]))
+        .expect("subscriber listed");
+    assert!(sub["frames_out"].as_u64().unwrap() >= 3); // HELLO, KEEPALIVE, UPDATE
+    let ann = peers
+        .iter()
+        .find(|p| p["routes_announced"] == 1)
+        .expect("announcer listed");
+    assert!(ann["bytes_in"].as_u64().unwrap() > 0);
+    assert!(ann["connected_since"].as_str().unwrap().ends_with('Z'));
+
+    // /metrics: the counters moved by exactly what the peers did.
+    let after = eventually("per-VNI count in /metrics", || {
+        let s = scrape(&srv.url("/metrics"));
+        (value(&s, "metalbond_vni_routes", &[("vni", "23")]) == Some(1.0)).then_some(s)
+    });
+    assert_eq!(value(&after, "metalbond_routes", &[]), Some(1.0));
+    assert_eq!(
+        value(&after, "metalbond_updates_received_total", &[]),
+        Some(updates_in_before + 1.0)
+    );
+    assert_eq!(
+        value(&after, "metalbond_updates_sent_total", &[]),
+        Some(updates_out_before + 1.0)
+    );
+    assert_eq!(
+        value(&after, "metalbond_peers", &[("state", "ESTABLISHED")]),
+        Some(2.0)
+    );
+    assert!(value(&after, "metalbond_frames_written_total", &[]).unwrap() >= 5.0);
+    assert!(value(&after, "metalbond_bytes_written_total", &[]).unwrap() > 0.0);
+    assert!(value(
+        &after,
+        "metalbond_queue_depth",
+        &[("queue", "peer_out_bytes")]
+    )
+    .is_some());
+    // The UPDATE copy to the subscriber was timed.
+    assert!(value(&after, "metalbond_fanout_latency_seconds_count", &[]).unwrap() >= 1.0);
+
+    // The announcer leaves: its route is withdrawn and the disconnect counted.
+    drop(announcer);
+    assert_eq!(subscriber.recv_update(), (Action::Remove, route));
+    let gone = eventually("disconnect counted", || {
+        let s = scrape(&srv.url("/metrics"));
+        (value(&s, "metalbond_disconnects_total", &[("reason", "eof")]) == Some(eof_before + 1.0))
+            .then_some(s)
+    });
+    assert_eq!(value(&gone, "metalbond_routes", &[]), Some(0.0));
+    assert_eq!(
+        value(&gone, "metalbond_peers", &[("state", "ESTABLISHED")]),
+        Some(1.0)
+    );
+}
+
+/// A headless Chromium run, killed and its profile removed on drop.
+struct Browser {
+    child: Option<Child>,
+    profile: std::path::PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The DOM of `url` as headless Chromium builds it, or why it cannot run.
+fn browser_dom(url: &str) -> Result<String, String> {
+    let installed = Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !installed {
+        return Err("chromium is not installed (.ci/run installs Debian's package)".into());
+    }
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let profile = std::env::temp_dir().join(format!(
+        "metalbond-http-server-chromium-{}-{stamp}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&profile).unwrap();
+    let mut browser = Browser {
+        child: None,
+        profile: profile.clone(),
+    };
+    let child = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    browser.child = Some(child);
+    let mut stdout = browser.child.as_mut().unwrap().stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut dom = String::new();
+        let _ = stdout.read_to_string(&mut dom);
+        dom
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = browser.child.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "chromium did not finish in 90 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    browser.child = None;
+    let dom = reader.join().unwrap();
+    assert!(status.success(), "chromium exited with {status}");
+    Ok(dom)
+}
+
+#[test]
+fn browser_shows_a_route_announced_to_the_reflector() {
+    let srv = Running::start();
+    let mut announcer = Peer::established(srv.addr);
+    let route = announced_route();
+    announcer.send(&Message::Update {
+        action: Action::Add,
+        route,
+    });
+    eventually("route in the table", || {
+        let (_, body) = get(&srv.url("/routes.json"));
+        body.contains("10.23.0.0/16").then_some(())
+    });
+    let dom = match browser_dom(&srv.url("/")) {
+        Ok(dom) => dom,
+        Err(why) => {
+            eprintln!("SKIPPED browser_shows_a_route_announced_to_the_reflector: {why}");
+            return;
+        }
+    };
+    assert!(dom.contains("<h3 id=\"vni-23\">VNI 23</h3>"), "DOM: {dom}");
+    assert!(
+        dom.contains(
+            "<td>10.23.0.0/16</td><td>2001:db8::23</td><td>NAT</td><td>0</td><td>2000-2999</td>"
+        ),
+        "DOM: {dom}"
+    );
+    assert!(dom.contains("<b id=\"route-count\">1</b>"), "DOM: {dom}");
+    drop(announcer);
+}
+
+/// A `metalbond` process, SIGKILLed on drop if still running.
+struct Process(Option<Child>);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn server_binary_serves_http_flag_and_stops_on_sigterm() {
+    let listen = free_port();
+    let http = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_metalbond"))
+        .args(["server", "--listen", &listen.to_string()])
+        .args(["--http", &http.to_string(), "--shards", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = Process(Some(child));
+    let metrics = eventually("the binary's /metrics", || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .proxy(None)
+            .build()
+            .into();
+        let mut resp = agent.get(format!("http://{http}/metrics")).call().ok()?;
+        resp.body_mut().read_to_string().ok()
+    });
+    let s = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(
+        value(&s, "metalbond_build_info", &[("role", "server")]),
+        Some(1.0)
+    );
+    let _peer = Peer::established(listen);
+    let (_, peers) = get(&format!("http://{http}/peers"));
+    assert!(peers.contains("ESTABLISHED"), "{peers}");
+
+    let pid = proc.0.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = proc.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    proc.0 = None;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn http_port_in_use_stops_the_binary_with_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = taken.local_addr().unwrap();
+    let listen = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_metalbond"))
+        .args(["server", "--listen", &listen.to_string()])
+        .args(["--http", &http.to_string(), "--shards", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut proc = Process(Some(child));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = proc.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    proc.0
+        .take()
+        .unwrap()
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(err.contains(&http.to_string()), "stderr: {err}");
+    assert!(err.contains("already in use"), "stderr: {err}");
+    drop(taken);
+}
