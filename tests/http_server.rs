@@ -12,8 +12,11 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+mod browser_support;
+
+use browser_support::browser_dom;
 use bytes::BytesMut;
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::http::{serve, HttpHandle, ServerStatusSource};
@@ -330,86 +333,6 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
         value(&gone, "metalbond_peers", &[("state", "ESTABLISHED")]),
         Some(1.0)
     );
-}
-
-/// A headless Chromium run, killed and its profile removed on drop.
-struct Browser {
-    child: Option<Child>,
-    profile: std::path::PathBuf,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-/// The DOM of `url` as headless Chromium builds it, or why it cannot run.
-fn browser_dom(url: &str) -> Result<String, String> {
-    let installed = Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !installed {
-        return Err("chromium is not installed (.ci/run installs Debian's package)".into());
-    }
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let profile = std::env::temp_dir().join(format!(
-        "metalbond-http-server-chromium-{}-{stamp}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&profile).unwrap();
-    let mut browser = Browser {
-        child: None,
-        profile: profile.clone(),
-    };
-    let child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    browser.child = Some(child);
-    let mut stdout = browser.child.as_mut().unwrap().stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut dom = String::new();
-        let _ = stdout.read_to_string(&mut dom);
-        dom
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = browser.child.as_mut().unwrap().try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "chromium did not finish in 90 s");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    browser.child = None;
-    let dom = reader.join().unwrap();
-    assert!(status.success(), "chromium exited with {status}");
-    Ok(dom)
 }
 
 #[test]

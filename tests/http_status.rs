@@ -7,13 +7,14 @@
 //! assertion fails.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+mod browser_support;
+
+use browser_support::browser_dom;
 use metalbond::http::{
     serve, HttpError, HttpHandle, LatencyHistogram, MetricFamily, MetricKind, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
@@ -528,106 +529,18 @@ fn port_in_use_is_a_clear_error_and_shutdown_frees_the_port() {
     }
 }
 
-/// A headless Chromium run, killed and its profile removed on drop.
-struct Browser {
-    child: Option<Child>,
-    profile: std::path::PathBuf,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-/// Finds Chromium, or says why the browser test cannot run.
-fn chromium() -> Result<String, String> {
-    for name in ["chromium", "chromium-browser"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {name}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if found {
-            return Ok(name.to_string());
-        }
-    }
-    Err("chromium is not installed (.ci/run installs Debian's package)".into())
-}
-
 #[test]
 fn page_loads_in_a_headless_browser() {
-    let bin = match chromium() {
-        Ok(b) => b,
+    let srv = Running::start();
+    let announced = route(77, "10.77.0.0/16", "2001:db8::77", NextHopKind::Standard, 0);
+    srv.fleet.announce(announced);
+    let dom = match browser_dom(&srv.url("/?vni=77")) {
+        Ok(dom) => dom,
         Err(why) => {
             eprintln!("SKIPPED page_loads_in_a_headless_browser: {why}");
             return;
         }
     };
-    let srv = Running::start();
-    let announced = route(77, "10.77.0.0/16", "2001:db8::77", NextHopKind::Standard, 0);
-    srv.fleet.announce(announced);
-
-    let profile = std::env::temp_dir().join(format!(
-        "metalbond-http-chromium-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&profile).unwrap();
-    let mut browser = Browser {
-        child: None,
-        profile: profile.clone(),
-    };
-    let child = Command::new(&bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(srv.url("/?vni=77"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    browser.child = Some(child);
-    let mut stdout = browser.child.as_mut().unwrap().stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut dom = String::new();
-        let _ = stdout.read_to_string(&mut dom);
-        dom
-    });
-
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = browser.child.as_mut().unwrap().try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chromium did not finish within 90 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    browser.child = None;
-    let dom = reader.join().unwrap();
-    assert!(status.success(), "chromium exited with {status}");
     // The DOM as the browser built it: the VNI heading and the route row.
     assert!(dom.contains("VNI 77"), "DOM: {dom}");
     assert!(

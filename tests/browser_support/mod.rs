@@ -1,0 +1,99 @@
+//! Headless Chromium for the HTTP page tests: load a URL, return the DOM the
+//! browser built. Shared by `http_server.rs` and `http_status.rs`.
+//!
+//! Owns: finding the browser, a fresh profile per run, the 90 s bound, and
+//! cleanup (the process is killed and the profile removed on drop, also when
+//! an assertion fails). Never silently passes: a missing browser is an `Err`
+//! the caller reports as a skip.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A headless Chromium run, killed and its profile removed on drop.
+struct Browser {
+    child: Option<Child>,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Finds Chromium, or says why a browser test cannot run.
+fn chromium() -> Result<&'static str, String> {
+    for name in ["chromium", "chromium-browser"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if found {
+            return Ok(name);
+        }
+    }
+    Err("chromium is not installed (.ci/run installs Debian's package)".into())
+}
+
+/// The DOM of `url` as headless Chromium builds it, or why it cannot run.
+pub fn browser_dom(url: &str) -> Result<String, String> {
+    let bin = chromium()?;
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let profile =
+        std::env::temp_dir().join(format!("metalbond-chromium-{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&profile).unwrap();
+    let mut browser = Browser {
+        child: None,
+        profile: profile.clone(),
+    };
+    let child = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    browser.child = Some(child);
+    let mut stdout = browser.child.as_mut().unwrap().stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut dom = String::new();
+        let _ = stdout.read_to_string(&mut dom);
+        dom
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = browser.child.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "chromium did not finish in 90 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    browser.child = None;
+    let dom = reader.join().unwrap();
+    assert!(status.success(), "chromium exited with {status}");
+    Ok(dom)
+}
