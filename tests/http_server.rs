@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod browser_support;
+mod http_support;
 
-use browser_support::browser_dom;
 use bytes::BytesMut;
+use http_support::{browser_dom, get};
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::http::{serve, HttpHandle, ServerStatusSource};
 use metalbond::server::{Server, ServerConfig, ServerHandle};
@@ -162,28 +162,9 @@ impl Drop for Running {
     }
 }
 
-/// GET with a bound: (status, body).
-fn get(url: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .proxy(None)
-        .build()
-        .into();
-    let mut resp = agent.get(url).call().unwrap();
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_string()
-        .unwrap();
-    (status, body)
-}
-
 /// Parses `/metrics` with a Prometheus text-format parser.
 fn scrape(url: &str) -> prometheus_parse::Scrape {
-    let (status, body) = get(url);
+    let (status, _, body) = get(url);
     assert_eq!(status, 200);
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
 }
@@ -256,7 +237,7 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     // /routes.json and /routes.yaml hold the route (snapshots are cached
     // for up to a second, hence the polling).
     let doc = eventually("route in /routes.json", || {
-        let (_, body) = get(&srv.url("/routes.json"));
+        let (_, _, body) = get(&srv.url("/routes.json"));
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         doc["vnet"]["23"]["10.23.0.0/16"].is_array().then_some(doc)
     });
@@ -266,14 +247,14 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     assert_eq!(hop["NATPortRangeFrom"], 2000);
     assert_eq!(hop["NATPortRangeTo"], 2999);
     assert_eq!(doc["vnet"].as_object().unwrap().len(), 1);
-    let (_, yaml) = get(&srv.url("/routes.yaml"));
+    let (_, _, yaml) = get(&srv.url("/routes.yaml"));
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
     let hops = &yaml["vnet"][23]["10.23.0.0/16"];
     assert_eq!(hops[0]["TargetAddress"].as_str(), Some("2001:db8::23"));
     assert_eq!(hops[0]["Type"].as_str(), Some("NAT"));
 
     // /peers: one subscriber of VNI 23, one announcer of one route.
-    let (_, peers) = get(&srv.url("/peers"));
+    let (_, _, peers) = get(&srv.url("/peers"));
     let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
     let peers = peers.as_array().unwrap();
     assert_eq!(peers.len(), 2);
@@ -345,7 +326,7 @@ fn browser_shows_a_route_announced_to_the_reflector() {
         route,
     });
     eventually("route in the table", || {
-        let (_, body) = get(&srv.url("/routes.json"));
+        let (_, _, body) = get(&srv.url("/routes.json"));
         body.contains("10.23.0.0/16").then_some(())
     });
     let dom = match browser_dom(&srv.url("/")) {
@@ -414,7 +395,7 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
         Some(1.0)
     );
     let _peer = Peer::established(listen);
-    let (_, peers) = get(&format!("http://{http}/peers"));
+    let (_, _, peers) = get(&format!("http://{http}/peers"));
     assert!(peers.contains("ESTABLISHED"), "{peers}");
 
     let pid = proc.0.as_ref().unwrap().id() as libc::pid_t;

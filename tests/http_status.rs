@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-mod browser_support;
+mod http_support;
 
-use browser_support::browser_dom;
+use http_support::{browser_dom, get};
 use metalbond::http::{
     serve, HttpError, HttpHandle, LatencyHistogram, MetricFamily, MetricKind, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
@@ -171,31 +171,6 @@ impl Drop for Running {
             h.shutdown();
         }
     }
-}
-
-/// GET with a 10 s bound: (status, content type, body).
-fn get(url: &str) -> (u16, String, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .proxy(None)
-        .build()
-        .into();
-    let mut resp = agent.get(url).call().unwrap();
-    let status = resp.status().as_u16();
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_string()
-        .unwrap();
-    (status, ctype, body)
 }
 
 fn sample_routes() -> Vec<Route> {

@@ -11,12 +11,14 @@
 //! Every run is bounded (loadgen's own time limit plus a kill guard) and the
 //! server is killed by a Drop guard whatever happens.
 
+mod loadgen_support;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use loadgen_support::{run_bounded, text};
 
 /// A running server process, killed when dropped.
 struct Server {
@@ -76,47 +78,17 @@ impl Drop for Server {
 
 /// Runs loadgen against `server`, with a kill guard beyond its time limit.
 fn loadgen(server: &Server, args: &[&str]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(args)
-        .args([
-            "--server",
-            &server.addr.to_string(),
-            "--server-pid",
-            &server.pid(),
-            "--time-limit",
-            "20",
-            "--quiet",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let done2 = done.clone();
-    let guard = thread::spawn(move || {
-        let t0 = Instant::now();
-        while !done2.load(Ordering::Relaxed) {
-            if t0.elapsed() > Duration::from_secs(60) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    done.store(true, Ordering::Relaxed);
-    let _ = guard.join();
-    out
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.args(args).args([
+        "--server",
+        &server.addr.to_string(),
+        "--server-pid",
+        &server.pid(),
+        "--time-limit",
+        "20",
+        "--quiet",
+    ]);
+    run_bounded(cmd)
 }
 
 /// Runs a scenario with --json and checks it passed; returns the record.

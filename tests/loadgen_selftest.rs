@@ -10,14 +10,18 @@
 //! directly, the crate's codec and `PeerSession` for framing and handshake.
 //! It must never be used for anything but these tests.
 
+mod loadgen_support;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use loadgen_support::{run_bounded, text};
 
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::session::{PeerSession, Reaction, Role};
@@ -255,35 +259,7 @@ fn loadgen(server: SocketAddr, args: &[&str]) -> Output {
     if !args.contains(&"--time-limit") {
         cmd.args(["--time-limit", "20"]);
     }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    // loadgen stops itself at its time limit; this is a second guard.
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let done2 = done.clone();
-    let guard = thread::spawn(move || {
-        let t0 = Instant::now();
-        while !done2.load(Ordering::Relaxed) {
-            if t0.elapsed() > Duration::from_secs(60) {
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    done.store(true, Ordering::Relaxed);
-    let _ = guard.join();
-    out
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    run_bounded(cmd)
 }
 
 fn assert_pass(out: &Output) {

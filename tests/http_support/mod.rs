@@ -1,7 +1,8 @@
-//! Headless Chromium for the HTTP page tests: load a URL, return the DOM the
-//! browser built. Shared by `http_server.rs` and `http_status.rs`.
+//! Client side of the HTTP status tests, shared by `http_server.rs` and
+//! `http_status.rs`: a bounded GET, and headless Chromium that loads a URL and
+//! returns the DOM the browser built.
 //!
-//! Owns: finding the browser, a fresh profile per run, the 90 s bound, and
+//! Owns: the GET's 10 s bound; finding the browser, a fresh profile per run, the 90 s bound, and
 //! cleanup (the process is killed and the profile removed on drop, also when
 //! an assertion fails). Never silently passes: a missing browser is an `Err`
 //! the caller reports as a skip.
@@ -10,6 +11,31 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
+
+/// GET with a 10 s bound: (status, content type, body).
+pub fn get(url: &str) -> (u16, String, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .proxy(None)
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .unwrap();
+    (status, ctype, body)
+}
 
 /// A headless Chromium run, killed and its profile removed on drop.
 struct Browser {
