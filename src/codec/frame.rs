@@ -36,6 +36,66 @@ pub fn encode_frame(msg: &Message, buf: &mut impl BufMut) -> usize {
     HEADER_LEN + len
 }
 
+/// Outgoing frames gathered for one write, with the counts a status page
+/// wants (frames, UPDATEs) kept as they are appended, so that nobody has to
+/// walk the bytes again to learn what was sent.
+#[derive(Default, Debug)]
+pub struct FrameBuffer {
+    /// The encoded frames, back to back.
+    bytes: Vec<u8>,
+    /// Frames in `bytes`.
+    frames: u64,
+    /// UPDATE frames among them.
+    updates: u64,
+}
+
+impl FrameBuffer {
+    /// An empty buffer with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> FrameBuffer {
+        FrameBuffer {
+            bytes: Vec::with_capacity(capacity),
+            frames: 0,
+            updates: 0,
+        }
+    }
+
+    /// Appends `msg` as one frame.
+    pub fn push(&mut self, msg: &Message) {
+        encode_frame(msg, &mut self.bytes);
+        self.frames += 1;
+        if msg.message_type() == MessageType::Update {
+            self.updates += 1;
+        }
+    }
+
+    /// The encoded frames.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Frames appended since the last `clear`.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// UPDATE frames appended since the last `clear`.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Nothing to write?
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Forgets the frames (after they were written), keeping the allocation.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.frames = 0;
+        self.updates = 0;
+    }
+}
+
 /// Turns a byte stream into messages.
 ///
 /// Feed it with `extend` as bytes arrive, then call `next_message` until it
@@ -126,5 +186,34 @@ mod tests {
         assert_eq!(d.next_frame().unwrap(), None);
         d.extend(&[2, 0, 0, 2]);
         assert!(matches!(d.next_frame(), Err(DecodeError::Version(2))));
+    }
+
+    #[test]
+    fn frame_buffer_counts_frames_and_updates_and_matches_encode_frame() {
+        let vni = crate::types::Vni::new(7).unwrap();
+        let route = crate::types::Route::new(
+            vni,
+            "10.0.0.0/24".parse().unwrap(),
+            crate::types::NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        let msgs = [
+            Message::Keepalive,
+            Message::Subscribe(vni),
+            Message::Update {
+                action: crate::types::Action::Add,
+                route,
+            },
+        ];
+        let mut buf = FrameBuffer::with_capacity(64);
+        let mut wire = Vec::new();
+        for m in &msgs {
+            buf.push(m);
+            encode_frame(m, &mut wire);
+        }
+        assert_eq!((buf.frames(), buf.updates()), (3, 1));
+        assert_eq!(buf.as_bytes(), &wire[..]);
+        buf.clear();
+        assert!(buf.is_empty());
+        assert_eq!((buf.frames(), buf.updates()), (0, 0));
     }
 }

@@ -12,5 +12,7 @@ pub mod frame;
 pub mod message;
 
 pub use error::DecodeError;
-pub use frame::{encode_frame, FrameDecoder, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, VERSION};
+pub use frame::{
+    encode_frame, FrameBuffer, FrameDecoder, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, VERSION,
+};
 pub use message::{Message, MessageType};
