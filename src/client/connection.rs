@@ -32,8 +32,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rand::Rng;
 
 use super::present::ServerId;
+use super::traffic::TrafficMeter;
 use super::{ClientInner, Outbox};
-use crate::codec::{encode_frame, FrameDecoder, Message};
+use crate::codec::{FrameBuffer, FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use crate::types::{Action, Route};
 
@@ -109,7 +110,9 @@ pub(super) fn run_server(
                 generation += 1;
                 last_error.clear();
                 inner.with_slot(id, |slot| slot.stream = stream.try_clone().ok());
+                let meter = inner.connected(id);
                 let mut link = Link {
+                    meter,
                     inner: &inner,
                     id,
                     address: &address,
@@ -122,12 +125,14 @@ pub(super) fn run_server(
                 if link.established {
                     backoff.reset();
                 }
-                if stop.load(Ordering::SeqCst) {
+                let label = if stop.load(Ordering::SeqCst) {
                     tracing::info!(server = %address, "session closed (server removed or client shutting down)");
+                    "shutdown"
                 } else {
                     tracing::info!(server = %address, reason = %reason, label = reason.label(), "session closed");
-                }
-                inner.session_lost(id);
+                    reason.label()
+                };
+                inner.session_lost(id, label);
             }
             Err(e) => {
                 // Log a changed error at info, repeats at debug.
@@ -188,6 +193,8 @@ struct Link<'a> {
     stop: &'a std::sync::atomic::AtomicBool,
     /// Did this connection reach ESTABLISHED (resets the backoff)?
     established: bool,
+    /// Counts what this connection reads and writes.
+    meter: TrafficMeter,
 }
 
 impl Link<'_> {
@@ -207,17 +214,18 @@ impl Link<'_> {
             Err(e) => return CloseReason::Io(e.to_string()),
         };
         let generation = self.generation;
+        let meter = self.meter.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("mb-read-{}", self.address))
-            .spawn(move || read_loop(reader, generation, events_tx));
+            .spawn(move || read_loop(reader, generation, events_tx, meter));
         if let Err(e) = spawned {
             return CloseReason::Io(format!("cannot start reader thread: {e}"));
         }
         let mut writer = stream;
         let mut session = PeerSession::new(Role::Active, config.keepalive, Instant::now());
-        let mut out = Vec::with_capacity(4096);
+        let mut out = FrameBuffer::with_capacity(4096);
         if let Some(hello) = session.start() {
-            encode_frame(&hello, &mut out);
+            out.push(&hello);
         }
         let mut reported = SessionState::Connecting;
         loop {
@@ -226,9 +234,10 @@ impl Link<'_> {
                 self.inner.set_state(self.id, reported);
             }
             if !out.is_empty() {
-                if let Err(e) = writer.write_all(&out) {
+                if let Err(e) = writer.write_all(out.as_bytes()) {
                     return CloseReason::Io(e.to_string());
                 }
+                self.meter.wrote(&out);
                 out.clear();
             }
             match self.events.recv_deadline(session.next_deadline()) {
@@ -247,9 +256,7 @@ impl Link<'_> {
                 return CloseReason::Local("server removed or client shut down".into());
             }
             match session.on_tick(Instant::now()) {
-                Ok(Some(keepalive)) => {
-                    encode_frame(&keepalive, &mut out);
-                }
+                Ok(Some(keepalive)) => out.push(&keepalive),
                 Ok(None) => {}
                 Err(reason) => return reason,
             }
@@ -272,20 +279,18 @@ impl Link<'_> {
         &mut self,
         session: &mut PeerSession,
         messages: Vec<Message>,
-        out: &mut Vec<u8>,
+        out: &mut FrameBuffer,
     ) -> Result<(), CloseReason> {
         let mut updates: Vec<(Action, Route)> = Vec::new();
         for msg in messages {
             match session.on_message(msg, Instant::now())? {
                 Reaction::Nothing => {}
-                Reaction::Reply(reply) => {
-                    encode_frame(&reply, out);
-                }
+                Reaction::Reply(reply) => out.push(&reply),
                 Reaction::Established { reply } => {
                     if let Some(reply) = reply {
-                        encode_frame(&reply, out);
+                        out.push(&reply);
                     }
-                    let (vnis, routes) = self.inner.established(self.id, out);
+                    let (vnis, routes) = self.inner.established(self.id, session.interval(), out);
                     self.established = true;
                     tracing::info!(
                         server = %self.address,
@@ -312,7 +317,7 @@ impl Link<'_> {
 }
 
 /// Reads the socket, decodes frames and forwards them in batches.
-fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>) {
+fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>, meter: TrafficMeter) {
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -328,6 +333,7 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>) {
                 return;
             }
         };
+        meter.read_bytes(n);
         decoder.extend(&buf[..n]);
         let mut messages = Vec::new();
         let failure = loop {
@@ -337,6 +343,11 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>) {
                 Err(e) => break Some(CloseReason::Malformed(e.to_string())),
             }
         };
+        let updates = messages
+            .iter()
+            .filter(|m| matches!(m, Message::Update { .. }))
+            .count();
+        meter.read_frames(messages.len(), updates);
         if !messages.is_empty() && events.send(Event::Received(generation, messages)).is_err() {
             return;
         }
@@ -350,7 +361,7 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>) {
 impl Outbox {
     /// Encodes every queued message into `out` and empties the outbox.
     /// `Err` when the subscription queue overflowed (resync needed).
-    pub(super) fn drain_into(&mut self, out: &mut Vec<u8>) -> Result<(), ()> {
+    pub(super) fn drain_into(&mut self, out: &mut FrameBuffer) -> Result<(), ()> {
         if self.overflowed {
             return Err(());
         }
@@ -360,10 +371,10 @@ impl Outbox {
             } else {
                 Message::Unsubscribe(vni)
             };
-            encode_frame(&msg, out);
+            out.push(&msg);
         }
         for (route, action) in self.routes.drain() {
-            encode_frame(&Message::Update { action, route }, out);
+            out.push(&Message::Update { action, route });
         }
         Ok(())
     }

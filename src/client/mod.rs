@@ -34,23 +34,26 @@ mod connection;
 pub mod error;
 pub mod http;
 pub mod present;
+mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 
-use crate::codec::{encode_frame, Message};
+use crate::codec::{FrameBuffer, Message};
 use crate::session::SessionState;
 use crate::types::{Action, IpNet, NextHop, Route, Vni};
 pub use cli::{run, ClientArgs, ClientOptions};
 use connection::Event;
 pub use error::ClientError;
 pub use present::{PresentChange, PresentRoutes, ServerId};
+pub use traffic::Traffic;
+use traffic::{TrafficCounters, TrafficMeter};
 
 /// Receives changes of the present route set. Implemented by the embedder
 /// (or by the kernel-route shard). Calls come one at a time, in order, from
@@ -119,6 +122,14 @@ pub struct ServerStatus {
     pub state: SessionState,
     /// Routes this server currently holds for us.
     pub routes_received: usize,
+    /// Keepalive interval agreed in the HELLO exchange; `None` unless
+    /// ESTABLISHED.
+    pub keepalive: Option<Duration>,
+    /// When the current TCP connection was made; `None` while not connected.
+    pub connected_since: Option<SystemTime>,
+    /// What the current connection has read and written (zero while not
+    /// connected; starts again at each reconnect).
+    pub traffic: Traffic,
 }
 
 /// Most queued subscription changes before a session is reset and resynced
@@ -178,6 +189,12 @@ struct ServerSlot {
     stop: Arc<AtomicBool>,
     /// The live connection, so stopping can interrupt a blocked write.
     stream: Option<TcpStream>,
+    /// Counters of the current connection (fresh at each connect).
+    traffic: Arc<TrafficCounters>,
+    /// When the current connection was made.
+    connected_since: Option<SystemTime>,
+    /// The agreed keepalive interval while ESTABLISHED.
+    keepalive: Option<Duration>,
     /// The server thread.
     thread: Option<JoinHandle<()>>,
 }
@@ -200,6 +217,11 @@ struct Core {
     shut_down: bool,
     /// Next `ServerId`.
     next_server: u64,
+    /// Sessions that ended, by `CloseReason::label()` ("shutdown" when we
+    /// stopped them), since the client started.
+    disconnects: BTreeMap<&'static str, u64>,
+    /// Sessions that reached ESTABLISHED since the client started.
+    sessions_established: u64,
 }
 
 impl Core {
@@ -240,6 +262,9 @@ struct ClientInner {
     config: ClientConfig,
     /// The one lock.
     core: Mutex<Core>,
+    /// Frames, bytes and UPDATEs of every session since the start (atomics,
+    /// outside the lock).
+    totals: Arc<TrafficCounters>,
 }
 
 impl ClientInner {
@@ -255,27 +280,47 @@ impl ClientInner {
         self.with_slot(id, |slot| slot.state = state);
     }
 
-    /// The session became ESTABLISHED: encode the full snapshot into `out`
-    /// and open the outbox. Returns (subscriptions, announcements) sent.
-    fn established(&self, id: ServerId, out: &mut Vec<u8>) -> (usize, usize) {
+    /// A TCP connection to server `id` was made: fresh session counters.
+    /// Returns the meter its reader and writer count with.
+    fn connected(&self, id: ServerId) -> TrafficMeter {
+        let session = Arc::new(TrafficCounters::default());
+        self.with_slot(id, |slot| {
+            slot.traffic = session.clone();
+            slot.connected_since = Some(SystemTime::now());
+            slot.keepalive = None;
+        });
+        TrafficMeter {
+            session,
+            total: self.totals.clone(),
+        }
+    }
+
+    /// The session became ESTABLISHED with `keepalive` agreed: encode the
+    /// full snapshot into `out` and open the outbox. Returns
+    /// (subscriptions, announcements) sent.
+    fn established(
+        &self,
+        id: ServerId,
+        keepalive: Duration,
+        out: &mut FrameBuffer,
+    ) -> (usize, usize) {
         let mut core = self.lock();
         let core = &mut *core;
         for vni in &core.subscriptions {
-            encode_frame(&Message::Subscribe(*vni), out);
+            out.push(&Message::Subscribe(*vni));
         }
         for route in &core.announcements {
-            encode_frame(
-                &Message::Update {
-                    action: Action::Add,
-                    route: *route,
-                },
-                out,
-            );
+            out.push(&Message::Update {
+                action: Action::Add,
+                route: *route,
+            });
         }
         if let Some(slot) = core.servers.get_mut(&id) {
             slot.outbox = Some(Outbox::default());
             slot.state = SessionState::Established;
+            slot.keepalive = Some(keepalive);
         }
+        core.sessions_established += 1;
         (core.subscriptions.len(), core.announcements.len())
     }
 
@@ -301,14 +346,19 @@ impl ClientInner {
         core.deliver();
     }
 
-    /// Server `id`'s session ended: its routes are dropped (unless the
-    /// client is shutting down: then the sink keeps what it has).
-    fn session_lost(&self, id: ServerId) {
+    /// Server `id`'s session ended (`reason`: a `CloseReason::label()`, or
+    /// "shutdown"): its routes are dropped (unless the client is shutting
+    /// down: then the sink keeps what it has).
+    fn session_lost(&self, id: ServerId, reason: &'static str) {
         let mut core = self.lock();
         let core = &mut *core;
+        *core.disconnects.entry(reason).or_default() += 1;
         if let Some(slot) = core.servers.get_mut(&id) {
             slot.outbox = None;
             slot.stream = None;
+            slot.connected_since = None;
+            slot.keepalive = None;
+            slot.traffic = Arc::new(TrafficCounters::default());
         }
         if !core.shut_down {
             core.present.server_lost(id, &mut core.changes);
@@ -351,7 +401,10 @@ impl Client {
                     changes: Vec::new(),
                     shut_down: false,
                     next_server: 1,
+                    disconnects: BTreeMap::new(),
+                    sessions_established: 0,
                 }),
+                totals: Arc::new(TrafficCounters::default()),
             }),
         }
     }
@@ -377,6 +430,9 @@ impl Client {
                 wake: tx.clone(),
                 stop: Arc::new(AtomicBool::new(false)),
                 stream: None,
+                traffic: Arc::new(TrafficCounters::default()),
+                connected_since: None,
+                keepalive: None,
                 thread: None,
             },
         );
@@ -509,8 +565,33 @@ impl Client {
                 address: s.address.clone(),
                 state: s.state,
                 routes_received: core.present.held_by(*id),
+                keepalive: s.keepalive,
+                connected_since: s.connected_since,
+                traffic: s.traffic.snapshot(),
             })
             .collect()
+    }
+
+    /// Frames, bytes and UPDATEs of every session since the client started.
+    pub fn traffic(&self) -> Traffic {
+        self.inner.totals.snapshot()
+    }
+
+    /// Sessions that ended since the client started, by reason
+    /// (`CloseReason::label()`, or "shutdown"), sorted by reason.
+    pub fn disconnects(&self) -> Vec<(&'static str, u64)> {
+        self.inner
+            .lock()
+            .disconnects
+            .iter()
+            .map(|(r, n)| (*r, *n))
+            .collect()
+    }
+
+    /// Sessions that reached ESTABLISHED since the client started (a
+    /// figure that grows with every reconnect).
+    pub fn sessions_established(&self) -> u64 {
+        self.inner.lock().sessions_established
     }
 
     /// The session state of one server.
@@ -613,10 +694,11 @@ mod tests {
         o.route(r, Action::Remove);
         o.subscription(v, true);
         o.subscription(v, true);
-        let mut out = Vec::new();
+        let mut out = FrameBuffer::with_capacity(64);
         assert_eq!(o.drain_into(&mut out), Ok(()));
+        assert_eq!((out.frames(), out.updates()), (2, 1));
         let mut d = crate::codec::FrameDecoder::new();
-        d.extend(&out);
+        d.extend(out.as_bytes());
         assert_eq!(d.next_message().unwrap(), Some(Message::Subscribe(v)));
         assert_eq!(
             d.next_message().unwrap(),
