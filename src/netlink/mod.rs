@@ -25,6 +25,7 @@
 //! Several present routes with the same target address (e.g. NAT ranges)
 //! are one kernel next hop. Routes of unmapped VNIs are logged once.
 
+pub mod counters;
 pub mod nexthop;
 pub mod routes;
 pub mod socket;
@@ -43,6 +44,8 @@ use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 
 use crate::types::{NextHop, Vni};
+pub use counters::KernelRouteStats;
+use counters::NetlinkCounters;
 use nexthop::{NexthopMessage, AF_INET6, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
 pub use routes::{RouteTable, PROTOCOL_METALBOND};
 use routes::{RTM_GETROUTE, RTM_NEWROUTE};
@@ -120,6 +123,8 @@ struct Shared {
     config: KernelRoutesConfig,
     /// VNIs / addresses we already warned about (logged once).
     warned: Mutex<HashSet<String>>,
+    /// Netlink verdicts per operation and the pending count, for `/metrics`.
+    counters: Arc<NetlinkCounters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +171,7 @@ impl KernelRoutes {
             wake,
             config,
             warned: Mutex::new(HashSet::new()),
+            counters: socket.counters(),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -186,6 +192,14 @@ impl KernelRoutes {
     pub fn sink(&self) -> KernelRouteSink {
         KernelRouteSink {
             shared: self.shared.clone(),
+        }
+    }
+
+    /// Counters for the status pages (netlink operations and errors, routes
+    /// waiting to be written).
+    pub fn stats(&self) -> KernelRouteStats {
+        KernelRouteStats {
+            counters: self.shared.counters.clone(),
         }
     }
 
@@ -306,6 +320,7 @@ impl KernelRouteSink {
             }
             desired.dirty.insert(key);
             desired.generation += 1;
+            self.shared.counters.set_pending(desired.dirty.len());
         }
         let _ = self.shared.wake.try_send(());
     }
@@ -325,6 +340,7 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
         let (changes, generation, shutdown) = {
             let mut desired = lock(&shared.desired);
             let dirty = std::mem::take(&mut desired.dirty);
+            shared.counters.set_pending(0);
             let mut changes: Vec<RouteChange> = dirty
                 .into_iter()
                 .map(|key| RouteChange {
@@ -355,9 +371,10 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
                         changes.len()
                     );
                     // Put the keys back so the next wake-up retries them.
-                    lock(&shared.desired)
-                        .dirty
-                        .extend(changes.iter().map(|c| c.key));
+                    let mut desired = lock(&shared.desired);
+                    desired.dirty.extend(changes.iter().map(|c| c.key));
+                    shared.counters.set_pending(desired.dirty.len());
+                    drop(desired);
                     std::thread::sleep(Duration::from_millis(100));
                     let _ = shared.wake.try_send(());
                     continue;

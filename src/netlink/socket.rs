@@ -11,9 +11,12 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use netlink_packet_core::{Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use super::counters::NetlinkCounters;
 
 /// Size of `struct nlmsghdr`.
 const NETLINK_HEADER_LEN: usize = 16;
@@ -89,6 +92,8 @@ pub struct RouteSocket {
     recv_buf: Vec<u8>,
     /// Reused send buffer.
     send_buf: Vec<u8>,
+    /// Every verdict is counted here, per operation, for `/metrics`.
+    counters: Arc<NetlinkCounters>,
 }
 
 impl RouteSocket {
@@ -137,7 +142,13 @@ impl RouteSocket {
             seq: 1,
             recv_buf: Vec::with_capacity(1 << 20),
             send_buf: Vec::with_capacity(64 << 10),
+            counters: Arc::new(NetlinkCounters::default()),
         })
+    }
+
+    /// The counters this socket records its verdicts in.
+    pub(super) fn counters(&self) -> Arc<NetlinkCounters> {
+        self.counters.clone()
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -148,8 +159,30 @@ impl RouteSocket {
 
     /// Sends every request (in chunks of `MAX_REQUESTS_PER_SEND`, several
     /// requests per syscall) and returns the kernel's verdict on each, in
-    /// order. `Err` only when the socket itself fails.
+    /// order. `Err` only when the socket itself fails. Every verdict is
+    /// counted; when the socket fails, every request of the call counts as
+    /// refused (none of them is known to have been applied).
     pub fn execute(&mut self, requests: &[Request]) -> io::Result<Vec<Result<(), KernelError>>> {
+        let outcome = self.execute_uncounted(requests);
+        match &outcome {
+            Ok(verdicts) => {
+                for (req, verdict) in requests.iter().zip(verdicts) {
+                    self.counters.record(req.message_type, verdict.is_ok());
+                }
+            }
+            Err(_) => {
+                for req in requests {
+                    self.counters.record(req.message_type, false);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn execute_uncounted(
+        &mut self,
+        requests: &[Request],
+    ) -> io::Result<Vec<Result<(), KernelError>>> {
         let mut results = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(MAX_REQUESTS_PER_SEND) {
             self.send_buf.clear();
