@@ -348,17 +348,23 @@ async fn read_loop(
             ReadEvent::Data(Ok(n)) => {
                 conn.bytes_in.set(conn.bytes_in.get() + n as u64);
                 rs.decoder.extend(&buf.as_mut()[..n]);
-                loop {
+                let mut frames = 0u64;
+                let failure = loop {
                     match rs.decoder.next_message() {
-                        Ok(None) => break,
+                        Ok(None) => break None,
                         Ok(Some(msg)) => {
-                            conn.frames_in.set(conn.frames_in.get() + 1);
+                            frames += 1;
                             if let Err(reason) = on_message(shard, conn, rs, msg) {
-                                return reason;
+                                break Some(reason);
                             }
                         }
-                        Err(e) => return CloseReason::Malformed(e.to_string()),
+                        Err(e) => break Some(CloseReason::Malformed(e.to_string())),
                     }
+                };
+                conn.frames_in.set(conn.frames_in.get() + frames);
+                shard.counters.read(frames, n);
+                if let Some(reason) = failure {
+                    return reason;
                 }
                 // The decoder's buffer grew to hold this read and would keep
                 // that capacity for the connection's life: once it holds no

@@ -47,6 +47,10 @@ pub struct ShardCounters {
     bytes_written: AtomicU64,
     /// Write syscalls (vectored or not) to this shard's peers.
     write_calls: AtomicU64,
+    /// Frames of any type decoded from this shard's peers.
+    frames_read: AtomicU64,
+    /// Bytes read from this shard's peers.
+    bytes_read: AtomicU64,
     /// Times a peer fell behind and switched to per-route coalescing.
     coalesce_episodes: AtomicU64,
     /// Batches of messages received from other shards.
@@ -115,6 +119,11 @@ impl ShardCounters {
         add(&self.bytes_written, bytes as u64);
         add(&self.write_calls, calls as u64);
     }
+    /// One read of `bytes` bytes from a peer, `frames` frames decoded.
+    pub(crate) fn read(&self, frames: u64, bytes: usize) {
+        add(&self.frames_read, frames);
+        add(&self.bytes_read, bytes as u64);
+    }
     pub(crate) fn coalesce_episode(&self) {
         add(&self.coalesce_episodes, 1);
     }
@@ -147,6 +156,8 @@ impl ShardCounters {
             frames_written: get(&self.frames_written),
             bytes_written: get(&self.bytes_written),
             write_calls: get(&self.write_calls),
+            frames_read: get(&self.frames_read),
+            bytes_read: get(&self.bytes_read),
             coalesce_episodes: get(&self.coalesce_episodes),
             shard_batches_in: get(&self.shard_batches_in),
             connections_refused: get(&self.connections_refused),
@@ -220,6 +231,10 @@ pub struct ShardStats {
     pub bytes_written: u64,
     /// Write syscalls.
     pub write_calls: u64,
+    /// Frames read (all types).
+    pub frames_read: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
     /// Times a peer switched to coalescing.
     pub coalesce_episodes: u64,
     /// Batches received from other shards.
