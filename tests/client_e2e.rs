@@ -4,6 +4,8 @@
 //! kernel routes with `ip route show table N`. Skipped, with a message,
 //! where namespaces cannot be created.
 
+#[path = "http_support/mod.rs"]
+mod http_support;
 #[path = "netlink_support/mod.rs"]
 mod support;
 
@@ -277,13 +279,43 @@ fn stale_routes_are_cleaned_at_start_and_cleanup_on_exit() {
     let _b = client(&ns, "client b", &as_strs(&b_args));
 
     // Without --cleanup: stale routes go at start, ours stay after exit.
-    let a = installer(&ns, &[]);
+    let a = installer(&ns, &["--http", "127.0.0.1:9741"]);
     let want = table(&[
         ("10.0.23.0/24", &["2001:db8::b"]),
         ("2001:db8:23::/64", &["2001:db8::b"]),
     ]);
     wait_for(&ns, &want, "stale route removed, b's routes installed");
     assert!(!ns.ip(&["nexthop", "show"]).contains("2001:db8::66"));
+
+    // Its /metrics (scraped inside the namespace) counts that netlink work:
+    // the stale route and nexthop object deleted, b's next hop and two
+    // routes added (the start-up probe object adds and deletes one more).
+    let m = ns.run(|| http_support::scrape("http://127.0.0.1:9741/metrics"));
+    let op = |name: &str, op: &str| {
+        http_support::metric(&m, name, &[("op", op)])
+            .unwrap_or_else(|| panic!("{name}{{op={op}}} missing"))
+    };
+    let ops = "metalbond_netlink_operations_total";
+    assert!(
+        op(ops, "route_delete") >= 1.0,
+        "stale route deletion counted"
+    );
+    assert!(op(ops, "nexthop_delete") >= 2.0, "stale object and probe");
+    assert!(op(ops, "nexthop_add") >= 2.0, "probe and b's next hop");
+    assert!(op(ops, "route_add") >= 2.0, "b's two routes");
+    assert_eq!(
+        http_support::metric_sum(&m, "metalbond_netlink_errors_total"),
+        0.0
+    );
+    assert_eq!(
+        http_support::metric(
+            &m,
+            "metalbond_queue_depth",
+            &[("queue", "netlink_pending_routes")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(http_support::metric(&m, "metalbond_routes", &[]), Some(2.0));
     assert_eq!(a.terminate(), Some(0));
     assert_eq!(routes(&ns), want, "routes stay without --cleanup");
 

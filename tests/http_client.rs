@@ -14,6 +14,9 @@ use metalbond::server::{Server, ServerConfig, ServerHandle};
 use metalbond::session::SessionState;
 use metalbond::{IpNet, NextHop, Route, Vni};
 
+mod http_support;
+use http_support::{metric, metric_sum, scrape};
+
 /// Bound for anything a test waits for (never reached when correct).
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -48,18 +51,35 @@ fn config() -> ClientConfig {
 }
 
 fn get(url: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .proxy(None)
-        .build()
-        .into();
-    agent
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+    let (status, _, body) = http_support::get(url);
+    assert_eq!(status, 200, "GET {url}: {body}");
+    body
+}
+
+/// `/metrics` parsed, with the lookups this test makes.
+struct Metrics(prometheus_parse::Scrape);
+
+impl Metrics {
+    fn scrape(base: &str) -> Metrics {
+        Metrics(scrape(&format!("{base}/metrics")))
+    }
+
+    /// The first sample of `name` (with `label`, if given).
+    fn find(&self, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+        let labels: Vec<(&str, &str)> = label.into_iter().collect();
+        metric(&self.0, name, &labels)
+    }
+
+    /// A family every client serves; panics naming it when it is missing.
+    fn value(&self, name: &str) -> f64 {
+        self.find(name, None)
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    }
+
+    /// Sum over every sample of a labelled family.
+    fn sum(&self, name: &str) -> f64 {
+        metric_sum(&self.0, name)
+    }
 }
 
 fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -97,8 +117,9 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     let announcer = Client::new(config(), LogSink);
     announcer.announce(route).unwrap();
     announcer.add_server(&address).unwrap();
-    setup.http =
-        Some(metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &receiver).unwrap());
+    setup.http = Some(
+        metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &receiver, None).unwrap(),
+    );
     let base = format!("http://{}", setup.http.as_ref().unwrap().local_addr());
     setup.clients.push(receiver);
     setup.clients.push(announcer);
@@ -122,28 +143,73 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     assert_eq!(p["routes_received"], 1);
     assert_eq!(p["routes_announced"], 0);
 
-    let text = get(&format!("{base}/metrics"));
-    let s = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
-    let find = |name: &str, label: Option<(&str, &str)>| {
-        s.samples
-            .iter()
-            .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
-            .map(|x| match x.value {
-                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
-                _ => f64::NAN,
-            })
-    };
+    assert_eq!(p["keepalive_seconds"], 1);
+    assert!(p["connected_since"].is_string(), "{p}");
+    // HELLO + UPDATE in, HELLO + SUBSCRIBE out at least.
+    assert!(p["frames_in"].as_u64().unwrap() >= 2, "{p}");
+    assert!(p["frames_out"].as_u64().unwrap() >= 2, "{p}");
+    assert!(p["bytes_in"].as_u64().unwrap() > 0, "{p}");
+    assert!(p["bytes_out"].as_u64().unwrap() > 0, "{p}");
+
+    let m = Metrics::scrape(&base);
     assert_eq!(
-        find("metalbond_build_info", Some(("role", "client"))),
+        m.find("metalbond_build_info", Some(("role", "client"))),
         Some(1.0)
     );
-    assert_eq!(find("metalbond_routes", None), Some(1.0));
-    assert_eq!(find("metalbond_vni_routes", Some(("vni", "23"))), Some(1.0));
+    assert_eq!(m.find("metalbond_routes", None), Some(1.0));
     assert_eq!(
-        find("metalbond_peers", Some(("state", "ESTABLISHED"))),
+        m.find("metalbond_vni_routes", Some(("vni", "23"))),
         Some(1.0)
     );
+    assert_eq!(
+        m.find("metalbond_peers", Some(("state", "ESTABLISHED"))),
+        Some(1.0)
+    );
+    assert_eq!(m.value("metalbond_updates_received_total"), 1.0);
+    assert_eq!(m.value("metalbond_updates_sent_total"), 0.0);
+    assert_eq!(m.value("metalbond_sessions_established_total"), 1.0);
+    assert_eq!(m.sum("metalbond_disconnects_total"), 0.0);
+    assert!(m.value("metalbond_frames_written_total") >= 2.0);
+    assert!(m.value("metalbond_bytes_written_total") > 0.0);
+
+    // One more route: exactly one more UPDATE in, and the read counters
+    // grow by at least that frame.
+    let second = Route::new(
+        vni,
+        "10.23.2.0/24".parse().unwrap(),
+        NextHop::standard(target),
+    );
+    setup.clients[1].announce(second).unwrap();
+    let after = eventually("second route counted", || {
+        let m = Metrics::scrape(&base);
+        (m.find("metalbond_routes", None) == Some(2.0)).then_some(m)
+    });
+    assert_eq!(after.value("metalbond_updates_received_total"), 2.0);
+    assert!(
+        after.value("metalbond_frames_read_total") >= m.value("metalbond_frames_read_total") + 1.0
+    );
+    assert!(after.value("metalbond_bytes_read_total") > m.value("metalbond_bytes_read_total"));
+    // The announcer counts what it sent.
+    assert_eq!(setup.clients[1].traffic().updates_out, 2);
+
     let page = get(&format!("{base}/"));
     assert!(page.contains("MetalBond client route table"));
     assert!(page.contains("<td>10.23.1.0/24</td><td>2001:db8::5</td>"));
+
+    // The server goes away: the session ends, is counted by reason, and the
+    // peer shows as no longer connected.
+    if let Some(server) = setup.server.take() {
+        server.shutdown();
+    }
+    let gone = eventually("disconnect counted", || {
+        let m = Metrics::scrape(&base);
+        (m.sum("metalbond_disconnects_total") >= 1.0).then_some(m)
+    });
+    assert_eq!(
+        gone.find("metalbond_peers", Some(("state", "ESTABLISHED"))),
+        Some(0.0)
+    );
+    let peers: serde_json::Value = serde_json::from_str(&get(&format!("{base}/peers"))).unwrap();
+    assert_ne!(peers[0]["state"], SessionState::Established.name());
+    assert!(peers[0]["keepalive_seconds"].is_null(), "{peers}");
 }

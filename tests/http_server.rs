@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 mod http_support;
 
 use bytes::BytesMut;
-use http_support::{browser_dom, get};
+use http_support::{browser_dom, get, metric, metric_sum, scrape};
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::http::{serve, HttpHandle, ServerStatusSource};
 use metalbond::server::{Server, ServerConfig, ServerHandle};
@@ -162,27 +162,6 @@ impl Drop for Running {
     }
 }
 
-/// Parses `/metrics` with a Prometheus text-format parser.
-fn scrape(url: &str) -> prometheus_parse::Scrape {
-    let (status, _, body) = get(url);
-    assert_eq!(status, 200);
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-/// The value of the sample `name` whose labels include `labels`, if any.
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let sample = s
-        .samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))?;
-    match &sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => Some(*v),
-        _ => None,
-    }
-}
-
 /// Polls `f` until it returns `Some`, within `WAIT`.
 fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
@@ -216,11 +195,13 @@ fn announced_route() -> Route {
 fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     let srv = Running::start();
     let before = scrape(&srv.url("/metrics"));
-    let updates_in_before = value(&before, "metalbond_updates_received_total", &[]).unwrap();
-    let updates_out_before = value(&before, "metalbond_updates_sent_total", &[]).unwrap();
-    let eof_before = value(&before, "metalbond_disconnects_total", &[("reason", "eof")]).unwrap();
+    let updates_in_before = metric(&before, "metalbond_updates_received_total", &[]).unwrap();
+    let updates_out_before = metric(&before, "metalbond_updates_sent_total", &[]).unwrap();
+    let eof_before = metric(&before, "metalbond_disconnects_total", &[("reason", "eof")]).unwrap();
+    let frames_read_before = metric(&before, "metalbond_frames_read_total", &[]).unwrap();
+    let bytes_read_before = metric(&before, "metalbond_bytes_read_total", &[]).unwrap();
     assert_eq!(
-        value(&before, "metalbond_build_info", &[("role", "server")]),
+        metric(&before, "metalbond_build_info", &[("role", "server")]),
         Some(1.0)
     );
 
@@ -275,45 +256,65 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     // /metrics: the counters moved by exactly what the peers did.
     let after = eventually("per-VNI count in /metrics", || {
         let s = scrape(&srv.url("/metrics"));
-        (value(&s, "metalbond_vni_routes", &[("vni", "23")]) == Some(1.0)).then_some(s)
+        (metric(&s, "metalbond_vni_routes", &[("vni", "23")]) == Some(1.0)).then_some(s)
     });
-    assert_eq!(value(&after, "metalbond_routes", &[]), Some(1.0));
+    assert_eq!(metric(&after, "metalbond_routes", &[]), Some(1.0));
     assert_eq!(
-        value(&after, "metalbond_updates_received_total", &[]),
+        metric(&after, "metalbond_updates_received_total", &[]),
         Some(updates_in_before + 1.0)
     );
     assert_eq!(
-        value(&after, "metalbond_updates_sent_total", &[]),
+        metric(&after, "metalbond_updates_sent_total", &[]),
         Some(updates_out_before + 1.0)
     );
     assert_eq!(
-        value(&after, "metalbond_peers", &[("state", "ESTABLISHED")]),
+        metric(&after, "metalbond_peers", &[("state", "ESTABLISHED")]),
         Some(2.0)
     );
-    assert!(value(&after, "metalbond_frames_written_total", &[]).unwrap() >= 5.0);
-    assert!(value(&after, "metalbond_bytes_written_total", &[]).unwrap() > 0.0);
-    assert!(value(
+    assert!(metric(&after, "metalbond_frames_written_total", &[]).unwrap() >= 5.0);
+    // Two HELLOs, a SUBSCRIBE and an UPDATE at least.
+    assert!(
+        metric(&after, "metalbond_frames_read_total", &[]).unwrap() >= frames_read_before + 4.0
+    );
+    assert!(metric(&after, "metalbond_bytes_read_total", &[]).unwrap() > bytes_read_before);
+    assert!(metric(&after, "metalbond_bytes_written_total", &[]).unwrap() > 0.0);
+    assert!(metric(
         &after,
         "metalbond_queue_depth",
         &[("queue", "peer_out_bytes")]
     )
     .is_some());
     // The UPDATE copy to the subscriber was timed.
-    assert!(value(&after, "metalbond_fanout_latency_seconds_count", &[]).unwrap() >= 1.0);
+    assert!(metric(&after, "metalbond_fanout_latency_seconds_count", &[]).unwrap() >= 1.0);
 
     // The announcer leaves: its route is withdrawn and the disconnect counted.
     drop(announcer);
     assert_eq!(subscriber.recv_update(), (Action::Remove, route));
     let gone = eventually("disconnect counted", || {
         let s = scrape(&srv.url("/metrics"));
-        (value(&s, "metalbond_disconnects_total", &[("reason", "eof")]) == Some(eof_before + 1.0))
+        (metric(&s, "metalbond_disconnects_total", &[("reason", "eof")]) == Some(eof_before + 1.0))
             .then_some(s)
     });
-    assert_eq!(value(&gone, "metalbond_routes", &[]), Some(0.0));
+    assert_eq!(metric(&gone, "metalbond_routes", &[]), Some(0.0));
     assert_eq!(
-        value(&gone, "metalbond_peers", &[("state", "ESTABLISHED")]),
+        metric(&gone, "metalbond_peers", &[("state", "ESTABLISHED")]),
         Some(1.0)
     );
+
+    // A connection that never says HELLO is a peer in the handshake, shown
+    // under its own state and not as ESTABLISHED.
+    let silent = std::net::TcpStream::connect(srv.addr).unwrap();
+    let waiting = eventually("silent peer in the handshake", || {
+        let s = scrape(&srv.url("/metrics"));
+        let not_established = metric_sum(&s, "metalbond_peers")
+            - metric(&s, "metalbond_peers", &[("state", "ESTABLISHED")]).unwrap_or(f64::NAN);
+        (not_established == 1.0).then_some(s)
+    });
+    assert_eq!(
+        metric(&waiting, "metalbond_peers", &[("state", "ESTABLISHED")]),
+        Some(1.0)
+    );
+    drop(silent);
 }
 
 #[test]
@@ -389,9 +390,10 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
         let mut resp = agent.get(format!("http://{http}/metrics")).call().ok()?;
         resp.body_mut().read_to_string().ok()
     });
-    let s = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let s = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("the binary's /metrics parses");
     assert_eq!(
-        value(&s, "metalbond_build_info", &[("role", "server")]),
+        metric(&s, "metalbond_build_info", &[("role", "server")]),
         Some(1.0)
     );
     let _peer = Peer::established(listen);

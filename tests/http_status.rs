@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 mod http_support;
 
-use http_support::{browser_dom, get};
+use http_support::{browser_dom, get, metric, scrape};
 use metalbond::http::{
     serve, HttpError, HttpHandle, LatencyHistogram, MetricFamily, MetricKind, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
@@ -263,25 +263,10 @@ fn json_and_yaml_match_the_table() {
 #[test]
 fn metrics_parse_and_counters_move() {
     let srv = Running::start();
-    let scrape = |srv: &Running| {
-        let (status, ctype, body) = srv.get("/metrics");
-        assert_eq!(status, 200);
-        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-        let lines = body.lines().map(|l| Ok(l.to_string()));
-        prometheus_parse::Scrape::parse(lines).unwrap()
-    };
+    let scrape = |srv: &Running| scrape(&srv.url("/metrics"));
     let value = |s: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>| -> f64 {
-        let sample = s
-            .samples
-            .iter()
-            .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
-            .unwrap_or_else(|| panic!("no sample {name} {label:?}"));
-        match &sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            other => panic!("{name} is {other:?}"),
-        }
+        let labels: Vec<(&str, &str)> = label.into_iter().collect();
+        metric(s, name, &labels).unwrap_or_else(|| panic!("no sample {name} {label:?}"))
     };
 
     let before = scrape(&srv);

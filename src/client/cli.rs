@@ -344,7 +344,11 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
         None => Client::new(settings.config.clone(), LogSink),
     };
     let http = match settings.http {
-        Some(addr) => Some(super::http::serve(addr, &client)?),
+        Some(addr) => Some(super::http::serve(
+            addr,
+            &client,
+            shard.as_ref().map(KernelRoutes::stats),
+        )?),
         None => None,
     };
     for vni in &settings.subscriptions {

@@ -14,18 +14,27 @@ use std::sync::{Arc, Weak};
 
 use super::{Client, ClientInner};
 use crate::http::{
-    self, HttpError, HttpHandle, MetricsView, PeerView, RouteTableView, StatusRole, StatusSource,
+    self, count_states, HttpError, HttpHandle, MetricFamily, MetricKind, MetricsView, PeerView,
+    QueueDepth, RouteTableView, StatusRole, StatusSource,
 };
+use crate::netlink::KernelRouteStats;
 use crate::session::SessionState;
 use crate::types::Vni;
 
 /// Starts the status pages for `client` on `addr` (own threads; stopped
 /// when the returned handle is shut down or dropped).
-pub fn serve(addr: SocketAddr, client: &Client) -> Result<HttpHandle, HttpError> {
+/// `netlink` adds the kernel-route shard's counters to `/metrics` when the
+/// client installs routes.
+pub fn serve(
+    addr: SocketAddr,
+    client: &Client,
+    netlink: Option<KernelRouteStats>,
+) -> Result<HttpHandle, HttpError> {
     http::serve(
         addr,
         Arc::new(ClientStatusSource {
             inner: Arc::downgrade(&client.inner),
+            netlink,
         }),
     )
 }
@@ -34,6 +43,8 @@ pub fn serve(addr: SocketAddr, client: &Client) -> Result<HttpHandle, HttpError>
 pub struct ClientStatusSource {
     /// The client's shared state; gone once the client is dropped.
     inner: Weak<ClientInner>,
+    /// The kernel-route shard's counters, when routes are installed.
+    netlink: Option<KernelRouteStats>,
 }
 
 impl StatusSource for ClientStatusSource {
@@ -62,20 +73,23 @@ impl StatusSource for ClientStatusSource {
         let subscribed: Vec<Vni> = core.subscriptions.iter().copied().collect();
         core.servers
             .iter()
-            .map(|(id, s)| PeerView {
-                address: s.address.clone(),
-                state: s.state,
-                shard: None,
-                keepalive: None,
-                routes_announced: announced,
-                routes_received: Some(core.present.held_by(*id) as u64),
-                vnis_subscribed: subscribed.clone(),
-                frames_in: None,
-                bytes_in: None,
-                frames_out: None,
-                bytes_out: None,
-                queued_bytes: None,
-                connected_since: None,
+            .map(|(id, s)| {
+                let traffic = s.traffic.snapshot();
+                PeerView {
+                    address: s.address.clone(),
+                    state: s.state,
+                    shard: None,
+                    keepalive: s.keepalive,
+                    routes_announced: announced,
+                    routes_received: Some(core.present.held_by(*id) as u64),
+                    vnis_subscribed: subscribed.clone(),
+                    frames_in: Some(traffic.frames_in),
+                    bytes_in: Some(traffic.bytes_in),
+                    frames_out: Some(traffic.frames_out),
+                    bytes_out: Some(traffic.bytes_out),
+                    queued_bytes: None,
+                    connected_since: s.connected_since,
+                }
             })
             .collect()
     }
@@ -84,26 +98,31 @@ impl StatusSource for ClientStatusSource {
         let Some(inner) = self.inner.upgrade() else {
             return MetricsView::default();
         };
-        let (states, present) = {
+        let (states, present, disconnects, established) = {
             let core = inner.lock();
             let states: Vec<SessionState> = core.servers.values().map(|s| s.state).collect();
-            (states, core.present.present())
+            let disconnects: Vec<(String, u64)> = core
+                .disconnects
+                .iter()
+                .map(|(reason, n)| (reason.to_string(), *n))
+                .collect();
+            (
+                states,
+                core.present.present(),
+                disconnects,
+                core.sessions_established,
+            )
         };
-        let mut peers_by_state: Vec<(String, u64)> = [
-            SessionState::Connecting,
-            SessionState::HelloSent,
-            SessionState::Established,
-            SessionState::Retry,
-        ]
-        .iter()
-        .map(|st| (st.name().to_string(), 0))
-        .collect();
-        for st in states {
-            match peers_by_state.iter_mut().find(|(n, _)| n == st.name()) {
-                Some((_, c)) => *c += 1,
-                None => peers_by_state.push((st.name().to_string(), 1)),
-            }
-        }
+        let traffic = inner.totals.snapshot();
+        let peers_by_state = count_states(
+            &[
+                SessionState::Connecting,
+                SessionState::HelloSent,
+                SessionState::Established,
+                SessionState::Retry,
+            ],
+            states,
+        );
         let table = RouteTableView::from_routes(
             present
                 .into_iter()
@@ -117,6 +136,31 @@ impl StatusSource for ClientStatusSource {
                 .map(|v| (v.vni, v.route_count() as u64))
                 .collect(),
             routes_total: table.route_count() as u64,
+            updates_in: Some(traffic.updates_in),
+            updates_out: Some(traffic.updates_out),
+            frames_written: Some(traffic.frames_out),
+            bytes_written: Some(traffic.bytes_out),
+            frames_read: Some(traffic.frames_in),
+            bytes_read: Some(traffic.bytes_in),
+            disconnects_by_reason: disconnects,
+            netlink: self.netlink.as_ref().map(KernelRouteStats::view),
+            queue_depths: self
+                .netlink
+                .as_ref()
+                .map(|n| {
+                    vec![QueueDepth {
+                        queue: "netlink_pending_routes".into(),
+                        shard: None,
+                        depth: n.pending_routes(),
+                    }]
+                })
+                .unwrap_or_default(),
+            extra: vec![MetricFamily::single(
+                "metalbond_sessions_established_total",
+                "Sessions that reached ESTABLISHED since the client started (grows with every reconnect).",
+                MetricKind::Counter,
+                established as f64,
+            )],
             ..MetricsView::default()
         }
     }

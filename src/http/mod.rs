@@ -36,8 +36,8 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 pub use histogram::{HistogramView, LatencyHistogram};
 pub use model::{
-    DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView, NetlinkView, PeerView,
-    QueueDepth, RouteTableView, StatusRole, VniRoutesView,
+    count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView,
+    NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, VniRoutesView,
 };
 pub use page::{MAX_VNI_SUMMARY_ROWS, REFRESH_SECONDS, ROWS_PER_PAGE};
 pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};

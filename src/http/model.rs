@@ -304,10 +304,9 @@ fn ser_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Err
 /// contract.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsView {
-    /// Peers per session state (`metalbond_peers{state}`): a
-    /// `SessionState::name()`, or "HANDSHAKE" where a role only counts
-    /// "not yet established". Include states with zero peers that a
-    /// dashboard would plot (ESTABLISHED at least).
+    /// Peers per session state (`metalbond_peers{state}`), keyed by
+    /// `SessionState::name()`; built with `count_states`, which lists the
+    /// role's usual states even at zero so dashboards see every series.
     pub peers_by_state: Vec<(String, u64)>,
     /// Routes per VNI (`metalbond_vni_routes{vni}`).
     pub routes_per_vni: Vec<(Vni, u64)>,
@@ -340,6 +339,23 @@ pub struct MetricsView {
     pub netlink: Option<NetlinkView>,
     /// Further families a role exposes (reconnects, coalescing, ...).
     pub extra: Vec<MetricFamily>,
+}
+
+/// Peers per state for `MetricsView::peers_by_state`: every state in
+/// `always` (in that order, zeros included), then any other state seen.
+pub fn count_states(
+    always: &[SessionState],
+    states: impl IntoIterator<Item = SessionState>,
+) -> Vec<(String, u64)> {
+    let mut counts: Vec<(String, u64)> =
+        always.iter().map(|st| (st.name().to_string(), 0)).collect();
+    for st in states {
+        match counts.iter_mut().find(|(name, _)| name == st.name()) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((st.name().to_string(), 1)),
+        }
+    }
+    counts
 }
 
 /// One queue's depth at the snapshot.

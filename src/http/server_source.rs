@@ -17,7 +17,8 @@ use crate::session::SessionState;
 use crate::types::Vni;
 
 use super::model::{
-    MetricFamily, MetricKind, MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole,
+    count_states, MetricFamily, MetricKind, MetricsView, PeerView, QueueDepth, RouteTableView,
+    StatusRole,
 };
 use super::StatusSource;
 
@@ -140,21 +141,22 @@ impl StatusSource for ServerStatusSource {
             };
 
         MetricsView {
-            peers_by_state: vec![
-                (
-                    SessionState::Established.name().to_string(),
-                    sum(|s| s.peers_established),
-                ),
-                ("HANDSHAKE".to_string(), sum(|s| s.peers_handshaking)),
-            ],
+            peers_by_state: count_states(
+                &[
+                    SessionState::Connecting,
+                    SessionState::HelloReceived,
+                    SessionState::Established,
+                ],
+                peers.iter().map(|p| p.state),
+            ),
             routes_per_vni: self.routes_per_vni(),
             routes_total: sum(|s| s.routes),
             updates_in: Some(sum(|s| s.updates_in)),
             updates_out: Some(sum(|s| s.updates_out)),
             frames_written: Some(sum(|s| s.frames_written)),
             bytes_written: Some(sum(|s| s.bytes_written)),
-            frames_read: None,
-            bytes_read: None,
+            frames_read: Some(sum(|s| s.frames_read)),
+            bytes_read: Some(sum(|s| s.bytes_read)),
             disconnects_by_reason,
             fanout_latency: Some(self.handle.fanout_latency()),
             queue_depths,

@@ -1,11 +1,15 @@
-//! Client side of the HTTP status tests, shared by `http_server.rs` and
-//! `http_status.rs`: a bounded GET, and headless Chromium that loads a URL and
+//! Client side of the HTTP status tests, shared by the `http_*.rs` files and
+//! the kernel-route end-to-end test: a bounded GET, `/metrics` parsed with a
+//! Prometheus text-format parser, and headless Chromium that loads a URL and
 //! returns the DOM the browser built.
 //!
-//! Owns: the GET's 10 s bound; finding the browser, a fresh profile per run, the 90 s bound, and
-//! cleanup (the process is killed and the profile removed on drop, also when
+//! Owns: the GET's 10 s bound; reading samples out of a scrape; finding the
+//! browser, a fresh profile per run, the 90 s bound, and cleanup (the process is killed and the profile removed on drop, also when
 //! an assertion fails). Never silently passes: a missing browser is an `Err`
 //! the caller reports as a skip.
+
+// Each test file uses a part of this module.
+#![allow(dead_code)]
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -35,6 +39,44 @@ pub fn get(url: &str) -> (u16, String, String) {
         .read_to_string()
         .unwrap();
     (status, ctype, body)
+}
+
+/// GETs `url` (a `/metrics` page), checks the status and content type, and
+/// parses the body with a Prometheus text-format parser.
+pub fn scrape(url: &str) -> prometheus_parse::Scrape {
+    let (status, ctype, body) = get(url);
+    assert_eq!(status, 200, "GET {url}: {body}");
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("{url} does not parse: {e}"))
+}
+
+/// The value of the first sample `name` whose labels include `labels`.
+pub fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))?;
+    match &sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// The sum over every sample of `name` (all label values).
+pub fn metric_sum(s: &prometheus_parse::Scrape, name: &str) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            _ => f64::NAN,
+        })
+        .sum()
 }
 
 /// A headless Chromium run, killed and its profile removed on drop.
