@@ -51,6 +51,25 @@ fn connect_when_up(addr: SocketAddr) -> TestPeer {
     TestPeer::established(addr, 5).0
 }
 
+/// Waits until every address in `addrs` accepts; `Err(stderr)` when the
+/// server exits first.
+fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<(), String> {
+    let deadline = Instant::now() + WAIT;
+    for addr in addrs {
+        loop {
+            if child.0.try_wait().unwrap().is_some() {
+                return Err(stderr_of(child));
+            }
+            if std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server never listened on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -138,20 +157,35 @@ fn zero_shards_is_refused() {
 
 #[test]
 fn listens_on_ipv6_and_ipv4_at_once() {
-    let v6 = free_port("[::1]");
-    let v4 = SocketAddr::from(([127, 0, 0, 1], v6.port()));
-    if TcpListener::bind(v4).is_err() {
-        return; // port taken on v4 by someone else: nothing to test here
-    }
-    let http = free_port("[::1]");
-    let mut child = server(&[
-        "--listen",
-        &v6.to_string(),
-        "--listen",
-        &v4.to_string(),
-        "--http",
-        &http.to_string(),
-    ]);
+    // Ports are picked free and released, so another process on the
+    // machine may take one before the server binds it: then the server
+    // exits with "address in use" and we try other ports (a few times).
+    let mut attempt = 0;
+    let (mut child, v6, v4) = loop {
+        attempt += 1;
+        let v6 = free_port("[::1]");
+        let v4 = SocketAddr::from(([127, 0, 0, 1], v6.port()));
+        if TcpListener::bind(v4).is_err() {
+            continue; // port taken on v4 by someone else
+        }
+        let mut http = free_port("[::1]");
+        while http.port() == v6.port() {
+            http = free_port("[::1]");
+        }
+        let mut child = server(&[
+            "--listen",
+            &v6.to_string(),
+            "--listen",
+            &v4.to_string(),
+            "--http",
+            &http.to_string(),
+        ]);
+        match wait_listening(&mut child, &[v6, v4, http]) {
+            Ok(()) => break (child, v6, v4),
+            Err(log) if log.contains("in use") && attempt < 5 => continue,
+            Err(log) => panic!("server did not start: {log}"),
+        }
+    };
     let mut a = connect_when_up(v6);
     let b = connect_when_up(v4);
     a.send(&metalbond::codec::Message::Subscribe(vni(1)));
