@@ -3,7 +3,8 @@
 //! peers (`/peers`) and Prometheus metrics (`/metrics`).
 //!
 //! Owns: the listening socket, the HTTP threads, routing of requests to
-//! renderers, and the short-lived route snapshot cache.
+//! renderers, and the short-lived route snapshot cache (with its JSON and
+//! YAML documents, rendered once per snapshot and shared by every request).
 //!
 //! Must never: run on, lock, or wait for a shard. Everything it shows comes
 //! through `StatusSource`, whose implementations read atomics or copies that
@@ -28,11 +29,11 @@ mod server_source;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
 pub use histogram::{HistogramView, LatencyHistogram};
 pub use model::{
@@ -192,29 +193,74 @@ fn bind_reason(e: &io::Error) -> String {
     }
 }
 
+/// One route snapshot, with its `/routes.json` and `/routes.yaml` documents
+/// rendered at most once: scrapers fetching the same snapshot share the
+/// bytes instead of serialising 100,000 routes each.
+struct RouteSnapshot {
+    /// When the snapshot was taken (the documents' `date`).
+    wall: SystemTime,
+    /// The table.
+    table: RouteTableView,
+    /// `/routes.json`, rendered by the first request that wants it.
+    json: OnceLock<Result<Arc<str>, String>>,
+    /// `/routes.yaml`, rendered by the first request that wants it.
+    yaml: OnceLock<Result<Arc<str>, String>>,
+}
+
+impl RouteSnapshot {
+    /// The `/routes.json` document (`Err`: why rendering failed).
+    fn json(&self) -> Result<Arc<str>, String> {
+        self.json
+            .get_or_init(|| {
+                serde_json::to_string_pretty(&self.table.document(self.wall, VERSION))
+                    .map(|mut body| {
+                        body.push('\n');
+                        Arc::from(body)
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+
+    /// The `/routes.yaml` document (`Err`: why rendering failed).
+    fn yaml(&self) -> Result<Arc<str>, String> {
+        self.yaml
+            .get_or_init(|| {
+                serde_yaml_ng::to_string(&self.table.document(self.wall, VERSION))
+                    .map(Arc::from)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+}
+
 /// The last route snapshot and when it was taken.
 #[derive(Default)]
 struct RouteCache {
-    /// Taken at, and the table. Only HTTP threads touch this lock.
-    slot: Mutex<Option<(Instant, SystemTime, Arc<RouteTableView>)>>,
+    /// Taken at, and the snapshot. Only HTTP threads touch this lock.
+    slot: Mutex<Option<(Instant, Arc<RouteSnapshot>)>>,
 }
 
 impl RouteCache {
-    /// A snapshot at most `ROUTE_SNAPSHOT_MAX_AGE` old, and when it was taken.
-    fn get(&self, source: &dyn StatusSource) -> (SystemTime, Arc<RouteTableView>) {
+    /// A snapshot at most `ROUTE_SNAPSHOT_MAX_AGE` old.
+    fn get(&self, source: &dyn StatusSource) -> Arc<RouteSnapshot> {
         let mut slot = match self.slot.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some((at, wall, table)) = slot.as_ref() {
+        if let Some((at, snapshot)) = slot.as_ref() {
             if at.elapsed() < ROUTE_SNAPSHOT_MAX_AGE {
-                return (*wall, table.clone());
+                return snapshot.clone();
             }
         }
-        let table = Arc::new(source.routes());
-        let wall = SystemTime::now();
-        *slot = Some((Instant::now(), wall, table.clone()));
-        (wall, table)
+        let snapshot = Arc::new(RouteSnapshot {
+            table: source.routes(),
+            wall: SystemTime::now(),
+            json: OnceLock::new(),
+            yaml: OnceLock::new(),
+        });
+        *slot = Some((Instant::now(), snapshot.clone()));
+        snapshot
     }
 }
 
@@ -259,33 +305,24 @@ impl Worker {
         let started = Instant::now();
         let reply = match path {
             "/" | "/index.html" => {
-                let (now, table) = self.cache.get(self.source.as_ref());
+                let snapshot = self.cache.get(self.source.as_ref());
                 let header = page::PageHeader {
                     role: self.source.role(),
                     version: VERSION,
-                    now,
+                    now: snapshot.wall,
                     peers: self.source.peers().len(),
                 };
-                let body = page::render(&table, &header, &page::PageQuery::parse(query));
+                let body = page::render(&snapshot.table, &header, &page::PageQuery::parse(query));
                 text(200, "text/html; charset=utf-8", body)
             }
-            "/routes.json" => {
-                let (now, table) = self.cache.get(self.source.as_ref());
-                match serde_json::to_string_pretty(&table.document(now, VERSION)) {
-                    Ok(mut body) => {
-                        body.push('\n');
-                        text(200, "application/json", body)
-                    }
-                    Err(e) => internal_error(&e),
-                }
-            }
-            "/routes.yaml" => {
-                let (now, table) = self.cache.get(self.source.as_ref());
-                match serde_yaml_ng::to_string(&table.document(now, VERSION)) {
-                    Ok(body) => text(200, "application/yaml", body),
-                    Err(e) => internal_error(&e),
-                }
-            }
+            "/routes.json" => match self.cache.get(self.source.as_ref()).json() {
+                Ok(body) => shared(200, "application/json", body),
+                Err(e) => internal_error(&e),
+            },
+            "/routes.yaml" => match self.cache.get(self.source.as_ref()).yaml() {
+                Ok(body) => shared(200, "application/yaml", body),
+                Err(e) => internal_error(&e),
+            },
             "/peers" | "/peers.json" => match serde_json::to_string_pretty(&self.source.peers()) {
                 Ok(mut body) => {
                     body.push('\n');
@@ -315,14 +352,40 @@ struct Reply {
     /// Content-Type header value.
     content_type: &'static str,
     /// The body.
-    body: String,
+    body: Body,
+}
+
+/// A response body: rendered for this request, or shared with other
+/// requests for the same route snapshot (sent without a copy).
+enum Body {
+    /// Rendered for this request.
+    Owned(String),
+    /// A cached document.
+    Shared(Arc<str>),
+}
+
+/// Lets `io::Cursor` read a shared document.
+struct SharedBytes(Arc<str>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 fn text(status: u16, content_type: &'static str, body: String) -> Reply {
     Reply {
         status,
         content_type,
-        body,
+        body: Body::Owned(body),
+    }
+}
+
+fn shared(status: u16, content_type: &'static str, body: Arc<str>) -> Reply {
+    Reply {
+        status,
+        content_type,
+        body: Body::Shared(body),
     }
 }
 
@@ -336,14 +399,29 @@ fn internal_error(e: &dyn std::fmt::Display) -> Reply {
 }
 
 fn respond(request: Request, reply: Reply) {
-    let mut response = Response::from_string(reply.body).with_status_code(reply.status);
+    let mut headers = Vec::with_capacity(2);
     if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
-        response = response.with_header(h);
+        headers.push(h);
     }
     if let Ok(h) = Header::from_bytes(&b"Cache-Control"[..], &b"no-store"[..]) {
-        response = response.with_header(h);
+        headers.push(h);
     }
-    if let Err(e) = request.respond(response) {
+    let status = StatusCode(reply.status);
+    let sent = match reply.body {
+        Body::Owned(body) => {
+            let mut response = Response::from_string(body).with_status_code(status);
+            for h in headers {
+                response = response.with_header(h);
+            }
+            request.respond(response)
+        }
+        Body::Shared(body) => {
+            let len = body.len();
+            let reader = io::Cursor::new(SharedBytes(body));
+            request.respond(Response::new(status, headers, reader, Some(len), None))
+        }
+    };
+    if let Err(e) = sent {
         tracing::debug!(error = %e, "HTTP client went away before the reply was written");
     }
 }
