@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::{Client, ClientConfig, ClientError, LogSink};
-use crate::netlink::{KernelRoutes, KernelRoutesConfig, RouteTable};
+use crate::netlink::{KernelRoutes, KernelRoutesConfig, RouteTable, DEFAULT_RECONCILE_INTERVAL};
 use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Expected form of `--announce`.
@@ -336,6 +336,7 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             device: device.clone(),
             ipv4_only: settings.ipv4_only,
             cleanup_on_exit: settings.cleanup,
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
         })?),
         _ => None,
     };

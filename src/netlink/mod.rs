@@ -66,7 +66,17 @@ pub struct KernelRoutesConfig {
     pub ipv4_only: bool,
     /// Delete our routes and nexthop objects when the shard shuts down.
     pub cleanup_on_exit: bool,
+    /// How often our tables are read back from the kernel and routes of
+    /// ours that someone deleted (`ip route del`, `ip route flush table`)
+    /// are put back. `DEFAULT_RECONCILE_INTERVAL` unless a test wants it
+    /// sooner: each pass dumps the kernel's routes.
+    pub reconcile_interval: Duration,
 }
+
+/// Default `KernelRoutesConfig::reconcile_interval`: hand-deleted routes
+/// are back within half a minute, and a host with 100,000 routes spends a
+/// dump on it twice a minute, not every few seconds.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why the shard could not start (or stop cleanly). Start-up problems are
 /// found before the first route, with the cause named.
@@ -328,14 +338,20 @@ impl KernelRouteSink {
 
 /// The shard thread: waits for changes, applies them in batches.
 fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
+    let reconcile_every = shared.config.reconcile_interval;
+    let mut last_reconcile = Instant::now();
     loop {
         // Every sender lives in `shared`, so recv only fails if that is gone.
-        match woken.recv_timeout(HEALTH_CHECK_INTERVAL) {
+        match woken.recv_timeout(HEALTH_CHECK_INTERVAL.min(reconcile_every)) {
             Ok(()) => {}
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 health_check(&shared, &mut socket);
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        if last_reconcile.elapsed() >= reconcile_every {
+            reconcile(&shared, &mut socket);
+            last_reconcile = Instant::now();
         }
         let (changes, generation, shutdown) = {
             let mut desired = lock(&shared.desired);
@@ -442,6 +458,47 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket) {
         lock(&shared.desired).dirty.extend(retry);
         let _ = shared.wake.try_send(());
     }
+}
+
+/// Reads our tables back from the kernel: every route we installed that is
+/// gone (deleted by hand, or by a tool that flushed the table) is forgotten
+/// and marked dirty, so the next batch installs it again. Routes the kernel
+/// has that we did not install are left alone here (start-up removes stale
+/// ones).
+fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
+    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    let in_kernel: HashSet<RouteKey> =
+        match socket.dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request()) {
+            Ok(replies) => replies
+                .iter()
+                .filter_map(|p| routes::parse_dumped(p))
+                .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
+                .map(|r| RouteKey {
+                    table: r.table,
+                    prefix: r.prefix,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("route dump for reconciliation failed: {e}");
+                return;
+            }
+        };
+    let missing = lock(&shared.installed).forget_missing(&in_kernel);
+    if missing.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        routes = missing.len(),
+        "kernel routes of ours were deleted outside metalbond; installing them again"
+    );
+    for key in &missing {
+        tracing::debug!(route = %key, "kernel route missing, re-installing");
+    }
+    let mut desired = lock(&shared.desired);
+    desired.dirty.extend(missing);
+    shared.counters.set_pending(desired.dirty.len());
+    drop(desired);
+    let _ = shared.wake.try_send(());
 }
 
 /// `--cleanup`: delete every route and object we installed, then sweep for

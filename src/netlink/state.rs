@@ -453,6 +453,22 @@ impl InstalledRoutes {
         Ok(())
     }
 
+    /// Forgets every installed route whose key is not in `in_kernel` (the
+    /// kernel no longer has it) and returns those keys, so that the caller
+    /// can have them installed again.
+    pub fn forget_missing(&mut self, in_kernel: &HashSet<RouteKey>) -> Vec<RouteKey> {
+        let missing: Vec<RouteKey> = self
+            .routes
+            .keys()
+            .filter(|k| !in_kernel.contains(k))
+            .copied()
+            .collect();
+        for key in &missing {
+            self.forget_route(key);
+        }
+        missing
+    }
+
     fn forget_route(&mut self, key: &RouteKey) {
         if let Some(old) = self.routes.remove(key) {
             self.drop_user(old);
