@@ -162,6 +162,7 @@ impl Server {
                     let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         LocalExecutorBuilder::new(placement)
                             .name(&format!("mb-shard-{index}"))
+                            .io_memory(SHARD_IO_MEMORY)
                             .make()
                     }));
                     match made {
@@ -250,6 +251,12 @@ pub struct ServerHandle {
     /// The configuration the server runs with.
     config: Arc<ServerConfig>,
 }
+
+/// glommio's pre-registered buffer pool per executor. It serves file
+/// (DMA) and UDP I/O only; our TCP sockets never draw from it, and
+/// glommio's 10 MiB default is pinned memory on every shard. 64 KiB is
+/// glommio's minimum.
+const SHARD_IO_MEMORY: usize = 64 << 10;
 
 /// How long a snapshot request waits for a shard.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
