@@ -278,6 +278,9 @@ pub fn spawn(
 ) -> Result<glommio::ExecutorJoinHandle<()>, String> {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name(&format!("loadgen-{index}"))
+        // glommio's buffer pool serves file and UDP I/O only, and its 10 MiB
+        // default is pinned per shard; TCP peers never use it.
+        .io_memory(64 << 10)
         .spawn(move || async move {
             shard_main(index, shared, commands, replies).await;
         })
