@@ -413,3 +413,26 @@ fn overlapping_announcers_on_all_shards_converge_and_clean_up() {
     }
     srv.wait_route_count(0);
 }
+
+#[test]
+fn a_route_snapshot_larger_than_one_copy_step_is_complete() {
+    // The shard copies a table for the status pages in steps of 16,384
+    // routes, yielding between them: 40,000 routes take three steps, and
+    // every route must be there exactly once.
+    let srv = TestServer::start(2);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    let want: BTreeSet<Route> = (0..40_000).map(|i| route(7, i, 1)).collect();
+    let msgs: Vec<Message> = want.iter().map(|r| add(*r)).collect();
+    a.send_all(&msgs);
+    srv.wait_route_count(want.len());
+    let routes = srv.handle().routes();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].vni, vni(7));
+    assert_eq!(routes[0].routes.len(), want.len(), "no route twice");
+    let got: BTreeSet<Route> = routes[0]
+        .routes
+        .iter()
+        .map(|(d, n)| Route::new(vni(7), *d, *n))
+        .collect();
+    assert_eq!(got, want);
+}

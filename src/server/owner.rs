@@ -118,6 +118,11 @@ impl VniOwner {
         self.tables.iter()
     }
 
+    /// One owned VNI's table, if it has one.
+    pub fn table(&self, vni: Vni) -> Option<&VniTable> {
+        self.tables.get(&vni)
+    }
+
     /// Is a sync step possible now (a job with credit)?
     pub fn has_sync_work(&self) -> bool {
         self.jobs.values().any(|j| j.credit > 0)

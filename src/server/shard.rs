@@ -40,12 +40,14 @@ use super::peer::{self, PeerConn};
 use super::stats::{PeerInfo, ShardCounters, VniRoutes};
 use super::PeerId;
 use crate::session::CloseReason;
-use crate::types::Vni;
+use crate::types::{Route, Vni};
 
 /// Messages pending in a shard's outboxes above which peer readers pause.
 pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
 /// Batches a shard-to-shard channel holds before the flusher waits.
 pub(crate) const CHANNEL_BATCHES: usize = 16;
+/// Routes a status-page snapshot copies between chances to yield.
+const SNAPSHOT_STEP_ROUTES: usize = 16 * 1024;
 
 /// What shards tell each other.
 pub(crate) enum ShardMsg {
@@ -288,16 +290,47 @@ impl Shard {
         self.route(out);
     }
 
-    fn routes_snapshot(&self) -> Vec<VniRoutes> {
-        let owner = self.owner.borrow();
-        owner
+    /// Copies the owned tables for the status pages, in steps of
+    /// `SNAPSHOT_STEP_ROUTES` with a chance to yield between them, so that a
+    /// table of millions of routes does not hold up this shard's peers. A
+    /// route changed while the copy is under way may show in its old or new
+    /// state (each route at most once): good enough for a status page.
+    async fn routes_snapshot(&self) -> Vec<VniRoutes> {
+        let vnis: Vec<Vni> = self
+            .owner
+            .borrow()
             .tables()
             .filter(|(_, t)| t.route_count() > 0)
-            .map(|(vni, t)| VniRoutes {
-                vni: *vni,
-                routes: t.routes().map(|r| (r.destination, r.next_hop)).collect(),
-            })
-            .collect()
+            .map(|(vni, _)| *vni)
+            .collect();
+        let mut snapshot = Vec::with_capacity(vnis.len());
+        for vni in vnis {
+            let mut routes = Vec::new();
+            let mut after: Option<Route> = None;
+            loop {
+                let finished = {
+                    let owner = self.owner.borrow();
+                    let Some(table) = owner.table(vni) else { break };
+                    let before = routes.len();
+                    for r in table
+                        .routes_after(after.as_ref())
+                        .take(SNAPSHOT_STEP_ROUTES)
+                    {
+                        routes.push((r.destination, r.next_hop));
+                        after = Some(*r);
+                    }
+                    routes.len() - before < SNAPSHOT_STEP_ROUTES
+                };
+                if finished {
+                    break;
+                }
+                glommio::yield_if_needed().await;
+            }
+            if !routes.is_empty() {
+                snapshot.push(VniRoutes { vni, routes });
+            }
+        }
+        snapshot
     }
 
     fn peers_snapshot(&self) -> Vec<PeerInfo> {
@@ -401,7 +434,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         match control.try_recv() {
             Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Ok(Control::Routes(reply)) => {
-                let _ = reply.send(shard.routes_snapshot());
+                let _ = reply.send(shard.routes_snapshot().await);
             }
             Ok(Control::Peers(reply)) => {
                 let _ = reply.send(shard.peers_snapshot());

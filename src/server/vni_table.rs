@@ -280,9 +280,16 @@ impl VniTable {
         built
     }
 
-    /// Every route in the table, in order (for snapshots).
-    pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.routes.keys()
+    /// The routes after `after` (all when `None`), in order: a snapshot
+    /// copied in steps resumes where the previous step stopped.
+    pub fn routes_after(&self, after: Option<&Route>) -> impl Iterator<Item = &Route> {
+        let start = match after {
+            Some(r) => Bound::Excluded(r),
+            None => Bound::Unbounded,
+        };
+        self.routes
+            .range::<Route, _>((start, Bound::Unbounded))
+            .map(|(r, _)| r)
     }
 }
 
