@@ -20,7 +20,7 @@
 //! one peer's socket stall the shard (all socket I/O is non-blocking).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,12 +34,13 @@ use glommio::net::TcpStream;
 
 use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
+use super::route_set::RouteSet;
 use super::shard::{LocalEvent, PeerSlot, Shard, OUTBOX_HIGH};
 use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
-use crate::types::{Action, Route, Vni};
+use crate::types::{Action, Vni};
 
 /// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
 /// frames; most of a large fleet's peers never need more. Kept small because
@@ -204,11 +205,11 @@ struct ReaderState {
     /// Bytes → frames.
     decoder: FrameDecoder,
     /// Routes the peer announces, per VNI (withdrawn on disconnect).
-    announced: HashMap<Vni, HashSet<Route>>,
+    announced: HashMap<Vni, RouteSet>,
     /// Routes an UNSUBSCRIBE took out of `announced` whose withdrawals the
     /// read loop still has to send (with `withdraw_all`, before it handles
     /// the peer's next message, so they stay in order).
-    withdrawing: Vec<(Vni, HashSet<Route>)>,
+    withdrawing: Vec<(Vni, RouteSet)>,
     /// The messages read since the last back-pressure check included a
     /// routing message (work for an owner): the reader is subject to
     /// back-pressure before its next read.
@@ -306,7 +307,7 @@ const WITHDRAW_CHUNK: usize = 1024;
 /// nor builds a million-message batch for the owner. Never stops early: a
 /// route not withdrawn would stay in the table for good. Holds no borrow
 /// across its awaits.
-async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: HashSet<Route>) {
+async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
     let mut routes = routes.into_iter().peekable();
     while routes.peek().is_some() {
         for route in routes.by_ref().take(WITHDRAW_CHUNK) {
