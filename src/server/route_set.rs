@@ -1,32 +1,33 @@
-//! A set of routes that grows without long pauses: the record of what one
-//! peer announces in one VNI.
+//! Route-keyed sets and maps that grow without long pauses: what one peer
+//! announces in one VNI (`RouteSet`), and a slow subscriber's coalesced
+//! pending changes (`RouteMap`, in `out_queue`).
 //!
-//! Owns: `RouteSet`. A single `HashSet` doubles its table when it fills, and
-//! at a million routes that one insert moves ~64 MiB into freshly faulted
-//! memory: ~0.35 s measured on the shard thread in a 1 M-route burst, during
-//! which no other peer of the shard is served. Above `SPLIT_AT` routes the
-//! set is split into `PARTS` parts picked by a hash of their own, so a growth
-//! step moves at most 1/`PARTS` of the routes.
+//! Owns: `RouteMap` and `RouteSet`. A single `HashMap` doubles its table
+//! when it fills, and at a million routes that one insert moves ~64 MiB into
+//! freshly faulted memory: ~0.35 s measured on the shard thread in a 1 M-route
+//! burst, during which no other peer of the shard is served. Above
+//! `SPLIT_AT` routes a map is split into `PARTS` parts picked by a hash of
+//! their own, so a growth step moves at most 1/`PARTS` of the routes.
 //!
-//! Must never: change what a set holds when it splits, or iterate in an order
+//! Must never: change what a map holds when it splits, or iterate in an order
 //! anyone relies on (there is none).
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use crate::types::Route;
 
-/// Routes a set holds before it is split into parts.
+/// Routes a map holds before it is split into parts.
 const SPLIT_AT: usize = 16 * 1024;
-/// Parts of a split set (a power of two, at most 2^63).
+/// Parts of a split map (a power of two, at most 2^63).
 const PARTS: usize = 64;
 
-/// A set of routes; see the module doc.
+/// A map from routes to `V`; see the module doc.
 #[derive(Debug)]
-pub(crate) struct RouteSet {
+pub(crate) struct RouteMap<V> {
     /// One part until `SPLIT_AT` routes, then `PARTS` parts.
-    parts: Vec<HashSet<Route>>,
+    parts: Vec<HashMap<Route, V>>,
     /// Picks a route's part once split. Separate from the parts' own
     /// hashers, so the routes of one part still spread over its table.
     pick: RandomState,
@@ -34,44 +35,82 @@ pub(crate) struct RouteSet {
     len: usize,
 }
 
-impl Default for RouteSet {
-    fn default() -> RouteSet {
-        RouteSet {
-            parts: vec![HashSet::new()],
+impl<V> Default for RouteMap<V> {
+    fn default() -> RouteMap<V> {
+        RouteMap {
+            parts: vec![HashMap::new()],
             pick: RandomState::new(),
             len: 0,
         }
     }
 }
 
-impl RouteSet {
+impl<V> RouteMap<V> {
     /// Routes held.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Is `route` held?
-    pub(crate) fn contains(&self, route: &Route) -> bool {
-        self.parts[self.part(route)].contains(route)
+    /// Nothing held?
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
-    /// Adds `route`; false if it was already held.
-    pub(crate) fn insert(&mut self, route: Route) -> bool {
+    /// Is `route` held?
+    pub(crate) fn contains_key(&self, route: &Route) -> bool {
+        self.parts[self.part(route)].contains_key(route)
+    }
+
+    /// The value of `route`, to change it.
+    pub(crate) fn get_mut(&mut self, route: &Route) -> Option<&mut V> {
+        let p = self.part(route);
+        self.parts[p].get_mut(route)
+    }
+
+    /// Sets `route` to `value`; the previous value, if any.
+    pub(crate) fn insert(&mut self, route: Route, value: V) -> Option<V> {
         if self.parts.len() == 1 && self.len >= SPLIT_AT {
             self.split();
         }
         let p = self.part(&route);
-        let added = self.parts[p].insert(route);
-        self.len += usize::from(added);
-        added
+        let old = self.parts[p].insert(route, value);
+        self.len += usize::from(old.is_none());
+        old
     }
 
-    /// Removes `route`; false if it was not held.
-    pub(crate) fn remove(&mut self, route: &Route) -> bool {
+    /// Removes `route`; its value, if it was held.
+    pub(crate) fn remove(&mut self, route: &Route) -> Option<V> {
         let p = self.part(route);
-        let removed = self.parts[p].remove(route);
-        self.len -= usize::from(removed);
-        removed
+        let old = self.parts[p].remove(route);
+        self.len -= usize::from(old.is_some());
+        old
+    }
+
+    /// Keeps only the entries for which `keep` is true.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route, &mut V) -> bool) {
+        for part in &mut self.parts {
+            part.retain(&mut keep);
+        }
+        self.len = self.parts.iter().map(HashMap::len).sum();
+    }
+
+    /// Removes and returns up to `n` entries (any of them).
+    pub(crate) fn take_some(&mut self, n: usize) -> Vec<(Route, V)> {
+        let mut out = Vec::with_capacity(n.min(self.len));
+        for part in &mut self.parts {
+            let room = n - out.len();
+            if room == 0 {
+                break;
+            }
+            let keys: Vec<Route> = part.keys().take(room).copied().collect();
+            for route in keys {
+                if let Some(v) = part.remove(&route) {
+                    out.push((route, v));
+                }
+            }
+        }
+        self.len -= out.len();
+        out
     }
 
     fn part(&self, route: &Route) -> usize {
@@ -85,20 +124,62 @@ impl RouteSet {
 
     /// From one part to `PARTS` (moves `SPLIT_AT` routes once).
     fn split(&mut self) {
-        let old = std::mem::replace(&mut self.parts, vec![HashSet::new(); PARTS]);
-        for route in old.into_iter().flatten() {
+        let fresh = (0..PARTS).map(|_| HashMap::new()).collect();
+        let old = std::mem::replace(&mut self.parts, fresh);
+        for (route, v) in old.into_iter().flatten() {
             let p = self.part(&route);
-            self.parts[p].insert(route);
+            self.parts[p].insert(route, v);
         }
+    }
+}
+
+impl<V> IntoIterator for RouteMap<V> {
+    type Item = (Route, V);
+    type IntoIter = std::iter::Flatten<std::vec::IntoIter<HashMap<Route, V>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.parts.into_iter().flatten()
+    }
+}
+
+/// A set of routes; see the module doc.
+#[derive(Debug, Default)]
+pub(crate) struct RouteSet {
+    /// The routes, with nothing attached.
+    map: RouteMap<()>,
+}
+
+impl RouteSet {
+    /// Routes held.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Is `route` held?
+    pub(crate) fn contains(&self, route: &Route) -> bool {
+        self.map.contains_key(route)
+    }
+
+    /// Adds `route`; false if it was already held.
+    pub(crate) fn insert(&mut self, route: Route) -> bool {
+        self.map.insert(route, ()).is_none()
+    }
+
+    /// Removes `route`; false if it was not held.
+    pub(crate) fn remove(&mut self, route: &Route) -> bool {
+        self.map.remove(route).is_some()
     }
 }
 
 impl IntoIterator for RouteSet {
     type Item = Route;
-    type IntoIter = std::iter::Flatten<std::vec::IntoIter<HashSet<Route>>>;
+    type IntoIter = std::iter::Map<
+        std::iter::Flatten<std::vec::IntoIter<HashMap<Route, ()>>>,
+        fn((Route, ())) -> Route,
+    >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.parts.into_iter().flatten()
+        self.map.into_iter().map(|(r, ())| r)
     }
 }
 
@@ -110,23 +191,23 @@ mod tests {
     fn route(i: u32) -> Route {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i);
         Route::new(
-            Vni::new(1).unwrap(),
+            Vni::new(1 + i % 2).unwrap(),
             format!("{ip}/32").parse().unwrap(),
             NextHop::standard("2001:db8::1".parse().unwrap()),
         )
     }
 
     #[test]
-    fn holds_the_same_routes_before_and_after_splitting() {
+    fn set_holds_the_same_routes_before_and_after_splitting() {
         let mut s = RouteSet::default();
         let n = SPLIT_AT as u32 * 3;
         for i in 0..n {
             assert!(s.insert(route(i)));
             assert!(!s.insert(route(i)), "second insert of {i}");
         }
-        assert!(s.parts.len() == PARTS, "split once past SPLIT_AT");
+        assert_eq!(s.map.parts.len(), PARTS, "split once past SPLIT_AT");
         assert!(
-            s.parts.iter().all(|p| !p.is_empty()),
+            s.map.parts.iter().all(|p| !p.is_empty()),
             "the routes spread over all parts"
         );
         assert_eq!(s.len(), n as usize);
@@ -141,5 +222,36 @@ mod tests {
         left.sort();
         let want: Vec<Route> = (1..n).step_by(2).map(route).collect();
         assert_eq!(left, want);
+    }
+
+    #[test]
+    fn map_values_retain_and_take_some_across_parts() {
+        let mut m = RouteMap::default();
+        let n = SPLIT_AT as u32 * 2;
+        for i in 0..n {
+            assert_eq!(m.insert(route(i), i), None);
+        }
+        assert_eq!(m.insert(route(7), 70), Some(7));
+        *m.get_mut(&route(8)).unwrap() = 80;
+        assert_eq!(m.len(), n as usize);
+        // Route i has VNI 1 + i % 2: keep the VNI 2 ones.
+        m.retain(|r, _| r.vni == Vni::new(2).unwrap());
+        assert_eq!(m.len(), n as usize / 2);
+        let mut got = Vec::new();
+        loop {
+            let some = m.take_some(1000);
+            assert!(some.len() <= 1000);
+            if some.is_empty() {
+                break;
+            }
+            got.extend(some);
+        }
+        assert!(m.is_empty());
+        got.sort();
+        let want: Vec<(Route, u32)> = (1..n)
+            .step_by(2)
+            .map(|i| (route(i), if i == 7 { 70 } else { i }))
+            .collect();
+        assert_eq!(got, want);
     }
 }
