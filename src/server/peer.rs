@@ -7,7 +7,9 @@
 //! subscriptions, and the exactly-once cleanup on disconnect: whatever ends
 //! the connection (EOF, error, keepalive timeout, protocol violation, slow
 //! peer, shutdown), `PeerConn::close` records the first reason and wakes both
-//! tasks, and the peer task then withdraws every route and subscription once.
+//! tasks, and the peer task then withdraws every route and subscription once
+//! (routes in chunks, `withdraw_all`, so a million of them do not stall the
+//! shard).
 //!
 //! ```text
 //!   socket ──read──▶ reader task ──OwnerInput──▶ outbox ──▶ owner shard
