@@ -1,6 +1,6 @@
 //! Multi-shard behaviour and slow peers: announcer, owner and subscriber on
-//! different shards, 1,000 peers at once, a large SUBSCRIBE sync that does not
-//! stall the shard, stuck subscribers that neither hold back the others nor
+//! different shards, 1,000 peers at once, a large SUBSCRIBE sync and a large
+//! withdrawal (disconnect or UNSUBSCRIBE) that do not stall the shard, stuck subscribers that neither hold back the others nor
 //! grow without bound, and the cut-off of a subscriber beyond its limits.
 
 mod server_support;
@@ -134,6 +134,97 @@ fn million_route_sync_is_chunked_and_does_not_stall_the_shard() {
     let mut state = BTreeSet::new();
     s.converge(&mut state, &want);
     assert!(s.sync_point().is_empty(), "nothing more after convergence");
+}
+
+/// How a peer that announced many routes takes them back.
+#[derive(Clone, Copy, Debug)]
+enum Leave {
+    /// It disconnects: the server withdraws everything it announced.
+    Disconnect,
+    /// It sends UNSUBSCRIBE for the VNI: its routes there are withdrawn.
+    Unsubscribe,
+}
+
+/// A peer announces many routes, then withdraws them all at once (by
+/// disconnecting or by UNSUBSCRIBE); a bystander on the same (single) shard
+/// with a 1 s keepalive keeps sending KEEPALIVEs meanwhile. Before the fix
+/// the shard applied the whole withdrawal in one go, so no KEEPALIVE could
+/// be answered while it ran (a 1 M-route withdrawal under load silenced the
+/// shard for 2.5 s: every session on it was lost). Asserts that round trips
+/// are answered *while* the table is half-withdrawn (the route count seen
+/// before sending is below N and after the reply above 0), which a
+/// withdrawal done in one step can never show, and, generously, that no
+/// round trip took the bystander's hold time (2.5 s).
+fn bystander_keeps_its_keepalives_while_a_peer_withdraws(leave: Leave) {
+    // 1 M routes in release (as in the incident); a fifth of that in an
+    // unoptimised build, which is slower by more than that.
+    const N: u32 = if cfg!(debug_assertions) {
+        200_000
+    } else {
+        1_000_000
+    };
+    let srv = TestServer::start(1);
+    let (a, _) = TestPeer::established(srv.addr, 60);
+    a.keep_alive(Duration::from_secs(1));
+    let all: Vec<Message> = (0..N).map(|i| add(route(7, i, 1))).collect();
+    for chunk in all.chunks(50_000) {
+        a.send_all(chunk);
+    }
+    srv.wait_stats("all routes", |s| s.sum(|s| s.routes) == N as u64);
+    let (mut by, k) = TestPeer::established(srv.addr, 1);
+    assert_eq!(k, 1, "bystander runs with a 1 s keepalive");
+    let routes = || srv.handle().stats().sum(|s| s.routes);
+
+    match leave {
+        Leave::Disconnect => a.close(),
+        Leave::Unsubscribe => a.send(&Message::Unsubscribe(vni(7))),
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    let (mut round_trips, mut during) = (0u32, 0u32);
+    let mut longest = Duration::ZERO;
+    loop {
+        let before = routes();
+        let sent = std::time::Instant::now();
+        // Panics if the reply does not come within WAIT or the server closes.
+        assert!(by.sync_point().is_empty());
+        longest = longest.max(sent.elapsed());
+        round_trips += 1;
+        let after = routes();
+        if before < N as u64 && after > 0 {
+            during += 1;
+        }
+        if after == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "withdrawal not done: {after} routes left"
+        );
+    }
+    eprintln!(
+        "{leave:?}: {round_trips} round trips, {during} during the withdrawal, longest {longest:?}"
+    );
+    assert!(
+        during > 0,
+        "no KEEPALIVE answered while the withdrawal ran ({round_trips} round trips, \
+         longest {longest:?}): the shard applied it in one step"
+    );
+    assert!(
+        longest < Duration::from_millis(2500),
+        "a round trip took {longest:?}: the bystander would have closed the session"
+    );
+    assert!(!by.eof, "the server kept the bystander's session");
+    drop(a);
+}
+
+#[test]
+fn bystander_keeps_its_keepalives_while_a_disconnected_peers_routes_are_withdrawn() {
+    bystander_keeps_its_keepalives_while_a_peer_withdraws(Leave::Disconnect);
+}
+
+#[test]
+fn bystander_keeps_its_keepalives_while_an_unsubscribe_withdraws_routes() {
+    bystander_keeps_its_keepalives_while_a_peer_withdraws(Leave::Unsubscribe);
 }
 
 /// Churn over `distinct` routes: `rounds` times add all, remove half, then

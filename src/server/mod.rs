@@ -39,6 +39,7 @@ pub mod fanout;
 pub mod out_queue;
 pub mod owner;
 mod peer;
+mod route_set;
 mod shard;
 pub mod stats;
 pub mod vni_table;

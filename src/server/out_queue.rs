@@ -15,13 +15,13 @@
 //!
 //! Must never: touch the socket (the writer task drains it) or know tables.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use super::fanout::FanoutBatch;
+use super::route_set::RouteMap;
 use super::PeerId;
 use crate::codec::{encode_frame, Message};
 use crate::types::{Action, Route, Vni};
@@ -102,8 +102,10 @@ pub struct OutQueue {
     max_queued_bytes: usize,
     /// See `PeerLimits::max_coalesced_routes`.
     max_coalesced: usize,
-    /// Net pending change per route while coalescing.
-    coalesced: HashMap<Route, PendingChange>,
+    /// Net pending change per route while coalescing. A `RouteMap`: it can
+    /// hold millions of routes, and one `HashMap` that big doubles in one
+    /// step (~0.35 s at a million routes, with the shard held).
+    coalesced: RouteMap<PendingChange>,
     /// True from the first overflow until the map has been fully drained.
     coalescing: bool,
     /// Changes folded into the map over the queue's life (for stats).
@@ -121,7 +123,7 @@ impl OutQueue {
             queued_bytes: 0,
             max_queued_bytes,
             max_coalesced,
-            coalesced: HashMap::new(),
+            coalesced: RouteMap::default(),
             coalescing: false,
             coalesced_total: 0,
             coalesce_episodes: 0,
@@ -282,19 +284,24 @@ impl OutQueue {
     fn coalesce(&mut self, action: Action, route: Route) {
         self.coalesced_total += 1;
         let present = action == Action::Add;
-        match self.coalesced.entry(route) {
-            Entry::Occupied(mut e) => {
-                e.get_mut().now_present = present;
-                if e.get().now_present == e.get().was_present {
-                    e.remove();
-                }
+        let cancelled = match self.coalesced.get_mut(&route) {
+            Some(change) => {
+                change.now_present = present;
+                change.now_present == change.was_present
             }
-            Entry::Vacant(v) => {
-                v.insert(PendingChange {
-                    was_present: !present,
-                    now_present: present,
-                });
+            None => {
+                self.coalesced.insert(
+                    route,
+                    PendingChange {
+                        was_present: !present,
+                        now_present: present,
+                    },
+                );
+                false
             }
+        };
+        if cancelled {
+            self.coalesced.remove(&route);
         }
     }
 
@@ -306,26 +313,24 @@ impl OutQueue {
             return;
         }
         if !self.coalesced.is_empty() {
-            let keys: Vec<Route> = self.coalesced.keys().take(REFILL_ROUTES).copied().collect();
-            let mut buf = BytesMut::with_capacity(keys.len() * 64);
+            let chunk = self.coalesced.take_some(REFILL_ROUTES);
+            let mut buf = BytesMut::with_capacity(chunk.len() * 64);
             let mut frames = 0u32;
-            for route in keys {
-                if let Some(change) = self.coalesced.remove(&route) {
-                    let action = if change.now_present {
-                        Action::Add
-                    } else {
-                        Action::Remove
-                    };
-                    encode_frame(&Message::Update { action, route }, &mut buf);
-                    frames += 1;
-                }
+            for (route, change) in chunk {
+                let action = if change.now_present {
+                    Action::Add
+                } else {
+                    Action::Remove
+                };
+                encode_frame(&Message::Update { action, route }, &mut buf);
+                frames += 1;
             }
             self.push_bytes(buf.freeze(), frames, None);
         }
         if self.coalesced.is_empty() {
             self.coalescing = false;
             // Release the map's table (sized for the whole backlog).
-            self.coalesced = HashMap::new();
+            self.coalesced = RouteMap::default();
         }
     }
 }

@@ -7,7 +7,9 @@
 //! subscriptions, and the exactly-once cleanup on disconnect: whatever ends
 //! the connection (EOF, error, keepalive timeout, protocol violation, slow
 //! peer, shutdown), `PeerConn::close` records the first reason and wakes both
-//! tasks, and the peer task then withdraws every route and subscription once.
+//! tasks, and the peer task then withdraws every route and subscription once
+//! (routes in chunks, `withdraw_all`, so a million of them do not stall the
+//! shard).
 //!
 //! ```text
 //!   socket ──read──▶ reader task ──OwnerInput──▶ outbox ──▶ owner shard
@@ -20,7 +22,7 @@
 //! one peer's socket stall the shard (all socket I/O is non-blocking).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,12 +36,13 @@ use glommio::net::TcpStream;
 
 use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
+use super::route_set::RouteSet;
 use super::shard::{LocalEvent, PeerSlot, Shard, OUTBOX_HIGH};
 use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
-use crate::types::{Action, Route, Vni};
+use crate::types::{Action, Vni};
 
 /// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
 /// frames; most of a large fleet's peers never need more. Kept small because
@@ -204,7 +207,15 @@ struct ReaderState {
     /// Bytes → frames.
     decoder: FrameDecoder,
     /// Routes the peer announces, per VNI (withdrawn on disconnect).
-    announced: HashMap<Vni, HashSet<Route>>,
+    announced: HashMap<Vni, RouteSet>,
+    /// Routes an UNSUBSCRIBE took out of `announced` whose withdrawals the
+    /// read loop still has to send (with `withdraw_all`, before it handles
+    /// the peer's next message, so they stay in order).
+    withdrawing: Vec<(Vni, RouteSet)>,
+    /// The messages read since the last back-pressure check included a
+    /// routing message (work for an owner): the reader is subject to
+    /// back-pressure before its next read.
+    routed: bool,
 }
 
 async fn run(shard: Rc<Shard>, stream: TcpStream) {
@@ -250,6 +261,8 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         session: PeerSession::new(Role::Passive, shard.config.keepalive, Instant::now()),
         decoder: FrameDecoder::new(),
         announced: HashMap::new(),
+        withdrawing: Vec::new(),
+        routed: false,
     };
     let reason = read_loop(&shard, &conn, reader, &mut rs).await;
     conn.close(reason);
@@ -263,10 +276,12 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     for vni in subscribed.into_keys() {
         shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
     }
-    for (vni, routes) in rs.announced.drain() {
-        for route in routes {
-            shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
-        }
+    let leftover = std::mem::take(&mut rs.withdrawing);
+    for (vni, routes) in leftover
+        .into_iter()
+        .chain(std::mem::take(&mut rs.announced))
+    {
+        withdraw_all(&shard, id, vni, routes).await;
     }
     shard.peers.borrow_mut().remove(&id);
     let reason = conn
@@ -281,6 +296,32 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         conn.over_limit.get(),
     );
     tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// Owner inputs sent between two checks for a yield in `withdraw_all`.
+const WITHDRAW_CHUNK: usize = 1024;
+
+/// Sends a `Withdraw` of each of `routes` (all in `vni`, announced by
+/// `peer`) to the VNI's owner, all of them, in chunks: between chunks it
+/// yields when glommio asks for it, and it waits while the shard's outboxes
+/// hold more than `OUTBOX_HIGH` messages (as readers do), so a peer that
+/// announced a million routes neither stalls its shard while they are queued
+/// nor builds a million-message batch for the owner. Never stops early: a
+/// route not withdrawn would stay in the table for good. Holds no borrow
+/// across its awaits.
+async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
+    let mut routes = routes.into_iter().peekable();
+    while routes.peek().is_some() {
+        for route in routes.by_ref().take(WITHDRAW_CHUNK) {
+            shard.to_owner(vni, OwnerInput::Withdraw { peer, route });
+        }
+        // At shutdown the flushers stop and the outboxes never drain.
+        while shard.outbox_pending() > OUTBOX_HIGH && !shard.shutting_down.get() {
+            let drained = shard.outbox_drained.wait();
+            future::or(drained, shard.shutdown_event.wait()).await;
+        }
+        glommio::yield_if_needed().await;
+    }
 }
 
 /// What woke the reader.
@@ -301,11 +342,18 @@ async fn read_loop(
 ) -> CloseReason {
     let mut buf = ReadBuf::new();
     loop {
-        // Back-pressure: while the shard cannot move our changes out, stop
-        // reading (TCP then slows the peer down).
-        while shard.outbox_pending() > OUTBOX_HIGH && !conn.is_closed() {
-            let drained = shard.outbox_drained.wait();
-            future::or(drained, conn.close_event.wait()).await;
+        // Back-pressure: while the shard cannot move changes out, a peer
+        // whose last read gave the owners work stops being read (TCP then
+        // slows it down). A peer that sent only session frames is read on:
+        // it adds nothing, and pausing it too would starve its KEEPALIVE
+        // replies for as long as someone else's flood (or a leaving peer's
+        // withdrawals) keeps the outboxes full. Its next read adds at most
+        // one read buffer's worth of changes before it pauses as well.
+        if std::mem::take(&mut rs.routed) {
+            while shard.outbox_pending() > OUTBOX_HIGH && !conn.is_closed() {
+                let drained = shard.outbox_drained.wait();
+                future::or(drained, conn.close_event.wait()).await;
+            }
         }
         let closed = conn.close_event.wait();
         if let Some(r) = conn.close_reason.borrow().clone() {
@@ -356,6 +404,9 @@ async fn read_loop(
                             frames += 1;
                             if let Err(reason) = on_message(shard, conn, rs, msg) {
                                 break Some(reason);
+                            }
+                            for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
+                                withdraw_all(shard, conn.id, vni, routes).await;
                             }
                         }
                         Err(e) => break Some(CloseReason::Malformed(e.to_string())),
@@ -448,7 +499,10 @@ fn on_message(
                 "session established"
             );
         }
-        Reaction::Deliver(m) => on_routing_message(shard, conn, rs, m)?,
+        Reaction::Deliver(m) => {
+            rs.routed = true;
+            on_routing_message(shard, conn, rs, m)?
+        }
     }
     Ok(())
 }
@@ -540,13 +594,12 @@ fn on_routing_message(
                 conn.out.borrow_mut().forget_vni(vni);
                 shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
             }
-            // As in the existing implementation: its routes in the VNI go too.
+            // As in the existing implementation: its routes in the VNI go too
+            // (sent by the read loop, in chunks, before the next message).
             if let Some(routes) = rs.announced.remove(&vni) {
                 conn.routes_announced
                     .set(conn.routes_announced.get() - routes.len());
-                for route in routes {
-                    shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
-                }
+                rs.withdrawing.push((vni, routes));
             }
         }
         // The session only delivers the three routing messages.
@@ -603,6 +656,11 @@ async fn write_loop(
         for vni in wb.sync_written {
             shard.to_owner(vni, OwnerInput::SyncWritten { peer: conn.id, vni });
         }
+        // A subscriber that reads as fast as we write never fills its
+        // socket, so nothing above waits: without this, draining a large
+        // backlog (or a coalesced map of millions of routes) would hold the
+        // shard.
+        glommio::yield_if_needed().await;
     }
 }
 

@@ -11,11 +11,21 @@
 //! send. Handlers only append to an outbox; a dedicated flusher task per
 //! destination awaits the bounded channel. Two shards sending to each other
 //! therefore never wait on each other's handlers. Outboxes are bounded in
-//! practice by back-pressure: peer readers stop reading from their sockets
-//! while the shard's outboxes hold more than `OUTBOX_HIGH` messages.
+//! practice by back-pressure: peer readers whose last read produced owner
+//! inputs stop reading from their sockets while the shard's outboxes hold
+//! more than `OUTBOX_HIGH` messages (a reader that only got session frames
+//! reads on, adding at most one read's worth), and a leaving peer's
+//! withdrawals wait the same way.
+//!
+//! Liveness: every loop whose length depends on a batch or table size
+//! yields in bounded chunks (`handle_batch`, the sync pump, and in `peer`
+//! the withdrawals of a leaving peer and the writer), so one peer's million
+//! routes never hold up the keepalive replies of the shard's other peers.
+//! Owner state is borrowed only between awaits, never across one.
 //!
 //! Must never: block the thread (no std locks held across awaits, no
-//! blocking syscalls), or hold route logic (that is `owner`/`vni_table`).
+//! blocking syscalls), run a table- or batch-sized loop without yielding,
+//! or hold route logic (that is `owner`/`vni_table`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -48,6 +58,10 @@ pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
 pub(crate) const CHANNEL_BATCHES: usize = 16;
 /// Routes a status-page snapshot copies between chances to yield.
 const SNAPSHOT_STEP_ROUTES: usize = 16 * 1024;
+/// Messages `Shard::handle_batch` handles between two yields at most (a
+/// few milliseconds of table work; fan-out buffers fill at ~1,500 changes,
+/// so flushing this often does not shrink them).
+const HANDLE_CHUNK: usize = 4096;
 
 /// What shards tell each other.
 pub(crate) enum ShardMsg {
@@ -261,10 +275,20 @@ impl Shard {
         }
     }
 
-    /// Handles one batch from any shard (ourselves included).
-    fn handle_batch(self: &Rc<Self>, batch: Batch) {
+    /// Handles one batch from any shard (ourselves included), yielding to
+    /// the executor every `HANDLE_CHUNK` messages and whenever glommio's
+    /// preemption timer has expired: a batch can hold a million messages (a
+    /// disconnected peer's withdrawals, a burst), and applying them in one
+    /// go starved every other task of the shard, keepalive replies
+    /// included, for seconds. Before each yield the owner's pending fan-out
+    /// is flushed and routed, exactly as at the end of a batch, so a sync
+    /// step or another batch handled meanwhile never overtakes changes
+    /// already applied. Callers await this before taking their next batch,
+    /// so the order of one source's messages is kept.
+    async fn handle_batch(self: &Rc<Self>, batch: Batch) {
         let mut out = Vec::new();
         let mut owner_touched = false;
+        let mut handled = 0usize;
         for msg in batch {
             match msg {
                 ShardMsg::Owner(input) => {
@@ -277,17 +301,31 @@ impl Shard {
                     peer::spawn(self.clone(), stream, slot);
                 }
             }
+            handled += 1;
+            if handled % HANDLE_CHUNK == 0 || glommio::executor().need_preempt() {
+                self.end_chunk(&mut out, &mut owner_touched);
+                // Tasks already woken (a reader with a KEEPALIVE, a writer
+                // with its reply) run now; the executor also polls for I/O
+                // here when its preemption timer has expired.
+                future::yield_now().await;
+            }
         }
-        if owner_touched {
+        self.end_chunk(&mut out, &mut owner_touched);
+    }
+
+    /// Ends a run of `handle_batch` without an await: flushes the owner's
+    /// pending fan-out if it was touched and routes everything produced.
+    /// Borrows the owner only inside, never across an await.
+    fn end_chunk(&self, out: &mut Vec<(usize, Delivery)>, owner_touched: &mut bool) {
+        if std::mem::take(owner_touched) {
             let mut owner = self.owner.borrow_mut();
-            owner.flush(&mut out);
+            owner.flush(out);
             self.counters.set_routes(owner.route_count());
             if owner.has_sync_work() {
                 self.sync_wake.notify();
             }
-            drop(owner);
         }
-        self.route(out);
+        self.route(std::mem::take(out));
     }
 
     /// Copies the owned tables for the status pages, in steps of
@@ -414,7 +452,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         glommio::spawn_local(async move {
             while let Some(batch) = rx.recv().await {
                 shard.counters.shard_batch_in();
-                shard.handle_batch(batch);
+                shard.handle_batch(batch).await;
                 glommio::yield_if_needed().await;
             }
         })
@@ -474,7 +512,7 @@ async fn flusher(shard: Rc<Shard>, dest: usize, sender: Option<ConnectedSender<B
             .set(shard.outbox_pending.get().saturating_sub(batch.len()));
         shard.outbox_drained.notify();
         match &sender {
-            None => shard.handle_batch(batch),
+            None => shard.handle_batch(batch).await,
             Some(s) => {
                 if s.send(batch).await.is_err() {
                     // The other shard has stopped (shutdown): nothing to do.
