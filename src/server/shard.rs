@@ -30,7 +30,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -424,9 +424,10 @@ pub(crate) async fn run(setup: ShardSetup) {
 
     let mut glommio_listeners = Vec::new();
     for (l, start) in listeners {
+        let fd = l.into_raw_fd();
         // SAFETY: the fd comes from a std listener we own and give up here.
-        let gl = unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) };
-        glommio_listeners.push((gl, start));
+        let gl = unsafe { TcpListener::from_raw_fd(fd) };
+        glommio_listeners.push((gl, fd, start));
     }
 
     let shard = Rc::new(Shard {
@@ -462,8 +463,8 @@ pub(crate) async fn run(setup: ShardSetup) {
         glommio::spawn_local(flusher(shard.clone(), dest, sender)).detach();
     }
     glommio::spawn_local(sync_pump(shard.clone())).detach();
-    for (listener, start) in glommio_listeners {
-        glommio::spawn_local(accept_loop(shard.clone(), listener, start)).detach();
+    for (listener, fd, start) in glommio_listeners {
+        glommio::spawn_local(accept_loop(shard.clone(), listener, fd, start)).detach();
     }
     let _ = ready.send(Ok(()));
 
@@ -549,7 +550,8 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 /// Accepts connections and hands them round-robin to the shards. Above
 /// `--max-peers` a connection is closed at once, counted, and logged at
 /// most once per `REFUSAL_LOG_EVERY` (with how many were refused since).
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, start: usize) {
+/// `fd` is `listener`'s descriptor, for the shutdown at the end.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd, start: usize) {
     let mut next = start;
     let mut last_refusal_log: Option<std::time::Instant> = None;
     let mut refused_unlogged = 0u64;
@@ -601,5 +603,15 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, start: usize) {
             }
         }
     }
-    // Dropping the listener closes the socket.
+    // Dropping the listener closes the socket, but an accept still queued in
+    // io_uring holds it open until the kernel tears the ring down, after the
+    // process may have exited: a restarted server then found the port "in
+    // use" (seen in 4 of 30 quick restarts). shutdown() takes the socket out
+    // of LISTEN at once, so a new SO_REUSEADDR bind succeeds.
+    // SAFETY: `fd` belongs to `listener`, which is still alive here.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "shutdown of a listening socket failed");
+    }
+    drop(listener);
 }
