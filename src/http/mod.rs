@@ -283,7 +283,11 @@ impl Worker {
                 Ok(Some(request)) => self.answer(request),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "HTTP receive failed");
+                    // tiny_http reports a failed accept() this way, once,
+                    // and its accept thread stops: no new connection will be
+                    // answered. Say so, with the cause (e.g. out of file
+                    // descriptors), rather than going quiet.
+                    tracing::error!(error = %e, "HTTP status server stopped accepting connections");
                 }
             }
         }
