@@ -3,7 +3,8 @@
 //! client's state.
 //!
 //! Owns: `ClientStatusSource`, the mapping from the client's core (servers,
-//! subscriptions, announcements, present routes) to the status views.
+//! subscriptions, announcements, present routes, disconnects), its traffic
+//! counters and the kernel-route shard's counters to the status views.
 //!
 //! Must never: hold the client lock while rendering or writing (each view
 //! is copied under one short lock), or keep a stopped client alive (it

@@ -3,7 +3,8 @@
 //! Owns: the `Client` handle (servers, subscriptions, announcements, status),
 //! the `RouteSink` trait through which embedders hear about present-route
 //! changes, one thread per server (`connection`), the present set
-//! (`present`), the typed errors (`error`) and the command line (`cli`).
+//! (`present`), the traffic counters (`traffic`), the typed errors (`error`)
+//! and the command line (`cli`).
 //!
 //! Must never: make an embedder run an async runtime. The handle is sync,
 //! `Send + Sync`, and every call returns quickly: it updates the desired

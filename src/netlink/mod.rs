@@ -4,7 +4,9 @@
 //! namespace), the desired route set per (table, prefix), coalescing of
 //! changes, start-up checks (tunnel device, CAP_NET_ADMIN, a probe nexthop
 //! object), deletion of stale protocol-254 routes and nexthop objects at start,
-//! and `--cleanup` at exit.
+//! the periodic read-back that puts back routes deleted by hand
+//! (`reconcile`), and `--cleanup` at exit. Counters for `/metrics` live in
+//! `counters`.
 //!
 //! Must never: block the caller on the kernel. `KernelRouteSink::add`/`remove`
 //! only update the desired set under a short lock and wake the shard; a burst
