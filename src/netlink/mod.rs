@@ -139,6 +139,18 @@ struct Shared {
     counters: Arc<NetlinkCounters>,
 }
 
+impl Shared {
+    /// Marks `keys` for the shard's next batch (a retry, a re-install) and
+    /// wakes it; keeps the pending-routes gauge in step.
+    fn mark_dirty(&self, keys: impl IntoIterator<Item = RouteKey>) {
+        let mut desired = lock(&self.desired);
+        desired.dirty.extend(keys);
+        self.counters.set_pending(desired.dirty.len());
+        drop(desired);
+        let _ = self.wake.try_send(());
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -389,12 +401,8 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
                         changes.len()
                     );
                     // Put the keys back so the next wake-up retries them.
-                    let mut desired = lock(&shared.desired);
-                    desired.dirty.extend(changes.iter().map(|c| c.key));
-                    shared.counters.set_pending(desired.dirty.len());
-                    drop(desired);
+                    shared.mark_dirty(changes.iter().map(|c| c.key));
                     std::thread::sleep(Duration::from_millis(100));
-                    let _ = shared.wake.try_send(());
                     continue;
                 }
             }
@@ -457,8 +465,7 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket) {
     }
     drop(installed);
     if !retry.is_empty() {
-        lock(&shared.desired).dirty.extend(retry);
-        let _ = shared.wake.try_send(());
+        shared.mark_dirty(retry);
     }
 }
 
@@ -469,22 +476,19 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket) {
 /// ones).
 fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
     let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
-    let in_kernel: HashSet<RouteKey> =
-        match socket.dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request()) {
-            Ok(replies) => replies
-                .iter()
-                .filter_map(|p| routes::parse_dumped(p))
-                .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
-                .map(|r| RouteKey {
-                    table: r.table,
-                    prefix: r.prefix,
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!("route dump for reconciliation failed: {e}");
-                return;
-            }
-        };
+    let in_kernel: HashSet<RouteKey> = match protocol_routes(socket, &tables) {
+        Ok(routes) => routes
+            .into_iter()
+            .map(|r| RouteKey {
+                table: r.table,
+                prefix: r.prefix,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!("route dump for reconciliation failed: {e}");
+            return;
+        }
+    };
     let missing = lock(&shared.installed).forget_missing(&in_kernel);
     if missing.is_empty() {
         return;
@@ -496,11 +500,7 @@ fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
     for key in &missing {
         tracing::debug!(route = %key, "kernel route missing, re-installing");
     }
-    let mut desired = lock(&shared.desired);
-    desired.dirty.extend(missing);
-    shared.counters.set_pending(desired.dirty.len());
-    drop(desired);
-    let _ = shared.wake.try_send(());
+    shared.mark_dirty(missing);
 }
 
 /// `--cleanup`: delete every route and object we installed, then sweep for
@@ -578,6 +578,19 @@ fn probe(
     }
 }
 
+/// The kernel's protocol-254 routes in `tables` (one route dump).
+fn protocol_routes(
+    socket: &mut RouteSocket,
+    tables: &HashSet<RouteTable>,
+) -> io::Result<Vec<routes::DumpedRoute>> {
+    Ok(socket
+        .dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request())?
+        .iter()
+        .filter_map(|p| routes::parse_dumped(p))
+        .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
+        .collect())
+}
+
 /// Deletes protocol-254 routes in `tables` and every protocol-254 nexthop
 /// object (what an earlier run left behind). Returns the ids of nexthop
 /// objects that are not ours, which must never be reused.
@@ -585,12 +598,7 @@ fn remove_stale(
     socket: &mut RouteSocket,
     tables: &HashSet<RouteTable>,
 ) -> Result<HashSet<u32>, NetlinkError> {
-    let stale_routes: Vec<routes::DumpedRoute> = socket
-        .dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request())?
-        .iter()
-        .filter_map(|p| routes::parse_dumped(p))
-        .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
-        .collect();
+    let stale_routes = protocol_routes(socket, tables)?;
     let requests: Vec<Request> = stale_routes
         .iter()
         .map(|r| routes::delete_route(r.table, r.prefix))
