@@ -377,24 +377,22 @@ fn routes_deleted_by_hand_are_put_back() {
         ("10.0.2.0/24", &["2001:db8::1"]),
     ]);
     assert_eq!(ns.routes("-4", 100, DEV), want);
+    let put_back = |what: &str| {
+        assert!(
+            support::wait_until(Duration::from_secs(15), || ns.routes("-4", 100, DEV)
+                == want),
+            "{what}: {:?}",
+            ns.routes("-4", 100, DEV)
+        );
+    };
 
     // An operator deletes one route, later every route of the table.
     ns.ip(&["route", "del", "10.0.2.0/24", "table", "100"]);
     assert!(!ns.routes("-4", 100, DEV).contains_key("10.0.2.0/24"));
-    assert!(
-        support::wait_until(Duration::from_secs(15), || ns.routes("-4", 100, DEV)
-            == want),
-        "{:?}",
-        ns.routes("-4", 100, DEV)
-    );
+    put_back("one route deleted");
     ns.ip(&["route", "del", "10.0.1.0/24", "table", "100"]);
     ns.ip(&["route", "del", "10.0.2.0/24", "table", "100"]);
-    assert!(
-        support::wait_until(Duration::from_secs(15), || ns.routes("-4", 100, DEV)
-            == want),
-        "{:?}",
-        ns.routes("-4", 100, DEV)
-    );
+    put_back("every route deleted");
     // Nothing leaked: the same objects serve the restored routes (v4: two
     // encap objects and one group).
     assert_eq!(ns.our_nexthop_objects(), 3);

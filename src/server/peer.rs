@@ -37,7 +37,7 @@ use glommio::net::TcpStream;
 use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
 use super::route_set::RouteSet;
-use super::shard::{LocalEvent, PeerSlot, Shard, OUTBOX_HIGH};
+use super::shard::{LocalEvent, PeerSlot, Shard};
 use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
@@ -316,10 +316,9 @@ async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
             shard.to_owner(vni, OwnerInput::Withdraw { peer, route });
         }
         // At shutdown the flushers stop and the outboxes never drain.
-        while shard.outbox_pending() > OUTBOX_HIGH && !shard.shutting_down.get() {
-            let drained = shard.outbox_drained.wait();
-            future::or(drained, shard.shutdown_event.wait()).await;
-        }
+        shard
+            .outbox_room(|| shard.shutting_down.get(), &shard.shutdown_event)
+            .await;
         glommio::yield_if_needed().await;
     }
 }
@@ -350,10 +349,9 @@ async fn read_loop(
         // withdrawals) keeps the outboxes full. Its next read adds at most
         // one read buffer's worth of changes before it pauses as well.
         if std::mem::take(&mut rs.routed) {
-            while shard.outbox_pending() > OUTBOX_HIGH && !conn.is_closed() {
-                let drained = shard.outbox_drained.wait();
-                future::or(drained, conn.close_event.wait()).await;
-            }
+            shard
+                .outbox_room(|| conn.is_closed(), &conn.close_event)
+                .await;
         }
         let closed = conn.close_event.wait();
         if let Some(r) = conn.close_reason.borrow().clone() {

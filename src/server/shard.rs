@@ -248,6 +248,15 @@ impl Shard {
         self.outbox_pending.get()
     }
 
+    /// Back-pressure: waits while this shard's outboxes hold more than
+    /// `OUTBOX_HIGH` messages, or until `stop()` holds (`stop_event` is
+    /// notified when it may have changed).
+    pub(crate) async fn outbox_room(&self, stop: impl Fn() -> bool, stop_event: &LocalEvent) {
+        while self.outbox_pending() > OUTBOX_HIGH && !stop() {
+            future::or(self.outbox_drained.wait(), stop_event.wait()).await;
+        }
+    }
+
     fn push(&self, dest: usize, msg: ShardMsg) {
         self.outboxes[dest].borrow_mut().push(msg);
         self.outbox_pending.set(self.outbox_pending.get() + 1);
