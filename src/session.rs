@@ -69,6 +69,32 @@ pub enum CloseReason {
     /// Nothing heard for 2.5 × the interval.
     #[error("no keepalive from peer within {0:?}")]
     KeepaliveTimeout(Duration),
+    /// The handshake (HELLO, then the first KEEPALIVE) did not complete
+    /// within the handshake timeout: a connection that never speaks must not
+    /// hold a place for a whole hold time.
+    #[error("handshake not completed within {waited:?} ({missing})")]
+    HandshakeTimeout {
+        /// The handshake timeout that ran out.
+        waited: Duration,
+        /// What was still missing: "no HELLO" or "no KEEPALIVE after HELLO".
+        missing: &'static str,
+    },
+    /// Closed before completing its handshake to make room for a new
+    /// connection when the connection limit was reached (oldest first).
+    #[error("closed before completing the handshake to make room: {limit}")]
+    Evicted {
+        /// The limit that was reached (for the log line), e.g. "--max-peers 20000 reached".
+        limit: String,
+    },
+    /// Far more KEEPALIVEs than the negotiated interval allows (a flood:
+    /// each one costs a reply and a wake-up).
+    #[error("keepalive flood: more than {max} KEEPALIVEs within {interval:?}")]
+    KeepaliveFlood {
+        /// KEEPALIVEs allowed per interval (`MAX_KEEPALIVES_PER_INTERVAL`).
+        max: u32,
+        /// The negotiated interval.
+        interval: Duration,
+    },
     /// A message the state machine does not allow in this state.
     #[error("unexpected {message} in state {state}")]
     Unexpected {
@@ -93,15 +119,25 @@ impl CloseReason {
     /// A short stable label for counters ("timeout", "protocol", ...).
     pub fn label(&self) -> &'static str {
         match self {
-            CloseReason::ZeroKeepalive | CloseReason::Unexpected { .. } => "protocol",
+            CloseReason::ZeroKeepalive
+            | CloseReason::Unexpected { .. }
+            | CloseReason::KeepaliveFlood { .. } => "protocol",
             CloseReason::Malformed(_) => "malformed",
             CloseReason::KeepaliveTimeout(_) => "timeout",
+            CloseReason::HandshakeTimeout { .. } => "handshake_timeout",
+            CloseReason::Evicted { .. } => "evicted",
             CloseReason::PeerClosed => "eof",
             CloseReason::Io(_) => "io",
             CloseReason::Local(_) => "local",
         }
     }
 }
+
+/// KEEPALIVEs a peer may send within one negotiated interval before it is
+/// closed as a flood. A well-behaved peer sends one; the margin covers
+/// timers firing late and early. (A peer streaming KEEPALIVEs at line rate
+/// made the server queue one reply each: gigabytes within seconds.)
+pub const MAX_KEEPALIVES_PER_INTERVAL: u32 = 100;
 
 /// What the caller must do after feeding the session a message.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -132,6 +168,12 @@ pub struct PeerSession {
     last_heard: Instant,
     /// Active side only: when our next KEEPALIVE is due.
     next_keepalive: Option<Instant>,
+    /// Start of the current keepalive window and the KEEPALIVEs received in
+    /// it (see `MAX_KEEPALIVES_PER_INTERVAL`).
+    keepalive_window: (Instant, u32),
+    /// Until ESTABLISHED: when the handshake must have completed, and the
+    /// timeout it was set from (`None`: only the hold timer applies).
+    handshake_deadline: Option<(Instant, Duration)>,
 }
 
 impl PeerSession {
@@ -144,7 +186,18 @@ impl PeerSession {
             interval: own_interval,
             last_heard: now,
             next_keepalive: None,
+            keepalive_window: (now, 0),
+            handshake_deadline: None,
         }
+    }
+
+    /// The handshake must reach ESTABLISHED within `timeout` of `now` (the
+    /// connection's start), or `on_tick` closes it with
+    /// `CloseReason::HandshakeTimeout`. Without this only the hold timer
+    /// (2.5 × interval) bounds a silent connection.
+    pub fn with_handshake_timeout(mut self, timeout: Duration, now: Instant) -> PeerSession {
+        self.handshake_deadline = Some((now + timeout, timeout));
+        self
     }
 
     /// Current state.
@@ -193,6 +246,9 @@ impl PeerSession {
             return Err(self.unexpected(&msg));
         }
         self.last_heard = now;
+        if msg == Message::Keepalive {
+            self.count_keepalive(now)?;
+        }
         match (msg, self.role, self.state) {
             (
                 Message::Hello {
@@ -244,6 +300,15 @@ impl PeerSession {
         if self.state == SessionState::Closed {
             return Ok(None);
         }
+        if let Some((deadline, waited)) = self.handshake_deadline {
+            if self.state != SessionState::Established && now >= deadline {
+                let missing = match self.state {
+                    SessionState::Connecting | SessionState::HelloSent => "no HELLO",
+                    _ => "no KEEPALIVE after HELLO",
+                };
+                return Err(CloseReason::HandshakeTimeout { waited, missing });
+            }
+        }
         if now.saturating_duration_since(self.last_heard) >= self.hold_time() {
             return Err(CloseReason::KeepaliveTimeout(self.hold_time()));
         }
@@ -258,11 +323,33 @@ impl PeerSession {
 
     /// The next instant at which `on_tick` has something to do.
     pub fn next_deadline(&self) -> Instant {
-        let hold = self.last_heard + self.hold_time();
+        let mut hold = self.last_heard + self.hold_time();
+        if let Some((deadline, _)) = self.handshake_deadline {
+            if self.state != SessionState::Established {
+                hold = hold.min(deadline);
+            }
+        }
         match self.next_keepalive {
             Some(k) => k.min(hold),
             None => hold,
         }
+    }
+
+    /// Counts a received KEEPALIVE in the current window of one interval.
+    fn count_keepalive(&mut self, now: Instant) -> Result<(), CloseReason> {
+        let (start, count) = &mut self.keepalive_window;
+        if now.saturating_duration_since(*start) >= self.interval {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        if *count > MAX_KEEPALIVES_PER_INTERVAL {
+            return Err(CloseReason::KeepaliveFlood {
+                max: MAX_KEEPALIVES_PER_INTERVAL,
+                interval: self.interval,
+            });
+        }
+        Ok(())
     }
 
     fn negotiate(&mut self, peer_secs: u32) {
@@ -431,5 +518,63 @@ mod tests {
         let mut s = PeerSession::new(Role::Passive, FIVE, t0);
         assert!(s.on_tick(t0 + Duration::from_millis(12_499)).is_ok());
         assert!(s.on_tick(t0 + Duration::from_millis(12_500)).is_err());
+    }
+
+    #[test]
+    fn handshake_timeout_names_what_is_missing_and_stops_once_established() {
+        let t0 = Instant::now();
+        let two = Duration::from_secs(2);
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0).with_handshake_timeout(two, t0);
+        assert_eq!(
+            s.next_deadline(),
+            t0 + two,
+            "the handshake deadline comes first"
+        );
+        assert_eq!(s.on_tick(t0 + Duration::from_millis(1999)), Ok(None));
+        assert_eq!(
+            s.on_tick(t0 + two),
+            Err(CloseReason::HandshakeTimeout {
+                waited: two,
+                missing: "no HELLO"
+            })
+        );
+        assert_eq!(
+            s.on_tick(t0 + two).unwrap_err().label(),
+            "handshake_timeout"
+        );
+
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0).with_handshake_timeout(two, t0);
+        s.on_message(hello(5, false), t0).unwrap();
+        let e = s.on_tick(t0 + two).unwrap_err();
+        assert!(e.to_string().contains("no KEEPALIVE after HELLO"), "{e}");
+
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0).with_handshake_timeout(two, t0);
+        s.on_message(hello(5, false), t0).unwrap();
+        s.on_message(Message::Keepalive, t0).unwrap();
+        assert_eq!(
+            s.on_tick(t0 + two),
+            Ok(None),
+            "established: only the hold timer"
+        );
+        assert_eq!(s.next_deadline(), t0 + Duration::from_millis(12_500));
+    }
+
+    #[test]
+    fn a_keepalive_flood_closes_and_a_steady_peer_never_does() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(Role::Passive, FIVE, t0);
+        s.on_message(hello(1, false), t0).unwrap();
+        // A steady peer: one a second for a long time, and a few late/early.
+        for i in 0..1000u64 {
+            let t = t0 + Duration::from_millis(i * 1000 + (i % 3) * 10);
+            assert!(s.on_message(Message::Keepalive, t).is_ok(), "{i}");
+        }
+        let t1 = t0 + Duration::from_secs(2000);
+        for _ in 0..MAX_KEEPALIVES_PER_INTERVAL {
+            assert!(s.on_message(Message::Keepalive, t1).is_ok());
+        }
+        let e = s.on_message(Message::Keepalive, t1).unwrap_err();
+        assert!(matches!(e, CloseReason::KeepaliveFlood { .. }), "{e}");
+        assert_eq!(e.label(), "protocol");
     }
 }

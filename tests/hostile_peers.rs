@@ -111,6 +111,114 @@ fn max_peers_refuses_extra_connections_at_once() {
 }
 
 #[test]
+fn a_connection_that_does_not_complete_its_handshake_is_closed_with_its_own_reason() {
+    // The hold timer (keepalive 5 s: 12.5 s) is far beyond the handshake
+    // timeout, so only the latter can close these.
+    let server = TestServer::with(2, |c| {
+        c.limits.handshake_timeout = Some(Duration::from_secs(1));
+    });
+    let mut silent = TestPeer::connect(server.addr);
+    let mut half = TestPeer::connect(server.addr);
+    half.send(&Message::Hello {
+        keepalive_secs: 5,
+        is_server: false,
+    });
+    assert!(matches!(half.recv(WAIT), Some(Message::Hello { .. })));
+    let (mut done, _) = TestPeer::established(server.addr, 5);
+    done.keep_alive(Duration::from_millis(300));
+    assert!(silent.closed_within(WAIT), "no HELLO: closed");
+    assert!(half.closed_within(WAIT), "HELLO but no KEEPALIVE: closed");
+    let s = server.wait_stats("handshake timeouts counted", |s| {
+        s.sum(|x| x.disconnects.handshake_timeout) == 2
+    });
+    assert_eq!(
+        s.sum(|x| x.disconnects.timeout),
+        0,
+        "not a keepalive timeout"
+    );
+    assert_eq!(live_peers(&s), 1);
+    // The established peer outlives the handshake timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    done.send(&Message::Subscribe(vni(4)));
+    assert!(done.sync_point().is_empty());
+    assert_eq!(
+        server
+            .handle()
+            .stats()
+            .sum(|x| x.disconnects.handshake_timeout),
+        2
+    );
+}
+
+#[test]
+fn squatters_at_max_peers_make_room_for_real_peers_oldest_first() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const MAX: usize = 100;
+    let server = TestServer::with(2, |c| {
+        c.max_peers = MAX;
+        c.limits.handshake_timeout = None; // eviction alone must do it
+    });
+    let (mut first, _) = TestPeer::established(server.addr, 5);
+    first.keep_alive(Duration::from_millis(300));
+
+    // The squatter: keeps MAX silent connections open, reconnecting as soon
+    // as one is closed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let squatter = {
+        let (stop, addr) = (stop.clone(), server.addr);
+        std::thread::spawn(move || {
+            let mut conns: Vec<TcpStream> = Vec::new();
+            let mut reconnects = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                conns.retain(|c| {
+                    matches!(c.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while conns.len() < MAX {
+                    let Ok(c) = TcpStream::connect(addr) else {
+                        break;
+                    };
+                    c.set_nonblocking(true).unwrap();
+                    conns.push(c);
+                    reconnects += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            reconnects
+        })
+    };
+    server.wait_stats("every place taken", |s| live_peers(s) >= MAX as u64);
+
+    // Real peers still get in, every one of them, each while every place
+    // is taken (by squatters and `first`).
+    for _ in 0..60 {
+        server.wait_stats("every place taken", |s| live_peers(s) >= MAX as u64);
+        let (mut p, k) = TestPeer::established(server.addr, 5);
+        assert_eq!(k, 5);
+        p.send(&Message::Subscribe(vni(6)));
+        assert!(p.sync_point().is_empty(), "the real peer is served");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reconnects = squatter.join().expect("squatter thread");
+    assert!(
+        reconnects > MAX as u64,
+        "the squatter came back ({reconnects})"
+    );
+    // Each real peer took a squatter's place.
+    let s = server.wait_stats("evictions counted", |s| {
+        s.sum(|x| x.disconnects.evicted) >= 60
+    });
+    assert_eq!(
+        s.sum(|x| x.connections_refused),
+        0,
+        "squatters were evicted, nobody refused"
+    );
+    // The established session was never evicted.
+    first.send(&Message::Subscribe(vni(6)));
+    assert!(first.sync_point().is_empty());
+}
+
+#[test]
 fn too_many_routes_closes_only_that_peer_and_withdraws_its_routes() {
     let server = TestServer::with(2, |c| c.limits.max_routes_per_peer = 10);
     let mut sub = subscriber(&server, 9);

@@ -3,40 +3,11 @@
 
 mod server_support;
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use server_support::process::*;
 use server_support::*;
-
-/// Kills the child if the test fails before it exits.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(ip: &str) -> SocketAddr {
-    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
-    l.local_addr().unwrap()
-}
-
-fn server(args: &[&str]) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_metalbond"))
-        .arg("server")
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn metalbond");
-    ChildGuard(child)
-}
 
 /// Connects until the server accepts, then handshakes.
 fn connect_when_up(addr: SocketAddr) -> TestPeer {
@@ -49,44 +20,6 @@ fn connect_when_up(addr: SocketAddr) -> TestPeer {
         std::thread::sleep(Duration::from_millis(20));
     }
     TestPeer::established(addr, 5).0
-}
-
-/// Waits until every address in `addrs` accepts; `Err(stderr)` when the
-/// server exits first.
-fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<(), String> {
-    let deadline = Instant::now() + WAIT;
-    for addr in addrs {
-        loop {
-            if child.0.try_wait().unwrap().is_some() {
-                return Err(stderr_of(child));
-            }
-            if std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "server never listened on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "server did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn stderr_of(child: &mut ChildGuard) -> String {
-    let mut s = String::new();
-    if let Some(mut e) = child.0.stderr.take() {
-        let _ = e.read_to_string(&mut s);
-    }
-    s
 }
 
 fn signal_exits_zero_and_closes_peers(sig: i32) {
@@ -228,4 +161,138 @@ fn a_restart_on_the_same_port_binds_at_once() {
         }
         assert!(wait_exit(&mut child).success(), "round {round}");
     }
+}
+
+/// Starts a server on a free loopback port with stderr written to a file
+/// (as under systemd with `StandardError=file:` or a shell redirect) and
+/// `extra` flags; returns the child, its address and the log path.
+fn server_logging_to_file(extra: &[&str]) -> (ChildGuard, SocketAddr, std::path::PathBuf) {
+    let addr = free_port("127.0.0.1");
+    let path = std::env::temp_dir().join(format!(
+        "metalbond-log-{}-{}.log",
+        std::process::id(),
+        addr.port()
+    ));
+    let file = std::fs::File::create(&path).expect("log file");
+    let a = addr.to_string();
+    let mut args = vec!["--listen", a.as_str()];
+    args.extend_from_slice(extra);
+    let mut cmd = server_command(&args);
+    cmd.env_remove("NO_COLOR").stderr(file);
+    let mut child = ChildGuard(cmd.spawn().expect("spawn metalbond"));
+    wait_listening(&mut child, &[addr]).expect("server starts");
+    (child, addr, path)
+}
+
+/// Stops the child (SIGTERM), removes the log file and returns its text.
+fn stop_and_read_log(mut child: ChildGuard, path: &std::path::Path) -> String {
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let log = std::fs::read_to_string(path).expect("read log");
+    let _ = std::fs::remove_file(path);
+    log
+}
+
+#[test]
+fn a_log_file_has_no_escape_codes_and_logfmt_lines_starting_with_the_version() {
+    let (child, addr, path) = server_logging_to_file(&[]);
+    drop(connect_when_up(addr));
+    let log = stop_and_read_log(child, &path);
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
+    let first = log.lines().next().expect("a first line");
+    assert!(first.starts_with("time=\""), "{first}");
+    assert!(first.contains("level=info"), "{first}");
+    assert!(
+        first.contains(&format!(
+            "msg=\"MetalBond Version: {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{first}"
+    );
+    assert!(first.contains(" role=server"), "{first}");
+    assert!(first.contains(" commit="), "{first}");
+    for line in log.lines() {
+        assert!(
+            line.starts_with("time=\"") && line.contains(" msg="),
+            "not logfmt: {line}"
+        );
+    }
+    assert!(log.contains("msg=\"peer connected\""), "{log}");
+}
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let (child, addr, path) = server_logging_to_file(&["--log-format", "json"]);
+    drop(connect_when_up(addr));
+    let log = stop_and_read_log(child, &path);
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        messages.push(v["message"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(
+        messages[0].starts_with("MetalBond Version: "),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "peer connected"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let (child, addr, path) = server_logging_to_file(&[]);
+    let mut before = connect_when_up(addr);
+    before.keep_alive(Duration::from_millis(500));
+    child.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    child.signal(libc::SIGHUP); // a second one too (signals of one kind may merge)
+    std::thread::sleep(Duration::from_millis(300));
+    let mut child = child;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    // Still serving: the old session and a new one.
+    before.send(&metalbond::codec::Message::Subscribe(vni(2)));
+    assert!(before.sync_point().is_empty());
+    drop(connect_when_up(addr));
+    let log = stop_and_read_log(child, &path);
+    assert!(log.contains("msg=\"SIGHUP received: ignored"), "{log}");
+}
+
+#[test]
+fn version_flag_names_version_and_commit() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalbond"))
+        .arg("--version")
+        .output()
+        .expect("run --version");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("metalbond {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+}
+
+#[test]
+fn listen_accepts_a_host_name_and_keepalive_zero_means_five() {
+    let addr = free_port("127.0.0.1");
+    let by_name = format!("localhost:{}", addr.port());
+    let mut child = server(&["--listen", &by_name, "--keepalive", "0"]);
+    // localhost resolves to 127.0.0.1 (and ::1 where configured).
+    wait_listening(&mut child, &[addr]).expect("listening on localhost");
+    let mut p = TestPeer::connect(addr);
+    assert_eq!(p.handshake(30), 5, "keepalive 0 is the default 5 s");
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
 }

@@ -109,19 +109,18 @@ impl StatusSource for ServerStatusSource {
             });
         }
 
-        let d = |f: fn(&crate::server::DisconnectCounts) -> u64| {
-            stats.shards.iter().map(|s| f(&s.disconnects)).sum::<u64>()
-        };
-        let disconnects_by_reason = vec![
-            ("eof".to_string(), d(|x| x.eof)),
-            ("io".to_string(), d(|x| x.io)),
-            ("timeout".to_string(), d(|x| x.timeout)),
-            ("protocol".to_string(), d(|x| x.protocol)),
-            ("malformed".to_string(), d(|x| x.malformed)),
-            ("slow_peer".to_string(), d(|x| x.slow_peer)),
-            ("limit".to_string(), d(|x| x.limit)),
-            ("shutdown".to_string(), d(|x| x.shutdown)),
-        ];
+        let mut disconnects_by_reason: Vec<(String, u64)> =
+            crate::server::DisconnectCounts::default()
+                .by_reason()
+                .iter()
+                .map(|(reason, _)| (reason.to_string(), 0))
+                .collect();
+        for shard in &stats.shards {
+            let counts = shard.disconnects.by_reason();
+            for (slot, (_, n)) in disconnects_by_reason.iter_mut().zip(counts) {
+                slot.1 += n;
+            }
+        }
 
         let per_shard =
             |name: &str, help: &str, kind: MetricKind, f: fn(&crate::server::ShardStats) -> u64| {

@@ -6,27 +6,36 @@
 //!
 //! Must never: open sockets or start threads; that is `shard`'s job.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 /// `metalbond server` flags, compatible with the existing server.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
-    /// Address to listen on; repeatable or comma separated (e.g. `[::]:4711`
-    /// and `0.0.0.0:4711`). With several addresses IPv6 sockets are v6-only.
-    #[arg(long, value_delimiter = ',', default_value = "[::]:4711")]
-    pub listen: Vec<SocketAddr>,
+    /// Address to listen on, `IP:PORT` or `HOST:PORT` (a name is resolved
+    /// at start; every address it resolves to is listened on); repeatable or
+    /// comma separated (e.g. `[::]:4711,0.0.0.0:4711`). With several
+    /// addresses IPv6 sockets are v6-only.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR:PORT",
+        default_value = "[::]:4711"
+    )]
+    pub listen: Vec<String>,
     /// Keepalive interval in seconds offered to clients (the negotiated
-    /// interval is the smaller of both sides).
-    #[arg(long, default_value_t = 5)]
+    /// interval is the smaller of both sides); 0 means the default, 5, as
+    /// for the Go server.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_KEEPALIVE.as_secs() as u32)]
     pub keepalive: u32,
     /// Number of shards (pinned executor threads); default: one per CPU.
     #[arg(long)]
     pub shards: Option<usize>,
     /// Address for the HTTP status pages and metrics (`/`, `/routes.json`,
-    /// `/routes.yaml`, `/peers`, `/metrics`).
-    #[arg(long)]
-    pub http: Option<SocketAddr>,
+    /// `/routes.yaml`, `/peers`, `/metrics`), `IP:PORT` or `HOST:PORT`
+    /// (resolved at start, first address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http: Option<String>,
     /// Per-peer output limit in bytes before a slow subscriber is switched to
     /// per-route coalescing.
     #[arg(long, default_value_t = PeerLimits::default().max_queued_bytes)]
@@ -50,14 +59,27 @@ pub struct ServerArgs {
     /// VNIs one peer may subscribe to at once; one more closes that peer.
     #[arg(long, default_value_t = PeerLimits::default().max_subscriptions_per_peer)]
     pub max_subscriptions_per_peer: usize,
+    /// Seconds a new connection has to complete its handshake (HELLO, then
+    /// the first KEEPALIVE) before it is closed; 0 leaves only the keepalive
+    /// hold timer (2.5 × interval).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
+    pub handshake_timeout: u64,
     /// Verbose (debug) logging.
     #[arg(short, long)]
     pub verbose: bool,
 }
 
+/// Default `--keepalive` (and what `--keepalive 0` means).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// Default `--max-peers`: a region's hypervisors with room to spare, and
 /// well below what the default file-descriptor limits of a service allow.
 pub const DEFAULT_MAX_PEERS: usize = 20_000;
+
+/// Default `--handshake-timeout`: a client on the same fabric completes
+/// the handshake in one round trip; a connection silent this long is a
+/// squatter or broken, and holds a place under `--max-peers` meanwhile.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Limits that keep one peer from costing unbounded memory or time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +99,9 @@ pub struct PeerLimits {
     /// VNIs one peer may subscribe to at once (each costs a table entry on
     /// an owner shard and a sync scan); above it the peer is closed.
     pub max_subscriptions_per_peer: usize,
+    /// Time a new connection has to reach ESTABLISHED (`None`: only the
+    /// hold timer applies).
+    pub handshake_timeout: Option<Duration>,
 }
 
 impl Default for PeerLimits {
@@ -87,6 +112,7 @@ impl Default for PeerLimits {
             write_stall_timeout: Some(Duration::from_secs(120)),
             max_routes_per_peer: 1_000_000,
             max_subscriptions_per_peer: 10_000,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }
     }
 }
@@ -120,7 +146,7 @@ impl ServerConfig {
     pub fn new(listen: Vec<SocketAddr>) -> ServerConfig {
         ServerConfig {
             listen,
-            keepalive: Duration::from_secs(5),
+            keepalive: DEFAULT_KEEPALIVE,
             shards: available_cpus(),
             http: None,
             max_peers: DEFAULT_MAX_PEERS,
@@ -167,14 +193,31 @@ impl ServerConfig {
     }
 }
 
-impl From<ServerArgs> for ServerConfig {
-    fn from(a: ServerArgs) -> ServerConfig {
-        let mut c = ServerConfig::new(a.listen);
-        c.keepalive = Duration::from_secs(a.keepalive.into());
+impl TryFrom<ServerArgs> for ServerConfig {
+    type Error = ServerError;
+
+    /// Resolves the addresses (host names too) and applies the defaults:
+    /// what `metalbond server` runs with.
+    fn try_from(a: ServerArgs) -> Result<ServerConfig, ServerError> {
+        let mut listen = Vec::new();
+        for text in &a.listen {
+            for addr in resolve("--listen", text)? {
+                if !listen.contains(&addr) {
+                    listen.push(addr);
+                }
+            }
+        }
+        let mut c = ServerConfig::new(listen);
+        if a.keepalive > 0 {
+            c.keepalive = Duration::from_secs(a.keepalive.into());
+        }
         if let Some(n) = a.shards {
             c.shards = n;
         }
-        c.http = a.http;
+        c.http = match &a.http {
+            Some(text) => resolve("--http", text)?.into_iter().next(),
+            None => None,
+        };
         c.max_peers = a.max_peers;
         c.limits = PeerLimits {
             max_queued_bytes: a.max_queued_bytes,
@@ -183,9 +226,34 @@ impl From<ServerArgs> for ServerConfig {
                 .then(|| Duration::from_secs(a.write_stall_timeout)),
             max_routes_per_peer: a.max_routes_per_peer,
             max_subscriptions_per_peer: a.max_subscriptions_per_peer,
+            handshake_timeout: (a.handshake_timeout > 0)
+                .then(|| Duration::from_secs(a.handshake_timeout)),
         };
-        c
+        Ok(c)
     }
+}
+
+/// `IP:PORT` or `HOST:PORT` (IPv6 in brackets) → the addresses it stands
+/// for; `flag` names the flag in the error.
+fn resolve(flag: &str, text: &str) -> Result<Vec<SocketAddr>, ServerError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let bad = |why: String| ServerError::Config(format!("{flag} {text:?}: {why}"));
+    if text
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(bad("expected IP:PORT or HOST:PORT, e.g. [::]:4711".into()));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("cannot resolve: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(bad("the name resolves to no address".into()));
+    }
+    Ok(addrs)
 }
 
 /// CPUs this process may run on (at least 1).
@@ -302,6 +370,39 @@ mod tests {
         assert!(enosys
             .to_string()
             .contains("io_uring_setup: Function not implemented"));
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names_and_keepalive_zero_is_the_default() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ServerArgs,
+        }
+        let parse = |argv: &[&str]| {
+            let cli = Cli::try_parse_from([&["metalbond"], argv].concat()).unwrap();
+            ServerConfig::try_from(cli.args)
+        };
+        let c = parse(&["--listen", "localhost:4711", "--keepalive", "0"]).unwrap();
+        assert!(!c.listen.is_empty());
+        assert!(c
+            .listen
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 4711));
+        assert_eq!(c.keepalive, DEFAULT_KEEPALIVE);
+        let c = parse(&["--listen", "[::]:4711,0.0.0.0:4711", "--http", "[::1]:4712"]).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.http, Some("[::1]:4712".parse().unwrap()));
+        let e = parse(&["--listen", "4711"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--listen \"4711\": expected IP:PORT or HOST:PORT"),
+            "{e}"
+        );
+        let e = parse(&["--listen", "no-such-host.invalid:4711"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot resolve"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,7 @@
 //! Must never: block a shard thread, or let one peer's slowness grow memory
 //! or stall others (see `out_queue`).
 
+mod admission;
 pub mod config;
 pub mod fanout;
 pub mod out_queue;
@@ -121,7 +122,7 @@ impl Server {
             shard_listeners[k % n].push((l, k));
         }
         let cpus = config::allowed_cpu_ids();
-        let live_peers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let admission = admission::Admission::new(config.max_peers);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handle = ServerHandle {
             addrs,
@@ -146,7 +147,7 @@ impl Server {
                 receivers,
                 control: ctl_rx,
                 counters: counters.clone(),
-                live_peers: live_peers.clone(),
+                admission: admission.clone(),
                 ready: ready_tx.clone(),
             };
             let placement = if config.pin_cpus {
@@ -370,7 +371,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Install the handler first, so a signal during start-up is not fatal.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Signal)?;
-    let handle = Arc::new(Server::start(ServerConfig::from(args))?);
+    let handle = Arc::new(Server::start(ServerConfig::try_from(args)?)?);
     // `--http`: status pages on their own threads, reading the handle's
     // atomics and snapshots (a bind failure stops the server: Drop).
     let http = match handle.config().http {

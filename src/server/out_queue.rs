@@ -42,6 +42,9 @@ enum OutItem {
         frames: u32,
         /// HELLO/KEEPALIVE rather than UPDATEs (for the counters).
         control: bool,
+        /// This is a KEEPALIVE reply (at most one is queued, see
+        /// `OutQueue::push_control`).
+        keepalive: bool,
         /// Birth of the live fan-out batch these frames come from (`None`
         /// for control frames, sync chunks and coalesced output).
         born: Option<Instant>,
@@ -112,7 +115,13 @@ pub struct OutQueue {
     pub coalesced_total: u64,
     /// Times the queue switched into coalescing mode.
     pub coalesce_episodes: u64,
+    /// A KEEPALIVE reply is queued and not yet taken by the writer.
+    keepalive_queued: bool,
 }
+
+/// The KEEPALIVE frame (version 1, empty payload, type 2): static, so a
+/// reply costs a queue slot and no allocation.
+static KEEPALIVE_FRAME: [u8; 4] = [1, 0, 0, 2];
 
 impl OutQueue {
     /// An empty queue for `me` with the given limits.
@@ -127,6 +136,7 @@ impl OutQueue {
             coalescing: false,
             coalesced_total: 0,
             coalesce_episodes: 0,
+            keepalive_queued: false,
         }
     }
 
@@ -150,19 +160,34 @@ impl OutQueue {
         !self.items.is_empty() || !self.coalesced.is_empty()
     }
 
-    /// Queues a session message (HELLO, KEEPALIVE). Always accepted: at most
-    /// one per received KEEPALIVE, and tiny.
-    pub fn push_control(&mut self, msg: &Message) {
-        let mut buf = BytesMut::with_capacity(16);
-        encode_frame(msg, &mut buf);
-        let bytes = buf.freeze();
+    /// Queues a session message (HELLO, KEEPALIVE) and says whether it was
+    /// queued. A KEEPALIVE is not queued while another one is still waiting
+    /// for the writer: replies carry no data, one pending copy says all a
+    /// second would, and a peer that floods KEEPALIVEs without reading then
+    /// costs one queue slot instead of one per KEEPALIVE (it was gigabytes).
+    /// Anything else is always queued: one HELLO per session.
+    pub fn push_control(&mut self, msg: &Message) -> bool {
+        let keepalive = matches!(msg, Message::Keepalive);
+        let bytes = if keepalive {
+            if self.keepalive_queued {
+                return false;
+            }
+            self.keepalive_queued = true;
+            Bytes::from_static(&KEEPALIVE_FRAME)
+        } else {
+            let mut buf = BytesMut::with_capacity(16);
+            encode_frame(msg, &mut buf);
+            buf.freeze()
+        };
         self.queued_bytes += bytes.len();
         self.items.push_back(OutItem::Frames {
             bytes,
             frames: 1,
             control: true,
+            keepalive,
             born: None,
         });
+        true
     }
 
     /// Queues a fan-out batch (minus this peer's own runs), or folds it into
@@ -232,8 +257,12 @@ impl OutQueue {
                     bytes,
                     frames,
                     control,
+                    keepalive,
                     born,
                 }) => {
+                    if keepalive {
+                        self.keepalive_queued = false;
+                    }
                     if let Some(b) = born {
                         if wb.fanout_born.last() != Some(&b) {
                             wb.fanout_born.push(b);
@@ -277,6 +306,7 @@ impl OutQueue {
             bytes,
             frames,
             control: false,
+            keepalive: false,
             born,
         });
     }
@@ -402,6 +432,31 @@ mod tests {
         let wb = q.take_for_write(1 << 20, 64);
         // Only the live batch is timed; control frames and sync chunks are not.
         assert_eq!(wb.fanout_born, vec![live.born]);
+    }
+
+    #[test]
+    fn at_most_one_keepalive_reply_waits_for_the_writer() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        assert!(q.push_control(&Message::Keepalive));
+        for _ in 0..10_000 {
+            assert!(!q.push_control(&Message::Keepalive), "a flood adds nothing");
+        }
+        assert_eq!(q.queued_bytes(), 4);
+        let wb = q.take_for_write(1 << 20, 64);
+        assert_eq!((wb.frames, wb.bytes, wb.updates), (1, 4, 0));
+        assert_eq!(&wb.parts[0][..], &[1, 0, 0, 2], "the KEEPALIVE frame");
+        // Taken by the writer (in flight): the next reply queues again.
+        assert!(q.push_control(&Message::Keepalive));
+        assert!(!q.push_control(&Message::Keepalive));
+        assert_eq!(q.queued_bytes(), 8, "one in flight, one queued");
+        let hello = Message::Hello {
+            keepalive_secs: 5,
+            is_server: true,
+        };
+        assert!(
+            q.push_control(&hello),
+            "other control messages always queue"
+        );
     }
 
     #[test]

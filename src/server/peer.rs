@@ -34,10 +34,11 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::admission::{HandshakeTicket, PeerSlot};
 use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
 use super::route_set::RouteSet;
-use super::shard::{LocalEvent, PeerSlot, Shard};
+use super::shard::{LocalEvent, Shard};
 use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
@@ -97,6 +98,9 @@ pub(crate) struct PeerConn {
     bytes_out: Cell<u64>,
     /// When the connection was accepted.
     connected_since: SystemTime,
+    /// Since when the writer has been waiting for the socket to take any
+    /// byte (`None` while it writes or has nothing to write).
+    unwritable_since: Cell<Option<Instant>>,
 }
 
 impl PeerConn {
@@ -118,9 +122,23 @@ impl PeerConn {
         self.close_reason.borrow().is_some()
     }
 
-    fn push_control(&self, msg: &Message) {
-        self.out.borrow_mut().push_control(msg);
-        self.writer_wake.notify();
+    /// Queues a session reply. A KEEPALIVE is dropped while another one is
+    /// still queued (see `OutQueue::push_control`); if that one has been
+    /// waiting for an unwritable socket for `hold` (the time after which
+    /// the peer, not having heard from us, would declare us dead) the peer
+    /// is not reading at all and is cut off.
+    fn push_control(&self, msg: &Message, hold: Duration) -> Result<(), CloseReason> {
+        if self.out.borrow_mut().push_control(msg) {
+            self.writer_wake.notify();
+            return Ok(());
+        }
+        match self.unwritable_since.get() {
+            Some(since) if since.elapsed() >= hold => Err(CloseReason::Local(format!(
+                "slow subscriber: peer does not read (socket unwritable for {:?} with a KEEPALIVE reply pending)",
+                since.elapsed()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Queues a delivery from an owner (or coalesces it, or cuts the peer
@@ -204,6 +222,9 @@ pub(crate) fn spawn(shard: Rc<Shard>, stream: TcpStream, slot: PeerSlot) {
 struct ReaderState {
     /// The protocol state machine.
     session: PeerSession,
+    /// The connection's place in the handshake queue (eviction candidates
+    /// at `--max-peers`), until ESTABLISHED.
+    handshake: Option<HandshakeTicket>,
     /// Bytes → frames.
     decoder: FrameDecoder,
     /// Routes the peer announces, per VNI (withdrawn on disconnect).
@@ -250,6 +271,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         frames_out: Cell::new(0),
         bytes_out: Cell::new(0),
         connected_since: SystemTime::now(),
+        unwritable_since: Cell::new(None),
     });
     shard.peers.borrow_mut().insert(id, conn.clone());
     shard.counters.peer_connected();
@@ -257,8 +279,14 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
 
     let (reader, writer) = futures_lite::io::split(stream);
     let writer_task = glommio::spawn_local(write_loop(shard.clone(), conn.clone(), writer, fd));
+    let now = Instant::now();
+    let mut session = PeerSession::new(Role::Passive, shard.config.keepalive, now);
+    if let Some(timeout) = limits.handshake_timeout {
+        session = session.with_handshake_timeout(timeout, now);
+    }
     let mut rs = ReaderState {
-        session: PeerSession::new(Role::Passive, shard.config.keepalive, Instant::now()),
+        session,
+        handshake: Some(shard.admission.enter_handshake(id)),
         decoder: FrameDecoder::new(),
         announced: HashMap::new(),
         withdrawing: Vec::new(),
@@ -385,7 +413,11 @@ async fn read_loop(
                 }
                 match rs.session.on_tick(Instant::now()) {
                     Err(reason) => return reason,
-                    Ok(Some(msg)) => conn.push_control(&msg),
+                    Ok(Some(msg)) => {
+                        if let Err(reason) = conn.push_control(&msg, rs.session.hold_time()) {
+                            return reason;
+                        }
+                    }
                     Ok(None) => {}
                 }
             }
@@ -483,13 +515,15 @@ fn on_message(
     let reaction = rs.session.on_message(msg, Instant::now())?;
     conn.state.set(rs.session.state());
     conn.keepalive.set(rs.session.interval());
+    let hold = rs.session.hold_time();
     match reaction {
         Reaction::Nothing => {}
-        Reaction::Reply(m) => conn.push_control(&m),
+        Reaction::Reply(m) => conn.push_control(&m, hold)?,
         Reaction::Established { reply } => {
             if let Some(m) = reply {
-                conn.push_control(&m);
+                conn.push_control(&m, hold)?;
             }
+            rs.handshake = None;
             shard.counters.peer_established();
             tracing::info!(
                 peer = %conn.addr,
@@ -685,6 +719,9 @@ async fn write_parts(
                 if conn.is_closed() {
                     return Err(CloseReason::Local("closed".into()));
                 }
+                if conn.unwritable_since.get().is_none() {
+                    conn.unwritable_since.set(Some(Instant::now()));
+                }
                 let write = async { Some(writer.write(&parts[idx][off..]).await) };
                 let stop = async {
                     match stall {
@@ -710,6 +747,7 @@ async fn write_parts(
             Err(e) => return Err(CloseReason::Io(e.to_string())),
         };
         calls += 1;
+        conn.unwritable_since.set(None);
         // Advance over what was written.
         let mut left = n;
         while left > 0 && idx < parts.len() {

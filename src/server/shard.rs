@@ -33,7 +33,6 @@ use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,6 +43,7 @@ use glommio::channels::shared_channel::{
 };
 use glommio::net::{AcceptedTcpStream, TcpListener};
 
+use super::admission::{Admission, Admit, PeerSlot};
 use super::config::ServerConfig;
 use super::owner::{Delivery, OwnerInput, VniOwner};
 use super::peer::{self, PeerConn};
@@ -72,6 +72,9 @@ pub(crate) enum ShardMsg {
     /// A new connection handed over by an accept loop, with its place
     /// under `--max-peers`.
     Connection(AcceptedTcpStream, PeerSlot),
+    /// Close this peer of the receiving shard if it is still in its
+    /// handshake: an accept loop gave its place to a new connection.
+    Evict(PeerId),
 }
 
 /// One channel message: many shard messages, one wake-up.
@@ -137,36 +140,6 @@ impl Future for EventWait<'_> {
     }
 }
 
-/// One connection's place under `ServerConfig::max_peers`, taken by the
-/// accept loop and given back when dropped (when the peer's task ends, or
-/// with an undelivered hand-over at shutdown), so the count cannot leak.
-pub(crate) struct PeerSlot {
-    /// Connections holding a slot, shared by every shard.
-    live: Arc<AtomicUsize>,
-}
-
-impl PeerSlot {
-    /// A slot if fewer than `max` connections hold one.
-    pub(crate) fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<PeerSlot> {
-        let mut n = live.load(Ordering::Relaxed);
-        loop {
-            if n >= max {
-                return None;
-            }
-            match live.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(PeerSlot { live: live.clone() }),
-                Err(now) => n = now,
-            }
-        }
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Everything a shard thread is started with.
 pub(crate) struct ShardSetup {
     /// This shard's index.
@@ -184,8 +157,9 @@ pub(crate) struct ShardSetup {
     pub control: crossbeam_channel::Receiver<Control>,
     /// Counters, shared with the handle.
     pub counters: Arc<ShardCounters>,
-    /// Connections currently served by all shards (see `PeerSlot`).
-    pub live_peers: Arc<AtomicUsize>,
+    /// Places under `--max-peers` and the handshake queue, shared by all
+    /// shards.
+    pub admission: Arc<Admission>,
     /// Reports that the shard is up (or why not).
     pub ready: std::sync::mpsc::Sender<Result<(), (usize, String)>>,
 }
@@ -220,8 +194,9 @@ pub(crate) struct Shard {
     pub shutting_down: Cell<bool>,
     /// Wakes accept loops and peers on shutdown.
     pub shutdown_event: LocalEvent,
-    /// Connections currently served by all shards (see `PeerSlot`).
-    live_peers: Arc<AtomicUsize>,
+    /// Places under `--max-peers` and the handshake queue, shared by all
+    /// shards (peers enter the queue on start, see `peer`).
+    pub admission: Arc<Admission>,
 }
 
 impl Shard {
@@ -275,6 +250,17 @@ impl Shard {
         }
     }
 
+    /// Closes peer `id` of this shard to free its place under
+    /// `--max-peers` (it was the oldest connection still in its handshake).
+    fn evict(&self, id: PeerId) {
+        let conn = self.peers.borrow().get(&id).cloned();
+        if let Some(conn) = conn {
+            conn.close(CloseReason::Evicted {
+                limit: format!("--max-peers {} reached", self.admission.max()),
+            });
+        }
+    }
+
     fn deliver(&self, d: Delivery) {
         let peers = self.peers.borrow();
         for id in d.recipients.iter() {
@@ -309,6 +295,7 @@ impl Shard {
                     let stream = accepted.bind_to_executor();
                     peer::spawn(self.clone(), stream, slot);
                 }
+                ShardMsg::Evict(id) => self.evict(id),
             }
             handled += 1;
             if handled % HANDLE_CHUNK == 0 || glommio::executor().need_preempt() {
@@ -400,7 +387,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         receivers,
         control,
         counters,
-        live_peers,
+        admission,
         ready,
     } = setup;
     let shards = senders.len();
@@ -454,7 +441,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         next_peer: Cell::new(0),
         shutting_down: Cell::new(false),
         shutdown_event: LocalEvent::default(),
-        live_peers,
+        admission,
     });
 
     for rx in connected_receivers {
@@ -553,17 +540,48 @@ async fn sync_pump(shard: Rc<Shard>) {
     }
 }
 
-/// How often a shard logs that it refuses connections (`--max-peers`).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How often a shard logs that it refuses connections (`--max-peers`) or
+/// that accepting fails (out of file descriptors).
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long an accept loop waits after a failed accept before trying again
+/// (out of descriptors: a retry at once would fail at once).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A warning that would repeat many times a second (refused or failed
+/// accepts): logged at most once per `ACCEPT_LOG_EVERY`, with the number of
+/// occurrences since the last line.
+#[derive(Default)]
+struct RepeatedWarning {
+    /// When the last line was written.
+    last: Option<std::time::Instant>,
+    /// Occurrences not yet reported.
+    unlogged: u64,
+}
+
+impl RepeatedWarning {
+    /// Counts one occurrence; returns how many to report if a line is due.
+    fn occurred(&mut self) -> Option<u64> {
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now - t < ACCEPT_LOG_EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
 
 /// Accepts connections and hands them round-robin to the shards. Above
-/// `--max-peers` a connection is closed at once, counted, and logged at
-/// most once per `REFUSAL_LOG_EVERY` (with how many were refused since).
-/// `fd` is `listener`'s descriptor, for the shutdown at the end.
+/// `--max-peers` the oldest connection still in its handshake is closed to
+/// make room; when every connection is established, the new one is closed
+/// at once, counted, and logged at most once per `ACCEPT_LOG_EVERY`. A
+/// failed accept (out of file descriptors) backs off and is logged the same
+/// way; the loop never stops before shutdown. `fd` is `listener`'s
+/// descriptor, for the shutdown at the end.
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd, start: usize) {
     let mut next = start;
-    let mut last_refusal_log: Option<std::time::Instant> = None;
-    let mut refused_unlogged = 0u64;
+    let mut refusals = RepeatedWarning::default();
+    let mut failures = RepeatedWarning::default();
     loop {
         if shard.shutting_down.get() {
             break;
@@ -576,26 +594,32 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd, start: 
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                let max = shard.config.max_peers;
-                let Some(slot) = PeerSlot::take(&shard.live_peers, max) else {
-                    shard.counters.connection_refused();
-                    refused_unlogged += 1;
-                    let now = std::time::Instant::now();
-                    if last_refusal_log.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
-                        let peer = stream.peer_addr().ok();
-                        tracing::warn!(
-                            ?peer,
-                            refused = refused_unlogged,
-                            max_peers = max,
-                            "connection refused: --max-peers reached"
-                        );
-                        last_refusal_log = Some(now);
-                        refused_unlogged = 0;
+                let slot = match shard.admission.admit() {
+                    Admit::Slot(slot) => slot,
+                    Admit::InPlaceOf { slot, evict } => {
+                        if evict.shard() == shard.index {
+                            shard.evict(evict);
+                        } else {
+                            shard.push(evict.shard(), ShardMsg::Evict(evict));
+                        }
+                        slot
                     }
-                    // An `AcceptedTcpStream` does not close its fd when
-                    // dropped; a bound `TcpStream` does.
-                    drop(stream.bind_to_executor());
-                    continue;
+                    Admit::Refused => {
+                        shard.counters.connection_refused();
+                        if let Some(refused) = refusals.occurred() {
+                            let peer = stream.peer_addr().ok();
+                            tracing::warn!(
+                                ?peer,
+                                refused,
+                                max_peers = shard.admission.max(),
+                                "connection refused: --max-peers reached"
+                            );
+                        }
+                        // An `AcceptedTcpStream` does not close its fd when
+                        // dropped; a bound `TcpStream` does.
+                        drop(stream.bind_to_executor());
+                        continue;
+                    }
                 };
                 let dest = next % shard.shards;
                 next = next.wrapping_add(1);
@@ -607,8 +631,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd, start: 
             }
             Some(Err(e)) => {
                 // E.g. out of file descriptors: log, back off, keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
+                if let Some(failed) = failures.occurred() {
+                    tracing::warn!(error = %e, failed, "accept failed; retrying");
+                }
+                glommio::timer::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }

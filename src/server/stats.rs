@@ -26,6 +26,8 @@ struct DisconnectCounters {
     slow_peer: AtomicU64,
     limit: AtomicU64,
     shutdown: AtomicU64,
+    handshake_timeout: AtomicU64,
+    evicted: AtomicU64,
 }
 
 /// One shard's live counters. Written only by the shard's thread.
@@ -99,7 +101,11 @@ impl ShardCounters {
             CloseReason::PeerClosed => &d.eof,
             CloseReason::Io(_) => &d.io,
             CloseReason::KeepaliveTimeout(_) => &d.timeout,
-            CloseReason::ZeroKeepalive | CloseReason::Unexpected { .. } => &d.protocol,
+            CloseReason::HandshakeTimeout { .. } => &d.handshake_timeout,
+            CloseReason::Evicted { .. } => &d.evicted,
+            CloseReason::ZeroKeepalive
+            | CloseReason::Unexpected { .. }
+            | CloseReason::KeepaliveFlood { .. } => &d.protocol,
             CloseReason::Malformed(_) => &d.malformed,
             CloseReason::Local(_) if shutdown => &d.shutdown,
             CloseReason::Local(_) if over_limit => &d.limit,
@@ -170,6 +176,8 @@ impl ShardCounters {
                 slow_peer: get(&d.slow_peer),
                 limit: get(&d.limit),
                 shutdown: get(&d.shutdown),
+                handshake_timeout: get(&d.handshake_timeout),
+                evicted: get(&d.evicted),
             },
         }
     }
@@ -194,19 +202,34 @@ pub struct DisconnectCounts {
     pub limit: u64,
     /// Closed because the server shut down.
     pub shutdown: u64,
+    /// No complete handshake within `--handshake-timeout`.
+    pub handshake_timeout: u64,
+    /// Closed before completing the handshake to make room for a new
+    /// connection at `--max-peers`.
+    pub evicted: u64,
 }
 
 impl DisconnectCounts {
+    /// Every cause with its metric label (`metalbond_disconnects_total{reason}`),
+    /// in a fixed order.
+    pub fn by_reason(&self) -> [(&'static str, u64); 10] {
+        [
+            ("eof", self.eof),
+            ("io", self.io),
+            ("timeout", self.timeout),
+            ("protocol", self.protocol),
+            ("malformed", self.malformed),
+            ("slow_peer", self.slow_peer),
+            ("limit", self.limit),
+            ("shutdown", self.shutdown),
+            ("handshake_timeout", self.handshake_timeout),
+            ("evicted", self.evicted),
+        ]
+    }
+
     /// All causes together.
     pub fn total(&self) -> u64 {
-        self.eof
-            + self.io
-            + self.timeout
-            + self.protocol
-            + self.malformed
-            + self.slow_peer
-            + self.limit
-            + self.shutdown
+        self.by_reason().iter().map(|(_, n)| n).sum()
     }
 }
 

@@ -15,6 +15,8 @@ use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::server::{PeerInfo, Server, ServerConfig, ServerHandle, ServerStats};
 use metalbond::{Action, NextHop, Route, Vni};
 
+pub mod process;
+
 /// Generous bound for anything a test waits for (never reached when correct).
 pub const WAIT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,260 @@
+//! Hostile peers against the `metalbond server` binary as a real process,
+//! where the process's own memory and descriptors are what is at stake:
+//! a KEEPALIVE flood from a peer that never reads, descriptors running out.
+//!
+//! Memory bounds are generous limits read from `/proc/PID/status` (before
+//! the fix a KEEPALIVE flood grew the server by 1.4 GB in 3 s); nothing here
+//! asserts a duration, every wait is bounded by `WAIT`.
+
+mod http_support;
+mod server_support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use metalbond::codec::Message;
+use server_support::process::*;
+use server_support::*;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Starts `metalbond server` on free loopback ports with `--http`, waits
+/// until both listen; returns the child, the MetalBond and the HTTP address.
+fn server_with_http(extra: &[&str]) -> (ChildGuard, SocketAddr, SocketAddr) {
+    for _ in 0..5 {
+        let addr = free_port("127.0.0.1");
+        let http = free_port("127.0.0.1");
+        if addr == http {
+            continue;
+        }
+        let (a, h) = (addr.to_string(), http.to_string());
+        let mut args = vec!["--listen", &a, "--http", &h, "--shards", "2"];
+        args.extend_from_slice(extra);
+        let mut child = server(&args);
+        match wait_listening(&mut child, &[addr, http]) {
+            Ok(()) => return (child, addr, http),
+            Err(log) if log.contains("in use") => continue,
+            Err(log) => panic!("server did not start: {log}"),
+        }
+    }
+    panic!("no free ports")
+}
+
+/// `metalbond_disconnects_total{reason}` from the server's `/metrics`.
+fn disconnects(http: SocketAddr, reason: &str) -> f64 {
+    let s = http_support::scrape(&format!("http://{http}/metrics"));
+    http_support::metric(&s, "metalbond_disconnects_total", &[("reason", reason)]).unwrap_or(0.0)
+}
+
+/// A connection with a 4 KiB receive buffer that completes the handshake
+/// (keepalive 1 s) and from then on only writes.
+fn non_reading_peer(addr: SocketAddr) -> TcpStream {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&frame(&Message::Hello {
+        keepalive_secs: 1,
+        is_server: false,
+    }))
+    .unwrap();
+    let mut hello = [0u8; 4];
+    s.read_exact(&mut hello).unwrap();
+    let mut rest = vec![0u8; u16::from_be_bytes([hello[1], hello[2]]) as usize];
+    s.read_exact(&mut rest).unwrap();
+    assert_eq!(hello[3], 1, "the server's HELLO");
+    s.write_all(&frame(&Message::Keepalive)).unwrap(); // ESTABLISHED
+    s
+}
+
+#[test]
+fn keepalive_flood_from_a_peer_that_never_reads_is_bounded_and_cut_off() {
+    let (child, addr, http) = server_with_http(&["--keepalive", "1"]);
+    let pid = child.pid();
+    // A bystander that must stay served throughout.
+    let (mut bystander, _) = TestPeer::established(addr, 1);
+    bystander.keep_alive(Duration::from_millis(300));
+    let baseline = proc_status(pid, "VmRSS");
+
+    let mut flood = non_reading_peer(addr);
+    flood
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let keepalives = [1u8, 0, 0, 2].repeat(1024);
+    let deadline = Instant::now() + WAIT;
+    let mut peak = baseline;
+    let mut sent = 0u64;
+    let cut = loop {
+        match flood.write(&keepalives) {
+            Ok(0) | Err(_) => break true,
+            Ok(n) => sent += n as u64 / 4,
+        }
+        if sent % (256 * 1024) < 1024 {
+            peak = peak.max(proc_status(pid, "VmRSS"));
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+    };
+    peak = peak.max(proc_status(pid, "VmRSS"));
+    assert!(
+        cut,
+        "a peer that floods KEEPALIVEs and never reads is cut off"
+    );
+    assert!(sent > 100, "the flood got going ({sent} KEEPALIVEs)");
+    assert!(
+        peak < baseline + 64 * 1024,
+        "server RSS grew from {baseline} KiB to {peak} KiB during a flood of {sent} KEEPALIVEs"
+    );
+    drop(flood);
+
+    // Counted as a protocol violation, the bystander untouched, a new peer
+    // served.
+    let deadline = Instant::now() + WAIT;
+    while disconnects(http, "protocol") < 1.0 {
+        assert!(Instant::now() < deadline, "the cut-off is not in /metrics");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bystander.send(&Message::Subscribe(vni(9)));
+    assert!(bystander.sync_point().is_empty(), "bystander still served");
+    let (b, _) = TestPeer::established(addr, 5);
+    b.send(&add(route(9, 1, 1)));
+    assert_eq!(
+        bystander.recv_update(WAIT),
+        Some((metalbond::Action::Add, route(9, 1, 1)))
+    );
+
+    // Memory back 5 s after the hostile peer left.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = proc_status(pid, "VmRSS");
+    assert!(
+        after < baseline + 32 * 1024,
+        "server RSS {after} KiB 5 s after the flood (baseline {baseline} KiB)"
+    );
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_is_cut_off_after_the_hold_time() {
+    // Without this rule it stays for --write-stall-timeout (120 s).
+    let (_child, addr, http) = server_with_http(&["--keepalive", "1"]);
+    let mut sub = non_reading_peer(addr);
+    sub.write_all(&frame(&Message::Subscribe(vni(12)))).unwrap();
+    // It keeps sending KEEPALIVEs at the proper rate, and reads nothing.
+    let mut pace = sub.try_clone().unwrap();
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < WAIT {
+            if pace.write_all(&[1, 0, 0, 2]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        false
+    });
+    let (publisher, _) = TestPeer::established(addr, 5);
+    publisher.keep_alive(Duration::from_millis(300));
+    // Several MB of UPDATEs: more than the loopback socket buffers hold.
+    publisher.send_all(
+        &(0..200_000)
+            .map(|i| add(route(12, i, 1)))
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        pacer.join().expect("pacer"),
+        "the non-reading subscriber is cut off"
+    );
+    let deadline = Instant::now() + WAIT;
+    while disconnects(http, "slow_peer") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off is not in /metrics: {:?}",
+            ["eof", "io", "timeout", "protocol"].map(|r| (r, disconnects(http, r)))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        disconnects(http, "timeout"),
+        0.0,
+        "cut as a slow peer, not timed out"
+    );
+}
+
+#[test]
+fn out_of_descriptors_the_server_backs_off_quietly_and_recovers() {
+    // 64 descriptors: the runtime, listeners and the HTTP side take some,
+    // 80 silent connections take the rest, accept() then fails (EMFILE).
+    let addr = free_port("127.0.0.1");
+    let a = addr.to_string();
+    let mut cmd = server_command(&["--listen", &a, "--shards", "2"]);
+    // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = ChildGuard(cmd.spawn().expect("spawn metalbond"));
+    wait_listening(&mut child, &[addr]).expect("server starts under 64 descriptors");
+    let stderr = child.0.stderr.take().expect("stderr");
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+
+    let silent: Vec<TcpStream> = (0..80)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .collect();
+    assert_eq!(
+        silent.len(),
+        80,
+        "the kernel queues what the server cannot accept"
+    );
+    // Two seconds of EMFILE at a 50 ms back-off: ~40 failed accepts.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(silent);
+
+    // Descriptors come back (the silent peers close): a new peer is served.
+    let deadline = Instant::now() + WAIT;
+    let mut p = loop {
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            drop(s);
+            let (mut p, _) = TestPeer::established(addr, 5);
+            p.send(&Message::Subscribe(vni(1)));
+            break p;
+        }
+        assert!(Instant::now() < deadline, "server never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        p.sync_point().is_empty(),
+        "served after the descriptors came back"
+    );
+
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let log = lines.join().expect("stderr reader");
+    let failed: Vec<&String> = log.iter().filter(|l| l.contains("accept failed")).collect();
+    assert!(
+        !failed.is_empty(),
+        "EMFILE was reached and logged: {log:#?}"
+    );
+    assert!(
+        failed.len() <= 4,
+        "accept failures are rate-limited (one line a second), got {}: {failed:#?}",
+        failed.len()
+    );
+    assert!(
+        failed.iter().any(|l| l.contains("failed=")),
+        "the line counts the failures: {failed:#?}"
+    );
+}

@@ -1,0 +1,113 @@
+//! The `metalbond server` binary as a child process: start it, wait for it
+//! to listen or exit, read its stderr and its memory from `/proc`. The child
+//! is killed when the guard drops, also when a test fails.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::WAIT;
+
+/// Kills the child if the test fails before it exits.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends `sig` to the child.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, sig);
+        }
+    }
+}
+
+/// A port that was free a moment ago on `ip` (`127.0.0.1`, `[::1]`).
+pub fn free_port(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `metalbond server ARGS`, stderr piped, stdout discarded.
+pub fn server(args: &[&str]) -> ChildGuard {
+    server_command(args)
+        .spawn()
+        .map(ChildGuard)
+        .expect("spawn metalbond")
+}
+
+/// The command `server` runs, to adjust before spawning (limits, env).
+pub fn server_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_metalbond"));
+    c.arg("server")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Waits until every address in `addrs` accepts; `Err(stderr)` when the
+/// server exits first.
+pub fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<(), String> {
+    let deadline = Instant::now() + WAIT;
+    for addr in addrs {
+        loop {
+            if child.0.try_wait().unwrap().is_some() {
+                return Err(stderr_of(child));
+            }
+            if TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server never listened on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the child to exit (bounded by `WAIT`).
+pub fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Everything the child wrote to stderr (call after it exited, or after
+/// killing it: reads to EOF).
+pub fn stderr_of(child: &mut ChildGuard) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`) or plain count
+/// (`Threads`).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
