@@ -184,7 +184,7 @@ fn main() -> ExitCode {
         | ScenarioCmd::Reconnect { common, .. }
         | ScenarioCmd::Idle { common, .. } => common.clone(),
     };
-    metalbond::logging::init(common.verbose);
+    metalbond::logging::init(common.verbose, metalbond::logging::LogFormat::for_stderr());
     match run(cli.scenario, &common) {
         Ok(report) => {
             if common.json {

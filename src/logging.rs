@@ -1,17 +1,201 @@
-//! Process-wide tracing set-up shared by every binary.
+//! Process-wide tracing set-up shared by every binary, and the build's
+//! identity (version, git commit) that the start line and `--version` show.
 //!
-//! Owns: the log format and level policy: info by default (session events),
-//! debug with `-v` (per-route detail), `RUST_LOG` overrides both.
-//! Must never: be called more than once per process (later calls are no-ops).
+//! Owns: the log formats and the level policy: info by default (session
+//! events), debug with `-v` (per-route detail), `RUST_LOG` overrides both.
+//! Formats (`--log-format`):
+//! - `text`: the human format; colours only when stderr is a terminal.
+//! - `logfmt`: one `time=... level=... msg=... key=value` line per event,
+//!   the shape the Go implementation (logrus) writes when stderr is not a
+//!   terminal, so its log pipelines keep parsing; the default off a terminal.
+//! - `json`: one JSON object per line, for log shippers.
+//!
+//! Must never: be called more than once per process (later calls are
+//! no-ops), or write escape codes anywhere but a terminal.
 
+use std::fmt::{self, Write as _};
+use std::io::IsTerminal;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber writing to stderr.
-pub fn init(verbose: bool) {
+/// The crate version (`Cargo.toml`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the binary was built from (`git rev-parse --short`, or
+/// `METALBOND_GIT_COMMIT` when building outside a git checkout, else
+/// `unknown`; see `build.rs`).
+pub const GIT_COMMIT: &str = env!("METALBOND_GIT_COMMIT");
+
+/// `0.1.0 (commit 1a2b3c4)`: what `--version` prints after the name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("METALBOND_GIT_COMMIT"),
+    ")"
+);
+
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable; coloured only on a terminal.
+    Text,
+    /// `time=... level=... msg=...` lines, as the Go implementation writes
+    /// off a terminal.
+    Logfmt,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The default: `text` when stderr is a terminal, `logfmt` otherwise
+    /// (a file, a pipe, journald).
+    pub fn for_stderr() -> LogFormat {
+        if std::io::stderr().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Logfmt
+        }
+    }
+}
+
+/// Installs the global subscriber writing to stderr in `format`.
+pub fn init(verbose: bool, format: LogFormat) {
     let default = if verbose { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Logfmt => builder.event_format(Logfmt).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Logs the start line every run begins with: the Go binary's
+/// `MetalBond Version: ...`, with version, commit and role as fields.
+pub fn log_start(role: &'static str) {
+    tracing::info!(
+        version = VERSION,
+        commit = GIT_COMMIT,
+        role,
+        "MetalBond Version: {LONG_VERSION}"
+    );
+}
+
+/// The logfmt event format: `time="..." level=info msg="..." key=value`.
+struct Logfmt;
+
+impl<S, N> FormatEvent<S, N> for Logfmt
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut fields = LogfmtFields::default();
+        event.record(&mut fields);
+        let time = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        write!(
+            writer,
+            "time=\"{time}\" level={} msg=",
+            meta.level().as_str().to_ascii_lowercase()
+        )?;
+        write_value(&mut writer, &fields.message)?;
+        write!(writer, " target={}", meta.target())?;
+        writer.write_str(&fields.rest)?;
+        writeln!(writer)
+    }
+}
+
+/// An event's message and its other fields, rendered as ` key=value`.
+#[derive(Default)]
+struct LogfmtFields {
+    /// The `message` field.
+    message: String,
+    /// Every other field, each as ` key=value`.
+    rest: String,
+}
+
+impl Visit for LogfmtFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.record(field, &format!("{value:?}"));
+    }
+}
+
+impl LogfmtFields {
+    fn record(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            let _ = write!(self.rest, " {}=", field.name());
+            let _ = write_value(&mut self.rest, value);
+        }
+    }
+}
+
+/// Writes `value` bare when it needs no quoting, else quoted with `"`, `\`
+/// and control characters escaped (so one event stays one line).
+fn write_value(w: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    let bare = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
+    if bare {
+        return w.write_str(value);
+    }
+    w.write_char('"')?;
+    for c in value.chars() {
+        match c {
+            '"' => w.write_str("\\\"")?,
+            '\\' => w.write_str("\\\\")?,
+            '\n' => w.write_str("\\n")?,
+            '\t' => w.write_str("\\t")?,
+            c if c.is_control() => write!(w, "\\u{{{:x}}}", c as u32)?,
+            c => w.write_char(c)?,
+        }
+    }
+    w.write_char('"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quoted(v: &str) -> String {
+        let mut s = String::new();
+        write_value(&mut s, v).unwrap();
+        s
+    }
+
+    #[test]
+    fn values_are_bare_when_safe_and_quoted_otherwise() {
+        assert_eq!(quoted("127.0.0.1:4711"), "127.0.0.1:4711");
+        assert_eq!(quoted("peer connected"), "\"peer connected\"");
+        assert_eq!(quoted(""), "\"\"");
+        assert_eq!(quoted("a=b"), "\"a=b\"");
+        assert_eq!(quoted("say \"hi\"\n"), "\"say \\\"hi\\\"\\n\"");
+        assert_eq!(quoted("\u{1b}[31m"), "\"\\u{1b}[31m\"");
+    }
+
+    #[test]
+    fn the_long_version_names_the_commit() {
+        assert!(LONG_VERSION.starts_with(VERSION));
+        assert!(LONG_VERSION.contains(GIT_COMMIT));
+    }
 }

@@ -1,19 +1,26 @@
 //! The `metalbond` command: `server` (route reflector) and `client`.
 //!
-//! Owns: argument dispatch, logging set-up and the process exit status.
+//! Owns: argument dispatch, logging set-up, SIGHUP (ignored) and the process
+//! exit status.
 //! Must never: hold protocol or table logic; each mode lives in its module.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use metalbond::logging::{self, LogFormat};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// MetalBond: distributes overlay routes between hypervisors.
 #[derive(Parser, Debug)]
-#[command(name = "metalbond", version, about)]
+#[command(name = "metalbond", version = logging::LONG_VERSION, about)]
 struct Cli {
+    /// Log line format: text (coloured on a terminal), logfmt
+    /// (`time=... level=... msg=...`, as the Go binary writes off a
+    /// terminal) or json. Default: text on a terminal, logfmt otherwise.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,11 +35,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let verbose = match &cli.command {
-        Command::Server(a) => a.verbose,
-        Command::Client(a) => a.verbose,
+    let (verbose, role) = match &cli.command {
+        Command::Server(a) => (a.verbose, "server"),
+        Command::Client(a) => (a.verbose, "client"),
     };
-    metalbond::logging::init(verbose);
+    logging::init(
+        verbose,
+        cli.log_format.unwrap_or_else(LogFormat::for_stderr),
+    );
+    logging::log_start(role);
+    ignore_sighup();
     let result = match cli.command {
         Command::Server(args) => metalbond::server::run(args),
         Command::Client(args) => metalbond::client::run(args),
@@ -45,5 +57,26 @@ fn main() -> ExitCode {
             eprintln!("metalbond: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A daemon must not die on SIGHUP (its default action): a terminal closing
+/// or an operator's `systemctl reload` sends it. It is logged and ignored;
+/// there is nothing to reload yet.
+fn ignore_sighup() {
+    match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        Ok(mut signals) => {
+            let spawned = std::thread::Builder::new()
+                .name("mb-sighup".into())
+                .spawn(move || {
+                    for _ in signals.forever() {
+                        tracing::info!("SIGHUP received: ignored (nothing to reload)");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; it will end the process");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP; it will end the process"),
     }
 }
