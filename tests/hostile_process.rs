@@ -182,6 +182,39 @@ fn a_subscriber_that_stops_reading_is_cut_off_after_the_hold_time() {
 }
 
 #[test]
+fn memory_goes_back_to_the_system_after_a_large_announcer_leaves() {
+    // Without the shards' collections a departed peer's routes stayed in
+    // RSS as free allocator pages (224 MiB after a 1 M-route burst left).
+    let (child, addr, _http) = server_with_http(&[]);
+    let pid = child.pid();
+    let baseline = proc_status(pid, "VmRSS");
+    let mut sub = TestPeer::established(addr, 5).0;
+    sub.keep_alive(Duration::from_millis(500));
+    sub.send(&Message::Subscribe(vni(3)));
+    sub.sync_point();
+    let (publisher, _) = TestPeer::established(addr, 5);
+    publisher.keep_alive(Duration::from_millis(500));
+    let n = 300_000u32;
+    publisher.send_all(&(0..n).map(|i| add(route(3, i, 1))).collect::<Vec<_>>());
+    let mut got = 0;
+    while got < n {
+        match sub.recv_update(WAIT) {
+            Some((metalbond::Action::Add, _)) => got += 1,
+            other => panic!("expected {n} ADDs, got {got} then {other:?}"),
+        }
+    }
+    let loaded = proc_status(pid, "VmRSS");
+    drop(publisher);
+    drop(sub);
+    std::thread::sleep(Duration::from_secs(6));
+    let after = proc_status(pid, "VmRSS");
+    assert!(
+        after < baseline + 24 * 1024 && after < loaded / 2,
+        "RSS {after} KiB 6 s after the peers left (baseline {baseline} KiB, loaded {loaded} KiB)"
+    );
+}
+
+#[test]
 fn out_of_descriptors_the_server_backs_off_quietly_and_recovers() {
     // 64 descriptors: the runtime, listeners and the HTTP side take some,
     // 80 silent connections take the rest, accept() then fails (EMFILE).

@@ -31,6 +31,9 @@ pub(crate) struct Admission {
     handshaking: Mutex<BTreeMap<u64, PeerId>>,
     /// Next entry number.
     next_entry: AtomicU64,
+    /// Connections that have given their place back so far (shards return
+    /// freed memory to the system after departures, see `shard`).
+    departures: AtomicU64,
 }
 
 /// What the accept loop does with a new connection.
@@ -57,12 +60,18 @@ impl Admission {
             live: AtomicUsize::new(0),
             handshaking: Mutex::new(BTreeMap::new()),
             next_entry: AtomicU64::new(0),
+            departures: AtomicU64::new(0),
         })
     }
 
     /// `--max-peers`.
     pub(crate) fn max(&self) -> usize {
         self.max
+    }
+
+    /// Connections that have left so far.
+    pub(crate) fn departures(&self) -> u64 {
+        self.departures.load(Ordering::Relaxed)
     }
 
     /// Decides about a new connection. When every place is taken, the oldest
@@ -130,6 +139,7 @@ pub(crate) struct PeerSlot {
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.admission.live.fetch_sub(1, Ordering::AcqRel);
+        self.admission.departures.fetch_add(1, Ordering::Relaxed);
     }
 }
 
