@@ -93,8 +93,14 @@ fn routes_with_ecmp_in_both_families_replace_and_delete() {
             ("2001:db8:9::/64", &["2001:db8::1", "2001:db8::2"]),
         ])
     );
-    // Objects: v4 {1, 2, group}, v6 {1, 2, group}.
-    assert_eq!(ns.our_nexthop_objects(), 6);
+    // Objects only for IPv6 ({1, 2, group}); IPv4 routes carry their next
+    // hops (the Go client's form).
+    assert_eq!(ns.our_nexthop_objects(), 3);
+    let v4 = ns.ip(&["-4", "route", "show", "table", "100"]);
+    assert!(!v4.contains("nhid"), "{v4}");
+    assert!(ns
+        .ip(&["-6", "route", "show", "table", "1000"])
+        .contains("nhid"));
     assert_eq!(shard.installed().len(), 4);
 
     // Removing one of two next hops replaces the route; the NAT duplicate
@@ -113,8 +119,8 @@ fn routes_with_ecmp_in_both_families_replace_and_delete() {
         ns.routes("-6", 1000, DEV)["2001:db8:8::/64"],
         vec!["2001:db8::1".to_string()]
     );
-    // The v4 group and the v4 object of ::1 are unused now and gone.
-    assert_eq!(ns.our_nexthop_objects(), 4);
+    // The IPv6 next-hop sets did not change: the same three objects.
+    assert_eq!(ns.our_nexthop_objects(), 3);
 
     // The last next hop removed deletes the route.
     sink.remove(vni(23), net("10.0.23.0/24"), &hop("2001:db8::2"));
@@ -147,7 +153,7 @@ fn churn_on_one_prefix_ends_in_the_last_state() {
         ns.routes("-4", 100, DEV),
         expect(&[("10.1.0.0/16", &["2001:db8::32"])])
     );
-    assert_eq!(ns.our_nexthop_objects(), 1);
+    assert_eq!(ns.our_nexthop_objects(), 0, "IPv4 routes use no objects");
 }
 
 #[test]
@@ -313,21 +319,41 @@ fn a_refused_route_is_never_claimed_and_is_retried() {
     ns.add_tunnel(DEV);
     let shard = start(&ns, config(&[(23, 100)], false)).unwrap();
     let sink = shard.sink();
-    // Without carrier the kernel refuses new multipath groups
-    // ("Carrier for nexthop device is down").
+    // Without carrier the kernel refuses new multipath groups ("Carrier
+    // for nexthop device is down"): an IPv6 ECMP route cannot go in.
     ns.ip(&["link", "set", &format!("{DEV}-p"), "down"]);
-    sink.add(vni(23), net("10.0.2.0/24"), &hop("2001:db8::1"));
-    sink.add(vni(23), net("10.0.2.0/24"), &hop("2001:db8::2"));
+    sink.add(vni(23), net("2001:db8:2::/64"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("2001:db8:2::/64"), &hop("2001:db8::2"));
     assert!(shard.flush(FLUSH));
     assert!(shard.installed().is_empty(), "state must match the kernel");
-    assert!(ns.routes("-4", 100, DEV).is_empty());
+    assert!(ns.routes("-6", 100, DEV).is_empty());
     // Carrier back: the periodic retry installs it without any new change.
     ns.ip(&["link", "set", &format!("{DEV}-p"), "up"]);
-    let want = expect(&[("10.0.2.0/24", &["2001:db8::1", "2001:db8::2"])]);
+    let want = expect(&[("2001:db8:2::/64", &["2001:db8::1", "2001:db8::2"])]);
+    assert!(support::wait_until(Duration::from_secs(15), || ns
+        .routes("-6", 100, DEV)
+        == want));
+    assert_eq!(shard.installed().len(), 1);
+    // An IPv4 route through a device that is down is refused (ENETDOWN),
+    // not claimed, and installed once the device is up.
+    ns.ip(&["link", "set", DEV, "down"]);
+    assert!(support::wait_until(Duration::from_secs(5), || ns
+        .routes("-6", 100, DEV)
+        .is_empty()));
+    sink.add(vni(23), net("10.0.2.0/24"), &hop("2001:db8::1"));
+    assert!(shard.flush(FLUSH));
+    assert!(
+        !shard
+            .installed()
+            .iter()
+            .any(|r| r.key.prefix == net("10.0.2.0/24")),
+        "state must match the kernel"
+    );
+    ns.ip(&["link", "set", DEV, "up"]);
+    let want = expect(&[("10.0.2.0/24", &["2001:db8::1"])]);
     assert!(support::wait_until(Duration::from_secs(15), || ns
         .routes("-4", 100, DEV)
         == want));
-    assert_eq!(shard.installed().len(), 1);
 }
 
 #[test]
@@ -393,8 +419,339 @@ fn routes_deleted_by_hand_are_put_back() {
     ns.ip(&["route", "del", "10.0.1.0/24", "table", "100"]);
     ns.ip(&["route", "del", "10.0.2.0/24", "table", "100"]);
     put_back("every route deleted");
-    // Nothing leaked: the same objects serve the restored routes (v4: two
-    // encap objects and one group).
-    assert_eq!(ns.our_nexthop_objects(), 3);
+    // Replaced by hand with other next hops (as a Go client on the same
+    // host would): recognised as changed and put back.
+    ns.ip(&[
+        "route",
+        "replace",
+        "10.0.1.0/24",
+        "table",
+        "100",
+        "proto",
+        "254",
+        "nexthop",
+        "encap",
+        "ip6",
+        "dst",
+        "2001:db8::99",
+        "dev",
+        DEV,
+    ]);
+    assert_ne!(ns.routes("-4", 100, DEV), want);
+    put_back("one route replaced with another next hop");
+    // Nothing leaked: IPv4 routes use no nexthop objects.
+    assert_eq!(ns.our_nexthop_objects(), 0);
     assert_eq!(shard.installed().len(), 2);
+}
+
+/// `ip route replace PREFIX table TABLE proto 254 nexthop encap ip6 dst A
+/// dev DEV [nexthop ...]`: the Go client's IPv4 form, written with iproute2.
+fn add_go_form(ns: &Netns, table: u32, prefix: &str, hops: &[&str]) {
+    let table = table.to_string();
+    let mut args = vec!["route", "replace", prefix, "table", &table, "proto", "254"];
+    for hop in hops {
+        args.extend(["nexthop", "encap", "ip6", "dst", hop, "dev", DEV]);
+    }
+    ns.ip(&args);
+}
+
+/// What an earlier version of ours left: IPv4 and IPv6 routes referencing
+/// protocol-254 nexthop objects (encap objects and a group per family).
+fn add_earlier_version_state(ns: &Netns, table: u32) {
+    let table = table.to_string();
+    for (id, family, dst) in [
+        ("31", "-4", "2001:db8::1"),
+        ("32", "-4", "2001:db8::2"),
+        ("41", "-6", "2001:db8::1"),
+        ("42", "-6", "2001:db8::2"),
+    ] {
+        ns.ip(&[
+            family, "nexthop", "add", "id", id, "encap", "ip6", "dst", dst, "dev", DEV, "proto",
+            "254",
+        ]);
+    }
+    ns.ip(&[
+        "nexthop", "add", "id", "33", "group", "31/32", "proto", "254",
+    ]);
+    ns.ip(&[
+        "nexthop", "add", "id", "43", "group", "41/42", "proto", "254",
+    ]);
+    for (prefix, nhid) in [
+        ("10.31.0.0/16", "33"),
+        ("10.32.0.0/16", "31"),
+        ("2001:db8:31::/64", "43"),
+        ("2001:db8:32::/64", "41"),
+    ] {
+        ns.ip(&[
+            "route", "add", prefix, "table", &table, "proto", "254", "nhid", nhid,
+        ]);
+    }
+}
+
+#[test]
+fn ipv4_routes_have_the_go_clients_form() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let shard = start(&ns, config(&[(23, 100)], false)).unwrap();
+    let sink = shard.sink();
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::2"));
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("10.0.24.0/24"), &hop("2001:db8::1"));
+    assert!(shard.flush(FLUSH));
+    // The same routes written the Go client's way into another table.
+    add_go_form(&ns, 200, "10.0.23.0/24", &["2001:db8::1", "2001:db8::2"]);
+    add_go_form(&ns, 200, "10.0.24.0/24", &["2001:db8::1"]);
+
+    let ours = ns.ip(&["-d", "route", "show", "table", "100"]);
+    let go = ns.ip(&["-d", "route", "show", "table", "200"]);
+    assert_eq!(ours, go, "same `ip -d route show` output as the Go form");
+    assert!(!ours.contains("nhid"), "{ours}");
+    let multipath = support::parse_routes(&ns.ip(&["route", "show", "table", "100"]));
+    let ecmp = multipath
+        .iter()
+        .find(|r| r.prefix == "10.0.23.0/24")
+        .unwrap();
+    assert!(
+        ecmp.text.contains("nexthop  encap ip6") || ecmp.text.contains("nexthop encap ip6"),
+        "{}",
+        ecmp.text
+    );
+    // One next hop: the kernel shows the single-hop form (no `nexthop`).
+    let single = multipath
+        .iter()
+        .find(|r| r.prefix == "10.0.24.0/24")
+        .unwrap();
+    assert!(!single.text.contains("nexthop"), "{}", single.text);
+    assert!(
+        single.text.contains("encap ip6") && single.text.contains(&format!("dev {DEV}")),
+        "{}",
+        single.text
+    );
+    assert_eq!(ns.our_nexthop_objects(), 0);
+}
+
+#[test]
+fn go_cleanup_emulation_fails_where_the_go_client_fails() {
+    // The emulation must reproduce the measured failures, or the rollback
+    // test below proves nothing: an IPv4 route on a nexthop object (ESRCH),
+    // and an IPv6 route on a nexthop group (dumped with one RTA_MULTIPATH
+    // entry per member: the second entry's delete finds nothing, ESRCH).
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    add_earlier_version_state(&ns, 100);
+    let outcome = support::go_client_cleanup(&ns, &[100]);
+    assert_eq!(outcome.errors.len(), 3, "{outcome:#?}");
+    assert!(
+        outcome.errors.iter().all(|e| e.contains("No such process")),
+        "{outcome:#?}"
+    );
+    // The IPv6 single-object route is deleted cleanly.
+    assert!(
+        outcome.deleted.iter().any(|d| d.contains("2001:db8:32::")),
+        "{outcome:#?}"
+    );
+    // And the Go client's own form deletes cleanly, one hop or several.
+    add_go_form(&ns, 101, "10.0.23.0/24", &["2001:db8::1", "2001:db8::2"]);
+    add_go_form(&ns, 101, "10.0.24.0/24", &["2001:db8::1"]);
+    let outcome = support::go_client_cleanup(&ns, &[101]);
+    assert!(outcome.errors.is_empty(), "{outcome:#?}");
+    assert_eq!(outcome.deleted.len(), 2);
+}
+
+#[test]
+fn go_client_cleanup_succeeds_after_we_stop_without_cleanup() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    // Main table (VNI mapped to table 0) with routes that are not ours.
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", DEV]);
+    ns.ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "dev",
+        DEV,
+        "proto",
+        "static",
+    ]);
+    let main_before = ns.ip(&["route", "show", "table", "main"]);
+    let shard = start(&ns, config(&[(23, 100), (24, 0)], false)).unwrap();
+    let sink = shard.sink();
+    for (v, prefix, hops) in [
+        (23, "10.0.23.0/24", &["2001:db8::1", "2001:db8::2"][..]),
+        (23, "10.0.24.0/24", &["2001:db8::1"][..]),
+        (23, "2001:db8:23::/64", &["2001:db8::1", "2001:db8::2"][..]),
+        (23, "2001:db8:24::/64", &["2001:db8::2"][..]),
+        (24, "10.24.0.0/16", &["2001:db8::1", "2001:db8::2"][..]),
+        (
+            24,
+            "2001:db8:2424::/64",
+            &["2001:db8::1", "2001:db8::2"][..],
+        ),
+    ] {
+        for h in hops {
+            sink.add(vni(v), net(prefix), &hop(h));
+        }
+    }
+    assert!(shard.flush(FLUSH));
+    let main_ours = ns.ip(&["route", "show", "table", "main", "proto", "254"]);
+    assert!(main_ours.contains("10.24.0.0/16"), "{main_ours}");
+    shard.shutdown().unwrap();
+
+    // Routes stay (IPv6 ECMP routes with their first next hop).
+    assert_eq!(
+        ns.routes("-4", 100, DEV),
+        expect(&[
+            ("10.0.23.0/24", &["2001:db8::1", "2001:db8::2"]),
+            ("10.0.24.0/24", &["2001:db8::1"]),
+        ])
+    );
+    assert_eq!(
+        ns.routes("-6", 100, DEV),
+        expect(&[
+            ("2001:db8:23::/64", &["2001:db8::1"]),
+            ("2001:db8:24::/64", &["2001:db8::2"]),
+        ])
+    );
+    let outcome = support::go_client_cleanup(&ns, &[100, 254]);
+    assert!(outcome.errors.is_empty(), "{outcome:#?}");
+    assert_eq!(outcome.deleted.len(), 6, "{outcome:#?}");
+    assert!(ns.ip(&["route", "show", "table", "100"]).is_empty());
+    assert!(ns.ip(&["-6", "route", "show", "table", "100"]).is_empty());
+    assert_eq!(
+        ns.ip(&["route", "show", "table", "main"]),
+        main_before,
+        "only protocol-254 routes of main were ours"
+    );
+}
+
+#[test]
+fn start_over_an_earlier_versions_and_the_go_clients_routes() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    add_earlier_version_state(&ns, 100);
+    add_go_form(&ns, 100, "10.0.23.0/24", &["2001:db8::1", "2001:db8::2"]);
+    add_go_form(&ns, 100, "10.0.24.0/24", &["2001:db8::1"]);
+    // Not ours: another protocol in the same table.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.9.0.0/16",
+        "table",
+        "100",
+        "proto",
+        "static",
+        "dev",
+        DEV,
+    ]);
+    let shard = start(&ns, config(&[(23, 100)], false)).unwrap();
+    let left = ns.ip(&["route", "show", "table", "100"]);
+    assert_eq!(left.lines().count(), 1, "{left}");
+    assert!(left.contains("10.9.0.0/16"), "{left}");
+    assert!(ns.ip(&["-6", "route", "show", "table", "100"]).is_empty());
+    assert_eq!(ns.our_nexthop_objects(), 0);
+
+    // Our routes go in in the new form, and the Go client could clean up.
+    let sink = shard.sink();
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::3"));
+    sink.add(vni(23), net("2001:db8:31::/64"), &hop("2001:db8::3"));
+    assert!(shard.flush(FLUSH));
+    let shown = ns.ip(&["route", "show", "table", "100"]);
+    assert!(
+        !shown.contains("nhid") && shown.contains("nexthop"),
+        "{shown}"
+    );
+    shard.shutdown().unwrap();
+    let outcome = support::go_client_cleanup(&ns, &[100]);
+    assert!(outcome.errors.is_empty(), "{outcome:#?}");
+    assert_eq!(outcome.deleted.len(), 2, "{outcome:#?}");
+}
+
+#[test]
+fn main_table_cleanup_on_exit_touches_only_protocol_254() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", DEV]);
+    ns.ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "dev",
+        DEV,
+        "proto",
+        "static",
+    ]);
+    // A stale protocol-254 route in main is ours (an earlier run's).
+    add_go_form(&ns, 254, "10.66.0.0/16", &["2001:db8::66"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.67.0.0/16",
+        "table",
+        "300",
+        "proto",
+        "254",
+        "dev",
+        DEV,
+    ]);
+    let main_foreign = || {
+        ns.ip(&["route", "show", "table", "main"])
+            .lines()
+            .filter(|l| !l.contains("proto 254"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = main_foreign();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let shard = start(&ns, config(&[(24, 0)], true)).unwrap();
+    assert!(!ns.ip(&["route", "show"]).contains("10.66.0.0/16"));
+    let sink = shard.sink();
+    sink.add(vni(24), net("10.24.0.0/16"), &hop("2001:db8::1"));
+    assert!(shard.flush(FLUSH));
+    let main = ns.ip(&["route", "show", "table", "main"]);
+    assert!(main.contains("10.24.0.0/16"), "{main}");
+    assert_eq!(main_foreign(), before);
+    shard.shutdown().unwrap();
+    assert_eq!(
+        main_foreign(),
+        before,
+        "--cleanup left foreign routes alone"
+    );
+    assert!(!ns.ip(&["route", "show"]).contains("10.24.0.0/16"));
+    assert!(
+        ns.ip(&["route", "show", "table", "300"])
+            .contains("10.67.0.0/16"),
+        "unmapped table untouched"
+    );
+}
+
+#[test]
+fn ipv4_only_routes_come_back_after_the_device_bounces() {
+    // No IPv6 route, so no nexthop object whose loss would tell; and a
+    // read-back too slow to matter: the health check must see the device
+    // go down and come back.
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let mut cfg = config(&[(23, 100)], false);
+    cfg.reconcile_interval = Duration::from_secs(600);
+    let shard = start(&ns, cfg).unwrap();
+    let sink = shard.sink();
+    sink.add(vni(23), net("10.0.1.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("10.0.1.0/24"), &hop("2001:db8::2"));
+    assert!(shard.flush(FLUSH));
+    let want = expect(&[("10.0.1.0/24", &["2001:db8::1", "2001:db8::2"])]);
+    assert_eq!(ns.routes("-4", 100, DEV), want);
+    ns.ip(&["link", "set", DEV, "down"]);
+    assert!(support::wait_until(Duration::from_secs(5), || ns
+        .routes("-4", 100, DEV)
+        .is_empty()));
+    // Longer than one health-check interval (3 s), so a check sees it down.
+    std::thread::sleep(Duration::from_secs(4));
+    ns.ip(&["link", "set", DEV, "up"]);
+    assert!(
+        support::wait_until(Duration::from_secs(15), || ns.routes("-4", 100, DEV)
+            == want),
+        "{:?}",
+        ns.routes("-4", 100, DEV)
+    );
 }

@@ -3,10 +3,14 @@
 //! Owns: one thread with one rtnetlink socket (opened in the caller's network
 //! namespace), the desired route set per (table, prefix), coalescing of
 //! changes, start-up checks (tunnel device, CAP_NET_ADMIN, a probe nexthop
-//! object), deletion of stale protocol-254 routes and nexthop objects at start,
-//! the periodic read-back that puts back routes deleted by hand
+//! object), deletion of stale protocol-254 routes (whatever their form: our
+//! IPv4 multipath and IPv6 `nhid` routes, an earlier version's IPv4 `nhid`
+//! routes, the Go client's routes) and protocol-254 nexthop objects at start,
+//! the health check (nexthop objects flushed, tunnel device bounced), the
+//! periodic read-back that puts back routes deleted or changed by hand
 //! (`reconcile`), and `--cleanup` at exit. Counters for `/metrics` live in
-//! `counters`.
+//! `counters`. Table 0 in the configuration means the main table (254), and
+//! there, as in every table, only protocol-254 routes are ever touched.
 //!
 //! Must never: block the caller on the kernel. `KernelRouteSink::add`/`remove`
 //! only update the desired set under a short lock and wake the shard; a burst
@@ -23,9 +27,12 @@
 //! ```
 //!
 //! Mapping: a present route (VNI, prefix, next hop) becomes next hop
-//! `encap ip6 dst <target> dev <tun>` of route `prefix` in the VNI's table.
-//! Several present routes with the same target address (e.g. NAT ranges)
-//! are one kernel next hop. Routes of unmapped VNIs are logged once.
+//! `encap ip6 dst <target> dev <tun>` of route `prefix` in the VNI's table:
+//! for IPv4 prefixes inline in the route (the Go client's multipath form, so
+//! its start-up cleanup can delete our routes after a rollback), for IPv6
+//! prefixes through a shared nexthop object (`nhid`). Several present routes
+//! with the same target address (e.g. NAT ranges) are one kernel next hop.
+//! Routes of unmapped VNIs are logged once.
 
 pub mod counters;
 pub mod nexthop;
@@ -37,6 +44,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,6 +69,7 @@ pub use state::{ApplyReport, RouteChange, RouteKey};
 #[derive(Clone, Debug)]
 pub struct KernelRoutesConfig {
     /// VNI → routing table. Routes of other VNIs are not installed.
+    /// `RouteTable(0)` is taken as the main table (254).
     pub tables: BTreeMap<Vni, RouteTable>,
     /// Name of the tunnel device every next hop leaves through.
     pub device: String,
@@ -176,7 +185,10 @@ impl KernelRoutes {
     /// Checks the device and privileges, deletes stale routes and nexthop
     /// objects of earlier runs, and starts the shard thread. The netlink
     /// socket belongs to the calling thread's network namespace.
-    pub fn start(config: KernelRoutesConfig) -> Result<KernelRoutes, NetlinkError> {
+    pub fn start(mut config: KernelRoutesConfig) -> Result<KernelRoutes, NetlinkError> {
+        for table in config.tables.values_mut() {
+            *table = RouteTable::from_user(table.0);
+        }
         let oif = device_index(&config.device)?;
         if !has_net_admin() {
             return Err(NetlinkError::MissingCapability);
@@ -354,12 +366,13 @@ impl KernelRouteSink {
 fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
     let reconcile_every = shared.config.reconcile_interval;
     let mut last_reconcile = Instant::now();
+    let mut device_was_down = false;
     loop {
         // Every sender lives in `shared`, so recv only fails if that is gone.
         match woken.recv_timeout(HEALTH_CHECK_INTERVAL.min(reconcile_every)) {
             Ok(()) => {}
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                health_check(&shared, &mut socket);
+                health_check(&shared, &mut socket, &mut device_was_down);
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
@@ -410,6 +423,8 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
         if shutdown {
             if shared.config.cleanup_on_exit {
                 cleanup(&shared, &mut socket);
+            } else {
+                leave_for_go_cleanup(&shared, &mut socket);
             }
             *lock(&shared.applied) = generation;
             shared.applied_changed.notify_all();
@@ -425,10 +440,21 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 
 /// The kernel flushes nexthop objects (and the routes using them) when the
-/// tunnel device goes down or loses carrier. Finds that out, sweeps what is
+/// tunnel device goes down or loses carrier, and IPv4 routes whose next hops
+/// all leave through it when it goes down. Finds that out (objects missing,
+/// or the device seen down at an earlier check and up now), sweeps what is
 /// left of ours and re-installs every desired route; also retries routes
-/// the kernel refused earlier.
-fn health_check(shared: &Shared, socket: &mut RouteSocket) {
+/// the kernel refused earlier. `device_was_down` carries what the previous
+/// check saw.
+fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut bool) {
+    let bounced = match device_is_up(&shared.config.device) {
+        Some(false) => {
+            *device_was_down = true;
+            false
+        }
+        Some(true) => std::mem::take(device_was_down),
+        None => false,
+    };
     let ids = match socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump()) {
         Ok(replies) => replies
             .iter()
@@ -447,11 +473,12 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket) {
         .filter(|id| !ids.contains(id))
         .count();
     let mut retry = installed.failing_keys();
-    if lost > 0 {
+    if lost > 0 || bounced {
         tracing::warn!(
             lost,
+            bounced,
             device = %shared.config.device,
-            "the kernel dropped nexthop objects of ours (tunnel device down?); re-installing every route"
+            "the kernel dropped routes or nexthop objects of ours (tunnel device down?); re-installing every route"
         );
         let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
         match remove_stale(socket, &tables) {
@@ -470,35 +497,43 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket) {
 }
 
 /// Reads our tables back from the kernel: every route we installed that is
-/// gone (deleted by hand, or by a tool that flushed the table) is forgotten
-/// and marked dirty, so the next batch installs it again. Routes the kernel
-/// has that we did not install are left alone here (start-up removes stale
-/// ones).
+/// gone (deleted by hand, or by a tool that flushed the table) or now has
+/// other next hops (replaced by hand) is forgotten and marked dirty, so the
+/// next batch installs it again. IPv4 routes are recognised by their inline
+/// next hops (each `encap ip6 dst` out of our device), IPv6 routes by the
+/// nexthop object they reference. Routes the kernel has that we did not
+/// install are left alone here (start-up removes stale ones).
 fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
     let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
-    let in_kernel: HashSet<RouteKey> = match protocol_routes(socket, &tables) {
-        Ok(routes) => routes
-            .into_iter()
-            .map(|r| RouteKey {
-                table: r.table,
-                prefix: r.prefix,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!("route dump for reconciliation failed: {e}");
-            return;
-        }
-    };
-    let missing = lock(&shared.installed).forget_missing(&in_kernel);
+    let in_kernel: HashMap<RouteKey, routes::KernelNextHops> =
+        match protocol_routes(socket, &tables) {
+            Ok(routes) => routes
+                .into_iter()
+                .map(|r| {
+                    (
+                        RouteKey {
+                            table: r.table,
+                            prefix: r.prefix,
+                        },
+                        r.next_hops,
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("route dump for reconciliation failed: {e}");
+                return;
+            }
+        };
+    let missing = lock(&shared.installed).forget_changed(&in_kernel);
     if missing.is_empty() {
         return;
     }
     tracing::warn!(
         routes = missing.len(),
-        "kernel routes of ours were deleted outside metalbond; installing them again"
+        "kernel routes of ours were deleted or changed outside metalbond; installing them again"
     );
     for key in &missing {
-        tracing::debug!(route = %key, "kernel route missing, re-installing");
+        tracing::debug!(route = %key, "kernel route missing or changed, re-installing");
     }
     shared.mark_dirty(missing);
 }
@@ -529,6 +564,41 @@ fn cleanup(shared: &Shared, socket: &mut RouteSocket) {
     }
 }
 
+/// Stopping without `--cleanup`: routes stay for the next start, but in a
+/// form the Go client's start-up cleanup can delete after a rollback. It
+/// deletes each dumped route with the attributes it dumped; the kernel dumps
+/// an IPv6 route on a nexthop group with one RTA_MULTIPATH entry per member,
+/// and deletes such a request entry by entry: the first deletes the route,
+/// the second finds nothing (ESRCH) and the Go client exits. IPv6 routes with
+/// one next hop (one RTA_OIF) and our IPv4 multipath routes delete cleanly.
+/// So every IPv6 route with several next hops is left with its first one
+/// (a replace to that next hop's shared object) until the next start
+/// installs the full set again.
+fn leave_for_go_cleanup(shared: &Shared, socket: &mut RouteSocket) {
+    let mut installed = lock(&shared.installed);
+    let changes: Vec<RouteChange> = installed
+        .snapshot()
+        .into_iter()
+        .filter(|r| matches!(r.key.prefix, IpNet::V6(_)) && r.next_hops.len() > 1)
+        .map(|mut r| {
+            r.next_hops.truncate(1);
+            r
+        })
+        .collect();
+    if changes.is_empty() {
+        return;
+    }
+    match installed.apply(socket, &changes) {
+        Ok(report) => tracing::info!(
+            routes = report.replaced,
+            failed = report.failed,
+            "IPv6 ECMP routes left with their first next hop until the next start \
+             (so the Go client's start-up cleanup can delete them)"
+        ),
+        Err(e) => tracing::error!("leaving IPv6 routes with one next hop failed: {e}"),
+    }
+}
+
 fn device_index(name: &str) -> Result<u32, NetlinkError> {
     let c = CString::new(name).map_err(|_| NetlinkError::NoSuchDevice(name.into()))?;
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
@@ -538,6 +608,37 @@ fn device_index(name: &str) -> Result<u32, NetlinkError> {
     } else {
         Ok(index)
     }
+}
+
+/// Is `name` administratively up (IFF_UP)? `None` when the kernel cannot
+/// be asked. Asked with SIOCGIFFLAGS on a socket of the calling thread's
+/// network namespace (the shard's: the one routes are installed in).
+fn device_is_up(name: &str) -> Option<bool> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh socket this function owns from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads ifr_name (NUL-terminated: shorter than
+    // IFNAMSIZ, rest zero) and writes ifru_flags of our own ifreq.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds the flags.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    Some(i32::from(flags) & libc::IFF_UP != 0)
 }
 
 /// Reads the effective capability set of this process (bit 12 = NET_ADMIN).

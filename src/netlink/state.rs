@@ -1,14 +1,16 @@
 //! What the kernel holds for us, and how to move it to what we want.
 //!
-//! Owns: the installed routes (table, prefix → nexthop object id) and the
-//! nexthop objects we created: one encap object per (family, underlay
-//! address) and one group per (family, set of addresses), shared by every
-//! prefix with that next-hop set and reference-counted so that objects
-//! nothing uses any more are deleted. `apply` turns a batch of desired
-//! changes into three or four netlink batches (create encap objects, create
-//! groups, replace/delete routes, delete unused objects) and updates this
-//! state only from the kernel's acknowledgements, so it never claims a route
-//! or object the kernel refused.
+//! Owns: the installed routes and how each names its next hops: IPv4
+//! routes inline (the Go client's multipath form, next hops in the route
+//! itself), IPv6 routes by reference to a nexthop object. The IPv6 nexthop
+//! objects we created: one encap object per underlay address and one group
+//! per set of addresses, shared by every prefix with that next-hop set and
+//! reference-counted so that objects nothing uses any more are deleted.
+//! `apply` turns a batch of desired changes into up to four netlink batches
+//! (create encap objects, create groups, replace/delete routes, delete unused
+//! objects) and updates this state only from the kernel's acknowledgements,
+//! so it never claims a route or object the kernel refused. `forget_changed`
+//! compares our routes with a dump of the kernel's.
 //!
 //! Must never: open sockets (it is handed a `KernelLink`), know about VNIs or
 //! servers, or retry by itself.
@@ -18,6 +20,8 @@
 //!  prefix B ─┼─> group 10 {1,2} ────┤                         ├─ out of DEV
 //!  prefix C ─┘                      └─ encap obj 2 (dst hv2) ─┘
 //!  prefix D ───> encap obj 1 (single next hop: no group)
+//!  (IPv6 prefixes above; an IPv4 prefix carries its next hops itself:
+//!   10.0.0.0/24 nexthop encap ip6 dst hv1 dev DEV nexthop encap ip6 dst hv2 dev DEV)
 //! ```
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -29,7 +33,10 @@ use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 
 use super::nexthop::{NexthopMessage, AF_INET, AF_INET6, RTM_DELNEXTHOP, RTM_NEWNEXTHOP};
-use super::routes::{delete_route, replace_route, RouteTable, PROTOCOL_METALBOND};
+use super::routes::{
+    delete_route, replace_multipath_route, replace_nhid_route, KernelNextHops, RouteTable,
+    PROTOCOL_METALBOND,
+};
 use super::socket::{KernelError, Request, RouteSocket};
 
 /// Something that executes a batch of netlink requests and reports one
@@ -67,6 +74,16 @@ pub struct RouteChange {
     pub key: RouteKey,
     /// Underlay addresses, sorted and without duplicates (the stable ECMP order).
     pub next_hops: Vec<Ipv6Addr>,
+}
+
+/// How an installed route names its next hops.
+#[derive(Clone, PartialEq, Eq, Debug)]
+enum InstalledForm {
+    /// IPv6: the route references our nexthop object with this id.
+    Object(u32),
+    /// IPv4: the next hops are in the route (RTA_MULTIPATH), in this order
+    /// (sorted), each `encap ip6 dst ADDR dev DEV`.
+    Inline(Box<[Ipv6Addr]>),
 }
 
 /// A nexthop object's identity: what it does, not its id.
@@ -107,8 +124,8 @@ pub struct ApplyReport {
 pub struct InstalledRoutes {
     /// Index of the tunnel device every next hop leaves through.
     oif: u32,
-    /// Routes the kernel acknowledged, with the object they reference.
-    routes: HashMap<RouteKey, u32>,
+    /// Routes the kernel acknowledged, with their next hops as installed.
+    routes: HashMap<RouteKey, InstalledForm>,
     /// Our nexthop objects by identity.
     objects: HashMap<ObjectKey, NexthopObject>,
     /// Our nexthop objects by id (for reference counting on replace/delete).
@@ -204,12 +221,15 @@ impl InstalledRoutes {
         let mut out: Vec<RouteChange> = self
             .routes
             .iter()
-            .map(|(key, id)| RouteChange {
+            .map(|(key, form)| RouteChange {
                 key: *key,
-                next_hops: match self.by_id.get(id) {
-                    Some(ObjectKey::Encap { dst, .. }) => vec![*dst],
-                    Some(ObjectKey::Group { members, .. }) => members.clone(),
-                    None => Vec::new(),
+                next_hops: match form {
+                    InstalledForm::Inline(hops) => hops.to_vec(),
+                    InstalledForm::Object(id) => match self.by_id.get(id) {
+                        Some(ObjectKey::Encap { dst, .. }) => vec![*dst],
+                        Some(ObjectKey::Group { members, .. }) => members.clone(),
+                        None => Vec::new(),
+                    },
                 },
             })
             .collect();
@@ -245,8 +265,12 @@ impl InstalledRoutes {
     ) -> io::Result<()> {
         let mut singles = BTreeSet::new();
         let mut groups = BTreeSet::new();
-        for change in changes.iter().filter(|c| !c.next_hops.is_empty()) {
-            let family = family_of(&change.key.prefix);
+        // Only IPv6 routes use objects; IPv4 routes carry their next hops.
+        let with_objects = changes
+            .iter()
+            .filter(|c| !c.next_hops.is_empty() && family_of(&c.key.prefix) == AF_INET6);
+        for change in with_objects {
+            let family = AF_INET6;
             for dst in &change.next_hops {
                 let key = ObjectKey::Encap { family, dst: *dst };
                 if !self.objects.contains_key(&key) {
@@ -376,11 +400,11 @@ impl InstalledRoutes {
         changes: &[RouteChange],
         report: &mut ApplyReport,
     ) -> io::Result<()> {
-        // (key, new object id or None for delete)
-        let mut planned: Vec<(RouteKey, Option<u32>)> = Vec::new();
+        // (key, new form or None for delete)
+        let mut planned: Vec<(RouteKey, Option<InstalledForm>)> = Vec::new();
         let mut requests = Vec::new();
         for change in changes {
-            let current = self.routes.get(&change.key).copied();
+            let current = self.routes.get(&change.key);
             if change.next_hops.is_empty() {
                 self.failing.remove(&change.key);
                 if current.is_some() {
@@ -389,23 +413,37 @@ impl InstalledRoutes {
                 }
                 continue;
             }
-            let object = object_for(family_of(&change.key.prefix), &change.next_hops);
-            let Some(target) = self.objects.get(&object).map(|o| o.id) else {
-                if self.failing.insert(change.key) {
-                    tracing::error!(
-                        route = %change.key,
-                        next_hops = ?change.next_hops,
-                        "route not installed: its nexthop object was refused"
-                    );
+            let target = if family_of(&change.key.prefix) == AF_INET {
+                InstalledForm::Inline(change.next_hops.clone().into_boxed_slice())
+            } else {
+                let object = object_for(AF_INET6, &change.next_hops);
+                match self.objects.get(&object) {
+                    Some(o) => InstalledForm::Object(o.id),
+                    None => {
+                        if self.failing.insert(change.key) {
+                            tracing::error!(
+                                route = %change.key,
+                                next_hops = ?change.next_hops,
+                                "route not installed: its nexthop object was refused"
+                            );
+                        }
+                        report.failed += 1;
+                        continue;
+                    }
                 }
-                report.failed += 1;
-                continue;
             };
-            if current == Some(target) {
+            if current == Some(&target) {
                 self.failing.remove(&change.key);
                 continue;
             }
-            requests.push(replace_route(change.key.table, change.key.prefix, target));
+            requests.push(match &target {
+                InstalledForm::Object(id) => {
+                    replace_nhid_route(change.key.table, change.key.prefix, *id)
+                }
+                InstalledForm::Inline(hops) => {
+                    replace_multipath_route(change.key.table, change.key.prefix, self.oif, hops)
+                }
+            });
             planned.push((change.key, Some(target)));
         }
         if requests.is_empty() {
@@ -414,15 +452,17 @@ impl InstalledRoutes {
         let verdicts = kernel.execute(&requests)?;
         for ((key, target), verdict) in planned.into_iter().zip(verdicts) {
             match (target, verdict) {
-                (Some(id), Ok(())) => {
-                    self.add_user(id);
-                    if let Some(old) = self.routes.insert(key, id) {
+                (Some(form), Ok(())) => {
+                    if let InstalledForm::Object(id) = form {
+                        self.add_user(id);
+                    }
+                    tracing::debug!(route = %key, next_hops = ?form, "kernel route replaced");
+                    if let Some(InstalledForm::Object(old)) = self.routes.insert(key, form) {
                         self.drop_user(old);
                     }
                     if self.failing.remove(&key) {
                         tracing::info!(route = %key, "kernel route installed after earlier refusal");
                     }
-                    tracing::debug!(route = %key, nhid = id, "kernel route replaced");
                     report.replaced += 1;
                 }
                 (None, Ok(())) => {
@@ -453,15 +493,23 @@ impl InstalledRoutes {
         Ok(())
     }
 
-    /// Forgets every installed route whose key is not in `in_kernel` (the
-    /// kernel no longer has it) and returns those keys, so that the caller
-    /// can have them installed again.
-    pub fn forget_missing(&mut self, in_kernel: &HashSet<RouteKey>) -> Vec<RouteKey> {
+    /// Forgets every installed route that `in_kernel` (a dump of our
+    /// tables' protocol-254 routes) no longer has, or has with other next
+    /// hops than we installed (replaced by hand or by another client), and
+    /// returns those keys, so that the caller can have them installed again.
+    pub fn forget_changed(
+        &mut self,
+        in_kernel: &HashMap<RouteKey, KernelNextHops>,
+    ) -> Vec<RouteKey> {
         let missing: Vec<RouteKey> = self
             .routes
-            .keys()
-            .filter(|k| !in_kernel.contains(k))
-            .copied()
+            .iter()
+            .filter(|(key, form)| {
+                !in_kernel
+                    .get(key)
+                    .is_some_and(|kernel| self.matches(form, kernel))
+            })
+            .map(|(key, _)| *key)
             .collect();
         for key in &missing {
             self.forget_route(key);
@@ -469,8 +517,27 @@ impl InstalledRoutes {
         missing
     }
 
+    /// Does the kernel's view of a route's next hops say what we installed?
+    fn matches(&self, ours: &InstalledForm, kernel: &KernelNextHops) -> bool {
+        match (ours, kernel) {
+            (InstalledForm::Object(id), KernelNextHops::Object(theirs)) => id == theirs,
+            (InstalledForm::Inline(hops), KernelNextHops::Inline(theirs)) => {
+                let mut dsts: Vec<Ipv6Addr> = Vec::with_capacity(theirs.len());
+                for hop in theirs {
+                    match hop.encap_dst {
+                        Some(dst) if hop.oif == self.oif => dsts.push(dst),
+                        _ => return false,
+                    }
+                }
+                dsts.sort_unstable();
+                *dsts == **hops
+            }
+            _ => false,
+        }
+    }
+
     fn forget_route(&mut self, key: &RouteKey) {
-        if let Some(old) = self.routes.remove(key) {
+        if let Some(InstalledForm::Object(old)) = self.routes.remove(key) {
             self.drop_user(old);
         }
     }
@@ -614,9 +681,9 @@ mod tests {
             .apply(
                 &mut k,
                 &[
-                    change("10.0.0.0/24", &[hv(1), hv(2)]),
-                    change("10.0.1.0/24", &[hv(1), hv(2)]),
-                    change("10.0.2.0/24", &[hv(1)]),
+                    change("2001:db8:10::/64", &[hv(1), hv(2)]),
+                    change("2001:db8:11::/64", &[hv(1), hv(2)]),
+                    change("2001:db8:12::/64", &[hv(1)]),
                 ],
             )
             .unwrap();
@@ -634,11 +701,13 @@ mod tests {
     fn unused_objects_are_deleted_groups_before_members() {
         let mut k = ScriptedKernel::default();
         let mut s = InstalledRoutes::new(3, HashSet::new());
-        s.apply(&mut k, &[change("10.0.0.0/24", &[hv(1), hv(2)])])
+        s.apply(&mut k, &[change("2001:db8:10::/64", &[hv(1), hv(2)])])
             .unwrap();
         k.sent.clear();
         // The prefix drops hv2: route moves to encap obj 1, group and obj 2 go.
-        let r = s.apply(&mut k, &[change("10.0.0.0/24", &[hv(1)])]).unwrap();
+        let r = s
+            .apply(&mut k, &[change("2001:db8:10::/64", &[hv(1)])])
+            .unwrap();
         assert_eq!(r.replaced, 1);
         assert_eq!(r.objects_deleted, 2);
         assert_eq!(s.object_count(), 1);
@@ -650,26 +719,99 @@ mod tests {
             .collect();
         assert_eq!(dels, vec![3, 2], "group (id 3) before member (id 2)");
         // Last next hop gone: route deleted, object deleted.
-        let r = s.apply(&mut k, &[change("10.0.0.0/24", &[])]).unwrap();
+        let r = s.apply(&mut k, &[change("2001:db8:10::/64", &[])]).unwrap();
         assert_eq!((r.deleted, r.objects_deleted), (1, 1));
         assert_eq!((s.route_count(), s.object_count()), (0, 0));
         assert_eq!(k.count(RTM_DELROUTE), 1);
     }
 
     #[test]
-    fn families_get_separate_objects() {
+    fn ipv4_routes_carry_their_next_hops_and_use_no_objects() {
         let mut k = ScriptedKernel::default();
         let mut s = InstalledRoutes::new(3, HashSet::new());
         let r = s
             .apply(
                 &mut k,
                 &[
-                    change("10.0.0.0/24", &[hv(1)]),
+                    change("10.0.0.0/24", &[hv(1), hv(2)]),
+                    change("10.0.1.0/24", &[hv(1)]),
                     change("2001:db8:9::/64", &[hv(1)]),
                 ],
             )
             .unwrap();
-        assert_eq!(r.objects_created, 2);
+        assert_eq!((r.objects_created, r.replaced), (1, 3), "one v6 object");
+        assert_eq!(k.count(RTM_NEWROUTE), 3);
+        let inline = |r: &Request| {
+            r.message_type == RTM_NEWROUTE
+                && matches!(
+                    crate::netlink::routes::parse_dumped(&r.payload)
+                        .unwrap()
+                        .next_hops,
+                    KernelNextHops::Inline(_)
+                )
+        };
+        assert_eq!(k.sent.iter().filter(|r| inline(r)).count(), 2);
+        assert_eq!(s.snapshot()[0].next_hops, vec![hv(1), hv(2)]);
+        // The same next hops again: nothing to send.
+        k.sent.clear();
+        s.apply(&mut k, &[change("10.0.0.0/24", &[hv(1), hv(2)])])
+            .unwrap();
+        assert!(k.sent.is_empty());
+        // Fewer next hops: one replace, still no object.
+        let r = s.apply(&mut k, &[change("10.0.0.0/24", &[hv(2)])]).unwrap();
+        assert_eq!((r.replaced, r.objects_created), (1, 0));
+        assert_eq!(k.count(RTM_NEWNEXTHOP), 0);
+    }
+
+    #[test]
+    fn read_back_finds_missing_and_changed_routes() {
+        use crate::netlink::routes::InlineNextHop;
+        let mut k = ScriptedKernel::default();
+        let mut s = InstalledRoutes::new(3, HashSet::new());
+        s.apply(
+            &mut k,
+            &[
+                change("10.0.0.0/24", &[hv(1), hv(2)]),
+                change("10.0.1.0/24", &[hv(1)]),
+                change("10.0.2.0/24", &[hv(1)]),
+                change("2001:db8:9::/64", &[hv(1)]),
+                change("2001:db8:8::/64", &[hv(1)]),
+            ],
+        )
+        .unwrap();
+        let hop = |oif, n| InlineNextHop {
+            oif,
+            encap_dst: Some(hv(n)),
+        };
+        let v6_id = s.object_ids()[0];
+        let kernel: HashMap<RouteKey, KernelNextHops> = [
+            // Same next hops in another order: ours.
+            (
+                key("10.0.0.0/24"),
+                KernelNextHops::Inline(vec![hop(3, 2), hop(3, 1)]),
+            ),
+            // Replaced by hand with another address: not ours any more.
+            (key("10.0.1.0/24"), KernelNextHops::Inline(vec![hop(3, 9)])),
+            // 10.0.2.0/24 missing. Right next hop, wrong device:
+            (
+                key("2001:db8:9::/64"),
+                KernelNextHops::Inline(vec![hop(4, 1)]),
+            ),
+            (key("2001:db8:8::/64"), KernelNextHops::Object(v6_id)),
+        ]
+        .into_iter()
+        .collect();
+        let mut changed = s.forget_changed(&kernel);
+        changed.sort();
+        assert_eq!(
+            changed,
+            vec![
+                key("10.0.1.0/24"),
+                key("10.0.2.0/24"),
+                key("2001:db8:9::/64")
+            ]
+        );
+        assert_eq!(s.route_count(), 2);
     }
 
     #[test]
@@ -683,14 +825,14 @@ mod tests {
             .apply(
                 &mut k,
                 &[
-                    change("10.0.0.0/24", &[hv(1), hv(2)]),
-                    change("10.0.1.0/24", &[hv(1)]),
+                    change("2001:db8:10::/64", &[hv(1), hv(2)]),
+                    change("2001:db8:11::/64", &[hv(1)]),
                 ],
             )
             .unwrap();
         assert_eq!(r.replaced, 1);
         assert!(r.failed >= 2);
-        assert_eq!(s.keys(), vec![key("10.0.1.0/24")]);
+        assert_eq!(s.keys(), vec![key("2001:db8:11::/64")]);
         assert_eq!(s.object_count(), 1);
     }
 

@@ -226,3 +226,177 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// What the Go client's start-up cleanup (`NetlinkClient.Cleanup` of
+/// ironcore-dev/metalbond with vishvananda/netlink v1.3.1) did in `table`.
+#[derive(Debug, Default)]
+pub struct GoCleanup {
+    /// Routes it deleted.
+    pub deleted: Vec<String>,
+    /// Deletes the kernel refused ("PREFIX table T: errno N"); any entry
+    /// makes the Go client exit with "unable to clean up stale routes".
+    pub errors: Vec<String>,
+}
+
+/// Performs the Go client's start-up cleanup in this namespace, for each of
+/// `tables`: dump the routes of both families (`RouteListFiltered`,
+/// FAMILY_ALL, filtered on table and protocol 254), then delete each with
+/// the attributes the Go library keeps from the dump (`deserializeRoute`)
+/// and sends back (`RouteDel` → `prepareRouteReq`): header family, dst
+/// length, tos, table, protocol, scope, type and flags as dumped; RTA_DST;
+/// RTA_PREFSRC / RTA_GATEWAY / RTA_VIA when dumped; RTA_MULTIPATH with each
+/// next hop's ifindex, hops and flags (its ip6 encap is not decoded by the
+/// Go library, so not sent; gateways and vias are); RTA_TABLE for tables
+/// above 255; RTA_PRIORITY, RTA_FLOW and RTA_METRICS when dumped; RTA_OIF
+/// always (0 when the dump had none). A top-level ip6 encap is likewise not
+/// decoded and not sent, and RTA_NH_ID is unknown to v1.3.1 (not sent).
+pub fn go_client_cleanup(ns: &Netns, tables: &[u32]) -> GoCleanup {
+    let tables = tables.to_vec();
+    ns.run(move || go_cleanup_here(&tables))
+}
+
+fn go_cleanup_here(tables: &[u32]) -> GoCleanup {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteNextHop};
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    let mut socket = Socket::new(NETLINK_ROUTE).expect("netlink socket");
+    socket.bind_auto().expect("bind");
+    socket.connect(&SocketAddr::new(0, 0)).expect("connect");
+    let mut seq = 0u32;
+    let mut send = |socket: &mut Socket, msg: RouteNetlinkMessage, flags: u16| -> u32 {
+        seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        socket.send(&buf, 0).expect("send");
+        seq
+    };
+    // Reads replies to `seq` until DONE / an ack; returns routes and errno.
+    let receive = |socket: &mut Socket, seq: u32| -> (Vec<RouteMessage>, i32) {
+        let mut routes = Vec::new();
+        loop {
+            let mut buf = Vec::with_capacity(1 << 20);
+            socket.recv(&mut buf, 0).expect("recv");
+            let mut at = 0;
+            while at + 16 <= buf.len() {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                if len < 16 || at + len > buf.len() {
+                    break;
+                }
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..at + len])
+                    .expect("parse netlink reply");
+                at += (len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                        routes.push(r)
+                    }
+                    NetlinkPayload::Done(_) => return (routes, 0),
+                    NetlinkPayload::Error(e) => {
+                        return (routes, e.code.map(|c| -c.get()).unwrap_or(0))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+
+    let mut outcome = GoCleanup::default();
+    let dump_seq = send(
+        &mut socket,
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    );
+    let (dumped, errno) = receive(&mut socket, dump_seq);
+    assert_eq!(errno, 0, "route dump failed");
+    for table in tables {
+        for route in &dumped {
+            let route_table = route
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(route.header.table));
+            if route_table != *table || u8::from(route.header.protocol) != 254 {
+                continue;
+            }
+            let mut del = RouteMessage::default();
+            del.header = route.header.clone();
+            del.header.table = u8::try_from(route_table).unwrap_or(0);
+            let zero = match route.header.address_family {
+                AddressFamily::Inet => RouteAddress::Inet(std::net::Ipv4Addr::UNSPECIFIED),
+                _ => RouteAddress::Inet6(std::net::Ipv6Addr::UNSPECIFIED),
+            };
+            let mut dst = RouteAttribute::Destination(zero);
+            let mut rest = Vec::new();
+            let mut oif = 0;
+            for attr in &route.attributes {
+                match attr {
+                    RouteAttribute::Destination(_) => dst = attr.clone(),
+                    RouteAttribute::PrefSource(_)
+                    | RouteAttribute::Gateway(_)
+                    | RouteAttribute::Via(_)
+                    | RouteAttribute::Priority(_)
+                    | RouteAttribute::Realm(_)
+                    | RouteAttribute::Metrics(_) => rest.push(attr.clone()),
+                    RouteAttribute::Table(t) if *t >= 256 => rest.push(attr.clone()),
+                    RouteAttribute::Oif(i) => oif = *i,
+                    RouteAttribute::MultiPath(hops) => {
+                        let hops = hops
+                            .iter()
+                            .map(|h| {
+                                let mut hop = RouteNextHop::default();
+                                hop.flags = h.flags;
+                                hop.hops = h.hops;
+                                hop.interface_index = h.interface_index;
+                                hop.attributes = h
+                                    .attributes
+                                    .iter()
+                                    .filter(|a| {
+                                        matches!(
+                                            a,
+                                            RouteAttribute::Gateway(_) | RouteAttribute::Via(_)
+                                        )
+                                    })
+                                    .cloned()
+                                    .collect();
+                                hop
+                            })
+                            .collect();
+                        rest.push(RouteAttribute::MultiPath(hops));
+                    }
+                    _ => {}
+                }
+            }
+            let name = format!("{:?} table {route_table}", dst);
+            del.attributes = vec![dst];
+            del.attributes.extend(rest);
+            del.attributes.push(RouteAttribute::Oif(oif));
+            let seq = send(
+                &mut socket,
+                RouteNetlinkMessage::DelRoute(del),
+                NLM_F_REQUEST | NLM_F_ACK,
+            );
+            match receive(&mut socket, seq).1 {
+                0 => outcome.deleted.push(name),
+                errno => outcome.errors.push(format!(
+                    "{name}: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                )),
+            }
+        }
+    }
+    outcome
+}
