@@ -365,6 +365,7 @@ fn library_clients_against_two_real_servers() {
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
     };
     let servers = ["[::1]:4711", "[::1]:4712"];
     let vni = Vni::new(23).unwrap();
@@ -489,4 +490,103 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
         "e2e: announcer disconnects -> {N} routes withdrawn from the kernel in {:.2} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The Go project's server unit (`debian/systemd/metalbond-server.service`),
+/// its `ExecStart` arguments unchanged.
+const GO_SERVER_UNIT: &[&str] = &[
+    "server",
+    "--listen",
+    "[::]:4711",
+    "--http",
+    "[::1]:4712",
+    "--keepalive",
+    "5",
+];
+
+/// The Go project's client unit (`debian/systemd/metalbond-client.service`),
+/// its `ExecStart` arguments unchanged (`overlay-tun` is a veth here).
+const GO_CLIENT_UNIT: &[&str] = &[
+    "client",
+    "--server",
+    "[::1]:4711",
+    "--keepalive",
+    "5",
+    "--announce",
+    "123#2001:db8:dead:beef::/64#2001:db8::1",
+    "--announce",
+    "123#10.0.23.42/32#2001:db8::1",
+    "--install-routes",
+    "123#0",
+    "--tun",
+    "overlay-tun",
+];
+
+#[test]
+fn the_go_projects_unit_command_lines_run_unchanged() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel("overlay-tun");
+    // The server unit runs as an unprivileged user (User=metalbond): here
+    // nobody, through setpriv.
+    let mut as_user = ns.command("setpriv");
+    as_user
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(GO_SERVER_UNIT)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut server = Proc {
+        child: Some(as_user.spawn().expect("spawn the server unit")),
+        what: "server unit".into(),
+    };
+    let mut unit_client = Proc::spawn(&ns, "client unit", GO_CLIENT_UNIT);
+    // A second client subscribes to VNI 123 and maps it to table 0 too: the
+    // unit's announcements land in the main table.
+    let mut installer = Proc::spawn(
+        &ns,
+        "installing client",
+        &[
+            "client",
+            "--server",
+            "[::1]:4711",
+            "--subscribe",
+            "123",
+            "--install-routes",
+            "123#0",
+            "--tun",
+            "overlay-tun",
+        ],
+    );
+    // Our routes in the main table (it also holds the kernel's own).
+    let main_table = |family: &str| -> Table {
+        support::parse_routes(&ns.ip(&[family, "route", "show", "table", "main"]))
+            .into_iter()
+            .filter(|r| r.protocol_254)
+            .map(|r| (r.prefix, r.encap_dsts))
+            .collect()
+    };
+    let mut v4 = Table::new();
+    let mut v6 = Table::new();
+    let installed = wait_until(WAIT, || {
+        v4 = main_table("-4");
+        v6 = main_table("-6");
+        v4.get("10.0.23.42") == Some(&vec!["2001:db8::1".to_string()])
+            && v6.get("2001:db8:dead:beef::/64") == Some(&vec!["2001:db8::1".to_string()])
+    });
+    assert!(installed, "main table: {v4:#?} {v6:#?}");
+    // The server's document lists both announcements of the unit.
+    let (status, _, body) = ns.run(|| http_support::get("http://[::1]:4712/routes.json"));
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("10.0.23.42/32") && body.contains("2001:db8:dead:beef::/64"),
+        "{body}"
+    );
+    // Nobody exited (under Restart=always an exit would be a crash loop).
+    for p in [&mut server, &mut unit_client, &mut installer] {
+        let child = p.child.as_mut().expect("running");
+        assert!(child.try_wait().unwrap().is_none(), "{} exited", p.what);
+    }
+    assert_eq!(installer.terminate(), Some(0));
+    assert_eq!(unit_client.terminate(), Some(0));
+    assert_eq!(server.terminate(), Some(0));
 }

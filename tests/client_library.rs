@@ -1,6 +1,7 @@
 //! The client library over real TCP on loopback, against two scripted
 //! servers, with a recording sink: present-set semantics across servers,
-//! re-subscription and re-announcement on reconnect, loop prevention.
+//! re-subscription and re-announcement on reconnect, loop prevention, the
+//! per-server route limit.
 //!
 //! The scripted server is the smallest thing that lets a test decide
 //! exactly which server holds which route: it speaks the passive side with
@@ -175,6 +176,7 @@ fn fast_config() -> ClientConfig {
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
     }
 }
 
@@ -420,4 +422,84 @@ fn http_status_serves_present_routes_as_json() {
     assert!(get("/").contains("VNI 23"));
     assert!(get("/routes.yaml").contains("10.0.1.0/24"));
     assert!(get("/nope").starts_with("HTTP/1.0 404"));
+}
+
+#[test]
+fn server_past_the_route_limit_is_cut_and_its_routes_withdrawn() {
+    let a = ScriptedServer::start();
+    let b = ScriptedServer::start();
+    let sink = RecordingSink::default();
+    let limit = 100;
+    let client = Client::new(
+        ClientConfig {
+            max_routes_per_server: limit,
+            // Slow enough that A's reconnect cannot race the checks below.
+            reconnect_min: Duration::from_secs(2),
+            reconnect_max: Duration::from_secs(4),
+            ..fast_config()
+        },
+        sink.clone(),
+    );
+    client.subscribe(vni(23)).unwrap();
+    client.add_server(&a.address).unwrap();
+    client.add_server(&b.address).unwrap();
+    wait_established(&client, &a.address);
+    wait_established(&client, &b.address);
+    assert_eq!(a.expect_messages(1).len(), 1);
+    assert_eq!(b.expect_messages(1).len(), 1);
+    let routes: Vec<Route> = (0..=limit)
+        .map(|i| {
+            route(
+                23,
+                &format!("10.1.{}.{}/32", i / 256, i % 256),
+                "2001:db8::1",
+            )
+        })
+        .collect();
+    // B holds the first of them too; the limit is per server.
+    b.send(Action::Add, routes[0]);
+    assert_eq!(sink.wait_len(1), vec![Seen::Add(routes[0])]);
+    // Exactly the limit is fine, and so are repeats and removals at it.
+    for r in &routes[..limit] {
+        a.send(Action::Add, *r);
+    }
+    a.send(Action::Add, routes[1]);
+    a.send(Action::Remove, routes[2]);
+    a.send(Action::Add, routes[2]);
+    let seen = sink.wait_len(limit + 1);
+    assert_eq!(seen.len(), limit + 1, "{seen:?}");
+    assert_eq!(client.servers()[0].routes_received, limit);
+    assert_eq!(
+        client.server_state(&a.address).unwrap(),
+        SessionState::Established
+    );
+    // One more distinct route closes A's session with the limit as reason;
+    // everything only A held is withdrawn, routes[0] stays through B.
+    a.send(Action::Add, routes[limit]);
+    let mut removed = sink.wait_len(limit - 1);
+    removed.sort_by_key(|s| format!("{s:?}"));
+    let mut want: Vec<Seen> = routes[1..limit].iter().map(|r| Seen::Remove(*r)).collect();
+    want.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(removed, want);
+    assert_eq!(client.present_routes(), vec![routes[0]]);
+    assert!(
+        client.disconnects().contains(&("limit", 1)),
+        "{:?}",
+        client.disconnects()
+    );
+    assert_ne!(
+        client.server_state(&a.address).unwrap(),
+        SessionState::Established
+    );
+    assert_eq!(
+        client.server_state(&b.address).unwrap(),
+        SessionState::Established
+    );
+    // A is tried again (after the backoff) like any other lost session.
+    let deadline = Instant::now() + WAIT;
+    while a.accepted() < 2 {
+        assert!(Instant::now() < deadline, "client did not reconnect to A");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.shutdown();
 }

@@ -47,6 +47,7 @@ fn config() -> ClientConfig {
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
     }
 }
 

@@ -22,24 +22,64 @@ use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 pub const ANNOUNCE_FORM: &str = "VNI#PREFIX#NEXTHOP[#STD|LB|NAT][#FROM#TO]";
 /// Expected form of `--install-routes`.
 pub const INSTALL_FORM: &str = "VNI#TABLE";
+/// Expected form of `--server`.
+pub const SERVER_FORM: &str = "HOST:PORT, e.g. [::1]:4711, 10.0.0.1:4711 or reflector.example:4711";
+
+/// The kernel's main table, what table 0 in `--install-routes` means (as in
+/// the Go client, whose netlink library sends RT_TABLE_MAIN for 0).
+pub const MAIN_TABLE: u32 = 254;
+
+/// Default keepalive interval in seconds; also what `--keepalive 0` means
+/// (as in the Go client).
+pub const DEFAULT_KEEPALIVE_SECS: u64 = 5;
+
+/// Text after the flag list of `metalbond client --help`: the rules shared
+/// by several flags.
+const AFTER_HELP: &str = "\
+Lists: --server, --subscribe, --announce and --install-routes may be given
+several times, and each value may also be a comma-separated list
+(--subscribe 23,24 is --subscribe 23 --subscribe 24).
+
+Tables (--install-routes VNI#TABLE): TABLE is a kernel table id
+1-4294967295. 0 means the main table (254), as in the Go client (one info
+line says so at start). Refused: 253 (\"default\": the system's last-resort
+table, looked up after main by the default rules) and 255 (\"local\": the
+kernel's own local and broadcast addresses; routes there would take over
+local delivery). At start, protocol-254 routes left in the mapped tables are
+deleted, so map only tables where protocol 254 means metalbond.
+
+A malformed value ends start-up with one line naming the flag, the value and
+the expected form, exit status 2. A host name in --server is resolved at
+every connect attempt: one that does not resolve is logged and retried with
+backoff.";
+
+/// `metalbond client --help` text of `--install-routes`.
+const INSTALL_HELP: &str = "Install received routes of VNI into kernel table TABLE (VNI#TABLE, \
+e.g. 23#100; TABLE 1-4294967295, 0 = main (254); 253 and 255 are refused, see below). \
+Repeatable or comma-separated. Needs --tun";
 
 /// `metalbond client` flags. Values are kept as text here and checked by
 /// `ClientArgs::settings`, so every malformed value gets the same one-line
 /// error (flag, value, expected form) and exit status 2.
 #[derive(clap::Args, Debug, Default)]
+#[command(after_help = AFTER_HELP)]
 pub struct ClientArgs {
-    /// Server to connect to, HOST:PORT (repeatable, or comma-separated).
+    /// Reflector to connect to: HOST:PORT, HOST an IPv6 address in brackets
+    /// ([::1]:4711), an IPv4 address or a host name (resolved at every
+    /// connect). Repeatable or comma-separated.
     #[arg(
         long = "server",
-        value_name = "ADDR",
+        value_name = "HOST:PORT",
         value_delimiter = ',',
         required = true
     )]
     pub servers: Vec<String>,
-    /// VNI to subscribe to (repeatable, or comma-separated).
+    /// VNI to receive routes of, 0-16777215. Repeatable or comma-separated.
     #[arg(long = "subscribe", value_name = "VNI", value_delimiter = ',')]
     pub subscribe: Vec<String>,
-    /// Route to announce (repeatable, or comma-separated).
+    /// Route to announce: VNI#PREFIX#NEXTHOP, optionally #STD, #LB or
+    /// #NAT#FROM#TO (NAT needs its port range), e.g.
+    /// 23#10.0.23.0/24#2001:db8::1. Repeatable or comma-separated.
     #[arg(long = "announce", value_name = ANNOUNCE_FORM, value_delimiter = ',')]
     pub announce: Vec<String>,
     /// Kernel, HTTP and timing flags (boxed: keeps the command enum small).
@@ -53,30 +93,43 @@ pub struct ClientArgs {
 /// The less common `metalbond client` flags.
 #[derive(clap::Args, Debug, Default)]
 pub struct ClientOptions {
-    /// Install received routes of VNI into kernel routing table TABLE.
-    #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',')]
+    #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',', help = INSTALL_HELP)]
     pub install_routes: Vec<String>,
-    /// Tunnel device for installed routes (ip6tnl, mode any, external).
+    /// Tunnel device for installed routes, a network interface name (the
+    /// operator makes it: ip link add DEV type ip6tnl mode any external).
     #[arg(long = "tun", value_name = "DEV")]
     pub tun: Option<String>,
     /// Install only IPv4 destinations.
     #[arg(long = "ipv4-only")]
     pub ipv4_only: bool,
-    /// Keepalive interval in seconds.
+    /// Keepalive interval, whole seconds; 0 means the default (5), as in
+    /// the Go client.
     #[arg(long = "keepalive", value_name = "SECS", default_value = "5")]
     pub keepalive: String,
-    /// Serve the route table over HTTP on ADDR (JSON at /routes.json).
-    #[arg(long = "http", value_name = "ADDR")]
+    /// Serve status pages and metrics over HTTP on IP:PORT, e.g.
+    /// [::1]:4712 (JSON at /routes.json).
+    #[arg(long = "http", value_name = "IP:PORT")]
     pub http: Option<String>,
     /// Delete our kernel routes and nexthop objects on exit.
     #[arg(long = "cleanup")]
     pub cleanup: bool,
-    /// First reconnect delay in milliseconds (doubles up to the maximum).
+    /// First reconnect delay, whole milliseconds (doubles with each failed
+    /// attempt up to the maximum; starts again only after a session stayed
+    /// up 30 s without a fault of the server).
     #[arg(long = "reconnect-min-ms", value_name = "MS", default_value = "500")]
     pub reconnect_min_ms: String,
-    /// Largest reconnect delay in seconds.
+    /// Largest reconnect delay, whole seconds.
     #[arg(long = "reconnect-max-secs", value_name = "SECS", default_value = "30")]
     pub reconnect_max_secs: String,
+    /// Most routes one server may send us (held at once), a whole number
+    /// ≥ 1. One more closes that session with an error and withdraws its
+    /// routes; the client reconnects with backoff.
+    #[arg(
+        long = "max-routes-per-server",
+        value_name = "N",
+        default_value = "2000000"
+    )]
+    pub max_routes_per_server: String,
 }
 
 /// A malformed flag value: names the flag, the value and the expected form.
@@ -123,8 +176,11 @@ pub struct ClientSettings {
     pub cleanup: bool,
     /// HTTP status address.
     pub http: Option<SocketAddr>,
-    /// Session timing.
+    /// Session timing and limits.
     pub config: ClientConfig,
+    /// What the flags meant where a value stands for something else (table
+    /// 0, keepalive 0): logged at info once logging is up.
+    pub notes: Vec<String>,
 }
 
 /// `VNI`: a number up to 2^24-1.
@@ -184,7 +240,9 @@ fn parse_port(s: &str) -> Result<u16, String> {
         .map_err(|_| format!("'{s}' is not a port number (0-65535)"))
 }
 
-/// `VNI#TABLE`, TABLE a kernel table id 1..=4294967295 (not 255, "local").
+/// `VNI#TABLE`, TABLE a kernel table id 0..=4294967295 where 0 means the
+/// main table (254, as in the Go client); 253 ("default") and 255
+/// ("local") are refused.
 pub fn parse_table_mapping(value: &str) -> Result<(Vni, RouteTable), String> {
     let (vni, table) = value
         .split_once('#')
@@ -193,10 +251,12 @@ pub fn parse_table_mapping(value: &str) -> Result<(Vni, RouteTable), String> {
     let table: u32 = table
         .parse()
         .map_err(|_| format!("table '{table}' is not a number"))?;
-    if table == 0 || table == 255 {
-        return Err(format!("table {table} is reserved"));
+    match table {
+        0 => Ok((vni, RouteTable(MAIN_TABLE))),
+        253 => Err("table 253 (\"default\") is the system's last-resort table".into()),
+        255 => Err("table 255 (\"local\") holds the kernel's local addresses".into()),
+        _ => Ok((vni, RouteTable(table))),
     }
-    Ok((vni, RouteTable(table)))
 }
 
 fn arg_err(flag: &'static str, value: &str, expected: &'static str, cause: String) -> ArgError {
@@ -211,9 +271,9 @@ fn arg_err(flag: &'static str, value: &str, expected: &'static str, cause: Strin
 impl ClientArgs {
     /// Validates every flag; the first malformed value is the error.
     pub fn settings(&self) -> Result<ClientSettings, ArgError> {
+        let mut notes = Vec::new();
         for s in &self.servers {
-            super::check_address(s)
-                .map_err(|e| arg_err("--server", s, "HOST:PORT, e.g. [::1]:4711", e.to_string()))?;
+            super::check_address(s).map_err(|c| arg_err("--server", s, SERVER_FORM, c))?;
         }
         let subscriptions = self
             .subscribe
@@ -226,9 +286,15 @@ impl ClientArgs {
             .map(|v| parse_announce(v).map_err(|c| arg_err("--announce", v, ANNOUNCE_FORM, c)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut tables = BTreeMap::new();
+        let mut main_aliases = Vec::new();
         for v in &self.options.install_routes {
             let (vni, table) = parse_table_mapping(v)
                 .map_err(|c| arg_err("--install-routes", v, INSTALL_FORM, c))?;
+            if v.split_once('#')
+                .is_some_and(|(_, t)| t.parse() == Ok(0u32))
+            {
+                main_aliases.push(vni.to_string());
+            }
             if let Some(old) = tables.insert(vni, table) {
                 if old != table {
                     return Err(arg_err(
@@ -248,17 +314,43 @@ impl ClientArgs {
                 "--install-routes needs --tun".into(),
             ));
         }
-        let keepalive: u64 = self
+        if !main_aliases.is_empty() {
+            notes.push(format!(
+                "--install-routes table 0 means the main table ({MAIN_TABLE}), as in the Go client (VNI {})",
+                main_aliases.join(", ")
+            ));
+        }
+        let mut keepalive: u64 = self
             .options
             .keepalive
             .parse()
             .ok()
-            .filter(|&k| k > 0 && k <= u64::from(u32::MAX))
+            .filter(|&k| k <= u64::from(u32::MAX))
             .ok_or_else(|| {
                 arg_err(
                     "--keepalive",
                     &self.options.keepalive,
-                    "SECS, a whole number of seconds ≥ 1",
+                    "SECS, whole seconds (0 = the default, 5)",
+                    "not a number of seconds".into(),
+                )
+            })?;
+        if keepalive == 0 {
+            keepalive = DEFAULT_KEEPALIVE_SECS;
+            notes.push(format!(
+                "--keepalive 0 means the default ({DEFAULT_KEEPALIVE_SECS} s), as in the Go client"
+            ));
+        }
+        let max_routes_per_server: usize = self
+            .options
+            .max_routes_per_server
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                arg_err(
+                    "--max-routes-per-server",
+                    &self.options.max_routes_per_server,
+                    "N, a whole number ≥ 1",
                     "not a positive number".into(),
                 )
             })?;
@@ -306,8 +398,10 @@ impl ClientArgs {
                 keepalive: Duration::from_secs(keepalive),
                 reconnect_min: Duration::from_millis(reconnect_min.max(1)),
                 reconnect_max: Duration::from_secs(reconnect_max.max(1)),
+                max_routes_per_server,
                 ..ClientConfig::default()
             },
+            notes,
         })
     }
 }
@@ -325,6 +419,9 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    for note in &settings.notes {
+        tracing::info!("{note}");
+    }
     for vni in settings.tables.keys() {
         if !settings.subscriptions.contains(vni) {
             tracing::warn!(%vni, "--install-routes maps a VNI that is not in --subscribe: nothing will be received for it");
@@ -393,6 +490,7 @@ mod tests {
                 keepalive: "5".into(),
                 reconnect_min_ms: "500".into(),
                 reconnect_max_secs: "30".into(),
+                max_routes_per_server: "2000000".into(),
                 ..ClientOptions::default()
             }),
             ..ClientArgs::default()
@@ -461,8 +559,25 @@ mod tests {
             parse_table_mapping("23#1000").unwrap(),
             (Vni::new(23).unwrap(), RouteTable(1000))
         );
-        for bad in ["23", "23#x", "23#0", "23#255", "x#100", "23#100#1"] {
-            assert!(parse_table_mapping(bad).is_err(), "{bad}");
+        // 0 is the main table, as in the Go client; main itself is fine.
+        for (value, table) in [("23#0", 254), ("23#254", 254), ("23#4294967295", u32::MAX)] {
+            assert_eq!(
+                parse_table_mapping(value).unwrap(),
+                (Vni::new(23).unwrap(), RouteTable(table)),
+                "{value}"
+            );
+        }
+        for (bad, cause) in [
+            ("23", "missing '#'"),
+            ("23#x", "not a number"),
+            ("23#253", "\"default\""),
+            ("23#255", "\"local\""),
+            ("x#100", "not a number"),
+            ("23#100#1", "not a number"),
+            ("23#4294967296", "not a number"),
+        ] {
+            let err = parse_table_mapping(bad).unwrap_err();
+            assert!(err.contains(cause), "{bad}: {err}");
         }
     }
 
@@ -487,8 +602,11 @@ mod tests {
         assert_eq!(a.settings().unwrap_err().flag, "--install-routes");
 
         let mut a = args(&["[::1]:4711"]);
-        a.options.keepalive = "0".into();
+        a.options.keepalive = "-1".into();
         assert_eq!(a.settings().unwrap_err().flag, "--keepalive");
+        let mut a = args(&["[::1]:4711"]);
+        a.options.max_routes_per_server = "0".into();
+        assert_eq!(a.settings().unwrap_err().flag, "--max-routes-per-server");
         let a = args(&["::1:4711"]);
         assert_eq!(a.settings().unwrap_err().flag, "--server");
     }
@@ -505,5 +623,24 @@ mod tests {
         assert_eq!(s.subscriptions.len(), 2);
         assert_eq!(s.tables.len(), 2);
         assert_eq!(s.config.keepalive, Duration::from_secs(3));
+        assert_eq!(s.config.max_routes_per_server, 2_000_000);
+        assert!(s.notes.is_empty());
+    }
+
+    #[test]
+    fn go_client_spellings_mean_the_defaults() {
+        let mut a = args(&["[::1]:4711", "localhost:4711"]);
+        a.subscribe = vec!["123".into()];
+        a.options.install_routes = vec!["123#0".into(), "124#0".into()];
+        a.options.tun = Some("overlay-tun".into());
+        a.options.keepalive = "0".into();
+        a.options.max_routes_per_server = "10".into();
+        let s = a.settings().unwrap();
+        assert_eq!(s.tables[&Vni::new(123).unwrap()], RouteTable(254));
+        assert_eq!(s.config.keepalive, Duration::from_secs(5));
+        assert_eq!(s.config.max_routes_per_server, 10);
+        assert_eq!(s.notes.len(), 2, "{:?}", s.notes);
+        assert!(s.notes[0].contains("main table (254)") && s.notes[0].contains("123, 124"));
+        assert!(s.notes[1].contains("--keepalive 0"));
     }
 }

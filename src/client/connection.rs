@@ -3,8 +3,15 @@
 //! Owns: the thread of one server address: resolving and connecting, the
 //! active-side `PeerSession`, the full resync (SUBSCRIBE every VNI, ADD every
 //! announcement) each time the session becomes ESTABLISHED, draining the
-//! slot's coalesced outbox, handing received UPDATEs to the present set, and
-//! capped exponential backoff with jitter between attempts. A helper thread
+//! slot's coalesced outbox, handing received UPDATEs to the present set
+//! (closing the session when the server passes the route limit), and
+//! capped exponential backoff with jitter between attempts. The backoff
+//! starts again from the minimum only after a *healthy* session: one that
+//! stayed ESTABLISHED for `STABLE_SESSION` and did not end in a fault of
+//! the server (malformed frame, protocol violation, route limit); any other
+//! session counts as one more failed attempt, so a broken server that
+//! completes HELLO and then misbehaves is retried ever more slowly, like
+//! one that refuses connections. A helper thread
 //! per connection reads and decodes frames (split anywhere) and passes them
 //! on in batches over a bounded channel, so a flood from the server stalls
 //! its TCP window instead of growing a queue.
@@ -51,6 +58,31 @@ pub(super) enum Event {
 /// Bound of the per-server event channel (batches of frames, not frames).
 pub(super) const EVENT_QUEUE: usize = 64;
 
+/// How long a session must stay ESTABLISHED (and then end without a fault
+/// of the server) before the reconnect backoff starts again from the
+/// minimum. Longer than the default hold time (2.5 × 5 s), so a server
+/// that completes the handshake and then goes silent or misbehaves cannot
+/// reset it; short enough that a reflector restart after half a minute of
+/// service is retried at once.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// Does a session that ended this way start the backoff again from the
+/// minimum? `established_for` is how long it was ESTABLISHED (`None`:
+/// never), `server_fault` whether it ended in a fault of the server.
+fn resets_backoff(established_for: Option<Duration>, server_fault: bool) -> bool {
+    !server_fault && established_for.is_some_and(|d| d >= STABLE_SESSION)
+}
+
+/// Did the session end through a fault of the server (it sent something it
+/// must not send), rather than a loss of the connection or our own stop?
+fn is_server_fault(reason: &CloseReason, over_limit: bool) -> bool {
+    over_limit
+        || matches!(
+            reason,
+            CloseReason::Malformed(_) | CloseReason::Unexpected { .. } | CloseReason::ZeroKeepalive
+        )
+}
+
 /// Capped exponential backoff with jitter: attempt n waits a random time in
 /// [d/2, d] with d = min(min · 2^n, max).
 #[derive(Debug)]
@@ -59,7 +91,8 @@ pub(super) struct Backoff {
     min: Duration,
     /// Largest delay.
     max: Duration,
-    /// Failed attempts since the last established session.
+    /// Failed attempts (connects, and sessions that were not healthy)
+    /// since the last healthy session.
     attempt: u32,
 }
 
@@ -82,7 +115,7 @@ impl Backoff {
         low + Duration::from_micros(rand::rng().random_range(0..=span))
     }
 
-    /// A session was established: start again from `min`.
+    /// A healthy session ended: start again from `min`.
     pub(super) fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -119,17 +152,26 @@ pub(super) fn run_server(
                     generation,
                     events: &events,
                     stop: &stop,
-                    established: false,
+                    established_at: None,
+                    over_limit: false,
                 };
                 let reason = link.run(stream, events_tx.clone());
-                if link.established {
+                let established_for = link.established_at.map(|t| t.elapsed());
+                let fault = is_server_fault(&reason, link.over_limit);
+                if resets_backoff(established_for, fault) {
                     backoff.reset();
                 }
                 let label = if stop.load(Ordering::SeqCst) {
                     tracing::info!(server = %address, "session closed (server removed or client shutting down)");
                     "shutdown"
+                } else if link.over_limit {
+                    tracing::warn!(server = %address, reason = %reason, label = "limit", "session closed; its routes are withdrawn");
+                    "limit"
+                } else if fault {
+                    tracing::warn!(server = %address, reason = %reason, label = reason.label(), ?established_for, "session closed by a fault of the server; backoff keeps growing");
+                    reason.label()
                 } else {
-                    tracing::info!(server = %address, reason = %reason, label = reason.label(), "session closed");
+                    tracing::info!(server = %address, reason = %reason, label = reason.label(), ?established_for, "session closed");
                     reason.label()
                 };
                 inner.session_lost(id, label);
@@ -191,8 +233,12 @@ struct Link<'a> {
     events: &'a Receiver<Event>,
     /// Set when the slot is removed or the client shuts down.
     stop: &'a std::sync::atomic::AtomicBool,
-    /// Did this connection reach ESTABLISHED (resets the backoff)?
-    established: bool,
+    /// When this connection reached ESTABLISHED (`None`: it did not); a
+    /// long enough healthy session resets the backoff.
+    established_at: Option<Instant>,
+    /// The server passed `max_routes_per_server` (disconnect reason
+    /// `limit`, a fault of the server).
+    over_limit: bool,
     /// Counts what this connection reads and writes.
     meter: TrafficMeter,
 }
@@ -291,7 +337,7 @@ impl Link<'_> {
                         out.push(&reply);
                     }
                     let (vnis, routes) = self.inner.established(self.id, session.interval(), out);
-                    self.established = true;
+                    self.established_at = Some(Instant::now());
                     tracing::info!(
                         server = %self.address,
                         keepalive = ?session.interval(),
@@ -311,8 +357,10 @@ impl Link<'_> {
                 }
             }
         }
-        self.inner.received(self.id, &mut updates);
-        Ok(())
+        self.inner.received(self.id, &mut updates).map_err(|e| {
+            self.over_limit = true;
+            CloseReason::Local(e.to_string())
+        })
     }
 }
 
@@ -399,5 +447,23 @@ mod tests {
         assert!(last >= max / 2, "{last:?}");
         b.reset();
         assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn only_long_healthy_sessions_reset_the_backoff() {
+        let long = Some(STABLE_SESSION);
+        let short = Some(STABLE_SESSION - Duration::from_millis(1));
+        assert!(resets_backoff(long, false));
+        assert!(!resets_backoff(long, true), "a faulty server never resets");
+        assert!(!resets_backoff(short, false), "too short");
+        assert!(!resets_backoff(None, false), "never established");
+        let garbage = CloseReason::Malformed("bad version".into());
+        assert!(is_server_fault(&garbage, false));
+        assert!(is_server_fault(&CloseReason::PeerClosed, true), "limit");
+        assert!(!is_server_fault(&CloseReason::PeerClosed, false));
+        assert!(!is_server_fault(
+            &CloseReason::KeepaliveTimeout(Duration::from_secs(1)),
+            false
+        ));
     }
 }

@@ -51,6 +51,7 @@ use crate::session::SessionState;
 use crate::types::{Action, IpNet, NextHop, Route, Vni};
 pub use cli::{run, ClientArgs, ClientOptions};
 use connection::Event;
+pub use connection::STABLE_SESSION;
 pub use error::ClientError;
 pub use present::{PresentChange, PresentRoutes, ServerId};
 pub use traffic::Traffic;
@@ -101,7 +102,17 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Give up one TCP connect attempt after this long.
     pub connect_timeout: Duration,
+    /// Most routes one server may hold for us at once. One more ADD closes
+    /// that session ("server limit exceeded", disconnect reason `limit`)
+    /// and withdraws everything it sent, so a hostile or broken server
+    /// cannot make the client grow without bound.
+    pub max_routes_per_server: usize,
 }
+
+/// Default of `ClientConfig::max_routes_per_server`: twice the largest
+/// table the reflector accepts from one peer by default, with room for a
+/// region's routes.
+pub const DEFAULT_MAX_ROUTES_PER_SERVER: usize = 2_000_000;
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -110,8 +121,17 @@ impl Default for ClientConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            max_routes_per_server: DEFAULT_MAX_ROUTES_PER_SERVER,
         }
     }
+}
+
+/// A server sent more routes than `ClientConfig::max_routes_per_server`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("server limit exceeded: more than {limit} routes received (--max-routes-per-server)")]
+pub(crate) struct RouteLimitExceeded {
+    /// The limit that was passed.
+    pub(crate) limit: usize,
 }
 
 /// One server's session state, as reported by `Client::servers`.
@@ -200,6 +220,10 @@ struct ServerSlot {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Capacity of the scratch list of present-set changes kept between
+/// deliveries (more is given back after a large withdrawal).
+const MAX_KEPT_CHANGES: usize = 4096;
+
 /// Everything behind the client's lock.
 struct Core {
     /// VNIs we subscribe to (sent to every server).
@@ -236,6 +260,9 @@ impl Core {
                 }
             }
         }
+        // Losing a server with a million routes fills this scratch list
+        // once; do not keep tens of MB for the ordinary small batches.
+        self.changes.shrink_to(MAX_KEPT_CHANGES);
     }
 
     fn check_open(&self) -> Result<(), ClientError> {
@@ -325,26 +352,44 @@ impl ClientInner {
         (core.subscriptions.len(), core.announcements.len())
     }
 
-    /// UPDATEs from server `id` (drained from `updates`).
-    fn received(&self, id: ServerId, updates: &mut Vec<(Action, Route)>) {
+    /// UPDATEs from server `id` (drained from `updates`). An ADD that would
+    /// make the server hold more than `max_routes_per_server` routes stops
+    /// the batch there with `Err` (the caller closes the session, which
+    /// withdraws what the server sent).
+    fn received(
+        &self,
+        id: ServerId,
+        updates: &mut Vec<(Action, Route)>,
+    ) -> Result<(), RouteLimitExceeded> {
         if updates.is_empty() {
-            return;
+            return Ok(());
         }
+        let limit = self.config.max_routes_per_server;
         let mut core = self.lock();
         let core = &mut *core;
         if core.shut_down || !core.servers.contains_key(&id) {
             updates.clear();
-            return;
+            return Ok(());
         }
+        let mut result = Ok(());
         for (action, route) in updates.drain(..) {
             if !core.subscriptions.contains(&route.vni) {
                 tracing::debug!(%route, "update for a VNI we do not subscribe to; ignored");
                 continue;
             }
+            if action == Action::Add
+                && core.present.held_by(id) >= limit
+                && !core.present.holds(id, &route)
+            {
+                result = Err(RouteLimitExceeded { limit });
+                break;
+            }
             tracing::trace!(?action, %route, server = id.0, "received");
             core.present.received(id, action, route, &mut core.changes);
         }
+        updates.clear();
         core.deliver();
+        result
     }
 
     /// Server `id`'s session ended (`reason`: a `CloseReason::label()`, or
@@ -375,14 +420,67 @@ pub struct Client {
     inner: Arc<ClientInner>,
 }
 
-/// Checks the `HOST:PORT` form (the host is resolved at each connect).
-fn check_address(address: &str) -> Result<(), ClientError> {
-    let bad = || ClientError::InvalidServerAddress(address.to_string());
-    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok =
-        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
-    if !host_ok || port.parse::<u16>().is_err() {
-        return Err(bad());
+/// Checks the `HOST:PORT` form: HOST is an IPv6 address in brackets, an
+/// IPv4 address or a DNS name (resolved at each connect, so it may not
+/// resolve yet); PORT is 0-65535. `Err` says what is wrong.
+fn check_address(address: &str) -> Result<(), String> {
+    let no_port = || "no ':PORT'".to_string();
+    let (host, port) = if address.starts_with('[') {
+        let end = address
+            .find(']')
+            .ok_or_else(|| format!("'{address}' lacks the closing ']'"))?;
+        let port = address[end + 1..].strip_prefix(':').ok_or_else(no_port)?;
+        (&address[..=end], port)
+    } else {
+        address.rsplit_once(':').ok_or_else(no_port)?
+    };
+    port.parse::<u16>()
+        .map_err(|_| format!("port '{port}' is not a number 0-65535"))?;
+    check_host(host)
+}
+
+/// The HOST part of `HOST:PORT` (see `check_address`).
+fn check_host(host: &str) -> Result<(), String> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| format!("'{host}' lacks the closing ']'"))?;
+        // A zone (fe80::1%eth0) is allowed after the address.
+        let (addr, zone) = inner.split_once('%').unwrap_or((inner, "x"));
+        let zone_ok = !zone.is_empty()
+            && zone
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        return match addr.parse::<std::net::Ipv6Addr>() {
+            Ok(_) if zone_ok => Ok(()),
+            _ => Err(format!("'{inner}' is not an IPv6 address")),
+        };
+    }
+    if host.contains(':') {
+        return Err("an IPv6 address needs brackets: [ADDR]:PORT".into());
+    }
+    if host.is_empty() {
+        return Err("the host is empty".into());
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return host
+            .parse::<std::net::Ipv4Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("'{host}' is not an IPv4 address"));
+    }
+    // A DNS name: labels of letters, digits, '-' and '_' (1-63 each, not
+    // starting or ending with '-'), 253 characters at most, a final '.'
+    // allowed.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("'{host}' is not a host name or IP address"));
     }
     Ok(())
 }
@@ -410,10 +508,13 @@ impl Client {
         }
     }
 
-    /// Starts a session to `address` (`HOST:PORT`, e.g. `[::1]:4711`),
-    /// reconnecting forever until `remove_server` or shutdown.
+    /// Starts a session to `address` (`HOST:PORT`: `[::1]:4711`,
+    /// `10.0.0.1:4711` or `reflector.example:4711`), reconnecting forever
+    /// until `remove_server` or shutdown. A host name is resolved at every
+    /// connect attempt; one that does not resolve is a failed attempt
+    /// (logged, retried with backoff), not an error here.
     pub fn add_server(&self, address: &str) -> Result<(), ClientError> {
-        check_address(address)?;
+        check_address(address).map_err(|_| ClientError::InvalidServerAddress(address.into()))?;
         let mut core = self.inner.lock();
         core.check_open()?;
         if core.servers.values().any(|s| s.address == address) {
@@ -667,19 +768,41 @@ mod tests {
 
     #[test]
     fn server_addresses_need_host_and_port() {
-        for good in ["[::1]:4711", "127.0.0.1:4711", "reflector.example:4711"] {
+        for good in [
+            "[::1]:4711",
+            "[fe80::1%eth0]:4711",
+            "127.0.0.1:4711",
+            "reflector.example:4711",
+            "reflector.example.:4711",
+            "localhost:4711",
+            "rr-1_a.dc2.example:1",
+        ] {
             assert_eq!(check_address(good), Ok(()), "{good}");
         }
-        for bad in [
-            "::1:4711",
-            "[::1]",
-            "host",
-            ":4711",
-            "host:port",
-            "host:70000",
+        for (bad, cause) in [
+            ("::1:4711", "needs brackets"),
+            ("[::1]", "no ':PORT'"),
+            ("host", "no ':PORT'"),
+            (":4711", "empty"),
+            ("host:port", "not a number"),
+            ("host:70000", "not a number"),
+            ("[::1:4711", "closing"),
+            ("[10.0.0.1]:4711", "not an IPv6 address"),
+            ("[fe80::1%]:4711", "not an IPv6 address"),
+            ("10.0.0.300:4711", "not an IPv4 address"),
+            ("bad host:4711", "not a host name"),
+            ("-host:4711", "not a host name"),
+            ("a..b:4711", "not a host name"),
+            ("x/y:4711", "not a host name"),
         ] {
-            assert!(check_address(bad).is_err(), "{bad}");
+            let err = check_address(bad).unwrap_err();
+            assert!(err.contains(cause), "{bad}: {err}");
         }
+        let c = Client::new(ClientConfig::default(), LogSink);
+        assert_eq!(
+            c.add_server("bad host:1"),
+            Err(ClientError::InvalidServerAddress("bad host:1".into()))
+        );
     }
 
     #[test]

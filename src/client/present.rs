@@ -11,10 +11,16 @@
 //!
 //! A route is present ⇔ at least one server holds it ∧ we announce no route
 //! with the same (VNI, prefix).
+//!
+//! Memory: a received route costs one entry in its server's hash set and one
+//! entry in the ordered `held` map (routes of one (VNI, prefix) are adjacent
+//! there, so loop prevention finds them by a range scan instead of a map of
+//! maps; see BENCHMARKS.md "Client memory per received route").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 
-use crate::types::{Action, IpNet, NextHop, Route, Vni};
+use crate::types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Identifies one server session slot of the client (stable across
 /// reconnects to that server).
@@ -35,8 +41,10 @@ pub enum PresentChange {
 pub struct PresentRoutes {
     /// Every route each server currently holds for us.
     per_server: HashMap<ServerId, HashSet<Route>>,
-    /// (VNI, prefix) → next hop → number of servers holding that route.
-    held: HashMap<(Vni, IpNet), HashMap<NextHop, u32>>,
+    /// Route → number of servers holding it. Ordered so that the routes of
+    /// one (VNI, prefix) are adjacent (`Route` orders by VNI, prefix, next
+    /// hop): loop prevention reaches them with one range scan.
+    held: BTreeMap<Route, u32>,
     /// (VNI, prefix) we announce → number of our routes with that key.
     own: HashMap<(Vni, IpNet), u32>,
 }
@@ -57,32 +65,28 @@ impl PresentRoutes {
 
     /// Is `route` present?
     pub fn is_present(&self, route: &Route) -> bool {
-        let key = Self::key(route);
-        !self.is_own(&key)
-            && self
-                .held
-                .get(&key)
-                .is_some_and(|hops| hops.contains_key(&route.next_hop))
+        !self.is_own(&Self::key(route)) && self.held.contains_key(route)
     }
 
-    /// Every present route (unordered).
+    /// Every present route, sorted.
     pub fn present(&self) -> Vec<Route> {
         self.held
-            .iter()
-            .filter(|(key, _)| !self.is_own(key))
-            .flat_map(|(&(vni, destination), hops)| {
-                hops.keys().map(move |next_hop| Route {
-                    vni,
-                    destination,
-                    next_hop: *next_hop,
-                })
-            })
+            .keys()
+            .filter(|r| !self.is_own(&Self::key(r)))
+            .copied()
             .collect()
     }
 
     /// Number of routes `server` holds.
     pub fn held_by(&self, server: ServerId) -> usize {
         self.per_server.get(&server).map_or(0, HashSet::len)
+    }
+
+    /// Does `server` hold `route`?
+    pub fn holds(&self, server: ServerId, route: &Route) -> bool {
+        self.per_server
+            .get(&server)
+            .is_some_and(|routes| routes.contains(route))
     }
 
     /// An UPDATE from `server`. Duplicates and removals of routes the
@@ -162,53 +166,47 @@ impl PresentRoutes {
         }
     }
 
+    /// Every held route of `key`, in next-hop order.
+    fn held_with_key(&self, key: (Vni, IpNet)) -> impl Iterator<Item = Route> + '_ {
+        let first = Route {
+            vni: key.0,
+            destination: key.1,
+            // The smallest next hop in `NextHop`'s order.
+            next_hop: NextHop {
+                target: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                target_vni: 0,
+                kind: NextHopKind::Standard,
+            },
+        };
+        self.held
+            .range(first..)
+            .map(|(r, _)| *r)
+            .take_while(move |r| Self::key(r) == key)
+    }
+
     fn emit_all(
         &self,
         key: (Vni, IpNet),
         out: &mut Vec<PresentChange>,
         make: fn(Route) -> PresentChange,
     ) {
-        if let Some(hops) = self.held.get(&key) {
-            let mut hops: Vec<&NextHop> = hops.keys().collect();
-            hops.sort();
-            out.extend(hops.into_iter().map(|next_hop| {
-                make(Route {
-                    vni: key.0,
-                    destination: key.1,
-                    next_hop: *next_hop,
-                })
-            }));
-        }
+        out.extend(self.held_with_key(key).map(make));
     }
 
     fn hold(&mut self, route: Route, out: &mut Vec<PresentChange>) {
-        let key = Self::key(&route);
-        let count = self
-            .held
-            .entry(key)
-            .or_default()
-            .entry(route.next_hop)
-            .or_insert(0);
+        let count = self.held.entry(route).or_insert(0);
         *count += 1;
-        if *count == 1 && !self.own.contains_key(&key) {
+        if *count == 1 && !self.own.contains_key(&Self::key(&route)) {
             out.push(PresentChange::Add(route));
         }
     }
 
     fn release(&mut self, route: Route, out: &mut Vec<PresentChange>) {
-        let key = Self::key(&route);
-        let own = self.own.contains_key(&key);
-        let Some(hops) = self.held.get_mut(&key) else {
-            return;
-        };
-        match hops.get_mut(&route.next_hop) {
+        match self.held.get_mut(&route) {
             Some(n) if *n > 1 => *n -= 1,
             Some(_) => {
-                hops.remove(&route.next_hop);
-                if hops.is_empty() {
-                    self.held.remove(&key);
-                }
-                if !own {
+                self.held.remove(&route);
+                if !self.own.contains_key(&Self::key(&route)) {
                     out.push(PresentChange::Remove(route));
                 }
             }
@@ -341,5 +339,46 @@ mod tests {
         );
         assert_eq!(p.present(), vec![r24]);
         assert_eq!(p.held_by(A), 0);
+    }
+
+    #[test]
+    fn announcing_a_prefix_hides_exactly_its_next_hops() {
+        let mut p = PresentRoutes::new();
+        let mine = route(23, "10.0.1.0/24", "2001:db8::99");
+        let hops = [
+            route(23, "10.0.1.0/24", "2001:db8::2"),
+            route(23, "10.0.1.0/24", "10.1.1.1"),
+            Route::new(
+                Vni::new(23).unwrap(),
+                "10.0.1.0/24".parse().unwrap(),
+                NextHop {
+                    target: "2001:db8::1".parse().unwrap(),
+                    target_vni: 7,
+                    kind: NextHopKind::Nat { from: 1, to: 2 },
+                },
+            ),
+        ];
+        // Neighbours in the map's order: another VNI, the prefix before
+        // and after, a longer prefix on the same address.
+        let neighbours = [
+            route(22, "10.0.1.0/24", "2001:db8::2"),
+            route(23, "10.0.0.0/24", "2001:db8::2"),
+            route(23, "10.0.2.0/24", "2001:db8::2"),
+            route(23, "10.0.1.0/25", "2001:db8::2"),
+            route(24, "10.0.1.0/24", "2001:db8::2"),
+        ];
+        for r in hops.iter().chain(&neighbours) {
+            run(|o| p.received(A, Action::Add, *r, o));
+        }
+        let mut want: Vec<PresentChange> = hops.iter().map(|r| PresentChange::Remove(*r)).collect();
+        want.sort_by_key(|c| match c {
+            PresentChange::Add(r) | PresentChange::Remove(r) => *r,
+        });
+        assert_eq!(run(|o| p.own_announced(&mine, o)), want);
+        let mut left = neighbours.to_vec();
+        left.sort();
+        assert_eq!(p.present(), left);
+        assert!(p.holds(A, &hops[0]) && !p.is_present(&hops[0]));
+        assert!(!p.holds(B, &hops[0]));
     }
 }
