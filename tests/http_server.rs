@@ -216,23 +216,24 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     assert_eq!(subscriber.recv_update(), (Action::Add, route));
 
     // /routes.json and /routes.yaml hold the route (snapshots are cached
-    // for up to a second, hence the polling).
+    // for up to a second, hence the polling), in the Go document's shape.
+    let key = r#"{"IPVersion":4,"Prefix":"10.23.0.0/16"}"#;
     let doc = eventually("route in /routes.json", || {
         let (_, _, body) = get(&srv.url("/routes.json"));
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-        doc["vnet"]["23"]["10.23.0.0/16"].is_array().then_some(doc)
+        doc["vnet"]["23"][key].is_array().then_some(doc)
     });
-    let hop = &doc["vnet"]["23"]["10.23.0.0/16"][0];
+    let hop = &doc["vnet"]["23"][key][0];
     assert_eq!(hop["TargetAddress"], "2001:db8::23");
-    assert_eq!(hop["Type"], "NAT");
+    assert_eq!(hop["Type"], 1);
     assert_eq!(hop["NATPortRangeFrom"], 2000);
     assert_eq!(hop["NATPortRangeTo"], 2999);
     assert_eq!(doc["vnet"].as_object().unwrap().len(), 1);
     let (_, _, yaml) = get(&srv.url("/routes.yaml"));
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
-    let hops = &yaml["vnet"][23]["10.23.0.0/16"];
-    assert_eq!(hops[0]["TargetAddress"].as_str(), Some("2001:db8::23"));
-    assert_eq!(hops[0]["Type"].as_str(), Some("NAT"));
+    let hops = &yaml["vnet"][23][key];
+    assert_eq!(hops[0]["targetaddress"].as_str(), Some("2001:db8::23"));
+    assert_eq!(hops[0]["type"].as_u64(), Some(1));
 
     // /peers: one subscriber of VNI 23, one announcer of one route.
     let (_, _, peers) = get(&srv.url("/peers"));
@@ -450,4 +451,129 @@ fn http_port_in_use_stops_the_binary_with_a_clear_error() {
     assert!(err.contains(&http.to_string()), "stderr: {err}");
     assert!(err.contains("already in use"), "stderr: {err}");
     drop(taken);
+}
+
+/// The Go server's answers for the four announcements of PROTOCOL.md
+/// "HTTP": `../shared/go-routes.{json,yaml}` beside the clone when present
+/// (checked against the copy under `tests/http_support/`), else the copy.
+fn go_reference(name: &str) -> String {
+    let fixture = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/http_support")
+            .join(name),
+    )
+    .unwrap_or_else(|e| panic!("fixture tests/http_support/{name}: {e}"));
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(name);
+    if let Ok(reference) = std::fs::read_to_string(&shared) {
+        assert_eq!(
+            reference,
+            fixture,
+            "{} and tests/http_support/{name} differ: refresh the fixture",
+            shared.display()
+        );
+    }
+    fixture
+}
+
+/// The date and version the Go reference documents were stamped with.
+const GO_DATE: &str = "2026-11-30 10:38:16";
+const GO_VERSION: &str = "11ad382";
+
+/// One route of PROTOCOL.md's example announcements (target VNI 0).
+fn go_example_route(v: u32, prefix: &str, hop: &str, kind: NextHopKind) -> Route {
+    Route::new(
+        vni(v),
+        prefix.parse().unwrap(),
+        NextHop {
+            target: hop.parse().unwrap(),
+            target_vni: 0,
+            kind,
+        },
+    )
+}
+
+#[test]
+fn routes_json_and_yaml_are_the_go_documents() {
+    let srv = Running::start();
+    let mut announcer = Peer::established(srv.addr);
+    // The four announcements the Go reference was taken after.
+    for route in [
+        go_example_route(23, "10.0.23.0/24", "2001:db8::1", NextHopKind::Standard),
+        go_example_route(
+            23,
+            "10.0.24.0/24",
+            "2001:db8::2",
+            NextHopKind::LoadBalancerTarget,
+        ),
+        go_example_route(
+            42,
+            "2001:db8:cafe::/64",
+            "2001:db8::3",
+            NextHopKind::Nat {
+                from: 1000,
+                to: 2000,
+            },
+        ),
+        go_example_route(23, "10.0.23.0/24", "2001:db8::9", NextHopKind::Standard),
+    ] {
+        announcer.send(&Message::Update {
+            action: Action::Add,
+            route,
+        });
+    }
+    let (json, json_type) = eventually("four routes in /routes.json", || {
+        let (status, ctype, body) = get(&srv.url("/routes.json"));
+        assert_eq!(status, 200);
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let routes: usize = doc["vnet"]
+            .as_object()?
+            .values()
+            .flat_map(|d| d.as_object().into_iter().flat_map(|d| d.values()))
+            .map(|hops| hops.as_array().map_or(0, Vec::len))
+            .sum();
+        (routes == 4).then_some((body, ctype))
+    });
+    assert_eq!(json_type, "application/json");
+    let (status, yaml_type, yaml) = get(&srv.url("/routes.yaml"));
+    assert_eq!(status, 200);
+    assert_eq!(yaml_type, "text/yaml");
+
+    // Field by field: the same values and value types as the Go document.
+    let ours: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let date = ours["date"].as_str().expect("date is a string").to_string();
+    assert_eq!(date.len(), GO_DATE.len(), "date {date}");
+    assert_eq!(ours["metalbondVersion"], metalbond::http::VERSION);
+    let mut expected: serde_json::Value =
+        serde_json::from_str(&go_reference("go-routes.json")).unwrap();
+    expected["date"] = date.clone().into();
+    expected["metalbondVersion"] = metalbond::http::VERSION.into();
+    assert_eq!(ours, expected);
+
+    // Byte for byte apart from date and version: key order, indentation,
+    // number formatting. (The reference file ends with a newline; the Go
+    // handler writes `json.MarshalIndent`'s output, which has none.)
+    let expected_json = go_reference("go-routes.json")
+        .replace(GO_DATE, &date)
+        .replace(
+            &format!("\"{GO_VERSION}\""),
+            &format!("\"{}\"", metalbond::http::VERSION),
+        );
+    assert_eq!(json, expected_json.trim_end_matches('\n'));
+
+    // YAML: lower-case keys, integer VNI keys, quoting and layout as
+    // yaml.v2 writes them.
+    let yaml_doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    let yaml_date = yaml_doc["date"].as_str().expect("date is a string");
+    let expected_yaml = go_reference("go-routes.yaml")
+        .replace(GO_DATE, yaml_date)
+        .replace(
+            &format!("metalbondversion: {GO_VERSION}"),
+            &format!("metalbondversion: {}", metalbond::http::VERSION),
+        );
+    assert_eq!(yaml, expected_yaml);
+    let expected_yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&expected_yaml).unwrap();
+    assert_eq!(yaml_doc, expected_yaml);
+    drop(announcer);
 }

@@ -197,29 +197,44 @@ fn sample_routes() -> Vec<Route> {
     ]
 }
 
-/// Flattens a parsed `/routes.json` or `/routes.yaml` document into routes.
+/// A next-hop field of the Go document: `TargetAddress` in JSON,
+/// `targetaddress` in YAML (yaml.v2 lower-cases field names).
+fn field<'a>(hop: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let lower = name.to_ascii_lowercase();
+    hop.get(name)
+        .or_else(|| hop.get(lower.as_str()))
+        .unwrap_or_else(|| panic!("next hop without {name}: {hop}"))
+}
+
+/// Flattens a parsed `/routes.json` or `/routes.yaml` document (the Go
+/// shape: destination keys are `{"IPVersion":4,"Prefix":"..."}`, `Type` is
+/// the protobuf enum number) into routes.
 fn routes_from_document(doc: &serde_json::Value) -> BTreeSet<Route> {
     let mut out = BTreeSet::new();
     let vnet = doc["vnet"].as_object().expect("vnet is a map");
     for (v, dests) in vnet {
         let v: u32 = v.parse().unwrap();
-        for (prefix, hops) in dests.as_object().unwrap() {
+        for (key, hops) in dests.as_object().unwrap() {
+            let dest: serde_json::Value = serde_json::from_str(key).expect("key is JSON");
+            let prefix = dest["Prefix"].as_str().unwrap();
+            let version = if prefix.contains(':') { 6 } else { 4 };
+            assert_eq!(dest["IPVersion"], version, "{key}");
             for h in hops.as_array().unwrap() {
-                let kind = match h["Type"].as_str().unwrap() {
-                    "STANDARD" => NextHopKind::Standard,
-                    "NAT" => NextHopKind::Nat {
-                        from: h["NATPortRangeFrom"].as_u64().unwrap() as u16,
-                        to: h["NATPortRangeTo"].as_u64().unwrap() as u16,
+                let kind = match field(h, "Type").as_u64().unwrap() {
+                    0 => NextHopKind::Standard,
+                    1 => NextHopKind::Nat {
+                        from: field(h, "NATPortRangeFrom").as_u64().unwrap() as u16,
+                        to: field(h, "NATPortRangeTo").as_u64().unwrap() as u16,
                     },
-                    "LOADBALANCER_TARGET" => NextHopKind::LoadBalancerTarget,
+                    2 => NextHopKind::LoadBalancerTarget,
                     other => panic!("unknown type {other}"),
                 };
                 out.insert(route(
                     v,
                     prefix,
-                    h["TargetAddress"].as_str().unwrap(),
+                    field(h, "TargetAddress").as_str().unwrap(),
                     kind,
-                    h["TargetVNI"].as_u64().unwrap() as u32,
+                    field(h, "TargetVNI").as_u64().unwrap() as u32,
                 ));
             }
         }
@@ -246,7 +261,7 @@ fn json_and_yaml_match_the_table() {
 
     let (status, ctype, body) = srv.get("/routes.yaml");
     assert_eq!(status, 200);
-    assert_eq!(ctype, "application/yaml");
+    assert_eq!(ctype, "text/yaml");
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&body).unwrap();
     // YAML keys of `vnet` are integers; normalise through JSON for comparison.
     let mut as_json = serde_json::to_value(&yaml).unwrap();
@@ -257,7 +272,7 @@ fn json_and_yaml_match_the_table() {
         }
     }
     assert_eq!(routes_from_document(&as_json), want);
-    assert_eq!(as_json["metalbondVersion"], metalbond::http::VERSION);
+    assert_eq!(as_json["metalbondversion"], metalbond::http::VERSION);
 }
 
 #[test]

@@ -20,6 +20,7 @@
 //!                                              response to the client
 //! ```
 
+pub mod go_document;
 mod histogram;
 mod metrics;
 pub mod model;
@@ -202,34 +203,23 @@ struct RouteSnapshot {
     /// The table.
     table: RouteTableView,
     /// `/routes.json`, rendered by the first request that wants it.
-    json: OnceLock<Result<Arc<str>, String>>,
+    json: OnceLock<Arc<str>>,
     /// `/routes.yaml`, rendered by the first request that wants it.
-    yaml: OnceLock<Result<Arc<str>, String>>,
+    yaml: OnceLock<Arc<str>>,
 }
 
 impl RouteSnapshot {
-    /// The `/routes.json` document (`Err`: why rendering failed).
-    fn json(&self) -> Result<Arc<str>, String> {
+    /// The `/routes.json` document.
+    fn json(&self) -> Arc<str> {
         self.json
-            .get_or_init(|| {
-                serde_json::to_string_pretty(&self.table.document(self.wall, VERSION))
-                    .map(|mut body| {
-                        body.push('\n');
-                        Arc::from(body)
-                    })
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| Arc::from(go_document::json(&self.table, self.wall, VERSION)))
             .clone()
     }
 
-    /// The `/routes.yaml` document (`Err`: why rendering failed).
-    fn yaml(&self) -> Result<Arc<str>, String> {
+    /// The `/routes.yaml` document.
+    fn yaml(&self) -> Arc<str> {
         self.yaml
-            .get_or_init(|| {
-                serde_yaml_ng::to_string(&self.table.document(self.wall, VERSION))
-                    .map(Arc::from)
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| Arc::from(go_document::yaml(&self.table, self.wall, VERSION)))
             .clone()
     }
 }
@@ -319,14 +309,12 @@ impl Worker {
                 let body = page::render(&snapshot.table, &header, &page::PageQuery::parse(query));
                 text(200, "text/html; charset=utf-8", body)
             }
-            "/routes.json" => match self.cache.get(self.source.as_ref()).json() {
-                Ok(body) => shared(200, "application/json", body),
-                Err(e) => internal_error(&e),
-            },
-            "/routes.yaml" => match self.cache.get(self.source.as_ref()).yaml() {
-                Ok(body) => shared(200, "application/yaml", body),
-                Err(e) => internal_error(&e),
-            },
+            "/routes.json" => shared(
+                200,
+                "application/json",
+                self.cache.get(self.source.as_ref()).json(),
+            ),
+            "/routes.yaml" => shared(200, "text/yaml", self.cache.get(self.source.as_ref()).yaml()),
             "/peers" | "/peers.json" => match serde_json::to_string_pretty(&self.source.peers()) {
                 Ok(mut body) => {
                     body.push('\n');
