@@ -524,3 +524,118 @@ fn page_loads_in_a_headless_browser() {
     );
     assert!(dom.contains("<b id=\"route-count\">1</b>"), "DOM: {dom}");
 }
+
+/// Reads from `s` until EOF or error; true when the server closed the
+/// connection (EOF or reset) within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn connection_cap_head_limit_and_timeouts_with_short_limits() {
+    use std::io::{Read, Write};
+    let limits = metalbond::http::HttpLimits {
+        max_connections: 4,
+        max_head_bytes: 8192,
+        header_read_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(2),
+    };
+    let fleet = Arc::new(Fleet::default());
+    let handle =
+        metalbond::http::serve_with_limits("127.0.0.1:0".parse().unwrap(), fleet.clone(), limits)
+            .unwrap();
+    let srv = Running {
+        fleet,
+        handle: Some(handle),
+    };
+    let addr = srv.addr();
+
+    // Four idle connections fill the cap: a fifth is closed at once.
+    let mut idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = std::net::TcpStream::connect(addr).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(3)),
+        "a connection beyond the cap was kept"
+    );
+    // The silent ones are closed by the header read timeout (1 s), well
+    // within 5 s; then the port answers again.
+    let started = Instant::now();
+    for s in &mut idle {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "idle connection kept"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let (status, _, _) = srv.get("/metrics");
+    assert_eq!(status, 200);
+
+    // A kept-alive connection after a full request is closed when no next
+    // request head arrives within the header read timeout (1 s), not before.
+    let mut kept = std::net::TcpStream::connect(addr).unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    kept.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let answered = Instant::now();
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(10)),
+        "kept-alive connection never closed"
+    );
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(700) && idle_for < Duration::from_secs(8),
+        "closed after {idle_for:?}"
+    );
+
+    // A client that stops reading a large answer is cut off after the idle
+    // timeout (2 s): were the connection kept, reading on would get the
+    // whole document and then wait for the next one.
+    for v in 0..100u32 {
+        for i in 0..1000u32 {
+            let prefix = format!("10.{}.{}.0/24", v, i % 250);
+            let hop = format!("2001:db8::{:x}", i / 250 + 1);
+            srv.fleet
+                .announce(route(v + 1, &prefix, &hop, NextHopKind::Standard, 0));
+        }
+    }
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"GET /routes.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(10)),
+        "a connection whose client stopped reading was kept"
+    );
+
+    // A head that reaches 8 KiB without ending gets 431. (Exactly 8 KiB, so
+    // that the server has read all of it when it closes: unread bytes would
+    // make the kernel reset the connection and drop the answer.)
+    let mut big = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    request.resize(8192, b'a');
+    big.write_all(&request).unwrap();
+    let mut answer = Vec::new();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = big.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "answer: {answer}");
+}
