@@ -125,16 +125,16 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     setup.clients.push(receiver);
     setup.clients.push(announcer);
 
+    // The Go document: destination keys are `{IPVersion, Prefix}` as JSON,
+    // `Type` is the protobuf number (0: standard).
+    let key = r#"{"IPVersion":4,"Prefix":"10.23.1.0/24"}"#;
     let doc = eventually("route in the client's /routes.json", || {
         let doc: serde_json::Value =
             serde_json::from_str(&get(&format!("{base}/routes.json"))).ok()?;
-        doc["vnet"]["23"]["10.23.1.0/24"].is_array().then_some(doc)
+        doc["vnet"]["23"][key].is_array().then_some(doc)
     });
-    assert_eq!(
-        doc["vnet"]["23"]["10.23.1.0/24"][0]["TargetAddress"],
-        "2001:db8::5"
-    );
-    assert_eq!(doc["vnet"]["23"]["10.23.1.0/24"][0]["Type"], "STANDARD");
+    assert_eq!(doc["vnet"]["23"][key][0]["TargetAddress"], "2001:db8::5");
+    assert_eq!(doc["vnet"]["23"][key][0]["Type"], 0);
 
     let peers: serde_json::Value = serde_json::from_str(&get(&format!("{base}/peers"))).unwrap();
     let p = &peers.as_array().unwrap()[0];

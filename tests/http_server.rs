@@ -216,23 +216,24 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     assert_eq!(subscriber.recv_update(), (Action::Add, route));
 
     // /routes.json and /routes.yaml hold the route (snapshots are cached
-    // for up to a second, hence the polling).
+    // for up to a second, hence the polling), in the Go document's shape.
+    let key = r#"{"IPVersion":4,"Prefix":"10.23.0.0/16"}"#;
     let doc = eventually("route in /routes.json", || {
         let (_, _, body) = get(&srv.url("/routes.json"));
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-        doc["vnet"]["23"]["10.23.0.0/16"].is_array().then_some(doc)
+        doc["vnet"]["23"][key].is_array().then_some(doc)
     });
-    let hop = &doc["vnet"]["23"]["10.23.0.0/16"][0];
+    let hop = &doc["vnet"]["23"][key][0];
     assert_eq!(hop["TargetAddress"], "2001:db8::23");
-    assert_eq!(hop["Type"], "NAT");
+    assert_eq!(hop["Type"], 1);
     assert_eq!(hop["NATPortRangeFrom"], 2000);
     assert_eq!(hop["NATPortRangeTo"], 2999);
     assert_eq!(doc["vnet"].as_object().unwrap().len(), 1);
     let (_, _, yaml) = get(&srv.url("/routes.yaml"));
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
-    let hops = &yaml["vnet"][23]["10.23.0.0/16"];
-    assert_eq!(hops[0]["TargetAddress"].as_str(), Some("2001:db8::23"));
-    assert_eq!(hops[0]["Type"].as_str(), Some("NAT"));
+    let hops = &yaml["vnet"][23][key];
+    assert_eq!(hops[0]["targetaddress"].as_str(), Some("2001:db8::23"));
+    assert_eq!(hops[0]["type"].as_u64(), Some(1));
 
     // /peers: one subscriber of VNI 23, one announcer of one route.
     let (_, _, peers) = get(&srv.url("/peers"));
@@ -450,4 +451,472 @@ fn http_port_in_use_stops_the_binary_with_a_clear_error() {
     assert!(err.contains(&http.to_string()), "stderr: {err}");
     assert!(err.contains("already in use"), "stderr: {err}");
     drop(taken);
+}
+
+/// The Go server's answers for the four announcements of PROTOCOL.md
+/// "HTTP": `../shared/go-routes.{json,yaml}` beside the clone when present
+/// (checked against the copy under `tests/http_support/`), else the copy.
+fn go_reference(name: &str) -> String {
+    let fixture = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/http_support")
+            .join(name),
+    )
+    .unwrap_or_else(|e| panic!("fixture tests/http_support/{name}: {e}"));
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(name);
+    if let Ok(reference) = std::fs::read_to_string(&shared) {
+        assert_eq!(
+            reference,
+            fixture,
+            "{} and tests/http_support/{name} differ: refresh the fixture",
+            shared.display()
+        );
+    }
+    fixture
+}
+
+/// The date and version the Go reference documents were stamped with.
+const GO_DATE: &str = "2026-11-30 10:38:16";
+const GO_VERSION: &str = "11ad382";
+
+/// One route of PROTOCOL.md's example announcements (target VNI 0).
+fn go_example_route(v: u32, prefix: &str, hop: &str, kind: NextHopKind) -> Route {
+    Route::new(
+        vni(v),
+        prefix.parse().unwrap(),
+        NextHop {
+            target: hop.parse().unwrap(),
+            target_vni: 0,
+            kind,
+        },
+    )
+}
+
+#[test]
+fn routes_json_and_yaml_are_the_go_documents() {
+    let srv = Running::start();
+    let mut announcer = Peer::established(srv.addr);
+    // The four announcements the Go reference was taken after.
+    for route in [
+        go_example_route(23, "10.0.23.0/24", "2001:db8::1", NextHopKind::Standard),
+        go_example_route(
+            23,
+            "10.0.24.0/24",
+            "2001:db8::2",
+            NextHopKind::LoadBalancerTarget,
+        ),
+        go_example_route(
+            42,
+            "2001:db8:cafe::/64",
+            "2001:db8::3",
+            NextHopKind::Nat {
+                from: 1000,
+                to: 2000,
+            },
+        ),
+        go_example_route(23, "10.0.23.0/24", "2001:db8::9", NextHopKind::Standard),
+    ] {
+        announcer.send(&Message::Update {
+            action: Action::Add,
+            route,
+        });
+    }
+    let (json, json_type) = eventually("four routes in /routes.json", || {
+        let (status, ctype, body) = get(&srv.url("/routes.json"));
+        assert_eq!(status, 200);
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let routes: usize = doc["vnet"]
+            .as_object()?
+            .values()
+            .flat_map(|d| d.as_object().into_iter().flat_map(|d| d.values()))
+            .map(|hops| hops.as_array().map_or(0, Vec::len))
+            .sum();
+        (routes == 4).then_some((body, ctype))
+    });
+    assert_eq!(json_type, "application/json");
+    let (status, yaml_type, yaml) = get(&srv.url("/routes.yaml"));
+    assert_eq!(status, 200);
+    assert_eq!(yaml_type, "text/yaml");
+
+    // Field by field: the same values and value types as the Go document.
+    let ours: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let date = ours["date"].as_str().expect("date is a string").to_string();
+    assert_eq!(date.len(), GO_DATE.len(), "date {date}");
+    assert_eq!(ours["metalbondVersion"], metalbond::http::VERSION);
+    let mut expected: serde_json::Value =
+        serde_json::from_str(&go_reference("go-routes.json")).unwrap();
+    expected["date"] = date.clone().into();
+    expected["metalbondVersion"] = metalbond::http::VERSION.into();
+    assert_eq!(ours, expected);
+
+    // Byte for byte apart from date and version: key order, indentation,
+    // number formatting. (The reference file ends with a newline; the Go
+    // handler writes `json.MarshalIndent`'s output, which has none.)
+    let expected_json = go_reference("go-routes.json")
+        .replace(GO_DATE, &date)
+        .replace(
+            &format!("\"{GO_VERSION}\""),
+            &format!("\"{}\"", metalbond::http::VERSION),
+        );
+    assert_eq!(json, expected_json.trim_end_matches('\n'));
+
+    // YAML: lower-case keys, integer VNI keys, quoting and layout as
+    // yaml.v2 writes them.
+    let yaml_doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    let yaml_date = yaml_doc["date"].as_str().expect("date is a string");
+    let expected_yaml = go_reference("go-routes.yaml")
+        .replace(GO_DATE, yaml_date)
+        .replace(
+            &format!("metalbondversion: {GO_VERSION}"),
+            &format!("metalbondversion: {}", metalbond::http::VERSION),
+        );
+    assert_eq!(yaml, expected_yaml);
+    let expected_yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&expected_yaml).unwrap();
+    assert_eq!(yaml_doc, expected_yaml);
+    drop(announcer);
+}
+
+/// A `metalbond server --http` process with its stderr in a file (removed on
+/// drop), optionally under a low RLIMIT_NOFILE.
+struct StatusProcess {
+    proc: Process,
+    listen: SocketAddr,
+    http: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl StatusProcess {
+    fn start(nofile: Option<u64>) -> StatusProcess {
+        use std::os::unix::process::CommandExt;
+        let listen = free_port();
+        let http = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "metalbond-http-test-{}-{}.log",
+            std::process::id(),
+            http.port()
+        ));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalbond"));
+        cmd.args(["server", "--listen", &listen.to_string()])
+            .args(["--http", &http.to_string(), "--shards", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        if let Some(n) = nofile {
+            // SAFETY: only an async-signal-safe setrlimit between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let p = StatusProcess {
+            proc: Process(Some(cmd.spawn().unwrap())),
+            listen,
+            http,
+            log,
+        };
+        eventually("the binary's /metrics", || {
+            p.metrics_answers().then_some(())
+        });
+        p
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.0.as_ref().unwrap().id()
+    }
+
+    /// One field of /proc/<pid>/status (`VmRSS` in KiB, `Threads`).
+    fn status(&self, key: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no {key} in /proc/<pid>/status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Open file descriptors of the process.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// GET /metrics answered 200 within 2 s.
+    fn metrics_answers(&self) -> bool {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .proxy(None)
+            .build()
+            .into();
+        agent
+            .get(format!("http://{}/metrics", self.http))
+            .call()
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false)
+    }
+
+    fn still_running(&mut self) -> bool {
+        self.proc.0.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StatusProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// True when the peer closed `s` (EOF or reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Raises this test process's soft descriptor limit to the hard one (the
+/// tests below hold a few hundred sockets).
+fn raise_own_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[test]
+fn binary_answers_an_endless_request_head_with_431_and_memory_stays_low() {
+    let srv = StatusProcess::start(None);
+    let rss_before = srv.status("VmRSS");
+    let limit = metalbond::http::HttpLimits::default().max_head_bytes;
+
+    // A head that reaches the limit without ending: 431. (Exactly the
+    // limit, so the server has read every byte when it closes and the
+    // kernel does not turn the close into a reset that drops the answer.)
+    let mut s = TcpStream::connect(srv.http).unwrap();
+    let mut head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Never-Ends: ".to_vec();
+    head.resize(limit, b'a');
+    s.write_all(&head).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "answer: {answer}");
+
+    // 20 connections each trying to send a 50 MB head at full speed: the
+    // server stops taking data after the limit and closes, so none gets
+    // far, and the process's memory stays where it was.
+    const SENDERS: usize = 20;
+    const ATTEMPT: usize = 50 << 20;
+    let http = srv.http;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(http).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                let chunk = vec![b'a'; 64 << 10];
+                let mut sent = 0usize;
+                if s.write_all(b"GET / HTTP/1.1\r\nX-Big: ").is_err() {
+                    return sent;
+                }
+                while sent < ATTEMPT {
+                    match s.write(&chunk) {
+                        Ok(n) => sent += n,
+                        Err(_) => break,
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut rss_peak = rss_before;
+    while senders.iter().any(|t| !t.is_finished()) {
+        rss_peak = rss_peak.max(srv.status("VmRSS"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for t in senders {
+        let sent = t.join().unwrap();
+        assert!(
+            sent < ATTEMPT / 2,
+            "one connection sent {sent} bytes of head before the server stopped it"
+        );
+    }
+    let rss_after = srv.status("VmRSS");
+    // Generous bounds (KiB): the Rust server used to grow by the whole
+    // 1 GB attempted here.
+    assert!(
+        rss_peak < rss_before + 64 * 1024,
+        "RSS peaked at {rss_peak} KiB (from {rss_before} KiB)"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS {rss_after} KiB after (from {rss_before} KiB)"
+    );
+    assert!(srv.metrics_answers());
+}
+
+#[test]
+fn binary_caps_idle_http_connections_without_a_thread_each_and_closes_idle_ones() {
+    raise_own_nofile();
+    let srv = StatusProcess::start(None);
+    let limits = metalbond::http::HttpLimits::default();
+    assert!(srv.metrics_answers());
+    // Let the server close the scrape's connection before counting.
+    std::thread::sleep(Duration::from_millis(300));
+    let threads_before = srv.status("Threads");
+    let fds_before = srv.fds();
+
+    // The cap's worth of idle connections are held; more are closed at once.
+    let mut held: Vec<TcpStream> = (0..limits.max_connections)
+        .map(|_| TcpStream::connect(srv.http).unwrap())
+        .collect();
+    let accepted = eventually("idle connections accepted", || {
+        let fds = srv.fds();
+        (fds + 2 >= fds_before + limits.max_connections).then_some(fds)
+    });
+    eprintln!("descriptors: {fds_before} before, {accepted} with the connections");
+    let mut extra: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(srv.http).unwrap())
+        .collect();
+    for s in &mut extra {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "a connection beyond the cap of {} was kept",
+            limits.max_connections
+        );
+    }
+    for s in held.iter_mut().take(3) {
+        assert!(!closed_within(s, Duration::from_millis(200)));
+    }
+    let threads_held = srv.status("Threads");
+    let fds_held = srv.fds();
+    // No thread per connection (at most the two render threads may have
+    // started), one descriptor per connection.
+    assert!(
+        threads_held <= threads_before + 2,
+        "threads: {threads_before} before, {threads_held} with {} idle connections",
+        limits.max_connections
+    );
+    assert!(
+        fds_held <= fds_before + limits.max_connections + 4,
+        "descriptors: {fds_before} before, {fds_held} with {} idle connections",
+        limits.max_connections
+    );
+
+    // Once they are closed, /metrics answers.
+    drop(held);
+    drop(extra);
+    eventually("/metrics after the idle connections closed", || {
+        srv.metrics_answers().then_some(())
+    });
+
+    // Idle connections are closed by the server after the header read
+    // timeout: a silent one, and a kept-alive one after its answer.
+    let mut silent = TcpStream::connect(srv.http).unwrap();
+    let mut kept = TcpStream::connect(srv.http).unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut status_line = [0u8; 12];
+    kept.set_read_timeout(Some(WAIT)).unwrap();
+    kept.read_exact(&mut status_line).unwrap();
+    assert_eq!(&status_line, b"HTTP/1.1 200");
+    let opened = Instant::now();
+    let bound = limits.header_read_timeout + Duration::from_secs(10);
+    let silent_thread = std::thread::spawn(move || {
+        let closed = closed_within(&mut silent, bound);
+        (closed, opened.elapsed())
+    });
+    let kept_closed = closed_within(&mut kept, bound);
+    let kept_after = opened.elapsed();
+    let (silent_closed, silent_after) = silent_thread.join().unwrap();
+    assert!(silent_closed, "a silent connection was never closed");
+    assert!(
+        kept_closed,
+        "an idle kept-alive connection was never closed"
+    );
+    for after in [kept_after, silent_after] {
+        assert!(
+            after + Duration::from_secs(1) >= limits.header_read_timeout,
+            "an idle connection was closed after {after:?}, before the timeout"
+        );
+    }
+}
+
+#[test]
+fn binary_status_port_recovers_after_descriptors_run_out() {
+    raise_own_nofile();
+    const NOFILE: u64 = 128;
+    let mut srv = StatusProcess::start(Some(NOFILE));
+    let fds_before = srv.fds();
+    assert!(
+        (fds_before as u64) < NOFILE - 40,
+        "the server alone uses {fds_before} descriptors"
+    );
+    // Use up every descriptor: silent connections to the MetalBond port,
+    // then to the HTTP port (more than the limit in all).
+    let mut conns = Vec::new();
+    for target in [srv.listen, srv.http] {
+        for _ in 0..NOFILE {
+            if let Ok(s) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                conns.push(s);
+            }
+        }
+    }
+    eventually("the server out of descriptors", || {
+        (srv.fds() as u64 >= NOFILE - 1).then_some(())
+    });
+    let exhausted_at = Instant::now();
+    // While it is out of descriptors, it keeps trying (and logging, rate
+    // limited) rather than giving up.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(srv.still_running(), "the server died out of descriptors");
+    drop(conns);
+    eventually("/metrics after the descriptors were released", || {
+        srv.metrics_answers().then_some(())
+    });
+    assert!(srv.still_running());
+    let log = srv.log();
+    let accept_lines = log
+        .lines()
+        .filter(|l| l.contains("HTTP status server cannot accept a connection"))
+        .count();
+    assert!(accept_lines >= 1, "no accept failure logged: {log}");
+    let seconds = exhausted_at.elapsed().as_secs() as usize + 3;
+    assert!(
+        accept_lines <= seconds + 2,
+        "{accept_lines} accept-failure lines in about {seconds} s: not rate limited"
+    );
+    assert!(!log.contains("panicked"), "{log}");
 }

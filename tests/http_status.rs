@@ -197,29 +197,44 @@ fn sample_routes() -> Vec<Route> {
     ]
 }
 
-/// Flattens a parsed `/routes.json` or `/routes.yaml` document into routes.
+/// A next-hop field of the Go document: `TargetAddress` in JSON,
+/// `targetaddress` in YAML (yaml.v2 lower-cases field names).
+fn field<'a>(hop: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let lower = name.to_ascii_lowercase();
+    hop.get(name)
+        .or_else(|| hop.get(lower.as_str()))
+        .unwrap_or_else(|| panic!("next hop without {name}: {hop}"))
+}
+
+/// Flattens a parsed `/routes.json` or `/routes.yaml` document (the Go
+/// shape: destination keys are `{"IPVersion":4,"Prefix":"..."}`, `Type` is
+/// the protobuf enum number) into routes.
 fn routes_from_document(doc: &serde_json::Value) -> BTreeSet<Route> {
     let mut out = BTreeSet::new();
     let vnet = doc["vnet"].as_object().expect("vnet is a map");
     for (v, dests) in vnet {
         let v: u32 = v.parse().unwrap();
-        for (prefix, hops) in dests.as_object().unwrap() {
+        for (key, hops) in dests.as_object().unwrap() {
+            let dest: serde_json::Value = serde_json::from_str(key).expect("key is JSON");
+            let prefix = dest["Prefix"].as_str().unwrap();
+            let version = if prefix.contains(':') { 6 } else { 4 };
+            assert_eq!(dest["IPVersion"], version, "{key}");
             for h in hops.as_array().unwrap() {
-                let kind = match h["Type"].as_str().unwrap() {
-                    "STANDARD" => NextHopKind::Standard,
-                    "NAT" => NextHopKind::Nat {
-                        from: h["NATPortRangeFrom"].as_u64().unwrap() as u16,
-                        to: h["NATPortRangeTo"].as_u64().unwrap() as u16,
+                let kind = match field(h, "Type").as_u64().unwrap() {
+                    0 => NextHopKind::Standard,
+                    1 => NextHopKind::Nat {
+                        from: field(h, "NATPortRangeFrom").as_u64().unwrap() as u16,
+                        to: field(h, "NATPortRangeTo").as_u64().unwrap() as u16,
                     },
-                    "LOADBALANCER_TARGET" => NextHopKind::LoadBalancerTarget,
+                    2 => NextHopKind::LoadBalancerTarget,
                     other => panic!("unknown type {other}"),
                 };
                 out.insert(route(
                     v,
                     prefix,
-                    h["TargetAddress"].as_str().unwrap(),
+                    field(h, "TargetAddress").as_str().unwrap(),
                     kind,
-                    h["TargetVNI"].as_u64().unwrap() as u32,
+                    field(h, "TargetVNI").as_u64().unwrap() as u32,
                 ));
             }
         }
@@ -246,7 +261,7 @@ fn json_and_yaml_match_the_table() {
 
     let (status, ctype, body) = srv.get("/routes.yaml");
     assert_eq!(status, 200);
-    assert_eq!(ctype, "application/yaml");
+    assert_eq!(ctype, "text/yaml");
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&body).unwrap();
     // YAML keys of `vnet` are integers; normalise through JSON for comparison.
     let mut as_json = serde_json::to_value(&yaml).unwrap();
@@ -257,7 +272,7 @@ fn json_and_yaml_match_the_table() {
         }
     }
     assert_eq!(routes_from_document(&as_json), want);
-    assert_eq!(as_json["metalbondVersion"], metalbond::http::VERSION);
+    assert_eq!(as_json["metalbondversion"], metalbond::http::VERSION);
 }
 
 #[test]
@@ -508,4 +523,119 @@ fn page_loads_in_a_headless_browser() {
         "DOM: {dom}"
     );
     assert!(dom.contains("<b id=\"route-count\">1</b>"), "DOM: {dom}");
+}
+
+/// Reads from `s` until EOF or error; true when the server closed the
+/// connection (EOF or reset) within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn connection_cap_head_limit_and_timeouts_with_short_limits() {
+    use std::io::{Read, Write};
+    let limits = metalbond::http::HttpLimits {
+        max_connections: 4,
+        max_head_bytes: 8192,
+        header_read_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(2),
+    };
+    let fleet = Arc::new(Fleet::default());
+    let handle =
+        metalbond::http::serve_with_limits("127.0.0.1:0".parse().unwrap(), fleet.clone(), limits)
+            .unwrap();
+    let srv = Running {
+        fleet,
+        handle: Some(handle),
+    };
+    let addr = srv.addr();
+
+    // Four idle connections fill the cap: a fifth is closed at once.
+    let mut idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = std::net::TcpStream::connect(addr).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(3)),
+        "a connection beyond the cap was kept"
+    );
+    // The silent ones are closed by the header read timeout (1 s), well
+    // within 5 s; then the port answers again.
+    let started = Instant::now();
+    for s in &mut idle {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "idle connection kept"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let (status, _, _) = srv.get("/metrics");
+    assert_eq!(status, 200);
+
+    // A kept-alive connection after a full request is closed when no next
+    // request head arrives within the header read timeout (1 s), not before.
+    let mut kept = std::net::TcpStream::connect(addr).unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    kept.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let answered = Instant::now();
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(10)),
+        "kept-alive connection never closed"
+    );
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(700) && idle_for < Duration::from_secs(8),
+        "closed after {idle_for:?}"
+    );
+
+    // A client that stops reading a large answer is cut off after the idle
+    // timeout (2 s): were the connection kept, reading on would get the
+    // whole document and then wait for the next one.
+    for v in 0..100u32 {
+        for i in 0..1000u32 {
+            let prefix = format!("10.{}.{}.0/24", v, i % 250);
+            let hop = format!("2001:db8::{:x}", i / 250 + 1);
+            srv.fleet
+                .announce(route(v + 1, &prefix, &hop, NextHopKind::Standard, 0));
+        }
+    }
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"GET /routes.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(10)),
+        "a connection whose client stopped reading was kept"
+    );
+
+    // A head that reaches 8 KiB without ending gets 431. (Exactly 8 KiB, so
+    // that the server has read all of it when it closes: unread bytes would
+    // make the kernel reset the connection and drop the answer.)
+    let mut big = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    request.resize(8192, b'a');
+    big.write_all(&request).unwrap();
+    let mut answer = Vec::new();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = big.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "answer: {answer}");
 }

@@ -2,25 +2,29 @@
 //! table for people (`/`), for scripts (`/routes.json`, `/routes.yaml`),
 //! peers (`/peers`) and Prometheus metrics (`/metrics`).
 //!
-//! Owns: the listening socket, the HTTP threads, routing of requests to
+//! Owns: the listening socket and its thread (`listener`: hyper on a small
+//! tokio runtime, with the limits of `HttpLimits`), routing of requests to
 //! renderers, and the short-lived route snapshot cache (with its JSON and
 //! YAML documents, rendered once per snapshot and shared by every request).
 //!
 //! Must never: run on, lock, or wait for a shard. Everything it shows comes
 //! through `StatusSource`, whose implementations read atomics or copies that
 //! the data path publishes; a slow or hostile HTTP client can only slow the
-//! HTTP threads. No hand-written HTTP parsing: `tiny_http` speaks HTTP.
+//! status port, within its limits. No hand-written HTTP parsing: `hyper`
+//! speaks HTTP.
 //!
 //! ```text
 //!  shards / sessions ──(atomics, snapshots)──► StatusSource (Arc<dyn>)
 //!                                                   │ routes() peers() metrics()
-//!  tiny_http accept thread ─► request queue ─► HTTP_WORKERS worker threads
-//!   (one thread per open connection)              │ render html / json / yaml / text
+//!  "http" thread: accept loop + connections ─► blocking pool (HTTP_WORKERS)
+//!   (hyper, capped, timeouts, one fd each)         │ render html / json / yaml / text
 //!                                                   ▼
 //!                                              response to the client
 //! ```
 
+pub mod go_document;
 mod histogram;
+mod listener;
 mod metrics;
 pub mod model;
 mod page;
@@ -28,14 +32,12 @@ mod server_source;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
-
 pub use histogram::{HistogramView, LatencyHistogram};
+pub use listener::HttpLimits;
 pub use model::{
     count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, VniRoutesView,
@@ -46,8 +48,9 @@ pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 /// The version shown on the page, in `/routes.json` and in `/metrics`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Threads answering requests. Two, so that one client downloading a large
-/// `/routes.json` does not hold up a Prometheus scrape.
+/// Threads rendering answers (the runtime's blocking pool, started on
+/// demand). Two, so that one slow render (a large `/routes.json`) does not
+/// hold up a Prometheus scrape; connections themselves need no thread.
 pub const HTTP_WORKERS: usize = 2;
 
 /// How long a route snapshot is reused: bounds how often many browsers and
@@ -84,7 +87,7 @@ pub enum HttpError {
         #[source]
         source: io::Error,
     },
-    /// The HTTP library refused the socket.
+    /// The HTTP runtime could not be built or refused the socket.
     #[error("cannot start the HTTP server on {addr}: {reason}")]
     Start {
         /// The address asked for.
@@ -92,7 +95,7 @@ pub enum HttpError {
         /// The library's message.
         reason: String,
     },
-    /// A worker thread could not be spawned.
+    /// The HTTP thread could not be spawned.
     #[error("cannot start an HTTP thread: {0}")]
     Thread(io::Error),
 }
@@ -101,12 +104,10 @@ pub enum HttpError {
 pub struct HttpHandle {
     /// The address actually bound (port 0 resolved).
     local_addr: SocketAddr,
-    /// The tiny_http server, shared with the workers.
-    server: Arc<Server>,
-    /// Set once to ask the workers to stop.
-    stopping: Arc<AtomicBool>,
-    /// The worker threads, joined by `shutdown`.
-    workers: Vec<JoinHandle<()>>,
+    /// Wakes the accept loop to stop it.
+    stop: Arc<tokio::sync::Notify>,
+    /// The runtime thread, joined by `shutdown`.
+    thread: Option<JoinHandle<()>>,
 }
 
 impl HttpHandle {
@@ -115,34 +116,39 @@ impl HttpHandle {
         self.local_addr
     }
 
-    /// Stops answering, joins the workers and closes the socket.
+    /// Stops answering, closes the listening socket and every connection,
+    /// and joins the thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        for _ in &self.workers {
-            self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            self.stop.notify_one();
+            let _ = thread.join();
+            tracing::info!(addr = %self.local_addr, "HTTP status server stopped");
         }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-        tracing::info!(addr = %self.local_addr, "HTTP status server stopped");
     }
 }
 
 impl Drop for HttpHandle {
     fn drop(&mut self) {
-        if !self.workers.is_empty() {
-            self.stop();
-        }
+        self.stop();
     }
 }
 
-/// Binds `addr` and serves the status pages from `source` on their own
-/// threads until the handle is shut down or dropped.
+/// Binds `addr` and serves the status pages from `source` with the default
+/// `HttpLimits` on their own thread until the handle is shut down or dropped.
 pub fn serve(addr: SocketAddr, source: Arc<dyn StatusSource>) -> Result<HttpHandle, HttpError> {
+    serve_with_limits(addr, source, HttpLimits::default())
+}
+
+/// `serve` with explicit limits (connection cap, head size, timeouts).
+pub fn serve_with_limits(
+    addr: SocketAddr,
+    source: Arc<dyn StatusSource>,
+    limits: HttpLimits,
+) -> Result<HttpHandle, HttpError> {
     let listener = TcpListener::bind(addr).map_err(|e| HttpError::Bind {
         addr,
         reason: bind_reason(&e),
@@ -153,34 +159,23 @@ pub fn serve(addr: SocketAddr, source: Arc<dyn StatusSource>) -> Result<HttpHand
         reason: bind_reason(&e),
         source: e,
     })?;
-    let server = Server::from_listener(listener, None).map_err(|e| HttpError::Start {
-        addr,
-        reason: e.to_string(),
-    })?;
-    let server = Arc::new(server);
-    let stopping = Arc::new(AtomicBool::new(false));
-    let cache = Arc::new(RouteCache::default());
-    let mut handle = HttpHandle {
+    let role = source.role();
+    let responder = Arc::new(Responder {
+        source,
+        cache: RouteCache::default(),
+    });
+    let (thread, stop) = listener::start(listener, addr, responder, limits.clone())?;
+    tracing::info!(
+        addr = %local_addr,
+        role = role.name(),
+        max_connections = limits.max_connections,
+        "HTTP status server listening"
+    );
+    Ok(HttpHandle {
         local_addr,
-        server: server.clone(),
-        stopping: stopping.clone(),
-        workers: Vec::new(),
-    };
-    for i in 0..HTTP_WORKERS {
-        let worker = Worker {
-            server: server.clone(),
-            source: source.clone(),
-            cache: cache.clone(),
-            stopping: stopping.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .spawn(move || worker.run())
-            .map_err(HttpError::Thread)?;
-        handle.workers.push(thread);
-    }
-    tracing::info!(addr = %local_addr, role = source.role().name(), "HTTP status server listening");
-    Ok(handle)
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// The operator-facing cause of a bind failure.
@@ -202,34 +197,23 @@ struct RouteSnapshot {
     /// The table.
     table: RouteTableView,
     /// `/routes.json`, rendered by the first request that wants it.
-    json: OnceLock<Result<Arc<str>, String>>,
+    json: OnceLock<Arc<str>>,
     /// `/routes.yaml`, rendered by the first request that wants it.
-    yaml: OnceLock<Result<Arc<str>, String>>,
+    yaml: OnceLock<Arc<str>>,
 }
 
 impl RouteSnapshot {
-    /// The `/routes.json` document (`Err`: why rendering failed).
-    fn json(&self) -> Result<Arc<str>, String> {
+    /// The `/routes.json` document.
+    fn json(&self) -> Arc<str> {
         self.json
-            .get_or_init(|| {
-                serde_json::to_string_pretty(&self.table.document(self.wall, VERSION))
-                    .map(|mut body| {
-                        body.push('\n');
-                        Arc::from(body)
-                    })
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| Arc::from(go_document::json(&self.table, self.wall, VERSION)))
             .clone()
     }
 
-    /// The `/routes.yaml` document (`Err`: why rendering failed).
-    fn yaml(&self) -> Result<Arc<str>, String> {
+    /// The `/routes.yaml` document.
+    fn yaml(&self) -> Arc<str> {
         self.yaml
-            .get_or_init(|| {
-                serde_yaml_ng::to_string(&self.table.document(self.wall, VERSION))
-                    .map(Arc::from)
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| Arc::from(go_document::yaml(&self.table, self.wall, VERSION)))
             .clone()
     }
 }
@@ -264,50 +248,19 @@ impl RouteCache {
     }
 }
 
-/// One HTTP thread: takes requests off tiny_http's queue and answers them.
-struct Worker {
-    /// Shared request queue.
-    server: Arc<Server>,
+/// Renders answers: the data source and the shared route snapshot. Called
+/// on the runtime's blocking pool, never on the accept loop.
+pub(crate) struct Responder {
     /// Where the data comes from.
     source: Arc<dyn StatusSource>,
     /// Shared route snapshot.
-    cache: Arc<RouteCache>,
-    /// Set when the handle shuts down.
-    stopping: Arc<AtomicBool>,
+    cache: RouteCache,
 }
 
-impl Worker {
-    fn run(self) {
-        while !self.stopping.load(Ordering::Relaxed) {
-            match self.server.recv_timeout(Duration::from_millis(500)) {
-                Ok(Some(request)) => self.answer(request),
-                Ok(None) => {}
-                Err(e) => {
-                    // tiny_http reports a failed accept() this way, once,
-                    // and its accept thread stops: no new connection will be
-                    // answered. Say so, with the cause (e.g. out of file
-                    // descriptors), rather than going quiet.
-                    tracing::error!(error = %e, "HTTP status server stopped accepting connections");
-                }
-            }
-        }
-    }
-
-    fn answer(&self, request: Request) {
-        let url = request.url().to_string();
-        let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-        let method = request.method().clone();
-        if method != Method::Get && method != Method::Head {
-            let reply = text(
-                405,
-                "text/plain; charset=utf-8",
-                "only GET and HEAD\n".into(),
-            );
-            respond(request, reply);
-            return;
-        }
-        let started = Instant::now();
-        let reply = match path {
+impl Responder {
+    /// The reply to a GET (or HEAD) of `path` with `query`.
+    fn answer(&self, path: &str, query: &str) -> Reply {
+        match path {
             "/" | "/index.html" => {
                 let snapshot = self.cache.get(self.source.as_ref());
                 let header = page::PageHeader {
@@ -317,35 +270,35 @@ impl Worker {
                     peers: self.source.peers().len(),
                 };
                 let body = page::render(&snapshot.table, &header, &page::PageQuery::parse(query));
-                text(200, "text/html; charset=utf-8", body)
+                Reply::text(200, "text/html; charset=utf-8", body)
             }
-            "/routes.json" => match self.cache.get(self.source.as_ref()).json() {
-                Ok(body) => shared(200, "application/json", body),
-                Err(e) => internal_error(&e),
-            },
-            "/routes.yaml" => match self.cache.get(self.source.as_ref()).yaml() {
-                Ok(body) => shared(200, "application/yaml", body),
-                Err(e) => internal_error(&e),
-            },
+            "/routes.json" => Reply::shared(
+                200,
+                "application/json",
+                self.cache.get(self.source.as_ref()).json(),
+            ),
+            "/routes.yaml" => Reply::shared(
+                200,
+                "text/yaml",
+                self.cache.get(self.source.as_ref()).yaml(),
+            ),
             "/peers" | "/peers.json" => match serde_json::to_string_pretty(&self.source.peers()) {
                 Ok(mut body) => {
                     body.push('\n');
-                    text(200, "application/json", body)
+                    Reply::text(200, "application/json", body)
                 }
                 Err(e) => internal_error(&e),
             },
             "/metrics" => {
                 let body = metrics::render(&self.source.metrics(), self.source.role(), VERSION);
-                text(200, metrics::CONTENT_TYPE, body)
+                Reply::text(200, metrics::CONTENT_TYPE, body)
             }
-            _ => text(
+            _ => Reply::text(
                 404,
                 "text/plain; charset=utf-8",
                 "not found; try / /routes.json /routes.yaml /peers /metrics\n".into(),
             ),
-        };
-        tracing::debug!(path, status = reply.status, elapsed = ?started.elapsed(), "HTTP request");
-        respond(request, reply);
+        }
     }
 }
 
@@ -368,64 +321,32 @@ enum Body {
     Shared(Arc<str>),
 }
 
-/// Lets `io::Cursor` read a shared document.
-struct SharedBytes(Arc<str>);
+impl Reply {
+    /// A body rendered for this request.
+    fn text(status: u16, content_type: &'static str, body: String) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body: Body::Owned(body),
+        }
+    }
 
-impl AsRef<[u8]> for SharedBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_bytes()
+    /// A cached document shared with other requests.
+    fn shared(status: u16, content_type: &'static str, body: Arc<str>) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body: Body::Shared(body),
+        }
     }
 }
 
-fn text(status: u16, content_type: &'static str, body: String) -> Reply {
-    Reply {
-        status,
-        content_type,
-        body: Body::Owned(body),
-    }
-}
-
-fn shared(status: u16, content_type: &'static str, body: Arc<str>) -> Reply {
-    Reply {
-        status,
-        content_type,
-        body: Body::Shared(body),
-    }
-}
-
+/// A 500 naming what failed (logged too).
 fn internal_error(e: &dyn std::fmt::Display) -> Reply {
     tracing::warn!(error = %e, "HTTP status rendering failed");
-    text(
+    Reply::text(
         500,
         "text/plain; charset=utf-8",
         format!("rendering failed: {e}\n"),
     )
-}
-
-fn respond(request: Request, reply: Reply) {
-    let mut headers = Vec::with_capacity(2);
-    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
-        headers.push(h);
-    }
-    if let Ok(h) = Header::from_bytes(&b"Cache-Control"[..], &b"no-store"[..]) {
-        headers.push(h);
-    }
-    let status = StatusCode(reply.status);
-    let sent = match reply.body {
-        Body::Owned(body) => {
-            let mut response = Response::from_string(body).with_status_code(status);
-            for h in headers {
-                response = response.with_header(h);
-            }
-            request.respond(response)
-        }
-        Body::Shared(body) => {
-            let len = body.len();
-            let reader = io::Cursor::new(SharedBytes(body));
-            request.respond(Response::new(status, headers, reader, Some(len), None))
-        }
-    };
-    if let Err(e) = sent {
-        tracing::debug!(error = %e, "HTTP client went away before the reply was written");
-    }
 }

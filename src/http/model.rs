@@ -2,9 +2,8 @@
 //! parts that own the state (server shards, client sessions) and the part that
 //! renders it (this `http` module).
 //!
-//! Owns: `RouteTableView`, `PeerView`, `MetricsView` and their pieces, and the
-//! JSON/YAML shape of `/routes.json` and `/routes.yaml` (the Go
-//! implementation's `date` / `vnet` / `metalbondVersion` document).
+//! Owns: `RouteTableView`, `PeerView`, `MetricsView` and their pieces. (The
+//! shape of `/routes.json` and `/routes.yaml` is `go_document`'s.)
 //!
 //! Must never: hold references into live tables, lock anything, or know how
 //! the state was gathered. A view is a copy taken at one moment; building one
@@ -13,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
 use crate::session::SessionState;
@@ -116,102 +114,6 @@ impl RouteTableView {
     /// Destinations across all VNIs.
     pub fn destination_count(&self) -> usize {
         self.vnis.iter().map(|v| v.destinations.len()).sum()
-    }
-
-    /// The `/routes.json` / `/routes.yaml` document for this table, stamped
-    /// with `date` and `version`.
-    pub fn document<'a>(&'a self, date: SystemTime, version: &'a str) -> RoutesDocument<'a> {
-        RoutesDocument {
-            date: format_date(date),
-            table: self,
-            version,
-        }
-    }
-}
-
-/// `/routes.json` and `/routes.yaml`: the Go implementation's document
-/// (`date`, `vnet` → VNI → destination → next hops, `metalbondVersion`), so
-/// scripts written against the existing implementation keep working.
-pub struct RoutesDocument<'a> {
-    /// "YYYY-MM-DD HH:MM:SS" in UTC, the Go implementation's layout.
-    date: String,
-    /// The table being rendered.
-    table: &'a RouteTableView,
-    /// Our version string.
-    version: &'a str,
-}
-
-impl Serialize for RoutesDocument<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut doc = s.serialize_struct("RoutesDocument", 3)?;
-        doc.serialize_field("date", &self.date)?;
-        doc.serialize_field("vnet", &VnetMap(self.table))?;
-        doc.serialize_field("metalbondVersion", self.version)?;
-        doc.end()
-    }
-}
-
-/// The `vnet` map: VNI → destination → next hops.
-struct VnetMap<'a>(&'a RouteTableView);
-
-impl Serialize for VnetMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.vnis.len()))?;
-        for v in &self.0.vnis {
-            map.serialize_entry(&v.vni.get(), &DestinationMap(&v.destinations))?;
-        }
-        map.end()
-    }
-}
-
-/// One VNI's destination → next hops map.
-struct DestinationMap<'a>(&'a [DestinationView]);
-
-impl Serialize for DestinationMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for d in self.0 {
-            let hops: Vec<NextHopDoc> = d.next_hops.iter().map(NextHopDoc::from).collect();
-            map.serialize_entry(&d.prefix.to_string(), &hops)?;
-        }
-        map.end()
-    }
-}
-
-/// A next hop as the Go implementation's JSON names its fields, with the
-/// type spelled as in the protobuf enum rather than as a number.
-#[derive(Serialize)]
-struct NextHopDoc {
-    /// Underlay address.
-    #[serde(rename = "TargetAddress")]
-    target_address: String,
-    /// VNI on the target side (0 when not meaningful).
-    #[serde(rename = "TargetVNI")]
-    target_vni: u32,
-    /// "STANDARD", "NAT" or "LOADBALANCER_TARGET".
-    #[serde(rename = "Type")]
-    kind: &'static str,
-    /// First NAT port (0 unless NAT).
-    #[serde(rename = "NATPortRangeFrom")]
-    nat_from: u16,
-    /// Last NAT port (0 unless NAT).
-    #[serde(rename = "NATPortRangeTo")]
-    nat_to: u16,
-}
-
-impl From<&NextHop> for NextHopDoc {
-    fn from(h: &NextHop) -> NextHopDoc {
-        let (nat_from, nat_to) = match h.kind {
-            NextHopKind::Nat { from, to } => (from, to),
-            _ => (0, 0),
-        };
-        NextHopDoc {
-            target_address: h.target.to_string(),
-            target_vni: h.target_vni,
-            kind: kind_name(h.kind),
-            nat_from,
-            nat_to,
-        }
     }
 }
 
