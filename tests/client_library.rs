@@ -416,7 +416,7 @@ fn http_status_serves_present_routes_as_json() {
     let body = json.split("\r\n\r\n").nth(1).unwrap();
     let doc: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(
-        doc["vnet"]["23"]["10.0.1.0/24"][0]["TargetAddress"],
+        doc["vnet"]["23"][r#"{"IPVersion":4,"Prefix":"10.0.1.0/24"}"#][0]["TargetAddress"],
         "2001:db8::1"
     );
     assert!(get("/").contains("VNI 23"));

@@ -46,7 +46,7 @@ pub use page::{MAX_VNI_SUMMARY_ROWS, REFRESH_SECONDS, ROWS_PER_PAGE};
 pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 /// The version shown on the page, in `/routes.json` and in `/metrics`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::logging::VERSION;
 
 /// Threads rendering answers (the runtime's blocking pool, started on
 /// demand). Two, so that one slow render (a large `/routes.json`) does not
