@@ -107,11 +107,16 @@ where
         let mut fields = LogfmtFields::default();
         event.record(&mut fields);
         let time = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-        write!(
-            writer,
-            "time=\"{time}\" level={} msg=",
-            meta.level().as_str().to_ascii_lowercase()
-        )?;
+        // logrus's level names ("warning", not "warn"), so alert rules
+        // written against the Go binary's logs keep matching.
+        let level = match *meta.level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warning",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        write!(writer, "time=\"{time}\" level={level} msg=")?;
         write_value(&mut writer, &fields.message)?;
         write!(writer, " target={}", meta.target())?;
         writer.write_str(&fields.rest)?;

@@ -136,9 +136,13 @@ fn keepalive_flood_from_a_peer_that_never_reads_is_bounded_and_cut_off() {
 }
 
 #[test]
-fn a_subscriber_that_stops_reading_is_cut_off_after_the_hold_time() {
-    // Without this rule it stays for --write-stall-timeout (120 s).
-    let (_child, addr, http) = server_with_http(&["--keepalive", "1"]);
+fn a_subscriber_that_stops_reading_is_cut_off_at_the_write_stall_timeout() {
+    // It keeps its session alive with KEEPALIVEs: only the stall timeout
+    // (3 s here, 120 s by default) can cut it, and its replies must not pile
+    // up meanwhile.
+    let (child, addr, http) = server_with_http(&["--keepalive", "1", "--write-stall-timeout", "3"]);
+    let pid = child.pid();
+    let baseline = proc_status(pid, "VmRSS");
     let mut sub = non_reading_peer(addr);
     sub.write_all(&frame(&Message::Subscribe(vni(12)))).unwrap();
     // It keeps sending KEEPALIVEs at the proper rate, and reads nothing.
@@ -164,6 +168,11 @@ fn a_subscriber_that_stops_reading_is_cut_off_after_the_hold_time() {
     assert!(
         pacer.join().expect("pacer"),
         "the non-reading subscriber is cut off"
+    );
+    let peak = proc_status(pid, "VmHWM");
+    assert!(
+        peak < baseline + 256 * 1024,
+        "server peak {peak} KiB (baseline {baseline} KiB): 200,000 routes and a bounded queue"
     );
     let deadline = Instant::now() + WAIT;
     while disconnects(http, "slow_peer") < 1.0 {
@@ -261,7 +270,7 @@ fn out_of_descriptors_the_server_backs_off_quietly_and_recovers() {
     let mut p = loop {
         if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             drop(s);
-            let (mut p, _) = TestPeer::established(addr, 5);
+            let (p, _) = TestPeer::established(addr, 5);
             p.send(&Message::Subscribe(vni(1)));
             break p;
         }

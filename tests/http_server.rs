@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 mod http_support;
 
 use bytes::BytesMut;
-use http_support::{browser_dom, get, metric, metric_sum, scrape};
+use http_support::{browser_dom, closed_within, get, metric, metric_sum, scrape};
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::http::{serve, HttpHandle, ServerStatusSource};
 use metalbond::server::{Server, ServerConfig, ServerHandle};
@@ -678,25 +678,6 @@ impl StatusProcess {
 impl Drop for StatusProcess {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// True when the peer closed `s` (EOF or reset) within `within`.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 mod http_support;
 
-use http_support::{browser_dom, get, metric, scrape};
+use http_support::{browser_dom, closed_within, get, metric, scrape};
 use metalbond::http::{
     serve, HttpError, HttpHandle, LatencyHistogram, MetricFamily, MetricKind, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
@@ -523,23 +523,6 @@ fn page_loads_in_a_headless_browser() {
         "DOM: {dom}"
     );
     assert!(dom.contains("<b id=\"route-count\">1</b>"), "DOM: {dom}");
-}
-
-/// Reads from `s` until EOF or error; true when the server closed the
-/// connection (EOF or reset) within `within`.
-fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
-    use std::io::Read;
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
-            Err(_) => return true,
-        }
-    }
 }
 
 #[test]

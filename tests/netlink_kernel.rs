@@ -558,11 +558,9 @@ fn go_cleanup_emulation_fails_where_the_go_client_fails() {
     assert_eq!(outcome.deleted.len(), 2);
 }
 
-#[test]
-fn go_client_cleanup_succeeds_after_we_stop_without_cleanup() {
-    let Some(ns) = Netns::create() else { return };
-    ns.add_tunnel(DEV);
-    // Main table (VNI mapped to table 0) with routes that are not ours.
+/// Routes in the main table that are not ours (a connected route and a
+/// static one): they must survive whatever we do there.
+fn add_foreign_main_routes(ns: &Netns) {
     ns.ip(&["addr", "add", "192.0.2.1/24", "dev", DEV]);
     ns.ip(&[
         "route",
@@ -573,6 +571,14 @@ fn go_client_cleanup_succeeds_after_we_stop_without_cleanup() {
         "proto",
         "static",
     ]);
+}
+
+#[test]
+fn go_client_cleanup_succeeds_after_we_stop_without_cleanup() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    // Main table (VNI mapped to table 0) with routes that are not ours.
+    add_foreign_main_routes(&ns);
     let main_before = ns.ip(&["route", "show", "table", "main"]);
     let shard = start(&ns, config(&[(23, 100), (24, 0)], false)).unwrap();
     let sink = shard.sink();
@@ -671,16 +677,7 @@ fn start_over_an_earlier_versions_and_the_go_clients_routes() {
 fn main_table_cleanup_on_exit_touches_only_protocol_254() {
     let Some(ns) = Netns::create() else { return };
     ns.add_tunnel(DEV);
-    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", DEV]);
-    ns.ip(&[
-        "route",
-        "add",
-        "198.51.100.0/24",
-        "dev",
-        DEV,
-        "proto",
-        "static",
-    ]);
+    add_foreign_main_routes(&ns);
     // A stale protocol-254 route in main is ours (an earlier run's).
     add_go_form(&ns, 254, "10.66.0.0/16", &["2001:db8::66"]);
     ns.ip(&[

@@ -79,7 +79,10 @@ fn is_server_fault(reason: &CloseReason, over_limit: bool) -> bool {
     over_limit
         || matches!(
             reason,
-            CloseReason::Malformed(_) | CloseReason::Unexpected { .. } | CloseReason::ZeroKeepalive
+            CloseReason::Malformed(_)
+                | CloseReason::Unexpected { .. }
+                | CloseReason::ZeroKeepalive
+                | CloseReason::KeepaliveFlood { .. }
         )
 }
 

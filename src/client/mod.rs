@@ -445,12 +445,10 @@ fn check_host(host: &str) -> Result<(), String> {
         let inner = inner
             .strip_suffix(']')
             .ok_or_else(|| format!("'{host}' lacks the closing ']'"))?;
-        // A zone (fe80::1%eth0) is allowed after the address.
-        let (addr, zone) = inner.split_once('%').unwrap_or((inner, "x"));
-        let zone_ok = !zone.is_empty()
-            && zone
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        // A zone is allowed after the address as the interface index
+        // (fe80::1%2): names (%eth0) are not resolved on connect.
+        let (addr, zone) = inner.split_once('%').unwrap_or((inner, "0"));
+        let zone_ok = !zone.is_empty() && zone.chars().all(|c| c.is_ascii_digit());
         return match addr.parse::<std::net::Ipv6Addr>() {
             Ok(_) if zone_ok => Ok(()),
             _ => Err(format!("'{inner}' is not an IPv6 address")),
@@ -770,7 +768,7 @@ mod tests {
     fn server_addresses_need_host_and_port() {
         for good in [
             "[::1]:4711",
-            "[fe80::1%eth0]:4711",
+            "[fe80::1%2]:4711",
             "127.0.0.1:4711",
             "reflector.example:4711",
             "reflector.example.:4711",
@@ -789,6 +787,7 @@ mod tests {
             ("[::1:4711", "closing"),
             ("[10.0.0.1]:4711", "not an IPv6 address"),
             ("[fe80::1%]:4711", "not an IPv6 address"),
+            ("[fe80::1%eth0]:4711", "not an IPv6 address"),
             ("10.0.0.300:4711", "not an IPv4 address"),
             ("bad host:4711", "not a host name"),
             ("-host:4711", "not a host name"),

@@ -375,7 +375,14 @@ async fn serve_connection(
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     loop {
-        let idle_deadline = activity.last() + limits.idle_timeout;
+        // While a response is being rendered the connection is not idle:
+        // look again one idle timeout from now (a deadline in the past
+        // would spin this loop until the render finished).
+        let idle_deadline = if activity.busy.load(Ordering::Relaxed) > 0 {
+            std::time::Instant::now() + limits.idle_timeout
+        } else {
+            activity.last() + limits.idle_timeout
+        };
         tokio::select! {
             finished = connection.as_mut() => {
                 if let Err(e) = finished {

@@ -447,12 +447,14 @@ const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 /// the kernel refused earlier. `device_was_down` carries what the previous
 /// check saw.
 fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut bool) {
+    // A bounce is forgotten only once the re-install below is under way:
+    // a failed dump or sweep leaves it for the next check.
     let bounced = match device_is_up(&shared.config.device) {
         Some(false) => {
             *device_was_down = true;
             false
         }
-        Some(true) => std::mem::take(device_was_down),
+        Some(true) => *device_was_down,
         None => false,
     };
     let ids = match socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump()) {
@@ -489,6 +491,7 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut
             }
         }
         retry = lock(&shared.desired).routes.keys().copied().collect();
+        *device_was_down = false;
     }
     drop(installed);
     if !retry.is_empty() {

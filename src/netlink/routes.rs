@@ -101,19 +101,36 @@ pub fn replace_nhid_route(table: RouteTable, prefix: IpNet, nhid: u32) -> Reques
     Request::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &msg)
 }
 
+/// Next hops one IPv4 multipath route carries at most (see
+/// `replace_multipath_route`).
+pub const MAX_MULTIPATH_NEXT_HOPS: usize = 512;
+
 /// `ip route replace PREFIX table TABLE proto 254 nexthop encap ip6 dst A
 /// dev OIF [nexthop ...]` (IPv4 routes), as the Go client sends it: one
 /// `rtnexthop` per address even when there is only one, each with the
 /// encapsulation vishvananda/netlink's `IP6tnlEncap` writes (id 0, dst,
 /// src ::, hoplimit 0; no `NLA_F_NESTED`).
+///
+/// At most `MAX_MULTIPATH_NEXT_HOPS` next hops are sent (the first ones in
+/// the caller's stable order): RTA_MULTIPATH has a 16-bit length, which
+/// about 780 of these next hops would overflow.
 pub fn replace_multipath_route(
     table: RouteTable,
     prefix: IpNet,
     oif: u32,
     next_hops: &[Ipv6Addr],
 ) -> Request {
+    if next_hops.len() > MAX_MULTIPATH_NEXT_HOPS {
+        tracing::warn!(
+            %prefix,
+            next_hops = next_hops.len(),
+            max = MAX_MULTIPATH_NEXT_HOPS,
+            "too many next hops for one IPv4 route; installing the first ones only"
+        );
+    }
     let hops = next_hops
         .iter()
+        .take(MAX_MULTIPATH_NEXT_HOPS)
         .map(|dst| {
             let mut hop = RouteNextHop::default();
             hop.interface_index = oif;

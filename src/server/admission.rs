@@ -31,8 +31,10 @@ pub(crate) struct Admission {
     handshaking: Mutex<BTreeMap<u64, PeerId>>,
     /// Next entry number.
     next_entry: AtomicU64,
-    /// Connections that have given their place back so far (shards return
-    /// freed memory to the system after departures, see `shard`).
+    /// Established sessions that have ended so far (shards return freed
+    /// memory to the system after departures, see `shard`; connections
+    /// that never completed a handshake, such as probes, free nothing worth
+    /// a collection).
     departures: AtomicU64,
 }
 
@@ -69,9 +71,14 @@ impl Admission {
         self.max
     }
 
-    /// Connections that have left so far.
+    /// Established sessions that have ended so far.
     pub(crate) fn departures(&self) -> u64 {
         self.departures.load(Ordering::Relaxed)
+    }
+
+    /// An established session ended.
+    pub(crate) fn note_departure(&self) {
+        self.departures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Decides about a new connection. When every place is taken, the oldest
@@ -139,7 +146,6 @@ pub(crate) struct PeerSlot {
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.admission.live.fetch_sub(1, Ordering::AcqRel);
-        self.admission.departures.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -48,8 +48,10 @@ pub struct ServerArgs {
     /// all) while output is pending before it is disconnected; 0 disables.
     #[arg(long, default_value_t = 120)]
     pub write_stall_timeout: u64,
-    /// Connections served at once; further connections are accepted and
-    /// closed at once (counted, logged at most once a second per shard).
+    /// Connections served at once. Beyond it the oldest connection still in
+    /// its handshake is closed to make room for the new one; only when every
+    /// place is held by an established session is a new connection closed
+    /// at once (counted, logged at most once a second per shard).
     #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
     pub max_peers: usize,
     /// Routes one peer may announce at once; one more closes that peer

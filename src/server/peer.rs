@@ -98,9 +98,6 @@ pub(crate) struct PeerConn {
     bytes_out: Cell<u64>,
     /// When the connection was accepted.
     connected_since: SystemTime,
-    /// Since when the writer has been waiting for the socket to take any
-    /// byte (`None` while it writes or has nothing to write).
-    unwritable_since: Cell<Option<Instant>>,
 }
 
 impl PeerConn {
@@ -122,23 +119,23 @@ impl PeerConn {
         self.close_reason.borrow().is_some()
     }
 
-    /// Queues a session reply. A KEEPALIVE is dropped while another one is
-    /// still queued (see `OutQueue::push_control`); if that one has been
-    /// waiting for an unwritable socket for `hold` (the time after which
-    /// the peer, not having heard from us, would declare us dead) the peer
-    /// is not reading at all and is cut off.
-    fn push_control(&self, msg: &Message, hold: Duration) -> Result<(), CloseReason> {
+    /// Queues a session reply (a KEEPALIVE only if none is waiting already,
+    /// see `OutQueue::push_control`). A peer that does not read at all is
+    /// cut off by the writer's stall timeout; meanwhile it costs one reply.
+    fn push_control(&self, msg: &Message) {
         if self.out.borrow_mut().push_control(msg) {
             self.writer_wake.notify();
-            return Ok(());
         }
-        match self.unwritable_since.get() {
-            Some(since) if since.elapsed() >= hold => Err(CloseReason::Local(format!(
-                "slow subscriber: peer does not read (socket unwritable for {:?} with a KEEPALIVE reply pending)",
-                since.elapsed()
-            ))),
-            _ => Ok(()),
-        }
+    }
+
+    /// Has the session completed its handshake?
+    pub(crate) fn is_established(&self) -> bool {
+        self.state.get() == SessionState::Established
+    }
+
+    /// The peer's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Queues a delivery from an owner (or coalesces it, or cuts the peer
@@ -271,7 +268,6 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         frames_out: Cell::new(0),
         bytes_out: Cell::new(0),
         connected_since: SystemTime::now(),
-        unwritable_since: Cell::new(None),
     });
     shard.peers.borrow_mut().insert(id, conn.clone());
     shard.counters.peer_connected();
@@ -298,6 +294,11 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
 
     // Exactly-once cleanup: this task is the only one that gets here.
     let was_established = rs.session.is_established();
+    if was_established {
+        // Its routes and buffers are being freed: shards give the memory
+        // back to the system over the next seconds.
+        shard.admission.note_departure();
+    }
     rs.session.close();
     conn.state.set(SessionState::Closed);
     let subscribed = std::mem::take(&mut *conn.subscribed.borrow_mut());
@@ -413,11 +414,7 @@ async fn read_loop(
                 }
                 match rs.session.on_tick(Instant::now()) {
                     Err(reason) => return reason,
-                    Ok(Some(msg)) => {
-                        if let Err(reason) = conn.push_control(&msg, rs.session.hold_time()) {
-                            return reason;
-                        }
-                    }
+                    Ok(Some(msg)) => conn.push_control(&msg),
                     Ok(None) => {}
                 }
             }
@@ -515,13 +512,12 @@ fn on_message(
     let reaction = rs.session.on_message(msg, Instant::now())?;
     conn.state.set(rs.session.state());
     conn.keepalive.set(rs.session.interval());
-    let hold = rs.session.hold_time();
     match reaction {
         Reaction::Nothing => {}
-        Reaction::Reply(m) => conn.push_control(&m, hold)?,
+        Reaction::Reply(m) => conn.push_control(&m),
         Reaction::Established { reply } => {
             if let Some(m) = reply {
-                conn.push_control(&m, hold)?;
+                conn.push_control(&m);
             }
             rs.handshake = None;
             shard.counters.peer_established();
@@ -719,9 +715,6 @@ async fn write_parts(
                 if conn.is_closed() {
                     return Err(CloseReason::Local("closed".into()));
                 }
-                if conn.unwritable_since.get().is_none() {
-                    conn.unwritable_since.set(Some(Instant::now()));
-                }
                 let write = async { Some(writer.write(&parts[idx][off..]).await) };
                 let stop = async {
                     match stall {
@@ -747,7 +740,6 @@ async fn write_parts(
             Err(e) => return Err(CloseReason::Io(e.to_string())),
         };
         calls += 1;
-        conn.unwritable_since.set(None);
         // Advance over what was written.
         let mut left = n;
         while left > 0 && idx < parts.len() {

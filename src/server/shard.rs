@@ -73,7 +73,8 @@ pub(crate) enum ShardMsg {
     /// under `--max-peers`.
     Connection(AcceptedTcpStream, PeerSlot),
     /// Close this peer of the receiving shard if it is still in its
-    /// handshake: an accept loop gave its place to a new connection.
+    /// handshake: an accept loop gave its place to a new connection
+    /// (`Shard::evict`).
     Evict(PeerId),
 }
 
@@ -251,10 +252,17 @@ impl Shard {
     }
 
     /// Closes peer `id` of this shard to free its place under
-    /// `--max-peers` (it was the oldest connection still in its handshake).
+    /// `--max-peers` (it was the oldest connection still in its handshake
+    /// when the accept loop chose it). A peer that completed its handshake
+    /// while the request travelled here is left alone: the count then
+    /// stays one over the limit until any connection leaves.
     fn evict(&self, id: PeerId) {
         let conn = self.peers.borrow().get(&id).cloned();
         if let Some(conn) = conn {
+            if conn.is_established() {
+                tracing::debug!(peer = %conn.addr(), "eviction skipped: handshake completed meanwhile");
+                return;
+            }
             conn.close(CloseReason::Evicted {
                 limit: format!("--max-peers {} reached", self.admission.max()),
             });
@@ -536,8 +544,9 @@ const MEMORY_RETURN_ROUNDS: u8 = 5;
 /// routes (or a hostile peer's queue) stayed in RSS for good (224 MiB after
 /// a 1 M-route burst had left, against 19 MiB before it). At most once per
 /// `MEMORY_RETURN_EVERY`, and only for `MEMORY_RETURN_ROUNDS` rounds after
-/// a peer left (on any shard: its withdrawals free table memory on the
-/// owners): a collection walks the shard's heap. Freeing memory of another
+/// an established session ended (on any shard: its withdrawals free table
+/// memory on the owners; probes that never complete a handshake do not
+/// count): a collection walks the shard's heap. Freeing memory of another
 /// shard's heap only queues it there, so every shard collects its own.
 async fn memory_return(shard: Rc<Shard>) {
     let mut departures = shard.admission.departures();

@@ -57,7 +57,8 @@ pub struct ShardCounters {
     coalesce_episodes: AtomicU64,
     /// Batches of messages received from other shards.
     shard_batches_in: AtomicU64,
-    /// Connections accepted and closed at once: `--max-peers` reached.
+    /// Connections accepted and closed at once: `--max-peers` reached with
+    /// every place held by an established session (nobody to evict).
     connections_refused: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,

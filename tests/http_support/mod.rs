@@ -16,6 +16,26 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Reads from `s` until EOF or error; true when the server closed the
+/// connection (EOF or reset) within `within`, false when it stayed open.
+pub fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
 /// GET with a 10 s bound: (status, content type, body).
 pub fn get(url: &str) -> (u16, String, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
