@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::{Client, ClientConfig, ClientError, LogSink};
 use crate::netlink::{KernelRoutes, KernelRoutesConfig, RouteTable, DEFAULT_RECONCILE_INTERVAL};
+use crate::session::DEFAULT_KEEPALIVE;
 use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Expected form of `--announce`.
@@ -24,14 +25,6 @@ pub const ANNOUNCE_FORM: &str = "VNI#PREFIX#NEXTHOP[#STD|LB|NAT][#FROM#TO]";
 pub const INSTALL_FORM: &str = "VNI#TABLE";
 /// Expected form of `--server`.
 pub const SERVER_FORM: &str = "HOST:PORT, e.g. [::1]:4711, 10.0.0.1:4711 or reflector.example:4711";
-
-/// The kernel's main table, what table 0 in `--install-routes` means (as in
-/// the Go client, whose netlink library sends RT_TABLE_MAIN for 0).
-pub const MAIN_TABLE: u32 = 254;
-
-/// Default keepalive interval in seconds; also what `--keepalive 0` means
-/// (as in the Go client).
-pub const DEFAULT_KEEPALIVE_SECS: u64 = 5;
 
 /// Text after the flag list of `metalbond client --help`: the rules shared
 /// by several flags.
@@ -252,7 +245,7 @@ pub fn parse_table_mapping(value: &str) -> Result<(Vni, RouteTable), String> {
         .parse()
         .map_err(|_| format!("table '{table}' is not a number"))?;
     match table {
-        0 => Ok((vni, RouteTable(MAIN_TABLE))),
+        0 => Ok((vni, RouteTable::MAIN)),
         253 => Err("table 253 (\"default\") is the system's last-resort table".into()),
         255 => Err("table 255 (\"local\") holds the kernel's local addresses".into()),
         _ => Ok((vni, RouteTable(table))),
@@ -316,7 +309,8 @@ impl ClientArgs {
         }
         if !main_aliases.is_empty() {
             notes.push(format!(
-                "--install-routes table 0 means the main table ({MAIN_TABLE}), as in the Go client (VNI {})",
+                "--install-routes table 0 means the main table ({}), as in the Go client (VNI {})",
+                RouteTable::MAIN,
                 main_aliases.join(", ")
             ));
         }
@@ -335,9 +329,10 @@ impl ClientArgs {
                 )
             })?;
         if keepalive == 0 {
-            keepalive = DEFAULT_KEEPALIVE_SECS;
+            keepalive = DEFAULT_KEEPALIVE.as_secs();
             notes.push(format!(
-                "--keepalive 0 means the default ({DEFAULT_KEEPALIVE_SECS} s), as in the Go client"
+                "--keepalive 0 means the default ({} s), as in the Go client",
+                keepalive
             ));
         }
         let max_routes_per_server: usize = self

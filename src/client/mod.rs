@@ -117,7 +117,7 @@ pub const DEFAULT_MAX_ROUTES_PER_SERVER: usize = 2_000_000;
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            keepalive: Duration::from_secs(5),
+            keepalive: crate::session::DEFAULT_KEEPALIVE,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),

@@ -9,6 +9,8 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+pub use crate::session::DEFAULT_KEEPALIVE;
+
 /// `metalbond server` flags, compatible with the existing server.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
@@ -70,9 +72,6 @@ pub struct ServerArgs {
     #[arg(short, long)]
     pub verbose: bool,
 }
-
-/// Default `--keepalive` (and what `--keepalive 0` means).
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Default `--max-peers`: a region's hypervisors with room to spare, and
 /// well below what the default file-descriptor limits of a service allow.
