@@ -10,16 +10,32 @@
 //! - `client`: sessions to servers, announcements, the embeddable library.
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
+//! - `telemetry`: histograms and counter views the others record into.
 //! - `logging`: tracing set-up for the binaries.
+//! - `version`: the build's version and git commit.
+//!
+//! Cargo features (all on by default): `client` (the library, std threads
+//! only), `netlink` (kernel routes for the client), `server` (the glommio
+//! reflector), `http` (status pages and `/metrics`), `cli` (the binaries'
+//! glue). An embedder that only needs the client depends on
+//! `metalbond = { default-features = false, features = ["client"] }`.
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod codec;
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "cli")]
 pub mod logging;
+#[cfg(feature = "netlink")]
 pub mod netlink;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod session;
+#[cfg(any(feature = "server", feature = "netlink", feature = "http"))]
+pub mod telemetry;
 pub mod types;
+pub mod version;
 
 /// Types generated from `proto/metalbond.proto` by prost (see `build.rs`).
 /// Use `codec` rather than these directly: they are unvalidated.

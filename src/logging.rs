@@ -23,21 +23,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-/// The crate version (`Cargo.toml`).
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The git commit the binary was built from (`git rev-parse --short`, or
-/// `METALBOND_GIT_COMMIT` when building outside a git checkout, else
-/// `unknown`; see `build.rs`).
-pub const GIT_COMMIT: &str = env!("METALBOND_GIT_COMMIT");
-
-/// `0.1.0 (commit 1a2b3c4)`: what `--version` prints after the name.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("METALBOND_GIT_COMMIT"),
-    ")"
-);
+pub use crate::version::{GIT_COMMIT, LONG_VERSION, VERSION};
 
 /// How log lines are written (`--log-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

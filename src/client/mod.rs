@@ -30,9 +30,11 @@
 //! anything: installed routes stay for a restart (the CLI's `--cleanup`
 //! removes kernel routes explicitly).
 
+#[cfg(feature = "cli")]
 pub mod cli;
 mod connection;
 pub mod error;
+#[cfg(all(feature = "http", feature = "netlink"))]
 pub mod http;
 pub mod present;
 mod traffic;
@@ -49,6 +51,7 @@ use crossbeam_channel::Sender;
 use crate::codec::{FrameBuffer, Message};
 use crate::session::SessionState;
 use crate::types::{Action, IpNet, NextHop, Route, Vni};
+#[cfg(feature = "cli")]
 pub use cli::{run, ClientArgs, ClientOptions};
 use connection::Event;
 pub use connection::STABLE_SESSION;
@@ -67,6 +70,7 @@ pub trait RouteSink: Send + 'static {
     fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop);
 }
 
+#[cfg(feature = "netlink")]
 impl RouteSink for crate::netlink::KernelRouteSink {
     fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
         self.add(vni, destination, &next_hop);

@@ -9,8 +9,8 @@
 
 use std::fmt::Write;
 
-use super::histogram::HistogramView;
 use super::model::{MetricFamily, MetricKind, MetricsView, StatusRole};
+use crate::telemetry::HistogramView;
 
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -23,11 +23,11 @@
 //! ```
 
 pub mod go_document;
-mod histogram;
 mod listener;
 mod metrics;
 pub mod model;
 mod page;
+#[cfg(feature = "server")]
 mod server_source;
 
 use std::io;
@@ -36,17 +36,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-pub use histogram::{HistogramView, LatencyHistogram};
+pub use crate::telemetry::{HistogramView, LatencyHistogram};
 pub use listener::HttpLimits;
 pub use model::{
     count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, VniRoutesView,
 };
 pub use page::{MAX_VNI_SUMMARY_ROWS, REFRESH_SECONDS, ROWS_PER_PAGE};
+#[cfg(feature = "server")]
 pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 /// The version shown on the page, in `/routes.json` and in `/metrics`.
-pub use crate::logging::VERSION;
+pub use crate::version::VERSION;
 
 /// Threads rendering answers (the runtime's blocking pool, started on
 /// demand). Two, so that one slow render (a large `/routes.json`) does not

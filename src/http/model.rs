@@ -17,7 +17,7 @@ use serde::{Serialize, Serializer};
 use crate::session::SessionState;
 use crate::types::{IpNet, NextHop, NextHopKind, Vni};
 
-pub use super::histogram::HistogramView;
+pub use crate::telemetry::{HistogramView, NetlinkView};
 
 /// Which binary is serving the status pages. Shown on the page and in
 /// `metalbond_build_info`, so that a dashboard can tell reflectors from
@@ -269,18 +269,6 @@ pub struct QueueDepth {
     pub shard: Option<usize>,
     /// Items (or bytes, as the queue name says) waiting.
     pub depth: u64,
-}
-
-/// Netlink work done by the client, per operation ("route_add",
-/// "route_del", "nexthop_add", ...).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NetlinkView {
-    /// Requests sent and acknowledged, per operation
-    /// (`metalbond_netlink_operations_total{op}`).
-    pub operations: Vec<(String, u64)>,
-    /// Requests the kernel refused, per operation
-    /// (`metalbond_netlink_errors_total{op}`).
-    pub errors: Vec<(String, u64)>,
 }
 
 /// Whether a family only grows (counter) or goes up and down (gauge).

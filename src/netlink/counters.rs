@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::nexthop::{RTM_DELNEXTHOP, RTM_NEWNEXTHOP};
 use super::routes::{RTM_DELROUTE, RTM_NEWROUTE};
-use crate::http::NetlinkView;
+use crate::telemetry::NetlinkView;
 
 /// The operations counted separately; anything else is "other".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

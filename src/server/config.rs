@@ -6,12 +6,13 @@
 //!
 //! Must never: open sockets or start threads; that is `shard`'s job.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use crate::session::DEFAULT_KEEPALIVE;
 
 /// `metalbond server` flags, compatible with the existing server.
+#[cfg(feature = "cli")]
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
     /// Address to listen on, `IP:PORT` or `HOST:PORT` (a name is resolved
@@ -194,6 +195,7 @@ impl ServerConfig {
     }
 }
 
+#[cfg(feature = "cli")]
 impl TryFrom<ServerArgs> for ServerConfig {
     type Error = ServerError;
 
@@ -236,7 +238,9 @@ impl TryFrom<ServerArgs> for ServerConfig {
 
 /// `IP:PORT` or `HOST:PORT` (IPv6 in brackets) → the addresses it stands
 /// for; `flag` names the flag in the error.
+#[cfg(feature = "cli")]
 fn resolve(flag: &str, text: &str) -> Result<Vec<SocketAddr>, ServerError> {
+    use std::net::ToSocketAddrs;
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
@@ -373,6 +377,7 @@ mod tests {
             .contains("io_uring_setup: Function not implemented"));
     }
 
+    #[cfg(feature = "cli")]
     #[test]
     fn listen_takes_addresses_and_host_names_and_keepalive_zero_is_the_default() {
         use clap::Parser;

@@ -52,7 +52,9 @@ use std::time::Duration;
 use glommio::channels::shared_channel;
 use glommio::{LocalExecutorBuilder, Placement};
 
-pub use config::{PeerLimits, ServerArgs, ServerConfig, ServerError};
+#[cfg(feature = "cli")]
+pub use config::ServerArgs;
+pub use config::{PeerLimits, ServerConfig, ServerError};
 pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes};
 
 use shard::{Batch, Control, ShardSetup, CHANNEL_BATCHES};
@@ -298,8 +300,8 @@ impl ServerHandle {
     /// Fan-out latency over all shards: from the owner taking the first
     /// change of a batch to that batch being written to a subscriber's
     /// socket, one observation per (batch, subscriber). Atomics only.
-    pub fn fanout_latency(&self) -> crate::http::HistogramView {
-        let mut view = crate::http::HistogramView::empty();
+    pub fn fanout_latency(&self) -> crate::telemetry::HistogramView {
+        let mut view = crate::telemetry::HistogramView::empty();
         for c in &self.counters {
             c.fanout_latency_into(&mut view);
         }
@@ -364,6 +366,7 @@ impl Drop for ServerHandle {
     }
 }
 
+#[cfg(feature = "cli")]
 /// `metalbond server`: starts the shards, serves until SIGINT or SIGTERM,
 /// shuts down cleanly (exit status 0).
 pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {

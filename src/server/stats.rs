@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::http::{HistogramView, LatencyHistogram};
 use crate::session::{CloseReason, SessionState};
+use crate::telemetry::{HistogramView, LatencyHistogram};
 use crate::types::{IpNet, NextHop, Vni};
 
 /// Why peers left, one counter per cause (see `DisconnectCounts`).

@@ -112,18 +112,6 @@ impl HistogramView {
             sum_seconds: 0.0,
         }
     }
-
-    /// From an `hdrhistogram` recorded in nanoseconds, with
-    /// `LatencyHistogram`'s bounds (for a role that already keeps one).
-    pub fn from_hdr_nanos(h: &hdrhistogram::Histogram<u64>) -> HistogramView {
-        let mut view = HistogramView::empty();
-        for (i, &b) in BOUNDS_NS.iter().enumerate() {
-            view.cumulative_counts[i] = h.count_between(0, b);
-        }
-        view.count = h.len();
-        view.sum_seconds = h.mean() * h.len() as f64 / 1e9;
-        view
-    }
 }
 
 #[cfg(test)]
