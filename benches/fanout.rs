@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use metalbond::codec::{encode_frame, Message};
-use metalbond::server::owner::{OwnerInput, VniOwner};
+use metalbond::server::owner_logic::{OwnerInput, VniOwner};
 use metalbond::server::{PeerId, Server, ServerConfig, ServerHandle};
 use metalbond::{Action, NextHop, Route, Vni};
 

@@ -20,6 +20,8 @@
 //! glue). An embedder that only needs the client depends on
 //! `metalbond = { default-features = false, features = ["client"] }`.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;

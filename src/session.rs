@@ -37,11 +37,17 @@ pub enum Role {
 /// reconnect loop, which reports it; this machine itself ends in `Closed`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum SessionState {
+    /// TCP connect in progress (active side) or just accepted.
     Connecting,
+    /// Our HELLO is out; waiting for the peer's.
     HelloSent,
+    /// The peer's HELLO arrived; ours answers it.
     HelloReceived,
+    /// Both HELLOs exchanged: routes and subscriptions flow.
     Established,
+    /// Waiting to reconnect (client only).
     Retry,
+    /// The session is over.
     Closed,
 }
 
@@ -98,7 +104,9 @@ pub enum CloseReason {
     /// A message the state machine does not allow in this state.
     #[error("unexpected {message} in state {state}")]
     Unexpected {
+        /// The message type that arrived.
         message: &'static str,
+        /// The state it arrived in.
         state: &'static str,
     },
     /// A frame that failed to decode (the codec's message).
@@ -153,7 +161,10 @@ pub enum Reaction {
     Reply(Message),
     /// The session just became ESTABLISHED; send `reply` first if any.
     /// The active side now sends its SUBSCRIBEs and UPDATEs.
-    Established { reply: Option<Message> },
+    Established {
+        /// The HELLO to answer with, on the passive side.
+        reply: Option<Message>,
+    },
     /// A SUBSCRIBE / UNSUBSCRIBE / UPDATE for the layer above.
     Deliver(Message),
 }

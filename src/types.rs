@@ -79,7 +79,12 @@ pub enum NextHopKind {
     /// Plain overlay forwarding to a hypervisor.
     Standard,
     /// NAT gateway owning ports `from..=to` (`from <= to`, checked at the edge).
-    Nat { from: u16, to: u16 },
+    Nat {
+        /// First port of the range.
+        from: u16,
+        /// Last port of the range.
+        to: u16,
+    },
     /// One target behind a load balancer.
     LoadBalancerTarget,
 }

@@ -86,6 +86,8 @@ pub struct ClientArgs {
 /// The less common `metalbond client` flags.
 #[derive(clap::Args, Debug, Default)]
 pub struct ClientOptions {
+    /// `VNI#TABLE` pairs: install the VNI's routes into that kernel table
+    /// (the `--help` text is `INSTALL_HELP`).
     #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',', help = INSTALL_HELP)]
     pub install_routes: Vec<String>,
     /// Tunnel device for installed routes, a network interface name (the

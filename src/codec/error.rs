@@ -25,7 +25,9 @@ pub enum DecodeError {
     /// The protobuf payload does not parse.
     #[error("{} payload is not valid protobuf: {source}", msg_type.name())]
     Protobuf {
+        /// The message type the header announced.
         msg_type: MessageType,
+        /// What prost found wrong.
         source: prost::DecodeError,
     },
     /// KEEPALIVE must be empty.
@@ -33,10 +35,20 @@ pub enum DecodeError {
     KeepalivePayload(usize),
     /// An enum field holds a number the schema does not define.
     #[error("{field} has unknown value {value}")]
-    UnknownEnum { field: &'static str, value: i32 },
+    UnknownEnum {
+        /// The schema field, e.g. `Update.action`.
+        field: &'static str,
+        /// The number received.
+        value: i32,
+    },
     /// A VNI field above 2^24 - 1.
     #[error("{field} {value} is out of range (VNIs are 24-bit)")]
-    VniOutOfRange { field: &'static str, value: u32 },
+    VniOutOfRange {
+        /// The schema field, e.g. `Subscription.vni`.
+        field: &'static str,
+        /// The number received.
+        value: u32,
+    },
     /// UPDATE without its Destination.
     #[error("UPDATE has no destination")]
     MissingDestination,
@@ -45,14 +57,29 @@ pub enum DecodeError {
     MissingNextHop,
     /// Prefix byte count does not match ipVersion (4 bytes for IPv4, 16 for IPv6).
     #[error("Destination.prefix has {len} bytes but ipVersion is IPv{ip_version}")]
-    PrefixBytes { ip_version: u8, len: usize },
+    PrefixBytes {
+        /// The address family the message claims (4 or 6).
+        ip_version: u8,
+        /// The prefix bytes received.
+        len: usize,
+    },
     /// Prefix length beyond the family's address size.
     #[error("Destination.prefixLength {len} is too long for IPv{family}")]
-    PrefixLength { family: u8, len: u32 },
+    PrefixLength {
+        /// The address family (4 or 6).
+        family: u8,
+        /// The prefix length received.
+        len: u32,
+    },
     /// Next-hop address neither 4 nor 16 bytes.
     #[error("NextHop.targetAddress has {0} bytes (expected 4 or 16)")]
     NextHopBytes(usize),
     /// NAT range with from > to or a bound above 65535.
     #[error("NAT port range {from}-{to} is invalid (need from <= to <= 65535)")]
-    NatPortRange { from: u32, to: u32 },
+    NatPortRange {
+        /// First port received.
+        from: u32,
+        /// Last port received.
+        to: u32,
+    },
 }

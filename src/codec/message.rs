@@ -24,10 +24,15 @@ use crate::types::{Action, NextHop, NextHopKind, Route, Vni};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[repr(u8)]
 pub enum MessageType {
+    /// Session opening.
     Hello = 1,
+    /// Liveness.
     Keepalive = 2,
+    /// Start receiving a VNI's routes.
     Subscribe = 3,
+    /// Stop receiving a VNI's routes.
     Unsubscribe = 4,
+    /// Announce or withdraw a route.
     Update = 5,
 }
 
@@ -62,7 +67,9 @@ pub enum Message {
     /// Session opening: the sender's keepalive interval in seconds and its role.
     /// An interval of 0 is representable here; refusing it is the session's job.
     Hello {
+        /// The sender's keepalive interval in seconds.
         keepalive_secs: u32,
+        /// True when the sender is a server (reflector).
         is_server: bool,
     },
     /// Liveness; empty payload.
@@ -72,7 +79,12 @@ pub enum Message {
     /// Stop receiving the routes of a VNI.
     Unsubscribe(Vni),
     /// Announce or withdraw one route.
-    Update { action: Action, route: Route },
+    Update {
+        /// Add or remove.
+        action: Action,
+        /// The route concerned.
+        route: Route,
+    },
 }
 
 impl Message {

@@ -7,9 +7,9 @@
 //! Must never: touch a socket, a timer or the route table. Callers feed it
 //! bytes and take messages, or hand it messages and take bytes.
 
-pub mod error;
-pub mod frame;
-pub mod message;
+mod error;
+mod frame;
+mod message;
 
 pub use error::DecodeError;
 pub use frame::{

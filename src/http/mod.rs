@@ -22,10 +22,10 @@
 //!                                              response to the client
 //! ```
 
-pub mod go_document;
+mod go_document;
 mod listener;
 mod metrics;
-pub mod model;
+mod model;
 mod page;
 #[cfg(feature = "server")]
 mod server_source;

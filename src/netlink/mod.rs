@@ -34,11 +34,11 @@
 //! with the same target address (e.g. NAT ranges) are one kernel next hop.
 //! Routes of unmapped VNIs are logged once.
 
-pub mod counters;
-pub mod nexthop;
-pub mod routes;
-pub mod socket;
-pub mod state;
+mod counters;
+mod nexthop;
+mod routes;
+mod socket;
+mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;

@@ -30,8 +30,6 @@ pub const RTM_GETNEXTHOP: u16 = 106;
 pub const NHA_ID: u16 = 1;
 /// Array of `nexthop_grp`: the members of a group.
 pub const NHA_GROUP: u16 = 2;
-/// u16: group type (0 = hash-threshold multipath).
-pub const NHA_GROUP_TYPE: u16 = 3;
 /// u32: output device index.
 pub const NHA_OIF: u16 = 5;
 /// u16: lightweight-tunnel encapsulation type.

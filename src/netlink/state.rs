@@ -207,11 +207,13 @@ impl InstalledRoutes {
     }
 
     /// Number of routes installed.
+    #[cfg(test)]
     pub fn route_count(&self) -> usize {
         self.routes.len()
     }
 
     /// Number of nexthop objects (encap and groups) we own.
+    #[cfg(test)]
     pub fn object_count(&self) -> usize {
         self.objects.len()
     }

@@ -35,15 +35,22 @@
 //! or stall others (see `out_queue`).
 
 mod admission;
-pub mod config;
-pub mod fanout;
-pub mod out_queue;
-pub mod owner;
+mod config;
+mod fanout;
+mod out_queue;
+mod owner;
 mod peer;
 mod route_set;
 mod shard;
-pub mod stats;
-pub mod vni_table;
+mod stats;
+mod vni_table;
+
+/// The VNI owner's table and fan-out logic without shards or sockets, as
+/// `benches/fanout.rs` drives it to measure encode-once fan-out. Not a
+/// stable API: it changes with the implementation.
+pub mod owner_logic {
+    pub use super::owner::{Delivery, OwnerInput, VniOwner};
+}
 
 use std::net::SocketAddr;
 use std::sync::Arc;

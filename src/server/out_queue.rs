@@ -151,11 +151,13 @@ impl OutQueue {
     }
 
     /// Is the peer currently being coalesced (fell behind)?
+    #[cfg(test)]
     pub fn is_coalescing(&self) -> bool {
         self.coalescing
     }
 
     /// Anything left to write (queued frames or coalesced changes)?
+    #[cfg(test)]
     pub fn has_output(&self) -> bool {
         !self.items.is_empty() || !self.coalesced.is_empty()
     }

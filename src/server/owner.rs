@@ -32,15 +32,40 @@ pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OwnerInput {
     /// The peer now announces the route.
-    Announce { peer: PeerId, route: Route },
+    Announce {
+        /// The peer concerned.
+        peer: PeerId,
+        /// The route.
+        route: Route,
+    },
     /// The peer no longer announces the route.
-    Withdraw { peer: PeerId, route: Route },
+    Withdraw {
+        /// The peer concerned.
+        peer: PeerId,
+        /// The route.
+        route: Route,
+    },
     /// The peer subscribes to the VNI.
-    Subscribe { peer: PeerId, vni: Vni },
+    Subscribe {
+        /// The peer concerned.
+        peer: PeerId,
+        /// The VNI.
+        vni: Vni,
+    },
     /// The peer leaves the VNI (or disconnected).
-    Unsubscribe { peer: PeerId, vni: Vni },
+    Unsubscribe {
+        /// The peer concerned.
+        peer: PeerId,
+        /// The VNI.
+        vni: Vni,
+    },
     /// One sync chunk for (peer, vni) reached the peer's socket.
-    SyncWritten { peer: PeerId, vni: Vni },
+    SyncWritten {
+        /// The peer concerned.
+        peer: PeerId,
+        /// The VNI.
+        vni: Vni,
+    },
 }
 
 /// Frames for some peers of one shard.
