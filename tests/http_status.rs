@@ -73,6 +73,7 @@ impl StatusSource for Fleet {
             bytes_out: Some(self.bytes_written.load(Ordering::Relaxed)),
             queued_bytes: Some(0),
             connected_since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            grace_left: None,
         }]
     }
     fn metrics(&self) -> MetricsView {

@@ -90,6 +90,7 @@ impl StatusSource for ClientStatusSource {
                     bytes_out: Some(traffic.bytes_out),
                     queued_bytes: None,
                     connected_since: s.connected_since,
+                    grace_left: None,
                 }
             })
             .collect()

@@ -173,6 +173,15 @@ pub struct PeerView {
     /// When the connection was made (RFC 3339, UTC); `None` while not connected.
     #[serde(serialize_with = "ser_time")]
     pub connected_since: Option<SystemTime>,
+    /// Server with `--peer-grace`: this peer's session has ended and its
+    /// routes are held for this much longer (whole seconds); `None` for
+    /// live sessions (the field is then left out).
+    #[serde(
+        rename = "grace_seconds_left",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_secs"
+    )]
+    pub grace_left: Option<Duration>,
 }
 
 fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {

@@ -146,7 +146,10 @@ impl StatusSource for ServerStatusSource {
                     SessionState::HelloReceived,
                     SessionState::Established,
                 ],
-                peers.iter().map(|p| p.state),
+                peers
+                    .iter()
+                    .filter(|p| p.grace_left.is_none())
+                    .map(|p| p.state),
             ),
             routes_per_vni: self.routes_per_vni(),
             routes_total: sum(|s| s.routes),
@@ -192,6 +195,18 @@ impl StatusSource for ServerStatusSource {
                     |s| s.routes,
                 ),
                 per_shard(
+                    "metalbond_grace_routes",
+                    "Routes of departed peers still held for --peer-grace, per shard.",
+                    MetricKind::Gauge,
+                    |s| s.grace_routes,
+                ),
+                MetricFamily::single(
+                    "metalbond_grace_peers",
+                    "Departed peers whose routes are held for --peer-grace.",
+                    MetricKind::Gauge,
+                    peers.iter().filter(|p| p.grace_left.is_some()).count() as f64,
+                ),
+                per_shard(
                     "metalbond_shard_peers",
                     "Peers (any state) held by each shard.",
                     MetricKind::Gauge,
@@ -217,5 +232,6 @@ fn peer_view(p: PeerInfo) -> PeerView {
         bytes_out: Some(p.bytes_out),
         queued_bytes: Some(p.queued_bytes as u64),
         connected_since: Some(p.connected_since),
+        grace_left: p.grace_left.map(|d| Duration::from_secs(d.as_secs())),
     }
 }

@@ -69,10 +69,20 @@ pub struct ServerArgs {
     /// hold timer (2.5 × interval).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
     pub handshake_timeout: u64,
+    /// Seconds the routes of a peer whose session ended (for any reason but
+    /// this server's own shutdown) stay announced, held for it, so that an
+    /// agent's restart is not a fleet-wide withdrawal; a peer announcing the
+    /// same route meanwhile keeps it. 0 withdraws at once (as the Go server).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub peer_grace: u64,
     /// Verbose (debug) logging.
     #[arg(short, long)]
     pub verbose: bool,
 }
+
+/// Default `ServerConfig::peer_grace_max_routes`: two peers' worth of
+/// routes at the default `--max-routes-per-peer`, per shard.
+pub const DEFAULT_PEER_GRACE_MAX_ROUTES: usize = 2_000_000;
 
 /// Default `--max-peers`: a region's hypervisors with room to spare, and
 /// well below what the default file-descriptor limits of a service allow.
@@ -140,6 +150,13 @@ pub struct ServerConfig {
     /// Whether to pin shard `i` to the `i`-th allowed CPU (modulo their
     /// number); off for tests that start many servers in one process.
     pub pin_cpus: bool,
+    /// `--peer-grace`: how long a departed peer's routes stay (`None`:
+    /// withdrawn at once).
+    pub peer_grace: Option<Duration>,
+    /// Most routes of departed peers one shard holds for `peer_grace`;
+    /// beyond it the oldest departures are withdrawn early (bounds what
+    /// peers reconnecting in a loop can make the server hold).
+    pub peer_grace_max_routes: usize,
 }
 
 impl ServerConfig {
@@ -155,6 +172,8 @@ impl ServerConfig {
             limits: PeerLimits::default(),
             sync_chunk_routes: 1024,
             pin_cpus: true,
+            peer_grace: None,
+            peer_grace_max_routes: DEFAULT_PEER_GRACE_MAX_ROUTES,
         }
     }
 
@@ -232,6 +251,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
         };
+        c.peer_grace = (a.peer_grace > 0).then(|| Duration::from_secs(a.peer_grace));
+        c.peer_grace_max_routes = c
+            .peer_grace_max_routes
+            .max(c.limits.max_routes_per_peer.saturating_mul(2));
         Ok(c)
     }
 }

@@ -37,6 +37,7 @@
 mod admission;
 mod config;
 mod fanout;
+mod grace;
 mod out_queue;
 mod owner;
 mod peer;

@@ -200,6 +200,7 @@ impl PeerConn {
             queued_bytes: out.queued_bytes(),
             coalesced_routes: out.coalesced_len(),
             connected_since: self.connected_since,
+            grace_left: None,
         }
     }
 }
@@ -305,12 +306,22 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     for vni in subscribed.into_keys() {
         shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
     }
-    let leftover = std::mem::take(&mut rs.withdrawing);
-    for (vni, routes) in leftover
-        .into_iter()
-        .chain(std::mem::take(&mut rs.announced))
-    {
+    // Routes of an explicit UNSUBSCRIBE still being withdrawn go at once.
+    for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
         withdraw_all(&shard, id, vni, routes).await;
+    }
+    let announced = std::mem::take(&mut rs.announced);
+    match shard.config.peer_grace {
+        // `--peer-grace`: a ghost holds them for a while (not when the
+        // server itself is shutting down: the tables go with it).
+        Some(grace) if !shard.shutting_down.get() => {
+            super::grace::hold(&shard, id, addr, announced, grace);
+        }
+        _ => {
+            for (vni, routes) in announced {
+                withdraw_all(&shard, id, vni, routes).await;
+            }
+        }
     }
     shard.peers.borrow_mut().remove(&id);
     let reason = conn
@@ -338,7 +349,7 @@ const WITHDRAW_CHUNK: usize = 1024;
 /// nor builds a million-message batch for the owner. Never stops early: a
 /// route not withdrawn would stay in the table for good. Holds no borrow
 /// across its awaits.
-async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
+pub(super) async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
     let mut routes = routes.into_iter().peekable();
     while routes.peek().is_some() {
         for route in routes.by_ref().take(WITHDRAW_CHUNK) {

@@ -45,6 +45,7 @@ use glommio::net::{AcceptedTcpStream, TcpListener};
 
 use super::admission::{Admission, Admit, PeerSlot};
 use super::config::ServerConfig;
+use super::grace::GraceHolds;
 use super::owner::{Delivery, OwnerInput, VniOwner};
 use super::peer::{self, PeerConn};
 use super::stats::{PeerInfo, ShardCounters, VniRoutes};
@@ -198,6 +199,8 @@ pub(crate) struct Shard {
     /// Places under `--max-peers` and the handshake queue, shared by all
     /// shards (peers enter the queue on start, see `peer`).
     pub admission: Arc<Admission>,
+    /// Routes of departed peers held for `--peer-grace` (see `grace`).
+    pub grace: GraceHolds,
 }
 
 impl Shard {
@@ -375,12 +378,16 @@ impl Shard {
         snapshot
     }
 
+    /// Live peers, then the ghosts of departed ones (`--peer-grace`).
     fn peers_snapshot(&self) -> Vec<PeerInfo> {
-        self.peers
+        let mut peers: Vec<PeerInfo> = self
+            .peers
             .borrow()
             .values()
             .map(|c| c.info(self.index))
-            .collect()
+            .collect();
+        peers.extend(self.grace.peers(self.index, self.config.keepalive));
+        peers
     }
 }
 
@@ -450,6 +457,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         shutting_down: Cell::new(false),
         shutdown_event: LocalEvent::default(),
         admission,
+        grace: GraceHolds::default(),
     });
 
     for rx in connected_receivers {

@@ -60,6 +60,8 @@ pub struct ShardCounters {
     /// Connections accepted and closed at once: `--max-peers` reached with
     /// every place held by an established session (nobody to evict).
     connections_refused: AtomicU64,
+    /// Routes of departed peers held for `--peer-grace` (a level).
+    grace_routes: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,
     /// Time from the owner taking a change to the fan-out batch carrying it
@@ -137,6 +139,9 @@ impl ShardCounters {
     pub(crate) fn shard_batch_in(&self) {
         add(&self.shard_batches_in, 1);
     }
+    pub(crate) fn set_grace_routes(&self, n: usize) {
+        self.grace_routes.store(n as u64, Ordering::Relaxed);
+    }
     pub(crate) fn connection_refused(&self) {
         add(&self.connections_refused, 1);
     }
@@ -168,6 +173,7 @@ impl ShardCounters {
             coalesce_episodes: get(&self.coalesce_episodes),
             shard_batches_in: get(&self.shard_batches_in),
             connections_refused: get(&self.connections_refused),
+            grace_routes: get(&self.grace_routes),
             disconnects: DisconnectCounts {
                 eof: get(&d.eof),
                 io: get(&d.io),
@@ -266,6 +272,8 @@ pub struct ShardStats {
     /// Connections refused because `--max-peers` was reached (accepted and
     /// closed at once; not counted as peers or disconnects).
     pub connections_refused: u64,
+    /// Routes of departed peers held for `--peer-grace` now.
+    pub grace_routes: u64,
     /// Disconnects by cause.
     pub disconnects: DisconnectCounts,
 }
@@ -311,8 +319,12 @@ pub struct PeerInfo {
     pub queued_bytes: usize,
     /// Route changes coalesced for it and not yet written (slow peer).
     pub coalesced_routes: usize,
-    /// When the connection was accepted.
+    /// When the connection was accepted; for a departed peer whose routes
+    /// are held (`grace_left` is set), when its session ended.
     pub connected_since: SystemTime,
+    /// `--peer-grace`: this is a departed peer whose routes are still held
+    /// for this long (state CLOSED); `None` for live sessions.
+    pub grace_left: Option<Duration>,
 }
 
 /// One VNI's routes: (destination, next hop), sorted.
