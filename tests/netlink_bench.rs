@@ -64,6 +64,7 @@ fn measure(ns: &support::Netns, v6: bool, hops: u32) {
         ipv4_only: false,
         cleanup_on_exit: false,
         reconcile_interval: metalbond::netlink::DEFAULT_RECONCILE_INTERVAL,
+        stale_hold: None,
     };
     let shard = ns.run(move || KernelRoutes::start(config)).unwrap();
     let sink = shard.sink();

@@ -38,6 +38,7 @@ fn config(tables: &[(u32, u32)], cleanup: bool) -> KernelRoutesConfig {
         cleanup_on_exit: cleanup,
         // Soon, so the reconciliation test does not wait half a minute.
         reconcile_interval: Duration::from_secs(1),
+        stale_hold: None,
     }
 }
 
@@ -751,4 +752,206 @@ fn ipv4_only_routes_come_back_after_the_device_bounces() {
         "{:?}",
         ns.routes("-4", 100, DEV)
     );
+}
+
+/// Samples the kernel's routes of `table` (both families) every 10 ms on a
+/// thread until stopped; `stop` returns, per watched prefix, the number of
+/// samples in which it was missing, and the number of samples taken.
+struct KernelSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(BTreeMap<String, usize>, usize)>,
+}
+
+impl KernelSampler {
+    fn start(ns: &Netns, table: u32, watched: &[&str]) -> KernelSampler {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = ns.name.clone();
+        let watched: Vec<String> = watched.iter().map(|s| s.to_string()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut missing: BTreeMap<String, usize> =
+                watched.iter().map(|p| (p.clone(), 0)).collect();
+            let mut samples = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let mut shown = String::new();
+                for family in ["-4", "-6"] {
+                    let out = std::process::Command::new("ip")
+                        .args(["-n", &name, family, "route", "show", "table"])
+                        .arg(table.to_string())
+                        .output()
+                        .expect("ip runs");
+                    shown.push_str(&String::from_utf8_lossy(&out.stdout));
+                }
+                let present: Vec<String> = support::parse_routes(&shown)
+                    .into_iter()
+                    .map(|r| r.prefix)
+                    .collect();
+                for (prefix, n) in missing.iter_mut() {
+                    if !present.contains(prefix) {
+                        *n += 1;
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (missing, samples)
+        });
+        KernelSampler { stop, thread }
+    }
+
+    fn stop(self) -> (BTreeMap<String, usize>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("sampler thread")
+    }
+}
+
+fn with_hold(mut config: KernelRoutesConfig, hold: Duration) -> KernelRoutesConfig {
+    config.stale_hold = Some(hold);
+    config
+}
+
+#[test]
+fn a_restart_takes_over_our_routes_refreshes_them_in_place_and_sweeps_the_rest() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let first = start(&ns, config(&[(23, 100)], false)).unwrap();
+    let sink = first.sink();
+    for (prefix, hops) in [
+        ("10.0.23.0/24", &["2001:db8::1", "2001:db8::2"][..]),
+        ("10.0.24.0/24", &["2001:db8::2"][..]),
+        ("2001:db8:9::/64", &["2001:db8::1", "2001:db8::2"][..]),
+        ("2001:db8:8::/64", &["2001:db8::1"][..]),
+    ] {
+        for h in hops {
+            sink.add(vni(23), net(prefix), &hop(h));
+        }
+    }
+    assert!(first.flush(FLUSH));
+    // Stopping without --cleanup leaves the routes (IPv6 ECMP with its
+    // first next hop, for the Go client's cleanup).
+    first.shutdown().unwrap();
+    let refreshed = ["10.0.23.0/24", "2001:db8:9::/64"];
+    let unrefreshed = ["10.0.24.0/24", "2001:db8:8::/64"];
+    let all: Vec<&str> = refreshed.iter().chain(&unrefreshed).copied().collect();
+    let sampler = KernelSampler::start(&ns, 100, &all);
+
+    let hold = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let second = start(&ns, with_hold(config(&[(23, 100)], false), hold)).unwrap();
+    // Taken over, not deleted.
+    let installed: Vec<String> = second
+        .installed()
+        .iter()
+        .map(|r| r.key.prefix.to_string())
+        .collect();
+    for p in &all {
+        assert!(installed.contains(&p.to_string()), "{p} in {installed:?}");
+    }
+    // The sync refreshes two of them (one back to its two next hops).
+    let sink = second.sink();
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::2"));
+    sink.add(vni(23), net("10.0.23.0/24"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("2001:db8:9::/64"), &hop("2001:db8::1"));
+    sink.add(vni(23), net("2001:db8:9::/64"), &hop("2001:db8::2"));
+    assert!(second.flush(FLUSH));
+    assert_eq!(
+        ns.routes("-6", 100, DEV)["2001:db8:9::/64"].len(),
+        2,
+        "refreshed to both next hops"
+    );
+    // The others go at the end of the hold, not before.
+    assert!(support::wait_until(hold + Duration::from_secs(10), || {
+        let v4 = ns.routes("-4", 100, DEV);
+        let v6 = ns.routes("-6", 100, DEV);
+        !v4.contains_key(unrefreshed[0]) && !v6.contains_key(unrefreshed[1])
+    }));
+    assert!(
+        started.elapsed() >= hold,
+        "swept after {:?}, before the hold of {hold:?}",
+        started.elapsed()
+    );
+    let (missing, samples) = sampler.stop();
+    assert!(samples > 20, "too few samples: {samples}");
+    for p in refreshed {
+        assert_eq!(
+            missing[p], 0,
+            "{p} was missing from the kernel in {} of {samples} samples",
+            missing[p]
+        );
+    }
+    assert_eq!(
+        ns.routes("-4", 100, DEV),
+        expect(&[("10.0.23.0/24", &["2001:db8::1", "2001:db8::2"])])
+    );
+    // Encap objects for ::1 and ::2 and their group; nothing left over.
+    assert!(support::wait_until(FLUSH, || ns.our_nexthop_objects() == 3));
+    second.shutdown().unwrap();
+}
+
+#[test]
+fn the_go_clients_and_an_earlier_versions_routes_are_taken_over_too() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    add_earlier_version_state(&ns, 100);
+    add_go_form(&ns, 100, "10.0.23.0/24", &["2001:db8::1", "2001:db8::2"]);
+    // The Go client's IPv6 form: one next hop, RTA_OIF + RTA_ENCAP.
+    ns.ip(&[
+        "-6",
+        "route",
+        "replace",
+        "2001:db8:23::/64",
+        "table",
+        "100",
+        "proto",
+        "254",
+        "encap",
+        "ip6",
+        "dst",
+        "2001:db8::1",
+        "dev",
+        DEV,
+    ]);
+    let watched = [
+        "10.0.23.0/24",
+        "2001:db8:23::/64",
+        "10.31.0.0/16",
+        "2001:db8:31::/64",
+    ];
+    let sampler = KernelSampler::start(&ns, 100, &watched);
+    let hold = Duration::from_secs(2);
+    let shard = start(&ns, with_hold(config(&[(23, 100)], false), hold)).unwrap();
+    assert_eq!(shard.installed().len(), 6, "{:?}", shard.installed());
+    let sink = shard.sink();
+    for (prefix, hops) in [
+        ("10.0.23.0/24", &["2001:db8::1", "2001:db8::2"][..]),
+        ("2001:db8:23::/64", &["2001:db8::1"][..]),
+        ("10.31.0.0/16", &["2001:db8::1", "2001:db8::2"][..]),
+        ("2001:db8:31::/64", &["2001:db8::1", "2001:db8::2"][..]),
+    ] {
+        for h in hops {
+            sink.add(vni(23), net(prefix), &hop(h));
+        }
+    }
+    assert!(shard.flush(FLUSH));
+    // Swept: the two earlier-version routes nobody refreshed.
+    assert!(support::wait_until(hold + Duration::from_secs(10), || {
+        shard.installed().len() == 4
+    }));
+    let (missing, samples) = sampler.stop();
+    assert!(samples > 20, "too few samples: {samples}");
+    for p in watched {
+        assert_eq!(
+            missing[p], 0,
+            "{p} was missing in {} of {samples} samples",
+            missing[p]
+        );
+    }
+    // Every route is in our current form now: IPv4 inline, IPv6 by object.
+    let v4 = ns.ip(&["route", "show", "table", "100"]);
+    assert!(!v4.contains("nhid") && !v4.contains("10.32.0.0"), "{v4}");
+    let v6 = ns.ip(&["-6", "route", "show", "table", "100"]);
+    assert_eq!(v6.matches("nhid").count(), 2, "{v6}");
+    assert!(!v6.contains("2001:db8:32::"), "{v6}");
+    shard.shutdown().unwrap();
 }

@@ -431,6 +431,7 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             ipv4_only: settings.ipv4_only,
             cleanup_on_exit: settings.cleanup,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            stale_hold: None,
         })?),
         _ => None,
     };

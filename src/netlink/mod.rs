@@ -3,9 +3,11 @@
 //! Owns: one thread with one rtnetlink socket (opened in the caller's network
 //! namespace), the desired route set per (table, prefix), coalescing of
 //! changes, start-up checks (tunnel device, CAP_NET_ADMIN, a probe nexthop
-//! object), deletion of stale protocol-254 routes (whatever their form: our
-//! IPv4 multipath and IPv6 `nhid` routes, an earlier version's IPv4 `nhid`
-//! routes, the Go client's routes) and protocol-254 nexthop objects at start,
+//! object), at start either the take-over (`stale_hold`) or the deletion of
+//! the protocol-254 routes (whatever their form: our IPv4 multipath and IPv6
+//! `nhid` routes, an earlier version's IPv4 `nhid` routes, the Go client's
+//! routes) and protocol-254 nexthop objects an earlier run left, the sweep
+//! of taken-over routes nobody refreshed,
 //! the health check (nexthop objects flushed, tunnel device bounced), the
 //! periodic read-back that puts back routes deleted or changed by hand
 //! (`reconcile`), and `--cleanup` at exit. Counters for `/metrics` live in
@@ -82,6 +84,13 @@ pub struct KernelRoutesConfig {
     /// are put back. `DEFAULT_RECONCILE_INTERVAL` unless a test wants it
     /// sooner: each pass dumps the kernel's routes.
     pub reconcile_interval: Duration,
+    /// `Some(hold)`: routes and nexthop objects an earlier run (this
+    /// client, an earlier version or the Go client) left in our tables are
+    /// taken over as *stale* at start instead of deleted: they stay in the
+    /// kernel, a present route with the same prefix refreshes them (no
+    /// delete, at most a replace), and those still not refreshed `hold`
+    /// after the start are deleted. `None`: deleted at start.
+    pub stale_hold: Option<Duration>,
 }
 
 /// Default `KernelRoutesConfig::reconcile_interval`: hand-deleted routes
@@ -128,6 +137,14 @@ struct DesiredRoutes {
     shutdown: bool,
 }
 
+/// Routes taken over at start that no present route has refreshed yet.
+struct StaleRoutes {
+    /// The taken-over routes (refreshed ones are filtered out at the sweep).
+    keys: Vec<RouteKey>,
+    /// When the ones not refreshed are deleted.
+    sweep_at: Instant,
+}
+
 /// Shared between the handle, the sinks and the shard thread.
 struct Shared {
     /// What we want in the kernel.
@@ -146,6 +163,8 @@ struct Shared {
     warned: Mutex<HashSet<String>>,
     /// Netlink verdicts per operation and the pending count, for `/metrics`.
     counters: Arc<NetlinkCounters>,
+    /// Taken over at start, waiting for the sweep (`stale_hold`).
+    stale: Mutex<Option<StaleRoutes>>,
 }
 
 impl Shared {
@@ -195,8 +214,20 @@ impl KernelRoutes {
         }
         let mut socket = RouteSocket::open()?;
         let tables: HashSet<RouteTable> = config.tables.values().copied().collect();
-        let foreign = remove_stale(&mut socket, &tables)?;
-        let mut installed = InstalledRoutes::new(oif, foreign);
+        let (mut installed, stale) = match config.stale_hold {
+            None => {
+                let foreign = remove_stale(&mut socket, &tables)?;
+                (InstalledRoutes::new(oif, foreign), None)
+            }
+            Some(hold) => {
+                let (installed, keys) = take_over(&mut socket, &tables, oif, hold)?;
+                let stale = StaleRoutes {
+                    keys,
+                    sweep_at: Instant::now() + hold,
+                };
+                (installed, Some(stale))
+            }
+        };
         probe(&mut socket, &mut installed, oif, &config.device)?;
         let (wake, woken) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
@@ -208,6 +239,7 @@ impl KernelRoutes {
             config,
             warned: Mutex::new(HashSet::new()),
             counters: socket.counters(),
+            stale: Mutex::new(stale),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -369,7 +401,11 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
     let mut device_was_down = false;
     loop {
         // Every sender lives in `shared`, so recv only fails if that is gone.
-        match woken.recv_timeout(HEALTH_CHECK_INTERVAL.min(reconcile_every)) {
+        let mut wait = HEALTH_CHECK_INTERVAL.min(reconcile_every);
+        if let Some(stale) = lock(&shared.stale).as_ref() {
+            wait = wait.min(stale.sweep_at.saturating_duration_since(Instant::now()));
+        }
+        match woken.recv_timeout(wait) {
             Ok(()) => {}
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 health_check(&shared, &mut socket, &mut device_was_down);
@@ -380,6 +416,7 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
             reconcile(&shared, &mut socket);
             last_reconcile = Instant::now();
         }
+        sweep_if_due(&shared);
         let (changes, generation, shutdown) = {
             let mut desired = lock(&shared.desired);
             let dirty = std::mem::take(&mut desired.dirty);
@@ -432,6 +469,35 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
         }
         *lock(&shared.applied) = generation;
         shared.applied_changed.notify_all();
+    }
+}
+
+/// The hold of the routes taken over at start is over: those no present
+/// route refreshed are marked for deletion (the batch below deletes them:
+/// their desired next-hop set is empty). Refreshed ones are left alone.
+fn sweep_if_due(shared: &Shared) {
+    let due = {
+        let mut stale = lock(&shared.stale);
+        match stale.as_ref() {
+            Some(s) if s.sweep_at <= Instant::now() => stale.take(),
+            _ => None,
+        }
+    };
+    let Some(stale) = due else { return };
+    let unrefreshed: Vec<RouteKey> = {
+        let desired = lock(&shared.desired);
+        stale
+            .keys
+            .into_iter()
+            .filter(|k| !desired.routes.contains_key(k))
+            .collect()
+    };
+    tracing::info!(
+        routes = unrefreshed.len(),
+        "stale hold over: deleting the taken-over kernel routes no server refreshed"
+    );
+    if !unrefreshed.is_empty() {
+        shared.mark_dirty(unrefreshed);
     }
 }
 
@@ -693,6 +759,64 @@ fn protocol_routes(
         .filter_map(|p| routes::parse_dumped(p))
         .filter(|r| r.protocol == PROTOCOL_METALBOND && tables.contains(&r.table))
         .collect())
+}
+
+/// `stale_hold`: takes over the protocol-254 routes in `tables` and the
+/// protocol-254 nexthop objects an earlier run left, as stale (see
+/// `InstalledRoutes::adopt`); deletes only what cannot be taken over.
+/// Returns the state and the keys taken over.
+fn take_over(
+    socket: &mut RouteSocket,
+    tables: &HashSet<RouteTable>,
+    oif: u32,
+    hold: Duration,
+) -> Result<(InstalledRoutes, Vec<RouteKey>), NetlinkError> {
+    let mut foreign = HashSet::new();
+    let mut ours = Vec::new();
+    for payload in socket.dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &NexthopMessage::dump())? {
+        let Ok(msg) = NexthopMessage::parse(&payload) else {
+            continue;
+        };
+        let Some(id) = msg.id() else { continue };
+        if msg.header.protocol == PROTOCOL_METALBOND {
+            ours.push(msg);
+        } else {
+            foreign.insert(id);
+        }
+    }
+    let routes = protocol_routes(socket, tables)?;
+    let mut installed = InstalledRoutes::new(oif, foreign);
+    let adoption = installed.adopt(&ours, &routes);
+    // Routes before the objects they use; groups (first in the list)
+    // before their members.
+    let route_requests: Vec<Request> = adoption
+        .unusable_routes
+        .iter()
+        .map(|k| routes::delete_route(k.table, k.prefix))
+        .collect();
+    let object_requests: Vec<Request> = adoption
+        .unusable_objects
+        .iter()
+        .map(|id| Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(*id)))
+        .collect();
+    for batch in [route_requests, object_requests] {
+        for verdict in socket.execute(&batch)? {
+            if let Err(e) = verdict {
+                if !e.is_not_found() {
+                    tracing::error!(error = %e, "cannot delete a leftover route or nexthop object");
+                }
+            }
+        }
+    }
+    tracing::info!(
+        routes = adoption.routes.len(),
+        objects = adoption.objects,
+        deleted_routes = adoption.unusable_routes.len(),
+        deleted_objects = adoption.unusable_objects.len(),
+        hold_secs = hold.as_secs(),
+        "took over the kernel routes an earlier run left, as stale until refreshed"
+    );
+    Ok((installed, adoption.routes))
 }
 
 /// Deletes protocol-254 routes in `tables` and every protocol-254 nexthop

@@ -10,7 +10,9 @@
 //! (create encap objects, create groups, replace/delete routes, delete unused
 //! objects) and updates this state only from the kernel's acknowledgements,
 //! so it never claims a route or object the kernel refused. `forget_changed`
-//! compares our routes with a dump of the kernel's.
+//! compares our routes with a dump of the kernel's; `adopt` takes over what
+//! an earlier run (ours, an earlier version's or the Go client's) left in the
+//! kernel, so a restart keeps those routes instead of deleting them.
 //!
 //! Must never: open sockets (it is handed a `KernelLink`), know about VNIs or
 //! servers, or retry by itself.
@@ -32,10 +34,12 @@ use std::net::Ipv6Addr;
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 
-use super::nexthop::{NexthopMessage, AF_INET, AF_INET6, RTM_DELNEXTHOP, RTM_NEWNEXTHOP};
+use super::nexthop::{
+    NexthopAttribute, NexthopMessage, AF_INET, AF_INET6, RTM_DELNEXTHOP, RTM_NEWNEXTHOP,
+};
 use super::routes::{
-    delete_route, replace_multipath_route, replace_nhid_route, KernelNextHops, RouteTable,
-    PROTOCOL_METALBOND,
+    delete_route, replace_multipath_route, replace_nhid_route, DumpedRoute, KernelNextHops,
+    RouteTable, PROTOCOL_METALBOND,
 };
 use super::socket::{KernelError, Request, RouteSocket};
 
@@ -120,6 +124,22 @@ pub struct ApplyReport {
     pub objects_deleted: usize,
 }
 
+/// What `InstalledRoutes::adopt` made of an earlier run's kernel state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Routes taken over (now installed as far as the state knows).
+    pub routes: Vec<RouteKey>,
+    /// Nexthop objects taken over.
+    pub objects: usize,
+    /// Routes that cannot be taken over (a next hop not on our device, an
+    /// object we do not know): the caller deletes them.
+    pub unusable_routes: Vec<RouteKey>,
+    /// Groups, then single objects, that cannot be taken over (other
+    /// device, duplicate, malformed): the caller deletes them in this order
+    /// after `unusable_routes`.
+    pub unusable_objects: Vec<u32>,
+}
+
 /// The kernel state we own, mirrored from acknowledgements.
 pub struct InstalledRoutes {
     /// Index of the tunnel device every next hop leaves through.
@@ -172,6 +192,140 @@ impl InstalledRoutes {
             failing: HashSet::new(),
             failing_objects: HashSet::new(),
         }
+    }
+
+    /// Takes over what an earlier run left: our protocol's nexthop `objects`
+    /// (from a nexthop dump) that leave through our device, and `routes`
+    /// (protocol 254, in our tables) whose next hops are such objects or
+    /// inline `encap ip6 dst` hops out of our device. Call on a fresh state,
+    /// before any `apply`. What it takes over is kept as installed: a later
+    /// `apply` with the same next hops sends nothing, with other next hops
+    /// replaces the route (never deletes it first). Objects no adopted route
+    /// uses are deleted by the next `apply`, as any unused object.
+    pub fn adopt(&mut self, objects: &[NexthopMessage], routes: &[DumpedRoute]) -> Adoption {
+        let mut adoption = Adoption::default();
+        let mut unusable_singles = Vec::new();
+        for msg in objects.iter().filter(|m| !m.is_group()) {
+            let Some(id) = msg.id() else { continue };
+            let mut dst = None;
+            let mut oif = None;
+            for attribute in &msg.attributes {
+                match attribute {
+                    NexthopAttribute::EncapIp6Dst(d) => dst = Some(*d),
+                    NexthopAttribute::Oif(o) => oif = Some(*o),
+                    _ => {}
+                }
+            }
+            let family = msg.header.family;
+            let key = match (dst, oif) {
+                (Some(dst), Some(oif))
+                    if oif == self.oif && (family == AF_INET6 || family == AF_INET) =>
+                {
+                    ObjectKey::Encap { family, dst }
+                }
+                _ => {
+                    unusable_singles.push(id);
+                    continue;
+                }
+            };
+            if self.objects.contains_key(&key) || self.by_id.contains_key(&id) {
+                unusable_singles.push(id);
+                continue;
+            }
+            self.objects
+                .insert(key.clone(), NexthopObject { id, users: 0 });
+            self.by_id.insert(id, key);
+            adoption.objects += 1;
+        }
+        for msg in objects.iter().filter(|m| m.is_group()) {
+            let Some(id) = msg.id() else { continue };
+            match self.group_key(msg) {
+                Some(key) if !self.objects.contains_key(&key) && !self.by_id.contains_key(&id) => {
+                    if let ObjectKey::Group { family, members } = &key {
+                        for dst in members {
+                            if let Some(o) = self.objects.get_mut(&ObjectKey::Encap {
+                                family: *family,
+                                dst: *dst,
+                            }) {
+                                o.users += 1;
+                            }
+                        }
+                    }
+                    self.objects
+                        .insert(key.clone(), NexthopObject { id, users: 0 });
+                    self.by_id.insert(id, key);
+                    adoption.objects += 1;
+                }
+                _ => adoption.unusable_objects.push(id),
+            }
+        }
+        adoption.unusable_objects.extend(unusable_singles);
+        for route in routes {
+            let key = RouteKey {
+                table: route.table,
+                prefix: route.prefix,
+            };
+            let form = match &route.next_hops {
+                KernelNextHops::Object(id) if self.by_id.contains_key(id) => {
+                    Some(InstalledForm::Object(*id))
+                }
+                KernelNextHops::Object(_) => None,
+                KernelNextHops::Inline(hops) => {
+                    let dsts: Option<Vec<Ipv6Addr>> = hops
+                        .iter()
+                        .map(|h| h.encap_dst.filter(|_| h.oif == self.oif))
+                        .collect();
+                    match dsts {
+                        Some(mut dsts) if !dsts.is_empty() => {
+                            dsts.sort_unstable();
+                            dsts.dedup();
+                            Some(InstalledForm::Inline(dsts.into_boxed_slice()))
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            match form {
+                Some(form) if !self.routes.contains_key(&key) => {
+                    if let InstalledForm::Object(id) = form {
+                        self.add_user(id);
+                    }
+                    self.routes.insert(key, form);
+                    adoption.routes.push(key);
+                }
+                _ => adoption.unusable_routes.push(key),
+            }
+        }
+        adoption
+    }
+
+    /// The identity of a dumped group whose members are all encap objects
+    /// we know, of one family; `None` otherwise.
+    fn group_key(&self, msg: &NexthopMessage) -> Option<ObjectKey> {
+        let members = msg.attributes.iter().find_map(|a| match a {
+            NexthopAttribute::Group(m) => Some(m),
+            _ => None,
+        })?;
+        let mut family = None;
+        let mut dsts = Vec::with_capacity(members.len());
+        for member in members {
+            match self.by_id.get(&member.id) {
+                Some(ObjectKey::Encap { family: f, dst }) if family.is_none_or(|x| x == *f) => {
+                    family = Some(*f);
+                    dsts.push(*dst);
+                }
+                _ => return None,
+            }
+        }
+        dsts.sort_unstable();
+        dsts.dedup();
+        if dsts.len() < 2 || dsts.len() != members.len() {
+            return None;
+        }
+        Some(ObjectKey::Group {
+            family: family?,
+            members: dsts,
+        })
     }
 
     /// Forgets every route and object (the kernel flushed them, e.g. the
