@@ -112,17 +112,20 @@ fn explicit_remove_and_unsubscribe_are_not_delayed_by_the_grace() {
 
 #[test]
 fn held_routes_are_bounded_per_shard_oldest_departure_first() {
-    // One shard so that both ghosts count against the same bound.
+    // One shard so that all ghosts count against the same bound: 4 routes
+    // (twice the 2 routes one peer may announce).
     let srv = TestServer::with(1, |c| {
         c.peer_grace = Some(Duration::from_secs(60));
-        c.peer_grace_max_routes = 3;
+        c.peer_grace_max_routes = 1;
+        c.limits.max_routes_per_peer = 2;
     });
     let (mut s, _) = TestPeer::established(srv.addr, 5);
     s.keep_alive(Duration::from_secs(1));
     subscribed(&srv, &mut s, 5);
     let first = [route(5, 1, 1), route(5, 2, 1)];
     let second = [route(5, 3, 2), route(5, 4, 2)];
-    for routes in [&first, &second] {
+    let third = [route(5, 5, 3), route(5, 6, 3)];
+    for routes in [&first, &second, &third] {
         let (p, _) = TestPeer::established(srv.addr, 5);
         p.send_all(&routes.iter().map(|r| add(*r)).collect::<Vec<_>>());
         for r in routes.iter() {
@@ -134,7 +137,7 @@ fn held_routes_are_bounded_per_shard_oldest_departure_first() {
             st.shards.iter().map(|s| s.grace_routes).sum::<u64>() >= 2
         });
     }
-    // 4 routes > 3: the first departure's routes go now, the second's stay.
+    // 6 routes > 4: the first departure's routes go now, the others stay.
     let mut removed = vec![
         s.recv_update(WAIT).expect("a removal"),
         s.recv_update(WAIT).expect("a removal"),
@@ -145,7 +148,62 @@ fn held_routes_are_bounded_per_shard_oldest_departure_first() {
         vec![(Action::Remove, first[0]), (Action::Remove, first[1])]
     );
     s.expect_no_update(QUIET);
-    srv.wait_route_count(2);
+    srv.wait_route_count(4);
+}
+
+#[test]
+fn the_restarted_peers_remove_takes_effect_at_once() {
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    a.send(&add(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    a.close();
+    drop(a);
+    srv.wait_peers("the ghost", |ps| ps.iter().any(|p| p.grace_left.is_some()));
+    // Its successor (same address) takes the route over, then the VM goes:
+    // the REMOVE is not held back by the ghost.
+    let (mut a2, _) = TestPeer::established(srv.addr, 5);
+    a2.send(&add(r));
+    a2.sync_point();
+    s.expect_no_update(QUIET);
+    let t = Instant::now();
+    a2.send(&remove(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Remove, r)));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    srv.wait_route_count(0);
+}
+
+#[test]
+fn a_restarted_subscriber_sees_its_own_route_only_while_the_ghost_holds_it() {
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    // The agent subscribes to the VNI it announces in (as metalnet does).
+    let (mut a, _) = TestPeer::established(srv.addr, 5);
+    a.send(&Message::Subscribe(vni(23)));
+    a.send(&add(r));
+    a.sync_point();
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    a.close();
+    drop(a);
+    srv.wait_peers("the ghost", |ps| ps.iter().any(|p| p.grace_left.is_some()));
+    // Restarted: it subscribes first and is synced the ghost's route (held
+    // by another peer), then announces it again: now only it announces the
+    // route, so it is told to forget it.
+    let (mut a2, _) = TestPeer::established(srv.addr, 5);
+    a2.send(&Message::Subscribe(vni(23)));
+    assert_eq!(a2.recv_update(WAIT), Some((Action::Add, r)));
+    a2.send(&add(r));
+    assert_eq!(a2.recv_update(WAIT), Some((Action::Remove, r)));
+    s.expect_no_update(QUIET);
+    // It withdraws: subscribers hear it, the agent's own view stays empty.
+    a2.send(&remove(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Remove, r)));
+    a2.expect_no_update(QUIET);
 }
 
 #[test]

@@ -93,6 +93,9 @@ pub struct KernelRoutesConfig {
     pub stale_hold: Option<Duration>,
 }
 
+/// Stand-in for a `stale_hold` too long for the clock: a year.
+const MAX_STALE_HOLD: Duration = Duration::from_secs(365 * 86_400);
+
 /// Default `KernelRoutesConfig::reconcile_interval`: hand-deleted routes
 /// are back within half a minute, and a host with 100,000 routes spends a
 /// dump on it twice a minute, not every few seconds.
@@ -221,9 +224,11 @@ impl KernelRoutes {
             }
             Some(hold) => {
                 let (installed, keys) = take_over(&mut socket, &tables, oif, hold)?;
+                let now = Instant::now();
                 let stale = StaleRoutes {
                     keys,
-                    sweep_at: Instant::now() + hold,
+                    // A hold too long to represent never ends.
+                    sweep_at: now.checked_add(hold).unwrap_or(now + MAX_STALE_HOLD),
                 };
                 (installed, Some(stale))
             }
@@ -416,7 +421,7 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
             reconcile(&shared, &mut socket);
             last_reconcile = Instant::now();
         }
-        sweep_if_due(&shared);
+        sweep_if_due(&shared, &mut socket);
         let (changes, generation, shutdown) = {
             let mut desired = lock(&shared.desired);
             let dirty = std::mem::take(&mut desired.dirty);
@@ -474,8 +479,10 @@ fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>)
 
 /// The hold of the routes taken over at start is over: those no present
 /// route refreshed are marked for deletion (the batch below deletes them:
-/// their desired next-hop set is empty). Refreshed ones are left alone.
-fn sweep_if_due(shared: &Shared) {
+/// their desired next-hop set is empty). Refreshed ones are left alone. One
+/// the read-back forgot meanwhile (changed in the kernel) is deleted here if
+/// the kernel still has a protocol-254 route at its key.
+fn sweep_if_due(shared: &Shared, socket: &mut RouteSocket) {
     let due = {
         let mut stale = lock(&shared.stale);
         match stale.as_ref() {
@@ -496,8 +503,48 @@ fn sweep_if_due(shared: &Shared) {
         routes = unrefreshed.len(),
         "stale hold over: deleting the taken-over kernel routes no server refreshed"
     );
-    if !unrefreshed.is_empty() {
-        shared.mark_dirty(unrefreshed);
+    let (installed, forgotten): (Vec<RouteKey>, Vec<RouteKey>) = {
+        let state = lock(&shared.installed);
+        unrefreshed.into_iter().partition(|k| state.has(k))
+    };
+    if !forgotten.is_empty() {
+        delete_if_ours(shared, socket, &forgotten);
+    }
+    if !installed.is_empty() {
+        shared.mark_dirty(installed);
+    }
+}
+
+/// Deletes the protocol-254 routes at `keys` the kernel has (one dump).
+fn delete_if_ours(shared: &Shared, socket: &mut RouteSocket, keys: &[RouteKey]) {
+    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    let wanted: HashSet<&RouteKey> = keys.iter().collect();
+    let found = match protocol_routes(socket, &tables) {
+        Ok(routes) => routes,
+        Err(e) => {
+            tracing::warn!("route dump for the stale sweep failed: {e}");
+            return;
+        }
+    };
+    let requests: Vec<Request> = found
+        .iter()
+        .filter(|r| {
+            wanted.contains(&RouteKey {
+                table: r.table,
+                prefix: r.prefix,
+            })
+        })
+        .map(|r| routes::delete_route(r.table, r.prefix))
+        .collect();
+    match socket.execute(&requests) {
+        Ok(verdicts) => {
+            for e in verdicts.into_iter().filter_map(Result::err) {
+                if !e.is_not_found() {
+                    tracing::error!(error = %e, "cannot delete a stale kernel route");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("stale sweep: {e}"),
     }
 }
 

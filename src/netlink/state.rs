@@ -393,6 +393,11 @@ impl InstalledRoutes {
         out
     }
 
+    /// Is a route installed (as far as the kernel acknowledged) at `key`?
+    pub fn has(&self, key: &RouteKey) -> bool {
+        self.routes.contains_key(key)
+    }
+
     /// Keys of every installed route.
     pub fn keys(&self) -> Vec<RouteKey> {
         self.routes.keys().copied().collect()
@@ -686,6 +691,7 @@ impl InstalledRoutes {
                     }
                 }
                 dsts.sort_unstable();
+                dsts.dedup();
                 *dsts == **hops
             }
             _ => false,

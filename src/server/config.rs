@@ -80,6 +80,10 @@ pub struct ServerArgs {
     pub verbose: bool,
 }
 
+/// Longest `--peer-grace`: a day (a departed peer's routes held longer
+/// are no longer a restart).
+pub const MAX_PEER_GRACE: Duration = Duration::from_secs(86_400);
+
 /// Default `ServerConfig::peer_grace_max_routes`: two peers' worth of
 /// routes at the default `--max-routes-per-peer`, per shard.
 pub const DEFAULT_PEER_GRACE_MAX_ROUTES: usize = 2_000_000;
@@ -153,9 +157,11 @@ pub struct ServerConfig {
     /// `--peer-grace`: how long a departed peer's routes stay (`None`:
     /// withdrawn at once).
     pub peer_grace: Option<Duration>,
-    /// Most routes of departed peers one shard holds for `peer_grace`;
-    /// beyond it the oldest departures are withdrawn early (bounds what
-    /// peers reconnecting in a loop can make the server hold).
+    /// Most routes of departed peers one shard holds for `peer_grace`
+    /// (taken as at least twice `limits.max_routes_per_peer`, so one peer's
+    /// routes always fit); beyond it the oldest departures are withdrawn
+    /// early (bounds what peers reconnecting in a loop can make the server
+    /// hold).
     pub peer_grace_max_routes: usize,
 }
 
@@ -210,6 +216,12 @@ impl ServerConfig {
                     .into(),
             ));
         }
+        if self.peer_grace.is_some_and(|g| g > MAX_PEER_GRACE) {
+            return Err(ServerError::Config(format!(
+                "--peer-grace is at most {} seconds (a day)",
+                MAX_PEER_GRACE.as_secs()
+            )));
+        }
         Ok(())
     }
 }
@@ -252,9 +264,6 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 .then(|| Duration::from_secs(a.handshake_timeout)),
         };
         c.peer_grace = (a.peer_grace > 0).then(|| Duration::from_secs(a.peer_grace));
-        c.peer_grace_max_routes = c
-            .peer_grace_max_routes
-            .max(c.limits.max_routes_per_peer.saturating_mul(2));
         Ok(c)
     }
 }

@@ -15,6 +15,13 @@
 //! withdrawn as if the peer had sent REMOVE for each: a route still
 //! announced by someone else stays, the others go.
 //!
+//! The restarted agent is the ghost's successor: a live peer connecting
+//! from the ghost's IP address (`GhostIndex`, shared by all shards). When it
+//! announces a route the ghost holds, or withdraws one, the ghost's claim on
+//! that route is dropped right after (same shard, same channel to the
+//! owner, so in order): its explicit REMOVE takes effect at once, and at
+//! expiry the ghost no longer holds what its successor took over.
+//!
 //! ```text
 //!  peer task ends ──announced routes──▶ GraceHolds::hold
 //!                                          │ ghost task: sleep(grace) │ pushed out │ shutdown
@@ -22,16 +29,18 @@
 //!                               withdraw_all (chunks) ──▶ owners ──▶ subscribers
 //! ```
 //!
-//! Must never: delay an explicit REMOVE or UNSUBSCRIBE (those never come
-//! here), outlive a server shutdown, or hold more than
-//! `ServerConfig::peer_grace_max_routes` routes on one shard (beyond that the
+//! Must never: delay an explicit REMOVE of the ghost's successor, outlive
+//! a server shutdown, or hold more than `ServerConfig::peer_grace_max_routes`
+//! routes or `MAX_GHOSTS_PER_SHARD` ghosts on one shard (beyond that the
 //! oldest ghosts are withdrawn early, so a peer that reconnects in a loop
 //! cannot grow the server through its ghosts).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_lite::future;
@@ -43,6 +52,58 @@ use super::stats::PeerInfo;
 use super::PeerId;
 use crate::session::SessionState;
 use crate::types::Vni;
+
+/// Most ghosts one shard keeps; beyond this the oldest are withdrawn early
+/// (each ghost is a task and a timer, whatever it holds).
+pub(crate) const MAX_GHOSTS_PER_SHARD: usize = 10_000;
+
+/// Ghosts by the IP address their session came from, for every shard: a
+/// live peer from that address is their successor.
+#[derive(Default, Debug)]
+pub(crate) struct GhostIndex {
+    /// Ghosts in the map: the common case (none) costs one atomic load.
+    count: AtomicUsize,
+    /// Address → ghosts from it.
+    by_ip: Mutex<HashMap<IpAddr, Vec<PeerId>>>,
+}
+
+impl GhostIndex {
+    fn add(&self, ip: IpAddr, ghost: PeerId) {
+        let mut map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(ip).or_default().push(ghost);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remove(&self, ip: IpAddr, ghost: PeerId) {
+        let mut map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = map.get_mut(&ip) {
+            if let Some(i) = list.iter().position(|g| *g == ghost) {
+                list.swap_remove(i);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if list.is_empty() {
+                map.remove(&ip);
+            }
+        }
+    }
+
+    /// Ghosts of earlier sessions from `ip` (not `me`), usually none.
+    pub(crate) fn of(&self, ip: IpAddr, me: PeerId) -> Vec<PeerId> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        let map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&ip)
+            .map(|l| l.iter().copied().filter(|g| *g != me).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The address a peer is known by for succession (IPv4-mapped IPv6
+/// addresses as IPv4).
+pub(crate) fn host_of(addr: &SocketAddr) -> IpAddr {
+    addr.ip().to_canonical()
+}
 
 /// One departed peer whose routes are held.
 struct Ghost {
@@ -70,15 +131,30 @@ struct Expire {
 }
 
 /// The ghosts of one shard, oldest departure first.
-#[derive(Default)]
 pub(crate) struct GraceHolds {
     /// Ghosts in the order their sessions ended.
     ghosts: RefCell<VecDeque<Ghost>>,
     /// Routes held by all of them.
     routes: Cell<usize>,
+    /// Every shard's ghosts by address.
+    index: Arc<GhostIndex>,
 }
 
 impl GraceHolds {
+    /// This shard's holds, registered in the servers-wide `index`.
+    pub(crate) fn new(index: Arc<GhostIndex>) -> GraceHolds {
+        GraceHolds {
+            ghosts: RefCell::new(VecDeque::new()),
+            routes: Cell::new(0),
+            index,
+        }
+    }
+
+    /// Every shard's ghosts by address.
+    pub(crate) fn index(&self) -> &GhostIndex {
+        &self.index
+    }
+
     /// Routes held by this shard's ghosts.
     pub(crate) fn routes(&self) -> usize {
         self.routes.get()
@@ -117,6 +193,7 @@ impl GraceHolds {
         if let Some(i) = ghosts.iter().position(|g| g.peer == peer) {
             if let Some(g) = ghosts.remove(i) {
                 self.routes.set(self.routes.get() - g.routes);
+                self.index.remove(host_of(&g.addr), g.peer);
             }
         }
     }
@@ -148,27 +225,31 @@ pub(crate) fn hold(
         expire: expire.clone(),
     });
     holds.routes.set(holds.routes.get() + count);
+    holds.index.add(host_of(&addr), peer);
     shard.counters.set_grace_routes(holds.routes.get());
     tracing::info!(peer = %addr, routes = count, grace_secs = grace.as_secs(), "peer gone: its routes are held for the grace period");
-    // The bound: push out the oldest ghosts (never the one just added
-    // alone: a single peer's routes are bounded by --max-routes-per-peer).
-    let max = shard.config.peer_grace_max_routes;
+    // The bounds: push out the oldest ghosts (never the one just added: a
+    // single peer's routes are bounded by --max-routes-per-peer).
+    let max = shard
+        .config
+        .peer_grace_max_routes
+        .max(shard.config.limits.max_routes_per_peer.saturating_mul(2));
     {
         let ghosts = holds.ghosts.borrow();
-        let mut held: usize = ghosts
+        let (mut held, mut kept) = ghosts
             .iter()
             .filter(|g| !g.expire.now.get())
-            .map(|g| g.routes)
-            .sum();
+            .fold((0, 0), |(r, n), g| (r + g.routes, n + 1));
         for g in ghosts.iter() {
-            if held <= max || g.peer == peer {
+            if (held <= max && kept <= MAX_GHOSTS_PER_SHARD) || g.peer == peer {
                 break;
             }
             if !g.expire.now.get() {
-                tracing::warn!(peer = %g.addr, routes = g.routes, "grace cut short: more than {max} routes held for departed peers on this shard");
+                tracing::warn!(peer = %g.addr, routes = g.routes, "grace cut short: more than {max} routes or {MAX_GHOSTS_PER_SHARD} departed peers held on this shard");
                 g.expire.now.set(true);
                 g.expire.event.notify();
                 held -= g.routes;
+                kept -= 1;
             }
         }
     }

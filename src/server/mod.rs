@@ -133,6 +133,7 @@ impl Server {
         }
         let cpus = config::allowed_cpu_ids();
         let admission = admission::Admission::new(config.max_peers);
+        let ghosts = Arc::new(grace::GhostIndex::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handle = ServerHandle {
             addrs,
@@ -158,6 +159,7 @@ impl Server {
                 control: ctl_rx,
                 counters: counters.clone(),
                 admission: admission.clone(),
+                ghosts: ghosts.clone(),
                 ready: ready_tx.clone(),
             };
             let placement = if config.pin_cpus {

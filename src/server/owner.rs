@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::fanout::{FanoutBatch, FanoutBuilder};
-use super::vni_table::VniTable;
+use super::vni_table::{Change, Subscriber, VniTable};
 use super::PeerId;
 use crate::types::{Action, Route, Vni};
 
@@ -99,8 +99,14 @@ struct SyncJob {
 struct PendingFanout {
     /// Frames for the live subscribers.
     live: FanoutBuilder,
-    /// Frames for individual syncing subscribers (changes behind their cursor).
+    /// Frames for individual subscribers: syncing ones (changes behind
+    /// their cursor), and a route's sole announcer (see `record_for_one`).
     personal: HashMap<PeerId, FanoutBuilder>,
+    /// Some personal frames are for a live subscriber, which also gets
+    /// `live`: the next live change flushes first, so that subscriber gets
+    /// its changes in the order they were made (`flush_vni` sends `live`
+    /// before the personal batches).
+    live_personal: bool,
 }
 
 /// All VNIs owned by one shard.
@@ -159,18 +165,30 @@ impl VniOwner {
         match input {
             OwnerInput::Announce { peer, route } => {
                 let table = self.tables.entry(route.vni).or_default();
-                if table.announce(route, peer) {
-                    self.route_count += 1;
-                    self.record(route.vni, peer, Action::Add, route, out);
+                match table.announce_change(route, peer) {
+                    Change::Table => {
+                        self.route_count += 1;
+                        self.record(route.vni, peer, Action::Add, route, out);
+                    }
+                    Change::ForOne(first) => {
+                        self.record_for_one(first, Action::Add, route, out);
+                    }
+                    Change::None => {}
                 }
             }
             OwnerInput::Withdraw { peer, route } => {
                 let Some(table) = self.tables.get_mut(&route.vni) else {
                     return;
                 };
-                if table.withdraw(&route, peer) {
-                    self.route_count -= 1;
-                    self.record(route.vni, peer, Action::Remove, route, out);
+                match table.withdraw_change(&route, peer) {
+                    Change::Table => {
+                        self.route_count -= 1;
+                        self.record(route.vni, peer, Action::Remove, route, out);
+                    }
+                    Change::ForOne(left) => {
+                        self.record_for_one(left, Action::Remove, route, out);
+                    }
+                    Change::None => {}
                 }
                 self.drop_if_empty(route.vni);
             }
@@ -272,12 +290,19 @@ impl VniOwner {
         route: Route,
         out: &mut Vec<(usize, Delivery)>,
     ) {
+        if self
+            .tables
+            .get(&vni)
+            .is_none_or(|t| t.subscriber_count() == 0)
+        {
+            return;
+        }
+        if self.pending.get(&vni).is_some_and(|p| p.live_personal) {
+            self.flush_vni(vni, out);
+        }
         let Some(table) = self.tables.get(&vni) else {
             return;
         };
-        if table.subscriber_count() == 0 {
-            return;
-        }
         let pending = self.pending.entry(vni).or_default();
         pending.live.push(Some(origin), action, route);
         if table.has_syncing() {
@@ -293,6 +318,34 @@ impl VniOwner {
         }
         if pending.live.len() >= MAX_BATCH_BYTES {
             self.flush_vni(vni, out);
+        }
+    }
+
+    /// The route became visible (Add) or invisible (Remove) to `peer` alone
+    /// because it is, or was, the route's sole announcer: tell `peer` if it
+    /// subscribes and has been sent the route's state (see
+    /// `VniTable::has_seen`), in its personal batch, after the changes
+    /// recorded before this one.
+    fn record_for_one(
+        &mut self,
+        peer: PeerId,
+        action: Action,
+        route: Route,
+        out: &mut Vec<(usize, Delivery)>,
+    ) {
+        let Some(table) = self.tables.get(&route.vni) else {
+            return;
+        };
+        if !table.has_seen(peer, &route) {
+            return;
+        }
+        let live = table.subscriber(peer) == Some(Subscriber::Live);
+        let pending = self.pending.entry(route.vni).or_default();
+        pending.live_personal |= live;
+        let personal = pending.personal.entry(peer).or_default();
+        personal.push(None, action, route);
+        if personal.len() >= MAX_BATCH_BYTES {
+            self.flush_vni(route.vni, out);
         }
     }
 
@@ -318,6 +371,7 @@ impl VniOwner {
                 ));
             }
         }
+        pending.live_personal = false;
         for (peer, mut b) in pending.personal.drain() {
             out.push((
                 peer.shard(),
@@ -374,6 +428,42 @@ mod tests {
     }
 
     #[test]
+    fn sole_announcer_changes_keep_their_order_with_the_shared_fanout() {
+        let mut o = VniOwner::new(100);
+        let a = PeerId::new(0, 1);
+        let b = PeerId::new(1, 2);
+        for p in [a, b] {
+            subscribe_live(&mut o, p);
+        }
+        let mut out = Vec::new();
+        let r = route(1);
+        for input in [
+            OwnerInput::Announce { peer: a, route: r },
+            OwnerInput::Announce { peer: b, route: r },
+            OwnerInput::Withdraw { peer: b, route: r },
+            OwnerInput::Announce { peer: b, route: r },
+            OwnerInput::Withdraw { peer: a, route: r },
+            OwnerInput::Withdraw { peer: b, route: r },
+        ] {
+            o.apply(input, &mut out);
+        }
+        o.flush(&mut out);
+        // a: visible while b announces it, then removed with the route.
+        assert_eq!(
+            decode(&out, a),
+            vec![
+                (Action::Add, r),
+                (Action::Remove, r),
+                (Action::Add, r),
+                (Action::Remove, r)
+            ]
+        );
+        // b: saw a's route when it first came, lost sight of it while it
+        // was the sole announcer after a left.
+        assert_eq!(decode(&out, b), vec![(Action::Add, r), (Action::Remove, r)]);
+    }
+
+    #[test]
     fn fanout_reaches_subscribers_on_each_shard_once_but_not_origin() {
         let mut o = VniOwner::new(100);
         let a = PeerId::new(0, 1);
@@ -398,8 +488,10 @@ mod tests {
             &mut out,
         );
         o.flush(&mut out);
-        assert_eq!(out.len(), 2, "one delivery per shard");
-        assert_eq!(decode(&out, a), vec![]);
+        // One shared delivery per shard, plus a's own: b's announce makes
+        // a's route visible to a (another peer announces it now).
+        assert_eq!(out.len(), 3);
+        assert_eq!(decode(&out, a), vec![(Action::Add, route(1))]);
         assert_eq!(decode(&out, b), vec![(Action::Add, route(1))]);
         assert_eq!(decode(&out, c), vec![(Action::Add, route(1))]);
         out.clear();
@@ -411,7 +503,10 @@ mod tests {
             &mut out,
         );
         o.flush(&mut out);
-        assert!(out.is_empty(), "b still announces it");
+        // b still announces it, and only b now: b stops seeing it.
+        assert_eq!(decode(&out, b), vec![(Action::Remove, route(1))]);
+        assert_eq!(decode(&out, c), vec![]);
+        out.clear();
         o.apply(
             OwnerInput::Withdraw {
                 peer: b,

@@ -43,7 +43,7 @@ use super::stats::{PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
-use crate::types::{Action, Vni};
+use crate::types::{Action, Route, Vni};
 
 /// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
 /// frames; most of a large fleet's peers never need more. Kept small because
@@ -311,10 +311,22 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         withdraw_all(&shard, id, vni, routes).await;
     }
     let announced = std::mem::take(&mut rs.announced);
+    // A peer cut off for its own fault (a limit, a malformed frame, a
+    // protocol violation) gets no grace: what it sent is suspect.
+    let fault = conn.over_limit.get()
+        || matches!(
+            conn.close_reason.borrow().as_ref(),
+            Some(
+                CloseReason::Malformed(_)
+                    | CloseReason::Unexpected { .. }
+                    | CloseReason::ZeroKeepalive
+                    | CloseReason::KeepaliveFlood { .. }
+            )
+        );
     match shard.config.peer_grace {
         // `--peer-grace`: a ghost holds them for a while (not when the
         // server itself is shutting down: the tables go with it).
-        Some(grace) if !shard.shutting_down.get() => {
+        Some(grace) if !shard.shutting_down.get() && !fault => {
             super::grace::hold(&shard, id, addr, announced, grace);
         }
         _ => {
@@ -336,6 +348,24 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         conn.over_limit.get(),
     );
     tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// `--peer-grace`: the peer announced or withdrew `route`, so ghosts of
+/// earlier sessions from its address (usually none; see `grace`) give up
+/// their claim on it. Sent after the peer's own input, on the same channel
+/// to the owner: an ADD keeps the route without a flap, a REMOVE takes
+/// effect at once.
+fn drop_ghost_claims(shard: &Shard, conn: &PeerConn, id: PeerId, route: Route) {
+    if shard.config.peer_grace.is_none() {
+        return;
+    }
+    for ghost in shard
+        .grace
+        .index()
+        .of(super::grace::host_of(&conn.addr), id)
+    {
+        shard.to_owner(route.vni, OwnerInput::Withdraw { peer: ghost, route });
+    }
 }
 
 /// Owner inputs sent between two checks for a yield in `withdraw_all`.
@@ -587,6 +617,7 @@ fn on_routing_message(
                         conn.routes_announced.set(conn.routes_announced.get() + 1);
                         tracing::debug!(peer = %conn.addr, %route, "ADD");
                         shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
+                        drop_ghost_claims(shard, conn, id, route);
                     } else {
                         tracing::debug!(peer = %conn.addr, %route, "duplicate ADD ignored");
                     }
@@ -600,6 +631,7 @@ fn on_routing_message(
                         conn.routes_announced.set(conn.routes_announced.get() - 1);
                         tracing::debug!(peer = %conn.addr, %route, "REMOVE");
                         shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
+                        drop_ghost_claims(shard, conn, id, route);
                     } else {
                         tracing::debug!(peer = %conn.addr, %route, "REMOVE of a route the peer does not announce ignored");
                     }

@@ -45,7 +45,7 @@ use glommio::net::{AcceptedTcpStream, TcpListener};
 
 use super::admission::{Admission, Admit, PeerSlot};
 use super::config::ServerConfig;
-use super::grace::GraceHolds;
+use super::grace::{GhostIndex, GraceHolds};
 use super::owner::{Delivery, OwnerInput, VniOwner};
 use super::peer::{self, PeerConn};
 use super::stats::{PeerInfo, ShardCounters, VniRoutes};
@@ -162,6 +162,8 @@ pub(crate) struct ShardSetup {
     /// Places under `--max-peers` and the handshake queue, shared by all
     /// shards.
     pub admission: Arc<Admission>,
+    /// Departed peers' ghosts by address, shared by all shards (see `grace`).
+    pub ghosts: Arc<GhostIndex>,
     /// Reports that the shard is up (or why not).
     pub ready: std::sync::mpsc::Sender<Result<(), (usize, String)>>,
 }
@@ -403,6 +405,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         control,
         counters,
         admission,
+        ghosts,
         ready,
     } = setup;
     let shards = senders.len();
@@ -457,7 +460,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         shutting_down: Cell::new(false),
         shutdown_event: LocalEvent::default(),
         admission,
-        grace: GraceHolds::default(),
+        grace: GraceHolds::new(ghosts),
     });
 
     for rx in connected_receivers {

@@ -79,6 +79,19 @@ impl Announcers {
     }
 }
 
+/// What an announce or withdraw changed for the subscribers of a VNI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing any subscriber must hear.
+    None,
+    /// The route entered or left the table: every subscriber but the
+    /// origin hears it.
+    Table,
+    /// The route became visible (announce) or invisible (withdraw) to this
+    /// one peer only: it was, or is now, the route's sole announcer.
+    ForOne(PeerId),
+}
+
 /// Live subscribers grouped by shard: (shard index, its peers).
 pub type LiveGroups = Arc<Vec<(usize, Arc<[PeerId]>)>>;
 
@@ -139,14 +152,28 @@ impl VniTable {
     /// `peer` announces `route`. True if the route is new to the table (fan
     /// out ADD); false if it was already there (announced by `peer` or another).
     pub fn announce(&mut self, route: Route, peer: PeerId) -> bool {
+        self.announce_change(route, peer) == Change::Table
+    }
+
+    /// `peer` announces `route`: what changed for the subscribers. A
+    /// subscriber sees a route while some peer *other than itself* announces
+    /// it, so a second announcer makes the route visible to the first one
+    /// (`Change::ForOne`).
+    pub fn announce_change(&mut self, route: Route, peer: PeerId) -> Change {
         match self.routes.get_mut(&route) {
             Some(a) => {
-                a.insert(peer);
-                false
+                let sole = match a {
+                    Announcers::One(p) if *p != peer => Some(*p),
+                    _ => None,
+                };
+                match (a.insert(peer), sole) {
+                    (true, Some(first)) => Change::ForOne(first),
+                    _ => Change::None,
+                }
             }
             None => {
                 self.routes.insert(route, Announcers::One(peer));
-                true
+                Change::Table
             }
         }
     }
@@ -154,14 +181,36 @@ impl VniTable {
     /// `peer` withdraws `route`. True if the route left the table (fan out
     /// REMOVE); false if others still announce it or `peer` never did.
     pub fn withdraw(&mut self, route: &Route, peer: PeerId) -> bool {
+        self.withdraw_change(route, peer) == Change::Table
+    }
+
+    /// `peer` withdraws `route`: what changed for the subscribers. When one
+    /// announcer is left, the route stops being visible to that one
+    /// (`Change::ForOne`): only it announces the route now.
+    pub fn withdraw_change(&mut self, route: &Route, peer: PeerId) -> Change {
         let Some(a) = self.routes.get_mut(route) else {
-            return false;
+            return Change::None;
         };
-        let (_, empty) = a.remove(peer);
+        let (removed, empty) = a.remove(peer);
         if empty {
             self.routes.remove(route);
+            return Change::Table;
         }
-        empty
+        match a {
+            Announcers::One(left) if removed => Change::ForOne(*left),
+            _ => Change::None,
+        }
+    }
+
+    /// Has `peer` been sent the current state of `route` (live, or syncing
+    /// with its scan past the route)? A subscriber whose scan has not reached
+    /// the route yet will see it as it is then.
+    pub fn has_seen(&self, peer: PeerId, route: &Route) -> bool {
+        match self.subscribers.get(&peer) {
+            Some(Subscriber::Live) => true,
+            Some(Subscriber::Syncing { cursor: Some(c) }) => route <= c,
+            _ => false,
+        }
     }
 
     /// Does `peer` announce `route`?
@@ -324,6 +373,23 @@ mod tests {
         assert_eq!(t.route_count(), 0);
         assert!(!t.withdraw(&route(1), p(1, 2)), "already gone");
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_sole_announcer_sees_the_route_exactly_while_another_peer_announces_it() {
+        let mut t = VniTable::new();
+        let (a, b, c) = (p(0, 1), p(1, 2), p(0, 3));
+        assert_eq!(t.announce_change(route(1), a), Change::Table);
+        assert_eq!(t.announce_change(route(1), a), Change::None);
+        // b joins: a now sees the route (someone else announces it).
+        assert_eq!(t.announce_change(route(1), b), Change::ForOne(a));
+        // A third announcer changes nothing for anyone.
+        assert_eq!(t.announce_change(route(1), c), Change::None);
+        assert_eq!(t.withdraw_change(&route(1), c), Change::None);
+        assert_eq!(t.withdraw_change(&route(1), c), Change::None, "not its");
+        // b leaves: a is the sole announcer again and stops seeing it.
+        assert_eq!(t.withdraw_change(&route(1), b), Change::ForOne(a));
+        assert_eq!(t.withdraw_change(&route(1), a), Change::Table);
     }
 
     #[test]
