@@ -275,3 +275,95 @@ fn deliver(routes: &DeliveredRoutes, sink: &mut dyn RouteSink, item: Delivery) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::NextHop;
+
+    fn route(i: u32) -> Route {
+        Route::new(
+            Vni::new(23).unwrap(),
+            crate::types::IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 32).unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        )
+    }
+
+    /// Blocks in its first call until released; then counts, checking order.
+    struct Gate {
+        release: crossbeam_channel::Receiver<()>,
+        next: u32,
+        ok: Arc<AtomicBool>,
+    }
+
+    impl RouteSink for Gate {
+        fn add_route(&mut self, vni: Vni, destination: crate::types::IpNet, next_hop: NextHop) {
+            if self.next == 0 {
+                let _ = self.release.recv_timeout(Duration::from_secs(10));
+            }
+            if Route::new(vni, destination, next_hop) != route(self.next) {
+                self.ok.store(false, Ordering::SeqCst);
+            }
+            self.next += 1;
+        }
+        fn remove_route(&mut self, _: Vni, _: crate::types::IpNet, _: NextHop) {}
+    }
+
+    #[test]
+    fn server_threads_wait_above_the_high_water_mark_in_order_and_stop_ends_the_wait() {
+        let queue = Arc::new(DeliveryQueue::default());
+        let (release_tx, release) = crossbeam_channel::bounded(1);
+        let ok = Arc::new(AtomicBool::new(true));
+        let sink = Gate {
+            release,
+            next: 0,
+            ok: ok.clone(),
+        };
+        spawn(queue.clone(), Box::new(sink), Arc::new(|| {})).unwrap();
+        let total = (HIGH_WATER + 2 * BATCH) as u32;
+        let mut changes: Vec<PresentChange> =
+            (0..total).map(|i| PresentChange::Add(route(i))).collect();
+        // Pushing never blocks, whatever the queue holds.
+        let pushed = queue.push_changes(&mut changes);
+        assert_eq!(pushed, u64::from(total));
+        // The sink is stuck: a server thread would wait; its stop ends that.
+        let stop = AtomicBool::new(false);
+        let waiter = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                let stop = AtomicBool::new(false);
+                let started = Instant::now();
+                queue.wait_room(&stop);
+                started.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !waiter.is_finished(),
+            "waited although the queue is above the mark"
+        );
+        stop.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        queue.wait_room(&stop);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "stop ends the wait"
+        );
+        // Released, the sink drains the queue in order and the waiter goes on.
+        release_tx.send(()).unwrap();
+        let waited = waiter.join().unwrap();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.delivered() < pushed {
+            assert!(Instant::now() < deadline, "not delivered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(ok.load(Ordering::SeqCst), "out of order");
+        assert_eq!(
+            queue.routes.get(&Vni::new(23).unwrap()).unwrap().len(),
+            total as usize
+        );
+        queue.close();
+        assert!(queue.wait_finished(Instant::now() + Duration::from_secs(10)));
+    }
+}
