@@ -86,8 +86,7 @@ pub struct ClientArgs {
 /// The less common `metalbond client` flags.
 #[derive(clap::Args, Debug, Default)]
 pub struct ClientOptions {
-    /// `VNI#TABLE` pairs: install the VNI's routes into that kernel table
-    /// (the `--help` text is `INSTALL_HELP`).
+    /// `--install-routes VNI#TABLE`, as given (checked by `settings`).
     #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',', help = INSTALL_HELP)]
     pub install_routes: Vec<String>,
     /// Tunnel device for installed routes, a network interface name (the
@@ -403,6 +402,9 @@ impl ClientArgs {
     }
 }
 
+/// How long the exit waits for queued route changes to reach the sink.
+const SINK_DRAIN: Duration = Duration::from_secs(5);
+
 /// Runs `metalbond client` until SIGINT or SIGTERM.
 ///
 /// A malformed flag value prints one line and exits with status 2 (like
@@ -464,7 +466,14 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(signal, "shutting down");
     }
     drop(http);
-    client.shutdown();
+    // Let the changes already queued reach the kernel shard (and drop its
+    // sink) before the shard stops and, with --cleanup, removes its routes.
+    if !client.shutdown_timeout(SINK_DRAIN) {
+        tracing::warn!(
+            ?SINK_DRAIN,
+            "changes still queued for the kernel routes at exit"
+        );
+    }
     if let Some(shard) = shard {
         shard.shutdown()?;
     }

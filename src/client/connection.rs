@@ -16,8 +16,10 @@
 //! on in batches over a bounded channel, so a flood from the server stalls
 //! its TCP window instead of growing a queue.
 //!
-//! Must never: hold the client lock while doing socket I/O, or touch another
-//! server's routes.
+//! Must never: hold the client lock while doing socket I/O, touch another
+//! server's routes, or change anything once its slot is gone (every change
+//! goes through the slot id, which is never reused). Nobody joins this
+//! thread: a pending connect or DNS lookup is abandoned on stop.
 //!
 //! ```text
 //!  reader thread ──Received(gen, msgs) / Closed(gen, why)──┐  (bounded)
@@ -25,18 +27,21 @@
 //!                                                          v
 //!  server thread: PeerSession (hold timer, keepalives) ──> writes frames
 //!                 ├─ Established: snapshot subscriptions + announcements
-//!                 ├─ UPDATE: Core.present.received → sink
-//!                 └─ closed: Core.present.server_lost → sink; backoff; retry
+//!                 ├─ UPDATE: Core.present.received → delivery queue (waits while it
+//!                 │          is above its high-water mark)
+//!                 └─ closed: Core.present.server_lost → delivery queue; backoff; retry
 //! ```
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rand::Rng;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::present::ServerId;
 use super::traffic::TrafficMeter;
@@ -124,29 +129,51 @@ impl Backoff {
     }
 }
 
-/// The body of a server slot's thread; returns when the slot is stopped.
+/// What a server thread needs to know about its slot.
+pub(super) struct Target {
+    /// The slot's id: every change the thread makes goes through it, and a
+    /// removed slot's id is never reused, so a stopped thread changes nothing.
+    pub(super) id: ServerId,
+    /// `HOST:PORT` as given.
+    pub(super) address: String,
+    /// Source address to bind before connecting.
+    pub(super) local_address: Option<IpAddr>,
+    /// Set when the slot is removed or the client shuts down.
+    pub(super) stop: Arc<AtomicBool>,
+}
+
+/// How often a pending connect or DNS lookup looks at the stop flag.
+pub(super) const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// The body of a server slot's thread; returns when the slot is stopped
+/// (or gone). Nobody joins it.
 pub(super) fn run_server(
     inner: Arc<ClientInner>,
-    id: ServerId,
-    address: String,
+    target: Target,
     events: Receiver<Event>,
     events_tx: Sender<Event>,
 ) {
-    let Some(stop) = inner.with_slot(id, |slot| slot.stop.clone()) else {
-        return;
-    };
+    let Target {
+        id,
+        address,
+        local_address,
+        stop,
+    } = target;
     let config = inner.config.clone();
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut generation = 0u64;
     let mut last_error = String::new();
     while !stop.load(Ordering::SeqCst) {
         inner.set_state(id, SessionState::Connecting);
-        match connect(&address, config.connect_timeout) {
+        match connect(&address, local_address, config.connect_timeout, &stop) {
             Ok(stream) => {
                 generation += 1;
                 last_error.clear();
-                inner.with_slot(id, |slot| slot.stream = stream.try_clone().ok());
-                let meter = inner.connected(id);
+                let Some(meter) = inner.connected(id, &stream) else {
+                    // The slot went away while we connected.
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                };
                 let mut link = Link {
                     meter,
                     inner: &inner,
@@ -178,6 +205,7 @@ pub(super) fn run_server(
                     reason.label()
                 };
                 inner.session_lost(id, label);
+                inner.delivery.wait_room(&stop);
             }
             Err(e) => {
                 // Log a changed error at info, repeats at debug.
@@ -207,19 +235,127 @@ pub(super) fn run_server(
     inner.set_state(id, SessionState::Closed);
 }
 
-fn connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
-    let addrs: Vec<_> = address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address}: {e}"))?
-        .collect();
+/// Resolves `address` and connects to the first address that answers,
+/// from `local` if given. Gives up within `STOP_POLL` once `stop` is set:
+/// a DNS lookup is left running on its own thread (its result is dropped),
+/// a pending TCP connect is abandoned.
+fn connect(
+    address: &str,
+    local: Option<IpAddr>,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<TcpStream, String> {
+    let addrs = resolve(address, stop)?;
     let mut last = format!("{address} resolves to no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        if stop.load(Ordering::SeqCst) {
+            return Err("stopped".into());
+        }
+        match connect_one(addr, local, timeout, stop) {
             Ok(s) => return Ok(s),
             Err(e) => last = format!("{addr}: {e}"),
         }
     }
     Err(last)
+}
+
+/// `address` as socket addresses: an IP literal directly, a host name by
+/// the system resolver on a helper thread that is abandoned on `stop`
+/// (getaddrinfo cannot be interrupted).
+fn resolve(address: &str, stop: &AtomicBool) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let name = address.to_string();
+    std::thread::Builder::new()
+        .name("mb-resolve".into())
+        .spawn(move || {
+            let result = name
+                .to_socket_addrs()
+                .map(|addrs| addrs.collect::<Vec<_>>())
+                .map_err(|e| e.to_string());
+            let _ = tx.send(result);
+        })
+        .map_err(|e| format!("cannot start a resolver thread: {e}"))?;
+    loop {
+        match rx.recv_timeout(STOP_POLL) {
+            Ok(Ok(addrs)) => return Ok(addrs),
+            Ok(Err(e)) => return Err(format!("cannot resolve {address}: {e}")),
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => {
+                return Err("stopped while resolving".into())
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(format!("cannot resolve {address}: resolver thread ended"))
+            }
+        }
+    }
+}
+
+/// One TCP connect to `addr` (bound to `local` first if given), abandoned
+/// after `timeout` or once `stop` is set.
+fn connect_one(
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<TcpStream, String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("cannot make a socket: {e}"))?;
+    if let Some(ip) = local {
+        socket
+            .bind(&SocketAddr::new(ip, 0).into())
+            .map_err(|e| format!("cannot bind local address {ip}: {e}"))?;
+    }
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            wait_connected(&socket, timeout, stop)?
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    socket.set_nonblocking(false).map_err(|e| e.to_string())?;
+    Ok(socket.into())
+}
+
+/// Waits for a non-blocking connect to finish, looking at `stop` every
+/// `STOP_POLL`.
+fn wait_connected(socket: &Socket, timeout: Duration, stop: &AtomicBool) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err("stopped while connecting".into());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!("connect timed out after {timeout:?}"));
+        }
+        let slice = (deadline - now).min(STOP_POLL);
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let millis = slice.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pfd` is one valid pollfd that outlives the call, and the
+        // count passed is 1.
+        let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.to_string());
+        }
+        if ready > 0 {
+            return match socket.take_error() {
+                Ok(None) => Ok(()),
+                Ok(Some(e)) | Err(e) => Err(e.to_string()),
+            };
+        }
+    }
 }
 
 /// One TCP connection to the server.
@@ -235,7 +371,7 @@ struct Link<'a> {
     /// Frames from the reader thread and wake-ups from the handle.
     events: &'a Receiver<Event>,
     /// Set when the slot is removed or the client shuts down.
-    stop: &'a std::sync::atomic::AtomicBool,
+    stop: &'a AtomicBool,
     /// When this connection reached ESTABLISHED (`None`: it did not); a
     /// long enough healthy session resets the backoff.
     established_at: Option<Instant>,
@@ -339,7 +475,11 @@ impl Link<'_> {
                     if let Some(reply) = reply {
                         out.push(&reply);
                     }
-                    let (vnis, routes) = self.inner.established(self.id, session.interval(), out);
+                    let Some((vnis, routes)) =
+                        self.inner.established(self.id, session.interval(), out)
+                    else {
+                        return Err(CloseReason::Local("server removed".into()));
+                    };
                     self.established_at = Some(Instant::now());
                     tracing::info!(
                         server = %self.address,
@@ -360,10 +500,13 @@ impl Link<'_> {
                 }
             }
         }
-        self.inner.received(self.id, &mut updates).map_err(|e| {
+        let result = self.inner.received(self.id, &mut updates).map_err(|e| {
             self.over_limit = true;
             CloseReason::Local(e.to_string())
-        })
+        });
+        // Back-pressure: stop reading while the sink is far behind.
+        self.inner.delivery.wait_room(self.stop);
+        result
     }
 }
 

@@ -4,9 +4,12 @@
 //! Must never: carry I/O errors of sessions; those are logged and retried
 //! by the connection loop, never returned to a caller.
 
+use std::net::IpAddr;
+
 use crate::types::{Route, Vni};
 
-/// Why a `Client` call was refused. Nothing changed when one is returned.
+/// Why a `Client` call was refused (nothing changed when one is returned),
+/// or why a wait ended without its condition.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -31,6 +34,19 @@ pub enum ClientError {
     /// A server address that is not `HOST:PORT`.
     #[error("server address '{0}' is not HOST:PORT (e.g. [::1]:4711)")]
     InvalidServerAddress(String),
+    /// `add_server_with` a local address of the other IP family than the
+    /// server's address.
+    #[error("local address {local} cannot reach server {server}: not the same IP family")]
+    LocalAddressFamily {
+        /// The server address as given.
+        server: String,
+        /// The local address asked for.
+        local: IpAddr,
+    },
+    /// A blocking wait (`wait_established`, `wait_settled`, ...) ran out of
+    /// time before its condition held.
+    #[error("timed out waiting")]
+    TimedOut,
     /// The client was shut down.
     #[error("the client has been shut down")]
     ShutDown,

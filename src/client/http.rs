@@ -34,7 +34,7 @@ pub fn serve(
     http::serve(
         addr,
         Arc::new(ClientStatusSource {
-            inner: Arc::downgrade(&client.inner),
+            inner: Arc::downgrade(client.inner()),
             netlink,
         }),
     )

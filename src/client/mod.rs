@@ -1,50 +1,92 @@
 //! The MetalBond client: the embeddable library and `metalbond client`.
 //!
-//! Owns: the `Client` handle (servers, subscriptions, announcements, status),
-//! the `RouteSink` trait through which embedders hear about present-route
-//! changes, one thread per server (`connection`), the present set
-//! (`present`), the traffic counters (`traffic`), the typed errors (`error`)
-//! and the command line (`cli`).
+//! Owns: the `Client` handle (servers, subscriptions, announcements, status,
+//! waits), the `RouteSink` trait through which embedders hear about
+//! present-route changes (or the `ChangeStream` for async code), one thread
+//! per server (`connection`), the one delivery thread (`delivery`), the
+//! present set (`present`), the traffic counters (`traffic`), the typed
+//! errors (`error`) and, with their features, the command line (`cli`) and
+//! its status pages (`http`).
 //!
-//! Must never: make an embedder run an async runtime. The handle is sync,
-//! `Send + Sync`, and every call returns quickly: it updates the desired
-//! state under one short lock and wakes the server threads, which do the I/O.
+//! Must never: make an embedder run an async runtime, call the sink while a
+//! client lock is held or on a caller's thread, or make a caller wait for
+//! the network. The handle is sync, `Send + Sync`, `Clone`, and every call
+//! returns promptly: it updates the desired state under one short lock and
+//! wakes the server threads, which do the I/O.
 //!
 //! ```text
 //!  embedder / CLI ──Client::{subscribe, announce, ...}──┐
 //!                                                       v
 //!                   Core (Mutex): subscriptions, announcements,
-//!                   per-server slot {state, outbox}, PresentRoutes, sink
-//!                     ^  wake                       │ present changes
-//!                     │                             v
-//!  server thread ×N (connection.rs) <─TCP─> server  RouteSink (embedder's,
-//!   PeerSession(Active), backoff, resync            or netlink::KernelRouteSink)
+//!                   per-server slot {state, outbox}, PresentRoutes
+//!                     ^  wake                       │ present changes (pushed under the lock,
+//!                     │                             v  never blocking)
+//!  server thread ×N (connection.rs) <─TCP─> server  DeliveryQueue ──> delivery thread
+//!   PeerSession(Active), backoff, resync             (delivery.rs)      │ Client::routes map
+//!   waits while the queue is above its high-water mark                  v
+//!                                                  RouteSink (embedder's, ChangeStream,
+//!                                                  or netlink::KernelRouteSink)
 //! ```
 //!
 //! Rules (PROTOCOL.md "Client rules"): every server gets the same
 //! subscriptions and announcements; received routes are kept per server; a
 //! route is present while at least one server holds it; a received route
-//! whose (VNI, prefix) we announce is not present (loop prevention). The sink
-//! is called only on real changes of the present set, in order, one call at
-//! a time. When the client shuts down the sink is *not* told to remove
-//! anything: installed routes stay for a restart (the CLI's `--cleanup`
-//! removes kernel routes explicitly).
+//! whose (VNI, prefix) we announce is not present (loop prevention).
+//!
+//! # Threads and ordering
+//!
+//! - The sink is called from exactly one thread, the client's delivery
+//!   thread (`mb-deliver`), one call at a time, in the order the present set
+//!   changed, and only on real changes (a route is added once when it
+//!   appears and removed once when it goes). No client lock is held during
+//!   a call, so the sink may call any `Client` method, `shutdown` and
+//!   `remove_server` included. It is never called on a caller's thread:
+//!   `announce`, `unsubscribe` and `remove_server` queue their changes and
+//!   return.
+//! - `Client::routes(vni)` is what the sink has been told so far (updated
+//!   just before each call, so inside the sink it already includes the
+//!   change being delivered). It does not take the client's lock.
+//! - Memory: server threads stop reading their sockets while more than
+//!   65 536 changes wait for the sink (a slow sink slows the servers' TCP
+//!   windows instead of growing a queue). Changes made by a caller
+//!   (`unsubscribe`, an `announce` that hides received routes,
+//!   `remove_server`) are queued regardless, so a caller never waits.
+//!
+//! # Bounds
+//!
+//! Every handle call returns after at most one short lock (no I/O, no
+//! join). `remove_server` and `shutdown` stop the server threads and do not
+//! wait for them: a pending connect notices within 50 ms, a pending DNS
+//! lookup is left to finish on its own thread and its result is dropped. A
+//! stopped server thread can no longer change anything (its slot is gone,
+//! and slot ids are never reused): after `remove_server` returns, that
+//! server's routes are withdrawn (queued for the sink) and nothing from it
+//! arrives later. Dropping the last `Client` clone shuts the client down
+//! the same way; `Drop` never waits.
+//!
+//! When the client shuts down the sink is *not* told to remove anything:
+//! installed routes stay for a restart (the CLI's `--cleanup` removes
+//! kernel routes explicitly). Changes queued before `shutdown` are still
+//! delivered, then the delivery thread drops the sink; `shutdown_timeout`
+//! waits for that.
 
 #[cfg(feature = "cli")]
 pub mod cli;
 mod connection;
+mod delivery;
 pub mod error;
 #[cfg(all(feature = "http", feature = "netlink"))]
 pub mod http;
-pub mod present;
+mod present;
+mod stream;
 mod traffic;
+mod wait;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Sender;
 
@@ -55,14 +97,19 @@ use crate::types::{Action, IpNet, NextHop, Route, Vni};
 pub use cli::{run, ClientArgs, ClientOptions};
 use connection::Event;
 pub use connection::STABLE_SESSION;
+use delivery::{Delivery, DeliveryQueue};
 pub use error::ClientError;
-pub use present::{PresentChange, PresentRoutes, ServerId};
+pub use present::PresentChange;
+use present::{PresentRoutes, ServerId};
+pub use stream::{ChangeStream, DEFAULT_STREAM_CAPACITY};
 pub use traffic::Traffic;
 use traffic::{TrafficCounters, TrafficMeter};
 
 /// Receives changes of the present route set. Implemented by the embedder
 /// (or by the kernel-route shard). Calls come one at a time, in order, from
-/// the client's threads; keep them short (queue work elsewhere if slow).
+/// the client's one delivery thread, never while a client lock is held: a
+/// sink may call any `Client` method. Keep calls short (queue slow work
+/// elsewhere): while the sink is behind, server threads stop reading.
 pub trait RouteSink: Send + 'static {
     /// `next_hop` for `destination` in `vni` became present.
     fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop);
@@ -130,6 +177,15 @@ impl Default for ClientConfig {
     }
 }
 
+/// Per-server settings for `Client::add_server_with`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Source address of the TCP connection (Go's `AddPeer(addr, localIP)`):
+    /// bound before connecting, port chosen by the kernel. `None`: the
+    /// kernel picks the source by its routes.
+    pub local_address: Option<IpAddr>,
+}
+
 /// A server sent more routes than `ClientConfig::max_routes_per_server`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 #[error("server limit exceeded: more than {limit} routes received (--max-routes-per-server)")]
@@ -155,6 +211,9 @@ pub struct ServerStatus {
     /// What the current connection has read and written (zero while not
     /// connected; starts again at each reconnect).
     pub traffic: Traffic,
+    /// The source address asked for in `ServerOptions` (`None`: the
+    /// kernel's choice).
+    pub local_address: Option<IpAddr>,
 }
 
 /// Most queued subscription changes before a session is reset and resynced
@@ -203,6 +262,8 @@ impl Outbox {
 struct ServerSlot {
     /// Address as given (HOST:PORT), resolved at each connect.
     address: String,
+    /// Source address to bind before connecting, if asked for.
+    local_address: Option<IpAddr>,
     /// Current session state.
     state: SessionState,
     /// Pending messages while ESTABLISHED; `None` otherwise (the next
@@ -220,8 +281,6 @@ struct ServerSlot {
     connected_since: Option<SystemTime>,
     /// The agreed keepalive interval while ESTABLISHED.
     keepalive: Option<Duration>,
-    /// The server thread.
-    thread: Option<JoinHandle<()>>,
 }
 
 /// Capacity of the scratch list of present-set changes kept between
@@ -238,9 +297,9 @@ struct Core {
     servers: BTreeMap<ServerId, ServerSlot>,
     /// Received routes per server and the present set.
     present: PresentRoutes,
-    /// Where present-set changes go.
-    sink: Box<dyn RouteSink>,
-    /// Scratch list of changes to deliver.
+    /// Where present-set changes go (in order) on their way to the sink.
+    delivery: Arc<DeliveryQueue>,
+    /// Scratch list of changes to queue.
     changes: Vec<PresentChange>,
     /// Set once by shutdown; every later call fails with `ShutDown`.
     shut_down: bool,
@@ -251,19 +310,19 @@ struct Core {
     disconnects: BTreeMap<&'static str, u64>,
     /// Sessions that reached ESTABLISHED since the client started.
     sessions_established: u64,
+    /// Per subscribed VNI, when its routes last moved: the subscription, or
+    /// the last UPDATE received for it (for `Client::settled`).
+    vni_activity: HashMap<Vni, Instant>,
+    /// When a session last became ESTABLISHED (its server then sends the
+    /// tables of every VNI we subscribe to).
+    last_established: Option<Instant>,
 }
 
 impl Core {
-    /// Hands pending present-set changes to the sink, in order.
+    /// Queues pending present-set changes for the sink, in order. Never
+    /// blocks (the delivery thread calls the sink later, without our lock).
     fn deliver(&mut self) {
-        for change in self.changes.drain(..) {
-            match change {
-                PresentChange::Add(r) => self.sink.add_route(r.vni, r.destination, r.next_hop),
-                PresentChange::Remove(r) => {
-                    self.sink.remove_route(r.vni, r.destination, r.next_hop)
-                }
-            }
-        }
+        self.delivery.push_changes(&mut self.changes);
         // Losing a server with a million routes fills this scratch list
         // once; do not keep tens of MB for the ordinary small batches.
         self.changes.shrink_to(MAX_KEPT_CHANGES);
@@ -286,22 +345,40 @@ impl Core {
             }
         }
     }
+
+    fn find_server(&self, address: &str) -> Option<ServerId> {
+        self.servers
+            .iter()
+            .find(|(_, s)| s.address == address)
+            .map(|(id, _)| *id)
+    }
 }
 
-/// State shared by the handle and the server threads.
+/// State shared by the handles and the server threads.
 struct ClientInner {
     /// Session timing.
     config: ClientConfig,
     /// The one lock.
     core: Mutex<Core>,
+    /// The queue to the delivery thread (also in `Core`; here so waiters
+    /// and server threads reach it without the lock).
+    delivery: Arc<DeliveryQueue>,
     /// Frames, bytes and UPDATEs of every session since the start (atomics,
     /// outside the lock).
     totals: Arc<TrafficCounters>,
+    /// Notified on every change a waiter may be waiting for: session
+    /// states, received UPDATEs, delivery progress, shutdown.
+    changed: Arc<event_listener::Event>,
 }
 
 impl ClientInner {
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every waiter (`Client::established`, `settled`, ...).
+    fn notify(&self) {
+        self.changed.notify(usize::MAX);
     }
 
     fn with_slot<R>(&self, id: ServerId, f: impl FnOnce(&mut ServerSlot) -> R) -> Option<R> {
@@ -310,34 +387,41 @@ impl ClientInner {
 
     fn set_state(&self, id: ServerId, state: SessionState) {
         self.with_slot(id, |slot| slot.state = state);
+        self.notify();
     }
 
     /// A TCP connection to server `id` was made: fresh session counters.
-    /// Returns the meter its reader and writer count with.
-    fn connected(&self, id: ServerId) -> TrafficMeter {
+    /// Returns the meter its reader and writer count with, or `None` when
+    /// the slot is gone (removed or shut down: the thread must stop).
+    fn connected(&self, id: ServerId, stream: &TcpStream) -> Option<TrafficMeter> {
         let session = Arc::new(TrafficCounters::default());
         self.with_slot(id, |slot| {
+            slot.stream = stream.try_clone().ok();
             slot.traffic = session.clone();
             slot.connected_since = Some(SystemTime::now());
             slot.keepalive = None;
-        });
-        TrafficMeter {
+        })?;
+        Some(TrafficMeter {
             session,
             total: self.totals.clone(),
-        }
+        })
     }
 
     /// The session became ESTABLISHED with `keepalive` agreed: encode the
     /// full snapshot into `out` and open the outbox. Returns
-    /// (subscriptions, announcements) sent.
+    /// (subscriptions, announcements) sent, or `None` when the slot is gone.
     fn established(
         &self,
         id: ServerId,
         keepalive: Duration,
         out: &mut FrameBuffer,
-    ) -> (usize, usize) {
-        let mut core = self.lock();
-        let core = &mut *core;
+    ) -> Option<(usize, usize)> {
+        let mut guard = self.lock();
+        let core = &mut *guard;
+        let slot = core.servers.get_mut(&id)?;
+        slot.outbox = Some(Outbox::default());
+        slot.state = SessionState::Established;
+        slot.keepalive = Some(keepalive);
         for vni in &core.subscriptions {
             out.push(&Message::Subscribe(*vni));
         }
@@ -347,19 +431,18 @@ impl ClientInner {
                 route: *route,
             });
         }
-        if let Some(slot) = core.servers.get_mut(&id) {
-            slot.outbox = Some(Outbox::default());
-            slot.state = SessionState::Established;
-            slot.keepalive = Some(keepalive);
-        }
         core.sessions_established += 1;
-        (core.subscriptions.len(), core.announcements.len())
+        core.last_established = Some(Instant::now());
+        let sent = (core.subscriptions.len(), core.announcements.len());
+        drop(guard);
+        self.notify();
+        Some(sent)
     }
 
     /// UPDATEs from server `id` (drained from `updates`). An ADD that would
     /// make the server hold more than `max_routes_per_server` routes stops
     /// the batch there with `Err` (the caller closes the session, which
-    /// withdraws what the server sent).
+    /// withdraws what the server sent). A slot that is gone changes nothing.
     fn received(
         &self,
         id: ServerId,
@@ -369,17 +452,23 @@ impl ClientInner {
             return Ok(());
         }
         let limit = self.config.max_routes_per_server;
-        let mut core = self.lock();
-        let core = &mut *core;
+        let mut guard = self.lock();
+        let core = &mut *guard;
         if core.shut_down || !core.servers.contains_key(&id) {
             updates.clear();
             return Ok(());
         }
+        let now = Instant::now();
+        let mut last_vni = None;
         let mut result = Ok(());
         for (action, route) in updates.drain(..) {
             if !core.subscriptions.contains(&route.vni) {
                 tracing::debug!(%route, "update for a VNI we do not subscribe to; ignored");
                 continue;
+            }
+            if last_vni != Some(route.vni) {
+                last_vni = Some(route.vni);
+                core.vni_activity.insert(route.vni, now);
             }
             if action == Action::Add
                 && core.present.held_by(id) >= limit
@@ -393,37 +482,108 @@ impl ClientInner {
         }
         updates.clear();
         core.deliver();
+        drop(guard);
+        self.notify();
         result
     }
 
     /// Server `id`'s session ended (`reason`: a `CloseReason::label()`, or
     /// "shutdown"): its routes are dropped (unless the client is shutting
-    /// down: then the sink keeps what it has).
+    /// down: then the sink keeps what it has; or the slot is gone: then
+    /// `remove_server` withdrew them already).
     fn session_lost(&self, id: ServerId, reason: &'static str) {
-        let mut core = self.lock();
-        let core = &mut *core;
+        let mut guard = self.lock();
+        let core = &mut *guard;
         *core.disconnects.entry(reason).or_default() += 1;
-        if let Some(slot) = core.servers.get_mut(&id) {
-            slot.outbox = None;
-            slot.stream = None;
-            slot.connected_since = None;
-            slot.keepalive = None;
-            slot.traffic = Arc::new(TrafficCounters::default());
-        }
+        let Some(slot) = core.servers.get_mut(&id) else {
+            return;
+        };
+        slot.outbox = None;
+        slot.stream = None;
+        slot.connected_since = None;
+        slot.keepalive = None;
+        slot.traffic = Arc::new(TrafficCounters::default());
         if !core.shut_down {
             core.present.server_lost(id, &mut core.changes);
             core.deliver();
         }
+        drop(guard);
+        self.notify();
+    }
+
+    /// Stops every session; later calls fail with `ShutDown`. Waits for
+    /// nothing.
+    fn shutdown(&self) {
+        let slots: Vec<ServerSlot> = {
+            let mut core = self.lock();
+            if core.shut_down {
+                return;
+            }
+            core.shut_down = true;
+            // Under the lock: nothing can be queued after the close.
+            core.delivery.close();
+            std::mem::take(&mut core.servers).into_values().collect()
+        };
+        for slot in slots {
+            stop_slot(slot);
+        }
+        self.notify();
+        tracing::info!("client shut down");
     }
 }
 
-/// The client handle. `Send + Sync`: share it (e.g. in an `Arc`) between
-/// threads. Dropping it shuts the client down.
+/// The client handle. `Send + Sync` and cheap to clone: clones share one
+/// client. Dropping the last clone shuts the client down (without waiting;
+/// see the module doc). A sink that needs the client holds a `WeakClient`
+/// (see `Client::new_cyclic`), so it does not keep the client alive.
+#[derive(Clone)]
 pub struct Client {
+    /// Shared by the clones; its drop shuts the client down.
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.servers().len())
+            .field("subscriptions", &self.subscriptions().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the `Client` clones share: dropping the last one shuts down.
+struct Owner {
     /// Shared with the server threads.
     inner: Arc<ClientInner>,
 }
 
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+/// A handle that does not keep the client alive (for sinks and callbacks
+/// that the client itself owns). `upgrade` gives a `Client` while any
+/// other clone exists.
+#[derive(Clone, Debug)]
+pub struct WeakClient {
+    /// The owner, if still alive.
+    owner: Weak<Owner>,
+}
+
+impl WeakClient {
+    /// The client, unless every `Client` clone has been dropped.
+    pub fn upgrade(&self) -> Option<Client> {
+        self.owner.upgrade().map(|owner| Client { owner })
+    }
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Owner")
+    }
+}
 /// Checks the `HOST:PORT` form: HOST is an IPv6 address in brackets, an
 /// IPv4 address or a DNS name (resolved at each connect, so it may not
 /// resolve yet); PORT is 0-65535. `Err` says what is wrong.
@@ -488,25 +648,91 @@ fn check_host(host: &str) -> Result<(), String> {
 }
 
 impl Client {
-    /// A client with no servers yet; present-route changes go to `sink`.
+    /// A client with no servers yet; present-route changes go to `sink`,
+    /// called from the client's delivery thread (see the module doc).
+    ///
+    /// If the delivery thread cannot be started (the system is out of
+    /// threads), this is logged and the client starts shut down: every call
+    /// returns `ClientError::ShutDown`.
     pub fn new(config: ClientConfig, sink: impl RouteSink) -> Client {
-        Client {
-            inner: Arc::new(ClientInner {
-                config,
-                core: Mutex::new(Core {
-                    subscriptions: BTreeSet::new(),
-                    announcements: BTreeSet::new(),
-                    servers: BTreeMap::new(),
-                    present: PresentRoutes::new(),
-                    sink: Box::new(sink),
-                    changes: Vec::new(),
-                    shut_down: false,
-                    next_server: 1,
-                    disconnects: BTreeMap::new(),
-                    sessions_established: 0,
+        Client::build(config, Box::new(sink))
+    }
+
+    /// Like `new`, for a sink that calls back into the client: `make_sink`
+    /// gets a `WeakClient` of the client being made (upgrade it inside the
+    /// sink's methods). Holding a `WeakClient` rather than a `Client` keeps
+    /// the sink from keeping the client alive.
+    pub fn new_cyclic<S: RouteSink>(
+        config: ClientConfig,
+        make_sink: impl FnOnce(WeakClient) -> S,
+    ) -> Client {
+        let sink_slot: Arc<Mutex<Option<Box<dyn RouteSink>>>> = Arc::default();
+        let client = Client::build(config, Box::new(DeferredSink(sink_slot.clone())));
+        let sink = make_sink(client.downgrade());
+        *sink_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(sink));
+        client
+    }
+
+    /// A client whose present-route changes come out of the returned
+    /// `ChangeStream` (a `futures_core::Stream`, usable from any async
+    /// runtime, or by blocking receives) instead of a sink. At most
+    /// `capacity` changes wait in the stream; past that the client's
+    /// delivery thread waits for the reader (and past the high-water mark
+    /// the server threads stop reading), never a caller.
+    pub fn with_stream(config: ClientConfig, capacity: usize) -> (Client, ChangeStream) {
+        let (sink, stream) = stream::ChannelSink::channel(capacity);
+        (Client::build(config, Box::new(sink)), stream)
+    }
+
+    fn build(config: ClientConfig, sink: Box<dyn RouteSink>) -> Client {
+        let delivery = Arc::new(DeliveryQueue::default());
+        let changed = Arc::new(event_listener::Event::new());
+        let progress = {
+            let changed = changed.clone();
+            Arc::new(move || {
+                changed.notify(usize::MAX);
+            })
+        };
+        let started = delivery::spawn(delivery.clone(), sink, progress);
+        let client = Client {
+            owner: Arc::new(Owner {
+                inner: Arc::new(ClientInner {
+                    config,
+                    core: Mutex::new(Core {
+                        subscriptions: BTreeSet::new(),
+                        announcements: BTreeSet::new(),
+                        servers: BTreeMap::new(),
+                        present: PresentRoutes::new(),
+                        delivery: delivery.clone(),
+                        changes: Vec::new(),
+                        shut_down: false,
+                        next_server: 1,
+                        disconnects: BTreeMap::new(),
+                        sessions_established: 0,
+                        vni_activity: HashMap::new(),
+                        last_established: None,
+                    }),
+                    delivery,
+                    totals: Arc::new(TrafficCounters::default()),
+                    changed,
                 }),
-                totals: Arc::new(TrafficCounters::default()),
             }),
+        };
+        if let Err(e) = started {
+            tracing::error!("cannot start the client's delivery thread: {e}");
+            client.inner().shutdown();
+        }
+        client
+    }
+
+    fn inner(&self) -> &Arc<ClientInner> {
+        &self.owner.inner
+    }
+
+    /// A handle that does not keep the client alive.
+    pub fn downgrade(&self) -> WeakClient {
+        WeakClient {
+            owner: Arc::downgrade(&self.owner),
         }
     }
 
@@ -514,43 +740,67 @@ impl Client {
     /// `10.0.0.1:4711` or `reflector.example:4711`), reconnecting forever
     /// until `remove_server` or shutdown. A host name is resolved at every
     /// connect attempt; one that does not resolve is a failed attempt
-    /// (logged, retried with backoff), not an error here.
+    /// (logged, retried with backoff), not an error here. Returns at once.
     pub fn add_server(&self, address: &str) -> Result<(), ClientError> {
+        self.add_server_with(address, ServerOptions::default())
+    }
+
+    /// `add_server` with per-server settings, e.g. the source address of
+    /// the connection (Go's `AddPeer(addr, localIP)`). A local address of
+    /// the other family than a literal server address is refused here; for
+    /// a host name it is a failed connect attempt (logged, retried).
+    pub fn add_server_with(
+        &self,
+        address: &str,
+        options: ServerOptions,
+    ) -> Result<(), ClientError> {
         check_address(address).map_err(|_| ClientError::InvalidServerAddress(address.into()))?;
-        let mut core = self.inner.lock();
+        if let (Some(local), Ok(server)) = (options.local_address, address.parse::<SocketAddr>()) {
+            if local.is_ipv4() != server.is_ipv4() {
+                return Err(ClientError::LocalAddressFamily {
+                    server: address.into(),
+                    local,
+                });
+            }
+        }
+        let mut core = self.inner().lock();
         core.check_open()?;
-        if core.servers.values().any(|s| s.address == address) {
+        if core.find_server(address).is_some() {
             return Err(ClientError::ServerAlreadyAdded(address.into()));
         }
         let id = ServerId(core.next_server);
         core.next_server += 1;
         let (tx, rx) = crossbeam_channel::bounded(connection::EVENT_QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
         core.servers.insert(
             id,
             ServerSlot {
                 address: address.into(),
+                local_address: options.local_address,
                 state: SessionState::Connecting,
                 outbox: None,
                 wake: tx.clone(),
-                stop: Arc::new(AtomicBool::new(false)),
+                stop: stop.clone(),
                 stream: None,
                 traffic: Arc::new(TrafficCounters::default()),
                 connected_since: None,
                 keepalive: None,
-                thread: None,
             },
         );
-        let inner = self.inner.clone();
-        let addr = address.to_string();
+        let target = connection::Target {
+            id,
+            address: address.to_string(),
+            local_address: options.local_address,
+            stop,
+        };
+        let inner = self.inner().clone();
+        // Detached: stopping never joins it (see the module doc).
         let spawned = std::thread::Builder::new()
             .name(format!("mb-server-{address}"))
-            .spawn(move || connection::run_server(inner, id, addr, rx, tx));
+            .spawn(move || connection::run_server(inner, target, rx, tx));
         match spawned {
-            Ok(handle) => {
-                if let Some(slot) = core.servers.get_mut(&id) {
-                    slot.thread = Some(handle);
-                }
-                tracing::info!(server = %address, "server added");
+            Ok(_) => {
+                tracing::info!(server = %address, local = ?options.local_address, "server added");
                 Ok(())
             }
             Err(e) => {
@@ -561,53 +811,58 @@ impl Client {
         }
     }
 
-    /// Ends the session to `address`; routes only it held are withdrawn.
+    /// Ends the session to `address`; routes only it held are withdrawn
+    /// (queued for the sink before this returns). Returns at once: the
+    /// server's thread is told to stop and not waited for; nothing it does
+    /// afterwards reaches the sink.
     pub fn remove_server(&self, address: &str) -> Result<(), ClientError> {
-        let (id, slot) = {
-            let mut core = self.inner.lock();
+        let slot = {
+            let mut core = self.inner().lock();
+            let core = &mut *core;
             core.check_open()?;
             let id = core
-                .servers
-                .iter()
-                .find(|(_, s)| s.address == address)
-                .map(|(id, _)| *id)
+                .find_server(address)
                 .ok_or_else(|| ClientError::UnknownServer(address.into()))?;
             let slot = core.servers.remove(&id);
-            (id, slot)
+            core.present.server_lost(id, &mut core.changes);
+            core.deliver();
+            slot
         };
         if let Some(slot) = slot {
             stop_slot(slot);
         }
-        let mut core = self.inner.lock();
-        let core = &mut *core;
-        core.present.server_lost(id, &mut core.changes);
-        core.deliver();
+        self.inner().notify();
         tracing::info!(server = %address, "server removed");
         Ok(())
     }
 
     /// Subscribes to `vni` on every server.
     pub fn subscribe(&self, vni: Vni) -> Result<(), ClientError> {
-        let mut core = self.inner.lock();
+        let mut core = self.inner().lock();
         core.check_open()?;
         if !core.subscriptions.insert(vni) {
             return Err(ClientError::AlreadySubscribed(vni));
         }
+        core.vni_activity.insert(vni, Instant::now());
         core.queue_for_sessions(|o| o.subscription(vni, true));
+        drop(core);
+        self.inner().notify();
         tracing::info!(%vni, "subscribed");
         Ok(())
     }
 
     /// Unsubscribes from `vni`: its received routes are withdrawn from the
-    /// sink. Servers drop a peer's announcements in a VNI it unsubscribes
-    /// from, so our own announcements there are sent again.
+    /// sink (queued; the caller does not wait). Servers drop a peer's
+    /// announcements in a VNI it unsubscribes from, so our own
+    /// announcements there are sent again.
     pub fn unsubscribe(&self, vni: Vni) -> Result<(), ClientError> {
-        let mut core = self.inner.lock();
+        let mut core = self.inner().lock();
         let core = &mut *core;
         core.check_open()?;
         if !core.subscriptions.remove(&vni) {
             return Err(ClientError::NotSubscribed(vni));
         }
+        core.vni_activity.remove(&vni);
         let ours: Vec<Route> = core
             .announcements
             .iter()
@@ -622,13 +877,15 @@ impl Client {
         });
         core.present.vni_dropped(vni, &mut core.changes);
         core.deliver();
+        self.inner().notify();
         tracing::info!(%vni, "unsubscribed");
         Ok(())
     }
 
-    /// Announces `route` to every server.
+    /// Announces `route` to every server. Received routes with its VNI and
+    /// prefix stop being present (their removal is queued for the sink).
     pub fn announce(&self, route: Route) -> Result<(), ClientError> {
-        let mut core = self.inner.lock();
+        let mut core = self.inner().lock();
         let core = &mut *core;
         core.check_open()?;
         if !core.announcements.insert(route) {
@@ -645,7 +902,7 @@ impl Client {
 
     /// Withdraws `route` from every server.
     pub fn withdraw(&self, route: Route) -> Result<(), ClientError> {
-        let mut core = self.inner.lock();
+        let mut core = self.inner().lock();
         let core = &mut *core;
         core.check_open()?;
         if !core.announcements.remove(&route) {
@@ -662,7 +919,7 @@ impl Client {
 
     /// Every server with its session state.
     pub fn servers(&self) -> Vec<ServerStatus> {
-        let core = self.inner.lock();
+        let core = self.inner().lock();
         core.servers
             .iter()
             .map(|(id, s)| ServerStatus {
@@ -672,19 +929,20 @@ impl Client {
                 keepalive: s.keepalive,
                 connected_since: s.connected_since,
                 traffic: s.traffic.snapshot(),
+                local_address: s.local_address,
             })
             .collect()
     }
 
     /// Frames, bytes and UPDATEs of every session since the client started.
     pub fn traffic(&self) -> Traffic {
-        self.inner.totals.snapshot()
+        self.inner().totals.snapshot()
     }
 
     /// Sessions that ended since the client started, by reason
     /// (`CloseReason::label()`, or "shutdown"), sorted by reason.
     pub fn disconnects(&self) -> Vec<(&'static str, u64)> {
-        self.inner
+        self.inner()
             .lock()
             .disconnects
             .iter()
@@ -695,12 +953,12 @@ impl Client {
     /// Sessions that reached ESTABLISHED since the client started (a
     /// figure that grows with every reconnect).
     pub fn sessions_established(&self) -> u64 {
-        self.inner.lock().sessions_established
+        self.inner().lock().sessions_established
     }
 
     /// The session state of one server.
     pub fn server_state(&self, address: &str) -> Result<SessionState, ClientError> {
-        self.inner
+        self.inner()
             .lock()
             .servers
             .values()
@@ -709,59 +967,125 @@ impl Client {
             .ok_or_else(|| ClientError::UnknownServer(address.into()))
     }
 
-    /// VNIs we subscribe to, sorted.
+    /// VNIs we subscribe to, sorted (Go's `GetSubscribedVnis`).
     pub fn subscriptions(&self) -> Vec<Vni> {
-        self.inner.lock().subscriptions.iter().copied().collect()
+        self.inner().lock().subscriptions.iter().copied().collect()
+    }
+
+    /// Do we subscribe to `vni`? (Go's `IsSubscribed`.)
+    pub fn is_subscribed(&self, vni: Vni) -> bool {
+        self.inner().lock().subscriptions.contains(&vni)
     }
 
     /// Routes we announce, sorted.
     pub fn announcements(&self) -> Vec<Route> {
-        self.inner.lock().announcements.iter().copied().collect()
+        self.inner().lock().announcements.iter().copied().collect()
     }
 
-    /// The present routes (what the sink has been told), sorted.
+    /// Do we announce `route`? (Go's `IsRouteAnnounced`.)
+    pub fn is_announced(&self, route: &Route) -> bool {
+        self.inner().lock().announcements.contains(route)
+    }
+
+    /// The present routes of the client's present set, sorted. This is the
+    /// client's own view, which may be ahead of the sink by the changes
+    /// still queued for it; `routes(vni)` is what the sink has been told.
     pub fn present_routes(&self) -> Vec<Route> {
-        let mut routes = self.inner.lock().present.present();
+        let mut routes = self.inner().lock().present.present();
         routes.sort();
         routes
     }
 
-    /// Stops every session and waits for the server threads. The sink is
-    /// not told to remove anything. Later calls return `ShutDown`.
-    pub fn shutdown(&self) {
-        let slots: Vec<ServerSlot> = {
-            let mut core = self.inner.lock();
-            if core.shut_down {
-                return;
-            }
-            core.shut_down = true;
-            std::mem::take(&mut core.servers).into_values().collect()
-        };
-        for slot in slots {
-            stop_slot(slot);
+    /// The present routes of `vni` that the sink has been told about, sorted
+    /// (Go's `GetRoutesForVni`). Does not take the client's lock; inside the
+    /// sink it includes the change being delivered.
+    pub fn routes(&self, vni: Vni) -> Vec<Route> {
+        self.inner()
+            .delivery
+            .routes
+            .get(&vni)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Hands the present routes of `vni` (as `routes(vni)` has them) to
+    /// `sink` as adds, on the caller's thread (Go's `AddRoutesForVni`, e.g.
+    /// to fill a table that was made after the routes arrived). Returns how
+    /// many routes were handed over.
+    pub fn replay(&self, vni: Vni, sink: &mut dyn RouteSink) -> usize {
+        let routes = self.routes(vni);
+        for r in &routes {
+            sink.add_route(r.vni, r.destination, r.next_hop);
         }
-        tracing::info!("client shut down");
+        routes.len()
     }
-}
 
-impl Drop for Client {
-    fn drop(&mut self) {
+    /// Tells the client's own sink every present route of `vni` again (as
+    /// adds), queued in order with the other changes (Go's
+    /// `AddRoutesForVni` on the client's callback). Returns at once.
+    pub fn resend(&self, vni: Vni) -> Result<(), ClientError> {
+        let core = self.inner().lock();
+        core.check_open()?;
+        core.delivery.push(Delivery::Replay(vni));
+        Ok(())
+    }
+
+    /// Stops every session. Returns at once: server threads are told to
+    /// stop and not waited for (see the module doc). The sink is not told
+    /// to remove anything; changes queued before are still delivered.
+    /// Later calls return `ShutDown`.
+    pub fn shutdown(&self) {
+        self.inner().shutdown();
+    }
+
+    /// `shutdown`, then waits at most `timeout` until every queued change
+    /// has reached the sink and the sink has been dropped (e.g. before
+    /// cleaning up what it installed). `true` when it has; `false` on
+    /// timeout, and at once when called from inside the sink (which cannot
+    /// be dropped while it runs).
+    pub fn shutdown_timeout(&self, timeout: Duration) -> bool {
         self.shutdown();
+        let delivery = &self.inner().delivery;
+        if delivery.on_delivery_thread() {
+            return false;
+        }
+        delivery.wait_finished(Instant::now() + timeout)
     }
 }
 
-/// Signals a server thread to stop, interrupts its socket and joins it.
-fn stop_slot(mut slot: ServerSlot) {
+/// The sink of `Client::new_cyclic` until `make_sink` has made the real one
+/// (nothing can be delivered before that: no server or subscription exists
+/// yet).
+struct DeferredSink(Arc<Mutex<Option<Box<dyn RouteSink>>>>);
+
+impl DeferredSink {
+    fn with(&mut self, f: impl FnOnce(&mut dyn RouteSink)) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = slot.as_mut() {
+            f(&mut **sink);
+        }
+    }
+}
+
+impl RouteSink for DeferredSink {
+    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        self.with(|s| s.add_route(vni, destination, next_hop));
+    }
+
+    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        self.with(|s| s.remove_route(vni, destination, next_hop));
+    }
+}
+
+/// Signals a server thread to stop and interrupts its socket. Does not wait
+/// for the thread: it notices within `connection::STOP_POLL` (or, in a DNS
+/// lookup, abandons it) and can no longer change anything.
+fn stop_slot(slot: ServerSlot) {
     slot.stop.store(true, Ordering::SeqCst);
-    if let Some(stream) = slot.stream.take() {
+    if let Some(stream) = slot.stream {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
     let _ = slot.wake.try_send(Event::Wake);
-    if let Some(thread) = slot.thread.take() {
-        if thread.join().is_err() {
-            tracing::error!(server = %slot.address, "server thread panicked");
-        }
-    }
 }
 
 #[cfg(test)]

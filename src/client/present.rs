@@ -64,6 +64,7 @@ impl PresentRoutes {
     }
 
     /// Is `route` present?
+    #[cfg(test)]
     pub fn is_present(&self, route: &Route) -> bool {
         !self.is_own(&Self::key(route)) && self.held.contains_key(route)
     }
