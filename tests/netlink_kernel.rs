@@ -754,58 +754,6 @@ fn ipv4_only_routes_come_back_after_the_device_bounces() {
     );
 }
 
-/// Samples the kernel's routes of `table` (both families) every 10 ms on a
-/// thread until stopped; `stop` returns, per watched prefix, the number of
-/// samples in which it was missing, and the number of samples taken.
-struct KernelSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(BTreeMap<String, usize>, usize)>,
-}
-
-impl KernelSampler {
-    fn start(ns: &Netns, table: u32, watched: &[&str]) -> KernelSampler {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let name = ns.name.clone();
-        let watched: Vec<String> = watched.iter().map(|s| s.to_string()).collect();
-        let thread = std::thread::spawn(move || {
-            let mut missing: BTreeMap<String, usize> =
-                watched.iter().map(|p| (p.clone(), 0)).collect();
-            let mut samples = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut shown = String::new();
-                for family in ["-4", "-6"] {
-                    let out = std::process::Command::new("ip")
-                        .args(["-n", &name, family, "route", "show", "table"])
-                        .arg(table.to_string())
-                        .output()
-                        .expect("ip runs");
-                    shown.push_str(&String::from_utf8_lossy(&out.stdout));
-                }
-                let present: Vec<String> = support::parse_routes(&shown)
-                    .into_iter()
-                    .map(|r| r.prefix)
-                    .collect();
-                for (prefix, n) in missing.iter_mut() {
-                    if !present.contains(prefix) {
-                        *n += 1;
-                    }
-                }
-                samples += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (missing, samples)
-        });
-        KernelSampler { stop, thread }
-    }
-
-    fn stop(self) -> (BTreeMap<String, usize>, usize) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("sampler thread")
-    }
-}
-
 fn with_hold(mut config: KernelRoutesConfig, hold: Duration) -> KernelRoutesConfig {
     config.stale_hold = Some(hold);
     config
@@ -834,7 +782,7 @@ fn a_restart_takes_over_our_routes_refreshes_them_in_place_and_sweeps_the_rest()
     let refreshed = ["10.0.23.0/24", "2001:db8:9::/64"];
     let unrefreshed = ["10.0.24.0/24", "2001:db8:8::/64"];
     let all: Vec<&str> = refreshed.iter().chain(&unrefreshed).copied().collect();
-    let sampler = KernelSampler::start(&ns, 100, &all);
+    let sampler = support::KernelSampler::start(&ns, 100, &all);
 
     let hold = Duration::from_secs(2);
     let started = std::time::Instant::now();
@@ -918,7 +866,7 @@ fn the_go_clients_and_an_earlier_versions_routes_are_taken_over_too() {
         "10.31.0.0/16",
         "2001:db8:31::/64",
     ];
-    let sampler = KernelSampler::start(&ns, 100, &watched);
+    let sampler = support::KernelSampler::start(&ns, 100, &watched);
     let hold = Duration::from_secs(2);
     let shard = start(&ns, with_hold(config(&[(23, 100)], false), hold)).unwrap();
     assert_eq!(shard.installed().len(), 6, "{:?}", shard.installed());

@@ -9,8 +9,15 @@
 //! Must never: do I/O, lock, or call the sink; callers get `PresentChange`s
 //! back and deliver them. Pure, so every rule is a unit test.
 //!
-//! A route is present ⇔ at least one server holds it ∧ we announce no route
-//! with the same (VNI, prefix).
+//! A route is present ⇔ at least one server holds it (fresh or stale) ∧ we
+//! announce no route with the same (VNI, prefix).
+//!
+//! Stale routes (hitless restarts): when a server's session is lost and the
+//! client keeps its routes for a while (`server_stale`), they stay held but
+//! are marked *stale*. Received again from that server (the new session's
+//! sync) a route is simply fresh again: no change for the sink. An explicit
+//! REMOVE drops it at once, stale or not. `sweep` drops what is still stale
+//! when the hold is over; `server_lost` drops everything (no hold).
 //!
 //! Memory: a received route costs one entry in its server's hash set and one
 //! entry in the ordered `held` map (routes of one (VNI, prefix) are adjacent
@@ -39,8 +46,12 @@ pub enum PresentChange {
 /// Received routes per server and the resulting present set.
 #[derive(Default, Debug)]
 pub struct PresentRoutes {
-    /// Every route each server currently holds for us.
+    /// Every route each server currently holds for us, received in its
+    /// current (or last) session.
     per_server: HashMap<ServerId, HashSet<Route>>,
+    /// Routes each server held in an earlier session and has not sent
+    /// again since (see the module doc). Disjoint from `per_server`.
+    stale: HashMap<ServerId, HashSet<Route>>,
     /// Route → number of servers holding it. Ordered so that the routes of
     /// one (VNI, prefix) are adjacent (`Route` orders by VNI, prefix, next
     /// hop): loop prevention reaches them with one range scan.
@@ -78,16 +89,22 @@ impl PresentRoutes {
             .collect()
     }
 
-    /// Number of routes `server` holds.
+    /// Number of routes `server` holds, fresh and stale.
     pub fn held_by(&self, server: ServerId) -> usize {
-        self.per_server.get(&server).map_or(0, HashSet::len)
+        self.per_server.get(&server).map_or(0, HashSet::len) + self.stale_held_by(server)
     }
 
-    /// Does `server` hold `route`?
+    /// Number of stale routes `server` holds.
+    pub fn stale_held_by(&self, server: ServerId) -> usize {
+        self.stale.get(&server).map_or(0, HashSet::len)
+    }
+
+    /// Does `server` hold `route` (fresh or stale)?
     pub fn holds(&self, server: ServerId, route: &Route) -> bool {
-        self.per_server
-            .get(&server)
-            .is_some_and(|routes| routes.contains(route))
+        let has = |m: &HashMap<ServerId, HashSet<Route>>| {
+            m.get(&server).is_some_and(|routes| routes.contains(route))
+        };
+        has(&self.per_server) || has(&self.stale)
     }
 
     /// An UPDATE from `server`. Duplicates and removals of routes the
@@ -99,35 +116,70 @@ impl PresentRoutes {
         route: Route,
         out: &mut Vec<PresentChange>,
     ) {
+        let was_stale = self
+            .stale
+            .get_mut(&server)
+            .is_some_and(|stale| stale.remove(&route));
         let routes = self.per_server.entry(server).or_default();
         match action {
+            // A stale route received again is fresh: still held once.
+            Action::Add if was_stale => {
+                routes.insert(route);
+            }
             Action::Add => {
                 if routes.insert(route) {
                     self.hold(route, out);
                 }
             }
+            // An explicit REMOVE drops it, stale or not.
             Action::Remove => {
-                if routes.remove(&route) {
+                if routes.remove(&route) || was_stale {
                     self.release(route, out);
                 }
             }
         }
     }
 
-    /// `server`'s session ended: everything it held is dropped.
+    /// `server` is gone for good (removed, or lost with no stale hold):
+    /// everything it held, fresh and stale, is dropped.
     pub fn server_lost(&mut self, server: ServerId, out: &mut Vec<PresentChange>) {
-        if let Some(routes) = self.per_server.remove(&server) {
-            for route in routes {
-                self.release(route, out);
+        let fresh = self.per_server.remove(&server).unwrap_or_default();
+        let stale = self.stale.remove(&server).unwrap_or_default();
+        for route in fresh.into_iter().chain(stale) {
+            self.release(route, out);
+        }
+    }
+
+    /// `server`'s session ended and its routes are kept as stale: nothing
+    /// changes for the sink. Returns how many routes are stale now.
+    pub fn server_stale(&mut self, server: ServerId) -> usize {
+        if let Some(fresh) = self.per_server.remove(&server) {
+            let stale = self.stale.entry(server).or_default();
+            if stale.is_empty() {
+                *stale = fresh;
+            } else {
+                stale.extend(fresh);
             }
         }
+        self.stale_held_by(server)
+    }
+
+    /// The stale hold of `server` is over: the routes it did not send again
+    /// are dropped. Returns how many were.
+    pub fn sweep(&mut self, server: ServerId, out: &mut Vec<PresentChange>) -> usize {
+        let stale = self.stale.remove(&server).unwrap_or_default();
+        let n = stale.len();
+        for route in stale {
+            self.release(route, out);
+        }
+        n
     }
 
     /// We unsubscribed from `vni`: no server will tell us about it any more,
     /// so every server's routes of that VNI are dropped.
     pub fn vni_dropped(&mut self, vni: Vni, out: &mut Vec<PresentChange>) {
         let mut dropped = Vec::new();
-        for routes in self.per_server.values_mut() {
+        for routes in self.per_server.values_mut().chain(self.stale.values_mut()) {
             routes.retain(|r| {
                 if r.vni == vni {
                     dropped.push(*r);
@@ -282,6 +334,84 @@ mod tests {
             vec![PresentChange::Remove(shared)]
         );
         assert!(run(|o| p.server_lost(B, o)).is_empty());
+    }
+
+    #[test]
+    fn stale_routes_stay_until_refreshed_removed_or_swept() {
+        let mut p = PresentRoutes::new();
+        let refreshed = route(23, "10.0.0.0/24", "2001:db8::1");
+        let removed = route(23, "10.0.1.0/24", "2001:db8::1");
+        let vanished = route(23, "10.0.2.0/24", "2001:db8::1");
+        for r in [refreshed, removed, vanished] {
+            run(|o| p.received(A, Action::Add, r, o));
+        }
+        // The session is lost: nothing changes for the sink.
+        assert_eq!(p.server_stale(A), 3);
+        assert_eq!(p.present().len(), 3);
+        assert_eq!((p.held_by(A), p.stale_held_by(A)), (3, 3));
+        assert!(p.holds(A, &vanished));
+        // The new session's sync: received again, simply fresh.
+        assert!(run(|o| p.received(A, Action::Add, refreshed, o)).is_empty());
+        assert_eq!(p.stale_held_by(A), 2);
+        // An explicit REMOVE of a stale route: at once.
+        assert_eq!(
+            run(|o| p.received(A, Action::Remove, removed, o)),
+            vec![PresentChange::Remove(removed)]
+        );
+        // The hold is over: what was not received again goes.
+        let mut out = Vec::new();
+        assert_eq!(p.sweep(A, &mut out), 1);
+        assert_eq!(out, vec![PresentChange::Remove(vanished)]);
+        assert_eq!(p.present(), vec![refreshed]);
+        assert_eq!((p.held_by(A), p.stale_held_by(A)), (1, 0));
+        assert_eq!(p.sweep(A, &mut out), 0);
+    }
+
+    #[test]
+    fn a_route_is_present_while_any_server_holds_it_fresh_or_stale() {
+        let mut p = PresentRoutes::new();
+        let both = route(23, "10.0.0.0/24", "2001:db8::1");
+        let only_a = route(23, "10.0.1.0/24", "2001:db8::1");
+        run(|o| p.received(A, Action::Add, both, o));
+        run(|o| p.received(A, Action::Add, only_a, o));
+        run(|o| p.received(B, Action::Add, both, o));
+        p.server_stale(A);
+        // B withdraws it: A still holds it stale.
+        assert!(run(|o| p.received(B, Action::Remove, both, o)).is_empty());
+        assert!(p.is_present(&both));
+        // Lost twice before the sweep: still one holder each.
+        p.server_stale(A);
+        assert_eq!(p.stale_held_by(A), 2);
+        let mut swept = run(|o| {
+            p.sweep(A, o);
+        });
+        swept.sort_by_key(|c| match c {
+            PresentChange::Add(r) | PresentChange::Remove(r) => *r,
+        });
+        assert_eq!(
+            swept,
+            vec![PresentChange::Remove(both), PresentChange::Remove(only_a)]
+        );
+    }
+
+    #[test]
+    fn unsubscribing_and_removing_a_server_drop_stale_routes_too() {
+        let mut p = PresentRoutes::new();
+        let r23 = route(23, "10.0.0.0/24", "2001:db8::1");
+        let r24 = route(24, "10.0.0.0/24", "2001:db8::1");
+        run(|o| p.received(A, Action::Add, r23, o));
+        run(|o| p.received(A, Action::Add, r24, o));
+        p.server_stale(A);
+        assert_eq!(
+            run(|o| p.vni_dropped(Vni::new(23).unwrap(), o)),
+            vec![PresentChange::Remove(r23)]
+        );
+        assert_eq!(
+            run(|o| p.server_lost(A, o)),
+            vec![PresentChange::Remove(r24)]
+        );
+        assert_eq!(p.held_by(A), 0);
+        assert!(p.present().is_empty());
     }
 
     #[test]

@@ -400,3 +400,53 @@ fn go_cleanup_here(tables: &[u32]) -> GoCleanup {
     }
     outcome
 }
+
+/// Samples the kernel's routes of `table` (both families) every 10 ms on a
+/// thread until stopped; `stop` returns, per watched prefix, the number of
+/// samples in which it was missing, and the number of samples taken.
+pub struct KernelSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(BTreeMap<String, usize>, usize)>,
+}
+
+impl KernelSampler {
+    pub fn start(ns: &Netns, table: u32, watched: &[&str]) -> KernelSampler {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = ns.name.clone();
+        let watched: Vec<String> = watched.iter().map(|s| s.to_string()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut missing: BTreeMap<String, usize> =
+                watched.iter().map(|p| (p.clone(), 0)).collect();
+            let mut samples = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let mut shown = String::new();
+                for family in ["-4", "-6"] {
+                    let out = std::process::Command::new("ip")
+                        .args(["-n", &name, family, "route", "show", "table"])
+                        .arg(table.to_string())
+                        .output()
+                        .expect("ip runs");
+                    shown.push_str(&String::from_utf8_lossy(&out.stdout));
+                }
+                let present: Vec<String> =
+                    parse_routes(&shown).into_iter().map(|r| r.prefix).collect();
+                for (prefix, n) in missing.iter_mut() {
+                    if !present.contains(prefix) {
+                        *n += 1;
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            (missing, samples)
+        });
+        KernelSampler { stop, thread }
+    }
+
+    pub fn stop(self) -> (BTreeMap<String, usize>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("sampler thread")
+    }
+}
