@@ -10,135 +10,19 @@
 //! `PeerSession` (so the test decides exactly what the client receives);
 //! end-to-end runs against the real reflector are in `client_e2e.rs`.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use metalbond::client::PresentChange;
-use metalbond::client::{Client, ClientConfig, ClientError, RouteSink, ServerOptions, WeakClient};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::session::{PeerSession, Reaction, Role};
+use metalbond::client::{Client, ClientError, RouteSink, ServerOptions, WeakClient};
 use metalbond::{Action, IpNet, NextHop, Route, Vni};
 
-/// Generous bound for anything that should take milliseconds.
-const WAIT: Duration = Duration::from_secs(10);
+mod client_support;
+use client_support::*;
+
 /// The bound for remove_server / shutdown / drop during a connect.
 const PROMPT: Duration = Duration::from_secs(1);
-
-fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
-}
-
-fn route(v: u32, prefix: &str, hop: &str) -> Route {
-    Route::new(
-        vni(v),
-        prefix.parse().unwrap(),
-        NextHop::standard(hop.parse().unwrap()),
-    )
-}
-
-fn fast_config() -> ClientConfig {
-    ClientConfig {
-        keepalive: Duration::from_secs(1),
-        reconnect_min: Duration::from_millis(50),
-        reconnect_max: Duration::from_millis(200),
-        connect_timeout: Duration::from_secs(30),
-        ..ClientConfig::default()
-    }
-}
-
-/// A passive MetalBond peer on 127.0.0.1 driven by the test.
-struct ScriptedServer {
-    address: String,
-    /// The latest accepted connection (to send UPDATEs on).
-    conn: Arc<Mutex<Option<TcpStream>>>,
-    /// Source addresses of accepted connections, in order.
-    peers: Receiver<SocketAddr>,
-}
-
-impl ScriptedServer {
-    fn start() -> ScriptedServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let conn: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-        let (peer_tx, peers) = crossbeam_channel::unbounded();
-        let c = conn.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                if let Ok(peer) = stream.peer_addr() {
-                    let _ = peer_tx.send(peer);
-                }
-                *c.lock().unwrap() = Some(stream.try_clone().unwrap());
-                std::thread::spawn(move || serve(stream));
-            }
-        });
-        ScriptedServer {
-            address,
-            conn,
-            peers,
-        }
-    }
-
-    fn send(&self, action: Action, route: Route) {
-        let mut buf = Vec::new();
-        encode_frame(&Message::Update { action, route }, &mut buf);
-        let conn = self.conn.lock().unwrap();
-        // The client may have gone already: that is what some tests check.
-        let _ = conn.as_ref().unwrap().write_all(&buf);
-    }
-}
-
-impl Drop for ScriptedServer {
-    fn drop(&mut self) {
-        if let Some(c) = self.conn.lock().unwrap().take() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Answers HELLO and keepalives; ignores everything else.
-fn serve(mut stream: TcpStream) {
-    let mut session = PeerSession::new(Role::Passive, Duration::from_secs(1), Instant::now());
-    let mut decoder = FrameDecoder::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        decoder.extend(&buf[..n]);
-        while let Ok(Some(msg)) = decoder.next_message() {
-            let mut out = Vec::new();
-            match session.on_message(msg, Instant::now()) {
-                Ok(Reaction::Reply(m)) | Ok(Reaction::Established { reply: Some(m) }) => {
-                    encode_frame(&m, &mut out);
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-            if stream.write_all(&out).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// What a sink saw, sent to the test.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    Add(Route),
-    Remove(Route),
-}
-
-fn expect(rx: &Receiver<Seen>, want: Seen) {
-    match rx.recv_timeout(WAIT) {
-        Ok(got) => assert_eq!(got, want),
-        Err(_) => panic!("the sink never saw {want:?}"),
-    }
-}
 
 /// Runs `f` on a helper thread and fails the test if it takes longer than
 /// `bound` (so a hang is a failure, not a stuck test run).

@@ -124,6 +124,14 @@ pub struct ClientOptions {
         default_value = "2000000"
     )]
     pub max_routes_per_server: String,
+    /// Hitless restarts: seconds a lost server's routes stay installed as
+    /// stale (refreshed when received again from the server, removed when
+    /// withdrawn, swept when this ends), and the hold of the routes an
+    /// earlier run left in the kernel, which are taken over at start instead
+    /// of deleted. 0: remove at once and delete at start (the Go client's
+    /// behaviour).
+    #[arg(long = "stale-hold", value_name = "SECS", default_value = "60")]
+    pub stale_hold: String,
 }
 
 /// A malformed flag value: names the flag, the value and the expected form.
@@ -366,6 +374,20 @@ impl ClientArgs {
                 "not a number".into(),
             )
         })?;
+        let stale_hold: u64 = self
+            .options
+            .stale_hold
+            .parse()
+            .ok()
+            .filter(|&n| n <= MAX_STALE_HOLD_SECS)
+            .ok_or_else(|| {
+                arg_err(
+                    "--stale-hold",
+                    &self.options.stale_hold,
+                    "SECS, whole seconds 0-86400",
+                    "not a number of seconds up to a day".into(),
+                )
+            })?;
         let http = self
             .options
             .http
@@ -395,12 +417,17 @@ impl ClientArgs {
                 reconnect_min: Duration::from_millis(reconnect_min.max(1)),
                 reconnect_max: Duration::from_secs(reconnect_max.max(1)),
                 max_routes_per_server,
+                stale_hold: Duration::from_secs(stale_hold),
                 ..ClientConfig::default()
             },
             notes,
         })
     }
 }
+
+/// Longest `--stale-hold`: a day (routes held longer are no longer a
+/// restart's).
+const MAX_STALE_HOLD_SECS: u64 = 86_400;
 
 /// How long the exit waits for queued route changes to reach the sink.
 const SINK_DRAIN: Duration = Duration::from_secs(5);
@@ -433,7 +460,7 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             ipv4_only: settings.ipv4_only,
             cleanup_on_exit: settings.cleanup,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
-            stale_hold: None,
+            stale_hold: Some(settings.config.stale_hold).filter(|h| !h.is_zero()),
         })?),
         _ => None,
     };
@@ -498,6 +525,7 @@ mod tests {
                 reconnect_min_ms: "500".into(),
                 reconnect_max_secs: "30".into(),
                 max_routes_per_server: "2000000".into(),
+                stale_hold: "60".into(),
                 ..ClientOptions::default()
             }),
             ..ClientArgs::default()

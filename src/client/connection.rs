@@ -204,7 +204,9 @@ pub(super) fn run_server(
                     tracing::info!(server = %address, reason = %reason, label = reason.label(), ?established_for, "session closed");
                     reason.label()
                 };
-                inner.session_lost(id, label);
+                // A lost connection keeps the routes as stale (a reflector
+                // restart); a fault of the server drops them.
+                inner.session_lost(id, label, !fault && !link.over_limit);
                 inner.delivery.wait_room(&stop);
             }
             Err(e) => {

@@ -158,7 +158,23 @@ pub struct ClientConfig {
     /// and withdraws everything it sent, so a hostile or broken server
     /// cannot make the client grow without bound.
     pub max_routes_per_server: usize,
+    /// Hitless restarts (`--stale-hold`): when a session to a server is
+    /// lost, that server's routes stay present as *stale* for this long
+    /// after the loss; received again from the server they are fresh (no
+    /// change for the sink), withdrawn explicitly they go at once, and those
+    /// not received again by then are removed. Zero removes them at the loss
+    /// (the Go client's behaviour). A session closed for a fault of the
+    /// server (malformed frame, protocol violation, route limit) drops its
+    /// routes at once whatever this says.
+    pub stale_hold: Duration,
 }
+
+/// Default `ClientConfig::stale_hold`: a reflector restart, and the
+/// announcers reconnecting to it, fit in a minute with room to spare.
+pub const DEFAULT_STALE_HOLD: Duration = Duration::from_secs(60);
+
+/// How often held stale routes are checked for the end of their hold.
+const STALE_SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// Default of `ClientConfig::max_routes_per_server`: twice the largest
 /// table the reflector accepts from one peer by default, with room for a
@@ -173,6 +189,7 @@ impl Default for ClientConfig {
             reconnect_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_routes_per_server: DEFAULT_MAX_ROUTES_PER_SERVER,
+            stale_hold: DEFAULT_STALE_HOLD,
         }
     }
 }
@@ -201,8 +218,11 @@ pub struct ServerStatus {
     pub address: String,
     /// Session state (RETRY while waiting to reconnect).
     pub state: SessionState,
-    /// Routes this server currently holds for us.
+    /// Routes this server currently holds for us (fresh and stale).
     pub routes_received: usize,
+    /// Of those, routes kept from a lost session and not received again yet
+    /// (see `ClientConfig::stale_hold`).
+    pub routes_stale: usize,
     /// Keepalive interval agreed in the HELLO exchange; `None` unless
     /// ESTABLISHED.
     pub keepalive: Option<Duration>,
@@ -281,6 +301,9 @@ struct ServerSlot {
     connected_since: Option<SystemTime>,
     /// The agreed keepalive interval while ESTABLISHED.
     keepalive: Option<Duration>,
+    /// When this server's stale routes are removed (`stale_hold` after the
+    /// last loss of its session); `None` while it holds none.
+    stale_until: Option<Instant>,
 }
 
 /// Capacity of the scratch list of present-set changes kept between
@@ -316,6 +339,9 @@ struct Core {
     /// When a session last became ESTABLISHED (its server then sends the
     /// tables of every VNI we subscribe to).
     last_established: Option<Instant>,
+    /// The stale sweeper thread runs (it ends when no server holds stale
+    /// routes; `session_lost` starts it again).
+    sweeper_running: bool,
 }
 
 impl Core {
@@ -488,10 +514,14 @@ impl ClientInner {
     }
 
     /// Server `id`'s session ended (`reason`: a `CloseReason::label()`, or
-    /// "shutdown"): its routes are dropped (unless the client is shutting
-    /// down: then the sink keeps what it has; or the slot is gone: then
+    /// "shutdown"). With `keep` (the connection was lost, not closed for a
+    /// fault of the server) and a `stale_hold`, its routes stay as stale
+    /// until received again, withdrawn, or swept when the hold ends;
+    /// otherwise they are dropped now (unless the client is shutting down:
+    /// then the sink keeps what it has; or the slot is gone: then
     /// `remove_server` withdrew them already).
-    fn session_lost(&self, id: ServerId, reason: &'static str) {
+    fn session_lost(self: &Arc<Self>, id: ServerId, reason: &'static str, keep: bool) {
+        let hold = self.config.stale_hold;
         let mut guard = self.lock();
         let core = &mut *guard;
         *core.disconnects.entry(reason).or_default() += 1;
@@ -504,11 +534,71 @@ impl ClientInner {
         slot.keepalive = None;
         slot.traffic = Arc::new(TrafficCounters::default());
         if !core.shut_down {
-            core.present.server_lost(id, &mut core.changes);
-            core.deliver();
+            if keep && !hold.is_zero() {
+                let before = core.present.stale_held_by(id);
+                let stale = core.present.server_stale(id);
+                // The hold runs from the loss of the session that received
+                // them: a reconnect that fails again before any route
+                // arrived does not extend it.
+                if stale > before || (stale > 0 && slot.stale_until.is_none()) {
+                    let now = Instant::now();
+                    slot.stale_until = Some(now.checked_add(hold).unwrap_or(now + MAX_HOLD));
+                    tracing::info!(
+                        server = %slot.address,
+                        routes = stale,
+                        hold_secs = hold.as_secs(),
+                        "session lost: its routes stay as stale until received again or the hold ends"
+                    );
+                    if !core.sweeper_running {
+                        core.sweeper_running = spawn_sweeper(Arc::downgrade(self));
+                    }
+                }
+            } else {
+                slot.stale_until = None;
+                core.present.server_lost(id, &mut core.changes);
+                core.deliver();
+            }
         }
         drop(guard);
         self.notify();
+    }
+
+    /// Removes the stale routes of every server whose hold has ended.
+    /// Returns false when no server holds stale routes any more (or the
+    /// client shut down): the sweeper then ends.
+    fn sweep_stale(&self) -> bool {
+        let mut guard = self.lock();
+        let core = &mut *guard;
+        if core.shut_down {
+            core.sweeper_running = false;
+            return false;
+        }
+        let now = Instant::now();
+        let mut pending = false;
+        let mut due = Vec::new();
+        for (id, slot) in core.servers.iter_mut() {
+            match slot.stale_until {
+                Some(t) if t <= now => {
+                    slot.stale_until = None;
+                    due.push((*id, slot.address.clone()));
+                }
+                Some(_) => pending = true,
+                None => {}
+            }
+        }
+        for (id, address) in due {
+            let swept = core.present.sweep(id, &mut core.changes);
+            if swept > 0 {
+                tracing::info!(server = %address, routes = swept, "stale hold over: routes not received again are withdrawn");
+            }
+        }
+        core.deliver();
+        if !pending {
+            core.sweeper_running = false;
+        }
+        drop(guard);
+        self.notify();
+        pending
     }
 
     /// Stops every session; later calls fail with `ShutDown`. Waits for
@@ -711,6 +801,7 @@ impl Client {
                         sessions_established: 0,
                         vni_activity: HashMap::new(),
                         last_established: None,
+                        sweeper_running: false,
                     }),
                     delivery,
                     totals: Arc::new(TrafficCounters::default()),
@@ -785,6 +876,7 @@ impl Client {
                 traffic: Arc::new(TrafficCounters::default()),
                 connected_since: None,
                 keepalive: None,
+                stale_until: None,
             },
         );
         let target = connection::Target {
@@ -926,6 +1018,7 @@ impl Client {
                 address: s.address.clone(),
                 state: s.state,
                 routes_received: core.present.held_by(*id),
+                routes_stale: core.present.stale_held_by(*id),
                 keepalive: s.keepalive,
                 connected_since: s.connected_since,
                 traffic: s.traffic.snapshot(),
@@ -1074,6 +1167,30 @@ impl RouteSink for DeferredSink {
 
     fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
         self.with(|s| s.remove_route(vni, destination, next_hop));
+    }
+}
+
+/// Stand-in for a `stale_hold` too long for the clock: a year.
+const MAX_HOLD: Duration = Duration::from_secs(365 * 86_400);
+
+/// Starts the thread that ends stale holds (`ClientConfig::stale_hold`); it
+/// runs while some server holds stale routes. Returns whether it started.
+fn spawn_sweeper(inner: std::sync::Weak<ClientInner>) -> bool {
+    let spawned = std::thread::Builder::new()
+        .name("mb-stale-sweep".into())
+        .spawn(move || loop {
+            std::thread::sleep(STALE_SWEEP_TICK);
+            let Some(inner) = inner.upgrade() else { return };
+            if !inner.sweep_stale() {
+                return;
+            }
+        });
+    match spawned {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!("cannot start the stale-route sweeper: {e}; stale routes stay until their server sends again");
+            false
+        }
     }
 }
 

@@ -16,7 +16,8 @@
 //! client keeps its routes for a while (`server_stale`), they stay held but
 //! are marked *stale*. Received again from that server (the new session's
 //! sync) a route is simply fresh again: no change for the sink. An explicit
-//! REMOVE drops it at once, stale or not. `sweep` drops what is still stale
+//! REMOVE drops it at once, stale or not, together with every other
+//! server's stale copy of it. `sweep` drops what is still stale
 //! when the hold is over; `server_lost` drops everything (no hold).
 //!
 //! Memory: a received route costs one entry in its server's hash set and one
@@ -131,9 +132,20 @@ impl PresentRoutes {
                     self.hold(route, out);
                 }
             }
-            // An explicit REMOVE drops it, stale or not.
+            // An explicit REMOVE drops it, stale or not, and also the other
+            // servers' stale copies: a live server's REMOVE is newer news
+            // than what a lost session said.
             Action::Remove => {
                 if routes.remove(&route) || was_stale {
+                    self.release(route, out);
+                }
+                let mut copies = 0;
+                for (other, stale) in self.stale.iter_mut() {
+                    if *other != server && stale.remove(&route) {
+                        copies += 1;
+                    }
+                }
+                for _ in 0..copies {
                     self.release(route, out);
                 }
             }
@@ -376,8 +388,9 @@ mod tests {
         run(|o| p.received(A, Action::Add, only_a, o));
         run(|o| p.received(B, Action::Add, both, o));
         p.server_stale(A);
-        // B withdraws it: A still holds it stale.
-        assert!(run(|o| p.received(B, Action::Remove, both, o)).is_empty());
+        // B goes too and comes back without `both`: A still holds it stale.
+        p.server_stale(B);
+        p.sweep(B, &mut Vec::new());
         assert!(p.is_present(&both));
         // Lost twice before the sweep: still one holder each.
         p.server_stale(A);
@@ -392,6 +405,24 @@ mod tests {
             swept,
             vec![PresentChange::Remove(both), PresentChange::Remove(only_a)]
         );
+    }
+
+    #[test]
+    fn a_live_servers_remove_also_drops_other_servers_stale_copies() {
+        let mut p = PresentRoutes::new();
+        let r = route(23, "10.0.0.0/24", "2001:db8::1");
+        run(|o| p.received(A, Action::Add, r, o));
+        run(|o| p.received(B, Action::Add, r, o));
+        p.server_stale(A);
+        assert_eq!(
+            run(|o| p.received(B, Action::Remove, r, o)),
+            vec![PresentChange::Remove(r)]
+        );
+        assert_eq!((p.held_by(A), p.held_by(B)), (0, 0));
+        assert!(run(|o| {
+            p.sweep(A, o);
+        })
+        .is_empty());
     }
 
     #[test]

@@ -1,0 +1,152 @@
+//! Test support for the client library: a scripted MetalBond server on
+//! loopback (the passive side, driven by the test with the crate's own
+//! `PeerSession`), and what a test sink saw.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use metalbond::client::ClientConfig;
+use metalbond::codec::{encode_frame, FrameDecoder, Message};
+use metalbond::session::{PeerSession, Reaction, Role};
+use metalbond::{Action, NextHop, Route, Vni};
+
+/// Generous bound for anything that should take milliseconds.
+pub const WAIT: Duration = Duration::from_secs(10);
+pub fn vni(n: u32) -> Vni {
+    Vni::new(n).unwrap()
+}
+
+pub fn route(v: u32, prefix: &str, hop: &str) -> Route {
+    Route::new(
+        vni(v),
+        prefix.parse().unwrap(),
+        NextHop::standard(hop.parse().unwrap()),
+    )
+}
+
+pub fn fast_config() -> ClientConfig {
+    ClientConfig {
+        keepalive: Duration::from_secs(1),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    }
+}
+
+/// A passive MetalBond peer on 127.0.0.1 driven by the test.
+pub struct ScriptedServer {
+    pub address: String,
+    /// The latest accepted connection (to send UPDATEs on).
+    pub conn: Arc<Mutex<Option<TcpStream>>>,
+    /// Source addresses of accepted connections, in order.
+    pub peers: Receiver<SocketAddr>,
+}
+
+impl ScriptedServer {
+    pub fn start() -> ScriptedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let conn: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (peer_tx, peers) = crossbeam_channel::unbounded();
+        let c = conn.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                if let Ok(peer) = stream.peer_addr() {
+                    let _ = peer_tx.send(peer);
+                }
+                *c.lock().unwrap() = Some(stream.try_clone().unwrap());
+                std::thread::spawn(move || serve(stream));
+            }
+        });
+        ScriptedServer {
+            address,
+            conn,
+            peers,
+        }
+    }
+
+    pub fn send(&self, action: Action, route: Route) {
+        let mut buf = Vec::new();
+        encode_frame(&Message::Update { action, route }, &mut buf);
+        let conn = self.conn.lock().unwrap();
+        // The client may have gone already: that is what some tests check.
+        if let Some(c) = conn.as_ref() {
+            let _ = (&*c).write_all(&buf);
+        }
+    }
+}
+
+impl ScriptedServer {
+    /// Closes the current connection (the client sees its session lost and
+    /// reconnects; the next connection becomes the current one).
+    pub fn drop_connection(&self) {
+        if let Some(c) = self.conn.lock().unwrap().take() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Waits until the client has connected `n` times in all.
+    pub fn wait_connections(&self, n: usize, seen: &mut usize) {
+        while *seen < n {
+            self.peers
+                .recv_timeout(WAIT)
+                .expect("the client reconnects");
+            *seen += 1;
+        }
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.lock().unwrap().take() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Answers HELLO and keepalives; ignores everything else.
+pub fn serve(mut stream: TcpStream) {
+    let mut session = PeerSession::new(Role::Passive, Duration::from_secs(1), Instant::now());
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        decoder.extend(&buf[..n]);
+        while let Ok(Some(msg)) = decoder.next_message() {
+            let mut out = Vec::new();
+            match session.on_message(msg, Instant::now()) {
+                Ok(Reaction::Reply(m)) | Ok(Reaction::Established { reply: Some(m) }) => {
+                    encode_frame(&m, &mut out);
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// What a sink saw, sent to the test.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    Add(Route),
+    Remove(Route),
+}
+
+pub fn expect(rx: &Receiver<Seen>, want: Seen) {
+    match rx.recv_timeout(WAIT) {
+        Ok(got) => assert_eq!(got, want),
+        Err(_) => panic!("the sink never saw {want:?}"),
+    }
+}
