@@ -10,6 +10,7 @@
 //! - `client`: sessions to servers, announcements, the embeddable library.
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
+//! - `policy`: `--policy` peer rules (who may announce / subscribe what).
 //! - `logging`: tracing set-up for the binaries.
 
 pub mod client;
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod http;
 pub mod logging;
 pub mod netlink;
+pub mod policy;
 pub mod server;
 pub mod session;
 pub mod types;
