@@ -18,6 +18,7 @@
 
 pub mod check;
 pub mod file;
+pub mod peer;
 pub mod rule;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 pub use file::{PolicyError, FORMAT_VERSION};
+pub use peer::{PeerPolicy, Verdict};
 pub use rule::{Denial, OnViolation, Rule, RuleCounters, VniSet};
 
 /// A compiled policy: rules in file order, first match wins; no match
@@ -145,6 +147,12 @@ impl PolicyStore {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Successful loads so far; a peer resolved in an older generation
+    /// resolves its rule again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// The file.

@@ -7,7 +7,10 @@
 //! Must never: open sockets or start threads; that is `shard`'s job.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::policy::{PolicyError, PolicyStore};
 
 pub use crate::session::DEFAULT_KEEPALIVE;
 
@@ -68,6 +71,12 @@ pub struct ServerArgs {
     /// hold timer (2.5 × interval).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
     pub handshake_timeout: u64,
+    /// Peer policy file (YAML, see README "Peer policy"): which source
+    /// addresses may subscribe to and announce what. Without it every peer
+    /// may do anything (as the Go server). SIGHUP re-reads it; a file that
+    /// does not parse keeps the running policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
     /// Verbose (debug) logging.
     #[arg(short, long)]
     pub verbose: bool,
@@ -139,6 +148,9 @@ pub struct ServerConfig {
     /// Whether to pin shard `i` to the `i`-th allowed CPU (modulo their
     /// number); off for tests that start many servers in one process.
     pub pin_cpus: bool,
+    /// The peer policy (`--policy`), shared by every shard; `None`: every
+    /// peer may do anything, and no policy code runs.
+    pub policy: Option<Arc<PolicyStore>>,
 }
 
 impl ServerConfig {
@@ -154,6 +166,7 @@ impl ServerConfig {
             limits: PeerLimits::default(),
             sync_chunk_routes: 1024,
             pin_cpus: true,
+            policy: None,
         }
     }
 
@@ -230,6 +243,15 @@ impl TryFrom<ServerArgs> for ServerConfig {
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
         };
+        if let Some(path) = &a.policy {
+            let store = PolicyStore::load(path)?;
+            tracing::info!(
+                file = %path.display(),
+                rules = store.current().rules.len(),
+                "peer policy loaded"
+            );
+            c.policy = Some(Arc::new(store));
+        }
         Ok(c)
     }
 }
@@ -345,6 +367,9 @@ pub enum ServerError {
         "io_uring is unavailable (io_uring_setup: {0}); check kernel.io_uring_disabled or the container's seccomp profile"
     )]
     IoUringUnavailable(std::io::Error),
+    /// The `--policy` file cannot be read or is invalid (names the place).
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
     /// Installing the SIGINT/SIGTERM handler failed.
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
