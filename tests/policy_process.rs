@@ -436,3 +436,42 @@ fn policy_check_prints_grants_explains_a_peer_and_sets_the_exit_status() {
         "{err}"
     );
 }
+
+/// In-process server with a policy given as text (no file: `reload` is not
+/// part of this test).
+fn in_process(policy: &str) -> TestServer {
+    let policy = metalbond::policy::Policy::from_yaml("test", policy).unwrap();
+    let store = std::sync::Arc::new(metalbond::policy::PolicyStore::from_policy(policy));
+    TestServer::with(2, move |c| c.policy = Some(store))
+}
+
+#[test]
+fn rule_limits_replace_the_global_ones() {
+    let srv = in_process(
+        "version: 1\nrules:\n  - name: small\n    peers: [127.0.0.0/8]\n    subscribe: [1-9]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [\"2001:db8::/32\"]\n    limits: {max_routes: 2, max_subscriptions: 1}\n",
+    );
+    let (mut p, _) = TestPeer::established(srv.addr, 5);
+    p.send_all(&[add(route(1, 1, 1)), add(route(1, 2, 1))]);
+    assert!(p.sync_point().is_empty());
+    srv.wait_route_count(2);
+    p.send(&add(route(1, 3, 1)));
+    assert!(
+        p.closed_within(WAIT),
+        "a third route is over the rule's limit"
+    );
+    srv.wait_stats("limit close", |s| s.sum(|x| x.disconnects.limit) == 1);
+    srv.wait_route_count(0);
+
+    let (mut p, _) = TestPeer::established(srv.addr, 5);
+    p.send(&Message::Subscribe(vni(1)));
+    assert!(p.sync_point().is_empty());
+    p.send(&Message::Subscribe(vni(2)));
+    assert!(
+        p.closed_within(WAIT),
+        "a second subscription is over the rule's limit"
+    );
+    srv.wait_stats("limit close", |s| s.sum(|x| x.disconnects.limit) == 2);
+    let policy = srv.handle().policy().unwrap().status();
+    assert_eq!(policy.rules[0].name, "small");
+    assert_eq!(policy.rules[0].hits, 2);
+}

@@ -112,27 +112,21 @@ impl PeerPolicy {
         }
     }
 
-    /// Routes limit: the rule's, else the global one; with the name of what
-    /// raises it (for the close reason).
-    pub fn max_routes(&self, global: usize) -> (usize, String) {
-        match self.rule.limits.max_routes {
-            Some(n) => (
-                n,
-                format!("policy rule {:?} limits.max_routes", self.rule.name),
-            ),
-            None => (global, "--max-routes-per-peer".into()),
-        }
+    /// The rule's routes limit, replacing `--max-routes-per-peer`.
+    pub fn route_limit(&self) -> Option<usize> {
+        self.rule.limits.max_routes
     }
 
-    /// Subscriptions limit, as `max_routes`.
-    pub fn max_subscriptions(&self, global: usize) -> (usize, String) {
-        match self.rule.limits.max_subscriptions {
-            Some(n) => (
-                n,
-                format!("policy rule {:?} limits.max_subscriptions", self.rule.name),
-            ),
-            None => (global, "--max-subscriptions-per-peer".into()),
-        }
+    /// The rule's subscriptions limit, replacing
+    /// `--max-subscriptions-per-peer`.
+    pub fn subscription_limit(&self) -> Option<usize> {
+        self.rule.limits.max_subscriptions
+    }
+
+    /// Where a limit of the rule is set (`key`: `max_routes`,
+    /// `max_subscriptions`), for the close reason of a peer above it.
+    pub fn limit_origin(&self, key: &str) -> String {
+        format!("policy rule {:?} limits.{key}", self.rule.name)
     }
 
     fn refused(&mut self, peer: SocketAddr, why: Denial, what: &str) -> Verdict {

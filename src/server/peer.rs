@@ -661,25 +661,25 @@ fn on_routing_message(
             let vni = route.vni;
             match action {
                 Action::Add => {
-                    let (max, flag) = match &mut rs.policy {
-                        None => (limits.max_routes_per_peer, "--max-routes-per-peer".into()),
-                        Some(p) => {
-                            match p.on_announce(conn.addr, &route) {
-                                Verdict::Allow => {}
-                                Verdict::Refuse => return Ok(()),
-                                Verdict::Close(reason) => {
-                                    return Err(close_for_policy(conn, reason))
-                                }
-                            }
-                            p.max_routes(limits.max_routes_per_peer)
+                    let mut rule_limit = None;
+                    if let Some(p) = &mut rs.policy {
+                        match p.on_announce(conn.addr, &route) {
+                            Verdict::Allow => rule_limit = p.route_limit(),
+                            Verdict::Refuse => return Ok(()),
+                            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
                         }
-                    };
+                    }
+                    let max = rule_limit.unwrap_or(limits.max_routes_per_peer);
                     if conn.routes_announced.get() >= max
                         && !rs
                             .announced
                             .get(&vni)
                             .is_some_and(|set| set.contains(&route))
                     {
+                        let flag = match (&rs.policy, rule_limit) {
+                            (Some(p), Some(_)) => p.limit_origin("max_routes"),
+                            _ => "--max-routes-per-peer".into(),
+                        };
                         return Err(over_limit(conn, "routes announced", max, &flag));
                     }
                     if rs.announced.entry(vni).or_default().insert(route) {
@@ -706,25 +706,24 @@ fn on_routing_message(
             }
         }
         Message::Subscribe(vni) => {
-            let (max, flag) = match &mut rs.policy {
-                None => (
-                    limits.max_subscriptions_per_peer,
-                    "--max-subscriptions-per-peer".into(),
-                ),
-                Some(p) => {
-                    match p.on_subscribe(conn.addr, vni) {
-                        Verdict::Allow => {}
-                        // The peer gets nothing of the VNI: no sync, no updates.
-                        Verdict::Refuse => return Ok(()),
-                        Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
-                    }
-                    p.max_subscriptions(limits.max_subscriptions_per_peer)
+            let mut rule_limit = None;
+            if let Some(p) = &mut rs.policy {
+                match p.on_subscribe(conn.addr, vni) {
+                    Verdict::Allow => rule_limit = p.subscription_limit(),
+                    // The peer gets nothing of the VNI: no sync, no updates.
+                    Verdict::Refuse => return Ok(()),
+                    Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
                 }
-            };
+            }
+            let max = rule_limit.unwrap_or(limits.max_subscriptions_per_peer);
             {
                 let subscribed = conn.subscribed.borrow();
                 if subscribed.len() >= max && !subscribed.contains_key(&vni) {
                     drop(subscribed);
+                    let flag = match (&rs.policy, rule_limit) {
+                        (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
+                        _ => "--max-subscriptions-per-peer".into(),
+                    };
                     return Err(over_limit(conn, "subscriptions", max, &flag));
                 }
             }
