@@ -1,4 +1,5 @@
-//! The `metalbond` command: `server` (route reflector) and `client`.
+//! The `metalbond` command: `server` (route reflector), `client` and
+//! `policy check` (peer-policy files).
 //!
 //! Owns: argument dispatch, logging set-up, SIGHUP (ignored, except by a
 //! server with `--policy`, which reloads it) and the process
