@@ -11,6 +11,7 @@
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
 //! - `telemetry`: histograms and counter views the others record into.
+//! - `policy`: `--policy` peer rules (who may announce / subscribe what).
 //! - `logging`: tracing set-up for the binaries.
 //! - `version`: the build's version and git commit.
 //!
@@ -31,6 +32,8 @@ pub mod http;
 pub mod logging;
 #[cfg(feature = "netlink")]
 pub mod netlink;
+#[cfg(any(feature = "server", feature = "http"))]
+pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod session;

@@ -1,6 +1,8 @@
-//! The `metalbond` command: `server` (route reflector) and `client`.
+//! The `metalbond` command: `server` (route reflector), `client` and
+//! `policy check` (peer-policy files).
 //!
-//! Owns: argument dispatch, logging set-up, SIGHUP (ignored) and the process
+//! Owns: argument dispatch, logging set-up, SIGHUP (ignored, except by a
+//! server with `--policy`, which reloads it) and the process
 //! exit status.
 //! Must never: hold protocol or table logic; each mode lives in its module.
 
@@ -31,23 +33,31 @@ enum Command {
     Server(metalbond::server::ServerArgs),
     /// Connect to reflectors, announce routes and install received ones.
     Client(metalbond::client::ClientArgs),
+    /// Check a peer policy file (`server --policy`).
+    Policy(metalbond::policy::check::PolicyArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (verbose, role) = match &cli.command {
-        Command::Server(a) => (a.verbose, "server"),
-        Command::Client(a) => (a.verbose, "client"),
+    let (verbose, role) = match cli.command {
+        Command::Server(ref a) => (a.verbose, "server"),
+        Command::Client(ref a) => (a.verbose, "client"),
+        Command::Policy(args) => return metalbond::policy::check::run(args),
     };
     logging::init(
         verbose,
         cli.log_format.unwrap_or_else(LogFormat::for_stderr),
     );
     logging::log_start(role);
-    ignore_sighup();
+    // A server with --policy reloads it on SIGHUP (server::run watches it).
+    if !matches!(&cli.command, Command::Server(a) if a.policy.is_some()) {
+        ignore_sighup();
+    }
     let result = match cli.command {
         Command::Server(args) => metalbond::server::run(args),
         Command::Client(args) => metalbond::client::run(args),
+        // Returned above already; kept total without a panic path.
+        Command::Policy(args) => return metalbond::policy::check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

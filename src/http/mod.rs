@@ -1,6 +1,7 @@
 //! The HTTP status side (`--http ADDR` on `server` and `client`): the route
 //! table for people (`/`), for scripts (`/routes.json`, `/routes.yaml`),
-//! peers (`/peers`) and Prometheus metrics (`/metrics`).
+//! peers (`/peers`), the peer policy (`/policy`) and Prometheus metrics
+//! (`/metrics`).
 //!
 //! Owns: the listening socket and its thread (`listener`: hyper on a small
 //! tokio runtime, with the limits of `HttpLimits`), routing of requests to
@@ -71,6 +72,11 @@ pub trait StatusSource: Send + Sync + 'static {
     fn peers(&self) -> Vec<PeerView>;
     /// Counters and gauges now.
     fn metrics(&self) -> MetricsView;
+    /// The active peer policy (`server --policy`): shown on `/` and at
+    /// `/policy`. `None` (the default): no policy.
+    fn policy(&self) -> Option<crate::policy::PolicyStatus> {
+        None
+    }
 }
 
 /// Why the status server could not start.
@@ -269,6 +275,7 @@ impl Responder {
                     version: VERSION,
                     now: snapshot.wall,
                     peers: self.source.peers().len(),
+                    policy: self.source.policy().map(|p| page::policy_summary(&p)),
                 };
                 let body = page::render(&snapshot.table, &header, &page::PageQuery::parse(query));
                 Reply::text(200, "text/html; charset=utf-8", body)
@@ -289,6 +296,20 @@ impl Responder {
                     Reply::text(200, "application/json", body)
                 }
                 Err(e) => internal_error(&e),
+            },
+            "/policy" | "/policy.json" => match self.source.policy() {
+                None => Reply::text(
+                    404,
+                    "text/plain; charset=utf-8",
+                    "no peer policy: the server runs without --policy\n".into(),
+                ),
+                Some(status) => match serde_json::to_string_pretty(&status) {
+                    Ok(mut body) => {
+                        body.push('\n');
+                        Reply::text(200, "application/json", body)
+                    }
+                    Err(e) => internal_error(&e),
+                },
             },
             "/metrics" => {
                 let body = metrics::render(&self.source.metrics(), self.source.role(), VERSION);

@@ -89,6 +89,30 @@ pub struct PageHeader<'a> {
     pub now: SystemTime,
     /// Peers connected (any state).
     pub peers: usize,
+    /// One line about the active peer policy (`policy_summary`), if any.
+    pub policy: Option<String>,
+}
+
+/// The page's line about the active peer policy: file, revision,
+/// generation, load time, rule count and the refusals so far.
+pub fn policy_summary(p: &crate::policy::PolicyStatus) -> String {
+    let active = p
+        .rules
+        .iter()
+        .filter(|r| r.active && r.name != crate::policy::NO_RULE_LABEL)
+        .count();
+    let denied: u64 = p.rules.iter().flat_map(|r| r.denied.values()).sum();
+    format!(
+        "peer policy {} (format version {}, revision {}, generation {}, loaded {} UTC): {} rules, {} refusals, {} failed reloads",
+        p.path,
+        p.format_version,
+        p.revision.as_deref().unwrap_or("unset"),
+        p.generation,
+        format_date(p.loaded_at),
+        active,
+        denied,
+        p.failed_reloads
+    )
 }
 
 /// Renders the page.
@@ -119,6 +143,13 @@ pub fn render(table: &RouteTableView, header: &PageHeader<'_>, query: &PageQuery
         vnis = table.vnis.len(),
         peers = header.peers,
     );
+    if let Some(policy) = &header.policy {
+        let _ = writeln!(
+            h,
+            "<p id=\"policy\">{} <a href=\"/policy\">rules and hits</a></p>",
+            escape(policy)
+        );
+    }
 
     // The filter form keeps the current values.
     let _ = writeln!(
@@ -285,6 +316,7 @@ mod tests {
             version: "0.1.0",
             now: SystemTime::UNIX_EPOCH,
             peers: 0,
+            policy: None,
         }
     }
 

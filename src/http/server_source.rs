@@ -86,6 +86,10 @@ impl StatusSource for ServerStatusSource {
         self.handle.peers().into_iter().map(peer_view).collect()
     }
 
+    fn policy(&self) -> Option<crate::policy::PolicyStatus> {
+        self.handle.policy().map(|p| p.status())
+    }
+
     fn metrics(&self) -> MetricsView {
         let stats = self.handle.stats();
         let peers = self.handle.peers();
@@ -139,6 +143,60 @@ impl StatusSource for ServerStatusSource {
                 }
             };
 
+        let mut extra = vec![
+            per_shard(
+                "metalbond_connections_refused_total",
+                "Connections accepted and closed at once because --max-peers was reached, per shard.",
+                MetricKind::Counter,
+                |s| s.connections_refused,
+            ),
+            per_shard(
+                "metalbond_write_calls_total",
+                "Write syscalls (vectored or not) to peers, per shard.",
+                MetricKind::Counter,
+                |s| s.write_calls,
+            ),
+            per_shard(
+                "metalbond_coalesce_episodes_total",
+                "Times a slow subscriber was switched to per-route coalescing, per shard.",
+                MetricKind::Counter,
+                |s| s.coalesce_episodes,
+            ),
+            per_shard(
+                "metalbond_shard_batches_received_total",
+                "Batches of changes received from other shards, per shard.",
+                MetricKind::Counter,
+                |s| s.shard_batches_in,
+            ),
+            per_shard(
+                "metalbond_shard_routes",
+                "Routes in the VNI tables each shard owns.",
+                MetricKind::Gauge,
+                |s| s.routes,
+            ),
+            per_shard(
+                "metalbond_grace_routes",
+                "Routes of departed peers still held for --peer-grace, per shard.",
+                MetricKind::Gauge,
+                |s| s.grace_routes,
+            ),
+            MetricFamily::single(
+                "metalbond_grace_peers",
+                "Departed peers whose routes are held for --peer-grace.",
+                MetricKind::Gauge,
+                peers.iter().filter(|p| p.grace_left.is_some()).count() as f64,
+            ),
+            per_shard(
+                "metalbond_shard_peers",
+                "Peers (any state) held by each shard.",
+                MetricKind::Gauge,
+                |s| s.peers_established + s.peers_handshaking,
+            ),
+        ];
+        if let Some(policy) = self.handle.policy() {
+            extra.extend(policy_families(&policy.status()));
+        }
+
         MetricsView {
             peers_by_state: count_states(
                 &[
@@ -163,58 +221,87 @@ impl StatusSource for ServerStatusSource {
             fanout_latency: Some(self.handle.fanout_latency()),
             queue_depths,
             netlink: None,
-            extra: vec![
-                per_shard(
-                    "metalbond_connections_refused_total",
-                    "Connections accepted and closed at once because --max-peers was reached, per shard.",
-                    MetricKind::Counter,
-                    |s| s.connections_refused,
-                ),
-                per_shard(
-                    "metalbond_write_calls_total",
-                    "Write syscalls (vectored or not) to peers, per shard.",
-                    MetricKind::Counter,
-                    |s| s.write_calls,
-                ),
-                per_shard(
-                    "metalbond_coalesce_episodes_total",
-                    "Times a slow subscriber was switched to per-route coalescing, per shard.",
-                    MetricKind::Counter,
-                    |s| s.coalesce_episodes,
-                ),
-                per_shard(
-                    "metalbond_shard_batches_received_total",
-                    "Batches of changes received from other shards, per shard.",
-                    MetricKind::Counter,
-                    |s| s.shard_batches_in,
-                ),
-                per_shard(
-                    "metalbond_shard_routes",
-                    "Routes in the VNI tables each shard owns.",
-                    MetricKind::Gauge,
-                    |s| s.routes,
-                ),
-                per_shard(
-                    "metalbond_grace_routes",
-                    "Routes of departed peers still held for --peer-grace, per shard.",
-                    MetricKind::Gauge,
-                    |s| s.grace_routes,
-                ),
-                MetricFamily::single(
-                    "metalbond_grace_peers",
-                    "Departed peers whose routes are held for --peer-grace.",
-                    MetricKind::Gauge,
-                    peers.iter().filter(|p| p.grace_left.is_some()).count() as f64,
-                ),
-                per_shard(
-                    "metalbond_shard_peers",
-                    "Peers (any state) held by each shard.",
-                    MetricKind::Gauge,
-                    |s| s.peers_established + s.peers_handshaking,
-                ),
-            ],
+            extra,
         }
     }
+}
+
+/// The policy's families: refusals per rule and reason (non-zero series
+/// only: 1,000 rules × 6 reasons would be mostly zeros), sessions per rule,
+/// routes withdrawn by reloads, the active revision and generation.
+fn policy_families(p: &crate::policy::PolicyStatus) -> Vec<MetricFamily> {
+    use super::model::MetricSample;
+    let sample = |labels: Vec<(&str, &str)>, value: u64| MetricSample {
+        labels: labels
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        value: value as f64,
+    };
+    let family = |name: &str, help: &str, kind, samples| MetricFamily {
+        name: name.into(),
+        help: help.into(),
+        kind,
+        samples,
+    };
+    let mut denied = Vec::new();
+    let mut hits = Vec::new();
+    let mut withdrawn = Vec::new();
+    for r in &p.rules {
+        for (reason, n) in &r.denied {
+            denied.push(sample(vec![("rule", &r.name), ("reason", reason)], *n));
+        }
+        if r.name != crate::policy::NO_RULE_LABEL {
+            hits.push(sample(vec![("rule", &r.name)], r.hits));
+        }
+        if r.withdrawn > 0 {
+            withdrawn.push(sample(vec![("rule", &r.name)], r.withdrawn));
+        }
+    }
+    vec![
+        family(
+            "metalbond_policy_denied_total",
+            "UPDATEs, SUBSCRIBEs and sessions refused by the peer policy, per rule and reason (rule \"(no rule)\": the peer's address matches none).",
+            MetricKind::Counter,
+            denied,
+        ),
+        family(
+            "metalbond_policy_rule_hits_total",
+            "Sessions whose source address resolved to the rule (at start and on each reload).",
+            MetricKind::Counter,
+            hits,
+        ),
+        family(
+            "metalbond_policy_withdrawn_total",
+            "Routes withdrawn because a policy reload no longer allowed them, per rule.",
+            MetricKind::Counter,
+            withdrawn,
+        ),
+        family(
+            "metalbond_policy_info",
+            "The active peer policy (always 1): its file's revision and format version.",
+            MetricKind::Gauge,
+            vec![sample(
+                vec![
+                    ("revision", p.revision.as_deref().unwrap_or("")),
+                    ("format_version", &p.format_version.to_string()),
+                ],
+                1,
+            )],
+        ),
+        family(
+            "metalbond_policy_generation",
+            "Successful policy loads since start (1 = the start-up load).",
+            MetricKind::Gauge,
+            vec![sample(vec![], p.generation)],
+        ),
+        family(
+            "metalbond_policy_reload_failures_total",
+            "Policy reloads that failed (the running policy stayed).",
+            MetricKind::Counter,
+            vec![sample(vec![], p.failed_reloads)],
+        ),
+    ]
 }
 
 fn peer_view(p: PeerInfo) -> PeerView {

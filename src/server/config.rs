@@ -7,7 +7,10 @@
 //! Must never: open sockets or start threads; that is `shard`'s job.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::policy::{PolicyError, PolicyStore};
 
 pub use crate::session::DEFAULT_KEEPALIVE;
 
@@ -75,6 +78,12 @@ pub struct ServerArgs {
     /// same route meanwhile keeps it. 0 withdraws at once (as the Go server).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub peer_grace: u64,
+    /// Peer policy file (YAML, see README "Peer policy"): which source
+    /// addresses may subscribe to and announce what. Without it every peer
+    /// may do anything (as the Go server). SIGHUP re-reads it; a file that
+    /// does not parse keeps the running policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
     /// Verbose (debug) logging.
     #[arg(short, long)]
     pub verbose: bool,
@@ -163,6 +172,9 @@ pub struct ServerConfig {
     /// early (bounds what peers reconnecting in a loop can make the server
     /// hold).
     pub peer_grace_max_routes: usize,
+    /// The peer policy (`--policy`), shared by every shard; `None`: every
+    /// peer may do anything, and no policy code runs.
+    pub policy: Option<Arc<PolicyStore>>,
 }
 
 impl ServerConfig {
@@ -180,6 +192,7 @@ impl ServerConfig {
             pin_cpus: true,
             peer_grace: None,
             peer_grace_max_routes: DEFAULT_PEER_GRACE_MAX_ROUTES,
+            policy: None,
         }
     }
 
@@ -264,6 +277,15 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 .then(|| Duration::from_secs(a.handshake_timeout)),
         };
         c.peer_grace = (a.peer_grace > 0).then(|| Duration::from_secs(a.peer_grace));
+        if let Some(path) = &a.policy {
+            let store = PolicyStore::load(path)?;
+            tracing::info!(
+                file = %path.display(),
+                rules = store.current().rules.len(),
+                "peer policy loaded"
+            );
+            c.policy = Some(Arc::new(store));
+        }
         Ok(c)
     }
 }
@@ -381,6 +403,9 @@ pub enum ServerError {
         "io_uring is unavailable (io_uring_setup: {0}); check kernel.io_uring_disabled or the container's seccomp profile"
     )]
     IoUringUnavailable(std::io::Error),
+    /// The `--policy` file cannot be read or is invalid (names the place).
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
     /// Installing the SIGINT/SIGTERM handler failed.
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),

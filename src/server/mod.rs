@@ -342,6 +342,26 @@ impl ServerHandle {
         replies
     }
 
+    /// The peer policy (`--policy`), if any: status and counters.
+    pub fn policy(&self) -> Option<&Arc<crate::policy::PolicyStore>> {
+        self.config.policy.as_ref()
+    }
+
+    /// Re-reads the `--policy` file. On success every peer resolves its rule
+    /// again (routes it no longer allows are withdrawn, subscriptions it no
+    /// longer allows dropped); on failure the running policy stays and the
+    /// error names the place in the file. `Ok(None)`: no policy configured.
+    pub fn reload_policy(&self) -> Result<Option<u64>, crate::policy::PolicyError> {
+        let Some(store) = &self.config.policy else {
+            return Ok(None);
+        };
+        store.reload()?;
+        for c in &self.controls {
+            let _ = c.send(Control::PolicyReloaded);
+        }
+        Ok(Some(store.generation()))
+    }
+
     /// Closes listeners and every peer, stops the shards and joins them.
     pub fn shutdown(mut self) {
         self.shutdown_inner();
@@ -378,12 +398,16 @@ impl Drop for ServerHandle {
 
 #[cfg(feature = "cli")]
 /// `metalbond server`: starts the shards, serves until SIGINT or SIGTERM,
-/// shuts down cleanly (exit status 0).
+/// shuts down cleanly (exit status 0). With `--policy`, SIGHUP reloads the
+/// policy (without, `main` logs and ignores SIGHUP).
 pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // Install the handler first, so a signal during start-up is not fatal.
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Signal)?;
+    let mut watched = vec![SIGINT, SIGTERM];
+    if args.policy.is_some() {
+        watched.push(SIGHUP);
+    }
+    let mut signals = signal_hook::iterator::Signals::new(&watched).map_err(ServerError::Signal)?;
     let handle = Arc::new(Server::start(ServerConfig::try_from(args)?)?);
     // `--http`: status pages on their own threads, reading the handle's
     // atomics and snapshots (a bind failure stops the server: Drop).
@@ -394,8 +418,20 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            match handle.reload_policy() {
+                Ok(generation) => {
+                    tracing::info!(?generation, "SIGHUP: peer policy reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: policy not reloaded, the running policy stays")
+                }
+            }
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     // Stop the HTTP side first: it holds the other reference to the handle.
     if let Some(http) = http {

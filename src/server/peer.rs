@@ -39,9 +39,10 @@ use super::out_queue::OutQueue;
 use super::owner::{Delivery, OwnerInput};
 use super::route_set::RouteSet;
 use super::shard::{LocalEvent, Shard};
-use super::stats::{PeerInfo, ShardCounters};
+use super::stats::{LocalCause, PeerInfo, ShardCounters};
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
+use crate::policy::{PeerPolicy, Verdict};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use crate::types::{Action, Route, Vni};
 
@@ -75,8 +76,12 @@ pub(crate) struct PeerConn {
     close_event: LocalEvent,
     /// The first reason the connection was closed for; `Some` = closing.
     close_reason: RefCell<Option<CloseReason>>,
-    /// Closed for exceeding a per-peer limit (counted apart in the stats).
-    over_limit: Cell<bool>,
+    /// Why the server closed it, when it did (a limit, the policy): counted
+    /// apart in the stats.
+    local_cause: Cell<LocalCause>,
+    /// Notified when the peer policy was reloaded: the reader resolves its
+    /// rule again and withdraws what became forbidden.
+    pub(crate) policy_event: LocalEvent,
     /// Session state, for snapshots and counters.
     state: Cell<SessionState>,
     /// Negotiated keepalive.
@@ -231,6 +236,9 @@ struct ReaderState {
     /// read loop still has to send (with `withdraw_all`, before it handles
     /// the peer's next message, so they stay in order).
     withdrawing: Vec<(Vni, RouteSet)>,
+    /// The peer's policy rule (`--policy`), resolved at session start and
+    /// again after a reload; `None` without a policy.
+    policy: Option<PeerPolicy>,
     /// The messages read since the last back-pressure check included a
     /// routing message (work for an owner): the reader is subject to
     /// back-pressure before its next read.
@@ -259,7 +267,8 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         writer_wake: LocalEvent::default(),
         close_event: LocalEvent::default(),
         close_reason: RefCell::new(None),
-        over_limit: Cell::new(false),
+        local_cause: Cell::new(LocalCause::Other),
+        policy_event: LocalEvent::default(),
         state: Cell::new(SessionState::Connecting),
         keepalive: Cell::new(shard.config.keepalive),
         routes_announced: Cell::new(0),
@@ -281,12 +290,25 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     if let Some(timeout) = limits.handshake_timeout {
         session = session.with_handshake_timeout(timeout, now);
     }
+    // The peer's source address is fixed for the session: its rule is
+    // found once. No rule: it may do nothing, so it is closed at once.
+    let policy = match &shard.config.policy {
+        None => None,
+        Some(store) => match PeerPolicy::resolve(store, addr) {
+            Ok(p) => Some(p),
+            Err(reason) => {
+                close_for_policy(&conn, reason);
+                None
+            }
+        },
+    };
     let mut rs = ReaderState {
         session,
         handshake: Some(shard.admission.enter_handshake(id)),
         decoder: FrameDecoder::new(),
         announced: HashMap::new(),
         withdrawing: Vec::new(),
+        policy,
         routed: false,
     };
     let reason = read_loop(&shard, &conn, reader, &mut rs).await;
@@ -313,7 +335,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     let announced = std::mem::take(&mut rs.announced);
     // A peer cut off for its own fault (a limit, a malformed frame, a
     // protocol violation) gets no grace: what it sent is suspect.
-    let fault = conn.over_limit.get()
+    let fault = conn.local_cause.get() != LocalCause::Other
         || matches!(
             conn.close_reason.borrow().as_ref(),
             Some(
@@ -345,7 +367,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         was_established,
         &reason,
         shard.shutting_down.get(),
-        conn.over_limit.get(),
+        conn.local_cause.get(),
     );
     tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
 }
@@ -401,6 +423,8 @@ enum ReadEvent {
     Deadline,
     /// The connection was closed from elsewhere (writer, shard, shutdown).
     Closed,
+    /// The peer policy was reloaded.
+    PolicyReloaded,
 }
 
 async fn read_loop(
@@ -427,6 +451,13 @@ async fn read_loop(
         if let Some(r) = conn.close_reason.borrow().clone() {
             return r;
         }
+        let policy_reloaded = conn.policy_event.wait();
+        if let Err(reason) = reapply_policy(shard, conn, rs) {
+            return reason;
+        }
+        for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
+            withdraw_all(shard, conn.id, vni, routes).await;
+        }
         let wait = rs
             .session
             .next_deadline()
@@ -438,15 +469,22 @@ async fn read_loop(
                     glommio::timer::sleep(wait).await;
                     ReadEvent::Deadline
                 },
-                async {
-                    closed.await;
-                    ReadEvent::Closed
-                },
+                future::or(
+                    async {
+                        closed.await;
+                        ReadEvent::Closed
+                    },
+                    async {
+                        policy_reloaded.await;
+                        ReadEvent::PolicyReloaded
+                    },
+                ),
             ),
         )
         .await;
         match event {
-            ReadEvent::Closed => continue, // reason is picked up above
+            // The reason, or the new policy, is picked up above.
+            ReadEvent::Closed | ReadEvent::PolicyReloaded => continue,
             ReadEvent::Deadline => {
                 // Quiet peer: give back a grown buffer and the decoder's.
                 buf.shrink();
@@ -579,10 +617,75 @@ fn on_message(
 /// The peer went over one of its `PeerLimits`: it is closed (and its routes
 /// withdrawn) with a reason naming the limit and the flag that raises it.
 fn over_limit(conn: &PeerConn, what: &str, max: usize, flag: &str) -> CloseReason {
-    conn.over_limit.set(true);
+    conn.local_cause.set(LocalCause::Limit);
     let reason = format!("peer limit exceeded: more than {max} {what} (raise with {flag})");
     tracing::warn!(peer = %conn.addr, %reason, "closing peer");
     CloseReason::Local(reason)
+}
+
+/// The peer policy closes the session: no rule matches the peer, or it
+/// violated a rule with `on_violation: close`. Also closes `conn` (for the
+/// start of a session, where nothing returns the reason).
+fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
+    conn.local_cause.set(LocalCause::Policy);
+    tracing::warn!(peer = %conn.addr, %reason, "closing peer");
+    let reason = CloseReason::Local(reason);
+    conn.close(reason.clone());
+    reason
+}
+
+/// After a policy reload (the store's generation moved): resolves the
+/// peer's rule again, takes the routes the new rule refuses out of
+/// `announced` into `withdrawing` (the caller withdraws them, as if the peer
+/// had sent REMOVE) and drops the subscriptions it refuses. Newly allowed
+/// routes are not invented: the peer sends them again on its next session.
+fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Result<(), CloseReason> {
+    let (Some(store), Some(old)) = (&shard.config.policy, &rs.policy) else {
+        return Ok(());
+    };
+    if old.generation() == store.generation() {
+        return Ok(());
+    }
+    let policy = PeerPolicy::resolve(store, conn.addr).map_err(|r| close_for_policy(conn, r))?;
+    let mut withdrawn = 0usize;
+    for (vni, set) in rs.announced.iter_mut() {
+        let refused = set.take_if(|r| !policy.allows(r));
+        if refused.len() > 0 {
+            withdrawn += refused.len();
+            rs.withdrawing.push((*vni, refused));
+        }
+    }
+    rs.announced.retain(|_, set| set.len() > 0);
+    conn.routes_announced
+        .set(conn.routes_announced.get() - withdrawn);
+    let dropped: Vec<Vni> = conn
+        .subscribed
+        .borrow()
+        .keys()
+        .copied()
+        .filter(|v| !policy.allows_subscribe(*v))
+        .collect();
+    for vni in &dropped {
+        conn.subscribed.borrow_mut().remove(vni);
+        conn.out.borrow_mut().forget_vni(*vni);
+        shard.to_owner(
+            *vni,
+            OwnerInput::Unsubscribe {
+                peer: conn.id,
+                vni: *vni,
+            },
+        );
+    }
+    policy.rule().counters.withdrawn(withdrawn as u64);
+    tracing::info!(
+        peer = %conn.addr,
+        rule = %policy.rule().name,
+        routes_withdrawn = withdrawn,
+        subscriptions_dropped = dropped.len(),
+        "policy reloaded for peer"
+    );
+    rs.policy = Some(policy);
+    Ok(())
 }
 
 fn on_routing_message(
@@ -599,19 +702,26 @@ fn on_routing_message(
             let vni = route.vni;
             match action {
                 Action::Add => {
-                    let max = limits.max_routes_per_peer;
+                    let mut rule_limit = None;
+                    if let Some(p) = &mut rs.policy {
+                        match p.on_announce(conn.addr, &route) {
+                            Verdict::Allow => rule_limit = p.route_limit(),
+                            Verdict::Refuse => return Ok(()),
+                            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+                        }
+                    }
+                    let max = rule_limit.unwrap_or(limits.max_routes_per_peer);
                     if conn.routes_announced.get() >= max
                         && !rs
                             .announced
                             .get(&vni)
                             .is_some_and(|set| set.contains(&route))
                     {
-                        return Err(over_limit(
-                            conn,
-                            "routes announced",
-                            max,
-                            "--max-routes-per-peer",
-                        ));
+                        let flag = match (&rs.policy, rule_limit) {
+                            (Some(p), Some(_)) => p.limit_origin("max_routes"),
+                            _ => "--max-routes-per-peer".into(),
+                        };
+                        return Err(over_limit(conn, "routes announced", max, &flag));
                     }
                     if rs.announced.entry(vni).or_default().insert(route) {
                         conn.routes_announced.set(conn.routes_announced.get() + 1);
@@ -639,17 +749,25 @@ fn on_routing_message(
             }
         }
         Message::Subscribe(vni) => {
-            let max = limits.max_subscriptions_per_peer;
+            let mut rule_limit = None;
+            if let Some(p) = &mut rs.policy {
+                match p.on_subscribe(conn.addr, vni) {
+                    Verdict::Allow => rule_limit = p.subscription_limit(),
+                    // The peer gets nothing of the VNI: no sync, no updates.
+                    Verdict::Refuse => return Ok(()),
+                    Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+                }
+            }
+            let max = rule_limit.unwrap_or(limits.max_subscriptions_per_peer);
             {
                 let subscribed = conn.subscribed.borrow();
                 if subscribed.len() >= max && !subscribed.contains_key(&vni) {
                     drop(subscribed);
-                    return Err(over_limit(
-                        conn,
-                        "subscriptions",
-                        max,
-                        "--max-subscriptions-per-peer",
-                    ));
+                    let flag = match (&rs.policy, rule_limit) {
+                        (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
+                        _ => "--max-subscriptions-per-peer".into(),
+                    };
+                    return Err(over_limit(conn, "subscriptions", max, &flag));
                 }
             }
             if conn.subscribed.borrow_mut().insert(vni, false).is_none() {

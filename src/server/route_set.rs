@@ -169,6 +169,21 @@ impl RouteSet {
     pub(crate) fn remove(&mut self, route: &Route) -> bool {
         self.map.remove(route).is_some()
     }
+
+    /// Moves the routes for which `take` holds into a new set (a policy
+    /// reload takes out what became forbidden).
+    pub(crate) fn take_if(&mut self, mut take: impl FnMut(&Route) -> bool) -> RouteSet {
+        let mut taken = RouteSet::default();
+        self.map.retain(|r, _| {
+            if take(r) {
+                taken.insert(*r);
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
 }
 
 impl IntoIterator for RouteSet {

@@ -90,6 +90,8 @@ pub(crate) enum Control {
     Routes(crossbeam_channel::Sender<Vec<VniRoutes>>),
     /// Reply with this shard's peers.
     Peers(crossbeam_channel::Sender<Vec<PeerInfo>>),
+    /// The peer policy was reloaded: every peer resolves its rule again.
+    PolicyReloaded,
 }
 
 /// A single-threaded wake-up: every `wait` created before a `notify`
@@ -493,6 +495,11 @@ pub(crate) async fn run(setup: ShardSetup) {
             }
             Ok(Control::Peers(reply)) => {
                 let _ = reply.send(shard.peers_snapshot());
+            }
+            Ok(Control::PolicyReloaded) => {
+                for p in shard.peers.borrow().values() {
+                    p.policy_event.notify();
+                }
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {
                 glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -28,6 +28,21 @@ struct DisconnectCounters {
     shutdown: AtomicU64,
     handshake_timeout: AtomicU64,
     evicted: AtomicU64,
+    policy: AtomicU64,
+}
+
+/// Why the server itself closed a peer with `CloseReason::Local`: decides
+/// the disconnect counter (`limit`, `policy`, or `slow_peer` for the rest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum LocalCause {
+    /// The slow-subscriber policy or anything not listed below.
+    #[default]
+    Other,
+    /// A per-peer limit (routes, subscriptions) was exceeded.
+    Limit,
+    /// The peer policy (`--policy`): no rule matches, or a rule with
+    /// `on_violation: close` was violated.
+    Policy,
 }
 
 /// One shard's live counters. Written only by the shard's thread.
@@ -85,14 +100,14 @@ impl ShardCounters {
         self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
         add(&self.peers_established, 1);
     }
-    /// A peer's task ended; `over_limit` says it was closed for exceeding a
-    /// per-peer limit (routes, subscriptions), counted apart from the rest.
+    /// A peer's task ended; `cause` says why the server closed it when the
+    /// reason is `Local` (a limit, the policy), counted apart from the rest.
     pub(crate) fn peer_gone(
         &self,
         was_established: bool,
         reason: &CloseReason,
         shutdown: bool,
-        over_limit: bool,
+        cause: LocalCause,
     ) {
         if was_established {
             self.peers_established.fetch_sub(1, Ordering::Relaxed);
@@ -111,7 +126,8 @@ impl ShardCounters {
             | CloseReason::KeepaliveFlood { .. } => &d.protocol,
             CloseReason::Malformed(_) => &d.malformed,
             CloseReason::Local(_) if shutdown => &d.shutdown,
-            CloseReason::Local(_) if over_limit => &d.limit,
+            CloseReason::Local(_) if cause == LocalCause::Limit => &d.limit,
+            CloseReason::Local(_) if cause == LocalCause::Policy => &d.policy,
             CloseReason::Local(_) => &d.slow_peer,
         };
         add(c, 1);
@@ -185,6 +201,7 @@ impl ShardCounters {
                 shutdown: get(&d.shutdown),
                 handshake_timeout: get(&d.handshake_timeout),
                 evicted: get(&d.evicted),
+                policy: get(&d.policy),
             },
         }
     }
@@ -214,12 +231,15 @@ pub struct DisconnectCounts {
     /// Closed before completing the handshake to make room for a new
     /// connection at `--max-peers`.
     pub evicted: u64,
+    /// Closed by the peer policy (`--policy`): no rule matches its address,
+    /// or it violated a rule with `on_violation: close`.
+    pub policy: u64,
 }
 
 impl DisconnectCounts {
     /// Every cause with its metric label (`metalbond_disconnects_total{reason}`),
     /// in a fixed order.
-    pub fn by_reason(&self) -> [(&'static str, u64); 10] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 11] {
         [
             ("eof", self.eof),
             ("io", self.io),
@@ -231,6 +251,7 @@ impl DisconnectCounts {
             ("shutdown", self.shutdown),
             ("handshake_timeout", self.handshake_timeout),
             ("evicted", self.evicted),
+            ("policy", self.policy),
         ]
     }
 

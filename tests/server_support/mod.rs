@@ -152,7 +152,22 @@ pub struct TestPeer {
 
 impl TestPeer {
     pub fn connect(addr: SocketAddr) -> TestPeer {
-        let stream = TcpStream::connect(addr).expect("connect");
+        TestPeer::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// Connects from source address `source` (e.g. 127.0.0.2: the peer
+    /// policy tells peers apart by their source address).
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> TestPeer {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .expect("socket");
+        sock.bind(&SocketAddr::new(source, 0).into())
+            .expect("bind the source address");
+        sock.connect_timeout(&addr.into(), WAIT).expect("connect");
+        TestPeer::from_stream(sock.into())
+    }
+
+    fn from_stream(stream: TcpStream) -> TestPeer {
         stream.set_nodelay(true).unwrap();
         let writer = Arc::new(Mutex::new(stream.try_clone().unwrap()));
         TestPeer {

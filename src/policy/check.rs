@@ -1,0 +1,167 @@
+//! `metalbond policy check FILE [--peer ADDR]`: validates a policy file and
+//! prints what it grants; with `--peer`, which rule a peer at that address
+//! gets and why.
+//!
+//! Owns: the subcommand's arguments, its text output and its exit codes
+//! (`EXIT_*`).
+//!
+//! Must never: start a server or touch the network; it reads one file.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::rule::{OnViolation, Rule};
+use super::{file, Policy, RuleCounters};
+
+/// The file is valid (and, with `--peer`, a rule matches).
+pub const EXIT_OK: u8 = 0;
+/// The file cannot be read or is invalid (the error names the place).
+pub const EXIT_INVALID: u8 = 1;
+/// The file is valid but no rule matches `--peer`: that peer would be
+/// refused. (2 is clap's usage error.)
+pub const EXIT_NO_RULE: u8 = 3;
+
+/// `metalbond policy ...`.
+#[derive(clap::Args, Debug)]
+pub struct PolicyArgs {
+    /// What to do with a policy file.
+    #[command(subcommand)]
+    pub command: PolicyCommand,
+}
+
+/// Subcommands of `metalbond policy`.
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate a policy file and print what it grants. Exit status 0: valid
+    /// (and, with --peer, a rule matches); 1: invalid (the error names line
+    /// and column, or the rule); 3: valid, but no rule matches --peer.
+    Check {
+        /// The policy file (YAML, `version: 1`).
+        file: PathBuf,
+        /// Explain which rule a peer connecting from this address gets.
+        #[arg(long, value_name = "ADDR")]
+        peer: Option<IpAddr>,
+    },
+}
+
+/// Runs `metalbond policy ...`: prints to stdout (errors to stderr).
+pub fn run(args: PolicyArgs) -> ExitCode {
+    match args.command {
+        PolicyCommand::Check { file, peer } => {
+            let policy =
+                match file::load(&file, &mut |_| std::sync::Arc::new(RuleCounters::default())) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("metalbond: {e}");
+                        return ExitCode::from(EXIT_INVALID);
+                    }
+                };
+            let (text, code) = report(&file.display().to_string(), &policy, peer);
+            print!("{text}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The text `policy check` prints and its exit code.
+pub fn report(path: &str, policy: &Policy, peer: Option<IpAddr>) -> (String, u8) {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{path}: valid, format version {}{}, {} rule(s); first match on the peer's source address wins, no match is refused",
+        super::FORMAT_VERSION,
+        policy
+            .revision
+            .as_deref()
+            .map(|r| format!(", revision {r:?}"))
+            .unwrap_or_default(),
+        policy.rules.len()
+    );
+    let Some(addr) = peer else {
+        for r in &policy.rules {
+            describe(&mut out, r);
+        }
+        return (out, EXIT_OK);
+    };
+    let source = addr.to_canonical();
+    for r in &policy.rules {
+        match r.matching_prefix(source) {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "peer {source}: rule {} {:?} matches (its peers include {p})",
+                    r.position, r.name
+                );
+                describe(&mut out, r);
+                return (out, EXIT_OK);
+            }
+            None => {
+                let peers: Vec<String> = r.peers.iter().map(|p| p.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "peer {source}: rule {} {:?} does not match (peers {})",
+                    r.position,
+                    r.name,
+                    peers.join(", ")
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "peer {source}: no rule matches: its connections are closed (counted as reason=\"no_rule\")"
+    );
+    (out, EXIT_NO_RULE)
+}
+
+/// What one rule grants, indented.
+fn describe(out: &mut String, r: &Rule) {
+    let peers: Vec<String> = r.peers.iter().map(|p| p.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "rule {} {:?}: peers {}",
+        r.position,
+        r.name,
+        peers.join(", ")
+    );
+    let _ = writeln!(out, "  subscribe: VNIs {}", r.subscribe);
+    if r.announce.is_empty() {
+        let _ = writeln!(out, "  announce: nothing");
+    }
+    for g in &r.announce {
+        let prefixes: Vec<String> = g.prefixes.iter().map(|p| p.to_string()).collect();
+        let mut hops: Vec<String> = Vec::new();
+        if g.next_hops.own_address {
+            hops.push("the peer's own address".into());
+        }
+        hops.extend(g.next_hops.prefixes.iter().map(|p| p.to_string()));
+        let _ = writeln!(
+            out,
+            "  announce: VNIs {}; destinations within {}; next hop types {}; next hops {}",
+            g.vnis,
+            prefixes.join(", "),
+            g.next_hop_types,
+            hops.join(", ")
+        );
+    }
+    let limit = |v: Option<usize>, flag: &str| match v {
+        Some(n) => n.to_string(),
+        None => format!("global {flag}"),
+    };
+    let _ = writeln!(
+        out,
+        "  limits: routes {}, subscriptions {}",
+        limit(r.limits.max_routes, "--max-routes-per-peer"),
+        limit(r.limits.max_subscriptions, "--max-subscriptions-per-peer")
+    );
+    let _ = writeln!(
+        out,
+        "  on violation: {}",
+        match r.on_violation {
+            OnViolation::Refuse => "refuse the message (counted, session stays up)",
+            OnViolation::Close => "close the session",
+        }
+    );
+}

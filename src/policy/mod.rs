@@ -1,0 +1,256 @@
+//! Peer policy on the reflector (`metalbond server --policy FILE`): who may
+//! subscribe to which VNIs and announce which routes, decided by the peer's
+//! source address.
+//!
+//! Owns: the file format and its parsing (`file`), compiled rules and their
+//! checks (`rule`), the live policy shared by every shard with reload and
+//! counters (`PolicyStore`), and `metalbond policy check` (`check`).
+//!
+//! How the server uses it: at session start a peer's source address is
+//! resolved to its rule once (`Policy::rule_for`, first match) and the peer
+//! keeps an `Arc<Rule>`; per UPDATE or SUBSCRIBE it asks that rule (a few
+//! lookups). On reload (SIGHUP) the store swaps in the new policy and each
+//! peer resolves its rule again. Without `--policy` the server never calls
+//! into this module.
+//!
+//! Must never: touch sockets, sessions or tables (the server acts on the
+//! answers), or let a file that does not parse replace a working policy.
+
+#[cfg(feature = "cli")]
+pub mod check;
+pub mod file;
+pub mod peer;
+pub mod rule;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+pub use file::{PolicyError, FORMAT_VERSION};
+pub use peer::{PeerPolicy, Verdict};
+pub use rule::{Denial, OnViolation, Rule, RuleCounters, VniSet};
+
+/// A compiled policy: rules in file order, first match wins; no match
+/// denies.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// The file's `revision`, if set.
+    pub revision: Option<String>,
+    /// The rules.
+    pub rules: Vec<Arc<Rule>>,
+}
+
+impl Policy {
+    /// The rule for a peer whose source address is `source` (any form: an
+    /// IPv4-mapped IPv6 address is matched as IPv4).
+    pub fn rule_for(&self, source: IpAddr) -> Option<&Arc<Rule>> {
+        let source = source.to_canonical();
+        self.rules
+            .iter()
+            .find(|r| r.matching_prefix(source).is_some())
+    }
+
+    /// Parses `text` on its own (tests, `policy check`), with fresh counters.
+    pub fn from_yaml(path: &str, text: &str) -> Result<Policy, PolicyError> {
+        file::parse(path, text, &mut |_| Arc::new(RuleCounters::default()))
+    }
+}
+
+/// The running policy, shared by every shard and the status pages.
+#[derive(Debug)]
+pub struct PolicyStore {
+    /// The file, re-read on reload.
+    path: PathBuf,
+    /// The active policy (read at session start and on reload only).
+    current: RwLock<Arc<Policy>>,
+    /// Bumped by each successful load (1 for the first).
+    generation: AtomicU64,
+    /// When the active policy was loaded.
+    loaded_at: Mutex<SystemTime>,
+    /// Counters by rule name, kept across reloads.
+    counters: Mutex<HashMap<String, Arc<RuleCounters>>>,
+    /// Refusals of peers that no rule matches.
+    unmatched: Arc<RuleCounters>,
+    /// Reloads that failed (the old policy stayed).
+    failed_reloads: AtomicU64,
+}
+
+/// Label used for refusals of peers no rule matches (rule names cannot
+/// contain parentheses or spaces, so it never collides with one).
+pub const NO_RULE_LABEL: &str = "(no rule)";
+
+impl PolicyStore {
+    /// Loads `path`; an error names the place in the file.
+    pub fn load(path: &Path) -> Result<PolicyStore, PolicyError> {
+        let store = PolicyStore {
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(Policy::default())),
+            generation: AtomicU64::new(0),
+            loaded_at: Mutex::new(SystemTime::now()),
+            counters: Mutex::new(HashMap::new()),
+            unmatched: Arc::new(RuleCounters::default()),
+            failed_reloads: AtomicU64::new(0),
+        };
+        store.read_and_swap()?;
+        Ok(store)
+    }
+
+    /// A store holding `policy` (tests and embedders without a file;
+    /// `reload` then fails).
+    pub fn from_policy(policy: Policy) -> PolicyStore {
+        let counters = policy
+            .rules
+            .iter()
+            .map(|r| (r.name.clone(), r.counters.clone()))
+            .collect();
+        PolicyStore {
+            path: PathBuf::new(),
+            current: RwLock::new(Arc::new(policy)),
+            generation: AtomicU64::new(1),
+            loaded_at: Mutex::new(SystemTime::now()),
+            counters: Mutex::new(counters),
+            unmatched: Arc::new(RuleCounters::default()),
+            failed_reloads: AtomicU64::new(0),
+        }
+    }
+
+    fn read_and_swap(&self) -> Result<Arc<Policy>, PolicyError> {
+        let policy = {
+            let mut counters = lock(&self.counters);
+            file::load(&self.path, &mut |name| {
+                counters.entry(name.to_string()).or_default().clone()
+            })?
+        };
+        let policy = Arc::new(policy);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        *lock(&self.loaded_at) = SystemTime::now();
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(policy)
+    }
+
+    /// Re-reads the file. On success the new policy is active (peers still
+    /// have to be told: `ServerHandle::reload_policy` does both); on failure
+    /// the old one stays and the error says where the file is wrong.
+    pub fn reload(&self) -> Result<Arc<Policy>, PolicyError> {
+        let r = self.read_and_swap();
+        if r.is_err() {
+            self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// The active policy.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Successful loads so far; a peer resolved in an older generation
+    /// resolves its rule again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counters for refusals of peers no rule matches.
+    pub fn unmatched(&self) -> &RuleCounters {
+        &self.unmatched
+    }
+
+    /// What the status pages show: revision, generation, per-rule counts.
+    pub fn status(&self) -> PolicyStatus {
+        let policy = self.current();
+        let counters = lock(&self.counters);
+        let row = |name: &str, c: &RuleCounters, active: bool| RuleStatus {
+            name: name.to_string(),
+            active,
+            hits: c.hits(),
+            denied: Denial::ALL
+                .iter()
+                .map(|d| (d.label(), c.denied_count(*d)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            withdrawn: c.withdrawn_count(),
+        };
+        let mut rules: Vec<RuleStatus> = policy
+            .rules
+            .iter()
+            .map(|r| row(&r.name, &r.counters, true))
+            .collect();
+        // Rules removed by a reload keep their counters (Prometheus
+        // counters never go back).
+        let mut gone: Vec<RuleStatus> = counters
+            .iter()
+            .filter(|(name, _)| !policy.rules.iter().any(|r| &r.name == *name))
+            .map(|(name, c)| row(name, c, false))
+            .collect();
+        gone.sort_by(|a, b| a.name.cmp(&b.name));
+        rules.extend(gone);
+        rules.push(row(NO_RULE_LABEL, &self.unmatched, true));
+        PolicyStatus {
+            path: self.path.display().to_string(),
+            format_version: FORMAT_VERSION,
+            revision: policy.revision.clone(),
+            generation: self.generation.load(Ordering::Relaxed),
+            loaded_at: *lock(&self.loaded_at),
+            failed_reloads: self.failed_reloads.load(Ordering::Relaxed),
+            rules,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The active policy as the status pages show it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PolicyStatus {
+    /// The file.
+    pub path: String,
+    /// Format version read.
+    pub format_version: u32,
+    /// The file's `revision`.
+    pub revision: Option<String>,
+    /// Successful loads so far (1 = the start-up load, +1 per reload).
+    pub generation: u64,
+    /// When the active policy was loaded.
+    #[serde(serialize_with = "ser_time")]
+    pub loaded_at: SystemTime,
+    /// Reloads that failed since start (the old policy stayed).
+    pub failed_reloads: u64,
+    /// Per rule (active ones in file order, then removed ones, then the
+    /// peers no rule matched).
+    pub rules: Vec<RuleStatus>,
+}
+
+/// One rule's counts.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RuleStatus {
+    /// Rule name (or `NO_RULE_LABEL`).
+    pub name: String,
+    /// In the active policy (false: removed by a reload).
+    pub active: bool,
+    /// Sessions that resolved to it.
+    pub hits: u64,
+    /// Refusals by reason label (only non-zero ones).
+    pub denied: std::collections::BTreeMap<&'static str, u64>,
+    /// Routes withdrawn because a reload no longer allowed them.
+    pub withdrawn: u64,
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! Unit tests of parsing and matching.
+
+use std::net::IpAddr;
+
+use super::*;
+use crate::types::{NextHop, NextHopKind, Route, Vni};
+
+/// The README's example (kept in step by `readme_example_is_this_one`).
+pub(crate) const FLEET: &str = r#"version: 1
+revision: "fleet-a 2026-11-30"
+rules:
+  # The reflector's management network may watch every tenant.
+  - name: management
+    peers: [2001:db8:ffff::/48, 192.0.2.0/24]
+    subscribe: [0-16777215]
+  # Load-balancer gateways announce LB targets (VIPs behind hypervisors).
+  - name: gateways
+    peers: [2001:db8:10::/64]
+    subscribe: [1000-1999]
+    announce:
+      - vnis: [1000-1999]
+        prefixes: [203.0.113.0/24, 2001:db8:4000::/40]
+        next_hop_types: [loadbalancer]
+        next_hops: [2001:db8:100::/48]
+  # Hypervisors announce their own VMs, with their own underlay address.
+  - name: hypervisors
+    peers: [2001:db8:100::/48]
+    subscribe: [1000-1999]
+    announce:
+      - vnis: [1000-1999]
+        prefixes: [10.0.0.0/8, fd00::/8]
+        next_hops: [self]
+    limits:
+      max_routes: 5000
+      max_subscriptions: 200
+  # A tenant's own appliance, closed on the first violation.
+  - name: tenant-42-appliance
+    peers: [2001:db8:42::7]
+    subscribe: [1042]
+    announce:
+      - vnis: [1042]
+        prefixes: [10.42.0.0/16]
+        next_hop_types: [standard, nat]
+        next_hops: [self]
+    on_violation: close
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn route(vni: u32, dest: &str, hop: &str, kind: NextHopKind) -> Route {
+    Route::new(
+        Vni::new(vni).unwrap(),
+        dest.parse().unwrap(),
+        NextHop {
+            target: ip(hop),
+            target_vni: 0,
+            kind,
+        },
+    )
+}
+
+fn fleet() -> Policy {
+    Policy::from_yaml("fleet.yaml", FLEET).expect("the example parses")
+}
+
+#[test]
+fn first_matching_rule_wins_and_no_match_denies() {
+    let p = fleet();
+    assert_eq!(
+        p.rule_for(ip("2001:db8:ffff::1")).unwrap().name,
+        "management"
+    );
+    assert_eq!(p.rule_for(ip("2001:db8:10::5")).unwrap().name, "gateways");
+    assert_eq!(
+        p.rule_for(ip("2001:db8:100:7::1")).unwrap().name,
+        "hypervisors"
+    );
+    assert_eq!(
+        p.rule_for(ip("2001:db8:42::7")).unwrap().name,
+        "tenant-42-appliance"
+    );
+    assert!(p.rule_for(ip("2001:db8:42::8")).is_none());
+    // An IPv4 peer seen on a dual-stack socket is matched as IPv4.
+    assert_eq!(
+        p.rule_for(ip("::ffff:192.0.2.9")).unwrap().name,
+        "management"
+    );
+    assert!(p.rule_for(ip("198.51.100.1")).is_none());
+}
+
+#[test]
+fn hypervisor_may_announce_only_its_own_vms_with_its_own_address() {
+    let p = fleet();
+    let me = ip("2001:db8:100:7::1");
+    let r = p.rule_for(me).unwrap();
+    let std = NextHopKind::Standard;
+    assert_eq!(
+        r.check_announce(&route(1500, "10.1.2.0/24", "2001:db8:100:7::1", std), me),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_announce(&route(1500, "fd00:1::/64", "2001:db8:100:7::1", std), me),
+        Ok(())
+    );
+    // Another hypervisor's address as next hop: a hijack.
+    assert_eq!(
+        r.check_announce(&route(1500, "10.1.2.0/24", "2001:db8:100:8::1", std), me),
+        Err(Denial::NextHop)
+    );
+    // A destination outside the tenant supernets.
+    assert_eq!(
+        r.check_announce(&route(1500, "192.168.0.0/24", "2001:db8:100:7::1", std), me),
+        Err(Denial::Prefix)
+    );
+    // A supernet of an allowed prefix is not within it.
+    assert_eq!(
+        r.check_announce(&route(1500, "0.0.0.0/0", "2001:db8:100:7::1", std), me),
+        Err(Denial::Prefix)
+    );
+    assert_eq!(
+        r.check_announce(&route(2500, "10.1.2.0/24", "2001:db8:100:7::1", std), me),
+        Err(Denial::AnnounceVni)
+    );
+    assert_eq!(
+        r.check_announce(
+            &route(
+                1500,
+                "10.1.2.0/24",
+                "2001:db8:100:7::1",
+                NextHopKind::LoadBalancerTarget
+            ),
+            me
+        ),
+        Err(Denial::NextHopType)
+    );
+    assert!(r.may_subscribe(Vni::new(1999).unwrap()));
+    assert!(!r.may_subscribe(Vni::new(2000).unwrap()));
+    assert_eq!(r.limits.max_routes, Some(5000));
+}
+
+#[test]
+fn self_matches_an_ipv4_source_in_its_mapped_form() {
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: v4\n    peers: [127.0.0.0/8]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [self]\n",
+    )
+    .unwrap();
+    let me = ip("127.0.0.2");
+    let r = p.rule_for(me).unwrap();
+    let k = NextHopKind::Standard;
+    assert_eq!(
+        r.check_announce(&route(1, "10.0.0.0/24", "127.0.0.2", k), me),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_announce(&route(1, "10.0.0.0/24", "::ffff:127.0.0.2", k), me),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_announce(&route(1, "10.0.0.0/24", "::ffff:127.0.0.3", k), me),
+        Err(Denial::NextHop)
+    );
+}
+
+#[test]
+fn gateway_may_announce_lb_targets_within_the_hypervisor_range() {
+    let p = fleet();
+    let gw = ip("2001:db8:10::5");
+    let r = p.rule_for(gw).unwrap();
+    let lb = NextHopKind::LoadBalancerTarget;
+    assert_eq!(
+        r.check_announce(&route(1001, "203.0.113.7/32", "2001:db8:100:3::1", lb), gw),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_announce(&route(1001, "203.0.113.7/32", "2001:db8:999::1", lb), gw),
+        Err(Denial::NextHop)
+    );
+    assert_eq!(
+        r.check_announce(
+            &route(
+                1001,
+                "203.0.113.7/32",
+                "2001:db8:100:3::1",
+                NextHopKind::Standard
+            ),
+            gw
+        ),
+        Err(Denial::NextHopType)
+    );
+    // Management may subscribe to anything and announce nothing.
+    let m = p.rule_for(ip("2001:db8:ffff::1")).unwrap();
+    assert!(m.may_subscribe(Vni::new(Vni::MAX).unwrap()));
+    assert_eq!(
+        m.check_announce(
+            &route(1, "10.0.0.0/8", "2001:db8:ffff::1", NextHopKind::Standard),
+            gw
+        ),
+        Err(Denial::AnnounceVni)
+    );
+}
+
+#[test]
+fn vni_sets_merge_ranges_and_search_them() {
+    let s = VniSet::from_ranges(vec![(10, 20), (21, 30), (5, 5), (100, 200), (150, 160)]);
+    assert_eq!(s.ranges(), &[(5, 5), (10, 30), (100, 200)]);
+    for (v, inside) in [
+        (4, false),
+        (5, true),
+        (6, false),
+        (10, true),
+        (30, true),
+        (31, false),
+        (99, false),
+        (200, true),
+        (201, false),
+    ] {
+        assert_eq!(s.contains(Vni::new(v).unwrap()), inside, "{v}");
+    }
+    assert_eq!(s.to_string(), "5, 10-30, 100-200");
+    assert!(!VniSet::default().contains(Vni::new(0).unwrap()));
+}
+
+fn err(text: &str) -> String {
+    Policy::from_yaml("p.yaml", text).unwrap_err().to_string()
+}
+
+#[test]
+fn errors_name_the_file_the_place_and_the_cause() {
+    let e =
+        err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    subscribe: [100-x]\n");
+    assert!(e.starts_with("policy file p.yaml: line 5 column"), "{e}");
+    assert!(e.contains("VNI 'x' is not a number"), "{e}");
+
+    let e = err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    subscrbe: [1]\n");
+    assert!(e.contains("line 5 column 5"), "{e}");
+    assert!(e.contains("unknown field `subscrbe`"), "{e}");
+
+    let e = err("version: 2\nrules: []\n");
+    assert!(e.contains("line 1"), "{e}");
+    assert!(e.contains("version 2 is not supported"), "{e}");
+
+    let e = err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.1/8]\n");
+    assert!(e.contains("line 4"), "{e}");
+    assert!(
+        e.contains("host bits set (did you mean 10.0.0.0/8?)"),
+        "{e}"
+    );
+
+    let e =
+        err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    subscribe: [200-100]\n");
+    assert!(e.contains("is empty (first above last)"), "{e}");
+
+    let e = err(
+        "version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    subscribe: [16777216]\n",
+    );
+    assert!(e.contains("VNI 16777216 is out of range"), "{e}");
+
+    let e = err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n  - name: a\n    peers: [10.0.0.0/8]\n");
+    assert_eq!(
+        e,
+        "policy file p.yaml: rule 2 (\"a\"): the name is used by an earlier rule"
+    );
+
+    let e = err("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [someone]\n");
+    assert!(e.contains("line 8"), "{e}");
+    assert!(e.contains("`self`"), "{e}");
+
+    let e = err(
+        "version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    on_violation: explode\n",
+    );
+    assert!(e.contains("line 5"), "{e}");
+
+    let e = err("version: 1\nrules:\n  - name: a b\n    peers: [10.0.0.0/8]\n");
+    assert!(e.contains("rule 1 (\"a b\"): name must be"), "{e}");
+
+    let e = err("version: 1\nrules:\n  - name: a\n    peers: []\n");
+    assert!(e.contains("`peers` is empty"), "{e}");
+
+    let e = err("version: 1\nrules: [\n");
+    assert!(e.starts_with("policy file p.yaml: "), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn next_hop_types_default_to_standard_and_limits_must_be_positive() {
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [self]\n",
+    )
+    .unwrap();
+    let g = &p.rules[0].announce[0];
+    assert!(g.next_hop_types.standard && !g.next_hop_types.load_balancer && !g.next_hop_types.nat);
+    let e = err(
+        "version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    limits: {max_routes: 0}\n",
+    );
+    assert!(e.contains("limits must be positive"), "{e}");
+}
+
+#[test]
+fn check_report_explains_the_match_and_the_misses() {
+    let p = fleet();
+    let (text, code) = check::report("fleet.yaml", &p, Some(ip("2001:db8:100:7::1")));
+    assert_eq!(code, check::EXIT_OK);
+    assert!(
+        text.contains(
+            "rule 1 \"management\" does not match (peers 2001:db8:ffff::/48, 192.0.2.0/24)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("rule 3 \"hypervisors\" matches (its peers include 2001:db8:100::/48)"),
+        "{text}"
+    );
+    assert!(text.contains("next hops the peer's own address"), "{text}");
+    assert!(
+        text.contains("limits: routes 5000, subscriptions 200"),
+        "{text}"
+    );
+    let (text, code) = check::report("fleet.yaml", &p, Some(ip("198.51.100.1")));
+    assert_eq!(code, check::EXIT_NO_RULE);
+    assert!(text.contains("no rule matches"), "{text}");
+    let (text, code) = check::report("fleet.yaml", &p, None);
+    assert_eq!(code, check::EXIT_OK);
+    assert!(text.contains("4 rule(s)"), "{text}");
+    assert!(text.contains("revision \"fleet-a 2026-11-30\""), "{text}");
+}
+
+#[test]
+fn readme_example_is_this_one() {
+    let readme = include_str!("../../README.md");
+    assert!(
+        readme.contains(FLEET),
+        "README's example policy differs from policy::tests::FLEET"
+    );
+}
