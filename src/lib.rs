@@ -11,12 +11,16 @@
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
 //! - `logging`: tracing set-up for the binaries.
+//! - `readiness`: sd_notify `READY=1` for systemd `Type=notify` units.
+//! - `cli_docs`: man pages and shell completions from the clap definition.
 
+pub mod cli_docs;
 pub mod client;
 pub mod codec;
 pub mod http;
 pub mod logging;
 pub mod netlink;
+pub mod readiness;
 pub mod server;
 pub mod session;
 pub mod types;

@@ -381,6 +381,8 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    // systemd Type=notify: ready once every listener accepts and --http is bound.
+    crate::readiness::notify_ready(&format!("listening on {:?}", handle.local_addrs()));
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
     }
