@@ -21,7 +21,7 @@ case "${1:-}" in
     # An old glibc as the floor: the binary links against 2.28's symbols.
     cargo zigbuild --locked --release --target "$TRIPLE.2.28" --bin metalbond
     OUT="$TARGET_DIR/$TRIPLE/release"
-    TARGET_ARG="--target=$TRIPLE"
+    TARGET_ARG="--target=$TRIPLE --variant=portable"
     ;;
 "")
     cargo build --locked --release --bin metalbond
@@ -37,5 +37,5 @@ esac
 rm -rf "$OUT/generated"
 "$OUT/metalbond" generate-docs "$OUT/generated" >/dev/null
 gzip -9n "$OUT"/generated/man/*.8
-# shellcheck disable=SC2086 # TARGET_ARG is empty or one word
+# shellcheck disable=SC2086 # TARGET_ARG is empty or whole words
 cargo deb --no-build $TARGET_ARG
