@@ -3,11 +3,13 @@
 //! Owns: the `READY=1` and `STATUS=...` datagrams sent to `$NOTIFY_SOCKET`
 //! (through the `sd-notify` crate: no libsystemd), and the wait that sends
 //! `READY=1` once a caller's condition holds while still answering SIGINT /
-//! SIGTERM.
+//! SIGTERM, and the client's condition (`ClientReadiness`: every server up
+//! or failed once). The server is ready where it says so (`server::run`,
+//! once listening).
 //!
 //! Must never: fail or slow down a process that no manager supervises
 //! (without `$NOTIFY_SOCKET` nothing is sent and nothing is logged), or
-//! decide what "ready" means for a role: the server and the client say that.
+//! change what a session does: it only reads `Client::servers()`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -29,11 +31,6 @@ pub fn notify_ready(status: &str) {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(status),
     ]);
-}
-
-/// Updates the one-line status shown by `systemctl status`.
-pub fn notify_status(status: &str) {
-    send(&[sd_notify::NotifyState::Status(status)]);
 }
 
 /// Sends `states` (nothing without `$NOTIFY_SOCKET`); a failure is logged,
