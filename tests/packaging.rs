@@ -769,6 +769,44 @@ fn server_without_io_uring_exits_naming_the_seccomp_profile() {
 }
 
 #[test]
+fn server_under_a_small_memlock_limit_exits_naming_the_limit_to_raise() {
+    // The kernel's old 64 KiB default: glommio wants 512 KiB.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--shards",
+        "1",
+    ]);
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: 64 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, stderr) = Proc::spawn(&mut cmd).wait_exit();
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("metalbond: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("MemLockLimit") && line.contains("LimitMEMLOCK="),
+        "{line}"
+    );
+    // The shipped unit raises it well above glommio's floor.
+    assert!(read("deploy/systemd/metalbond-server.service").contains("\nLimitMEMLOCK=64M\n"));
+}
+
+#[test]
 fn seccomp_profile_allows_io_uring_and_keeps_namespaces_closed() {
     let profile: serde_json::Value =
         serde_json::from_str(&read("deploy/seccomp/metalbond-io-uring.json"))
