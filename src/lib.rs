@@ -14,6 +14,8 @@
 //! - `policy`: `--policy` peer rules (who may announce / subscribe what).
 //! - `logging`: tracing set-up for the binaries.
 //! - `version`: the build's version and git commit.
+//! - `readiness`: sd_notify `READY=1` for systemd `Type=notify` units.
+//! - `cli_docs`: man pages and shell completions from the clap definition.
 //!
 //! Cargo features (all on by default): `client` (the library, std threads
 //! only), `netlink` (kernel routes for the client), `server` (the glommio
@@ -23,6 +25,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "cli")]
+pub mod cli_docs;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;
@@ -34,6 +38,8 @@ pub mod logging;
 pub mod netlink;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod policy;
+#[cfg(feature = "cli")]
+pub mod readiness;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod session;

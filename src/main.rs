@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use metalbond::logging::{self, LogFormat};
 
 #[global_allocator]
@@ -38,7 +38,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `metalbond generate-docs DIR` (packaging): outside the clap definition
+    // so that it appears in none of the pages and completions it writes.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "generate-docs") {
+        return match argv.get(2..) {
+            Some([dir]) => generate_docs(std::path::Path::new(dir)),
+            _ => {
+                eprintln!("usage: metalbond generate-docs DIR");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let cli = Cli::parse_from(argv);
     let (verbose, role) = match cli.command {
         Command::Server(ref a) => (a.verbose, "server"),
         Command::Client(ref a) => (a.verbose, "client"),
@@ -65,6 +77,26 @@ fn main() -> ExitCode {
             // One line naming the cause; the log subscriber also writes to
             // stderr, so logging it too would print it twice.
             eprintln!("metalbond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `metalbond generate-docs DIR`: the packaging step's man pages and
+/// completions, from this very command definition.
+fn generate_docs(dir: &std::path::Path) -> ExitCode {
+    match metalbond::cli_docs::generate(Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "metalbond: cannot write documentation into {}: {e}",
+                dir.display()
+            );
             ExitCode::FAILURE
         }
     }

@@ -489,7 +489,10 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])?;
-    if let Some(signal) = signals.forever().next() {
+    // systemd Type=notify: READY=1 once every server is up or failed once.
+    let mut readiness = crate::readiness::ClientReadiness::default();
+    let signal = crate::readiness::serve_until_signal(&mut signals, || readiness.check(&client));
+    if let Some(signal) = signal {
         tracing::info!(signal, "shutting down");
     }
     drop(http);

@@ -400,7 +400,7 @@ pub enum ServerError {
     /// The kernel refuses io_uring, which every shard's executor needs
     /// (`kernel.io_uring_disabled`, a seccomp profile, an old kernel).
     #[error(
-        "io_uring is unavailable (io_uring_setup: {0}); check kernel.io_uring_disabled or the container's seccomp profile"
+        "io_uring is unavailable (io_uring_setup: {0}); allow it: sysctl kernel.io_uring_disabled=0 on the host, and in a container the seccomp profile deploy/seccomp/metalbond-io-uring.json (README \"Containers and io_uring\")"
     )]
     IoUringUnavailable(std::io::Error),
     /// The `--policy` file cannot be read or is invalid (names the place).
@@ -424,7 +424,8 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.ends_with("); check kernel.io_uring_disabled or the container's seccomp profile")
+            text.ends_with("); allow it: sysctl kernel.io_uring_disabled=0 on the host, and in a container the seccomp profile deploy/seccomp/metalbond-io-uring.json (README \"Containers and io_uring\")"),
+            "{text}"
         );
         assert!(!text.contains('\n'));
         let enosys =

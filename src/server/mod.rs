@@ -182,8 +182,8 @@ impl Server {
                     match made {
                         Ok(Ok(ex)) => ex.run(shard::run(setup)),
                         Ok(Err(e)) => {
-                            let _ =
-                                ready.send(Err((index, format!("cannot create executor: {e}"))));
+                            let reason = format!("cannot create executor: {e}{}", memlock_hint(&e));
+                            let _ = ready.send(Err((index, reason)));
                         }
                         Err(_) => {
                             let _ = ready.send(Err((
@@ -264,6 +264,17 @@ pub struct ServerHandle {
     counters: Vec<Arc<ShardCounters>>,
     /// The configuration the server runs with.
     config: Arc<ServerConfig>,
+}
+
+/// The fix for glommio's refusal to start under a small RLIMIT_MEMLOCK
+/// (`MemLockLimit(have/need)`, need 512 KiB), which hits unprivileged
+/// servers under old defaults (64 KiB); empty for every other error.
+fn memlock_hint(e: &glommio::GlommioError<()>) -> &'static str {
+    if e.to_string().contains("MemLockLimit") {
+        "; raise the locked-memory limit to at least 512 KiB (ulimit -l, systemd LimitMEMLOCK=, docker run --ulimit memlock=)"
+    } else {
+        ""
+    }
 }
 
 /// glommio's pre-registered buffer pool per executor. It serves file
@@ -418,6 +429,8 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    // systemd Type=notify: ready once every listener accepts and --http is bound.
+    crate::readiness::notify_ready(&format!("listening on {:?}", handle.local_addrs()));
     for sig in signals.forever() {
         if sig == SIGHUP {
             match handle.reload_policy() {
