@@ -100,7 +100,7 @@ impl StatusSource for ClientStatusSource {
         let Some(inner) = self.inner.upgrade() else {
             return MetricsView::default();
         };
-        let (states, present, disconnects, established) = {
+        let (states, present, disconnects, established, stale) = {
             let core = inner.lock();
             let states: Vec<SessionState> = core.servers.values().map(|s| s.state).collect();
             let disconnects: Vec<(String, u64)> = core
@@ -108,11 +108,17 @@ impl StatusSource for ClientStatusSource {
                 .iter()
                 .map(|(reason, n)| (reason.to_string(), *n))
                 .collect();
+            let stale: usize = core
+                .servers
+                .keys()
+                .map(|id| core.present.stale_held_by(*id))
+                .sum();
             (
                 states,
                 core.present.present(),
                 disconnects,
                 core.sessions_established,
+                stale,
             )
         };
         let traffic = inner.totals.snapshot();
@@ -157,12 +163,20 @@ impl StatusSource for ClientStatusSource {
                     }]
                 })
                 .unwrap_or_default(),
-            extra: vec![MetricFamily::single(
-                "metalbond_sessions_established_total",
-                "Sessions that reached ESTABLISHED since the client started (grows with every reconnect).",
-                MetricKind::Counter,
-                established as f64,
-            )],
+            extra: vec![
+                MetricFamily::single(
+                    "metalbond_sessions_established_total",
+                    "Sessions that reached ESTABLISHED since the client started (grows with every reconnect).",
+                    MetricKind::Counter,
+                    established as f64,
+                ),
+                MetricFamily::single(
+                    "metalbond_stale_routes",
+                    "Routes kept from lost server sessions and not received again yet (--stale-hold), summed over servers.",
+                    MetricKind::Gauge,
+                    stale as f64,
+                ),
+            ],
             ..MetricsView::default()
         }
     }
