@@ -193,7 +193,13 @@ fn present_set_across_two_servers() {
     let a = ScriptedServer::start();
     let b = ScriptedServer::start();
     let sink = RecordingSink::default();
-    let client = Client::new(fast_config(), sink.clone());
+    // A lost server's routes go at once here (stale holds are covered by
+    // tests/client_stale.rs).
+    let config = ClientConfig {
+        stale_hold: Duration::ZERO,
+        ..fast_config()
+    };
+    let client = Client::new(config, sink.clone());
     let own = route(23, "10.9.0.0/24", "2001:db8::99");
     client.subscribe(vni(23)).unwrap();
     client.announce(own).unwrap();
