@@ -167,3 +167,45 @@ fn a_zero_hold_removes_a_lost_sessions_routes_at_once() {
     s.drop_connection();
     expect(&rx, Seen::Remove(r));
 }
+
+#[test]
+fn a_server_whose_table_changed_is_not_cut_off_for_its_stale_copies() {
+    let s = ScriptedServer::start();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let config = ClientConfig {
+        stale_hold: Duration::from_secs(60),
+        max_routes_per_server: 3,
+        ..fast_config()
+    };
+    let c = Client::new(config, ChannelSink(tx));
+    c.subscribe(vni(23)).unwrap();
+    c.add_server(&s.address).unwrap();
+    let mut n = 0;
+    s.wait_connections(1, &mut n);
+    established(&c, &s);
+    let old: Vec<Route> = (1..=3)
+        .map(|i| route(23, &format!("10.0.{i}.0/24"), "2001:db8::1"))
+        .collect();
+    for r in &old {
+        s.send(Action::Add, *r);
+        expect(&rx, Seen::Add(*r));
+    }
+    s.drop_connection();
+    s.wait_connections(2, &mut n);
+    established(&c, &s);
+    // The new table is another one: at the limit, the stale copies go to
+    // make room instead of the session being closed.
+    let new = route(23, "10.1.1.0/24", "2001:db8::2");
+    s.send(Action::Add, new);
+    let mut seen: Vec<Seen> = (0..4)
+        .map(|_| rx.recv_timeout(WAIT).expect("a change"))
+        .collect();
+    seen.sort_by_key(|c| match c {
+        Seen::Add(r) | Seen::Remove(r) => *r,
+    });
+    let mut want: Vec<Seen> = old.iter().map(|r| Seen::Remove(*r)).collect();
+    want.push(Seen::Add(new));
+    assert_eq!(seen, want);
+    assert!(c.disconnects().iter().all(|(reason, _)| *reason != "limit"));
+    assert_eq!(c.present_routes(), vec![new]);
+}

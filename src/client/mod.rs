@@ -82,7 +82,7 @@ mod stream;
 mod traffic;
 mod wait;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -301,9 +301,10 @@ struct ServerSlot {
     connected_since: Option<SystemTime>,
     /// The agreed keepalive interval while ESTABLISHED.
     keepalive: Option<Duration>,
-    /// When this server's stale routes are removed (`stale_hold` after the
-    /// last loss of its session); `None` while it holds none.
-    stale_until: Option<Instant>,
+    /// When each generation of this server's stale routes is removed
+    /// (`stale_hold` after the loss that made it), oldest first: one entry
+    /// per generation in the present set.
+    stale_until: VecDeque<Instant>,
 }
 
 /// Capacity of the scratch list of present-set changes kept between
@@ -500,8 +501,20 @@ impl ClientInner {
                 && core.present.held_by(id) >= limit
                 && !core.present.holds(id, &route)
             {
-                result = Err(RouteLimitExceeded { limit });
-                break;
+                // Stale copies count against the limit (they cost memory),
+                // but a server whose table changed across a restart must
+                // not be cut off for them: they go first.
+                if core.present.stale_held_by(id) > 0 {
+                    let swept = core.present.sweep_all(id, &mut core.changes);
+                    if let Some(slot) = core.servers.get_mut(&id) {
+                        slot.stale_until.clear();
+                        tracing::info!(server = %slot.address, routes = swept, "route limit reached: stale routes withdrawn early to make room");
+                    }
+                }
+                if core.present.held_by(id) >= limit {
+                    result = Err(RouteLimitExceeded { limit });
+                    break;
+                }
             }
             tracing::trace!(?action, %route, server = id.0, "received");
             core.present.received(id, action, route, &mut core.changes);
@@ -535,26 +548,26 @@ impl ClientInner {
         slot.traffic = Arc::new(TrafficCounters::default());
         if !core.shut_down {
             if keep && !hold.is_zero() {
-                let before = core.present.stale_held_by(id);
+                // Each loss is a generation with its own deadline: routes
+                // that went stale earlier keep theirs, so a session that
+                // keeps failing cannot keep them forever.
                 let stale = core.present.server_stale(id);
-                // The hold runs from the loss of the session that received
-                // them: a reconnect that fails again before any route
-                // arrived does not extend it.
-                if stale > before || (stale > 0 && slot.stale_until.is_none()) {
-                    let now = Instant::now();
-                    slot.stale_until = Some(now.checked_add(hold).unwrap_or(now + MAX_HOLD));
+                let now = Instant::now();
+                slot.stale_until
+                    .push_back(now.checked_add(hold).unwrap_or(now + MAX_HOLD));
+                if stale > 0 {
                     tracing::info!(
                         server = %slot.address,
                         routes = stale,
                         hold_secs = hold.as_secs(),
                         "session lost: its routes stay as stale until received again or the hold ends"
                     );
-                    if !core.sweeper_running {
-                        core.sweeper_running = spawn_sweeper(Arc::downgrade(self));
-                    }
+                }
+                if !core.sweeper_running {
+                    core.sweeper_running = spawn_sweeper(Arc::downgrade(self));
                 }
             } else {
-                slot.stale_until = None;
+                slot.stale_until.clear();
                 core.present.server_lost(id, &mut core.changes);
                 core.deliver();
             }
@@ -577,17 +590,14 @@ impl ClientInner {
         let mut pending = false;
         let mut due = Vec::new();
         for (id, slot) in core.servers.iter_mut() {
-            match slot.stale_until {
-                Some(t) if t <= now => {
-                    slot.stale_until = None;
-                    due.push((*id, slot.address.clone()));
-                }
-                Some(_) => pending = true,
-                None => {}
+            while slot.stale_until.front().is_some_and(|t| *t <= now) {
+                slot.stale_until.pop_front();
+                due.push((*id, slot.address.clone()));
             }
+            pending |= !slot.stale_until.is_empty();
         }
         for (id, address) in due {
-            let swept = core.present.sweep(id, &mut core.changes);
+            let swept = core.present.sweep_oldest(id, &mut core.changes);
             if swept > 0 {
                 tracing::info!(server = %address, routes = swept, "stale hold over: routes not received again are withdrawn");
             }
@@ -768,7 +778,9 @@ impl Client {
     /// runtime, or by blocking receives) instead of a sink. At most
     /// `capacity` changes wait in the stream; past that the client's
     /// delivery thread waits for the reader (and past the high-water mark
-    /// the server threads stop reading), never a caller.
+    /// the server threads stop reading), never a caller. Read the stream
+    /// while you await `settled`: settling includes delivery, so a stream
+    /// nobody reads keeps a large VNI from settling.
     pub fn with_stream(config: ClientConfig, capacity: usize) -> (Client, ChangeStream) {
         let (sink, stream) = stream::ChannelSink::channel(capacity);
         (Client::build(config, Box::new(sink)), stream)
@@ -876,7 +888,7 @@ impl Client {
                 traffic: Arc::new(TrafficCounters::default()),
                 connected_since: None,
                 keepalive: None,
-                stale_until: None,
+                stale_until: VecDeque::new(),
             },
         );
         let target = connection::Target {

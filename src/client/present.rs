@@ -17,7 +17,9 @@
 //! are marked *stale*. Received again from that server (the new session's
 //! sync) a route is simply fresh again: no change for the sink. An explicit
 //! REMOVE drops it at once, stale or not, together with every other
-//! server's stale copy of it. `sweep` drops what is still stale
+//! server's stale copy of it. Each loss makes one *generation* of stale
+//! routes, so routes that went stale at an earlier loss keep their earlier
+//! deadline: `sweep_oldest` drops the oldest generation's leftovers
 //! when the hold is over; `server_lost` drops everything (no hold).
 //!
 //! Memory: a received route costs one entry in its server's hash set and one
@@ -25,7 +27,7 @@
 //! there, so loop prevention finds them by a range scan instead of a map of
 //! maps; see BENCHMARKS.md "Client memory per received route").
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
@@ -51,8 +53,9 @@ pub struct PresentRoutes {
     /// current (or last) session.
     per_server: HashMap<ServerId, HashSet<Route>>,
     /// Routes each server held in an earlier session and has not sent
-    /// again since (see the module doc). Disjoint from `per_server`.
-    stale: HashMap<ServerId, HashSet<Route>>,
+    /// again since (see the module doc), one set per lost session, oldest
+    /// first. Disjoint from `per_server` and from each other.
+    stale: HashMap<ServerId, VecDeque<HashSet<Route>>>,
     /// Route → number of servers holding it. Ordered so that the routes of
     /// one (VNI, prefix) are adjacent (`Route` orders by VNI, prefix, next
     /// hop): loop prevention reaches them with one range scan.
@@ -97,15 +100,28 @@ impl PresentRoutes {
 
     /// Number of stale routes `server` holds.
     pub fn stale_held_by(&self, server: ServerId) -> usize {
-        self.stale.get(&server).map_or(0, HashSet::len)
+        self.stale
+            .get(&server)
+            .map_or(0, |gens| gens.iter().map(HashSet::len).sum())
     }
 
     /// Does `server` hold `route` (fresh or stale)?
     pub fn holds(&self, server: ServerId, route: &Route) -> bool {
-        let has = |m: &HashMap<ServerId, HashSet<Route>>| {
-            m.get(&server).is_some_and(|routes| routes.contains(route))
-        };
-        has(&self.per_server) || has(&self.stale)
+        self.per_server
+            .get(&server)
+            .is_some_and(|routes| routes.contains(route))
+            || self
+                .stale
+                .get(&server)
+                .is_some_and(|gens| gens.iter().any(|g| g.contains(route)))
+    }
+
+    /// Takes `route` out of `server`'s stale generations; true if it was
+    /// there.
+    fn unstale(&mut self, server: ServerId, route: &Route) -> bool {
+        self.stale
+            .get_mut(&server)
+            .is_some_and(|gens| gens.iter_mut().any(|g| g.remove(route)))
     }
 
     /// An UPDATE from `server`. Duplicates and removals of routes the
@@ -117,10 +133,7 @@ impl PresentRoutes {
         route: Route,
         out: &mut Vec<PresentChange>,
     ) {
-        let was_stale = self
-            .stale
-            .get_mut(&server)
-            .is_some_and(|stale| stale.remove(&route));
+        let was_stale = self.unstale(server, &route);
         let routes = self.per_server.entry(server).or_default();
         match action {
             // A stale route received again is fresh: still held once.
@@ -136,12 +149,13 @@ impl PresentRoutes {
             // servers' stale copies: a live server's REMOVE is newer news
             // than what a lost session said.
             Action::Remove => {
-                if routes.remove(&route) || was_stale {
-                    self.release(route, out);
+                if !(routes.remove(&route) || was_stale) {
+                    return; // never sent by this server: changes nothing
                 }
+                self.release(route, out);
                 let mut copies = 0;
-                for (other, stale) in self.stale.iter_mut() {
-                    if *other != server && stale.remove(&route) {
+                for (other, gens) in self.stale.iter_mut() {
+                    if *other != server && gens.iter_mut().any(|g| g.remove(&route)) {
                         copies += 1;
                     }
                 }
@@ -157,31 +171,46 @@ impl PresentRoutes {
     pub fn server_lost(&mut self, server: ServerId, out: &mut Vec<PresentChange>) {
         let fresh = self.per_server.remove(&server).unwrap_or_default();
         let stale = self.stale.remove(&server).unwrap_or_default();
-        for route in fresh.into_iter().chain(stale) {
+        for route in fresh.into_iter().chain(stale.into_iter().flatten()) {
             self.release(route, out);
         }
     }
 
     /// `server`'s session ended and its routes are kept as stale: nothing
-    /// changes for the sink. Returns how many routes are stale now.
+    /// changes for the sink. They become a new generation (even when empty,
+    /// so that generations and the caller's deadlines stay one to one).
+    /// Returns how many routes this loss made stale.
     pub fn server_stale(&mut self, server: ServerId) -> usize {
-        if let Some(fresh) = self.per_server.remove(&server) {
-            let stale = self.stale.entry(server).or_default();
-            if stale.is_empty() {
-                *stale = fresh;
-            } else {
-                stale.extend(fresh);
-            }
-        }
-        self.stale_held_by(server)
+        let fresh = self.per_server.remove(&server).unwrap_or_default();
+        let n = fresh.len();
+        self.stale.entry(server).or_default().push_back(fresh);
+        n
     }
 
-    /// The stale hold of `server` is over: the routes it did not send again
-    /// are dropped. Returns how many were.
-    pub fn sweep(&mut self, server: ServerId, out: &mut Vec<PresentChange>) -> usize {
-        let stale = self.stale.remove(&server).unwrap_or_default();
-        let n = stale.len();
-        for route in stale {
+    /// The hold of `server`'s oldest lost session is over: its routes that
+    /// were not sent again are dropped. Returns how many were.
+    pub fn sweep_oldest(&mut self, server: ServerId, out: &mut Vec<PresentChange>) -> usize {
+        let Some(gens) = self.stale.get_mut(&server) else {
+            return 0;
+        };
+        let oldest = gens.pop_front().unwrap_or_default();
+        if gens.is_empty() {
+            self.stale.remove(&server);
+        }
+        let n = oldest.len();
+        for route in oldest {
+            self.release(route, out);
+        }
+        n
+    }
+
+    /// Drops every stale route of `server` (all generations). Returns how
+    /// many there were.
+    pub fn sweep_all(&mut self, server: ServerId, out: &mut Vec<PresentChange>) -> usize {
+        let gens = self.stale.remove(&server).unwrap_or_default();
+        let mut n = 0;
+        for route in gens.into_iter().flatten() {
+            n += 1;
             self.release(route, out);
         }
         n
@@ -191,7 +220,8 @@ impl PresentRoutes {
     /// so every server's routes of that VNI are dropped.
     pub fn vni_dropped(&mut self, vni: Vni, out: &mut Vec<PresentChange>) {
         let mut dropped = Vec::new();
-        for routes in self.per_server.values_mut().chain(self.stale.values_mut()) {
+        let stale_sets = self.stale.values_mut().flat_map(|gens| gens.iter_mut());
+        for routes in self.per_server.values_mut().chain(stale_sets) {
             routes.retain(|r| {
                 if r.vni == vni {
                     dropped.push(*r);
@@ -372,11 +402,11 @@ mod tests {
         );
         // The hold is over: what was not received again goes.
         let mut out = Vec::new();
-        assert_eq!(p.sweep(A, &mut out), 1);
+        assert_eq!(p.sweep_oldest(A, &mut out), 1);
         assert_eq!(out, vec![PresentChange::Remove(vanished)]);
         assert_eq!(p.present(), vec![refreshed]);
         assert_eq!((p.held_by(A), p.stale_held_by(A)), (1, 0));
-        assert_eq!(p.sweep(A, &mut out), 0);
+        assert_eq!(p.sweep_oldest(A, &mut out), 0);
     }
 
     #[test]
@@ -390,13 +420,13 @@ mod tests {
         p.server_stale(A);
         // B goes too and comes back without `both`: A still holds it stale.
         p.server_stale(B);
-        p.sweep(B, &mut Vec::new());
+        p.sweep_oldest(B, &mut Vec::new());
         assert!(p.is_present(&both));
         // Lost twice before the sweep: still one holder each.
         p.server_stale(A);
         assert_eq!(p.stale_held_by(A), 2);
         let mut swept = run(|o| {
-            p.sweep(A, o);
+            p.sweep_oldest(A, o);
         });
         swept.sort_by_key(|c| match c {
             PresentChange::Add(r) | PresentChange::Remove(r) => *r,
@@ -404,6 +434,37 @@ mod tests {
         assert_eq!(
             swept,
             vec![PresentChange::Remove(both), PresentChange::Remove(only_a)]
+        );
+    }
+
+    #[test]
+    fn each_loss_is_a_generation_swept_on_its_own() {
+        let mut p = PresentRoutes::new();
+        let (r1, r2) = (
+            route(23, "10.0.1.0/24", "2001:db8::1"),
+            route(23, "10.0.2.0/24", "2001:db8::1"),
+        );
+        run(|o| p.received(A, Action::Add, r1, o));
+        assert_eq!(p.server_stale(A), 1);
+        // The next session brings r2 only, then is lost too.
+        run(|o| p.received(A, Action::Add, r2, o));
+        assert_eq!(p.server_stale(A), 1);
+        assert_eq!(p.stale_held_by(A), 2);
+        // The first loss's hold ends: r1 goes, r2 keeps its own deadline.
+        assert_eq!(
+            run(|o| {
+                p.sweep_oldest(A, o);
+            }),
+            vec![PresentChange::Remove(r1)]
+        );
+        assert_eq!(p.present(), vec![r2]);
+        // A REMOVE from a server that never sent the route changes nothing.
+        assert!(run(|o| p.received(B, Action::Remove, r2, o)).is_empty());
+        assert_eq!(
+            run(|o| {
+                p.sweep_all(A, o);
+            }),
+            vec![PresentChange::Remove(r2)]
         );
     }
 
@@ -420,7 +481,7 @@ mod tests {
         );
         assert_eq!((p.held_by(A), p.held_by(B)), (0, 0));
         assert!(run(|o| {
-            p.sweep(A, o);
+            p.sweep_oldest(A, o);
         })
         .is_empty());
     }

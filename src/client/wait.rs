@@ -162,7 +162,9 @@ impl Client {
     /// UPDATE for `vni` (and no new session or subscription) for `quiet`,
     /// and the sink has been told everything (see the module doc for the
     /// exact rule). Fails with `NotSubscribed` if we do not (or no longer)
-    /// subscribe to `vni`.
+    /// subscribe to `vni`. After a reconnect, routes of the lost session
+    /// that the new one did not send are still present (stale) until the
+    /// `stale_hold` ends: settled does not wait for that.
     pub async fn settled(&self, vni: Vni, quiet: Duration) -> Result<(), ClientError> {
         self.wait_async(|| self.check_settled(vni, quiet)).await
     }

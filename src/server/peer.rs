@@ -649,7 +649,14 @@ fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Resul
     let policy = PeerPolicy::resolve(store, conn.addr).map_err(|r| close_for_policy(conn, r))?;
     let mut withdrawn = 0usize;
     for (vni, set) in rs.announced.iter_mut() {
-        let refused = set.take_if(|r| !policy.allows(r));
+        let refused = set.take_if(|r| {
+            let refuse = !policy.allows(r);
+            if refuse {
+                // A ghost of this address must not keep it visible either.
+                drop_ghost_claims(shard, conn, conn.id, *r);
+            }
+            refuse
+        });
         if refused.len() > 0 {
             withdrawn += refused.len();
             rs.withdrawing.push((*vni, refused));
@@ -744,6 +751,9 @@ fn on_routing_message(
                         drop_ghost_claims(shard, conn, id, route);
                     } else {
                         tracing::debug!(peer = %conn.addr, %route, "REMOVE of a route the peer does not announce ignored");
+                        // A restarted agent may withdraw what its previous
+                        // session announced: its ghost's claim ends now.
+                        drop_ghost_claims(shard, conn, id, route);
                     }
                 }
             }
