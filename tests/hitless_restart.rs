@@ -9,6 +9,8 @@
 //! no one refreshes is swept after the hold, and what is withdrawn goes at
 //! once. Skipped, with a message, where namespaces cannot be created.
 
+#[path = "http_support/mod.rs"]
+mod http_support;
 #[path = "netlink_support/mod.rs"]
 mod support;
 
@@ -238,4 +240,133 @@ fn what_nobody_refreshes_is_swept_after_the_hold_and_withdrawals_go_at_once() {
         lost.elapsed()
     );
     never_missing(sampler);
+}
+
+/// Measurement (ignored by default; figures in BENCHMARKS.md): what a
+/// restart of the only reflector costs an installing client holding 100,000
+/// routes. Run with `cargo test --release --test hitless_restart --
+/// --ignored --nocapture`. Reports the samples in which watched routes were
+/// missing from the kernel (target: none), the smallest route count seen in
+/// full-table samples, and the time from the restart until the client held
+/// no stale route any more (every route refreshed by the new reflector).
+#[test]
+#[ignore = "measurement; run with --ignored --nocapture"]
+fn reflector_restart_cost_with_100k_routes() {
+    use metalbond::client::{Client, ClientConfig, LogSink};
+    use metalbond::{IpNet, NextHop, Route, Vni};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const N: u32 = 100_000;
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let s = server(&ns, &[]);
+    let _i = installer(&ns, &["--http", "127.0.0.1:9751"]);
+    let announcer = ns.run(|| {
+        let config = ClientConfig {
+            reconnect_min: Duration::from_millis(500),
+            ..ClientConfig::default()
+        };
+        let c = Client::new(config, LogSink);
+        c.add_server(SERVER).unwrap();
+        c
+    });
+    let vni = Vni::new(23).unwrap();
+    let mut watched = Vec::new();
+    for i in 0..N {
+        let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap();
+        if i % 5000 == 0 {
+            watched.push(dst.to_string());
+        }
+        let hv = IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            (i % 16) as u16 + 1,
+        ));
+        announcer
+            .announce(Route::new(vni, dst, NextHop::standard(hv)))
+            .unwrap();
+    }
+    let count = |ns: &Netns| {
+        let out = ns.ip_output(&["route", "show", "table", "100"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with(char::is_whitespace))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(300), || count(&ns) == N as usize),
+        "only {} routes installed",
+        count(&ns)
+    );
+    let stale = || {
+        let m = ns.run(|| http_support::scrape("http://127.0.0.1:9751/metrics"));
+        http_support::metric(&m, "metalbond_stale_routes", &[]).unwrap_or(-1.0)
+    };
+    assert_eq!(stale(), 0.0);
+
+    // Watched prefixes every 10 ms; the whole table as often as a dump of
+    // 100,000 routes allows.
+    let watched: Vec<&str> = watched.iter().map(String::as_str).collect();
+    let sampler = KernelSampler::start(&ns, 100, &watched);
+    let stop = Arc::new(AtomicBool::new(false));
+    let min_count = Arc::new(AtomicUsize::new(usize::MAX));
+    let full_samples = Arc::new(AtomicUsize::new(0));
+    let counter = {
+        let (stop, min_count, full) = (stop.clone(), min_count.clone(), full_samples.clone());
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["-n", &name, "route", "show", "table", "100"])
+                    .output()
+                    .expect("ip runs");
+                let n = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with(char::is_whitespace))
+                    .count();
+                min_count.fetch_min(n, Ordering::Relaxed);
+                full.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let restarted = Instant::now();
+    s.terminate();
+    let _s = server(&ns, &[]);
+    let mut saw_stale = false;
+    let refreshed = loop {
+        let n = stale();
+        saw_stale |= n > 0.0;
+        if saw_stale && n == 0.0 {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(55),
+            "stale routes left: {n}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    counter.join().unwrap();
+    let (missing, samples) = sampler.stop();
+    let missing_samples: usize = missing.values().sum();
+    println!(
+        "reflector restart with {N} routes: watched {} prefixes in {samples} samples (10 ms): {missing_samples} missing; \
+         full table: {} dumps, smallest count {}; every stale route refreshed {:.2} s after the restart",
+        watched.len(),
+        full_samples.load(Ordering::Relaxed),
+        min_count.load(Ordering::Relaxed),
+        refreshed.as_secs_f64()
+    );
+    assert_eq!(missing_samples, 0);
+    assert_eq!(min_count.load(Ordering::Relaxed), N as usize);
+    assert!(saw_stale, "the restart was never seen as a lost session");
 }
