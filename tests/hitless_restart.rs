@@ -245,10 +245,12 @@ fn what_nobody_refreshes_is_swept_after_the_hold_and_withdrawals_go_at_once() {
 /// Measurement (ignored by default; figures in BENCHMARKS.md): what a
 /// restart of the only reflector costs an installing client holding 100,000
 /// routes. Run with `cargo test --release --test hitless_restart --
-/// --ignored --nocapture`. Reports the samples in which watched routes were
-/// missing from the kernel (target: none), the smallest route count seen in
-/// full-table samples, and the time from the restart until the client held
-/// no stale route any more (every route refreshed by the new reflector).
+/// --ignored --nocapture`. Reports the smallest route count seen in
+/// back-to-back full dumps of the table from the restart until 6 s after it
+/// (target: never below 100,000; a dump of 100,000 routes takes a few
+/// hundred ms, so the 10 ms sampling of the other tests is not possible
+/// here), and the time from the restart until the client held no stale
+/// route any more (every route refreshed by the new reflector).
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn reflector_restart_cost_with_100k_routes() {
@@ -273,12 +275,8 @@ fn reflector_restart_cost_with_100k_routes() {
         c
     });
     let vni = Vni::new(23).unwrap();
-    let mut watched = Vec::new();
     for i in 0..N {
         let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap();
-        if i % 5000 == 0 {
-            watched.push(dst.to_string());
-        }
         let hv = IpAddr::V6(Ipv6Addr::new(
             0x2001,
             0xdb8,
@@ -311,10 +309,7 @@ fn reflector_restart_cost_with_100k_routes() {
     };
     assert_eq!(stale(), 0.0);
 
-    // Watched prefixes every 10 ms; the whole table as often as a dump of
-    // 100,000 routes allows.
-    let watched: Vec<&str> = watched.iter().map(String::as_str).collect();
-    let sampler = KernelSampler::start(&ns, 100, &watched);
+    // The whole table, as often as a dump of 100,000 routes allows.
     let stop = Arc::new(AtomicBool::new(false));
     let min_count = Arc::new(AtomicUsize::new(usize::MAX));
     let full_samples = Arc::new(AtomicUsize::new(0));
@@ -353,20 +348,17 @@ fn reflector_restart_cost_with_100k_routes() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(restarted.elapsed()));
     stop.store(true, Ordering::Relaxed);
     counter.join().unwrap();
-    let (missing, samples) = sampler.stop();
-    let missing_samples: usize = missing.values().sum();
     println!(
-        "reflector restart with {N} routes: watched {} prefixes in {samples} samples (10 ms): {missing_samples} missing; \
-         full table: {} dumps, smallest count {}; every stale route refreshed {:.2} s after the restart",
-        watched.len(),
+        "reflector restart with {N} routes: {} full dumps of the table over {:.1} s, smallest count {}; \
+         every stale route refreshed {:.2} s after the restart",
         full_samples.load(Ordering::Relaxed),
+        restarted.elapsed().as_secs_f64(),
         min_count.load(Ordering::Relaxed),
         refreshed.as_secs_f64()
     );
-    assert_eq!(missing_samples, 0);
     assert_eq!(min_count.load(Ordering::Relaxed), N as usize);
     assert!(saw_stale, "the restart was never seen as a lost session");
 }
