@@ -431,8 +431,7 @@ fn library_clients_against_two_real_servers() {
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn e2e_100k_routes_through_a_server_into_the_kernel() {
     use metalbond::client::{Client, ClientConfig, LogSink};
-    use metalbond::{IpNet, NextHop, Route, Vni};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use metalbond::Vni;
 
     const N: u32 = 100_000;
     let Some(ns) = Netns::create() else { return };
@@ -456,22 +455,7 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
     };
     let vni = Vni::new(23).unwrap();
     let started = std::time::Instant::now();
-    for i in 0..N {
-        let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap();
-        let hv = IpAddr::V6(Ipv6Addr::new(
-            0x2001,
-            0xdb8,
-            0,
-            0,
-            0,
-            0,
-            0,
-            (i % 16) as u16 + 1,
-        ));
-        announcer
-            .announce(Route::new(vni, dst, NextHop::standard(hv)))
-            .unwrap();
-    }
+    support::announce_numbered_routes(&announcer, vni, N);
     let queued = started.elapsed();
     let ok = wait_until(Duration::from_secs(300), || count() == N as usize);
     let installed = started.elapsed();

@@ -430,22 +430,6 @@ impl RouteSink for Collect {
     }
 }
 
-/// Sends what it is told into a channel.
-struct ChannelSink(Sender<Seen>);
-
-impl RouteSink for ChannelSink {
-    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
-        let _ = self
-            .0
-            .send(Seen::Add(Route::new(vni, destination, next_hop)));
-    }
-    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
-        let _ = self
-            .0
-            .send(Seen::Remove(Route::new(vni, destination, next_hop)));
-    }
-}
-
 #[test]
 fn replay_hands_the_present_routes_of_one_vni() {
     let server = ScriptedServer::start();

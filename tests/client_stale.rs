@@ -9,30 +9,14 @@ mod client_support;
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use metalbond::client::{Client, ClientConfig, RouteSink};
-use metalbond::{Action, IpNet, NextHop, Route, Vni};
+use crossbeam_channel::Receiver;
+use metalbond::client::{Client, ClientConfig};
+use metalbond::{Action, Route};
 
 use client_support::*;
 
 /// Long enough to see that the sink hears nothing.
 const QUIET: Duration = Duration::from_millis(400);
-
-/// A sink that reports every call to the test.
-struct ChannelSink(Sender<Seen>);
-
-impl RouteSink for ChannelSink {
-    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
-        let _ = self
-            .0
-            .send(Seen::Add(Route::new(vni, destination, next_hop)));
-    }
-    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
-        let _ = self
-            .0
-            .send(Seen::Remove(Route::new(vni, destination, next_hop)));
-    }
-}
 
 fn client(hold: Duration) -> (Client, Receiver<Seen>) {
     let (tx, rx) = crossbeam_channel::unbounded();

@@ -255,8 +255,7 @@ fn what_nobody_refreshes_is_swept_after_the_hold_and_withdrawals_go_at_once() {
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn reflector_restart_cost_with_100k_routes() {
     use metalbond::client::{Client, ClientConfig, LogSink};
-    use metalbond::{IpNet, NextHop, Route, Vni};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use metalbond::Vni;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -275,22 +274,7 @@ fn reflector_restart_cost_with_100k_routes() {
         c
     });
     let vni = Vni::new(23).unwrap();
-    for i in 0..N {
-        let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap();
-        let hv = IpAddr::V6(Ipv6Addr::new(
-            0x2001,
-            0xdb8,
-            0,
-            0,
-            0,
-            0,
-            0,
-            (i % 16) as u16 + 1,
-        ));
-        announcer
-            .announce(Route::new(vni, dst, NextHop::standard(hv)))
-            .unwrap();
-    }
+    support::announce_numbered_routes(&announcer, vni, N);
     let count = |ns: &Netns| {
         let out = ns.ip_output(&["route", "show", "table", "100"]);
         String::from_utf8_lossy(&out.stdout)

@@ -8,11 +8,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use metalbond::client::ClientConfig;
+use crossbeam_channel::{Receiver, Sender};
+use metalbond::client::{ClientConfig, RouteSink};
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
 use metalbond::session::{PeerSession, Reaction, Role};
-use metalbond::{Action, NextHop, Route, Vni};
+use metalbond::{Action, IpNet, NextHop, Route, Vni};
 
 /// Generous bound for anything that should take milliseconds.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -148,5 +148,21 @@ pub fn expect(rx: &Receiver<Seen>, want: Seen) {
     match rx.recv_timeout(WAIT) {
         Ok(got) => assert_eq!(got, want),
         Err(_) => panic!("the sink never saw {want:?}"),
+    }
+}
+
+/// A sink that sends every call to the test.
+pub struct ChannelSink(pub Sender<Seen>);
+
+impl RouteSink for ChannelSink {
+    fn add_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        let _ = self
+            .0
+            .send(Seen::Add(Route::new(vni, destination, next_hop)));
+    }
+    fn remove_route(&mut self, vni: Vni, destination: IpNet, next_hop: NextHop) {
+        let _ = self
+            .0
+            .send(Seen::Remove(Route::new(vni, destination, next_hop)));
     }
 }

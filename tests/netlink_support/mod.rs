@@ -450,3 +450,27 @@ impl KernelSampler {
         self.thread.join().expect("sampler thread")
     }
 }
+
+/// Announces `n` IPv4 /32 routes in `vni` through `client`: 10.0.0.0,
+/// 10.0.0.1, ... spread over 16 next hops 2001:db8::1-16 (the load of the
+/// 100,000-route measurements).
+pub fn announce_numbered_routes(client: &metalbond::client::Client, vni: metalbond::Vni, n: u32) {
+    use metalbond::{IpNet, NextHop, Route};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    for i in 0..n {
+        let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).expect("a /32");
+        let hv = IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            (i % 16) as u16 + 1,
+        ));
+        client
+            .announce(Route::new(vni, dst, NextHop::standard(hv)))
+            .expect("announce");
+    }
+}
