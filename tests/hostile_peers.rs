@@ -190,13 +190,18 @@ fn squatters_at_max_peers_make_room_for_real_peers_oldest_first() {
     server.wait_stats("every place taken", |s| live_peers(s) >= MAX as u64);
 
     // Real peers still get in, every one of them, each while every place
-    // is taken (by squatters and `first`).
+    // is taken (by squatters, `first` and the real peers before it, which
+    // stay connected: a place a real peer freed would let the next one in
+    // without an eviction).
+    let mut real = Vec::new();
     for _ in 0..60 {
         server.wait_stats("every place taken", |s| live_peers(s) >= MAX as u64);
         let (mut p, k) = TestPeer::established(server.addr, 5);
         assert_eq!(k, 5);
+        p.keep_alive(Duration::from_millis(300));
         p.send(&Message::Subscribe(vni(6)));
         assert!(p.sync_point().is_empty(), "the real peer is served");
+        real.push(p);
     }
     stop.store(true, Ordering::Relaxed);
     let reconnects = squatter.join().expect("squatter thread");
