@@ -19,7 +19,7 @@ use std::io::IsTerminal;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -85,7 +85,7 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -105,6 +105,18 @@ where
         write!(writer, "time=\"{time}\" level={level} msg=")?;
         write_value(&mut writer, &fields.message)?;
         write!(writer, " target={}", meta.target())?;
+        // The fields of the spans the event happened in (a peer's address
+        // and id), outermost first, as ` key=value` too.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(f) = extensions.get::<FormattedFields<N>>() {
+                    if !f.fields.is_empty() {
+                        write!(writer, " {}", f.fields)?;
+                    }
+                }
+            }
+        }
         writer.write_str(&fields.rest)?;
         writeln!(writer)
     }
