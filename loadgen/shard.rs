@@ -588,11 +588,7 @@ async fn read_loop(shard: Rc<Shard>, peer: Rc<LivePeer>, mut rd: ReadHalf<TcpStr
             }
             Ok(n) => n,
             Err(e) => {
-                close_peer(
-                    &shard,
-                    &peer,
-                    Some(CloseReason::Io(e.to_string()).to_string()),
-                );
+                close_peer(&shard, &peer, Some(CloseReason::Io(e.into()).to_string()));
                 return;
             }
         };
@@ -626,7 +622,7 @@ fn on_frames(
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
-                    result = Err(CloseReason::Malformed(e.to_string()));
+                    result = Err(CloseReason::Malformed(e.into()));
                     break;
                 }
             };
@@ -644,7 +640,7 @@ fn on_frames(
                 None => match Message::decode(msg_type, payload) {
                     Ok(msg) => msg,
                     Err(e) => {
-                        result = Err(CloseReason::Malformed(e.to_string()));
+                        result = Err(CloseReason::Malformed(e.into()));
                         break;
                     }
                 },
@@ -721,11 +717,7 @@ async fn write_loop(
             let next = peer.out.borrow_mut().next_write();
             let Some(buf) = next else { break };
             if let Err(e) = wr.write_all(&buf).await {
-                close_peer(
-                    &shard,
-                    &peer,
-                    Some(CloseReason::Io(e.to_string()).to_string()),
-                );
+                close_peer(&shard, &peer, Some(CloseReason::Io(e.into()).to_string()));
                 return;
             }
         }

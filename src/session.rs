@@ -20,9 +20,12 @@
 //!  ESTABLISHED: SUBSCRIBE/UPDATE flow      ESTABLISHED: reply every KEEPALIVE
 //! ```
 
+use std::fmt;
+use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::codec::Message;
+use crate::codec::{DecodeError, Message};
 
 /// Which end of the TCP connection we are.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -65,8 +68,10 @@ impl SessionState {
     }
 }
 
-/// Why a session ended. Every close carries one, for the log line and the
-/// disconnect counters.
+/// Why a session ended. Every close carries one, for the log line
+/// (`reason=` the text, `kind=` the label) and the disconnect counters (by
+/// `label()`): a typed reason, so no caller infers the category from flags
+/// or from the text.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum CloseReason {
     /// The peer offered keepalive interval 0.
@@ -87,10 +92,12 @@ pub enum CloseReason {
     },
     /// Closed before completing its handshake to make room for a new
     /// connection when the connection limit was reached (oldest first).
-    #[error("closed before completing the handshake to make room: {limit}")]
+    #[error(
+        "closed before completing the handshake to make room: --max-peers {max_peers} reached"
+    )]
     Evicted {
-        /// The limit that was reached (for the log line), e.g. "--max-peers 20000 reached".
-        limit: String,
+        /// The `--max-peers` limit that was reached.
+        max_peers: usize,
     },
     /// Far more KEEPALIVEs than the negotiated interval allows (a flood:
     /// each one costs a reply and a wake-up).
@@ -109,22 +116,66 @@ pub enum CloseReason {
         /// The state it arrived in.
         state: &'static str,
     },
-    /// A frame that failed to decode (the codec's message).
+    /// A frame that failed to decode.
     #[error("malformed frame: {0}")]
-    Malformed(String),
+    Malformed(Cause<DecodeError>),
     /// The peer closed the connection.
     #[error("connection closed by peer")]
     PeerClosed,
     /// A socket error.
     #[error("I/O error: {0}")]
-    Io(String),
-    /// Our side decided to close (shutdown, limits, a slow peer).
+    Io(Cause<io::Error>),
+    /// Our side is stopping: the server shuts down, or the client was shut
+    /// down or the server removed from it.
+    #[error("shutting down")]
+    Shutdown,
+    /// A subscriber fell so far behind that even coalescing its pending
+    /// changes per route passed `--max-coalesced-routes`.
+    #[error("slow subscriber: {pending} route changes pending (limit {limit})")]
+    SlowSubscriber {
+        /// Distinct routes with a pending change.
+        pending: usize,
+        /// `--max-coalesced-routes`.
+        limit: usize,
+    },
+    /// A subscriber's socket took no data for `--write-stall-timeout`.
+    #[error("slow subscriber: socket not writable for {0:?}")]
+    WriteStall(Duration),
+    /// A peer passed one of the server's per-peer limits (routes,
+    /// subscriptions), set by a flag or a policy rule.
+    #[error("peer limit exceeded: more than {max} {what} (raise with {origin})")]
+    PeerLimit {
+        /// What was counted: "routes announced", "subscriptions".
+        what: &'static str,
+        /// The limit.
+        max: usize,
+        /// Where the limit comes from (the flag, or the policy rule's key).
+        origin: String,
+    },
+    /// A server sent a client more routes than `--max-routes-per-server`.
+    #[error("server limit exceeded: more than {limit} routes received (--max-routes-per-server)")]
+    ServerRouteLimit {
+        /// The limit that was passed.
+        limit: usize,
+    },
+    /// The peer policy (`--policy`) closes the session: no rule matches the
+    /// peer, or it violated a rule with `on_violation: close` (the policy's
+    /// own description).
     #[error("{0}")]
-    Local(String),
+    Policy(String),
+    /// The client queued more changes for a busy server than it may hold:
+    /// it reconnects to resync instead.
+    #[error("too many queued changes for a busy server; reconnecting to resync")]
+    ResyncBacklog,
+    /// The client's reader thread is gone (its event channel closed).
+    #[error("event channel closed")]
+    ReaderGone,
 }
 
 impl CloseReason {
-    /// A short stable label for counters ("timeout", "protocol", ...).
+    /// A short stable label, the same for the log field (`kind=`) and the
+    /// disconnect metrics (`reason=`): dashboards and alerts use these
+    /// values, so they never change.
     pub fn label(&self) -> &'static str {
         match self {
             CloseReason::ZeroKeepalive
@@ -136,10 +187,68 @@ impl CloseReason {
             CloseReason::Evicted { .. } => "evicted",
             CloseReason::PeerClosed => "eof",
             CloseReason::Io(_) => "io",
-            CloseReason::Local(_) => "local",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::SlowSubscriber { .. } | CloseReason::WriteStall(_) => "slow_peer",
+            CloseReason::PeerLimit { .. } | CloseReason::ServerRouteLimit { .. } => "limit",
+            CloseReason::Policy(_) => "policy",
+            CloseReason::ResyncBacklog | CloseReason::ReaderGone => "local",
         }
     }
+
+    /// Did the peer cause it by what it sent (a limit, a malformed frame, a
+    /// protocol violation, the policy)? What such a peer sent is suspect.
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::Malformed(_)
+                | CloseReason::Unexpected { .. }
+                | CloseReason::ZeroKeepalive
+                | CloseReason::KeepaliveFlood { .. }
+                | CloseReason::PeerLimit { .. }
+                | CloseReason::ServerRouteLimit { .. }
+                | CloseReason::Policy(_)
+        )
+    }
 }
+
+/// A typed error kept in a `CloseReason`: shared by its clones (the reason
+/// is recorded once, then read by the log line and the counters), compared
+/// by its message (io and decode errors are not comparable themselves).
+#[derive(Debug)]
+pub struct Cause<E>(Arc<E>);
+
+impl<E> Cause<E> {
+    /// The error itself (e.g. `io::Error::kind`).
+    pub fn get(&self) -> &E {
+        &self.0
+    }
+}
+
+impl<E> Clone for Cause<E> {
+    fn clone(&self) -> Self {
+        Cause(self.0.clone())
+    }
+}
+
+impl<E> From<E> for Cause<E> {
+    fn from(e: E) -> Self {
+        Cause(Arc::new(e))
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Cause<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: fmt::Display> PartialEq for Cause<E> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl<E: fmt::Display> Eq for Cause<E> {}
 
 /// The keepalive interval both roles offer unless told otherwise (PROTOCOL.md
 /// "Default keepalive interval: 5 s"); also what `--keepalive 0` means, as

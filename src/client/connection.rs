@@ -398,7 +398,7 @@ impl Link<'_> {
         let _ = stream.set_write_timeout(Some(config.keepalive.saturating_mul(3)));
         let reader = match stream.try_clone() {
             Ok(r) => r,
-            Err(e) => return CloseReason::Io(e.to_string()),
+            Err(e) => return CloseReason::Io(e.into()),
         };
         let generation = self.generation;
         let meter = self.meter.clone();
@@ -406,7 +406,8 @@ impl Link<'_> {
             .name(format!("mb-read-{}", self.address))
             .spawn(move || read_loop(reader, generation, events_tx, meter));
         if let Err(e) = spawned {
-            return CloseReason::Io(format!("cannot start reader thread: {e}"));
+            let context = format!("cannot start reader thread: {e}");
+            return CloseReason::Io(std::io::Error::new(e.kind(), context).into());
         }
         let mut writer = stream;
         let mut session = PeerSession::new(Role::Active, config.keepalive, Instant::now());
@@ -422,7 +423,7 @@ impl Link<'_> {
             }
             if !out.is_empty() {
                 if let Err(e) = writer.write_all(out.as_bytes()) {
-                    return CloseReason::Io(e.to_string());
+                    return CloseReason::Io(e.into());
                 }
                 self.meter.wrote(&out);
                 out.clear();
@@ -435,12 +436,10 @@ impl Link<'_> {
                 }
                 Ok(Event::Closed(g, reason)) if g == self.generation => return reason,
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return CloseReason::Local("event channel closed".into())
-                }
+                Err(RecvTimeoutError::Disconnected) => return CloseReason::ReaderGone,
             }
             if self.stop.load(Ordering::SeqCst) {
-                return CloseReason::Local("server removed or client shut down".into());
+                return CloseReason::Shutdown;
             }
             match session.on_tick(Instant::now()) {
                 Ok(Some(keepalive)) => out.push(&keepalive),
@@ -454,9 +453,7 @@ impl Link<'_> {
                         .map(|outbox| outbox.drain_into(&mut out))
                 });
                 if let Some(Some(Err(()))) = drained {
-                    return CloseReason::Local(
-                        "too many queued changes for a busy server; reconnecting to resync".into(),
-                    );
+                    return CloseReason::ResyncBacklog;
                 }
             }
         }
@@ -480,7 +477,7 @@ impl Link<'_> {
                     let Some((vnis, routes)) =
                         self.inner.established(self.id, session.interval(), out)
                     else {
-                        return Err(CloseReason::Local("server removed".into()));
+                        return Err(CloseReason::Shutdown);
                     };
                     self.established_at = Some(Instant::now());
                     tracing::info!(
@@ -504,7 +501,7 @@ impl Link<'_> {
         }
         let result = self.inner.received(self.id, &mut updates).map_err(|e| {
             self.over_limit = true;
-            CloseReason::Local(e.to_string())
+            CloseReason::ServerRouteLimit { limit: e.limit }
         });
         // Back-pressure: stop reading while the sink is far behind.
         self.inner.delivery.wait_room(self.stop);
@@ -525,7 +522,7 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>, mete
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                let _ = events.send(Event::Closed(generation, CloseReason::Io(e.to_string())));
+                let _ = events.send(Event::Closed(generation, CloseReason::Io(e.into())));
                 return;
             }
         };
@@ -536,7 +533,7 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>, mete
             match decoder.next_message() {
                 Ok(Some(m)) => messages.push(m),
                 Ok(None) => break None,
-                Err(e) => break Some(CloseReason::Malformed(e.to_string())),
+                Err(e) => break Some(CloseReason::Malformed(e.into())),
             }
         };
         let updates = messages
@@ -605,7 +602,7 @@ mod tests {
         assert!(!resets_backoff(long, true), "a faulty server never resets");
         assert!(!resets_backoff(short, false), "too short");
         assert!(!resets_backoff(None, false), "never established");
-        let garbage = CloseReason::Malformed("bad version".into());
+        let garbage = CloseReason::Malformed(crate::codec::DecodeError::Version(2).into());
         assert!(is_server_fault(&garbage, false));
         assert!(is_server_fault(&CloseReason::PeerClosed, true), "limit");
         assert!(!is_server_fault(&CloseReason::PeerClosed, false));

@@ -45,9 +45,10 @@ use std::time::{Duration, SystemTime};
 
 use futures_lite::future;
 
+use super::context::ShardContext;
+use super::event::LocalEvent;
 use super::peer::withdraw_all;
 use super::route_set::RouteSet;
-use super::shard::{LocalEvent, Shard};
 use super::stats::PeerInfo;
 use super::PeerId;
 use crate::session::SessionState;
@@ -203,7 +204,7 @@ impl GraceHolds {
 /// keep them for `grace` as a ghost, then withdraw what is left. Returns at
 /// once; the withdrawal runs in its own task on this shard.
 pub(crate) fn hold(
-    shard: &Rc<Shard>,
+    shard: &Rc<ShardContext>,
     peer: PeerId,
     addr: SocketAddr,
     routes: HashMap<Vni, RouteSet>,
@@ -213,7 +214,7 @@ pub(crate) fn hold(
     if count == 0 {
         return;
     }
-    let holds = &shard.grace;
+    let holds = shard.grace();
     let expire = Rc::new(Expire::default());
     let now = SystemTime::now();
     holds.ghosts.borrow_mut().push_back(Ghost {
@@ -226,14 +227,14 @@ pub(crate) fn hold(
     });
     holds.routes.set(holds.routes.get() + count);
     holds.index.add(host_of(&addr), peer);
-    shard.counters.set_grace_routes(holds.routes.get());
+    shard.counters().set_grace_routes(holds.routes.get());
     tracing::info!(peer = %addr, routes = count, grace_secs = grace.as_secs(), "peer gone: its routes are held for the grace period");
     // The bounds: push out the oldest ghosts (never the one just added: a
     // single peer's routes are bounded by --max-routes-per-peer).
     let max = shard
-        .config
+        .config()
         .peer_grace_max_routes
-        .max(shard.config.limits.max_routes_per_peer.saturating_mul(2));
+        .max(shard.config().limits.max_routes_per_peer.saturating_mul(2));
     {
         let ghosts = holds.ghosts.borrow();
         let (mut held, mut kept) = ghosts
@@ -255,16 +256,16 @@ pub(crate) fn hold(
     }
     let shard = shard.clone();
     glommio::spawn_local(async move {
-        if !expire.now.get() && !shard.shutting_down.get() {
+        if !expire.now.get() && !shard.is_shutting_down() {
             future::or(
                 glommio::timer::sleep(grace),
-                future::or(expire.event.wait(), shard.shutdown_event.wait()),
+                future::or(expire.event.wait(), shard.shutdown_event().wait()),
             )
             .await;
         }
-        shard.grace.remove(peer);
-        shard.counters.set_grace_routes(shard.grace.routes());
-        if shard.shutting_down.get() {
+        shard.grace().remove(peer);
+        shard.counters().set_grace_routes(shard.grace().routes());
+        if shard.is_shutting_down() {
             // The tables go with the server.
             return;
         }

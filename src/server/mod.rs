@@ -5,22 +5,23 @@
 //! metrics and load-generator work builds on (config, counters, snapshots).
 //!
 //! ```text
-//!  listener(s): accept loop on shard k % N hands connections round-robin
-//!  to the shards, where they stay for life
+//!  listener(s): accept loop (accept.rs) on shard k % N hands connections
+//!  round-robin to the shards, where they stay for life
 //!            │
 //!  ┌─ shard i: glommio executor pinned to a CPU ───────────────────────────┐
-//!  │ peer task, one per connection                                         │
+//!  │ peer task (peer.rs), one per connection, in the peer's span           │
 //!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐         │
-//!  │   writer: OutQueue (shared frames │ per-route coalescing)    │         │
-//!  │           → sendmsg(iovec)  ▲                                ▼         │
-//!  │                             │ Delivery          outbox[owner(vni)]    │
+//!  │   writer (connection.rs): OutQueue (shared frames | coalesced)        │
+//!  │           → sendmsg(iovec)  ▲                                ▼        │
+//!  │                             │ Delivery     ShardOutbox[owner(vni)]    │
 //!  │ deliver ────────────────────┘                           │             │
 //!  │   ▲                                  flusher per dest:  │ whole batch │
 //!  │   │                                                     ▼             │
-//!  │ receive task per source ◀──── bounded SPSC channels ────▶ other shards │
+//!  │ receive task per source ◀──── bounded SPSC channels ────▶ other shards│
 //!  │   │ OwnerInput                                                        │
 //!  │   ▼                                                                   │
-//!  │ VniOwner (VNIs with vni % N == i): VniTable per VNI; FanoutBuilder    │
+//!  │ shard.rs — VniOwner (VNIs with vni % N == i): VniTable per VNI;       │
+//!  │   FanoutBuilder                                                       │
 //!  │   encodes each change once → one Delivery per shard with subscribers; │
 //!  │   sync pump: SUBSCRIBE scans in chunks, two chunks in flight          │
 //!  │ control loop: stats / routes / peers snapshots, shutdown              │
@@ -34,13 +35,19 @@
 //! Must never: block a shard thread, or let one peer's slowness grow memory
 //! or stall others (see `out_queue`).
 
+mod accept;
 mod admission;
 mod config;
+mod connection;
+mod context;
+mod event;
 mod fanout;
 mod grace;
+mod mesh;
 mod out_queue;
 mod owner;
 mod peer;
+mod peer_id;
 mod route_set;
 mod shard;
 mod stats;
@@ -63,31 +70,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 #[cfg(feature = "cli")]
 pub use config::ServerArgs;
 pub use config::{PeerLimits, ServerConfig, ServerError};
+pub use peer_id::PeerId;
 pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes};
 
-use shard::{Batch, Control, ShardSetup, CHANNEL_BATCHES};
+use mesh::{Batch, CHANNEL_BATCHES};
+use shard::{Control, ShardSetup};
 use stats::ShardCounters;
-
-/// A connection's identity across shards: the shard holding it and a
-/// per-shard sequence number, so an owner can address a subscriber's shard
-/// without a lookup.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub struct PeerId(u64);
-
-impl PeerId {
-    /// Bits of the sequence number.
-    const SEQ_BITS: u32 = 48;
-
-    /// The `seq`-th peer of shard `shard`.
-    pub fn new(shard: usize, seq: u64) -> PeerId {
-        PeerId(((shard as u64) << Self::SEQ_BITS) | (seq & ((1 << Self::SEQ_BITS) - 1)))
-    }
-
-    /// The shard holding the connection.
-    pub fn shard(self) -> usize {
-        (self.0 >> Self::SEQ_BITS) as usize
-    }
-}
 
 /// Entry point for starting a server in-process.
 pub struct Server;

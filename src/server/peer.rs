@@ -1,87 +1,66 @@
-//! One connection: its reader, its writer, and what it announced.
+//! One peer: its session, what it announced and subscribed, and the
+//! exactly-once cleanup when it leaves.
 //!
-//! Owns: the read loop (socket → `FrameDecoder` → `PeerSession` → owner
-//! inputs), the writer (the peer's `OutQueue` → vectored non-blocking
-//! `sendmsg` of shared buffers, falling back to glommio's readiness wait when
-//! the socket is full), the per-peer record of announced routes and
-//! subscriptions, and the exactly-once cleanup on disconnect: whatever ends
-//! the connection (EOF, error, keepalive timeout, protocol violation, slow
-//! peer, shutdown), `PeerConn::close` records the first reason and wakes both
-//! tasks, and the peer task then withdraws every route and subscription once
+//! Owns: the per-peer state (`PeerConn`: session state, subscriptions,
+//! counts for snapshots, the peer's log span), the session task (`run`:
+//! handshake, the read loop turning frames into owner inputs, limits and
+//! policy) and the cleanup on disconnect: whatever ends the connection (EOF,
+//! error, keepalive timeout, protocol violation, slow peer, shutdown),
+//! `Connection::close` records the first reason and wakes both tasks, and
+//! the session task then withdraws every route and subscription once
 //! (routes in chunks, `withdraw_all`, so a million of them do not stall the
 //! shard).
 //!
 //! ```text
-//!   socket ──read──▶ reader task ──OwnerInput──▶ outbox ──▶ owner shard
-//!      ▲                 │ replies (HELLO, KEEPALIVE)
-//!      │                 ▼
-//!   writer task ◀── OutQueue ◀── Delivery (shared frames) ◀── owner shard
+//!   connection::next_read_event ──frames──▶ read_loop ──OwnerInput──▶ ShardContext::to_owner
+//!                                              │ replies (HELLO, KEEPALIVE)
+//!                                              ▼
+//!   connection::write_loop ◀── OutQueue ◀── PeerConn::deliver ◀── shard (Delivery)
 //! ```
 //!
-//! Must never: keep a session alive after dropping an update for it, or let
-//! one peer's socket stall the shard (all socket I/O is non-blocking).
+//! Every event of a peer's tasks is logged inside its span (`peer`,
+//! `peer_id`, `shard`), created once per session, never per message.
+//!
+//! Must never: keep a session alive after dropping an update for it, touch
+//! the socket other than through `connection`, or import `shard` (it
+//! reaches its shard only through `ShardContext`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::io;
-use std::net::{Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use tracing::Instrument;
 
-use super::admission::{HandshakeTicket, PeerSlot};
-use super::out_queue::OutQueue;
+use super::admission::HandshakeTicket;
+use super::connection::{self, Connection, ReadBuf, ReadEvent, SocketFd, READ_BUF_MIN};
+use super::context::ShardContext;
+use super::event::LocalEvent;
 use super::owner::{Delivery, OwnerInput};
 use super::route_set::RouteSet;
-use super::shard::{LocalEvent, Shard};
-use super::stats::{LocalCause, PeerInfo, ShardCounters};
+use super::stats::PeerInfo;
 use super::PeerId;
 use crate::codec::{FrameDecoder, Message};
 use crate::policy::{PeerPolicy, Verdict};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use crate::types::{Action, Route, Vni};
 
-/// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
-/// frames; most of a large fleet's peers never need more. Kept small because
-/// it lives as long as the connection (10,000 idle peers × 64 KiB was most
-/// of the server's memory).
-const READ_BUF_MIN: usize = 4 * 1024;
-/// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
-/// size while reads fill it, and falls back to `READ_BUF_MIN` as soon as a
-/// read comes back short of the minimum or the peer goes quiet (a session
-/// deadline fires).
-const READ_BUF_MAX: usize = 64 * 1024;
-/// Bytes handed to one write at most.
-const WRITE_BYTES: usize = 256 * 1024;
-/// Buffers per vectored write at most.
-const WRITE_PARTS: usize = 64;
-
-/// A connection as its shard sees it: shared by the reader, the writer, the
-/// shard (deliveries, snapshots, shutdown).
+/// A peer as its shard sees it: shared by its session task, its writer
+/// and the shard (deliveries, snapshots, eviction, shutdown).
 pub(crate) struct PeerConn {
     /// Identity (shard + sequence).
     id: PeerId,
-    /// Remote address, for logs and snapshots.
+    /// Remote address, for snapshots and policy.
     addr: SocketAddr,
-    /// Pending output.
-    out: RefCell<OutQueue>,
-    /// Wakes the writer when output is queued or the peer is closed.
-    writer_wake: LocalEvent,
-    /// Wakes the reader when the peer is closed from elsewhere.
-    close_event: LocalEvent,
-    /// The first reason the connection was closed for; `Some` = closing.
-    close_reason: RefCell<Option<CloseReason>>,
-    /// Why the server closed it, when it did (a limit, the policy): counted
-    /// apart in the stats.
-    local_cause: Cell<LocalCause>,
+    /// The transport: output queue, close latch, traffic counts.
+    io: Connection,
+    /// The span every event about this peer is logged in.
+    span: tracing::Span,
     /// Notified when the peer policy was reloaded: the reader resolves its
     /// rule again and withdraws what became forbidden.
-    pub(crate) policy_event: LocalEvent,
+    policy_event: LocalEvent,
     /// Session state, for snapshots and counters.
     state: Cell<SessionState>,
     /// Negotiated keepalive.
@@ -93,44 +72,31 @@ pub(crate) struct PeerConn {
     /// the VNI are leftovers of an earlier subscription (sent before the
     /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
     subscribed: RefCell<BTreeMap<Vni, bool>>,
-    /// Frames received.
-    frames_in: Cell<u64>,
-    /// Bytes received.
-    bytes_in: Cell<u64>,
-    /// Frames written.
-    frames_out: Cell<u64>,
-    /// Bytes written.
-    bytes_out: Cell<u64>,
     /// When the connection was accepted.
     connected_since: SystemTime,
 }
 
 impl PeerConn {
+    /// A peer just accepted from `addr` on `shard`, with id `id`.
+    pub(crate) fn new(id: PeerId, addr: SocketAddr, shard: &ShardContext) -> PeerConn {
+        PeerConn {
+            id,
+            addr,
+            io: Connection::new(id, &shard.config().limits),
+            span: tracing::info_span!("peer", peer = %addr, peer_id = %id, shard = shard.index()),
+            policy_event: LocalEvent::default(),
+            state: Cell::new(SessionState::Connecting),
+            keepalive: Cell::new(shard.config().keepalive),
+            routes_announced: Cell::new(0),
+            subscribed: RefCell::new(BTreeMap::new()),
+            connected_since: SystemTime::now(),
+        }
+    }
+
     /// Closes the connection for `reason` unless already closing (the first
     /// reason wins and is the one logged and counted).
     pub(crate) fn close(&self, reason: CloseReason) {
-        {
-            let mut r = self.close_reason.borrow_mut();
-            if r.is_some() {
-                return;
-            }
-            *r = Some(reason);
-        }
-        self.close_event.notify();
-        self.writer_wake.notify();
-    }
-
-    fn is_closed(&self) -> bool {
-        self.close_reason.borrow().is_some()
-    }
-
-    /// Queues a session reply (a KEEPALIVE only if none is waiting already,
-    /// see `OutQueue::push_control`). A peer that does not read at all is
-    /// cut off by the writer's stall timeout; meanwhile it costs one reply.
-    fn push_control(&self, msg: &Message) {
-        if self.out.borrow_mut().push_control(msg) {
-            self.writer_wake.notify();
-        }
+        self.io.close(reason);
     }
 
     /// Has the session completed its handshake?
@@ -138,15 +104,20 @@ impl PeerConn {
         self.state.get() == SessionState::Established
     }
 
-    /// The peer's address.
-    pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The span of this peer's events.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The peer policy was reloaded: the session resolves its rule again.
+    pub(crate) fn policy_reloaded(&self) {
+        self.policy_event.notify();
     }
 
     /// Queues a delivery from an owner (or coalesces it, or cuts the peer
     /// off if even coalescing is over its limit).
-    pub(crate) fn deliver(&self, d: &Delivery, counters: &ShardCounters) {
-        if self.is_closed() {
+    pub(crate) fn deliver(&self, d: &Delivery, counters: &super::stats::ShardCounters) {
+        if self.io.is_closed() {
             return;
         }
         match self.subscribed.borrow_mut().get_mut(&d.vni) {
@@ -161,7 +132,7 @@ impl PeerConn {
             Some(true) => {}
         }
         let result = {
-            let mut out = self.out.borrow_mut();
+            let mut out = self.io.out().borrow_mut();
             let episodes = out.coalesce_episodes;
             let r = match d.sync {
                 Some(vni) => {
@@ -173,7 +144,7 @@ impl PeerConn {
             if out.coalesce_episodes != episodes {
                 counters.coalesce_episode();
                 tracing::info!(
-                    peer = %self.addr,
+                    parent: &self.span,
                     queued = out.queued_bytes(),
                     "slow subscriber: coalescing pending changes per route"
                 );
@@ -181,16 +152,18 @@ impl PeerConn {
             r
         };
         match result {
-            Ok(()) => self.writer_wake.notify(),
-            Err(overflow) => {
-                self.close(CloseReason::Local(overflow.to_string()));
-            }
+            Ok(()) => self.io.wake_writer(),
+            Err(overflow) => self.close(CloseReason::SlowSubscriber {
+                pending: overflow.pending,
+                limit: overflow.limit,
+            }),
         }
     }
 
     /// Snapshot for `ServerHandle::peers`.
     pub(crate) fn info(&self, shard: usize) -> PeerInfo {
-        let out = self.out.borrow();
+        let out = self.io.out().borrow();
+        let traffic = self.io.traffic();
         PeerInfo {
             addr: self.addr,
             state: self.state.get(),
@@ -198,27 +171,16 @@ impl PeerConn {
             keepalive: self.keepalive.get(),
             routes_announced: self.routes_announced.get(),
             vnis_subscribed: self.subscribed.borrow().keys().copied().collect(),
-            frames_in: self.frames_in.get(),
-            bytes_in: self.bytes_in.get(),
-            frames_out: self.frames_out.get(),
-            bytes_out: self.bytes_out.get(),
+            frames_in: traffic.frames_in,
+            bytes_in: traffic.bytes_in,
+            frames_out: traffic.frames_out,
+            bytes_out: traffic.bytes_out,
             queued_bytes: out.queued_bytes(),
             coalesced_routes: out.coalesced_len(),
             connected_since: self.connected_since,
             grace_left: None,
         }
     }
-}
-
-/// Starts the tasks of a freshly accepted connection on this shard.
-/// `slot` is the connection's place under `--max-peers`, held until the
-/// task ends.
-pub(crate) fn spawn(shard: Rc<Shard>, stream: TcpStream, slot: PeerSlot) {
-    glommio::spawn_local(async move {
-        run(shard, stream).await;
-        drop(slot);
-    })
-    .detach();
 }
 
 /// What the reader keeps about its peer.
@@ -245,54 +207,35 @@ struct ReaderState {
     routed: bool,
 }
 
-async fn run(shard: Rc<Shard>, stream: TcpStream) {
-    if shard.shutting_down.get() {
-        return;
-    }
-    let addr = stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)));
+/// The session of a freshly accepted connection, from the handshake to
+/// the cleanup; returns once the peer is gone and counted. The caller runs
+/// it inside `conn.span()` and has registered `conn` with its shard.
+pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let fd = stream.as_raw_fd();
-    let id = shard.new_peer_id();
-    let limits = &shard.config.limits;
-    let conn = Rc::new(PeerConn {
-        id,
-        addr,
-        out: RefCell::new(OutQueue::new(
-            id,
-            limits.max_queued_bytes,
-            limits.max_coalesced_routes,
-        )),
-        writer_wake: LocalEvent::default(),
-        close_event: LocalEvent::default(),
-        close_reason: RefCell::new(None),
-        local_cause: Cell::new(LocalCause::Other),
-        policy_event: LocalEvent::default(),
-        state: Cell::new(SessionState::Connecting),
-        keepalive: Cell::new(shard.config.keepalive),
-        routes_announced: Cell::new(0),
-        subscribed: RefCell::new(BTreeMap::new()),
-        frames_in: Cell::new(0),
-        bytes_in: Cell::new(0),
-        frames_out: Cell::new(0),
-        bytes_out: Cell::new(0),
-        connected_since: SystemTime::now(),
-    });
-    shard.peers.borrow_mut().insert(id, conn.clone());
-    shard.counters.peer_connected();
-    tracing::info!(peer = %addr, shard = shard.index, "peer connected");
+    let sock = SocketFd::of(&stream);
+    let id = conn.id;
+    let addr = conn.addr;
+    let limits = &shard.config().limits;
+    shard.counters().peer_connected();
+    tracing::info!("peer connected");
 
     let (reader, writer) = futures_lite::io::split(stream);
-    let writer_task = glommio::spawn_local(write_loop(shard.clone(), conn.clone(), writer, fd));
+    let writer_task = {
+        let shard = shard.clone();
+        let conn = conn.clone();
+        glommio::spawn_local(
+            async move { connection::write_loop(&shard, &conn.io, writer, sock).await }
+                .instrument(tracing::Span::current()),
+        )
+    };
     let now = Instant::now();
-    let mut session = PeerSession::new(Role::Passive, shard.config.keepalive, now);
+    let mut session = PeerSession::new(Role::Passive, shard.config().keepalive, now);
     if let Some(timeout) = limits.handshake_timeout {
         session = session.with_handshake_timeout(timeout, now);
     }
     // The peer's source address is fixed for the session: its rule is
     // found once. No rule: it may do nothing, so it is closed at once.
-    let policy = match &shard.config.policy {
+    let policy = match &shard.config().policy {
         None => None,
         Some(store) => match PeerPolicy::resolve(store, addr) {
             Ok(p) => Some(p),
@@ -304,7 +247,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     };
     let mut rs = ReaderState {
         session,
-        handshake: Some(shard.admission.enter_handshake(id)),
+        handshake: Some(shard.admission().enter_handshake(id)),
         decoder: FrameDecoder::new(),
         announced: HashMap::new(),
         withdrawing: Vec::new(),
@@ -320,7 +263,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
     if was_established {
         // Its routes and buffers are being freed: shards give the memory
         // back to the system over the next seconds.
-        shard.admission.note_departure();
+        shard.admission().note_departure();
     }
     rs.session.close();
     conn.state.set(SessionState::Closed);
@@ -333,22 +276,14 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
         withdraw_all(&shard, id, vni, routes).await;
     }
     let announced = std::mem::take(&mut rs.announced);
+    let reason = conn.io.close_reason().unwrap_or(CloseReason::PeerClosed);
     // A peer cut off for its own fault (a limit, a malformed frame, a
-    // protocol violation) gets no grace: what it sent is suspect.
-    let fault = conn.local_cause.get() != LocalCause::Other
-        || matches!(
-            conn.close_reason.borrow().as_ref(),
-            Some(
-                CloseReason::Malformed(_)
-                    | CloseReason::Unexpected { .. }
-                    | CloseReason::ZeroKeepalive
-                    | CloseReason::KeepaliveFlood { .. }
-            )
-        );
-    match shard.config.peer_grace {
+    // protocol violation, the policy) gets no grace: what it sent is
+    // suspect.
+    match shard.config().peer_grace {
         // `--peer-grace`: a ghost holds them for a while (not when the
         // server itself is shutting down: the tables go with it).
-        Some(grace) if !shard.shutting_down.get() && !fault => {
+        Some(grace) if !shard.is_shutting_down() && !reason.is_peer_fault() => {
             super::grace::hold(&shard, id, addr, announced, grace);
         }
         _ => {
@@ -357,19 +292,8 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
             }
         }
     }
-    shard.peers.borrow_mut().remove(&id);
-    let reason = conn
-        .close_reason
-        .borrow()
-        .clone()
-        .unwrap_or(CloseReason::PeerClosed);
-    shard.counters.peer_gone(
-        was_established,
-        &reason,
-        shard.shutting_down.get(),
-        conn.local_cause.get(),
-    );
-    tracing::info!(peer = %addr, reason = %reason, kind = reason.label(), "peer disconnected");
+    shard.counters().peer_gone(was_established, &reason);
+    tracing::info!(reason = %reason, kind = reason.label(), "peer disconnected");
 }
 
 /// `--peer-grace`: the peer announced or withdrew `route`, so ghosts of
@@ -377,12 +301,12 @@ async fn run(shard: Rc<Shard>, stream: TcpStream) {
 /// their claim on it. Sent after the peer's own input, on the same channel
 /// to the owner: an ADD keeps the route without a flap, a REMOVE takes
 /// effect at once.
-fn drop_ghost_claims(shard: &Shard, conn: &PeerConn, id: PeerId, route: Route) {
-    if shard.config.peer_grace.is_none() {
+fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, id: PeerId, route: Route) {
+    if shard.config().peer_grace.is_none() {
         return;
     }
     for ghost in shard
-        .grace
+        .grace()
         .index()
         .of(super::grace::host_of(&conn.addr), id)
     {
@@ -401,7 +325,7 @@ const WITHDRAW_CHUNK: usize = 1024;
 /// nor builds a million-message batch for the owner. Never stops early: a
 /// route not withdrawn would stay in the table for good. Holds no borrow
 /// across its awaits.
-pub(super) async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: RouteSet) {
+pub(super) async fn withdraw_all(shard: &ShardContext, peer: PeerId, vni: Vni, routes: RouteSet) {
     let mut routes = routes.into_iter().peekable();
     while routes.peek().is_some() {
         for route in routes.by_ref().take(WITHDRAW_CHUNK) {
@@ -409,28 +333,18 @@ pub(super) async fn withdraw_all(shard: &Shard, peer: PeerId, vni: Vni, routes: 
         }
         // At shutdown the flushers stop and the outboxes never drain.
         shard
-            .outbox_room(|| shard.shutting_down.get(), &shard.shutdown_event)
+            .outbox_room(|| shard.is_shutting_down(), shard.shutdown_event())
             .await;
         glommio::yield_if_needed().await;
     }
 }
 
-/// What woke the reader.
-enum ReadEvent {
-    /// The socket read returned (bytes, EOF or error).
-    Data(io::Result<usize>),
-    /// The session's next deadline passed (keepalive due or hold timer).
-    Deadline,
-    /// The connection was closed from elsewhere (writer, shard, shutdown).
-    Closed,
-    /// The peer policy was reloaded.
-    PolicyReloaded,
-}
-
+/// Reads and handles the peer's frames until the session ends; returns
+/// why it ended.
 async fn read_loop(
-    shard: &Rc<Shard>,
+    shard: &ShardContext,
     conn: &Rc<PeerConn>,
-    mut reader: ReadHalf<TcpStream>,
+    mut reader: futures_lite::io::ReadHalf<TcpStream>,
     rs: &mut ReaderState,
 ) -> CloseReason {
     let mut buf = ReadBuf::new();
@@ -444,11 +358,11 @@ async fn read_loop(
         // one read buffer's worth of changes before it pauses as well.
         if std::mem::take(&mut rs.routed) {
             shard
-                .outbox_room(|| conn.is_closed(), &conn.close_event)
+                .outbox_room(|| conn.io.is_closed(), conn.io.close_event())
                 .await;
         }
-        let closed = conn.close_event.wait();
-        if let Some(r) = conn.close_reason.borrow().clone() {
+        let closed = conn.io.close_event().wait();
+        if let Some(r) = conn.io.close_reason() {
             return r;
         }
         let policy_reloaded = conn.policy_event.wait();
@@ -462,26 +376,8 @@ async fn read_loop(
             .session
             .next_deadline()
             .saturating_duration_since(Instant::now());
-        let event = future::or(
-            async { ReadEvent::Data(reader.read(buf.as_mut()).await) },
-            future::or(
-                async {
-                    glommio::timer::sleep(wait).await;
-                    ReadEvent::Deadline
-                },
-                future::or(
-                    async {
-                        closed.await;
-                        ReadEvent::Closed
-                    },
-                    async {
-                        policy_reloaded.await;
-                        ReadEvent::PolicyReloaded
-                    },
-                ),
-            ),
-        )
-        .await;
+        let event =
+            connection::next_read_event(&mut reader, &mut buf, wait, closed, policy_reloaded).await;
         match event {
             // The reason, or the new policy, is picked up above.
             ReadEvent::Closed | ReadEvent::PolicyReloaded => continue,
@@ -493,14 +389,13 @@ async fn read_loop(
                 }
                 match rs.session.on_tick(Instant::now()) {
                     Err(reason) => return reason,
-                    Ok(Some(msg)) => conn.push_control(&msg),
+                    Ok(Some(msg)) => conn.io.push_control(&msg),
                     Ok(None) => {}
                 }
             }
             ReadEvent::Data(Ok(0)) => return CloseReason::PeerClosed,
-            ReadEvent::Data(Err(e)) => return CloseReason::Io(e.to_string()),
+            ReadEvent::Data(Err(e)) => return CloseReason::Io(e.into()),
             ReadEvent::Data(Ok(n)) => {
-                conn.bytes_in.set(conn.bytes_in.get() + n as u64);
                 rs.decoder.extend(&buf.as_mut()[..n]);
                 let mut frames = 0u64;
                 let failure = loop {
@@ -515,11 +410,11 @@ async fn read_loop(
                                 withdraw_all(shard, conn.id, vni, routes).await;
                             }
                         }
-                        Err(e) => break Some(CloseReason::Malformed(e.to_string())),
+                        Err(e) => break Some(CloseReason::Malformed(e.into())),
                     }
                 };
-                conn.frames_in.set(conn.frames_in.get() + frames);
-                shard.counters.read(frames, n);
+                conn.io.count_read(frames, n);
+                shard.counters().read(frames, n);
                 if let Some(reason) = failure {
                     return reason;
                 }
@@ -537,53 +432,9 @@ async fn read_loop(
     }
 }
 
-/// The reader's socket buffer: small while the peer is quiet, grown while
-/// its reads fill the buffer (a burst of UPDATEs), shrunk again after.
-struct ReadBuf {
-    /// The bytes; its length is the current read size.
-    bytes: Vec<u8>,
-}
-
-impl ReadBuf {
-    /// A buffer of `READ_BUF_MIN`.
-    fn new() -> ReadBuf {
-        ReadBuf {
-            bytes: vec![0u8; READ_BUF_MIN],
-        }
-    }
-
-    /// The slice to read into.
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes
-    }
-
-    /// Current size.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// After a read of `n` bytes: grow when it filled the buffer, shrink
-    /// when it was shorter than the minimum (the burst is over).
-    fn adapt(&mut self, n: usize) {
-        let len = self.bytes.len();
-        if n == len && len < READ_BUF_MAX {
-            self.bytes = vec![0u8; (len * 4).min(READ_BUF_MAX)];
-        } else if n < READ_BUF_MIN {
-            self.shrink();
-        }
-    }
-
-    /// Back to `READ_BUF_MIN`, releasing a grown buffer.
-    fn shrink(&mut self) {
-        if self.bytes.len() > READ_BUF_MIN {
-            self.bytes = vec![0u8; READ_BUF_MIN];
-        }
-    }
-}
-
+/// Feeds one message to the session and carries out its reaction.
 fn on_message(
-    shard: &Shard,
+    shard: &ShardContext,
     conn: &PeerConn,
     rs: &mut ReaderState,
     msg: Message,
@@ -593,18 +444,14 @@ fn on_message(
     conn.keepalive.set(rs.session.interval());
     match reaction {
         Reaction::Nothing => {}
-        Reaction::Reply(m) => conn.push_control(&m),
+        Reaction::Reply(m) => conn.io.push_control(&m),
         Reaction::Established { reply } => {
             if let Some(m) = reply {
-                conn.push_control(&m);
+                conn.io.push_control(&m);
             }
             rs.handshake = None;
-            shard.counters.peer_established();
-            tracing::info!(
-                peer = %conn.addr,
-                keepalive = ?rs.session.interval(),
-                "session established"
-            );
+            shard.counters().peer_established();
+            tracing::info!(keepalive = ?rs.session.interval(), "session established");
         }
         Reaction::Deliver(m) => {
             rs.routed = true;
@@ -615,21 +462,20 @@ fn on_message(
 }
 
 /// The peer went over one of its `PeerLimits`: it is closed (and its routes
-/// withdrawn) with a reason naming the limit and the flag that raises it.
-fn over_limit(conn: &PeerConn, what: &str, max: usize, flag: &str) -> CloseReason {
-    conn.local_cause.set(LocalCause::Limit);
-    let reason = format!("peer limit exceeded: more than {max} {what} (raise with {flag})");
-    tracing::warn!(peer = %conn.addr, %reason, "closing peer");
-    CloseReason::Local(reason)
+/// withdrawn) with a reason naming the limit and where it comes from (the
+/// flag that raises it, or the policy rule).
+fn over_limit(what: &'static str, max: usize, origin: String) -> CloseReason {
+    let reason = CloseReason::PeerLimit { what, max, origin };
+    tracing::warn!(%reason, "closing peer");
+    reason
 }
 
 /// The peer policy closes the session: no rule matches the peer, or it
 /// violated a rule with `on_violation: close`. Also closes `conn` (for the
 /// start of a session, where nothing returns the reason).
 fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
-    conn.local_cause.set(LocalCause::Policy);
-    tracing::warn!(peer = %conn.addr, %reason, "closing peer");
-    let reason = CloseReason::Local(reason);
+    let reason = CloseReason::Policy(reason);
+    tracing::warn!(%reason, "closing peer");
     conn.close(reason.clone());
     reason
 }
@@ -639,8 +485,12 @@ fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
 /// `announced` into `withdrawing` (the caller withdraws them, as if the peer
 /// had sent REMOVE) and drops the subscriptions it refuses. Newly allowed
 /// routes are not invented: the peer sends them again on its next session.
-fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Result<(), CloseReason> {
-    let (Some(store), Some(old)) = (&shard.config.policy, &rs.policy) else {
+fn reapply_policy(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+) -> Result<(), CloseReason> {
+    let (Some(store), Some(old)) = (&shard.config().policy, &rs.policy) else {
         return Ok(());
     };
     if old.generation() == store.generation() {
@@ -674,7 +524,7 @@ fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Resul
         .collect();
     for vni in &dropped {
         conn.subscribed.borrow_mut().remove(vni);
-        conn.out.borrow_mut().forget_vni(*vni);
+        conn.io.out().borrow_mut().forget_vni(*vni);
         shard.to_owner(
             *vni,
             OwnerInput::Unsubscribe {
@@ -685,7 +535,6 @@ fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Resul
     }
     policy.rule().counters.withdrawn(withdrawn as u64);
     tracing::info!(
-        peer = %conn.addr,
         rule = %policy.rule().name,
         routes_withdrawn = withdrawn,
         subscriptions_dropped = dropped.len(),
@@ -695,17 +544,19 @@ fn reapply_policy(shard: &Shard, conn: &PeerConn, rs: &mut ReaderState) -> Resul
     Ok(())
 }
 
+/// Handles an UPDATE, SUBSCRIBE or UNSUBSCRIBE of an established session:
+/// limits and policy first, then the owner input.
 fn on_routing_message(
-    shard: &Shard,
+    shard: &ShardContext,
     conn: &PeerConn,
     rs: &mut ReaderState,
     msg: Message,
 ) -> Result<(), CloseReason> {
     let id = conn.id;
-    let limits = &shard.config.limits;
+    let limits = &shard.config().limits;
     match msg {
         Message::Update { action, route } => {
-            shard.counters.update_in();
+            shard.counters().update_in();
             let vni = route.vni;
             match action {
                 Action::Add => {
@@ -728,15 +579,15 @@ fn on_routing_message(
                             (Some(p), Some(_)) => p.limit_origin("max_routes"),
                             _ => "--max-routes-per-peer".into(),
                         };
-                        return Err(over_limit(conn, "routes announced", max, &flag));
+                        return Err(over_limit("routes announced", max, flag));
                     }
                     if rs.announced.entry(vni).or_default().insert(route) {
                         conn.routes_announced.set(conn.routes_announced.get() + 1);
-                        tracing::debug!(peer = %conn.addr, %route, "ADD");
+                        tracing::debug!(%route, "ADD");
                         shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
                         drop_ghost_claims(shard, conn, id, route);
                     } else {
-                        tracing::debug!(peer = %conn.addr, %route, "duplicate ADD ignored");
+                        tracing::debug!(%route, "duplicate ADD ignored");
                     }
                 }
                 Action::Remove => {
@@ -746,11 +597,11 @@ fn on_routing_message(
                         .is_some_and(|set| set.remove(&route));
                     if removed {
                         conn.routes_announced.set(conn.routes_announced.get() - 1);
-                        tracing::debug!(peer = %conn.addr, %route, "REMOVE");
+                        tracing::debug!(%route, "REMOVE");
                         shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
                         drop_ghost_claims(shard, conn, id, route);
                     } else {
-                        tracing::debug!(peer = %conn.addr, %route, "REMOVE of a route the peer does not announce ignored");
+                        tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
                         // A restarted agent may withdraw what its previous
                         // session announced: its ghost's claim ends now.
                         drop_ghost_claims(shard, conn, id, route);
@@ -777,20 +628,20 @@ fn on_routing_message(
                         (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
                         _ => "--max-subscriptions-per-peer".into(),
                     };
-                    return Err(over_limit(conn, "subscriptions", max, &flag));
+                    return Err(over_limit("subscriptions", max, flag));
                 }
             }
             if conn.subscribed.borrow_mut().insert(vni, false).is_none() {
-                tracing::debug!(peer = %conn.addr, %vni, "SUBSCRIBE");
+                tracing::debug!(%vni, "SUBSCRIBE");
                 shard.to_owner(vni, OwnerInput::Subscribe { peer: id, vni });
             }
         }
         Message::Unsubscribe(vni) => {
             if conn.subscribed.borrow_mut().remove(&vni).is_some() {
-                tracing::debug!(peer = %conn.addr, %vni, "UNSUBSCRIBE");
+                tracing::debug!(%vni, "UNSUBSCRIBE");
                 // Coalesced changes of the VNI would be written after this
                 // point: drop them (queued frames were due before it).
-                conn.out.borrow_mut().forget_vni(vni);
+                conn.io.out().borrow_mut().forget_vni(vni);
                 shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
             }
             // As in the existing implementation: its routes in the VNI go too
@@ -805,176 +656,4 @@ fn on_routing_message(
         Message::Hello { .. } | Message::Keepalive => {}
     }
     Ok(())
-}
-
-async fn write_loop(
-    shard: Rc<Shard>,
-    conn: Rc<PeerConn>,
-    mut writer: WriteHalf<TcpStream>,
-    fd: RawFd,
-) {
-    loop {
-        let wake = conn.writer_wake.wait();
-        if conn.is_closed() {
-            return;
-        }
-        let wb = conn
-            .out
-            .borrow_mut()
-            .take_for_write(WRITE_BYTES, WRITE_PARTS);
-        if wb.parts.is_empty() && wb.sync_written.is_empty() {
-            wake.await;
-            continue;
-        }
-        if !wb.parts.is_empty() {
-            let stall = shard.config.limits.write_stall_timeout;
-            match write_parts(&conn, &mut writer, fd, &wb.parts, stall).await {
-                Ok(calls) => {
-                    conn.out.borrow_mut().written(wb.bytes);
-                    conn.frames_out
-                        .set(conn.frames_out.get() + wb.frames as u64);
-                    conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
-                    shard
-                        .counters
-                        .written(wb.frames, wb.updates, wb.bytes, calls);
-                    if !wb.fanout_born.is_empty() {
-                        let now = Instant::now();
-                        for born in &wb.fanout_born {
-                            shard
-                                .counters
-                                .fanout_written(now.saturating_duration_since(*born));
-                        }
-                    }
-                }
-                Err(reason) => {
-                    conn.close(reason);
-                    return;
-                }
-            }
-        }
-        for vni in wb.sync_written {
-            shard.to_owner(vni, OwnerInput::SyncWritten { peer: conn.id, vni });
-        }
-        // A subscriber that reads as fast as we write never fills its
-        // socket, so nothing above waits: without this, draining a large
-        // backlog (or a coalesced map of millions of routes) would hold the
-        // shard.
-        glommio::yield_if_needed().await;
-    }
-}
-
-/// Writes all of `parts`: vectored non-blocking `sendmsg` while the socket
-/// takes data, glommio's readiness-aware write when it is full. Returns the
-/// number of write calls made.
-async fn write_parts(
-    conn: &PeerConn,
-    writer: &mut WriteHalf<TcpStream>,
-    fd: RawFd,
-    parts: &[Bytes],
-    stall: Option<Duration>,
-) -> Result<usize, CloseReason> {
-    let mut idx = 0;
-    let mut off = 0;
-    let mut calls = 0;
-    while idx < parts.len() {
-        let n = match send_vectored(fd, &parts[idx..], off) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Socket full: wait for room (bounded by the stall timeout),
-                // or for the connection to be closed from elsewhere.
-                let closed = conn.close_event.wait();
-                if conn.is_closed() {
-                    return Err(CloseReason::Local("closed".into()));
-                }
-                let write = async { Some(writer.write(&parts[idx][off..]).await) };
-                let stop = async {
-                    match stall {
-                        Some(d) => {
-                            future::or(closed, glommio::timer::sleep(d)).await;
-                        }
-                        None => closed.await,
-                    }
-                    None
-                };
-                match future::or(write, stop).await {
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => return Err(CloseReason::Io(e.to_string())),
-                    None if conn.is_closed() => return Err(CloseReason::Local("closed".into())),
-                    None => {
-                        return Err(CloseReason::Local(format!(
-                            "slow subscriber: socket not writable for {:?}",
-                            stall.unwrap_or_default()
-                        )))
-                    }
-                }
-            }
-            Err(e) => return Err(CloseReason::Io(e.to_string())),
-        };
-        calls += 1;
-        // Advance over what was written.
-        let mut left = n;
-        while left > 0 && idx < parts.len() {
-            let avail = parts[idx].len() - off;
-            if left >= avail {
-                left -= avail;
-                idx += 1;
-                off = 0;
-            } else {
-                off += left;
-                left = 0;
-            }
-        }
-    }
-    Ok(calls)
-}
-
-/// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
-fn send_vectored(fd: RawFd, parts: &[Bytes], offset: usize) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len().min(WRITE_PARTS));
-    for (i, p) in parts.iter().take(WRITE_PARTS).enumerate() {
-        let slice = if i == 0 { &p[offset..] } else { &p[..] };
-        iov.push(libc::iovec {
-            iov_base: slice.as_ptr() as *mut libc::c_void,
-            iov_len: slice.len(),
-        });
-    }
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: every iovec points into a `Bytes` that outlives the call; the
-    // kernel only reads from them. MSG_DONTWAIT keeps the shard from
-    // blocking, MSG_NOSIGNAL turns a closed peer into EPIPE, not SIGPIPE.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {
-        let mut b = ReadBuf::new();
-        assert_eq!(b.len(), READ_BUF_MIN);
-        b.adapt(100);
-        assert_eq!(b.len(), READ_BUF_MIN, "a short read keeps the minimum");
-        b.adapt(READ_BUF_MIN);
-        assert_eq!(b.len(), READ_BUF_MIN * 4);
-        b.adapt(READ_BUF_MIN * 4);
-        assert_eq!(b.len(), READ_BUF_MAX);
-        b.adapt(READ_BUF_MAX);
-        assert_eq!(b.len(), READ_BUF_MAX, "never beyond the maximum");
-        b.adapt(READ_BUF_MIN * 2);
-        assert_eq!(b.len(), READ_BUF_MAX, "a medium read keeps the size");
-        b.adapt(10);
-        assert_eq!(b.len(), READ_BUF_MIN, "a short read gives it back");
-        b.adapt(READ_BUF_MIN);
-        b.shrink();
-        assert_eq!(b.len(), READ_BUF_MIN, "an idle peer gives it back");
-    }
 }

@@ -1,86 +1,75 @@
-//! One shard: a glommio executor pinned to a core, and the channels between
-//! shards.
+//! One shard: a glommio executor pinned to a core, its VNI owner and its
+//! peers.
 //!
-//! Owns: executor set-up, the per-destination outboxes (batches of
-//! `ShardMsg`, one channel message and one wake-up per batch), the receive
-//! tasks, the accept loops (connections are handed round-robin to shards and
-//! stay there), the sync pump, the control loop (snapshots, shutdown) and the
-//! map of this shard's peers.
+//! Owns: executor set-up (connecting the channels to the other shards), the
+//! receive task per source shard and the flusher per destination (moving
+//! `ShardOutbox` batches into the bounded channels, see `mesh`), handling
+//! of batches (owner inputs, deliveries to this shard's peers, handed-over
+//! connections, evictions), the sync pump, memory return, the control loop
+//! (snapshots, policy reload, shutdown) and the map of this shard's peers.
 //!
-//! Deadlock freedom: a task that *handles* messages never awaits a channel
-//! send. Handlers only append to an outbox; a dedicated flusher task per
-//! destination awaits the bounded channel. Two shards sending to each other
-//! therefore never wait on each other's handlers. Outboxes are bounded in
-//! practice by back-pressure: peer readers whose last read produced owner
-//! inputs stop reading from their sockets while the shard's outboxes hold
-//! more than `OUTBOX_HIGH` messages (a reader that only got session frames
-//! reads on, adding at most one read's worth), and a leaving peer's
-//! withdrawals wait the same way.
+//! ```text
+//!   accept loop (accept) ──local──────────────┐
+//!   receive task per source ──Batch──┐        │
+//!   flusher to self ──────── Batch ──┴──▶ handle_batch ──▶ VniOwner::apply
+//!                                          │  ShardMsg::Connection ▼
+//!                                          │     peer task (peer::run, in its span)
+//!                                          │       └─ writer task (connection::write_loop)
+//!                                          ▼
+//!                    end_chunk: owner flush → route(Delivery)
+//!                        ├─ this shard: PeerConn::deliver → OutQueue
+//!                        └─ other shards: ShardOutbox ──▶ flusher per dest ──▶ channel
+//!   sync pump: VniOwner::sync_step → route      control loop: snapshots, shutdown
+//! ```
+//! Peer tasks use their shard only through `ShardContext` (`context`); this
+//! module is the only one that sees the owner tables and the peer map.
 //!
 //! Liveness: every loop whose length depends on a batch or table size
 //! yields in bounded chunks (`handle_batch`, the sync pump, and in `peer`
-//! the withdrawals of a leaving peer and the writer), so one peer's million
-//! routes never hold up the keepalive replies of the shard's other peers.
-//! Owner state is borrowed only between awaits, never across one.
+//! the withdrawals of a leaving peer and in `connection` the writer), so one
+//! peer's million routes never hold up the keepalive replies of the shard's
+//! other peers. Owner state is borrowed only between awaits, never across
+//! one.
 //!
 //! Must never: block the thread (no std locks held across awaits, no
 //! blocking syscalls), run a table- or batch-sized loop without yielding,
 //! or hold route logic (that is `owner`/`vni_table`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
-use std::pin::Pin;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_lite::future;
 use glommio::channels::shared_channel::{
     ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
-use glommio::net::{AcceptedTcpStream, TcpListener};
+use glommio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
-use super::admission::{Admission, Admit, PeerSlot};
+use super::accept::{accept_loop, Handover};
+use super::admission::{Admission, PeerSlot};
 use super::config::ServerConfig;
+use super::connection::{self, SocketFd};
+use super::context::ShardContext;
+use super::event::LocalEvent;
 use super::grace::{GhostIndex, GraceHolds};
-use super::owner::{Delivery, OwnerInput, VniOwner};
+use super::mesh::{Batch, ShardMsg};
+use super::owner::{Delivery, VniOwner};
 use super::peer::{self, PeerConn};
 use super::stats::{PeerInfo, ShardCounters, VniRoutes};
 use super::PeerId;
 use crate::session::CloseReason;
 use crate::types::{Route, Vni};
 
-/// Messages pending in a shard's outboxes above which peer readers pause.
-pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
-/// Batches a shard-to-shard channel holds before the flusher waits.
-pub(crate) const CHANNEL_BATCHES: usize = 16;
 /// Routes a status-page snapshot copies between chances to yield.
 const SNAPSHOT_STEP_ROUTES: usize = 16 * 1024;
 /// Messages `Shard::handle_batch` handles between two yields at most (a
 /// few milliseconds of table work; fan-out buffers fill at ~1,500 changes,
 /// so flushing this often does not shrink them).
 const HANDLE_CHUNK: usize = 4096;
-
-/// What shards tell each other.
-pub(crate) enum ShardMsg {
-    /// For the owner of the input's VNI.
-    Owner(OwnerInput),
-    /// Frames for peers on the receiving shard.
-    Deliver(Delivery),
-    /// A new connection handed over by an accept loop, with its place
-    /// under `--max-peers`.
-    Connection(AcceptedTcpStream, PeerSlot),
-    /// Close this peer of the receiving shard if it is still in its
-    /// handshake: an accept loop gave its place to a new connection
-    /// (`Shard::evict`).
-    Evict(PeerId),
-}
-
-/// One channel message: many shard messages, one wake-up.
-pub(crate) type Batch = Vec<ShardMsg>;
 
 /// Requests from outside the shards (the `ServerHandle`).
 pub(crate) enum Control {
@@ -92,56 +81,6 @@ pub(crate) enum Control {
     Peers(crossbeam_channel::Sender<Vec<PeerInfo>>),
     /// The peer policy was reloaded: every peer resolves its rule again.
     PolicyReloaded,
-}
-
-/// A single-threaded wake-up: every `wait` created before a `notify`
-/// completes. Waiters check their condition, then create the wait future
-/// and await it with no await in between, so no wake-up is lost.
-#[derive(Default)]
-pub(crate) struct LocalEvent {
-    /// Bumped by each notify.
-    generation: Cell<u64>,
-    /// Tasks to wake on the next notify.
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl LocalEvent {
-    /// Wakes every current waiter.
-    pub(crate) fn notify(&self) {
-        self.generation.set(self.generation.get().wrapping_add(1));
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    /// Completes at the next `notify` after this call.
-    pub(crate) fn wait(&self) -> EventWait<'_> {
-        EventWait {
-            event: self,
-            generation: self.generation.get(),
-        }
-    }
-}
-
-/// Future returned by `LocalEvent::wait`.
-pub(crate) struct EventWait<'a> {
-    event: &'a LocalEvent,
-    generation: u64,
-}
-
-impl Future for EventWait<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.event.generation.get() != self.generation {
-            return Poll::Ready(());
-        }
-        let mut wakers = self.event.wakers.borrow_mut();
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
 }
 
 /// Everything a shard thread is started with.
@@ -172,90 +111,65 @@ pub(crate) struct ShardSetup {
 
 /// A shard's state, shared by its tasks (single thread, `Rc`).
 pub(crate) struct Shard {
-    /// This shard's index.
-    pub index: usize,
-    /// Number of shards.
-    pub shards: usize,
-    /// The server's configuration.
-    pub config: Arc<ServerConfig>,
-    /// Counters, shared with the handle.
-    pub counters: Arc<ShardCounters>,
+    /// What peer tasks may use: identity, config, counters, outboxes,
+    /// shutdown, admission, grace holds.
+    ctx: Rc<ShardContext>,
     /// The VNIs this shard owns.
     owner: RefCell<VniOwner>,
     /// Wakes the sync pump when a sync may progress.
     sync_wake: LocalEvent,
-    /// Pending messages per destination shard.
-    outboxes: Vec<RefCell<Batch>>,
-    /// Wakes the flusher of each destination.
-    outbox_wake: Vec<LocalEvent>,
-    /// Messages in all outboxes.
-    outbox_pending: Cell<usize>,
-    /// Notified when outboxes are drained (paused readers resume).
-    pub outbox_drained: LocalEvent,
     /// This shard's peers.
-    pub peers: RefCell<HashMap<PeerId, Rc<PeerConn>>>,
-    /// Next peer sequence number.
-    next_peer: Cell<u64>,
-    /// Set once shutdown begins.
-    pub shutting_down: Cell<bool>,
-    /// Wakes accept loops and peers on shutdown.
-    pub shutdown_event: LocalEvent,
-    /// Places under `--max-peers` and the handshake queue, shared by all
-    /// shards (peers enter the queue on start, see `peer`).
-    pub admission: Arc<Admission>,
-    /// Routes of departed peers held for `--peer-grace` (see `grace`).
-    pub grace: GraceHolds,
+    peers: RefCell<HashMap<PeerId, Rc<PeerConn>>>,
 }
 
 impl Shard {
-    /// The shard owning `vni`.
-    pub(crate) fn owner_of(&self, vni: Vni) -> usize {
-        (vni.get() as usize) % self.shards
-    }
-
-    /// A fresh id for a peer accepted on this shard.
-    pub(crate) fn new_peer_id(&self) -> PeerId {
-        let n = self.next_peer.get();
-        self.next_peer.set(n + 1);
-        PeerId::new(self.index, n)
-    }
-
-    /// Sends `input` to the owner of `vni` (batched).
-    pub(crate) fn to_owner(&self, vni: Vni, input: OwnerInput) {
-        let dest = self.owner_of(vni);
-        self.push(dest, ShardMsg::Owner(input));
-    }
-
-    /// Messages waiting in outboxes (readers pause above `OUTBOX_HIGH`).
-    pub(crate) fn outbox_pending(&self) -> usize {
-        self.outbox_pending.get()
-    }
-
-    /// Back-pressure: waits while this shard's outboxes hold more than
-    /// `OUTBOX_HIGH` messages, or until `stop()` holds (`stop_event` is
-    /// notified when it may have changed).
-    pub(crate) async fn outbox_room(&self, stop: impl Fn() -> bool, stop_event: &LocalEvent) {
-        while self.outbox_pending() > OUTBOX_HIGH && !stop() {
-            future::or(self.outbox_drained.wait(), stop_event.wait()).await;
-        }
-    }
-
-    fn push(&self, dest: usize, msg: ShardMsg) {
-        self.outboxes[dest].borrow_mut().push(msg);
-        self.outbox_pending.set(self.outbox_pending.get() + 1);
-        self.outbox_wake[dest].notify();
-    }
-
     /// Routes owner output: deliveries to our own peers directly (keeping
     /// order, since all of them take this path), others via outboxes.
     fn route(&self, out: Vec<(usize, Delivery)>) {
         for (dest, d) in out {
-            if dest == self.index {
+            if dest == self.ctx.index() {
                 self.deliver(d);
             } else {
-                self.push(dest, ShardMsg::Deliver(d));
+                self.ctx.send(dest, ShardMsg::Deliver(d));
             }
         }
+    }
+
+    /// Handles a connection or an eviction of this very shard at once (an
+    /// accept loop of this shard chose it).
+    fn handle_local(self: &Rc<Self>, handover: Handover) {
+        match handover {
+            Handover::Connection(accepted, slot) => {
+                self.spawn_peer(accepted.bind_to_executor(), slot)
+            }
+            Handover::Evict(id) => self.evict(id),
+        }
+    }
+
+    /// Starts the session task of a freshly accepted connection on this
+    /// shard, in the peer's span. `slot` is the connection's place under
+    /// `--max-peers`, held until the task ends.
+    fn spawn_peer(self: &Rc<Self>, stream: TcpStream, slot: PeerSlot) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            if shard.ctx.is_shutting_down() {
+                return;
+            }
+            let id = shard.ctx.new_peer_id();
+            let conn = Rc::new(PeerConn::new(
+                id,
+                connection::remote_addr(&stream),
+                &shard.ctx,
+            ));
+            shard.peers.borrow_mut().insert(id, conn.clone());
+            let span = conn.span().clone();
+            peer::run(shard.ctx.clone(), conn, stream)
+                .instrument(span)
+                .await;
+            shard.peers.borrow_mut().remove(&id);
+            drop(slot);
+        })
+        .detach();
     }
 
     /// Closes peer `id` of this shard to free its place under
@@ -267,11 +181,11 @@ impl Shard {
         let conn = self.peers.borrow().get(&id).cloned();
         if let Some(conn) = conn {
             if conn.is_established() {
-                tracing::debug!(peer = %conn.addr(), "eviction skipped: handshake completed meanwhile");
+                tracing::debug!(parent: conn.span(), "eviction skipped: handshake completed meanwhile");
                 return;
             }
             conn.close(CloseReason::Evicted {
-                limit: format!("--max-peers {} reached", self.admission.max()),
+                max_peers: self.ctx.admission().max(),
             });
         }
     }
@@ -280,7 +194,7 @@ impl Shard {
         let peers = self.peers.borrow();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
-                conn.deliver(&d, &self.counters);
+                conn.deliver(&d, self.ctx.counters());
             }
         }
     }
@@ -307,8 +221,7 @@ impl Shard {
                 }
                 ShardMsg::Deliver(d) => self.deliver(d),
                 ShardMsg::Connection(accepted, slot) => {
-                    let stream = accepted.bind_to_executor();
-                    peer::spawn(self.clone(), stream, slot);
+                    self.spawn_peer(accepted.bind_to_executor(), slot)
                 }
                 ShardMsg::Evict(id) => self.evict(id),
             }
@@ -331,7 +244,7 @@ impl Shard {
         if std::mem::take(owner_touched) {
             let mut owner = self.owner.borrow_mut();
             owner.flush(out);
-            self.counters.set_routes(owner.route_count());
+            self.ctx.counters().set_routes(owner.route_count());
             if owner.has_sync_work() {
                 self.sync_wake.notify();
             }
@@ -384,13 +297,14 @@ impl Shard {
 
     /// Live peers, then the ghosts of departed ones (`--peer-grace`).
     fn peers_snapshot(&self) -> Vec<PeerInfo> {
+        let index = self.ctx.index();
         let mut peers: Vec<PeerInfo> = self
             .peers
             .borrow()
             .values()
-            .map(|c| c.info(self.index))
+            .map(|c| c.info(index))
             .collect();
-        peers.extend(self.grace.peers(self.index, self.config.keepalive));
+        peers.extend(self.ctx.grace().peers(index, self.ctx.config().keepalive));
         peers
     }
 }
@@ -443,33 +357,29 @@ pub(crate) async fn run(setup: ShardSetup) {
         let fd = l.into_raw_fd();
         // SAFETY: the fd comes from a std listener we own and give up here.
         let gl = unsafe { TcpListener::from_raw_fd(fd) };
-        glommio_listeners.push((gl, fd, start));
+        glommio_listeners.push((gl, SocketFd::from_raw(fd), start));
     }
 
-    let shard = Rc::new(Shard {
+    let ctx = Rc::new(ShardContext::new(
         index,
         shards,
-        owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
-        config,
+        config.clone(),
         counters,
-        sync_wake: LocalEvent::default(),
-        outboxes: (0..shards).map(|_| RefCell::new(Vec::new())).collect(),
-        outbox_wake: (0..shards).map(|_| LocalEvent::default()).collect(),
-        outbox_pending: Cell::new(0),
-        outbox_drained: LocalEvent::default(),
-        peers: RefCell::new(HashMap::new()),
-        next_peer: Cell::new(0),
-        shutting_down: Cell::new(false),
-        shutdown_event: LocalEvent::default(),
         admission,
-        grace: GraceHolds::new(ghosts),
+        GraceHolds::new(ghosts),
+    ));
+    let shard = Rc::new(Shard {
+        ctx: ctx.clone(),
+        owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
+        sync_wake: LocalEvent::default(),
+        peers: RefCell::new(HashMap::new()),
     });
 
     for rx in connected_receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(batch) = rx.recv().await {
-                shard.counters.shard_batch_in();
+                shard.ctx.counters().shard_batch_in();
                 shard.handle_batch(batch).await;
                 glommio::yield_if_needed().await;
             }
@@ -482,7 +392,11 @@ pub(crate) async fn run(setup: ShardSetup) {
     glommio::spawn_local(sync_pump(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
     for (listener, fd, start) in glommio_listeners {
-        glommio::spawn_local(accept_loop(shard.clone(), listener, fd, start)).detach();
+        let local = {
+            let shard = shard.clone();
+            move |msg| shard.handle_local(msg)
+        };
+        glommio::spawn_local(accept_loop(ctx.clone(), listener, fd, start, local)).detach();
     }
     let _ = ready.send(Ok(()));
 
@@ -498,7 +412,7 @@ pub(crate) async fn run(setup: ShardSetup) {
             }
             Ok(Control::PolicyReloaded) => {
                 for p in shard.peers.borrow().values() {
-                    p.policy_event.notify();
+                    p.policy_reloaded();
                 }
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {
@@ -509,11 +423,10 @@ pub(crate) async fn run(setup: ShardSetup) {
 
     // Shutdown: stop accepting, close every peer, give them a moment to
     // finish (their sockets are closed when their tasks end).
-    shard.shutting_down.set(true);
-    shard.shutdown_event.notify();
+    ctx.begin_shutdown();
     let peers: Vec<Rc<PeerConn>> = shard.peers.borrow().values().cloned().collect();
     for p in peers {
-        p.close(CloseReason::Local("server shutting down".into()));
+        p.close(CloseReason::Shutdown);
     }
     let give_up = std::time::Instant::now() + Duration::from_secs(3);
     while !shard.peers.borrow().is_empty() && std::time::Instant::now() < give_up {
@@ -525,23 +438,14 @@ pub(crate) async fn run(setup: ShardSetup) {
 /// (or handles it in place when the destination is this shard).
 async fn flusher(shard: Rc<Shard>, dest: usize, sender: Option<ConnectedSender<Batch>>) {
     loop {
-        let wait = shard.outbox_wake[dest].wait();
-        if shard.outboxes[dest].borrow().is_empty() {
-            wait.await;
-            continue;
-        }
-        let batch = std::mem::take(&mut *shard.outboxes[dest].borrow_mut());
-        shard
-            .outbox_pending
-            .set(shard.outbox_pending.get().saturating_sub(batch.len()));
-        shard.outbox_drained.notify();
+        let batch = shard.ctx.outbox().next_batch(dest).await;
         match &sender {
             None => shard.handle_batch(batch).await,
             Some(s) => {
                 if s.send(batch).await.is_err() {
                     // The other shard has stopped (shutdown): nothing to do.
-                    if !shard.shutting_down.get() {
-                        tracing::warn!(shard = shard.index, dest, "shard channel closed");
+                    if !shard.ctx.is_shutting_down() {
+                        tracing::warn!(shard = shard.ctx.index(), dest, "shard channel closed");
                     }
                     return;
                 }
@@ -567,11 +471,11 @@ const MEMORY_RETURN_ROUNDS: u8 = 5;
 /// count): a collection walks the shard's heap. Freeing memory of another
 /// shard's heap only queues it there, so every shard collects its own.
 async fn memory_return(shard: Rc<Shard>) {
-    let mut departures = shard.admission.departures();
+    let mut departures = shard.ctx.admission().departures();
     let mut rounds = 0u8;
-    while !shard.shutting_down.get() {
+    while !shard.ctx.is_shutting_down() {
         glommio::timer::sleep(MEMORY_RETURN_EVERY).await;
-        let now = shard.admission.departures();
+        let now = shard.ctx.admission().departures();
         if now != departures {
             departures = now;
             rounds = MEMORY_RETURN_ROUNDS;
@@ -599,115 +503,4 @@ async fn sync_pump(shard: Rc<Shard>) {
             wait.await;
         }
     }
-}
-
-/// How often a shard logs that it refuses connections (`--max-peers`) or
-/// that accepting fails (out of file descriptors).
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
-/// How long an accept loop waits after a failed accept before trying again
-/// (out of descriptors: a retry at once would fail at once).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// A warning that would repeat many times a second (refused or failed
-/// accepts): logged at most once per `ACCEPT_LOG_EVERY`, with the number of
-/// occurrences since the last line.
-#[derive(Default)]
-struct RepeatedWarning {
-    /// When the last line was written.
-    last: Option<std::time::Instant>,
-    /// Occurrences not yet reported.
-    unlogged: u64,
-}
-
-impl RepeatedWarning {
-    /// Counts one occurrence; returns how many to report if a line is due.
-    fn occurred(&mut self) -> Option<u64> {
-        self.unlogged += 1;
-        let now = std::time::Instant::now();
-        if self.last.is_some_and(|t| now - t < ACCEPT_LOG_EVERY) {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-/// Accepts connections and hands them round-robin to the shards. Above
-/// `--max-peers` the oldest connection still in its handshake is closed to
-/// make room; when every connection is established, the new one is closed
-/// at once, counted, and logged at most once per `ACCEPT_LOG_EVERY`. A
-/// failed accept (out of file descriptors) backs off and is logged the same
-/// way; the loop never stops before shutdown. `fd` is `listener`'s
-/// descriptor, for the shutdown at the end.
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd, start: usize) {
-    let mut next = start;
-    let mut refusals = RepeatedWarning::default();
-    let mut failures = RepeatedWarning::default();
-    loop {
-        if shard.shutting_down.get() {
-            break;
-        }
-        let accepted = future::or(async { Some(listener.shared_accept().await) }, async {
-            shard.shutdown_event.wait().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => break,
-            Some(Ok(stream)) => {
-                let slot = match shard.admission.admit() {
-                    Admit::Slot(slot) => slot,
-                    Admit::InPlaceOf { slot, evict } => {
-                        if evict.shard() == shard.index {
-                            shard.evict(evict);
-                        } else {
-                            shard.push(evict.shard(), ShardMsg::Evict(evict));
-                        }
-                        slot
-                    }
-                    Admit::Refused => {
-                        shard.counters.connection_refused();
-                        if let Some(refused) = refusals.occurred() {
-                            let peer = stream.peer_addr().ok();
-                            tracing::warn!(
-                                ?peer,
-                                refused,
-                                max_peers = shard.admission.max(),
-                                "connection refused: --max-peers reached"
-                            );
-                        }
-                        // An `AcceptedTcpStream` does not close its fd when
-                        // dropped; a bound `TcpStream` does.
-                        drop(stream.bind_to_executor());
-                        continue;
-                    }
-                };
-                let dest = next % shard.shards;
-                next = next.wrapping_add(1);
-                if dest == shard.index {
-                    peer::spawn(shard.clone(), stream.bind_to_executor(), slot);
-                } else {
-                    shard.push(dest, ShardMsg::Connection(stream, slot));
-                }
-            }
-            Some(Err(e)) => {
-                // E.g. out of file descriptors: log, back off, keep serving.
-                if let Some(failed) = failures.occurred() {
-                    tracing::warn!(error = %e, failed, "accept failed; retrying");
-                }
-                glommio::timer::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-    // Dropping the listener closes the socket, but an accept still queued in
-    // io_uring holds it open until the kernel tears the ring down, after the
-    // process may have exited: a restarted server then found the port "in
-    // use" (seen in 4 of 30 quick restarts). shutdown() takes the socket out
-    // of LISTEN at once, so a new SO_REUSEADDR bind succeeds.
-    // SAFETY: `fd` belongs to `listener`, which is still alive here.
-    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "shutdown of a listening socket failed");
-    }
-    drop(listener);
 }

@@ -31,18 +31,26 @@ struct DisconnectCounters {
     policy: AtomicU64,
 }
 
-/// Why the server itself closed a peer with `CloseReason::Local`: decides
-/// the disconnect counter (`limit`, `policy`, or `slow_peer` for the rest).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum LocalCause {
-    /// The slow-subscriber policy or anything not listed below.
-    #[default]
-    Other,
-    /// A per-peer limit (routes, subscriptions) was exceeded.
-    Limit,
-    /// The peer policy (`--policy`): no rule matches, or a rule with
-    /// `on_violation: close` was violated.
-    Policy,
+impl DisconnectCounters {
+    /// The counter of a `CloseReason::label()` (the names of
+    /// `DisconnectCounts::by_reason`); `None` for labels only the client
+    /// uses.
+    fn by_label(&self, label: &str) -> Option<&AtomicU64> {
+        Some(match label {
+            "eof" => &self.eof,
+            "io" => &self.io,
+            "timeout" => &self.timeout,
+            "protocol" => &self.protocol,
+            "malformed" => &self.malformed,
+            "slow_peer" => &self.slow_peer,
+            "limit" => &self.limit,
+            "shutdown" => &self.shutdown,
+            "handshake_timeout" => &self.handshake_timeout,
+            "evicted" => &self.evicted,
+            "policy" => &self.policy,
+            _ => return None,
+        })
+    }
 }
 
 /// One shard's live counters. Written only by the shard's thread.
@@ -100,37 +108,21 @@ impl ShardCounters {
         self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
         add(&self.peers_established, 1);
     }
-    /// A peer's task ended; `cause` says why the server closed it when the
-    /// reason is `Local` (a limit, the policy), counted apart from the rest.
-    pub(crate) fn peer_gone(
-        &self,
-        was_established: bool,
-        reason: &CloseReason,
-        shutdown: bool,
-        cause: LocalCause,
-    ) {
+    /// A peer's task ended for `reason`: counted under `reason.label()`,
+    /// the same label its log line carries.
+    pub(crate) fn peer_gone(&self, was_established: bool, reason: &CloseReason) {
         if was_established {
             self.peers_established.fetch_sub(1, Ordering::Relaxed);
         } else {
             self.peers_handshaking.fetch_sub(1, Ordering::Relaxed);
         }
-        let d = &self.disconnects;
-        let c = match reason {
-            CloseReason::PeerClosed => &d.eof,
-            CloseReason::Io(_) => &d.io,
-            CloseReason::KeepaliveTimeout(_) => &d.timeout,
-            CloseReason::HandshakeTimeout { .. } => &d.handshake_timeout,
-            CloseReason::Evicted { .. } => &d.evicted,
-            CloseReason::ZeroKeepalive
-            | CloseReason::Unexpected { .. }
-            | CloseReason::KeepaliveFlood { .. } => &d.protocol,
-            CloseReason::Malformed(_) => &d.malformed,
-            CloseReason::Local(_) if shutdown => &d.shutdown,
-            CloseReason::Local(_) if cause == LocalCause::Limit => &d.limit,
-            CloseReason::Local(_) if cause == LocalCause::Policy => &d.policy,
-            CloseReason::Local(_) => &d.slow_peer,
-        };
-        add(c, 1);
+        match self.disconnects.by_label(reason.label()) {
+            Some(c) => add(c, 1),
+            None => tracing::error!(
+                kind = reason.label(),
+                "no disconnect counter for this close reason"
+            ),
+        }
     }
     pub(crate) fn set_routes(&self, n: usize) {
         self.routes.store(n as u64, Ordering::Relaxed);
@@ -355,4 +347,55 @@ pub struct VniRoutes {
     pub vni: Vni,
     /// Its routes.
     pub routes: Vec<(IpNet, NextHop)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::DecodeError;
+
+    /// Every reason the server closes a peer for is counted under the label
+    /// its log line carries (`kind=`), once.
+    #[test]
+    fn each_server_close_reason_counts_under_its_label() {
+        let reasons = [
+            CloseReason::PeerClosed,
+            CloseReason::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()),
+            CloseReason::KeepaliveTimeout(Duration::from_secs(12)),
+            CloseReason::ZeroKeepalive,
+            CloseReason::Malformed(DecodeError::Version(2).into()),
+            CloseReason::SlowSubscriber {
+                pending: 11,
+                limit: 10,
+            },
+            CloseReason::WriteStall(Duration::from_secs(30)),
+            CloseReason::PeerLimit {
+                what: "routes announced",
+                max: 5,
+                origin: "--max-routes-per-peer".into(),
+            },
+            CloseReason::Shutdown,
+            CloseReason::HandshakeTimeout {
+                waited: Duration::from_secs(1),
+                missing: "no HELLO",
+            },
+            CloseReason::Evicted { max_peers: 3 },
+            CloseReason::Policy("no rule matches".into()),
+        ];
+        for reason in reasons {
+            let counters = ShardCounters::default();
+            counters.peer_connected();
+            counters.peer_gone(false, &reason);
+            let counts = counters.snapshot(0).disconnects;
+            assert_eq!(counts.total(), 1, "{reason}");
+            assert!(
+                counts
+                    .by_reason()
+                    .iter()
+                    .any(|(name, n)| *name == reason.label() && *n == 1),
+                "{reason} ({}): {counts:?}",
+                reason.label()
+            );
+        }
+    }
 }

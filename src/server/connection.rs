@@ -1,0 +1,480 @@
+//! One connection's transport: its bytes in and out, and how it closes.
+//!
+//! Owns: the `Connection` (the peer's `OutQueue`, the writer's wake-up, the
+//! close latch: the first `CloseReason` wins and wakes reader and writer,
+//! traffic counters), the writer task (the `OutQueue` → vectored
+//! non-blocking `sendmsg` of shared buffers via socket2, falling back to
+//! glommio's readiness wait when the socket is full, bounded by
+//! `--write-stall-timeout`), the reader's adaptive `ReadBuf` and the race
+//! the read loop waits on (`next_read_event`).
+//!
+//! ```text
+//!   socket ──read──▶ next_read_event ──▶ peer::read_loop (messages)
+//!      ▲
+//!   write_loop ◀── OutQueue ◀── replies (HELLO, KEEPALIVE), Deliveries
+//! ```
+//!
+//! Must never: interpret a message or touch the peer's routes (that is
+//! `peer`), block the shard (all socket I/O is non-blocking), or import
+//! `peer` or `shard`.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::config::PeerLimits;
+use super::context::ShardContext;
+use super::event::{EventWait, LocalEvent};
+use super::out_queue::OutQueue;
+use super::owner::OwnerInput;
+use super::PeerId;
+use crate::codec::Message;
+use crate::session::CloseReason;
+
+/// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
+/// frames; most of a large fleet's peers never need more. Kept small because
+/// it lives as long as the connection (10,000 idle peers × 64 KiB was most
+/// of the server's memory).
+pub(crate) const READ_BUF_MIN: usize = 4 * 1024;
+/// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
+/// size while reads fill it, and falls back to `READ_BUF_MIN` as soon as a
+/// read comes back short of the minimum or the peer goes quiet (a session
+/// deadline fires).
+const READ_BUF_MAX: usize = 64 * 1024;
+/// Bytes handed to one write at most.
+const WRITE_BYTES: usize = 256 * 1024;
+/// Buffers per vectored write at most.
+const WRITE_PARTS: usize = 64;
+
+/// A connection's transport state, shared by its reader, its writer and the
+/// shard (deliveries, snapshots, shutdown).
+pub(crate) struct Connection {
+    /// Identity (shard + sequence), for the owner's `SyncWritten`.
+    id: PeerId,
+    /// Pending output: session replies and deliveries.
+    out: RefCell<OutQueue>,
+    /// Wakes the writer when output is queued or the connection is closed.
+    writer_wake: LocalEvent,
+    /// Wakes the reader (and a writer waiting for room) when the connection
+    /// is closed from elsewhere.
+    close_event: LocalEvent,
+    /// The first reason the connection was closed for; `Some` = closing.
+    close_reason: RefCell<Option<CloseReason>>,
+    /// Frames received.
+    frames_in: Cell<u64>,
+    /// Bytes received.
+    bytes_in: Cell<u64>,
+    /// Frames written.
+    frames_out: Cell<u64>,
+    /// Bytes written.
+    bytes_out: Cell<u64>,
+}
+
+/// What a connection has moved so far, for snapshots.
+pub(crate) struct Traffic {
+    /// Frames received.
+    pub frames_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Frames written.
+    pub frames_out: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+}
+
+impl Connection {
+    /// A fresh connection of peer `id`, its queue bounded by `limits`.
+    pub(crate) fn new(id: PeerId, limits: &PeerLimits) -> Connection {
+        Connection {
+            id,
+            out: RefCell::new(OutQueue::new(
+                id,
+                limits.max_queued_bytes,
+                limits.max_coalesced_routes,
+            )),
+            writer_wake: LocalEvent::default(),
+            close_event: LocalEvent::default(),
+            close_reason: RefCell::new(None),
+            frames_in: Cell::new(0),
+            bytes_in: Cell::new(0),
+            frames_out: Cell::new(0),
+            bytes_out: Cell::new(0),
+        }
+    }
+
+    /// Closes the connection for `reason` unless already closing (the first
+    /// reason wins and is the one logged and counted).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        {
+            let mut r = self.close_reason.borrow_mut();
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        self.close_event.notify();
+        self.writer_wake.notify();
+    }
+
+    /// Is the connection closing?
+    pub(crate) fn is_closed(&self) -> bool {
+        self.close_reason.borrow().is_some()
+    }
+
+    /// Why it is closing, if it is.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.borrow().clone()
+    }
+
+    /// Notified when the connection is closed.
+    pub(crate) fn close_event(&self) -> &LocalEvent {
+        &self.close_event
+    }
+
+    /// The pending output (deliveries are queued here, then `wake_writer`).
+    pub(crate) fn out(&self) -> &RefCell<OutQueue> {
+        &self.out
+    }
+
+    /// Tells the writer that output is queued.
+    pub(crate) fn wake_writer(&self) {
+        self.writer_wake.notify();
+    }
+
+    /// Queues a session reply (a KEEPALIVE only if none is waiting already,
+    /// see `OutQueue::push_control`). A peer that does not read at all is
+    /// cut off by the writer's stall timeout; meanwhile it costs one reply.
+    pub(crate) fn push_control(&self, msg: &Message) {
+        if self.out.borrow_mut().push_control(msg) {
+            self.writer_wake.notify();
+        }
+    }
+
+    /// Counts one read: `bytes` received, `frames` decoded from them.
+    pub(crate) fn count_read(&self, frames: u64, bytes: usize) {
+        self.bytes_in.set(self.bytes_in.get() + bytes as u64);
+        self.frames_in.set(self.frames_in.get() + frames);
+    }
+
+    /// What the connection has moved so far.
+    pub(crate) fn traffic(&self) -> Traffic {
+        Traffic {
+            frames_in: self.frames_in.get(),
+            bytes_in: self.bytes_in.get(),
+            frames_out: self.frames_out.get(),
+            bytes_out: self.bytes_out.get(),
+        }
+    }
+}
+
+/// A connected socket's descriptor, for socket2's calls on it while
+/// futures-lite's split halves hold the stream. Valid as long as the
+/// `TcpStream` it came from: the writer task holds both.
+#[derive(Clone, Copy)]
+pub(crate) struct SocketFd(RawFd);
+
+impl SocketFd {
+    /// The descriptor of `stream`.
+    pub(crate) fn of(stream: &TcpStream) -> SocketFd {
+        SocketFd(stream.as_raw_fd())
+    }
+
+    /// A descriptor its owner keeps open while this copy is used (a
+    /// glommio listener does not expose its own).
+    pub(crate) fn from_raw(fd: RawFd) -> SocketFd {
+        SocketFd(fd)
+    }
+}
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// What woke the reader.
+pub(crate) enum ReadEvent {
+    /// The socket read returned (bytes, EOF or error).
+    Data(io::Result<usize>),
+    /// The session's next deadline passed (keepalive due or hold timer).
+    Deadline,
+    /// The connection was closed from elsewhere (writer, shard, shutdown).
+    Closed,
+    /// The peer policy was reloaded.
+    PolicyReloaded,
+}
+
+/// Waits for the first of: data (or EOF, or an error) on the socket, the
+/// session's deadline in `wait`, `closed`, `policy_reloaded`. The two wait
+/// futures are created by the caller before it checks their conditions,
+/// so no wake-up is lost.
+pub(crate) async fn next_read_event(
+    reader: &mut ReadHalf<TcpStream>,
+    buf: &mut ReadBuf,
+    wait: Duration,
+    closed: EventWait<'_>,
+    policy_reloaded: EventWait<'_>,
+) -> ReadEvent {
+    future::or(
+        async { ReadEvent::Data(reader.read(buf.as_mut()).await) },
+        future::or(
+            async {
+                glommio::timer::sleep(wait).await;
+                ReadEvent::Deadline
+            },
+            future::or(
+                async {
+                    closed.await;
+                    ReadEvent::Closed
+                },
+                async {
+                    policy_reloaded.await;
+                    ReadEvent::PolicyReloaded
+                },
+            ),
+        ),
+    )
+    .await
+}
+
+/// The writer task: moves the connection's `OutQueue` to the socket until
+/// the connection closes (or a write fails, which closes it).
+pub(crate) async fn write_loop(
+    shard: &ShardContext,
+    conn: &Connection,
+    mut writer: WriteHalf<TcpStream>,
+    sock: SocketFd,
+) {
+    loop {
+        let wake = conn.writer_wake.wait();
+        if conn.is_closed() {
+            return;
+        }
+        let wb = conn
+            .out
+            .borrow_mut()
+            .take_for_write(WRITE_BYTES, WRITE_PARTS);
+        if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            wake.await;
+            continue;
+        }
+        if !wb.parts.is_empty() {
+            let stall = shard.config().limits.write_stall_timeout;
+            match write_parts(conn, &mut writer, sock, &wb.parts, stall).await {
+                Ok(calls) => {
+                    conn.out.borrow_mut().written(wb.bytes);
+                    conn.frames_out
+                        .set(conn.frames_out.get() + wb.frames as u64);
+                    conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
+                    shard
+                        .counters()
+                        .written(wb.frames, wb.updates, wb.bytes, calls);
+                    if !wb.fanout_born.is_empty() {
+                        let now = Instant::now();
+                        for born in &wb.fanout_born {
+                            shard
+                                .counters()
+                                .fanout_written(now.saturating_duration_since(*born));
+                        }
+                    }
+                }
+                Err(WriteFailed::AlreadyClosed) => return,
+                Err(WriteFailed::Close(reason)) => {
+                    conn.close(reason);
+                    return;
+                }
+            }
+        }
+        for vni in wb.sync_written {
+            shard.to_owner(vni, OwnerInput::SyncWritten { peer: conn.id, vni });
+        }
+        // A subscriber that reads as fast as we write never fills its
+        // socket, so nothing above waits: without this, draining a large
+        // backlog (or a coalesced map of millions of routes) would hold the
+        // shard.
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Why `write_parts` stopped.
+enum WriteFailed {
+    /// The connection was closed from elsewhere meanwhile (its reason is
+    /// already recorded).
+    AlreadyClosed,
+    /// The write failed or stalled: close for this reason.
+    Close(CloseReason),
+}
+
+/// Writes all of `parts`: vectored non-blocking `sendmsg` while the socket
+/// takes data, glommio's readiness-aware write when it is full. Returns the
+/// number of write calls made.
+async fn write_parts(
+    conn: &Connection,
+    writer: &mut WriteHalf<TcpStream>,
+    sock: SocketFd,
+    parts: &[Bytes],
+    stall: Option<Duration>,
+) -> Result<usize, WriteFailed> {
+    let mut idx = 0;
+    let mut off = 0;
+    let mut calls = 0;
+    while idx < parts.len() {
+        let n = match send_vectored(sock, &parts[idx..], off) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Socket full: wait for room (bounded by the stall timeout),
+                // or for the connection to be closed from elsewhere.
+                let closed = conn.close_event.wait();
+                if conn.is_closed() {
+                    return Err(WriteFailed::AlreadyClosed);
+                }
+                let write = async { Some(writer.write(&parts[idx][off..]).await) };
+                let stop = async {
+                    match stall {
+                        Some(d) => {
+                            future::or(closed, glommio::timer::sleep(d)).await;
+                        }
+                        None => closed.await,
+                    }
+                    None
+                };
+                match future::or(write, stop).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+                    None if conn.is_closed() => return Err(WriteFailed::AlreadyClosed),
+                    None => {
+                        return Err(WriteFailed::Close(CloseReason::WriteStall(
+                            stall.unwrap_or_default(),
+                        )))
+                    }
+                }
+            }
+            Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+        };
+        calls += 1;
+        // Advance over what was written.
+        let mut left = n;
+        while left > 0 && idx < parts.len() {
+            let avail = parts[idx].len() - off;
+            if left >= avail {
+                left -= avail;
+                idx += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
+/// MSG_DONTWAIT keeps the shard from blocking, MSG_NOSIGNAL turns a closed
+/// peer into EPIPE, not SIGPIPE.
+fn send_vectored(sock: SocketFd, parts: &[Bytes], offset: usize) -> io::Result<usize> {
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(WRITE_PARTS));
+    for (i, p) in parts.iter().take(WRITE_PARTS).enumerate() {
+        let slice = if i == 0 { &p[offset..] } else { &p[..] };
+        iov.push(IoSlice::new(slice));
+    }
+    socket2::SockRef::from(&sock)
+        .send_vectored_with_flags(&iov, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+}
+
+/// Takes a listening socket out of LISTEN at once (`shutdown(2)`), before
+/// it is dropped: an accept still queued in io_uring holds the socket open
+/// until the kernel tears the ring down, after the process may have exited,
+/// and a restarted server then found the port "in use" (seen in 4 of 30
+/// quick restarts). A new SO_REUSEADDR bind then succeeds.
+pub(crate) fn stop_listening(listener: &impl AsRawFd) {
+    if let Err(e) = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Both) {
+        tracing::debug!(error = %e, "shutdown of a listening socket failed");
+    }
+}
+
+/// The remote address of `stream`, or `[::]:0` if the socket already lost
+/// it (the peer reset the connection before we asked).
+pub(crate) fn remote_addr(stream: &TcpStream) -> SocketAddr {
+    stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+}
+
+/// The reader's socket buffer: small while the peer is quiet, grown while
+/// its reads fill the buffer (a burst of UPDATEs), shrunk again after.
+pub(crate) struct ReadBuf {
+    /// The bytes; its length is the current read size.
+    bytes: Vec<u8>,
+}
+
+impl ReadBuf {
+    /// A buffer of `READ_BUF_MIN`.
+    pub(crate) fn new() -> ReadBuf {
+        ReadBuf {
+            bytes: vec![0u8; READ_BUF_MIN],
+        }
+    }
+
+    /// The slice to read into.
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// Current size.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// After a read of `n` bytes: grow when it filled the buffer, shrink
+    /// when it was shorter than the minimum (the burst is over).
+    pub(crate) fn adapt(&mut self, n: usize) {
+        let len = self.bytes.len();
+        if n == len && len < READ_BUF_MAX {
+            self.bytes = vec![0u8; (len * 4).min(READ_BUF_MAX)];
+        } else if n < READ_BUF_MIN {
+            self.shrink();
+        }
+    }
+
+    /// Back to `READ_BUF_MIN`, releasing a grown buffer.
+    pub(crate) fn shrink(&mut self) {
+        if self.bytes.len() > READ_BUF_MIN {
+            self.bytes = vec![0u8; READ_BUF_MIN];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {
+        let mut b = ReadBuf::new();
+        assert_eq!(b.len(), READ_BUF_MIN);
+        b.adapt(100);
+        assert_eq!(b.len(), READ_BUF_MIN, "a short read keeps the minimum");
+        b.adapt(READ_BUF_MIN);
+        assert_eq!(b.len(), READ_BUF_MIN * 4);
+        b.adapt(READ_BUF_MIN * 4);
+        assert_eq!(b.len(), READ_BUF_MAX);
+        b.adapt(READ_BUF_MAX);
+        assert_eq!(b.len(), READ_BUF_MAX, "never beyond the maximum");
+        b.adapt(READ_BUF_MIN * 2);
+        assert_eq!(b.len(), READ_BUF_MAX, "a medium read keeps the size");
+        b.adapt(10);
+        assert_eq!(b.len(), READ_BUF_MIN, "a short read gives it back");
+        b.adapt(READ_BUF_MIN);
+        b.shrink();
+        assert_eq!(b.len(), READ_BUF_MIN, "an idle peer gives it back");
+    }
+}

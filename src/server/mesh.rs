@@ -1,0 +1,117 @@
+//! The channels between shards: what shards tell each other (`ShardMsg`)
+//! and a shard's outgoing side, the `ShardOutbox`.
+//!
+//! Owns: the message types crossing shards, and the per-destination
+//! pending batches a shard's tasks append to (one channel message and one
+//! wake-up per batch), with the back-pressure level readers wait on.
+//!
+//! Deadlock freedom: a task that *handles* messages never awaits a channel
+//! send. Handlers only append to an outbox; a dedicated flusher task per
+//! destination (in `shard`) awaits the bounded channel. Two shards sending
+//! to each other therefore never wait on each other's handlers. Outboxes are
+//! bounded in practice by back-pressure (`ShardOutbox::room`): peer readers
+//! whose last read produced owner inputs stop reading from their sockets
+//! while the outboxes hold more than `OUTBOX_HIGH` messages, and a leaving
+//! peer's withdrawals wait the same way.
+//!
+//! "Outbox" here always means this shard-to-shard queue; a peer's own
+//! pending output is its `OutQueue` (see `out_queue`).
+//!
+//! Must never: await a channel (that is the flusher's job), handle a
+//! message, or know about peers' sockets.
+
+use std::cell::{Cell, RefCell};
+
+use futures_lite::future;
+use glommio::net::AcceptedTcpStream;
+
+use super::admission::PeerSlot;
+use super::event::LocalEvent;
+use super::owner::{Delivery, OwnerInput};
+use super::PeerId;
+
+/// Messages pending in a shard's outboxes above which peer readers pause.
+pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
+/// Batches a shard-to-shard channel holds before the flusher waits.
+pub(crate) const CHANNEL_BATCHES: usize = 16;
+
+/// What shards tell each other.
+pub(crate) enum ShardMsg {
+    /// For the owner of the input's VNI.
+    Owner(OwnerInput),
+    /// Frames for peers on the receiving shard.
+    Deliver(Delivery),
+    /// A new connection handed over by an accept loop, with its place
+    /// under `--max-peers`.
+    Connection(AcceptedTcpStream, PeerSlot),
+    /// Close this peer of the receiving shard if it is still in its
+    /// handshake: an accept loop gave its place to a new connection
+    /// (`Shard::evict`).
+    Evict(PeerId),
+}
+
+/// One channel message: many shard messages, one wake-up.
+pub(crate) type Batch = Vec<ShardMsg>;
+
+/// A shard's pending messages for every shard (itself included), each
+/// destination drained by its own flusher task.
+pub(crate) struct ShardOutbox {
+    /// Pending messages per destination shard.
+    batches: Vec<RefCell<Batch>>,
+    /// Wakes the flusher of each destination.
+    wake: Vec<LocalEvent>,
+    /// Messages in all destinations' batches.
+    pending: Cell<usize>,
+    /// Notified when a batch is taken (paused readers resume).
+    drained: LocalEvent,
+}
+
+impl ShardOutbox {
+    /// Empty outboxes for `shards` destinations.
+    pub(crate) fn new(shards: usize) -> ShardOutbox {
+        ShardOutbox {
+            batches: (0..shards).map(|_| RefCell::new(Vec::new())).collect(),
+            wake: (0..shards).map(|_| LocalEvent::default()).collect(),
+            pending: Cell::new(0),
+            drained: LocalEvent::default(),
+        }
+    }
+
+    /// Appends `msg` for shard `dest` and wakes its flusher.
+    pub(crate) fn push(&self, dest: usize, msg: ShardMsg) {
+        self.batches[dest].borrow_mut().push(msg);
+        self.pending.set(self.pending.get() + 1);
+        self.wake[dest].notify();
+    }
+
+    /// Messages waiting in all outboxes (readers pause above `OUTBOX_HIGH`).
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.get()
+    }
+
+    /// Back-pressure: waits while the outboxes hold more than `OUTBOX_HIGH`
+    /// messages, or until `stop()` holds (`stop_event` is notified when it
+    /// may have changed).
+    pub(crate) async fn room(&self, stop: impl Fn() -> bool, stop_event: &LocalEvent) {
+        while self.pending() > OUTBOX_HIGH && !stop() {
+            future::or(self.drained.wait(), stop_event.wait()).await;
+        }
+    }
+
+    /// Waits until shard `dest`'s outbox holds messages and takes all of
+    /// them, as one batch (for its flusher).
+    pub(crate) async fn next_batch(&self, dest: usize) -> Batch {
+        loop {
+            let wait = self.wake[dest].wait();
+            if self.batches[dest].borrow().is_empty() {
+                wait.await;
+                continue;
+            }
+            let batch = std::mem::take(&mut *self.batches[dest].borrow_mut());
+            self.pending
+                .set(self.pending.get().saturating_sub(batch.len()));
+            self.drained.notify();
+            return batch;
+        }
+    }
+}
