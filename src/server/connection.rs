@@ -38,15 +38,13 @@ use super::PeerId;
 use crate::codec::Message;
 use crate::session::CloseReason;
 
-/// Read buffer of a quiet peer: holds a HELLO, KEEPALIVEs and a few
-/// frames; most of a large fleet's peers never need more. Kept small because
-/// it lives as long as the connection (10,000 idle peers × 64 KiB was most
-/// of the server's memory).
+/// Heap read buffer of a peer whose reads filled the quiet buffer
+/// (`READ_BUF_QUIET`): the first step of its growth.
 pub(crate) const READ_BUF_MIN: usize = 4 * 1024;
 /// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
-/// size while reads fill it, and falls back to `READ_BUF_MIN` as soon as a
-/// read comes back short of the minimum or the peer goes quiet (a session
-/// deadline fires).
+/// size while reads fill it, falls back to `READ_BUF_MIN` as soon as a read
+/// comes back short of the minimum, and to the inline quiet buffer when the
+/// peer goes quiet (a session deadline fires).
 const READ_BUF_MAX: usize = 64 * 1024;
 /// Bytes handed to one write at most.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -408,48 +406,70 @@ pub(crate) fn remote_addr(stream: &TcpStream) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
 }
 
-/// The reader's socket buffer: small while the peer is quiet, grown while
-/// its reads fill the buffer (a burst of UPDATEs), shrunk again after.
+/// Bytes a quiet peer is read with: enough for its KEEPALIVEs, a HELLO and
+/// a few UPDATEs. Held inline in the session task, so a quiet peer holds
+/// no read buffer on the heap (10,000 idle peers × `READ_BUF_MIN` was
+/// 40 MiB of the server's memory).
+pub(crate) const READ_BUF_QUIET: usize = 256;
+
+/// The reader's socket buffer: inline and small while the peer is quiet,
+/// on the heap and grown while its reads fill it (a burst of UPDATEs),
+/// shrunk again after.
 pub(crate) struct ReadBuf {
-    /// The bytes; its length is the current read size.
-    bytes: Vec<u8>,
+    /// Where a quiet peer is read into (used while `grown` is empty).
+    quiet: [u8; READ_BUF_QUIET],
+    /// The buffer of a busy peer, `READ_BUF_MIN` to `READ_BUF_MAX` bytes;
+    /// empty (no allocation) while the peer is quiet.
+    grown: Vec<u8>,
 }
 
 impl ReadBuf {
-    /// A buffer of `READ_BUF_MIN`.
+    /// A quiet buffer: nothing on the heap.
     pub(crate) fn new() -> ReadBuf {
         ReadBuf {
-            bytes: vec![0u8; READ_BUF_MIN],
+            quiet: [0u8; READ_BUF_QUIET],
+            grown: Vec::new(),
         }
     }
 
     /// The slice to read into.
     pub(crate) fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes
+        if self.grown.is_empty() {
+            &mut self.quiet
+        } else {
+            &mut self.grown
+        }
     }
 
     /// Current size.
-    #[cfg(test)]
     fn len(&self) -> usize {
-        self.bytes.len()
+        if self.grown.is_empty() {
+            READ_BUF_QUIET
+        } else {
+            self.grown.len()
+        }
     }
 
-    /// After a read of `n` bytes: grow when it filled the buffer, shrink
-    /// when it was shorter than the minimum (the burst is over).
+    /// After a read of `n` bytes: grow when it filled the buffer, fall back
+    /// to `READ_BUF_MIN` when a grown buffer got a read shorter than that
+    /// (the burst is over; the quiet buffer comes back with `shrink`).
     pub(crate) fn adapt(&mut self, n: usize) {
-        let len = self.bytes.len();
+        let len = self.len();
         if n == len && len < READ_BUF_MAX {
-            self.bytes = vec![0u8; (len * 4).min(READ_BUF_MAX)];
-        } else if n < READ_BUF_MIN {
-            self.shrink();
+            let next = if self.grown.is_empty() {
+                READ_BUF_MIN
+            } else {
+                (len * 4).min(READ_BUF_MAX)
+            };
+            self.grown = vec![0u8; next];
+        } else if n < READ_BUF_MIN && len > READ_BUF_MIN {
+            self.grown = vec![0u8; READ_BUF_MIN];
         }
     }
 
-    /// Back to `READ_BUF_MIN`, releasing a grown buffer.
+    /// The peer went quiet: back to the inline buffer, releasing the heap one.
     pub(crate) fn shrink(&mut self) {
-        if self.bytes.len() > READ_BUF_MIN {
-            self.bytes = vec![0u8; READ_BUF_MIN];
-        }
+        self.grown = Vec::new();
     }
 }
 
@@ -460,7 +480,16 @@ mod tests {
     #[test]
     fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {
         let mut b = ReadBuf::new();
-        assert_eq!(b.len(), READ_BUF_MIN);
+        assert_eq!(b.len(), READ_BUF_QUIET);
+        assert_eq!(b.grown.capacity(), 0, "a new peer holds no heap buffer");
+        b.adapt(10);
+        assert_eq!(
+            b.len(),
+            READ_BUF_QUIET,
+            "a short read keeps the quiet buffer"
+        );
+        b.adapt(READ_BUF_QUIET);
+        assert_eq!(b.len(), READ_BUF_MIN, "a full quiet read moves to the heap");
         b.adapt(100);
         assert_eq!(b.len(), READ_BUF_MIN, "a short read keeps the minimum");
         b.adapt(READ_BUF_MIN);
@@ -472,9 +501,19 @@ mod tests {
         b.adapt(READ_BUF_MIN * 2);
         assert_eq!(b.len(), READ_BUF_MAX, "a medium read keeps the size");
         b.adapt(10);
-        assert_eq!(b.len(), READ_BUF_MIN, "a short read gives it back");
+        assert_eq!(
+            b.len(),
+            READ_BUF_MIN,
+            "a short read gives a grown buffer back"
+        );
         b.adapt(READ_BUF_MIN);
         b.shrink();
-        assert_eq!(b.len(), READ_BUF_MIN, "an idle peer gives it back");
+        assert_eq!(
+            b.len(),
+            READ_BUF_QUIET,
+            "an idle peer gives the heap buffer back"
+        );
+        assert_eq!(b.grown.capacity(), 0);
+        assert_eq!(b.as_mut().len(), READ_BUF_QUIET);
     }
 }
