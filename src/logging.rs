@@ -19,7 +19,7 @@ use std::io::IsTerminal;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -59,7 +59,8 @@ pub fn init(verbose: bool, format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Logfmt => builder.event_format(Logfmt).try_init(),
+        // No colours in span fields either: logfmt is for machines.
+        LogFormat::Logfmt => builder.with_ansi(false).event_format(Logfmt).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
@@ -75,7 +76,8 @@ pub fn log_start(role: &'static str) {
     );
 }
 
-/// The logfmt event format: `time="..." level=info msg="..." key=value`.
+/// The logfmt event format: `time="..." level=info msg="..." key=value`,
+/// the fields of the event's spans (e.g. `server=...`) first.
 struct Logfmt;
 
 impl<S, N> FormatEvent<S, N> for Logfmt
@@ -85,7 +87,7 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -105,6 +107,18 @@ where
         write!(writer, "time=\"{time}\" level={level} msg=")?;
         write_value(&mut writer, &fields.message)?;
         write!(writer, " target={}", meta.target())?;
+        // The fields of the spans the event is in (a session's peer or
+        // server address), outermost first, before the event's own.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(span_fields) = extensions.get::<FormattedFields<N>>() {
+                    if !span_fields.fields.is_empty() {
+                        write!(writer, " {}", span_fields.fields)?;
+                    }
+                }
+            }
+        }
         writer.write_str(&fields.rest)?;
         writeln!(writer)
     }
