@@ -747,7 +747,7 @@ mod tests {
         assert_eq!(a.settings().unwrap_err().flag, "--install-routes");
 
         assert_eq!(
-            flag_of(&["--server", "[::1]:4711", "--keepalive", "-1"]),
+            flag_of(&["--server", "[::1]:4711", "--keepalive=-1"]),
             "--keepalive"
         );
         assert_eq!(

@@ -100,7 +100,6 @@ pub const DEFAULT_PEER_GRACE_MAX_ROUTES: usize = defaults::PEER_GRACE_MAX_ROUTES
 /// Default `--max-peers` (`defaults`).
 pub const DEFAULT_MAX_PEERS: usize = defaults::MAX_PEERS;
 
-
 /// Limits that keep one peer from costing unbounded memory or time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerLimits {
