@@ -626,7 +626,7 @@ mod tests {
     /// The flag a malformed value is reported for (through clap, as the
     /// binary reports it).
     fn flag_of(argv: &[&str]) -> String {
-        let e = parse(argv).err().expect("a malformed value is an error");
+        let e = parse(argv).expect_err("a malformed value is an error");
         let line = one_line_error(&e).expect("one line for a value error");
         assert!(!line.contains('\n'), "{line}");
         line.split(" for ")
@@ -728,8 +728,7 @@ mod tests {
             "--announce",
             "23#10.0.0.0/24#2001:db8::1,23#bad",
         ])
-        .err()
-        .expect("malformed --announce");
+        .expect_err("malformed --announce");
         let line = one_line_error(&e).expect("a value error");
         assert!(!line.contains('\n'));
         assert!(
