@@ -9,8 +9,14 @@
 //! - `server`: the reflector (shards, VNI tables, fan-out).
 //! - `client`: sessions to servers, announcements, the embeddable library.
 //! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
-//! - `http`: the `--http` status pages and metrics, fed by a `StatusSource`.
-//! - `telemetry`: histograms and counter views the others record into.
+//! - `http`: the `--http` status pages and metrics, serving any
+//!   `telemetry::StatusSource` (the binary wires the server's or the
+//!   client's to it).
+//! - `telemetry`: below server, client, netlink and http: histograms and
+//!   counter views the others record into, the status model and trait, and
+//!   the one table of metric families.
+//! - `defaults`: every default of server and client, in one place.
+//! - `util`: poison-tolerant locking and a TTL cache (std only).
 //! - `policy`: `--policy` peer rules (who may announce / subscribe what).
 //! - `logging`: tracing set-up for the binaries.
 //! - `version`: the build's version and git commit.
@@ -30,6 +36,7 @@ pub mod cli_docs;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;
+pub mod defaults;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "cli")]
@@ -46,6 +53,7 @@ pub mod session;
 #[cfg(any(feature = "server", feature = "netlink", feature = "http"))]
 pub mod telemetry;
 pub mod types;
+pub mod util;
 pub mod version;
 
 /// Types generated from `proto/metalbond.proto` by prost (see `build.rs`).

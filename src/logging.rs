@@ -59,7 +59,8 @@ pub fn init(verbose: bool, format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Logfmt => builder.event_format(Logfmt).try_init(),
+        // No colours in span fields either: logfmt is for machines.
+        LogFormat::Logfmt => builder.with_ansi(false).event_format(Logfmt).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
@@ -75,7 +76,8 @@ pub fn log_start(role: &'static str) {
     );
 }
 
-/// The logfmt event format: `time="..." level=info msg="..." key=value`.
+/// The logfmt event format: `time="..." level=info msg="..." key=value`,
+/// the fields of the event's spans (e.g. `server=...`) first.
 struct Logfmt;
 
 impl<S, N> FormatEvent<S, N> for Logfmt
@@ -105,14 +107,14 @@ where
         write!(writer, "time=\"{time}\" level={level} msg=")?;
         write_value(&mut writer, &fields.message)?;
         write!(writer, " target={}", meta.target())?;
-        // The fields of the spans the event happened in (a peer's address
-        // and id), outermost first, as ` key=value` too.
+        // The fields of the spans the event is in (a session's peer or
+        // server address), outermost first, before the event's own.
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let extensions = span.extensions();
-                if let Some(f) = extensions.get::<FormattedFields<N>>() {
-                    if !f.fields.is_empty() {
-                        write!(writer, " {}", f.fields)?;
+                if let Some(span_fields) = extensions.get::<FormattedFields<N>>() {
+                    if !span_fields.fields.is_empty() {
+                        write!(writer, " {}", span_fields.fields)?;
                     }
                 }
             }

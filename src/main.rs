@@ -3,7 +3,8 @@
 //!
 //! Owns: argument dispatch, logging set-up, SIGHUP (ignored, except by a
 //! server with `--policy`, which reloads it) and the process
-//! exit status.
+//! exit status, and the wiring of each role to the `--http` status pages
+//! (`serve_status`).
 //! Must never: hold protocol or table logic; each mode lives in its module.
 
 use std::process::ExitCode;
@@ -50,7 +51,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::parse_from(argv);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A malformed `client` flag value: one line naming the flag, the
+            // value and the expected form (the value parsers' errors).
+            if let Some(line) = metalbond::client::cli::one_line_error(&e) {
+                eprintln!("metalbond client: {line}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let (verbose, role) = match cli.command {
         Command::Server(ref a) => (a.verbose, "server"),
         Command::Client(ref a) => (a.verbose, "client"),
@@ -66,8 +78,8 @@ fn main() -> ExitCode {
         ignore_sighup();
     }
     let result = match cli.command {
-        Command::Server(args) => metalbond::server::run(args),
-        Command::Client(args) => metalbond::client::run(args),
+        Command::Server(args) => metalbond::server::run(args, &serve_status),
+        Command::Client(args) => metalbond::client::run(args, &serve_status),
         // Returned above already; kept total without a panic path.
         Command::Policy(args) => return metalbond::policy::check::run(args),
     };
@@ -80,6 +92,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--http ADDR` of either role: the status pages for whatever `source`
+/// the role hands over (the roles never import `http`; this wires them).
+/// Dropping the returned guard stops the pages.
+fn serve_status(
+    addr: std::net::SocketAddr,
+    source: std::sync::Arc<dyn metalbond::telemetry::StatusSource>,
+) -> Result<Box<dyn Send>, Box<dyn std::error::Error>> {
+    Ok(Box::new(metalbond::http::serve(addr, source)?))
 }
 
 /// `metalbond generate-docs DIR`: the packaging step's man pages and

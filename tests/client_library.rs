@@ -407,8 +407,13 @@ fn http_status_serves_present_routes_as_json() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let http =
-        metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &client, None).unwrap();
+    let http = metalbond::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(metalbond::client::status::ClientStatusSource::new(
+            &client, None,
+        )),
+    )
+    .unwrap();
     let get = |path: &str| {
         let mut conn = TcpStream::connect(http.local_addr()).unwrap();
         conn.set_read_timeout(Some(WAIT)).unwrap();

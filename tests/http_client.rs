@@ -9,6 +9,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use metalbond::client::status::ClientStatusSource;
 use metalbond::client::{Client, ClientConfig, LogSink};
 use metalbond::server::{Server, ServerConfig, ServerHandle};
 use metalbond::session::SessionState;
@@ -119,7 +120,11 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     announcer.announce(route).unwrap();
     announcer.add_server(&address).unwrap();
     setup.http = Some(
-        metalbond::client::http::serve("127.0.0.1:0".parse().unwrap(), &receiver, None).unwrap(),
+        metalbond::http::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            std::sync::Arc::new(ClientStatusSource::new(&receiver, None)),
+        )
+        .unwrap(),
     );
     let base = format!("http://{}", setup.http.as_ref().unwrap().local_addr());
     setup.clients.push(receiver);

@@ -19,7 +19,8 @@ mod http_support;
 use bytes::BytesMut;
 use http_support::{browser_dom, closed_within, get, metric, metric_sum, scrape};
 use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::http::{serve, HttpHandle, ServerStatusSource};
+use metalbond::http::{serve, HttpHandle};
+use metalbond::server::ServerStatusSource;
 use metalbond::server::{Server, ServerConfig, ServerHandle};
 use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, RouteTable};
+use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
 use metalbond::{IpNet, NextHop, Vni};
 
 const ROUTES: u32 = 100_000;
@@ -59,7 +59,7 @@ fn measure(ns: &support::Netns, v6: bool, hops: u32) {
     let vni = Vni::new(23).unwrap();
     let table = 1000;
     let config = KernelRoutesConfig {
-        tables: [(vni, RouteTable(table))].into_iter().collect(),
+        tables: [(vni, KernelTable(table))].into_iter().collect(),
         device: DEV.into(),
         ipv4_only: false,
         cleanup_on_exit: false,

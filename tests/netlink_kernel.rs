@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, NetlinkError, RouteTable};
+use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable, NetlinkError};
 use metalbond::{IpNet, NextHop, NextHopKind, Vni};
 use support::Netns;
 
@@ -31,7 +31,7 @@ fn config(tables: &[(u32, u32)], cleanup: bool) -> KernelRoutesConfig {
     KernelRoutesConfig {
         tables: tables
             .iter()
-            .map(|&(v, t)| (vni(v), RouteTable(t)))
+            .map(|&(v, t)| (vni(v), KernelTable(t)))
             .collect(),
         device: DEV.into(),
         ipv4_only: false,

@@ -12,11 +12,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::status::ClientStatusSource;
 use super::{Client, ClientConfig, ClientError, LogSink};
-use crate::netlink::{KernelRoutes, KernelRoutesConfig, RouteTable, DEFAULT_RECONCILE_INTERVAL};
-use crate::session::DEFAULT_KEEPALIVE;
+use crate::defaults;
+use crate::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
 use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Expected form of `--announce`.
@@ -51,10 +53,12 @@ const INSTALL_HELP: &str = "Install received routes of VNI into kernel table TAB
 e.g. 23#100; TABLE 1-4294967295, 0 = main (254); 253 and 255 are refused, see below). \
 Repeatable or comma-separated. Needs --tun";
 
-/// `metalbond client` flags. Values are kept as text here and checked by
-/// `ClientArgs::settings`, so every malformed value gets the same one-line
-/// error (flag, value, expected form) and exit status 2.
-#[derive(clap::Args, Debug, Default)]
+/// `metalbond client` flags. Each value is checked by its clap value parser
+/// (the `parse_*` functions below), which fails with a `FlagValueError`;
+/// `one_line_error` turns that into the same one-line error (flag, value,
+/// expected form, exit status 2) for every malformed value. What depends on
+/// several flags is checked by `ClientArgs::settings`.
+#[derive(clap::Args, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct ClientArgs {
     /// Reflector to connect to: HOST:PORT, HOST an IPv6 address in brackets
@@ -64,17 +68,18 @@ pub struct ClientArgs {
         long = "server",
         value_name = "HOST:PORT",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = parse_server
     )]
     pub servers: Vec<String>,
     /// VNI to receive routes of, 0-16777215. Repeatable or comma-separated.
-    #[arg(long = "subscribe", value_name = "VNI", value_delimiter = ',')]
-    pub subscribe: Vec<String>,
+    #[arg(long = "subscribe", value_name = "VNI", value_delimiter = ',', value_parser = parse_subscribe)]
+    pub subscribe: Vec<Vni>,
     /// Route to announce: VNI#PREFIX#NEXTHOP, optionally #STD, #LB or
     /// #NAT#FROM#TO (NAT needs its port range), e.g.
     /// 23#10.0.23.0/24#2001:db8::1. Repeatable or comma-separated.
-    #[arg(long = "announce", value_name = ANNOUNCE_FORM, value_delimiter = ',')]
-    pub announce: Vec<String>,
+    #[arg(long = "announce", value_name = ANNOUNCE_FORM, value_delimiter = ',', value_parser = parse_announce_flag)]
+    pub announce: Vec<Route>,
     /// Kernel, HTTP and timing flags (boxed: keeps the command enum small).
     #[command(flatten)]
     pub options: Box<ClientOptions>,
@@ -84,11 +89,11 @@ pub struct ClientArgs {
 }
 
 /// The less common `metalbond client` flags.
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, PartialEq, Eq)]
 pub struct ClientOptions {
-    /// `--install-routes VNI#TABLE`, as given (checked by `settings`).
-    #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',', help = INSTALL_HELP)]
-    pub install_routes: Vec<String>,
+    /// `--install-routes VNI#TABLE`.
+    #[arg(long = "install-routes", value_name = INSTALL_FORM, value_delimiter = ',', help = INSTALL_HELP, value_parser = parse_install_flag)]
+    pub install_routes: Vec<TableMapping>,
     /// Tunnel device for installed routes, a network interface name (the
     /// operator makes it: ip link add DEV type ip6tnl mode any external).
     #[arg(long = "tun", value_name = "DEV")]
@@ -98,53 +103,131 @@ pub struct ClientOptions {
     pub ipv4_only: bool,
     /// Keepalive interval, whole seconds; 0 means the default (5), as in
     /// the Go client.
-    #[arg(long = "keepalive", value_name = "SECS", default_value = "5")]
-    pub keepalive: String,
+    #[arg(long = "keepalive", value_name = "SECS", default_value_t = defaults::KEEPALIVE.as_secs(), value_parser = parse_keepalive)]
+    pub keepalive: u64,
     /// Serve status pages and metrics over HTTP on IP:PORT, e.g.
     /// [::1]:4712 (JSON at /routes.json).
-    #[arg(long = "http", value_name = "IP:PORT")]
-    pub http: Option<String>,
+    #[arg(long = "http", value_name = "IP:PORT", value_parser = parse_http)]
+    pub http: Option<SocketAddr>,
     /// Delete our kernel routes and nexthop objects on exit.
     #[arg(long = "cleanup")]
     pub cleanup: bool,
     /// First reconnect delay, whole milliseconds (doubles with each failed
     /// attempt up to the maximum; starts again only after a session stayed
     /// up 30 s without a fault of the server).
-    #[arg(long = "reconnect-min-ms", value_name = "MS", default_value = "500")]
-    pub reconnect_min_ms: String,
+    #[arg(long = "reconnect-min-ms", value_name = "MS", default_value_t = defaults::RECONNECT_MIN.as_millis() as u64, value_parser = parse_reconnect_min)]
+    pub reconnect_min_ms: u64,
     /// Largest reconnect delay, whole seconds.
-    #[arg(long = "reconnect-max-secs", value_name = "SECS", default_value = "30")]
-    pub reconnect_max_secs: String,
+    #[arg(long = "reconnect-max-secs", value_name = "SECS", default_value_t = defaults::RECONNECT_MAX.as_secs(), value_parser = parse_reconnect_max)]
+    pub reconnect_max_secs: u64,
     /// Most routes one server may send us (held at once), a whole number
     /// ≥ 1. One more closes that session with an error and withdraws its
     /// routes; the client reconnects with backoff.
     #[arg(
         long = "max-routes-per-server",
         value_name = "N",
-        default_value = "2000000"
+        default_value_t = defaults::MAX_ROUTES_PER_SERVER,
+        value_parser = parse_max_routes
     )]
-    pub max_routes_per_server: String,
+    pub max_routes_per_server: usize,
     /// Hitless restarts: seconds a lost server's routes stay installed as
     /// stale (refreshed when received again from the server, removed when
     /// withdrawn, swept when this ends), and the hold of the routes an
     /// earlier run left in the kernel, which are taken over at start instead
     /// of deleted. 0: remove at once and delete at start (the Go client's
     /// behaviour).
-    #[arg(long = "stale-hold", value_name = "SECS", default_value = "60")]
-    pub stale_hold: String,
+    #[arg(long = "stale-hold", value_name = "SECS", default_value_t = defaults::STALE_HOLD.as_secs(), value_parser = parse_stale_hold)]
+    pub stale_hold: u64,
+}
+
+/// The command line's defaults (what clap fills in when no flag is given).
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            install_routes: Vec::new(),
+            tun: None,
+            ipv4_only: false,
+            keepalive: defaults::KEEPALIVE.as_secs(),
+            http: None,
+            cleanup: false,
+            reconnect_min_ms: defaults::RECONNECT_MIN.as_millis() as u64,
+            reconnect_max_secs: defaults::RECONNECT_MAX.as_secs(),
+            max_routes_per_server: defaults::MAX_ROUTES_PER_SERVER,
+            stale_hold: defaults::STALE_HOLD.as_secs(),
+        }
+    }
+}
+
+/// One `--install-routes VNI#TABLE` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableMapping {
+    /// The VNI whose received routes are installed.
+    pub vni: Vni,
+    /// The kernel table they go to (0 already replaced by main).
+    pub table: KernelTable,
+    /// The value said 0 (the Go client's spelling of main): noted at start.
+    pub main_alias: bool,
+}
+
+/// A malformed flag value, as a value parser reports it: what is wrong and
+/// the form expected. Clap adds the flag and the value; `one_line_error`
+/// puts the four together.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FlagValueError {
+    /// What exactly is wrong.
+    pub cause: String,
+    /// The expected form.
+    pub expected: &'static str,
+}
+
+impl fmt::Display for FlagValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; expected {}", self.cause, self.expected)
+    }
+}
+
+impl std::error::Error for FlagValueError {}
+
+/// The one line `metalbond client` prints for a clap error caused by one of
+/// its value parsers (`invalid value 'V' for --flag: cause; expected FORM`),
+/// or `None` for any other clap error (help, a missing or unknown flag:
+/// clap prints those itself).
+pub fn one_line_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    use std::error::Error as _;
+    let FlagValueError { cause, expected } = e.source()?.downcast_ref::<FlagValueError>()?;
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    // "--keepalive <SECS>": the flag is the first word.
+    let flag = text(ContextKind::InvalidArg)?.split(' ').next()?;
+    let value = text(ContextKind::InvalidValue).unwrap_or_default();
+    Some(ArgError::new(flag, value, expected, cause.clone()).to_string())
 }
 
 /// A malformed flag value: names the flag, the value and the expected form.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ArgError {
     /// The flag, e.g. `--announce`.
-    pub flag: &'static str,
+    pub flag: String,
     /// The offending value as given.
     pub value: String,
     /// The expected form.
     pub expected: &'static str,
     /// What exactly is wrong.
     pub cause: String,
+}
+
+impl ArgError {
+    fn new(flag: &str, value: &str, expected: &'static str, cause: String) -> ArgError {
+        ArgError {
+            flag: flag.to_string(),
+            value: value.to_string(),
+            expected,
+            cause,
+        }
+    }
 }
 
 impl fmt::Display for ArgError {
@@ -169,7 +252,7 @@ pub struct ClientSettings {
     /// Routes to announce.
     pub announcements: Vec<Route>,
     /// VNI → kernel table (empty: no kernel routes).
-    pub tables: BTreeMap<Vni, RouteTable>,
+    pub tables: BTreeMap<Vni, KernelTable>,
     /// Tunnel device (required with tables).
     pub tun: Option<String>,
     /// Skip IPv6 destinations.
@@ -185,13 +268,101 @@ pub struct ClientSettings {
     pub notes: Vec<String>,
 }
 
-/// `VNI`: a number up to 2^24-1.
-pub fn parse_vni(value: &str) -> Result<Vni, String> {
-    let n: u32 = value
-        .trim()
+/// Expected form of `--subscribe`.
+const VNI_FORM: &str = "VNI (0-16777215)";
+/// Expected form of `--keepalive`.
+const KEEPALIVE_FORM: &str = "SECS, whole seconds (0 = the default, 5)";
+/// Expected form of `--max-routes-per-server`.
+const MAX_ROUTES_FORM: &str = "N, a whole number ≥ 1";
+/// Expected form of `--stale-hold`.
+const STALE_HOLD_FORM: &str = "SECS, whole seconds 0-86400";
+/// Expected form of `--http`.
+const HTTP_FORM: &str = "IP:PORT, e.g. [::1]:4712";
+
+/// A value parser's error.
+fn bad(expected: &'static str, cause: impl Into<String>) -> FlagValueError {
+    FlagValueError {
+        cause: cause.into(),
+        expected,
+    }
+}
+
+/// `--server HOST:PORT`.
+fn parse_server(value: &str) -> Result<String, FlagValueError> {
+    super::check_address(value).map_err(|c| bad(SERVER_FORM, c))?;
+    Ok(value.to_string())
+}
+
+/// `--subscribe VNI`.
+fn parse_subscribe(value: &str) -> Result<Vni, FlagValueError> {
+    value.parse().map_err(|c| bad(VNI_FORM, c))
+}
+
+/// `--announce VNI#PREFIX#NEXTHOP[...]`.
+fn parse_announce_flag(value: &str) -> Result<Route, FlagValueError> {
+    parse_announce(value).map_err(|c| bad(ANNOUNCE_FORM, c))
+}
+
+/// `--install-routes VNI#TABLE`.
+fn parse_install_flag(value: &str) -> Result<TableMapping, FlagValueError> {
+    let (vni, table) = parse_table_mapping(value).map_err(|c| bad(INSTALL_FORM, c))?;
+    let main_alias = value
+        .split_once('#')
+        .is_some_and(|(_, t)| t.parse() == Ok(0u32));
+    Ok(TableMapping {
+        vni,
+        table,
+        main_alias,
+    })
+}
+
+/// `--keepalive SECS` (0 stays 0 here: `settings` notes it and uses the
+/// default).
+fn parse_keepalive(value: &str) -> Result<u64, FlagValueError> {
+    value
         .parse()
-        .map_err(|_| format!("'{value}' is not a number"))?;
-    Vni::new(n).map_err(|e| e.to_string())
+        .ok()
+        .filter(|&k| k <= u64::from(u32::MAX))
+        .ok_or_else(|| bad(KEEPALIVE_FORM, "not a number of seconds"))
+}
+
+/// `--http IP:PORT`.
+fn parse_http(value: &str) -> Result<SocketAddr, FlagValueError> {
+    value
+        .parse()
+        .map_err(|_| bad(HTTP_FORM, "not a socket address"))
+}
+
+/// `--reconnect-min-ms MS`.
+fn parse_reconnect_min(value: &str) -> Result<u64, FlagValueError> {
+    value
+        .parse()
+        .map_err(|_| bad("MS, milliseconds", "not a number"))
+}
+
+/// `--reconnect-max-secs SECS`.
+fn parse_reconnect_max(value: &str) -> Result<u64, FlagValueError> {
+    value
+        .parse()
+        .map_err(|_| bad("SECS, seconds", "not a number"))
+}
+
+/// `--max-routes-per-server N`, N ≥ 1.
+fn parse_max_routes(value: &str) -> Result<usize, FlagValueError> {
+    value
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| bad(MAX_ROUTES_FORM, "not a positive number"))
+}
+
+/// `--stale-hold SECS`, at most a day.
+fn parse_stale_hold(value: &str) -> Result<u64, FlagValueError> {
+    value
+        .parse()
+        .ok()
+        .filter(|&n| n <= MAX_STALE_HOLD_SECS)
+        .ok_or_else(|| bad(STALE_HOLD_FORM, "not a number of seconds up to a day"))
 }
 
 /// `VNI#PREFIX#NEXTHOP[#STD|LB|NAT][#FROM#TO]`.
@@ -200,7 +371,7 @@ pub fn parse_announce(value: &str) -> Result<Route, String> {
     if !(3..=6).contains(&parts.len()) || parts.len() == 5 {
         return Err(format!("{} '#'-separated fields", parts.len()));
     }
-    let vni = parse_vni(parts[0])?;
+    let vni: Vni = parts[0].parse()?;
     let prefix: IpNet = parts[1]
         .parse()
         .map_err(|_| format!("'{}' is not an IP prefix (ADDR/LEN)", parts[1]))?;
@@ -245,71 +416,47 @@ fn parse_port(s: &str) -> Result<u16, String> {
 /// `VNI#TABLE`, TABLE a kernel table id 0..=4294967295 where 0 means the
 /// main table (254, as in the Go client); 253 ("default") and 255
 /// ("local") are refused.
-pub fn parse_table_mapping(value: &str) -> Result<(Vni, RouteTable), String> {
+pub fn parse_table_mapping(value: &str) -> Result<(Vni, KernelTable), String> {
     let (vni, table) = value
         .split_once('#')
         .ok_or_else(|| "missing '#'".to_string())?;
-    let vni = parse_vni(vni)?;
+    let vni: Vni = vni.parse()?;
     let table: u32 = table
         .parse()
         .map_err(|_| format!("table '{table}' is not a number"))?;
     match table {
-        0 => Ok((vni, RouteTable::MAIN)),
+        0 => Ok((vni, KernelTable::MAIN)),
         253 => Err("table 253 (\"default\") is the system's last-resort table".into()),
         255 => Err("table 255 (\"local\") holds the kernel's local addresses".into()),
-        _ => Ok((vni, RouteTable(table))),
-    }
-}
-
-fn arg_err(flag: &'static str, value: &str, expected: &'static str, cause: String) -> ArgError {
-    ArgError {
-        flag,
-        value: value.to_string(),
-        expected,
-        cause,
+        _ => Ok((vni, KernelTable(table))),
     }
 }
 
 impl ClientArgs {
-    /// Validates every flag; the first malformed value is the error.
+    /// Checks what depends on several flags (each value was checked by its
+    /// parser): `--install-routes` needs `--tun`, a VNI maps to one table.
     pub fn settings(&self) -> Result<ClientSettings, ArgError> {
         let mut notes = Vec::new();
-        for s in &self.servers {
-            super::check_address(s).map_err(|c| arg_err("--server", s, SERVER_FORM, c))?;
-        }
-        let subscriptions = self
-            .subscribe
-            .iter()
-            .map(|v| parse_vni(v).map_err(|c| arg_err("--subscribe", v, "VNI (0-16777215)", c)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let announcements = self
-            .announce
-            .iter()
-            .map(|v| parse_announce(v).map_err(|c| arg_err("--announce", v, ANNOUNCE_FORM, c)))
-            .collect::<Result<Vec<_>, _>>()?;
         let mut tables = BTreeMap::new();
         let mut main_aliases = Vec::new();
-        for v in &self.options.install_routes {
-            let (vni, table) = parse_table_mapping(v)
-                .map_err(|c| arg_err("--install-routes", v, INSTALL_FORM, c))?;
-            if v.split_once('#')
-                .is_some_and(|(_, t)| t.parse() == Ok(0u32))
-            {
-                main_aliases.push(vni.to_string());
+        for m in &self.options.install_routes {
+            if m.main_alias {
+                main_aliases.push(m.vni.to_string());
             }
-            if let Some(old) = tables.insert(vni, table) {
-                if old != table {
-                    return Err(arg_err(
+            if let Some(old) = tables.insert(m.vni, m.table) {
+                if old != m.table {
+                    let given = if m.main_alias { 0 } else { m.table.0 };
+                    return Err(ArgError::new(
                         "--install-routes",
-                        v,
+                        &format!("{}#{given}", m.vni),
                         INSTALL_FORM,
-                        format!("VNI {vni} is already mapped to table {old}"),
+                        format!("VNI {} is already mapped to table {old}", m.vni),
                     ));
                 }
             }
         }
         if !tables.is_empty() && self.options.tun.is_none() {
-            return Err(arg_err(
+            return Err(ArgError::new(
                 "--tun",
                 "",
                 "DEV, the tunnel device",
@@ -319,105 +466,33 @@ impl ClientArgs {
         if !main_aliases.is_empty() {
             notes.push(format!(
                 "--install-routes table 0 means the main table ({}), as in the Go client (VNI {})",
-                RouteTable::MAIN,
+                KernelTable::MAIN,
                 main_aliases.join(", ")
             ));
         }
-        let mut keepalive: u64 = self
-            .options
-            .keepalive
-            .parse()
-            .ok()
-            .filter(|&k| k <= u64::from(u32::MAX))
-            .ok_or_else(|| {
-                arg_err(
-                    "--keepalive",
-                    &self.options.keepalive,
-                    "SECS, whole seconds (0 = the default, 5)",
-                    "not a number of seconds".into(),
-                )
-            })?;
+        let mut keepalive = self.options.keepalive;
         if keepalive == 0 {
-            keepalive = DEFAULT_KEEPALIVE.as_secs();
+            keepalive = defaults::KEEPALIVE.as_secs();
             notes.push(format!(
                 "--keepalive 0 means the default ({} s), as in the Go client",
                 keepalive
             ));
         }
-        let max_routes_per_server: usize = self
-            .options
-            .max_routes_per_server
-            .parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                arg_err(
-                    "--max-routes-per-server",
-                    &self.options.max_routes_per_server,
-                    "N, a whole number ≥ 1",
-                    "not a positive number".into(),
-                )
-            })?;
-        let reconnect_min: u64 = self.options.reconnect_min_ms.parse().map_err(|_| {
-            arg_err(
-                "--reconnect-min-ms",
-                &self.options.reconnect_min_ms,
-                "MS, milliseconds",
-                "not a number".into(),
-            )
-        })?;
-        let reconnect_max: u64 = self.options.reconnect_max_secs.parse().map_err(|_| {
-            arg_err(
-                "--reconnect-max-secs",
-                &self.options.reconnect_max_secs,
-                "SECS, seconds",
-                "not a number".into(),
-            )
-        })?;
-        let stale_hold: u64 = self
-            .options
-            .stale_hold
-            .parse()
-            .ok()
-            .filter(|&n| n <= MAX_STALE_HOLD_SECS)
-            .ok_or_else(|| {
-                arg_err(
-                    "--stale-hold",
-                    &self.options.stale_hold,
-                    "SECS, whole seconds 0-86400",
-                    "not a number of seconds up to a day".into(),
-                )
-            })?;
-        let http = self
-            .options
-            .http
-            .as_deref()
-            .map(|h| {
-                h.parse::<SocketAddr>().map_err(|_| {
-                    arg_err(
-                        "--http",
-                        h,
-                        "IP:PORT, e.g. [::1]:4712",
-                        "not a socket address".into(),
-                    )
-                })
-            })
-            .transpose()?;
         Ok(ClientSettings {
             servers: self.servers.clone(),
-            subscriptions,
-            announcements,
+            subscriptions: self.subscribe.clone(),
+            announcements: self.announce.clone(),
             tables,
             tun: self.options.tun.clone(),
             ipv4_only: self.options.ipv4_only,
             cleanup: self.options.cleanup,
-            http,
+            http: self.options.http,
             config: ClientConfig {
                 keepalive: Duration::from_secs(keepalive),
-                reconnect_min: Duration::from_millis(reconnect_min.max(1)),
-                reconnect_max: Duration::from_secs(reconnect_max.max(1)),
-                max_routes_per_server,
-                stale_hold: Duration::from_secs(stale_hold),
+                reconnect_min: Duration::from_millis(self.options.reconnect_min_ms.max(1)),
+                reconnect_max: Duration::from_secs(self.options.reconnect_max_secs.max(1)),
+                max_routes_per_server: self.options.max_routes_per_server,
+                stale_hold: Duration::from_secs(self.options.stale_hold),
                 ..ClientConfig::default()
             },
             notes,
@@ -436,8 +511,12 @@ const SINK_DRAIN: Duration = Duration::from_secs(5);
 ///
 /// A malformed flag value prints one line and exits with status 2 (like
 /// every other usage error); problems found at start (no tunnel device, no
-/// CAP_NET_ADMIN) are returned as errors.
-pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// CAP_NET_ADMIN) are returned as errors. `serve_status` starts the
+/// `--http` pages (the binary passes `http::serve`).
+pub fn run(
+    args: ClientArgs,
+    serve_status: crate::telemetry::status::ServeStatus<'_>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let settings = match args.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -459,7 +538,7 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             device: device.clone(),
             ipv4_only: settings.ipv4_only,
             cleanup_on_exit: settings.cleanup,
-            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            reconcile_interval: defaults::RECONCILE_INTERVAL,
             stale_hold: Some(settings.config.stale_hold).filter(|h| !h.is_zero()),
         })?),
         _ => None,
@@ -469,10 +548,12 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
         None => Client::new(settings.config.clone(), LogSink),
     };
     let http = match settings.http {
-        Some(addr) => Some(super::http::serve(
+        Some(addr) => Some(serve_status(
             addr,
-            &client,
-            shard.as_ref().map(KernelRoutes::stats),
+            Arc::new(ClientStatusSource::new(
+                &client,
+                shard.as_ref().map(KernelRoutes::stats),
+            )),
         )?),
         None => None,
     };
@@ -520,19 +601,39 @@ fn warn_duplicate(result: Result<(), ClientError>) {
 mod tests {
     use super::*;
 
+    /// The flags as `metalbond client ARGS` would parse them.
+    fn parse(argv: &[&str]) -> Result<ClientArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: ClientArgs,
+        }
+        let cmd = Cmd::try_parse_from(std::iter::once("client").chain(argv.iter().copied()))?;
+        Ok(cmd.args)
+    }
+
     fn args(servers: &[&str]) -> ClientArgs {
         ClientArgs {
             servers: servers.iter().map(|s| s.to_string()).collect(),
-            options: Box::new(ClientOptions {
-                keepalive: "5".into(),
-                reconnect_min_ms: "500".into(),
-                reconnect_max_secs: "30".into(),
-                max_routes_per_server: "2000000".into(),
-                stale_hold: "60".into(),
-                ..ClientOptions::default()
-            }),
-            ..ClientArgs::default()
+            subscribe: Vec::new(),
+            announce: Vec::new(),
+            options: Box::default(),
+            verbose: false,
         }
+    }
+
+    /// The flag a malformed value is reported for (through clap, as the
+    /// binary reports it).
+    fn flag_of(argv: &[&str]) -> String {
+        let e = parse(argv).expect_err("a malformed value is an error");
+        let line = one_line_error(&e).expect("one line for a value error");
+        assert!(!line.contains('\n'), "{line}");
+        line.split(" for ")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .unwrap_or_default()
+            .to_string()
     }
 
     #[test]
@@ -595,13 +696,13 @@ mod tests {
     fn table_mappings() {
         assert_eq!(
             parse_table_mapping("23#1000").unwrap(),
-            (Vni::new(23).unwrap(), RouteTable(1000))
+            (Vni::new(23).unwrap(), KernelTable(1000))
         );
         // 0 is the main table, as in the Go client; main itself is fine.
         for (value, table) in [("23#0", 254), ("23#254", 254), ("23#4294967295", u32::MAX)] {
             assert_eq!(
                 parse_table_mapping(value).unwrap(),
-                (Vni::new(23).unwrap(), RouteTable(table)),
+                (Vni::new(23).unwrap(), KernelTable(table)),
                 "{value}"
             );
         }
@@ -621,10 +722,14 @@ mod tests {
 
     #[test]
     fn settings_error_names_flag_value_and_form_on_one_line() {
-        let mut a = args(&["[::1]:4711"]);
-        a.announce = vec!["23#10.0.0.0/24#2001:db8::1".into(), "23#bad".into()];
-        let e = a.settings().unwrap_err();
-        let line = e.to_string();
+        let e = parse(&[
+            "--server",
+            "[::1]:4711",
+            "--announce",
+            "23#10.0.0.0/24#2001:db8::1,23#bad",
+        ])
+        .expect_err("malformed --announce");
+        let line = one_line_error(&e).expect("a value error");
         assert!(!line.contains('\n'));
         assert!(
             line.contains("--announce") && line.contains("'23#bad'"),
@@ -632,30 +737,48 @@ mod tests {
         );
         assert!(line.contains(ANNOUNCE_FORM), "{line}");
 
-        let mut a = args(&["[::1]:4711"]);
-        a.options.install_routes = vec!["23#100".into()];
+        let mut a = parse(&["--server", "[::1]:4711", "--install-routes", "23#100"]).unwrap();
         assert_eq!(a.settings().unwrap_err().flag, "--tun");
         a.options.tun = Some("overlay-tun".into());
-        a.options.install_routes.push("23#101".into());
+        a.options
+            .install_routes
+            .push(parse_install_flag("23#101").unwrap());
         assert_eq!(a.settings().unwrap_err().flag, "--install-routes");
 
-        let mut a = args(&["[::1]:4711"]);
-        a.options.keepalive = "-1".into();
-        assert_eq!(a.settings().unwrap_err().flag, "--keepalive");
-        let mut a = args(&["[::1]:4711"]);
-        a.options.max_routes_per_server = "0".into();
-        assert_eq!(a.settings().unwrap_err().flag, "--max-routes-per-server");
-        let a = args(&["::1:4711"]);
-        assert_eq!(a.settings().unwrap_err().flag, "--server");
+        assert_eq!(
+            flag_of(&["--server", "[::1]:4711", "--keepalive=-1"]),
+            "--keepalive"
+        );
+        assert_eq!(
+            flag_of(&["--server", "[::1]:4711", "--max-routes-per-server", "0"]),
+            "--max-routes-per-server"
+        );
+        assert_eq!(flag_of(&["--server", "::1:4711"]), "--server");
+    }
+
+    #[test]
+    fn defaults_come_from_the_defaults_module() {
+        let a = parse(&["--server", "[::1]:4711"]).unwrap();
+        let s = a.settings().unwrap();
+        let d = ClientConfig::default();
+        assert_eq!(s.config.keepalive, d.keepalive);
+        assert_eq!(s.config.reconnect_min, d.reconnect_min);
+        assert_eq!(s.config.reconnect_max, d.reconnect_max);
+        assert_eq!(s.config.max_routes_per_server, d.max_routes_per_server);
+        assert_eq!(s.config.stale_hold, d.stale_hold);
+        assert_eq!(*a.options, ClientOptions::default());
     }
 
     #[test]
     fn good_settings() {
         let mut a = args(&["[::1]:4711", "127.0.0.1:4711"]);
-        a.subscribe = vec!["23".into(), "24".into()];
-        a.options.install_routes = vec!["23#100".into(), "24#1000".into()];
+        a.subscribe = vec![Vni::new(23).unwrap(), Vni::new(24).unwrap()];
+        a.options.install_routes = vec![
+            parse_install_flag("23#100").unwrap(),
+            parse_install_flag("24#1000").unwrap(),
+        ];
         a.options.tun = Some("overlay-tun".into());
-        a.options.keepalive = "3".into();
+        a.options.keepalive = 3;
         let s = a.settings().unwrap();
         assert_eq!(s.servers.len(), 2);
         assert_eq!(s.subscriptions.len(), 2);
@@ -667,14 +790,24 @@ mod tests {
 
     #[test]
     fn go_client_spellings_mean_the_defaults() {
-        let mut a = args(&["[::1]:4711", "localhost:4711"]);
-        a.subscribe = vec!["123".into()];
-        a.options.install_routes = vec!["123#0".into(), "124#0".into()];
-        a.options.tun = Some("overlay-tun".into());
-        a.options.keepalive = "0".into();
-        a.options.max_routes_per_server = "10".into();
+        let mut a = parse(&[
+            "--server",
+            "[::1]:4711,localhost:4711",
+            "--subscribe",
+            "123",
+            "--install-routes",
+            "123#0,124#0",
+            "--tun",
+            "overlay-tun",
+            "--keepalive",
+            "0",
+            "--max-routes-per-server",
+            "10",
+        ])
+        .unwrap();
+        a.options.ipv4_only = false;
         let s = a.settings().unwrap();
-        assert_eq!(s.tables[&Vni::new(123).unwrap()], RouteTable(254));
+        assert_eq!(s.tables[&Vni::new(123).unwrap()], KernelTable(254));
         assert_eq!(s.config.keepalive, Duration::from_secs(5));
         assert_eq!(s.config.max_routes_per_server, 10);
         assert_eq!(s.notes.len(), 2, "{:?}", s.notes);

@@ -159,6 +159,10 @@ pub(super) fn run_server(
         local_address,
         stop,
     } = target;
+    // Every event of this server's sessions (this thread and its reader
+    // threads) carries the address from here instead of repeating it.
+    let span = tracing::info_span!("server_session", server = %address);
+    let _entered = span.enter();
     let config = inner.config.clone();
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut generation = 0u64;
@@ -192,16 +196,16 @@ pub(super) fn run_server(
                     backoff.reset();
                 }
                 let label = if stop.load(Ordering::SeqCst) {
-                    tracing::info!(server = %address, "session closed (server removed or client shutting down)");
+                    tracing::info!("session closed (server removed or client shutting down)");
                     "shutdown"
                 } else if link.over_limit {
-                    tracing::warn!(server = %address, reason = %reason, label = "limit", "session closed; its routes are withdrawn");
+                    tracing::warn!(reason = %reason, label = "limit", "session closed; its routes are withdrawn");
                     "limit"
                 } else if fault {
-                    tracing::warn!(server = %address, reason = %reason, label = reason.label(), ?established_for, "session closed by a fault of the server; backoff keeps growing");
+                    tracing::warn!(reason = %reason, label = reason.label(), ?established_for, "session closed by a fault of the server; backoff keeps growing");
                     reason.label()
                 } else {
-                    tracing::info!(server = %address, reason = %reason, label = reason.label(), ?established_for, "session closed");
+                    tracing::info!(reason = %reason, label = reason.label(), ?established_for, "session closed");
                     reason.label()
                 };
                 // A lost connection keeps the routes as stale (a reflector
@@ -212,10 +216,10 @@ pub(super) fn run_server(
             Err(e) => {
                 // Log a changed error at info, repeats at debug.
                 if e != last_error {
-                    tracing::info!(server = %address, "cannot connect: {e}");
+                    tracing::info!("cannot connect: {e}");
                     last_error = e;
                 } else {
-                    tracing::debug!(server = %address, "cannot connect: {e}");
+                    tracing::debug!("cannot connect: {e}");
                 }
             }
         }
@@ -224,7 +228,7 @@ pub(super) fn run_server(
         }
         inner.set_state(id, SessionState::Retry);
         let delay = backoff.next_delay();
-        tracing::debug!(server = %address, ?delay, "reconnecting after delay");
+        tracing::debug!(?delay, "reconnecting after delay");
         let until = Instant::now() + delay;
         while !stop.load(Ordering::SeqCst) {
             match events.recv_deadline(until) {
@@ -404,7 +408,10 @@ impl Link<'_> {
         let meter = self.meter.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("mb-read-{}", self.address))
-            .spawn(move || read_loop(reader, generation, events_tx, meter));
+            .spawn({
+                let span = tracing::Span::current();
+                move || span.in_scope(|| read_loop(reader, generation, events_tx, meter))
+            });
         if let Err(e) = spawned {
             let context = format!("cannot start reader thread: {e}");
             return CloseReason::Io(std::io::Error::new(e.kind(), context).into());
@@ -481,7 +488,6 @@ impl Link<'_> {
                     };
                     self.established_at = Some(Instant::now());
                     tracing::info!(
-                        server = %self.address,
                         keepalive = ?session.interval(),
                         subscriptions = vnis,
                         announcements = routes,

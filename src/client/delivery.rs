@@ -30,6 +30,7 @@ use dashmap::DashMap;
 use super::present::PresentChange;
 use super::RouteSink;
 use crate::types::{Route, Vni};
+use crate::util::{wait_or_recover, wait_timeout_or_recover, LockOrRecover};
 
 /// Queued changes above which server threads stop reading their sockets
 /// until the sink catches up (a slow sink then slows the servers' TCP
@@ -94,7 +95,7 @@ pub(super) struct DeliveryQueue {
 
 impl DeliveryQueue {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// Queues `changes` (emptying the vector). Never blocks beyond the
@@ -161,11 +162,7 @@ impl DeliveryQueue {
             && !self.is_finished()
             && !stop.load(Ordering::SeqCst)
         {
-            state = self
-                .room
-                .wait_timeout(state, STOP_POLL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout_or_recover(&self.room, state, STOP_POLL).0;
         }
     }
 
@@ -177,11 +174,7 @@ impl DeliveryQueue {
             if now >= deadline {
                 return false;
             }
-            state = self
-                .room
-                .wait_timeout(state, (deadline - now).min(STOP_POLL))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout_or_recover(&self.room, state, (deadline - now).min(STOP_POLL)).0;
         }
         true
     }
@@ -225,7 +218,7 @@ fn run(queue: &DeliveryQueue, sink: &mut dyn RouteSink, progress: &dyn Fn()) {
         {
             let mut state = queue.lock();
             while state.items.is_empty() && !state.closed {
-                state = queue.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+                state = wait_or_recover(&queue.ready, state);
             }
             if state.items.is_empty() {
                 return;

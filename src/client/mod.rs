@@ -75,9 +75,9 @@ pub mod cli;
 mod connection;
 mod delivery;
 pub mod error;
-#[cfg(all(feature = "http", feature = "netlink"))]
-pub mod http;
 mod present;
+#[cfg(all(feature = "http", feature = "netlink"))]
+pub mod status;
 mod stream;
 mod traffic;
 mod wait;
@@ -93,6 +93,7 @@ use crossbeam_channel::Sender;
 use crate::codec::{FrameBuffer, Message};
 use crate::session::SessionState;
 use crate::types::{Action, IpNet, NextHop, Route, Vni};
+use crate::util::LockOrRecover;
 #[cfg(feature = "cli")]
 pub use cli::{run, ClientArgs, ClientOptions};
 use connection::Event;
@@ -171,7 +172,7 @@ pub struct ClientConfig {
 
 /// Default `ClientConfig::stale_hold`: a reflector restart, and the
 /// announcers reconnecting to it, fit in a minute with room to spare.
-pub const DEFAULT_STALE_HOLD: Duration = Duration::from_secs(60);
+pub const DEFAULT_STALE_HOLD: Duration = crate::defaults::STALE_HOLD;
 
 /// How often held stale routes are checked for the end of their hold.
 const STALE_SWEEP_TICK: Duration = Duration::from_millis(100);
@@ -179,17 +180,19 @@ const STALE_SWEEP_TICK: Duration = Duration::from_millis(100);
 /// Default of `ClientConfig::max_routes_per_server`: twice the largest
 /// table the reflector accepts from one peer by default, with room for a
 /// region's routes.
-pub const DEFAULT_MAX_ROUTES_PER_SERVER: usize = 2_000_000;
+pub const DEFAULT_MAX_ROUTES_PER_SERVER: usize = crate::defaults::MAX_ROUTES_PER_SERVER;
 
+/// Every field from `crate::defaults`.
 impl Default for ClientConfig {
     fn default() -> Self {
+        use crate::defaults;
         ClientConfig {
-            keepalive: crate::session::DEFAULT_KEEPALIVE,
-            reconnect_min: Duration::from_millis(500),
-            reconnect_max: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
-            max_routes_per_server: DEFAULT_MAX_ROUTES_PER_SERVER,
-            stale_hold: DEFAULT_STALE_HOLD,
+            keepalive: defaults::KEEPALIVE,
+            reconnect_min: defaults::RECONNECT_MIN,
+            reconnect_max: defaults::RECONNECT_MAX,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            max_routes_per_server: defaults::MAX_ROUTES_PER_SERVER,
+            stale_hold: defaults::STALE_HOLD,
         }
     }
 }
@@ -400,7 +403,7 @@ struct ClientInner {
 
 impl ClientInner {
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        self.core.lock_or_recover()
     }
 
     /// Wakes every waiter (`Client::established`, `settled`, ...).
@@ -508,7 +511,11 @@ impl ClientInner {
                     let swept = core.present.sweep_all(id, &mut core.changes);
                     if let Some(slot) = core.servers.get_mut(&id) {
                         slot.stale_until.clear();
-                        tracing::info!(server = %slot.address, routes = swept, "route limit reached: stale routes withdrawn early to make room");
+                        // On the session's thread: its span names the server.
+                        tracing::info!(
+                            routes = swept,
+                            "route limit reached: stale routes withdrawn early to make room"
+                        );
                     }
                 }
                 if core.present.held_by(id) >= limit {
@@ -516,7 +523,7 @@ impl ClientInner {
                     break;
                 }
             }
-            tracing::trace!(?action, %route, server = id.0, "received");
+            tracing::trace!(?action, %route, "received");
             core.present.received(id, action, route, &mut core.changes);
         }
         updates.clear();
@@ -557,7 +564,6 @@ impl ClientInner {
                     .push_back(now.checked_add(hold).unwrap_or(now + MAX_HOLD));
                 if stale > 0 {
                     tracing::info!(
-                        server = %slot.address,
                         routes = stale,
                         hold_secs = hold.as_secs(),
                         "session lost: its routes stay as stale until received again or the hold ends"
@@ -769,7 +775,7 @@ impl Client {
         let sink_slot: Arc<Mutex<Option<Box<dyn RouteSink>>>> = Arc::default();
         let client = Client::build(config, Box::new(DeferredSink(sink_slot.clone())));
         let sink = make_sink(client.downgrade());
-        *sink_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(sink));
+        *sink_slot.lock_or_recover() = Some(Box::new(sink));
         client
     }
 
@@ -1165,7 +1171,7 @@ struct DeferredSink(Arc<Mutex<Option<Box<dyn RouteSink>>>>);
 
 impl DeferredSink {
     fn with(&mut self, f: impl FnOnce(&mut dyn RouteSink)) {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.0.lock_or_recover();
         if let Some(sink) = slot.as_mut() {
             f(&mut **sink);
         }

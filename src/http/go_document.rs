@@ -25,7 +25,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use super::model::{format_date, DestinationView, RouteTableView, VniRoutesView};
+use crate::telemetry::status::{format_date, DestinationView, RouteTableView, VniRoutesView};
 use crate::types::{IpNet, NextHop, NextHopKind};
 
 /// One destination ready to print: its Go map key and its sorted next hops.

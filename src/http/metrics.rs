@@ -1,15 +1,16 @@
 //! `/metrics`: a `MetricsView` rendered in the Prometheus text exposition
 //! format (version 0.0.4).
 //!
-//! Owns: metric names, help texts, label escaping, and the layout of every
-//! family (`# HELP`, `# TYPE`, samples).
+//! Owns: label escaping and the layout of every family (`# HELP`, `# TYPE`,
+//! samples). Names and help texts come from `telemetry::families`.
 //!
 //! Must never: gather data (it only formats the view it is given) or emit a
 //! name or label value that a Prometheus parser would reject.
 
 use std::fmt::Write;
 
-use super::model::{MetricFamily, MetricKind, MetricsView, StatusRole};
+use crate::telemetry::families::{self, Family};
+use crate::telemetry::status::{MetricFamily, MetricKind, MetricsView, StatusRole};
 use crate::telemetry::HistogramView;
 
 /// Content type of the text exposition format.
@@ -18,130 +19,72 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Renders everything `view` holds, plus `metalbond_build_info`.
 pub fn render(view: &MetricsView, role: StatusRole, version: &str) -> String {
     let mut out = Text::default();
-    out.family(
-        "metalbond_build_info",
-        "Version and role of this process (always 1).",
-        MetricKind::Gauge,
-    );
+    out.declare(&families::BUILD_INFO);
     out.sample(
-        "metalbond_build_info",
+        families::BUILD_INFO.name,
         &[("version", version), ("role", role.name())],
         1,
     );
 
-    out.family(
-        "metalbond_peers",
-        "Peers (sessions) per session state.",
-        MetricKind::Gauge,
-    );
+    out.declare(&families::PEERS);
     for (state, n) in &view.peers_by_state {
-        out.sample("metalbond_peers", &[("state", state)], *n);
+        out.sample(families::PEERS.name, &[("state", state)], *n);
     }
 
-    out.family(
-        "metalbond_routes",
-        "Routes (destination, next hop pairs) in all VNIs.",
-        MetricKind::Gauge,
-    );
-    out.sample("metalbond_routes", &[], view.routes_total);
+    out.declare(&families::ROUTES);
+    out.sample(families::ROUTES.name, &[], view.routes_total);
 
-    out.family(
-        "metalbond_vni_routes",
-        "Routes (destination, next hop pairs) per VNI.",
-        MetricKind::Gauge,
-    );
+    out.declare(&families::VNI_ROUTES);
     for (vni, n) in &view.routes_per_vni {
-        out.sample("metalbond_vni_routes", &[("vni", &vni.to_string())], *n);
+        out.sample(families::VNI_ROUTES.name, &[("vni", &vni.to_string())], *n);
     }
 
-    let counters: [(&str, &str, Option<u64>); 6] = [
-        (
-            "metalbond_updates_received_total",
-            "UPDATE messages received from peers.",
-            view.updates_in,
-        ),
-        (
-            "metalbond_updates_sent_total",
-            "UPDATE messages sent to peers.",
-            view.updates_out,
-        ),
-        (
-            "metalbond_frames_written_total",
-            "Frames of any type written to peers.",
-            view.frames_written,
-        ),
-        (
-            "metalbond_bytes_written_total",
-            "Bytes written to peers.",
-            view.bytes_written,
-        ),
-        (
-            "metalbond_frames_read_total",
-            "Frames of any type read from peers.",
-            view.frames_read,
-        ),
-        (
-            "metalbond_bytes_read_total",
-            "Bytes read from peers.",
-            view.bytes_read,
-        ),
+    let counters: [(&Family, Option<u64>); 6] = [
+        (&families::UPDATES_RECEIVED, view.updates_in),
+        (&families::UPDATES_SENT, view.updates_out),
+        (&families::FRAMES_WRITTEN, view.frames_written),
+        (&families::BYTES_WRITTEN, view.bytes_written),
+        (&families::FRAMES_READ, view.frames_read),
+        (&families::BYTES_READ, view.bytes_read),
     ];
-    for (name, help, value) in counters {
+    for (family, value) in counters {
         if let Some(v) = value {
-            out.family(name, help, MetricKind::Counter);
-            out.sample(name, &[], v);
+            out.declare(family);
+            out.sample(family.name, &[], v);
         }
     }
 
-    out.family(
-        "metalbond_disconnects_total",
-        "Sessions ended, by reason.",
-        MetricKind::Counter,
-    );
+    out.declare(&families::DISCONNECTS);
     for (reason, n) in &view.disconnects_by_reason {
-        out.sample("metalbond_disconnects_total", &[("reason", reason)], *n);
+        out.sample(families::DISCONNECTS.name, &[("reason", reason)], *n);
     }
 
     if let Some(h) = &view.fanout_latency {
-        out.histogram(
-            "metalbond_fanout_latency_seconds",
-            "Time from an UPDATE's arrival to its copies being written to subscribers.",
-            h,
-        );
+        out.declare(&families::FANOUT_LATENCY);
+        out.histogram(families::FANOUT_LATENCY.name, h);
     }
 
-    out.family(
-        "metalbond_queue_depth",
-        "Items (or bytes, as the queue name says) waiting in a queue.",
-        MetricKind::Gauge,
-    );
+    let queue_depth = families::QUEUE_DEPTH.name;
+    out.declare(&families::QUEUE_DEPTH);
     for q in &view.queue_depths {
         match q.shard {
             Some(shard) => out.sample(
-                "metalbond_queue_depth",
+                queue_depth,
                 &[("queue", &q.queue), ("shard", &shard.to_string())],
                 q.depth,
             ),
-            None => out.sample("metalbond_queue_depth", &[("queue", &q.queue)], q.depth),
+            None => out.sample(queue_depth, &[("queue", &q.queue)], q.depth),
         }
     }
 
     if let Some(nl) = &view.netlink {
-        out.family(
-            "metalbond_netlink_operations_total",
-            "Netlink requests acknowledged by the kernel, per operation.",
-            MetricKind::Counter,
-        );
+        out.declare(&families::NETLINK_OPERATIONS);
         for (op, n) in &nl.operations {
-            out.sample("metalbond_netlink_operations_total", &[("op", op)], *n);
+            out.sample(families::NETLINK_OPERATIONS.name, &[("op", op)], *n);
         }
-        out.family(
-            "metalbond_netlink_errors_total",
-            "Netlink requests refused by the kernel, per operation.",
-            MetricKind::Counter,
-        );
+        out.declare(&families::NETLINK_ERRORS);
         for (op, n) in &nl.errors {
-            out.sample("metalbond_netlink_errors_total", &[("op", op)], *n);
+            out.sample(families::NETLINK_ERRORS.name, &[("op", op)], *n);
         }
     }
 
@@ -156,10 +99,16 @@ pub fn render(view: &MetricsView, role: StatusRole, version: &str) -> String {
 struct Text(String);
 
 impl Text {
+    /// `# HELP` and `# TYPE` of a family of the table.
+    fn declare(&mut self, family: &Family) {
+        self.family(family.name, family.help, family.kind);
+    }
+
     fn family(&mut self, name: &str, help: &str, kind: MetricKind) {
         let kind = match kind {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
         };
         let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
         let _ = writeln!(self.0, "# TYPE {name} {kind}");
@@ -186,9 +135,8 @@ impl Text {
         self.0.push('\n');
     }
 
-    fn histogram(&mut self, name: &str, help: &str, h: &HistogramView) {
-        let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.0, "# TYPE {name} histogram");
+    /// The samples of a histogram (declared before).
+    fn histogram(&mut self, name: &str, h: &HistogramView) {
         let bucket = format!("{name}_bucket");
         for (le, n) in h.bounds_seconds.iter().zip(&h.cumulative_counts) {
             self.sample(&bucket, &[("le", &format_float(*le))], *n);
@@ -267,6 +215,41 @@ fn format_float(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::status::MetricSample;
+    use crate::telemetry::NetlinkView;
+
+    /// Every family the renderer declares, built-in or from a role's
+    /// `extra`, is a row of the one table, with the table's help and type.
+    #[test]
+    fn every_declared_family_is_in_the_table() {
+        let view = MetricsView {
+            updates_in: Some(1),
+            updates_out: Some(1),
+            frames_written: Some(1),
+            bytes_written: Some(1),
+            frames_read: Some(1),
+            bytes_read: Some(1),
+            fanout_latency: Some(HistogramView::empty()),
+            netlink: Some(NetlinkView::default()),
+            extra: vec![MetricFamily::of(
+                &families::STALE_ROUTES,
+                vec![MetricSample::new(&[], 3)],
+            )],
+            ..MetricsView::default()
+        };
+        let text = render(&view, StatusRole::Server, "v");
+        let mut declared = 0;
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            let family = families::ALL.iter().find(|f| f.name == name);
+            let Some(family) = family else {
+                panic!("{name} is not in telemetry::families::ALL");
+            };
+            assert!(text.contains(&format!("# HELP {name} {}\n", family.help)));
+            declared += 1;
+        }
+        assert_eq!(declared, 16, "{text}");
+    }
 
     #[test]
     fn names_and_labels_are_made_safe() {

@@ -8,8 +8,10 @@
 //! renderers, and the short-lived route snapshot cache (with its JSON and
 //! YAML documents, rendered once per snapshot and shared by every request).
 //!
-//! Must never: run on, lock, or wait for a shard. Everything it shows comes
-//! through `StatusSource`, whose implementations read atomics or copies that
+//! Must never: run on, lock, or wait for a shard, or import `server` or
+//! `client`: it serves any `telemetry::StatusSource` (the binary hands it
+//! the server's or the client's). Everything it shows comes through
+//! `StatusSource`, whose implementations read atomics or copies that
 //! the data path publishes; a slow or hostile HTTP client can only slow the
 //! status port, within its limits. No hand-written HTTP parsing: `hyper`
 //! speaks HTTP.
@@ -26,26 +28,25 @@
 mod go_document;
 mod listener;
 mod metrics;
-mod model;
 mod page;
-#[cfg(feature = "server")]
-mod server_source;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-pub use crate::telemetry::{HistogramView, LatencyHistogram};
-pub use listener::HttpLimits;
-pub use model::{
-    count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView,
-    NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, VniRoutesView,
+use crate::util::TtlCache;
+
+// The status model and trait live in `telemetry` (below server, client and
+// http); re-exported so `metalbond::http::StatusSource` etc. keep working.
+pub use crate::telemetry::status::{
+    count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView, PeerView,
+    QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
 };
+pub use crate::telemetry::{HistogramView, LatencyHistogram, NetlinkView};
+pub use listener::HttpLimits;
 pub use page::{MAX_VNI_SUMMARY_ROWS, REFRESH_SECONDS, ROWS_PER_PAGE};
-#[cfg(feature = "server")]
-pub use server_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 /// The version shown on the page, in `/routes.json` and in `/metrics`.
 pub use crate::version::VERSION;
@@ -58,26 +59,6 @@ pub const HTTP_WORKERS: usize = 2;
 /// How long a route snapshot is reused: bounds how often many browsers and
 /// scrapers together can make the state owner copy its tables.
 pub const ROUTE_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
-
-/// Where the status pages get their data. Implemented by the server's and the
-/// client's handles; every method is called on an HTTP thread and must
-/// return a copy without blocking the data path for long.
-pub trait StatusSource: Send + Sync + 'static {
-    /// Server or client (page title, `metalbond_build_info`).
-    fn role(&self) -> StatusRole;
-    /// The route table now: the server's reflected table, or the client's
-    /// received routes.
-    fn routes(&self) -> RouteTableView;
-    /// Every peer session now.
-    fn peers(&self) -> Vec<PeerView>;
-    /// Counters and gauges now.
-    fn metrics(&self) -> MetricsView;
-    /// The active peer policy (`server --policy`): shown on `/` and at
-    /// `/policy`. `None` (the default): no policy.
-    fn policy(&self) -> Option<crate::policy::PolicyStatus> {
-        None
-    }
-}
 
 /// Why the status server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -225,33 +206,26 @@ impl RouteSnapshot {
     }
 }
 
-/// The last route snapshot and when it was taken.
-#[derive(Default)]
-struct RouteCache {
-    /// Taken at, and the snapshot. Only HTTP threads touch this lock.
-    slot: Mutex<Option<(Instant, Arc<RouteSnapshot>)>>,
+/// The last route snapshot, reused for `ROUTE_SNAPSHOT_MAX_AGE`.
+struct RouteCache(TtlCache<Arc<RouteSnapshot>>);
+
+impl Default for RouteCache {
+    fn default() -> RouteCache {
+        RouteCache(TtlCache::new(ROUTE_SNAPSHOT_MAX_AGE))
+    }
 }
 
 impl RouteCache {
     /// A snapshot at most `ROUTE_SNAPSHOT_MAX_AGE` old.
     fn get(&self, source: &dyn StatusSource) -> Arc<RouteSnapshot> {
-        let mut slot = match self.slot.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some((at, snapshot)) = slot.as_ref() {
-            if at.elapsed() < ROUTE_SNAPSHOT_MAX_AGE {
-                return snapshot.clone();
-            }
-        }
-        let snapshot = Arc::new(RouteSnapshot {
-            table: source.routes(),
-            wall: SystemTime::now(),
-            json: OnceLock::new(),
-            yaml: OnceLock::new(),
-        });
-        *slot = Some((Instant::now(), snapshot.clone()));
-        snapshot
+        self.0.get_or_compute(|| {
+            Arc::new(RouteSnapshot {
+                table: source.routes(),
+                wall: SystemTime::now(),
+                json: OnceLock::new(),
+                yaml: OnceLock::new(),
+            })
+        })
     }
 }
 

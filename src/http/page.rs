@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use crate::types::{NextHopKind, Vni};
 
-use super::model::{format_date, kind_name, RouteTableView, StatusRole};
+use crate::telemetry::status::{format_date, kind_name, RouteTableView, StatusRole};
 
 /// Route rows on one page: enough to read, small enough to load instantly.
 pub const ROWS_PER_PAGE: usize = 500;

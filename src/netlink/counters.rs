@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::nexthop::{RTM_DELNEXTHOP, RTM_NEWNEXTHOP};
 use super::routes::{RTM_DELROUTE, RTM_NEWROUTE};
+use crate::telemetry::families::netlink_op;
 use crate::telemetry::NetlinkView;
 
 /// The operations counted separately; anything else is "other".
@@ -46,14 +47,14 @@ impl Operation {
         }
     }
 
-    /// The `op` label value.
+    /// The `op` label value (from the table in `telemetry::families`).
     fn label(self) -> &'static str {
         match self {
-            Operation::RouteAdd => "route_add",
-            Operation::RouteDelete => "route_delete",
-            Operation::NexthopAdd => "nexthop_add",
-            Operation::NexthopDelete => "nexthop_delete",
-            Operation::Other => "other",
+            Operation::RouteAdd => netlink_op::ROUTE_ADD,
+            Operation::RouteDelete => netlink_op::ROUTE_DELETE,
+            Operation::NexthopAdd => netlink_op::NEXTHOP_ADD,
+            Operation::NexthopDelete => netlink_op::NEXTHOP_DELETE,
+            Operation::Other => netlink_op::OTHER,
         }
     }
 

@@ -56,10 +56,16 @@ use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 
 use crate::types::{NextHop, Vni};
+use crate::util::{wait_timeout_or_recover, LockOrRecover};
 pub use counters::KernelRouteStats;
 use counters::NetlinkCounters;
 use nexthop::{NexthopMessage, AF_INET6, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
-pub use routes::{RouteTable, PROTOCOL_METALBOND};
+pub use routes::{KernelTable, PROTOCOL_METALBOND};
+
+/// The old name of `KernelTable` ("route table" also named a set of routes
+/// in the status pages; this is a kernel table id).
+#[deprecated(since = "0.1.0", note = "renamed to KernelTable")]
+pub type RouteTable = KernelTable;
 use routes::{RTM_GETROUTE, RTM_NEWROUTE};
 pub use socket::KernelError;
 use socket::{Request, RouteSocket};
@@ -71,8 +77,8 @@ pub use state::{ApplyReport, RouteChange, RouteKey};
 #[derive(Clone, Debug)]
 pub struct KernelRoutesConfig {
     /// VNI → routing table. Routes of other VNIs are not installed.
-    /// `RouteTable(0)` is taken as the main table (254).
-    pub tables: BTreeMap<Vni, RouteTable>,
+    /// `KernelTable(0)` is taken as the main table (254).
+    pub tables: BTreeMap<Vni, KernelTable>,
     /// Name of the tunnel device every next hop leaves through.
     pub device: String,
     /// Skip IPv6 destinations.
@@ -99,7 +105,7 @@ const MAX_STALE_HOLD: Duration = Duration::from_secs(365 * 86_400);
 /// Default `KernelRoutesConfig::reconcile_interval`: hand-deleted routes
 /// are back within half a minute, and a host with 100,000 routes spends a
 /// dump on it twice a minute, not every few seconds.
-pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = crate::defaults::RECONCILE_INTERVAL;
 
 /// Why the shard could not start (or stop cleanly). Start-up problems are
 /// found before the first route, with the cause named.
@@ -183,7 +189,7 @@ impl Shared {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    m.lock_or_recover()
 }
 
 /// Handle of the running shard. Dropping it shuts the shard down (running
@@ -209,14 +215,14 @@ impl KernelRoutes {
     /// socket belongs to the calling thread's network namespace.
     pub fn start(mut config: KernelRoutesConfig) -> Result<KernelRoutes, NetlinkError> {
         for table in config.tables.values_mut() {
-            *table = RouteTable::from_user(table.0);
+            *table = KernelTable::from_user(table.0);
         }
         let oif = device_index(&config.device)?;
         if !has_net_admin() {
             return Err(NetlinkError::MissingCapability);
         }
         let mut socket = RouteSocket::open()?;
-        let tables: HashSet<RouteTable> = config.tables.values().copied().collect();
+        let tables: HashSet<KernelTable> = config.tables.values().copied().collect();
         let (mut installed, stale) = match config.stale_hold {
             None => {
                 let foreign = remove_stale(&mut socket, &tables)?;
@@ -287,12 +293,12 @@ impl KernelRoutes {
             if left.is_zero() || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 return false;
             }
-            applied = self
-                .shared
-                .applied_changed
-                .wait_timeout(applied, left.min(Duration::from_millis(100)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            applied = wait_timeout_or_recover(
+                &self.shared.applied_changed,
+                applied,
+                left.min(Duration::from_millis(100)),
+            )
+            .0;
         }
         true
     }
@@ -517,7 +523,7 @@ fn sweep_if_due(shared: &Shared, socket: &mut RouteSocket) {
 
 /// Deletes the protocol-254 routes at `keys` the kernel has (one dump).
 fn delete_if_ours(shared: &Shared, socket: &mut RouteSocket, keys: &[RouteKey]) {
-    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
     let wanted: HashSet<&RouteKey> = keys.iter().collect();
     let found = match protocol_routes(socket, &tables) {
         Ok(routes) => routes,
@@ -595,7 +601,7 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut
             device = %shared.config.device,
             "the kernel dropped routes or nexthop objects of ours (tunnel device down?); re-installing every route"
         );
-        let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+        let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
         match remove_stale(socket, &tables) {
             Ok(foreign) => installed.reset(foreign),
             Err(e) => {
@@ -620,7 +626,7 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut
 /// nexthop object they reference. Routes the kernel has that we did not
 /// install are left alone here (start-up removes stale ones).
 fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
-    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
     let in_kernel: HashMap<RouteKey, routes::KernelNextHops> =
         match protocol_routes(socket, &tables) {
             Ok(routes) => routes
@@ -674,7 +680,7 @@ fn cleanup(shared: &Shared, socket: &mut RouteSocket) {
         ),
         Err(e) => tracing::error!("cleanup failed: {e}"),
     }
-    let tables: HashSet<RouteTable> = shared.config.tables.values().copied().collect();
+    let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
     if let Err(e) = remove_stale(socket, &tables) {
         tracing::error!("cleanup sweep failed: {e}");
     }
@@ -798,7 +804,7 @@ fn probe(
 /// The kernel's protocol-254 routes in `tables` (one route dump).
 fn protocol_routes(
     socket: &mut RouteSocket,
-    tables: &HashSet<RouteTable>,
+    tables: &HashSet<KernelTable>,
 ) -> io::Result<Vec<routes::DumpedRoute>> {
     Ok(socket
         .dump(RTM_GETROUTE, RTM_NEWROUTE, &routes::dump_request())?
@@ -814,7 +820,7 @@ fn protocol_routes(
 /// Returns the state and the keys taken over.
 fn take_over(
     socket: &mut RouteSocket,
-    tables: &HashSet<RouteTable>,
+    tables: &HashSet<KernelTable>,
     oif: u32,
     hold: Duration,
 ) -> Result<(InstalledRoutes, Vec<RouteKey>), NetlinkError> {
@@ -871,7 +877,7 @@ fn take_over(
 /// objects that are not ours, which must never be reused.
 fn remove_stale(
     socket: &mut RouteSocket,
-    tables: &HashSet<RouteTable>,
+    tables: &HashSet<KernelTable>,
 ) -> Result<HashSet<u32>, NetlinkError> {
     let stale_routes = protocol_routes(socket, tables)?;
     let requests: Vec<Request> = stale_routes

@@ -40,32 +40,34 @@ pub const PROTOCOL_METALBOND: u8 = 254;
 /// `LWTUNNEL_IP6_DST`: the outer destination inside a nested `RTA_ENCAP`.
 const LWTUNNEL_IP6_DST: u16 = 2;
 
-/// A kernel routing table id (1..=2^32-1; 254 is "main").
+/// A kernel routing table id (1..=2^32-1; 254 is "main"). Named for the
+/// kernel's table so it is not mistaken for a set of routes (the status
+/// pages' `RouteTableView`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub struct RouteTable(pub u32);
+pub struct KernelTable(pub u32);
 
-impl RouteTable {
+impl KernelTable {
     /// The main table (`ip route` without `table`).
-    pub const MAIN: RouteTable = RouteTable(254);
+    pub const MAIN: KernelTable = KernelTable(254);
 
     /// The table a user's `VNI#TABLE` means: 0 is the main table, as for
     /// the Go client (its netlink library leaves table 0 as "main").
-    pub fn from_user(table: u32) -> RouteTable {
+    pub fn from_user(table: u32) -> KernelTable {
         if table == 0 {
-            RouteTable::MAIN
+            KernelTable::MAIN
         } else {
-            RouteTable(table)
+            KernelTable(table)
         }
     }
 }
 
-impl std::fmt::Display for RouteTable {
+impl std::fmt::Display for KernelTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
 }
 
-fn header(table: RouteTable, prefix: IpNet, scope: RouteScope, kind: RouteType) -> RouteHeader {
+fn header(table: KernelTable, prefix: IpNet, scope: RouteScope, kind: RouteType) -> RouteHeader {
     RouteHeader {
         address_family: match prefix {
             IpNet::V4(_) => AddressFamily::Inet,
@@ -89,7 +91,7 @@ fn message(header: RouteHeader, attributes: Vec<RouteAttribute>) -> RouteMessage
 }
 
 /// `ip route replace PREFIX table TABLE proto 254 nhid NHID` (IPv6 routes).
-pub fn replace_nhid_route(table: RouteTable, prefix: IpNet, nhid: u32) -> Request {
+pub fn replace_nhid_route(table: KernelTable, prefix: IpNet, nhid: u32) -> Request {
     let msg = message(
         header(table, prefix, RouteScope::Universe, RouteType::Unicast),
         vec![
@@ -115,7 +117,7 @@ pub const MAX_MULTIPATH_NEXT_HOPS: usize = 512;
 /// the caller's stable order): RTA_MULTIPATH has a 16-bit length, which
 /// about 780 of these next hops would overflow.
 pub fn replace_multipath_route(
-    table: RouteTable,
+    table: KernelTable,
     prefix: IpNet,
     oif: u32,
     next_hops: &[Ipv6Addr],
@@ -159,7 +161,7 @@ pub fn replace_multipath_route(
 
 /// `ip route del PREFIX table TABLE proto 254`: only ever matches a
 /// protocol-254 route, whatever its next hops (nhid, multipath or plain).
-pub fn delete_route(table: RouteTable, prefix: IpNet) -> Request {
+pub fn delete_route(table: KernelTable, prefix: IpNet) -> Request {
     let msg = message(
         header(table, prefix, RouteScope::NoWhere, RouteType::Unspec),
         vec![
@@ -200,7 +202,7 @@ pub enum KernelNextHops {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct DumpedRoute {
     /// Table from RTA_TABLE (or the header when absent).
-    pub table: RouteTable,
+    pub table: KernelTable,
     /// Destination prefix (default route when no RTA_DST).
     pub prefix: IpNet,
     /// Route protocol number.
@@ -233,7 +235,7 @@ fn raw_ip6_dst(nla: &DefaultNla) -> Option<Ipv6Addr> {
 /// express (multicast families, MPLS, malformed).
 pub fn parse_dumped(payload: &[u8]) -> Option<DumpedRoute> {
     let msg = RouteMessage::parse(payload).ok()?;
-    let mut table = RouteTable(u32::from(msg.header.table));
+    let mut table = KernelTable(u32::from(msg.header.table));
     let mut dst: Option<IpAddr> = None;
     let mut nhid = None;
     let mut oif = 0;
@@ -241,7 +243,7 @@ pub fn parse_dumped(payload: &[u8]) -> Option<DumpedRoute> {
     let mut multipath = Vec::new();
     for attr in &msg.attributes {
         match attr {
-            RouteAttribute::Table(t) => table = RouteTable(*t),
+            RouteAttribute::Table(t) => table = KernelTable(*t),
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some((*a).into()),
             RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some((*a).into()),
             RouteAttribute::NhId(id) => nhid = Some(*id),
@@ -291,7 +293,7 @@ mod tests {
 
     #[test]
     fn replace_carries_table_attribute_protocol_and_nhid() {
-        let req = replace_nhid_route(RouteTable(1000), "2001:db8:9::/64".parse().unwrap(), 10);
+        let req = replace_nhid_route(KernelTable(1000), "2001:db8:9::/64".parse().unwrap(), 10);
         assert_eq!(req.message_type, RTM_NEWROUTE);
         let msg = RouteMessage::parse(req.payload.as_slice()).unwrap();
         assert_eq!(msg.header.table, 0, "table > 255 lives only in RTA_TABLE");
@@ -301,7 +303,7 @@ mod tests {
         assert!(msg.attributes.contains(&RouteAttribute::Table(1000)));
         assert!(msg.attributes.contains(&RouteAttribute::NhId(10)));
         let parsed = parse_dumped(&req.payload).unwrap();
-        assert_eq!(parsed.table, RouteTable(1000));
+        assert_eq!(parsed.table, KernelTable(1000));
         assert_eq!(parsed.prefix, "2001:db8:9::/64".parse::<IpNet>().unwrap());
         assert_eq!(parsed.protocol, 254);
         assert_eq!(parsed.next_hops, KernelNextHops::Object(10));
@@ -312,8 +314,12 @@ mod tests {
         let a: Ipv6Addr = "2001:db8::1".parse().unwrap();
         let b: Ipv6Addr = "2001:db8::2".parse().unwrap();
         for hops in [vec![a], vec![a, b]] {
-            let req =
-                replace_multipath_route(RouteTable(100), "10.0.23.0/24".parse().unwrap(), 7, &hops);
+            let req = replace_multipath_route(
+                KernelTable(100),
+                "10.0.23.0/24".parse().unwrap(),
+                7,
+                &hops,
+            );
             let msg = RouteMessage::parse(req.payload.as_slice()).unwrap();
             assert_eq!(msg.header.table, 100);
             assert_eq!(msg.header.scope, RouteScope::Universe);
@@ -336,13 +342,13 @@ mod tests {
 
     #[test]
     fn table_zero_from_the_user_is_main() {
-        assert_eq!(RouteTable::from_user(0), RouteTable::MAIN);
-        assert_eq!(RouteTable::from_user(100), RouteTable(100));
+        assert_eq!(KernelTable::from_user(0), KernelTable::MAIN);
+        assert_eq!(KernelTable::from_user(100), KernelTable(100));
     }
 
     #[test]
     fn small_tables_also_go_in_the_header() {
-        let req = delete_route(RouteTable(100), "10.0.23.0/24".parse().unwrap());
+        let req = delete_route(KernelTable(100), "10.0.23.0/24".parse().unwrap());
         let msg = RouteMessage::parse(req.payload.as_slice()).unwrap();
         assert_eq!(msg.header.table, 100);
         assert_eq!(msg.header.address_family, AddressFamily::Inet);

@@ -36,7 +36,7 @@ const NLM_F_ACK_TLVS: u16 = 0x200;
 /// no longer tell what happened.
 pub const MAX_REQUESTS_PER_SEND: usize = 256;
 /// Longest wait for an ack or dump part before the batch counts as failed.
-const RECV_TIMEOUT_SECS: libc::time_t = 30;
+const RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Receive buffer we ask for (root may exceed rmem_max with SO_RCVBUFFORCE).
 const RECV_BUFFER_BYTES: i32 = 4 << 20;
 
@@ -118,25 +118,10 @@ impl RouteSocket {
         if forced != 0 {
             socket.set_rx_buf_sz(size)?;
         }
-        // A lost ack (receive buffer overrun) must not wedge the shard: a
-        // receive that waits this long fails, and the caller retries.
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT_SECS,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt on our own fd with a correctly sized timeval.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // A lost ack (receive buffer overrun) must not wedge the netlink
+        // worker: a receive that waits this long fails, and the caller
+        // retries. (SO_RCVBUFFORCE above has no socket2 call; this has.)
+        socket2::SockRef::from(&socket).set_read_timeout(Some(RECV_TIMEOUT))?;
         Ok(RouteSocket {
             socket,
             seq: 1,

@@ -39,7 +39,7 @@ use super::nexthop::{
 };
 use super::routes::{
     delete_route, replace_multipath_route, replace_nhid_route, DumpedRoute, KernelNextHops,
-    RouteTable, PROTOCOL_METALBOND,
+    KernelTable, PROTOCOL_METALBOND,
 };
 use super::socket::{KernelError, Request, RouteSocket};
 
@@ -60,7 +60,7 @@ impl KernelLink for RouteSocket {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct RouteKey {
     /// The routing table (mapped from a VNI).
-    pub table: RouteTable,
+    pub table: KernelTable,
     /// The destination prefix.
     pub prefix: IpNet,
 }
@@ -819,7 +819,7 @@ mod tests {
 
     fn key(prefix: &str) -> RouteKey {
         RouteKey {
-            table: RouteTable(100),
+            table: KernelTable(100),
             prefix: prefix.parse().unwrap(),
         }
     }

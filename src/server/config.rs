@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::defaults;
 use crate::policy::{PolicyError, PolicyStore};
 
 pub use crate::session::DEFAULT_KEEPALIVE;
@@ -26,13 +27,13 @@ pub struct ServerArgs {
         long,
         value_delimiter = ',',
         value_name = "ADDR:PORT",
-        default_value = "[::]:4711"
+        default_value = defaults::LISTEN
     )]
     pub listen: Vec<String>,
     /// Keepalive interval in seconds offered to clients (the negotiated
     /// interval is the smaller of both sides); 0 means the default, 5, as
     /// for the Go server.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_KEEPALIVE.as_secs() as u32)]
+    #[arg(long, value_name = "SECS", default_value_t = defaults::KEEPALIVE.as_secs() as u32)]
     pub keepalive: u32,
     /// Number of shards (pinned executor threads); default: one per CPU.
     #[arg(long)]
@@ -44,39 +45,39 @@ pub struct ServerArgs {
     pub http: Option<String>,
     /// Per-peer output limit in bytes before a slow subscriber is switched to
     /// per-route coalescing.
-    #[arg(long, default_value_t = PeerLimits::default().max_queued_bytes)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES)]
     pub max_queued_bytes: usize,
     /// Pending coalesced route changes a slow subscriber may accumulate
     /// before it is disconnected (it then reconnects and resyncs).
-    #[arg(long, default_value_t = PeerLimits::default().max_coalesced_routes)]
+    #[arg(long, default_value_t = defaults::MAX_COALESCED_ROUTES)]
     pub max_coalesced_routes: usize,
     /// Seconds a subscriber may leave its socket unwritable (not reading at
     /// all) while output is pending before it is disconnected; 0 disables.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = defaults::WRITE_STALL_TIMEOUT.as_secs())]
     pub write_stall_timeout: u64,
     /// Connections served at once. Beyond it the oldest connection still in
     /// its handshake is closed to make room for the new one; only when every
     /// place is held by an established session is a new connection closed
     /// at once (counted, logged at most once a second per shard).
-    #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
+    #[arg(long, default_value_t = defaults::MAX_PEERS)]
     pub max_peers: usize,
     /// Routes one peer may announce at once; one more closes that peer
     /// (its routes are withdrawn).
-    #[arg(long, default_value_t = PeerLimits::default().max_routes_per_peer)]
+    #[arg(long, default_value_t = defaults::MAX_ROUTES_PER_PEER)]
     pub max_routes_per_peer: usize,
     /// VNIs one peer may subscribe to at once; one more closes that peer.
-    #[arg(long, default_value_t = PeerLimits::default().max_subscriptions_per_peer)]
+    #[arg(long, default_value_t = defaults::MAX_SUBSCRIPTIONS_PER_PEER)]
     pub max_subscriptions_per_peer: usize,
     /// Seconds a new connection has to complete its handshake (HELLO, then
     /// the first KEEPALIVE) before it is closed; 0 leaves only the keepalive
     /// hold timer (2.5 × interval).
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = defaults::HANDSHAKE_TIMEOUT.as_secs())]
     pub handshake_timeout: u64,
     /// Seconds the routes of a peer whose session ended (for any reason but
     /// this server's own shutdown) stay announced, held for it, so that an
     /// agent's restart is not a fleet-wide withdrawal; a peer announcing the
     /// same route meanwhile keeps it. 0 withdraws at once (as the Go server).
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    #[arg(long, value_name = "SECS", default_value_t = defaults::PEER_GRACE.as_secs())]
     pub peer_grace: u64,
     /// Peer policy file (YAML, see README "Peer policy"): which source
     /// addresses may subscribe to and announce what. Without it every peer
@@ -93,18 +94,11 @@ pub struct ServerArgs {
 /// are no longer a restart).
 pub const MAX_PEER_GRACE: Duration = Duration::from_secs(86_400);
 
-/// Default `ServerConfig::peer_grace_max_routes`: two peers' worth of
-/// routes at the default `--max-routes-per-peer`, per shard.
-pub const DEFAULT_PEER_GRACE_MAX_ROUTES: usize = 2_000_000;
+/// Default `ServerConfig::peer_grace_max_routes` (`defaults`).
+pub const DEFAULT_PEER_GRACE_MAX_ROUTES: usize = defaults::PEER_GRACE_MAX_ROUTES;
 
-/// Default `--max-peers`: a region's hypervisors with room to spare, and
-/// well below what the default file-descriptor limits of a service allow.
-pub const DEFAULT_MAX_PEERS: usize = 20_000;
-
-/// Default `--handshake-timeout`: a client on the same fabric completes
-/// the handshake in one round trip; a connection silent this long is a
-/// squatter or broken, and holds a place under `--max-peers` meanwhile.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `--max-peers` (`defaults`).
+pub const DEFAULT_MAX_PEERS: usize = defaults::MAX_PEERS;
 
 /// Limits that keep one peer from costing unbounded memory or time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,12 +126,12 @@ pub struct PeerLimits {
 impl Default for PeerLimits {
     fn default() -> Self {
         PeerLimits {
-            max_queued_bytes: 4 << 20,
-            max_coalesced_routes: 4_000_000,
-            write_stall_timeout: Some(Duration::from_secs(120)),
-            max_routes_per_peer: 1_000_000,
-            max_subscriptions_per_peer: 10_000,
-            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            max_queued_bytes: defaults::MAX_QUEUED_BYTES,
+            max_coalesced_routes: defaults::MAX_COALESCED_ROUTES,
+            write_stall_timeout: Some(defaults::WRITE_STALL_TIMEOUT),
+            max_routes_per_peer: defaults::MAX_ROUTES_PER_PEER,
+            max_subscriptions_per_peer: defaults::MAX_SUBSCRIPTIONS_PER_PEER,
+            handshake_timeout: Some(defaults::HANDSHAKE_TIMEOUT),
         }
     }
 }
@@ -152,7 +146,8 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     /// Number of shards (executor threads).
     pub shards: usize,
-    /// HTTP status address (`server::run` serves `crate::http` there).
+    /// HTTP status address (`server::run` serves the status pages there
+    /// through the `serve_status` function the binary passes).
     pub http: Option<SocketAddr>,
     /// Connections served at once (see `ServerArgs::max_peers`).
     pub max_peers: usize,

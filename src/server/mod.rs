@@ -51,6 +51,7 @@ mod peer_id;
 mod route_set;
 mod shard;
 mod stats;
+mod status;
 mod vni_table;
 
 /// The VNI owner's table and fan-out logic without shards or sockets, as
@@ -72,6 +73,7 @@ pub use config::ServerArgs;
 pub use config::{PeerLimits, ServerConfig, ServerError};
 pub use peer_id::PeerId;
 pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes};
+pub use status::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 use mesh::{Batch, CHANNEL_BATCHES};
 use shard::{Control, ShardSetup};
@@ -398,8 +400,12 @@ impl Drop for ServerHandle {
 #[cfg(feature = "cli")]
 /// `metalbond server`: starts the shards, serves until SIGINT or SIGTERM,
 /// shuts down cleanly (exit status 0). With `--policy`, SIGHUP reloads the
-/// policy (without, `main` logs and ignores SIGHUP).
-pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// policy (without, `main` logs and ignores SIGHUP). `serve_status` starts
+/// the `--http` pages (the binary passes `http::serve`).
+pub fn run(
+    args: ServerArgs,
+    serve_status: crate::telemetry::status::ServeStatus<'_>,
+) -> Result<(), Box<dyn std::error::Error>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // Install the handler first, so a signal during start-up is not fatal.
     let mut watched = vec![SIGINT, SIGTERM];
@@ -411,9 +417,9 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     // `--http`: status pages on their own threads, reading the handle's
     // atomics and snapshots (a bind failure stops the server: Drop).
     let http = match handle.config().http {
-        Some(addr) => Some(crate::http::serve(
+        Some(addr) => Some(serve_status(
             addr,
-            Arc::new(crate::http::ServerStatusSource::new(handle.clone())),
+            Arc::new(ServerStatusSource::new(handle.clone())),
         )?),
         None => None,
     };
@@ -435,9 +441,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         break;
     }
     // Stop the HTTP side first: it holds the other reference to the handle.
-    if let Some(http) = http {
-        http.shutdown();
-    }
+    drop(http);
     match Arc::try_unwrap(handle) {
         Ok(handle) => handle.shutdown(),
         Err(shared) => drop(shared),

@@ -3,14 +3,32 @@
 //! to import another to report a figure.
 //!
 //! Owns: `LatencyHistogram` / `HistogramView` (lock-free latency buckets and
-//! their snapshot) and `NetlinkView` (the kernel-route counters of a client).
+//! their snapshot), `NetlinkView` (the kernel-route counters of a client),
+//! the status model and the `StatusSource` trait the status pages read
+//! (`status`, implemented by `server::ServerStatusSource` and
+//! `client::status::ClientStatusSource`), and the one table of metric
+//! families and label values (`families`).
 //!
 //! Must never: render anything (that is `http`'s job) or depend on a module
 //! above it; recording stays lock-free and allocation-free.
+//!
+//! ```text
+//!   server::status ─┐                         ┌─► http (pages, /metrics)
+//!   client::status ─┼─► telemetry::StatusSource ┤
+//!   netlink counters┘   (+ families, views)     └─ the binary wires them
+//! ```
 
+pub mod families;
 mod histogram;
+#[cfg(any(feature = "server", feature = "http"))]
+pub mod status;
 
 pub use histogram::{HistogramView, LatencyHistogram};
+#[cfg(any(feature = "server", feature = "http"))]
+pub use status::{
+    count_states, format_date, kind_name, DestinationView, MetricFamily, MetricKind, MetricSample,
+    MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
+};
 
 /// Netlink work done by the client, per operation ("route_add",
 /// "route_del", "nexthop_add", ...).

@@ -1,9 +1,12 @@
-//! What the HTTP status side shows, as plain data: the contract between the
-//! parts that own the state (server shards, client sessions) and the part that
-//! renders it (this `http` module).
+//! What the status pages show, as plain data, and the trait that supplies
+//! it: the contract between the parts that own the state (server shards,
+//! client sessions; each implements `StatusSource` next to its role) and the
+//! part that renders it (`http`, which depends on this module and on nothing
+//! above it).
 //!
-//! Owns: `RouteTableView`, `PeerView`, `MetricsView` and their pieces. (The
-//! shape of `/routes.json` and `/routes.yaml` is `go_document`'s.)
+//! Owns: `StatusSource`, `RouteTableView`, `PeerView`, `MetricsView` and
+//! their pieces. (The shape of `/routes.json` and `/routes.yaml` is
+//! `http::go_document`'s; metric names and help texts are `families`'.)
 //!
 //! Must never: hold references into live tables, lock anything, or know how
 //! the state was gathered. A view is a copy taken at one moment; building one
@@ -17,7 +20,40 @@ use serde::{Serialize, Serializer};
 use crate::session::SessionState;
 use crate::types::{IpNet, NextHop, NextHopKind, Vni};
 
-pub use crate::telemetry::{HistogramView, NetlinkView};
+use super::families::Family;
+pub use super::families::MetricKind;
+use super::{HistogramView, NetlinkView};
+
+/// Where the status pages get their data. Implemented by the server's
+/// (`server::ServerStatusSource`) and the client's
+/// (`client::status::ClientStatusSource`) adapters; every method is called
+/// on an HTTP thread and must return a copy without blocking the data path
+/// for long.
+pub trait StatusSource: Send + Sync + 'static {
+    /// Server or client (page title, `metalbond_build_info`).
+    fn role(&self) -> StatusRole;
+    /// The route table now: the server's reflected table, or the client's
+    /// received routes.
+    fn routes(&self) -> RouteTableView;
+    /// Every peer session now.
+    fn peers(&self) -> Vec<PeerView>;
+    /// Counters and gauges now.
+    fn metrics(&self) -> MetricsView;
+    /// The active peer policy (`server --policy`): shown on `/` and at
+    /// `/policy`. `None` (the default): no policy.
+    fn policy(&self) -> Option<crate::policy::PolicyStatus> {
+        None
+    }
+}
+
+/// How a role's `run` (the `metalbond server` / `metalbond client` glue)
+/// gets status pages without importing `http`: the binary passes a function
+/// that serves `source` on the `--http` address and returns a guard; the
+/// role drops the guard (stopping the pages) before it shuts down itself.
+pub type ServeStatus<'a> = &'a dyn Fn(
+    std::net::SocketAddr,
+    std::sync::Arc<dyn StatusSource>,
+) -> Result<Box<dyn Send>, Box<dyn std::error::Error>>;
 
 /// Which binary is serving the status pages. Shown on the page and in
 /// `metalbond_build_info`, so that a dashboard can tell reflectors from
@@ -280,15 +316,6 @@ pub struct QueueDepth {
     pub depth: u64,
 }
 
-/// Whether a family only grows (counter) or goes up and down (gauge).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum MetricKind {
-    /// Monotonic since start; name should end in `_total`.
-    Counter,
-    /// A current level.
-    Gauge,
-}
-
 /// A free-form family for `MetricsView::extra`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricFamily {
@@ -322,6 +349,34 @@ impl MetricFamily {
                 labels: Vec::new(),
                 value,
             }],
+        }
+    }
+
+    /// A family of the table (`telemetry::families`) with these samples.
+    pub fn of(family: &Family, samples: Vec<MetricSample>) -> MetricFamily {
+        MetricFamily {
+            name: family.name.to_string(),
+            help: family.help.to_string(),
+            kind: family.kind,
+            samples,
+        }
+    }
+
+    /// A family of the table with a single unlabelled sample.
+    pub fn single_of(family: &Family, value: f64) -> MetricFamily {
+        MetricFamily::single(family.name, family.help, family.kind, value)
+    }
+}
+
+impl MetricSample {
+    /// A sample with `labels` (name, value) and an integer value.
+    pub fn new(labels: &[(&str, &str)], value: u64) -> MetricSample {
+        MetricSample {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value: value as f64,
         }
     }
 }

@@ -1,51 +1,45 @@
-//! `--http ADDR` for the client: the shared status pages (`crate::http`:
-//! `/`, `/routes.json`, `/routes.yaml`, `/peers`, `/metrics`) fed by the
-//! client's state.
+//! The client's `StatusSource`: what the status pages (`/`, `/routes.json`,
+//! `/routes.yaml`, `/peers`, `/metrics`; served by `http`, which the binary
+//! wires to it for `--http ADDR`) show of the client's state.
 //!
 //! Owns: `ClientStatusSource`, the mapping from the client's core (servers,
 //! subscriptions, announcements, present routes, disconnects), its traffic
-//! counters and the kernel-route shard's counters to the status views.
+//! counters and the kernel-route worker's counters to the status views.
 //!
 //! Must never: hold the client lock while rendering or writing (each view
 //! is copied under one short lock), or keep a stopped client alive (it
 //! holds a `Weak`).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
 use super::{Client, ClientInner};
-use crate::http::{
-    self, count_states, HttpError, HttpHandle, MetricFamily, MetricKind, MetricsView, PeerView,
-    QueueDepth, RouteTableView, StatusRole, StatusSource,
-};
 use crate::netlink::KernelRouteStats;
 use crate::session::SessionState;
+use crate::telemetry::families::{self, queue};
+use crate::telemetry::status::{
+    count_states, MetricFamily, MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole,
+    StatusSource,
+};
 use crate::types::Vni;
-
-/// Starts the status pages for `client` on `addr` (own threads; stopped
-/// when the returned handle is shut down or dropped).
-/// `netlink` adds the kernel-route shard's counters to `/metrics` when the
-/// client installs routes.
-pub fn serve(
-    addr: SocketAddr,
-    client: &Client,
-    netlink: Option<KernelRouteStats>,
-) -> Result<HttpHandle, HttpError> {
-    http::serve(
-        addr,
-        Arc::new(ClientStatusSource {
-            inner: Arc::downgrade(client.inner()),
-            netlink,
-        }),
-    )
-}
 
 /// The client as the status pages see it.
 pub struct ClientStatusSource {
     /// The client's shared state; gone once the client is dropped.
     inner: Weak<ClientInner>,
-    /// The kernel-route shard's counters, when routes are installed.
+    /// The kernel-route worker's counters, when routes are installed.
     netlink: Option<KernelRouteStats>,
+}
+
+impl ClientStatusSource {
+    /// Status of `client`; `netlink` adds the kernel-route worker's
+    /// counters to `/metrics` when the client installs routes. Hand it to
+    /// `http::serve` (the binary does, for `--http`).
+    pub fn new(client: &Client, netlink: Option<KernelRouteStats>) -> ClientStatusSource {
+        ClientStatusSource {
+            inner: Arc::downgrade(client.inner()),
+            netlink,
+        }
+    }
 }
 
 impl StatusSource for ClientStatusSource {
@@ -157,25 +151,15 @@ impl StatusSource for ClientStatusSource {
                 .as_ref()
                 .map(|n| {
                     vec![QueueDepth {
-                        queue: "netlink_pending_routes".into(),
+                        queue: queue::NETLINK_PENDING_ROUTES.into(),
                         shard: None,
                         depth: n.pending_routes(),
                     }]
                 })
                 .unwrap_or_default(),
             extra: vec![
-                MetricFamily::single(
-                    "metalbond_sessions_established_total",
-                    "Sessions that reached ESTABLISHED since the client started (grows with every reconnect).",
-                    MetricKind::Counter,
-                    established as f64,
-                ),
-                MetricFamily::single(
-                    "metalbond_stale_routes",
-                    "Routes kept from lost server sessions and not received again yet (--stale-hold), summed over servers.",
-                    MetricKind::Gauge,
-                    stale as f64,
-                ),
+                MetricFamily::single_of(&families::SESSIONS_ESTABLISHED, established as f64),
+                MetricFamily::single_of(&families::STALE_ROUTES, stale as f64),
             ],
             ..MetricsView::default()
         }
