@@ -395,15 +395,18 @@ impl<V> RouteMap<V> {
 
     /// Sets `route` to `value`; the previous value, if any.
     pub(crate) fn insert(&mut self, route: Route, value: V) -> Option<V> {
-        if let Some(v) = self.get_mut(&route) {
-            return Some(std::mem::replace(v, value));
-        }
+        // One lookup: take the next hop's id first, give the extra
+        // reference back if the route was held already.
         let id = self.hops.acquire(route.next_hop);
         let vni = route.vni.get().to_be_bytes();
-        match TableKey::new(&route.destination, id) {
+        let old = match TableKey::new(&route.destination, id) {
             TableKey::V4(k) => self.v4.insert((vni, k), value),
             TableKey::V6(k) => self.v6.insert((vni, k), value),
+        };
+        if old.is_some() {
+            self.hops.release(id);
         }
+        old
     }
 
     /// Removes `route`; its value, if it was held.
