@@ -11,12 +11,19 @@
 //! - `table_apply/*`: `VniOwner` alone (no sockets) applying 1 M ADDs then
 //!   1 M REMOVEs, with no subscriber and with one live subscriber (which adds
 //!   the encoding of every change).
+//! - `table_memory` (printed, not timed): heap bytes per route of a
+//!   `VniOwner` holding 1 M routes in one VNI (IPv4 /32, one next hop), as
+//!   counted by this binary's global allocator (requested bytes; the
+//!   allocator's own slack is not included). Printed as
+//!   `table_memory: ... bytes per route`.
 //!
 //! Run: `cargo bench --bench fanout`; figures are recorded in BENCHMARKS.md.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -25,6 +32,34 @@ use metalbond::codec::{encode_frame, Message};
 use metalbond::server::owner_logic::{OwnerInput, VniOwner};
 use metalbond::server::{PeerId, Server, ServerConfig, ServerHandle};
 use metalbond::{Action, NextHop, Route, Vni};
+
+/// The system allocator, counting the bytes currently allocated, so the
+/// bench can print what a table costs per route.
+struct CountingAlloc;
+
+/// Bytes currently allocated through `CountingAlloc`.
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to `System`; the counter is
+// only bookkeeping.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATED.fetch_add(new_size, Ordering::Relaxed);
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn route(i: u32) -> Route {
     let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i);
@@ -338,7 +373,55 @@ fn table_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, table_apply, fanout_one_update, fanout_burst);
+/// Heap bytes per route of an owner table of 1 M routes, printed. Not a
+/// criterion measurement (there is nothing to time), but run with the bench
+/// so the figure is tracked with the others.
+fn table_memory(_: &mut Criterion) {
+    const N: u32 = 1_000_000;
+    let announcer = PeerId::new(0, 1);
+    for (order, ids) in [
+        ("ascending", (0..N).collect::<Vec<u32>>()),
+        // A fixed permutation (7,919 is prime to N, so multiplying by it
+        // modulo N visits every index once): routes in no particular order.
+        (
+            "scattered",
+            (0..N)
+                .map(|i| (u64::from(i) * 7919 % u64::from(N)) as u32)
+                .collect(),
+        ),
+    ] {
+        let routes: Vec<Route> = ids.iter().map(|i| route(*i)).collect();
+        let before = ALLOCATED.load(Ordering::Relaxed);
+        let mut owner = VniOwner::new(1024);
+        let mut out = Vec::new();
+        for r in &routes {
+            owner.apply(
+                OwnerInput::Announce {
+                    peer: announcer,
+                    route: *r,
+                },
+                &mut out,
+            );
+        }
+        owner.flush(&mut out);
+        drop(out);
+        let used = ALLOCATED.load(Ordering::Relaxed).saturating_sub(before);
+        println!(
+            "table_memory: owner table, {} routes ({order}) in one VNI: {:.1} MiB, {:.1} bytes per route",
+            owner.route_count(),
+            used as f64 / (1 << 20) as f64,
+            used as f64 / owner.route_count().max(1) as f64
+        );
+    }
+}
+
+criterion_group!(
+    benches,
+    table_memory,
+    table_apply,
+    fanout_one_update,
+    fanout_burst
+);
 
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {

@@ -38,6 +38,12 @@ impl Vni {
     pub const fn get(self) -> u32 {
         self.0
     }
+
+    /// The VNI in the low 24 bits of `value`, upper bits ignored: for
+    /// values already known valid (a VNI stored in a compact key).
+    pub const fn from_low_bits(value: u32) -> Vni {
+        Vni(value & Self::MAX)
+    }
 }
 
 impl fmt::Display for Vni {

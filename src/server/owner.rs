@@ -164,7 +164,10 @@ impl VniOwner {
     pub fn apply(&mut self, input: OwnerInput, out: &mut Vec<(usize, Delivery)>) {
         match input {
             OwnerInput::Announce { peer, route } => {
-                let table = self.tables.entry(route.vni).or_default();
+                let table = self
+                    .tables
+                    .entry(route.vni)
+                    .or_insert_with(|| VniTable::new(route.vni));
                 match table.announce_change(route, peer) {
                     Change::Table => {
                         self.route_count += 1;
@@ -193,7 +196,7 @@ impl VniOwner {
                 self.drop_if_empty(route.vni);
             }
             OwnerInput::Subscribe { peer, vni } => {
-                let table = self.tables.entry(vni).or_default();
+                let table = self.tables.entry(vni).or_insert_with(|| VniTable::new(vni));
                 if table.subscribe(peer) {
                     self.jobs.insert(
                         (peer, vni),

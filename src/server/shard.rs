@@ -279,7 +279,7 @@ impl Shard {
                         .take(SNAPSHOT_STEP_ROUTES)
                     {
                         routes.push((r.destination, r.next_hop));
-                        after = Some(*r);
+                        after = Some(r);
                     }
                     routes.len() - before < SNAPSHOT_STEP_ROUTES
                 };
