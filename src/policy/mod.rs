@@ -22,6 +22,7 @@ pub mod file;
 pub mod peer;
 pub mod rule;
 
+use crate::util::{LockOrRecover, RwLockOrRecover};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -119,14 +120,14 @@ impl PolicyStore {
 
     fn read_and_swap(&self) -> Result<Arc<Policy>, PolicyError> {
         let policy = {
-            let mut counters = lock(&self.counters);
+            let mut counters = self.counters.lock_or_recover();
             file::load(&self.path, &mut |name| {
                 counters.entry(name.to_string()).or_default().clone()
             })?
         };
         let policy = Arc::new(policy);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
-        *lock(&self.loaded_at) = SystemTime::now();
+        *self.current.write_or_recover() = policy.clone();
+        *self.loaded_at.lock_or_recover() = SystemTime::now();
         self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(policy)
     }
@@ -144,10 +145,7 @@ impl PolicyStore {
 
     /// The active policy.
     pub fn current(&self) -> Arc<Policy> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read_or_recover().clone()
     }
 
     /// Successful loads so far; a peer resolved in an older generation
@@ -169,7 +167,7 @@ impl PolicyStore {
     /// What the status pages show: revision, generation, per-rule counts.
     pub fn status(&self) -> PolicyStatus {
         let policy = self.current();
-        let counters = lock(&self.counters);
+        let counters = self.counters.lock_or_recover();
         let row = |name: &str, c: &RuleCounters, active: bool| RuleStatus {
             name: name.to_string(),
             active,
@@ -201,15 +199,11 @@ impl PolicyStore {
             format_version: FORMAT_VERSION,
             revision: policy.revision.clone(),
             generation: self.generation.load(Ordering::Relaxed),
-            loaded_at: *lock(&self.loaded_at),
+            loaded_at: *self.loaded_at.lock_or_recover(),
             failed_reloads: self.failed_reloads.load(Ordering::Relaxed),
             rules,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The active policy as the status pages show it.

@@ -16,9 +16,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::PeerId;
+use crate::util::LockOrRecover;
 
 /// The connection limit and the handshake queue, shared by every shard.
 pub(crate) struct Admission {
@@ -129,9 +130,7 @@ impl Admission {
     /// The queue, also after a thread panicked while holding it (it is never
     /// left half-updated: every change is one insert or removal).
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, PeerId>> {
-        self.handshaking
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.handshaking.lock_or_recover()
     }
 }
 

@@ -2,12 +2,14 @@
 //! peers (and ghosts), behind methods.
 //!
 //! Owns: the shard's identity (index, shard count), configuration and
-//! counters, its `ShardOutbox` toward the VNI owners, peer id allocation,
-//! the shutdown flag and event, the `--max-peers` admission and the
-//! `--peer-grace` holds.
+//! counters, its `ShardOutbox` toward the VNI owners (and `withdraw_all`,
+//! the back-pressured withdrawal of a leaving peer's or ghost's routes),
+//! peer id allocation, the shutdown flag and event, the `--max-peers`
+//! admission and the `--peer-grace` holds.
 //!
 //! Dependency direction: `shard` (executor, owner, peer map) → `peer` /
-//! `connection` / `accept` / `grace` → `context` → `mesh`. Peer code reaches
+//! `connection` / `accept` → `context` → `mesh`, `grace` (state only).
+//! Nothing below imports what is above it. Peer code reaches
 //! its shard only through this type; it never sees the owner tables or the
 //! other peers.
 //!
@@ -23,9 +25,13 @@ use super::event::LocalEvent;
 use super::grace::GraceHolds;
 use super::mesh::{ShardMsg, ShardOutbox};
 use super::owner::OwnerInput;
+use super::route_set::RouteSet;
 use super::stats::ShardCounters;
 use super::PeerId;
 use crate::types::Vni;
+
+/// Owner inputs sent between two checks for a yield in `withdraw_all`.
+const WITHDRAW_CHUNK: usize = 1024;
 
 /// A shard's state that its peer tasks may use (single thread, `Rc`).
 pub(crate) struct ShardContext {
@@ -154,5 +160,32 @@ impl ShardContext {
     pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.set(true);
         self.shutdown_event.notify();
+    }
+
+    /// Sends a `Withdraw` of each of `routes` (all in `vni`, announced by
+    /// `peer`) to the VNI's owner, all of them, in chunks: between chunks it
+    /// yields when glommio asks for it, and it waits while the shard's outboxes
+    /// hold more than `OUTBOX_HIGH` messages (as readers do), so a peer that
+    /// announced a million routes neither stalls its shard while they are queued
+    /// nor builds a million-message batch for the owner. Never stops early
+    /// while the server runs (a route not withdrawn would stay in the table
+    /// for good); at shutdown it stops, as the tables go with the server.
+    /// Holds no borrow across its awaits.
+    pub(crate) async fn withdraw_all(&self, peer: PeerId, vni: Vni, routes: RouteSet) {
+        let mut routes = routes.into_iter().peekable();
+        while routes.peek().is_some() {
+            if self.is_shutting_down() {
+                // The tables go with the server, and at shutdown the flushers
+                // stop: what is not yet withdrawn would pile up in an outbox
+                // nobody drains (a leaving 1 M-route peer: +250 MiB).
+                return;
+            }
+            for route in routes.by_ref().take(WITHDRAW_CHUNK) {
+                self.to_owner(vni, OwnerInput::Withdraw { peer, route });
+            }
+            self.outbox_room(|| self.is_shutting_down(), self.shutdown_event())
+                .await;
+            glommio::yield_if_needed().await;
+        }
     }
 }

@@ -4,8 +4,10 @@
 //! new port) does not make the whole fleet withdraw and re-add its routes.
 //!
 //! Owns: `GraceHolds`, the ghosts of one shard (address, routes held,
-//! deadline) with their gauges, and the task per ghost that withdraws what
-//! the ghost still holds when the grace is over.
+//! deadline, the bounds that push the oldest out) and `GhostIndex`. The
+//! task per ghost that withdraws what it still holds when the grace is over
+//! is the departed peer's (`peer::hold_as_ghost`): this module is state
+//! only and depends on no task or shard module.
 //!
 //! How it works: a ghost keeps the departed peer's `PeerId` as the
 //! announcer of its routes; nothing is sent to the owners when the session
@@ -23,10 +25,10 @@
 //! expiry the ghost no longer holds what its successor took over.
 //!
 //! ```text
-//!  peer task ends ──announced routes──▶ GraceHolds::hold
+//!  peer task ends ──announced routes──▶ peer::hold_as_ghost ──▶ GraceHolds::add_ghost
 //!                                          │ ghost task: sleep(grace) │ pushed out │ shutdown
 //!                                          ▼
-//!                               withdraw_all (chunks) ──▶ owners ──▶ subscribers
+//!                     ShardContext::withdraw_all (chunks) ──▶ owners ──▶ subscribers
 //! ```
 //!
 //! Must never: delay an explicit REMOVE of the ghost's successor, outlive
@@ -43,16 +45,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use futures_lite::future;
-
-use super::context::ShardContext;
 use super::event::LocalEvent;
-use super::peer::withdraw_all;
-use super::route_set::RouteSet;
 use super::stats::PeerInfo;
 use super::PeerId;
 use crate::session::SessionState;
-use crate::types::Vni;
+use crate::util::LockOrRecover;
 
 /// Most ghosts one shard keeps; beyond this the oldest are withdrawn early
 /// (each ghost is a task and a timer, whatever it holds).
@@ -70,13 +67,13 @@ pub(crate) struct GhostIndex {
 
 impl GhostIndex {
     fn add(&self, ip: IpAddr, ghost: PeerId) {
-        let mut map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_ip.lock_or_recover();
         map.entry(ip).or_default().push(ghost);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     fn remove(&self, ip: IpAddr, ghost: PeerId) {
-        let mut map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_ip.lock_or_recover();
         if let Some(list) = map.get_mut(&ip) {
             if let Some(i) = list.iter().position(|g| *g == ghost) {
                 list.swap_remove(i);
@@ -93,7 +90,7 @@ impl GhostIndex {
         if self.count.load(Ordering::Relaxed) == 0 {
             return Vec::new();
         }
-        let map = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.by_ip.lock_or_recover();
         map.get(&ip)
             .map(|l| l.iter().copied().filter(|g| *g != me).collect())
             .unwrap_or_default()
@@ -124,7 +121,7 @@ struct Ghost {
 
 /// "Withdraw now": set by the memory bound, read by the ghost's task.
 #[derive(Default)]
-struct Expire {
+pub(crate) struct Expire {
     /// Set once; the task checks it before and after each wait.
     now: Cell<bool>,
     /// Wakes the task when `now` is set.
@@ -189,7 +186,7 @@ impl GraceHolds {
 
     /// Forgets `peer`'s ghost (its task is about to withdraw or drop its
     /// routes).
-    fn remove(&self, peer: PeerId) {
+    pub(crate) fn remove(&self, peer: PeerId) {
         let mut ghosts = self.ghosts.borrow_mut();
         if let Some(i) = ghosts.iter().position(|g| g.peer == peer) {
             if let Some(g) = ghosts.remove(i) {
@@ -200,79 +197,62 @@ impl GraceHolds {
     }
 }
 
-/// The session of `peer` (from `addr`) ended while it announced `routes`:
-/// keep them for `grace` as a ghost, then withdraw what is left. Returns at
-/// once; the withdrawal runs in its own task on this shard.
-pub(crate) fn hold(
-    shard: &Rc<ShardContext>,
-    peer: PeerId,
-    addr: SocketAddr,
-    routes: HashMap<Vni, RouteSet>,
-    grace: Duration,
-) {
-    let count: usize = routes.values().map(RouteSet::len).sum();
-    if count == 0 {
-        return;
+impl Expire {
+    /// Must the ghost's routes go now (pushed out by the memory bound)?
+    pub(crate) fn is_due(&self) -> bool {
+        self.now.get()
     }
-    let holds = shard.grace();
-    let expire = Rc::new(Expire::default());
-    let now = SystemTime::now();
-    holds.ghosts.borrow_mut().push_back(Ghost {
-        peer,
-        addr,
-        routes: count,
-        departed: now,
-        until: now + grace,
-        expire: expire.clone(),
-    });
-    holds.routes.set(holds.routes.get() + count);
-    holds.index.add(host_of(&addr), peer);
-    shard.counters().set_grace_routes(holds.routes.get());
-    tracing::info!(peer = %addr, routes = count, grace_secs = grace.as_secs(), "peer gone: its routes are held for the grace period");
-    // The bounds: push out the oldest ghosts (never the one just added: a
-    // single peer's routes are bounded by --max-routes-per-peer).
-    let max = shard
-        .config()
-        .peer_grace_max_routes
-        .max(shard.config().limits.max_routes_per_peer.saturating_mul(2));
-    {
-        let ghosts = holds.ghosts.borrow();
+
+    /// Notified when the ghost is pushed out.
+    pub(crate) fn event(&self) -> &LocalEvent {
+        &self.event
+    }
+}
+
+impl GraceHolds {
+    /// The session of `peer` (from `addr`) ended while it announced `count`
+    /// routes: records its ghost until `grace` from now, and pushes out the
+    /// oldest ghosts (never this one: a single peer's routes are bounded by
+    /// `--max-routes-per-peer`) while more than `max_routes` routes or
+    /// `MAX_GHOSTS_PER_SHARD` ghosts are held. Returns the handle the
+    /// ghost's task waits on (`Expire::is_due`, `Expire::event`).
+    pub(crate) fn add_ghost(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        count: usize,
+        grace: Duration,
+        max_routes: usize,
+    ) -> Rc<Expire> {
+        let expire = Rc::new(Expire::default());
+        let now = SystemTime::now();
+        self.ghosts.borrow_mut().push_back(Ghost {
+            peer,
+            addr,
+            routes: count,
+            departed: now,
+            until: now + grace,
+            expire: expire.clone(),
+        });
+        self.routes.set(self.routes.get() + count);
+        self.index.add(host_of(&addr), peer);
+        let ghosts = self.ghosts.borrow();
         let (mut held, mut kept) = ghosts
             .iter()
             .filter(|g| !g.expire.now.get())
             .fold((0, 0), |(r, n), g| (r + g.routes, n + 1));
         for g in ghosts.iter() {
-            if (held <= max && kept <= MAX_GHOSTS_PER_SHARD) || g.peer == peer {
+            if (held <= max_routes && kept <= MAX_GHOSTS_PER_SHARD) || g.peer == peer {
                 break;
             }
             if !g.expire.now.get() {
-                tracing::warn!(peer = %g.addr, routes = g.routes, "grace cut short: more than {max} routes or {MAX_GHOSTS_PER_SHARD} departed peers held on this shard");
+                tracing::warn!(peer = %g.addr, routes = g.routes, "grace cut short: more than {max_routes} routes or {MAX_GHOSTS_PER_SHARD} departed peers held on this shard");
                 g.expire.now.set(true);
                 g.expire.event.notify();
                 held -= g.routes;
                 kept -= 1;
             }
         }
+        expire
     }
-    let shard = shard.clone();
-    glommio::spawn_local(async move {
-        if !expire.now.get() && !shard.is_shutting_down() {
-            future::or(
-                glommio::timer::sleep(grace),
-                future::or(expire.event.wait(), shard.shutdown_event().wait()),
-            )
-            .await;
-        }
-        shard.grace().remove(peer);
-        shard.counters().set_grace_routes(shard.grace().routes());
-        if shard.is_shutting_down() {
-            // The tables go with the server.
-            return;
-        }
-        for (vni, set) in routes {
-            withdraw_all(&shard, peer, vni, set).await;
-        }
-        tracing::info!(peer = %addr, routes = count, "grace over: the departed peer's remaining routes are withdrawn");
-    })
-    .detach();
 }

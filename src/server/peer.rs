@@ -273,7 +273,7 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
     }
     // Routes of an explicit UNSUBSCRIBE still being withdrawn go at once.
     for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-        withdraw_all(&shard, id, vni, routes).await;
+        shard.withdraw_all(id, vni, routes).await;
     }
     let announced = std::mem::take(&mut rs.announced);
     let reason = conn.io.close_reason().unwrap_or(CloseReason::PeerClosed);
@@ -284,16 +284,70 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
         // `--peer-grace`: a ghost holds them for a while (not when the
         // server itself is shutting down: the tables go with it).
         Some(grace) if !shard.is_shutting_down() && !reason.is_peer_fault() => {
-            super::grace::hold(&shard, id, addr, announced, grace);
+            hold_as_ghost(&shard, id, addr, announced, grace);
         }
         _ => {
             for (vni, routes) in announced {
-                withdraw_all(&shard, id, vni, routes).await;
+                shard.withdraw_all(id, vni, routes).await;
             }
         }
     }
     shard.counters().peer_gone(was_established, &reason);
     tracing::info!(reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// `--peer-grace`: the session of `peer` (from `addr`) ended while it
+/// announced `routes`: a ghost holds them for `grace` (see `grace`), then
+/// what is left is withdrawn. Returns at once; the wait and the withdrawal
+/// run in their own task on this shard.
+fn hold_as_ghost(
+    shard: &Rc<ShardContext>,
+    peer: PeerId,
+    addr: SocketAddr,
+    routes: HashMap<Vni, RouteSet>,
+    grace: Duration,
+) {
+    let count: usize = routes.values().map(RouteSet::len).sum();
+    if count == 0 {
+        return;
+    }
+    let max_routes = shard
+        .config()
+        .peer_grace_max_routes
+        .max(shard.config().limits.max_routes_per_peer.saturating_mul(2));
+    let expire = shard
+        .grace()
+        .add_ghost(peer, addr, count, grace, max_routes);
+    shard.counters().set_grace_routes(shard.grace().routes());
+    tracing::info!(
+        routes = count,
+        grace_secs = grace.as_secs(),
+        "peer gone: its routes are held for the grace period"
+    );
+    let shard = shard.clone();
+    let task = async move {
+        if !expire.is_due() && !shard.is_shutting_down() {
+            futures_lite::future::or(
+                glommio::timer::sleep(grace),
+                futures_lite::future::or(expire.event().wait(), shard.shutdown_event().wait()),
+            )
+            .await;
+        }
+        shard.grace().remove(peer);
+        shard.counters().set_grace_routes(shard.grace().routes());
+        if shard.is_shutting_down() {
+            // The tables go with the server.
+            return;
+        }
+        for (vni, set) in routes {
+            shard.withdraw_all(peer, vni, set).await;
+        }
+        tracing::info!(
+            routes = count,
+            "grace over: the departed peer's remaining routes are withdrawn"
+        );
+    };
+    glommio::spawn_local(task.instrument(tracing::Span::current())).detach();
 }
 
 /// `--peer-grace`: the peer announced or withdrew `route`, so ghosts of
@@ -311,37 +365,6 @@ fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, id: PeerId, route: R
         .of(super::grace::host_of(&conn.addr), id)
     {
         shard.to_owner(route.vni, OwnerInput::Withdraw { peer: ghost, route });
-    }
-}
-
-/// Owner inputs sent between two checks for a yield in `withdraw_all`.
-const WITHDRAW_CHUNK: usize = 1024;
-
-/// Sends a `Withdraw` of each of `routes` (all in `vni`, announced by
-/// `peer`) to the VNI's owner, all of them, in chunks: between chunks it
-/// yields when glommio asks for it, and it waits while the shard's outboxes
-/// hold more than `OUTBOX_HIGH` messages (as readers do), so a peer that
-/// announced a million routes neither stalls its shard while they are queued
-/// nor builds a million-message batch for the owner. Never stops early: a
-/// route not withdrawn would stay in the table for good. Holds no borrow
-/// across its awaits.
-pub(super) async fn withdraw_all(shard: &ShardContext, peer: PeerId, vni: Vni, routes: RouteSet) {
-    let mut routes = routes.into_iter().peekable();
-    while routes.peek().is_some() {
-        if shard.is_shutting_down() {
-            // The tables go with the server, and at shutdown the flushers
-            // stop: what is not yet withdrawn would pile up in an outbox
-            // nobody drains (a leaving 1 M-route peer: +250 MiB).
-            return;
-        }
-        for route in routes.by_ref().take(WITHDRAW_CHUNK) {
-            shard.to_owner(vni, OwnerInput::Withdraw { peer, route });
-        }
-        // At shutdown the flushers stop and the outboxes never drain.
-        shard
-            .outbox_room(|| shard.is_shutting_down(), shard.shutdown_event())
-            .await;
-        glommio::yield_if_needed().await;
     }
 }
 
@@ -376,7 +399,7 @@ async fn read_loop(
             return reason;
         }
         for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-            withdraw_all(shard, conn.id, vni, routes).await;
+            shard.withdraw_all(conn.id, vni, routes).await;
         }
         let wait = rs
             .session
@@ -413,7 +436,7 @@ async fn read_loop(
                                 break Some(reason);
                             }
                             for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-                                withdraw_all(shard, conn.id, vni, routes).await;
+                                shard.withdraw_all(conn.id, vni, routes).await;
                             }
                         }
                         Err(e) => break Some(CloseReason::Malformed(e.into())),
