@@ -9,23 +9,17 @@
 //! End-to-end behaviour against the real reflector is in `client_e2e.rs`.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use metalbond::client::{Client, ClientConfig, ClientError, RouteSink};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::session::{PeerSession, Reaction, Role, SessionState};
+use metalbond::codec::Message;
+use metalbond::session::SessionState;
 use metalbond::{Action, IpNet, NextHop, Route, Vni};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Seen {
-    Add(Route),
-    Remove(Route),
-}
+mod client_support;
+use client_support::{fast_config, route, vni, ScriptedServer, Seen, WAIT};
 
 /// Records every sink call.
 #[derive(Clone, Default)]
@@ -56,127 +50,6 @@ impl RecordingSink {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.take()
-    }
-}
-
-/// A passive peer on 127.0.0.1 driven by the test.
-struct ScriptedServer {
-    address: String,
-    /// The current connection (for sending UPDATEs and dropping it).
-    conn: Arc<Mutex<Option<TcpStream>>>,
-    /// Messages the client delivered after ESTABLISHED.
-    received: Receiver<Message>,
-    /// Connections accepted so far.
-    accepted: Arc<Mutex<usize>>,
-}
-
-impl ScriptedServer {
-    fn start() -> ScriptedServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let conn: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-        let accepted: Arc<Mutex<usize>> = Arc::default();
-        let (tx, received) = crossbeam_channel::unbounded();
-        let (c, a) = (conn.clone(), accepted.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                *c.lock().unwrap() = Some(stream.try_clone().unwrap());
-                *a.lock().unwrap() += 1;
-                let tx = tx.clone();
-                std::thread::spawn(move || serve(stream, tx));
-            }
-        });
-        ScriptedServer {
-            address,
-            conn,
-            received,
-            accepted,
-        }
-    }
-
-    fn send(&self, action: Action, route: Route) {
-        let mut buf = Vec::new();
-        encode_frame(&Message::Update { action, route }, &mut buf);
-        let conn = self.conn.lock().unwrap();
-        conn.as_ref().unwrap().write_all(&buf).unwrap();
-    }
-
-    fn drop_connection(&self) {
-        if let Some(c) = self.conn.lock().unwrap().take() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Collects delivered messages until `n` arrived (or the timeout).
-    fn expect_messages(&self, n: usize) -> Vec<Message> {
-        let deadline = Instant::now() + WAIT;
-        let mut out = Vec::new();
-        while out.len() < n {
-            match self.received.recv_deadline(deadline) {
-                Ok(m) => out.push(m),
-                Err(_) => break,
-            }
-        }
-        out
-    }
-
-    fn accepted(&self) -> usize {
-        *self.accepted.lock().unwrap()
-    }
-}
-
-fn serve(mut stream: TcpStream, tx: Sender<Message>) {
-    let mut session = PeerSession::new(Role::Passive, Duration::from_secs(1), Instant::now());
-    let mut decoder = FrameDecoder::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        decoder.extend(&buf[..n]);
-        while let Ok(Some(msg)) = decoder.next_message() {
-            let mut out = Vec::new();
-            match session.on_message(msg, Instant::now()) {
-                Ok(Reaction::Reply(m)) => {
-                    encode_frame(&m, &mut out);
-                }
-                Ok(Reaction::Established { reply: Some(m) }) => {
-                    encode_frame(&m, &mut out);
-                }
-                Ok(Reaction::Deliver(m)) => {
-                    let _ = tx.send(m);
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-            if stream.write_all(&out).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
-}
-
-fn route(v: u32, prefix: &str, hop: &str) -> Route {
-    Route::new(
-        vni(v),
-        prefix.parse().unwrap(),
-        NextHop::standard(hop.parse().unwrap()),
-    )
-}
-
-fn fast_config() -> ClientConfig {
-    ClientConfig {
-        keepalive: Duration::from_secs(1),
-        reconnect_min: Duration::from_millis(50),
-        reconnect_max: Duration::from_millis(200),
-        connect_timeout: Duration::from_secs(2),
-        ..ClientConfig::default()
     }
 }
 

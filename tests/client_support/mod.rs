@@ -45,6 +45,10 @@ pub struct ScriptedServer {
     pub conn: Arc<Mutex<Option<TcpStream>>>,
     /// Source addresses of accepted connections, in order.
     pub peers: Receiver<SocketAddr>,
+    /// Messages the client sent after ESTABLISHED (SUBSCRIBE, UPDATE...).
+    pub received: Receiver<Message>,
+    /// Connections accepted so far.
+    accepted: Arc<Mutex<usize>>,
 }
 
 impl ScriptedServer {
@@ -53,7 +57,9 @@ impl ScriptedServer {
         let address = listener.local_addr().unwrap().to_string();
         let conn: Arc<Mutex<Option<TcpStream>>> = Arc::default();
         let (peer_tx, peers) = crossbeam_channel::unbounded();
-        let c = conn.clone();
+        let (msg_tx, received) = crossbeam_channel::unbounded();
+        let accepted: Arc<Mutex<usize>> = Arc::default();
+        let (c, a) = (conn.clone(), accepted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
@@ -61,13 +67,17 @@ impl ScriptedServer {
                     let _ = peer_tx.send(peer);
                 }
                 *c.lock().unwrap() = Some(stream.try_clone().unwrap());
-                std::thread::spawn(move || serve(stream));
+                *a.lock().unwrap() += 1;
+                let tx = msg_tx.clone();
+                std::thread::spawn(move || serve(stream, tx));
             }
         });
         ScriptedServer {
             address,
             conn,
             peers,
+            received,
+            accepted,
         }
     }
 
@@ -91,6 +101,25 @@ impl ScriptedServer {
         }
     }
 
+    /// Collects messages the client sent until `n` arrived (or `WAIT`
+    /// passed).
+    pub fn expect_messages(&self, n: usize) -> Vec<Message> {
+        let deadline = Instant::now() + WAIT;
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.received.recv_deadline(deadline) {
+                Ok(m) => out.push(m),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        *self.accepted.lock().unwrap()
+    }
+
     /// Waits until the client has connected `n` times in all.
     pub fn wait_connections(&self, n: usize, seen: &mut usize) {
         while *seen < n {
@@ -110,8 +139,9 @@ impl Drop for ScriptedServer {
     }
 }
 
-/// Answers HELLO and keepalives; ignores everything else.
-pub fn serve(mut stream: TcpStream) {
+/// Answers HELLO and keepalives; passes what the client sends after
+/// ESTABLISHED to `tx`.
+pub fn serve(mut stream: TcpStream, tx: Sender<Message>) {
     let mut session = PeerSession::new(Role::Passive, Duration::from_secs(1), Instant::now());
     let mut decoder = FrameDecoder::new();
     let mut buf = [0u8; 4096];
@@ -127,6 +157,9 @@ pub fn serve(mut stream: TcpStream) {
                 Ok(Reaction::Reply(m)) | Ok(Reaction::Established { reply: Some(m) }) => {
                     encode_frame(&m, &mut out);
                 }
+                Ok(Reaction::Deliver(m)) => {
+                    let _ = tx.send(m);
+                }
                 Ok(_) => {}
                 Err(_) => return,
             }
@@ -138,7 +171,7 @@ pub fn serve(mut stream: TcpStream) {
 }
 
 /// What a sink saw, sent to the test.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seen {
     Add(Route),
     Remove(Route),
