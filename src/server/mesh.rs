@@ -21,6 +21,7 @@
 //! message, or know about peers' sockets.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 
 use futures_lite::future;
 use glommio::net::AcceptedTcpStream;
@@ -34,6 +35,11 @@ use super::PeerId;
 pub(crate) const OUTBOX_HIGH: usize = 64 * 1024;
 /// Batches a shard-to-shard channel holds before the flusher waits.
 pub(crate) const CHANNEL_BATCHES: usize = 16;
+/// Messages in one batch at most. Bounds what sits in a channel to
+/// `CHANNEL_BATCHES × BATCH_MAX` messages: with whole outboxes as batches,
+/// a million-route burst could park ~16 × `OUTBOX_HIGH` messages (about
+/// 100 MiB) in a channel while the readers refilled the outbox behind it.
+pub(crate) const BATCH_MAX: usize = 4096;
 
 /// What shards tell each other.
 pub(crate) enum ShardMsg {
@@ -56,8 +62,10 @@ pub(crate) type Batch = Vec<ShardMsg>;
 /// A shard's pending messages for every shard (itself included), each
 /// destination drained by its own flusher task.
 pub(crate) struct ShardOutbox {
-    /// Pending messages per destination shard.
-    batches: Vec<RefCell<Batch>>,
+    /// Pending messages per destination shard, in batches of at most
+    /// `BATCH_MAX` (appended to the last one until it is full), so taking
+    /// one batch never moves the messages behind it.
+    batches: Vec<RefCell<VecDeque<Batch>>>,
     /// Wakes the flusher of each destination.
     wake: Vec<LocalEvent>,
     /// Messages in all destinations' batches.
@@ -70,7 +78,7 @@ impl ShardOutbox {
     /// Empty outboxes for `shards` destinations.
     pub(crate) fn new(shards: usize) -> ShardOutbox {
         ShardOutbox {
-            batches: (0..shards).map(|_| RefCell::new(Vec::new())).collect(),
+            batches: (0..shards).map(|_| RefCell::new(VecDeque::new())).collect(),
             wake: (0..shards).map(|_| LocalEvent::default()).collect(),
             pending: Cell::new(0),
             drained: LocalEvent::default(),
@@ -79,7 +87,17 @@ impl ShardOutbox {
 
     /// Appends `msg` for shard `dest` and wakes its flusher.
     pub(crate) fn push(&self, dest: usize, msg: ShardMsg) {
-        self.batches[dest].borrow_mut().push(msg);
+        let mut batches = self.batches[dest].borrow_mut();
+        match batches.back_mut() {
+            Some(last) if last.len() < BATCH_MAX => last.push(msg),
+            _ => {
+                // Small at first: most batches are a few messages (churn).
+                let mut batch = Vec::with_capacity(16);
+                batch.push(msg);
+                batches.push_back(batch);
+            }
+        }
+        drop(batches);
         self.pending.set(self.pending.get() + 1);
         self.wake[dest].notify();
     }
@@ -98,16 +116,15 @@ impl ShardOutbox {
         }
     }
 
-    /// Waits until shard `dest`'s outbox holds messages and takes all of
-    /// them, as one batch (for its flusher).
+    /// Waits until shard `dest`'s outbox holds messages and takes the
+    /// oldest batch (at most `BATCH_MAX` messages), for its flusher.
     pub(crate) async fn next_batch(&self, dest: usize) -> Batch {
         loop {
             let wait = self.wake[dest].wait();
-            if self.batches[dest].borrow().is_empty() {
+            let Some(batch) = self.batches[dest].borrow_mut().pop_front() else {
                 wait.await;
                 continue;
-            }
-            let batch = std::mem::take(&mut *self.batches[dest].borrow_mut());
+            };
             self.pending
                 .set(self.pending.get().saturating_sub(batch.len()));
             self.drained.notify();
