@@ -41,6 +41,7 @@ mod nexthop;
 mod routes;
 mod socket;
 mod state;
+mod walk;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
