@@ -1,12 +1,12 @@
-//! Netlink work the shard has done, for `/metrics`: requests the kernel
+//! Netlink work the netlink thread has done, for `/metrics`: requests the kernel
 //! acknowledged and requests it refused, per operation, plus the number of
 //! routes waiting to be written.
 //!
 //! Owns: `NetlinkCounters` (atomics bumped by `RouteSocket::execute` for
-//! every verdict, and by the sinks and the shard for the pending count) and
+//! every verdict, and by the sinks and the netlink thread for the pending count) and
 //! `KernelRouteStats`, the clonable read side the status pages hold.
 //!
-//! Must never: take a lock or make a decision. Nothing in the shard reads
+//! Must never: take a lock or make a decision. Nothing in the netlink thread reads
 //! these numbers back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,7 +63,7 @@ impl Operation {
     }
 }
 
-/// Counters of one netlink shard (shared by its socket, its sinks and the
+/// Counters of one netlink thread (shared by its socket, its sinks and the
 /// status pages).
 #[derive(Debug, Default)]
 pub struct NetlinkCounters {
@@ -87,17 +87,17 @@ impl NetlinkCounters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `n` route keys are waiting for the shard.
+    /// `n` route keys are waiting for the netlink thread.
     pub(super) fn set_pending(&self, n: usize) {
         self.pending_routes.store(n as u64, Ordering::Relaxed);
     }
 }
 
-/// Read side of a shard's counters, cheap to clone; outlives the shard
+/// Read side of a netlink thread's counters, cheap to clone; outlives the netlink thread
 /// (the figures then stay where they were).
 #[derive(Clone, Debug)]
 pub struct KernelRouteStats {
-    /// The shard's counters.
+    /// The netlink thread's counters.
     pub(super) counters: Arc<NetlinkCounters>,
 }
 

@@ -1,4 +1,4 @@
-//! The netlink shard: installs the client's present routes as kernel routes.
+//! The netlink thread: installs the client's present routes as kernel routes.
 //!
 //! Owns: one thread with one rtnetlink socket (opened in the caller's network
 //! namespace), the desired route set per (table, prefix), coalescing of
@@ -15,7 +15,7 @@
 //! there, as in every table, only protocol-254 routes are ever touched.
 //!
 //! Must never: block the caller on the kernel. `KernelRouteSink::add`/`remove`
-//! only update the desired set under a short lock and wake the shard; a burst
+//! only update the desired set under a short lock and wake the netlink thread; a burst
 //! of changes to one prefix costs the kernel one route message. Memory is
 //! bounded by the number of present routes, never by churn.
 //!
@@ -23,7 +23,7 @@
 //!  session threads ──add/remove──> DesiredRoutes (Mutex: per key next-hop
 //!    (RouteSink)                   counts + dirty keys) ──wake (bounded 1)──┐
 //!                                                                           v
-//!                    kernel <──batches, acks── shard thread: take dirty keys,
+//!                    kernel <──batches, acks── netlink thread: take dirty keys,
 //!                                              InstalledRoutes::apply, report
 //!                                              applied generation (flush)
 //! ```
@@ -41,6 +41,7 @@ mod nexthop;
 mod routes;
 mod socket;
 mod state;
+mod walk;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
@@ -72,7 +73,7 @@ use socket::{Request, RouteSocket};
 use state::InstalledRoutes;
 pub use state::{ApplyReport, RouteChange, RouteKey};
 
-/// What the shard needs to know, from `--install-routes`, `--tun`,
+/// What the netlink thread needs to know, from `--install-routes`, `--tun`,
 /// `--ipv4-only` and `--cleanup`.
 #[derive(Clone, Debug)]
 pub struct KernelRoutesConfig {
@@ -83,7 +84,7 @@ pub struct KernelRoutesConfig {
     pub device: String,
     /// Skip IPv6 destinations.
     pub ipv4_only: bool,
-    /// Delete our routes and nexthop objects when the shard shuts down.
+    /// Delete our routes and nexthop objects when the netlink thread shuts down.
     pub cleanup_on_exit: bool,
     /// How often our tables are read back from the kernel and routes of
     /// ours that someone deleted (`ip route del`, `ip route flush table`)
@@ -107,7 +108,7 @@ const MAX_STALE_HOLD: Duration = Duration::from_secs(365 * 86_400);
 /// dump on it twice a minute, not every few seconds.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = crate::defaults::RECONCILE_INTERVAL;
 
-/// Why the shard could not start (or stop cleanly). Start-up problems are
+/// Why the netlink thread could not start (or stop cleanly). Start-up problems are
 /// found before the first route, with the cause named.
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -128,21 +129,21 @@ pub enum NetlinkError {
         /// What the kernel said.
         error: KernelError,
     },
-    /// The shard thread is gone (it panicked).
-    #[error("netlink shard thread stopped unexpectedly")]
+    /// The netlink thread is gone (it panicked).
+    #[error("netlink thread stopped unexpectedly")]
     ThreadGone,
 }
 
-/// Desired kernel state, written by sinks and taken by the shard.
+/// Desired kernel state, written by sinks and taken by the netlink thread.
 #[derive(Default)]
 struct DesiredRoutes {
     /// Per route: underlay address → how many present routes use it.
     routes: HashMap<RouteKey, BTreeMap<Ipv6Addr, u32>>,
-    /// Keys changed since the shard last looked.
+    /// Keys changed since the netlink thread last looked.
     dirty: HashSet<RouteKey>,
-    /// Bumped on every change; `flush` waits for the shard to reach it.
+    /// Bumped on every change; `flush` waits for the netlink thread to reach it.
     generation: u64,
-    /// Set by shutdown: the shard exits after its current batch.
+    /// Set by shutdown: the netlink thread exits after its current batch.
     shutdown: bool,
 }
 
@@ -154,17 +155,17 @@ struct StaleRoutes {
     sweep_at: Instant,
 }
 
-/// Shared between the handle, the sinks and the shard thread.
+/// Shared between the handle, the sinks and the netlink thread.
 struct Shared {
     /// What we want in the kernel.
     desired: Mutex<DesiredRoutes>,
-    /// What the kernel acknowledged (locked by the shard while applying).
+    /// What the kernel acknowledged (locked by the netlink thread while applying).
     installed: Mutex<InstalledRoutes>,
     /// Generation of `desired` the kernel has caught up with.
     applied: Mutex<u64>,
     /// Signalled whenever `applied` moves.
     applied_changed: Condvar,
-    /// Wakes the shard; capacity 1, a full channel already means "wake".
+    /// Wakes the netlink thread; capacity 1, a full channel already means "wake".
     wake: Sender<()>,
     /// VNI → table and family filter, for the sinks.
     config: KernelRoutesConfig,
@@ -177,7 +178,7 @@ struct Shared {
 }
 
 impl Shared {
-    /// Marks `keys` for the shard's next batch (a retry, a re-install) and
+    /// Marks `keys` for the netlink thread's next batch (a retry, a re-install) and
     /// wakes it; keeps the pending-routes gauge in step.
     fn mark_dirty(&self, keys: impl IntoIterator<Item = RouteKey>) {
         let mut desired = lock(&self.desired);
@@ -192,26 +193,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock_or_recover()
 }
 
-/// Handle of the running shard. Dropping it shuts the shard down (running
+/// Handle of the running netlink thread. Dropping it shuts the thread down (running
 /// `--cleanup` if configured).
 pub struct KernelRoutes {
     /// State shared with the thread and the sinks.
     shared: Arc<Shared>,
-    /// The shard thread, joined on shutdown.
+    /// The netlink thread, joined on shutdown.
     thread: Option<JoinHandle<()>>,
 }
 
-/// Feeds present-route changes to the shard. Cheap to clone; never blocks
+/// Feeds present-route changes to the netlink thread. Cheap to clone; never blocks
 /// on the kernel.
 #[derive(Clone)]
 pub struct KernelRouteSink {
-    /// The shard's shared state.
+    /// The netlink thread's shared state.
     shared: Arc<Shared>,
 }
 
 impl KernelRoutes {
     /// Checks the device and privileges, deletes stale routes and nexthop
-    /// objects of earlier runs, and starts the shard thread. The netlink
+    /// objects of earlier runs, and starts the netlink thread. The netlink
     /// socket belongs to the calling thread's network namespace.
     pub fn start(mut config: KernelRoutesConfig) -> Result<KernelRoutes, NetlinkError> {
         for table in config.tables.values_mut() {
@@ -254,8 +255,10 @@ impl KernelRoutes {
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
+            // The name predates "netlink thread" and is what `ps`/`top` show:
+            // kept for operators' scripts.
             .name("netlink-shard".into())
-            .spawn(move || shard_loop(thread_shared, socket, woken))?;
+            .spawn(move || netlink_thread_loop(thread_shared, socket, woken))?;
         tracing::info!(
             device = %shared.config.device,
             tables = ?shared.config.tables,
@@ -308,7 +311,7 @@ impl KernelRoutes {
         lock(&self.shared.installed).snapshot()
     }
 
-    /// Stops the shard; with `cleanup_on_exit`, deletes our routes and
+    /// Stops the netlink thread; with `cleanup_on_exit`, deletes our routes and
     /// nexthop objects first.
     pub fn shutdown(mut self) -> Result<(), NetlinkError> {
         self.stop()
@@ -327,7 +330,7 @@ impl KernelRoutes {
 impl Drop for KernelRoutes {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            tracing::error!("netlink shard: {e}");
+            tracing::error!("netlink thread: {e}");
         }
     }
 }
@@ -405,8 +408,8 @@ impl KernelRouteSink {
     }
 }
 
-/// The shard thread: waits for changes, applies them in batches.
-fn shard_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
+/// The netlink thread: waits for changes, applies them in batches.
+fn netlink_thread_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
     let reconcile_every = shared.config.reconcile_interval;
     let mut last_reconcile = Instant::now();
     let mut device_was_down = false;
@@ -554,7 +557,7 @@ fn delete_if_ours(shared: &Shared, socket: &mut RouteSocket, keys: &[RouteKey]) 
     }
 }
 
-/// How often the shard checks that the kernel still has our nexthop objects
+/// How often the netlink thread checks that the kernel still has our nexthop objects
 /// and retries routes the kernel refused.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 
@@ -734,7 +737,7 @@ fn device_index(name: &str) -> Result<u32, NetlinkError> {
 
 /// Is `name` administratively up (IFF_UP)? `None` when the kernel cannot
 /// be asked. Asked with SIOCGIFFLAGS on a socket of the calling thread's
-/// network namespace (the shard's: the one routes are installed in).
+/// network namespace (the netlink thread's: the one routes are installed in).
 fn device_is_up(name: &str) -> Option<bool> {
     let bytes = name.as_bytes();
     if bytes.len() >= libc::IFNAMSIZ {

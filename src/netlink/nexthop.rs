@@ -8,6 +8,7 @@
 //!
 //! Must never: open sockets or decide which objects exist; `state` decides,
 //! `socket` sends. Unknown attributes in a dump are kept raw, never an error.
+//! Walking the received attributes is `walk`'s (netlink-packet-core buffers).
 //!
 //! ```text
 //! struct nhmsg { u8 family; u8 scope; u8 protocol; u8 resvd; u32 flags; }   8 bytes
@@ -18,6 +19,8 @@
 use std::net::Ipv6Addr;
 
 use netlink_packet_core::Emitable;
+
+use super::walk;
 
 /// Netlink message type: create or replace a nexthop object.
 pub const RTM_NEWNEXTHOP: u16 = 104;
@@ -189,15 +192,11 @@ impl NexthopMessage {
         let mut attributes = Vec::new();
         let mut encap_type = None;
         let mut encap_dst = None;
-        let mut rest = &payload[NHMSG_LEN..];
-        while rest.len() >= 4 {
-            let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-            let kind = u16::from_ne_bytes([rest[2], rest[3]]) & !NLA_F_NESTED;
-            if len < 4 || len > rest.len() {
-                return Err(NexthopParseError("attribute length out of bounds"));
-            }
-            let data = &rest[4..len];
-            match kind {
+        for attribute in walk::attributes(&payload[NHMSG_LEN..]) {
+            let attribute =
+                attribute.map_err(|_| NexthopParseError("attribute length out of bounds"))?;
+            let data = attribute.value();
+            match attribute.kind() {
                 NHA_ID => attributes.push(NexthopAttribute::Id(u32_of(data)?)),
                 NHA_OIF => attributes.push(NexthopAttribute::Oif(u32_of(data)?)),
                 NHA_GROUP => {
@@ -219,7 +218,6 @@ impl NexthopMessage {
                 NHA_ENCAP => encap_dst = parse_ip6_dst(data),
                 other => attributes.push(NexthopAttribute::Other(other, data.to_vec())),
             }
-            rest = &rest[align4(len).min(rest.len())..];
         }
         if let (Some(LWTUNNEL_ENCAP_IP6), Some(dst)) = (encap_type, encap_dst) {
             attributes.push(NexthopAttribute::EncapIp6Dst(dst));
@@ -235,22 +233,17 @@ fn u32_of(data: &[u8]) -> Result<u32, NexthopParseError> {
     }
 }
 
-/// Finds LWTUNNEL_IP6_DST inside a nested NHA_ENCAP.
-fn parse_ip6_dst(mut nested: &[u8]) -> Option<Ipv6Addr> {
-    while nested.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([nested[0], nested[1]]));
-        let kind = u16::from_ne_bytes([nested[2], nested[3]]) & !NLA_F_NESTED;
-        if len < 4 || len > nested.len() {
-            return None;
-        }
-        if kind == LWTUNNEL_IP6_DST && len == 4 + 16 {
+/// Finds LWTUNNEL_IP6_DST inside a nested NHA_ENCAP; `None` when absent or
+/// when a malformed attribute comes first.
+fn parse_ip6_dst(nested: &[u8]) -> Option<Ipv6Addr> {
+    walk::attributes(nested)
+        .map_while(Result::ok)
+        .find(|a| a.kind() == LWTUNNEL_IP6_DST && a.value().len() == 16)
+        .map(|a| {
             let mut octets = [0u8; 16];
-            octets.copy_from_slice(&nested[4..20]);
-            return Some(Ipv6Addr::from(octets));
-        }
-        nested = &nested[align4(len).min(nested.len())..];
-    }
-    None
+            octets.copy_from_slice(a.value());
+            Ipv6Addr::from(octets)
+        })
 }
 
 const fn align4(len: usize) -> usize {

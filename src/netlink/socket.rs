@@ -17,6 +17,7 @@ use netlink_packet_core::{Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTIPART, NLM_
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::counters::NetlinkCounters;
+use super::walk::{self, Messages};
 
 /// Size of `struct nlmsghdr`.
 const NETLINK_HEADER_LEN: usize = 16;
@@ -309,73 +310,20 @@ fn parse_ack(flags: u16, payload: &[u8]) -> Result<(), KernelError> {
                 .map(|l| u32::from_ne_bytes([l[0], l[1], l[2], l[3]]) as usize)
                 .unwrap_or(NETLINK_HEADER_LEN)
         };
-        let mut tlvs = payload.get(4 + ((echoed + 3) & !3)..).unwrap_or_default();
-        while tlvs.len() >= 4 {
-            let len = usize::from(u16::from_ne_bytes([tlvs[0], tlvs[1]]));
-            let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]);
-            if len < 4 || len > tlvs.len() {
-                break;
-            }
-            if kind == NLMSGERR_ATTR_MSG {
-                let text = &tlvs[4..len];
-                let text = text.split(|&b| b == 0).next().unwrap_or_default();
+        let tlvs = payload.get(4 + ((echoed + 3) & !3)..).unwrap_or_default();
+        // A malformed TLV ends the walk: the errno is what matters, the text
+        // is a courtesy.
+        for tlv in walk::attributes(tlvs).map_while(Result::ok) {
+            if tlv.kind() == NLMSGERR_ATTR_MSG {
+                let text = tlv.value().split(|&b| b == 0).next().unwrap_or_default();
                 message = Some(String::from_utf8_lossy(text).into_owned());
             }
-            tlvs = &tlvs[((len + 3) & !3).min(tlvs.len())..];
         }
     }
     Err(KernelError {
         errno: -code,
         message,
     })
-}
-
-/// One netlink message inside a received datagram.
-struct RawMessage<'a> {
-    /// nlmsg_type (NLMSG_ERROR, RTM_NEWROUTE, ...).
-    message_type: u16,
-    /// nlmsg_flags (multipart, capped, ack TLVs).
-    flags: u16,
-    /// nlmsg_seq, matched against our requests.
-    seq: u32,
-    /// Bytes after the header.
-    payload: &'a [u8],
-}
-
-/// Walks the messages of one datagram, stopping at the first malformed one.
-struct Messages<'a> {
-    /// Bytes not yet walked.
-    rest: &'a [u8],
-}
-
-impl<'a> Messages<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Messages { rest: buf }
-    }
-}
-
-impl<'a> Iterator for Messages<'a> {
-    type Item = RawMessage<'a>;
-
-    fn next(&mut self) -> Option<RawMessage<'a>> {
-        let b = self.rest;
-        if b.len() < NETLINK_HEADER_LEN {
-            return None;
-        }
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if len < NETLINK_HEADER_LEN || len > b.len() {
-            self.rest = &[];
-            return None;
-        }
-        let msg = RawMessage {
-            message_type: u16::from_ne_bytes([b[4], b[5]]),
-            flags: u16::from_ne_bytes([b[6], b[7]]),
-            seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-            payload: &b[NETLINK_HEADER_LEN..len],
-        };
-        self.rest = &b[((len + 3) & !3).min(b.len())..];
-        Some(msg)
-    }
 }
 
 #[cfg(test)]
