@@ -8,7 +8,7 @@
 //! - `session`: the per-connection state machine, sans I/O.
 //! - `server`: the reflector (shards, VNI tables, fan-out).
 //! - `client`: sessions to servers, announcements, the embeddable library.
-//! - `netlink`: the client's kernel-route shard (rtnetlink, nexthop objects).
+//! - `netlink`: the client's kernel-route thread (rtnetlink, nexthop objects).
 //! - `http`: the `--http` status pages and metrics, serving any
 //!   `telemetry::StatusSource` (the binary wires the server's or the
 //!   client's to it).

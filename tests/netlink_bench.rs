@@ -1,4 +1,4 @@
-//! Measures how long the netlink shard takes to install (and delete)
+//! Measures how long the netlink thread takes to install (and delete)
 //! 100,000 routes into one table, in a namespace it creates. Ignored by
 //! default (it is a measurement, not a check of speed); run with
 //!

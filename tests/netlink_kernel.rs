@@ -1,4 +1,4 @@
-//! The netlink shard against the real kernel, in a network namespace each
+//! The netlink thread against the real kernel, in a network namespace each
 //! test creates (veth as the tunnel device). Skipped, with a message, where
 //! namespaces cannot be created.
 

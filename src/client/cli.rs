@@ -3,7 +3,7 @@
 //! Owns: `ClientArgs` (every flag of PROTOCOL.md "Command line", repeatable
 //! and comma-separated), turning them into typed settings with a one-line
 //! error naming the flag, the value and the expected form (exit status 2),
-//! and running the client (with the netlink shard for `--install-routes`)
+//! and running the client (with the netlink thread for `--install-routes`)
 //! until SIGINT/SIGTERM.
 //!
 //! Must never: panic on user input, or start sessions before every flag is

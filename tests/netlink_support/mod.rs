@@ -87,7 +87,7 @@ impl Netns {
     }
 
     /// Runs `f` on a thread that has entered the namespace; threads it
-    /// spawns (the netlink shard) inherit the namespace.
+    /// spawns (the netlink thread) inherit the namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
