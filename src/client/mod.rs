@@ -107,7 +107,7 @@ pub use traffic::Traffic;
 use traffic::{TrafficCounters, TrafficMeter};
 
 /// Receives changes of the present route set. Implemented by the embedder
-/// (or by the kernel-route shard). Calls come one at a time, in order, from
+/// (or by the netlink thread). Calls come one at a time, in order, from
 /// the client's one delivery thread, never while a client lock is held: a
 /// sink may call any `Client` method. Keep calls short (queue slow work
 /// elsewhere): while the sink is behind, server threads stop reading.
