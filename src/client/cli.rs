@@ -532,7 +532,7 @@ pub fn run(
             tracing::warn!(%vni, "--install-routes maps a VNI that is not in --subscribe: nothing will be received for it");
         }
     }
-    let shard = match (&settings.tun, settings.tables.is_empty()) {
+    let kernel = match (&settings.tun, settings.tables.is_empty()) {
         (Some(device), false) => Some(KernelRoutes::start(KernelRoutesConfig {
             tables: settings.tables.clone(),
             device: device.clone(),
@@ -543,8 +543,8 @@ pub fn run(
         })?),
         _ => None,
     };
-    let client = match &shard {
-        Some(shard) => Client::new(settings.config.clone(), shard.sink()),
+    let client = match &kernel {
+        Some(kernel) => Client::new(settings.config.clone(), kernel.sink()),
         None => Client::new(settings.config.clone(), LogSink),
     };
     let http = match settings.http {
@@ -552,7 +552,7 @@ pub fn run(
             addr,
             Arc::new(ClientStatusSource::new(
                 &client,
-                shard.as_ref().map(KernelRoutes::stats),
+                kernel.as_ref().map(KernelRoutes::stats),
             )),
         )?),
         None => None,
@@ -577,16 +577,16 @@ pub fn run(
         tracing::info!(signal, "shutting down");
     }
     drop(http);
-    // Let the changes already queued reach the kernel shard (and drop its
-    // sink) before the shard stops and, with --cleanup, removes its routes.
+    // Let the changes already queued reach the netlink thread (and drop its
+    // sink) before the thread stops and, with --cleanup, removes its routes.
     if !client.shutdown_timeout(SINK_DRAIN) {
         tracing::warn!(
             ?SINK_DRAIN,
             "changes still queued for the kernel routes at exit"
         );
     }
-    if let Some(shard) = shard {
-        shard.shutdown()?;
+    if let Some(kernel) = kernel {
+        kernel.shutdown()?;
     }
     Ok(())
 }
