@@ -173,7 +173,7 @@ struct LivePeer {
     /// Routes received in this session, checked against the plan.
     held: RefCell<HeldRoutes>,
     /// Frames waiting for the writer task; many frames per write.
-    out: RefCell<OutQueue>,
+    out: RefCell<PeerWrites>,
     /// Wakes the writer task (capacity 1: one pending wake-up is enough).
     wake: LocalSender<()>,
     /// Where the session is.
@@ -196,7 +196,7 @@ const SEGMENT: usize = 64 * 1024;
 /// burst and we would see no reply, and time out). Everything else keeps
 /// its order (announcements before SUBSCRIBE, updates of one route in order).
 #[derive(Default)]
-struct OutQueue {
+struct PeerWrites {
     /// HELLO and KEEPALIVE frames, written first.
     urgent: Vec<u8>,
     /// SUBSCRIBE and UPDATE frames, in order, at most about `SEGMENT`
@@ -204,7 +204,7 @@ struct OutQueue {
     segments: VecDeque<Vec<u8>>,
 }
 
-impl OutQueue {
+impl PeerWrites {
     /// Appends one frame in its lane.
     fn push(&mut self, msg: &Message) {
         match msg {
@@ -467,7 +467,7 @@ async fn connect_peer(shard: Rc<Shard>, p: PeerId, start: bool) {
             Instant::now(),
         )),
         held: RefCell::new(held),
-        out: RefCell::new(OutQueue::default()),
+        out: RefCell::new(PeerWrites::default()),
         wake,
         status: RefCell::new(PeerStatus::Handshaking),
         satisfied: Cell::new(false),
@@ -940,7 +940,7 @@ mod tests {
     #[test]
     fn keepalives_overtake_queued_route_frames_by_at_most_one_segment() {
         let plan = Plan::burst(1, 10_000);
-        let mut q = OutQueue::default();
+        let mut q = PeerWrites::default();
         for r in 0..10_000 {
             q.push(&Message::Update {
                 action: Action::Add,

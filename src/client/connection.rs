@@ -3,7 +3,7 @@
 //! Owns: the thread of one server address: resolving and connecting, the
 //! active-side `PeerSession`, the full resync (SUBSCRIBE every VNI, ADD every
 //! announcement) each time the session becomes ESTABLISHED, draining the
-//! slot's coalesced outbox, handing received UPDATEs to the present set
+//! slot's coalesced backlog, handing received UPDATEs to the present set
 //! (closing the session when the server passes the route limit), and
 //! capped exponential backoff with jitter between attempts. The backoff
 //! starts again from the minimum only after a *healthy* session: one that
@@ -45,7 +45,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::present::ServerId;
 use super::traffic::TrafficMeter;
-use super::{ClientInner, Outbox};
+use super::{ClientInner, SessionBacklog};
 use crate::codec::{FrameBuffer, FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use crate::types::{Action, Route};
@@ -366,7 +366,7 @@ fn wait_connected(socket: &Socket, timeout: Duration, stop: &AtomicBool) -> Resu
 
 /// One TCP connection to the server.
 struct Link<'a> {
-    /// The client's shared state (present set, outboxes, sink).
+    /// The client's shared state (present set, session backlogs, sink).
     inner: &'a ClientInner,
     /// Our server slot.
     id: ServerId,
@@ -455,9 +455,9 @@ impl Link<'_> {
             }
             if session.is_established() {
                 let drained = self.inner.with_slot(self.id, |slot| {
-                    slot.outbox
+                    slot.backlog
                         .as_mut()
-                        .map(|outbox| outbox.drain_into(&mut out))
+                        .map(|backlog| backlog.drain_into(&mut out))
                 });
                 if let Some(Some(Err(()))) = drained {
                     return CloseReason::ResyncBacklog;
@@ -557,8 +557,8 @@ fn read_loop(mut stream: TcpStream, generation: u64, events: Sender<Event>, mete
     }
 }
 
-impl Outbox {
-    /// Encodes every queued message into `out` and empties the outbox.
+impl SessionBacklog {
+    /// Encodes every queued message into `out` and empties the backlog.
     /// `Err` when the subscription queue overflowed (resync needed).
     pub(super) fn drain_into(&mut self, out: &mut FrameBuffer) -> Result<(), ()> {
         if self.overflowed {

@@ -18,7 +18,7 @@
 //!  embedder / CLI ──Client::{subscribe, announce, ...}──┐
 //!                                                       v
 //!                   Core (Mutex): subscriptions, announcements,
-//!                   per-server slot {state, outbox}, PresentRoutes
+//!                   per-server slot {state, backlog}, PresentRoutes
 //!                     ^  wake                       │ present changes (pushed under the lock,
 //!                     │                             v  never blocking)
 //!  server thread ×N (connection.rs) <─TCP─> server  DeliveryQueue ──> delivery thread
@@ -251,7 +251,7 @@ const MAX_QUEUED_ROUTE_CHANGES: usize = 1 << 20;
 /// Bounded: routes by `MAX_QUEUED_ROUTE_CHANGES` (latest action per route wins),
 /// subscriptions by `MAX_QUEUED_SUBSCRIPTION_CHANGES`.
 #[derive(Default, Debug)]
-struct Outbox {
+struct SessionBacklog {
     /// SUBSCRIBE (true) / UNSUBSCRIBE (false), in call order; sent first.
     subscriptions: Vec<(Vni, bool)>,
     /// Latest announce (Add) or withdraw (Remove) per route.
@@ -260,7 +260,7 @@ struct Outbox {
     overflowed: bool,
 }
 
-impl Outbox {
+impl SessionBacklog {
     fn subscription(&mut self, vni: Vni, subscribe: bool) {
         if self.subscriptions.last() == Some(&(vni, subscribe)) {
             return;
@@ -291,7 +291,7 @@ struct ServerSlot {
     state: SessionState,
     /// Pending messages while ESTABLISHED; `None` otherwise (the next
     /// ESTABLISHED sends a full snapshot instead).
-    outbox: Option<Outbox>,
+    backlog: Option<SessionBacklog>,
     /// Wakes the server thread.
     wake: Sender<Event>,
     /// Tells the server thread to stop.
@@ -366,11 +366,11 @@ impl Core {
         }
     }
 
-    /// Queues `f` on every established session's outbox and wakes them.
-    fn queue_for_sessions(&mut self, f: impl Fn(&mut Outbox)) {
+    /// Queues `f` on every established session's backlog and wakes them.
+    fn queue_for_sessions(&mut self, f: impl Fn(&mut SessionBacklog)) {
         for slot in self.servers.values_mut() {
-            if let Some(outbox) = slot.outbox.as_mut() {
-                f(outbox);
+            if let Some(backlog) = slot.backlog.as_mut() {
+                f(backlog);
                 let _ = slot.wake.try_send(Event::Wake);
             }
         }
@@ -438,7 +438,7 @@ impl ClientInner {
     }
 
     /// The session became ESTABLISHED with `keepalive` agreed: encode the
-    /// full snapshot into `out` and open the outbox. Returns
+    /// full snapshot into `out` and open the backlog. Returns
     /// (subscriptions, announcements) sent, or `None` when the slot is gone.
     fn established(
         &self,
@@ -449,7 +449,7 @@ impl ClientInner {
         let mut guard = self.lock();
         let core = &mut *guard;
         let slot = core.servers.get_mut(&id)?;
-        slot.outbox = Some(Outbox::default());
+        slot.backlog = Some(SessionBacklog::default());
         slot.state = SessionState::Established;
         slot.keepalive = Some(keepalive);
         for vni in &core.subscriptions {
@@ -548,7 +548,7 @@ impl ClientInner {
         let Some(slot) = core.servers.get_mut(&id) else {
             return;
         };
-        slot.outbox = None;
+        slot.backlog = None;
         slot.stream = None;
         slot.connected_since = None;
         slot.keepalive = None;
@@ -887,7 +887,7 @@ impl Client {
                 address: address.into(),
                 local_address: options.local_address,
                 state: SessionState::Connecting,
-                outbox: None,
+                backlog: None,
                 wake: tx.clone(),
                 stop: stop.clone(),
                 stream: None,
@@ -1268,14 +1268,14 @@ mod tests {
     }
 
     #[test]
-    fn outbox_coalesces_routes_and_overflows_to_a_resync() {
+    fn session_backlog_coalesces_routes_and_overflows_to_a_resync() {
         let v = Vni::new(23).unwrap();
         let r = Route::new(
             v,
             "10.0.0.0/24".parse().unwrap(),
             NextHop::standard("2001:db8::1".parse().unwrap()),
         );
-        let mut o = Outbox::default();
+        let mut o = SessionBacklog::default();
         o.route(r, Action::Add);
         o.route(r, Action::Remove);
         o.subscription(v, true);
