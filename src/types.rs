@@ -40,8 +40,10 @@ impl Vni {
     }
 
     /// The VNI in the low 24 bits of `value`, upper bits ignored: for
-    /// values already known valid (a VNI stored in a compact key).
-    pub const fn from_low_bits(value: u32) -> Vni {
+    /// values already known valid (a VNI stored in a server's compact
+    /// route key). Crate-private: outside input goes through `Vni::new`.
+    #[cfg(feature = "server")]
+    pub(crate) const fn from_low_bits(value: u32) -> Vni {
         Vni(value & Self::MAX)
     }
 }
