@@ -383,7 +383,7 @@ mod tests {
     }
 
     fn batch(changes: &[(Action, u32)]) -> FanoutBatch {
-        let mut b = FanoutBuilder::new();
+        let mut b = FanoutBuilder::default();
         for (a, i) in changes {
             b.push(Some(PeerId::new(0, 99)), *a, route(*i));
         }
@@ -542,7 +542,7 @@ mod tests {
         q.push_fanout(&batch(&[(Action::Add, 1)])).unwrap();
         assert!(!q.has_output(), "origin excluded");
         let vni = Vni::new(1).unwrap();
-        let mut b = FanoutBuilder::new();
+        let mut b = FanoutBuilder::default();
         b.push(None, Action::Add, route(3));
         q.push_sync(&b.finish(), vni);
         let wb = q.take_for_write(1 << 20, 64);
@@ -561,7 +561,7 @@ mod tests {
             "10.9.9.0/24".parse().unwrap(),
             NextHop::standard("2001:db8::2".parse().unwrap()),
         );
-        let mut b = FanoutBuilder::new();
+        let mut b = FanoutBuilder::default();
         b.push(None, Action::Add, other);
         q.push_fanout(&b.finish()).unwrap();
         assert_eq!(q.coalesced_len(), 3);

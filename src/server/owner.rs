@@ -5,8 +5,9 @@
 //! route), encoding each resulting UPDATE once per batch (`FanoutBuilder`),
 //! addressing the batch to every shard holding live subscribers, and driving
 //! the chunked, flow-controlled sync of new subscribers (at most
-//! `SYNC_WINDOW` chunks in flight per subscription; the next chunk goes out
-//! when the subscriber's shard reports one written).
+//! `SYNC_WINDOW` chunks in flight per subscription and
+//! `SYNC_BYTES_IN_FLIGHT` bytes over all of this owner's subscriptions; the
+//! next chunk goes out when the subscriber's shard reports one written).
 //!
 //! Must never: touch sockets or channels. It returns `Delivery`s addressed to
 //! shards; `shard` moves them. That keeps it unit-testable and lets the
@@ -22,6 +23,13 @@ use crate::types::{Action, Route, Vni};
 
 /// Sync chunks a subscription may have queued but not yet written.
 pub const SYNC_WINDOW: u32 = 2;
+/// Bytes of sync chunks this owner may have encoded and not yet heard
+/// written, over all its subscriptions. Each subscription's own window
+/// bounds one subscriber; this bounds many at once: 2,000 peers subscribing
+/// together (a fleet starting) each had two chunks of ~40 KiB queued, 40 MiB
+/// of frames at the peak (BENCHMARKS "Sync chunks in flight"). 2 MiB keeps
+/// ~50 chunks moving, more than the shards' writers take in one turn.
+pub const SYNC_BYTES_IN_FLIGHT: usize = 2 * 1024 * 1024;
 /// A fan-out buffer is sent once it passes this size, so batches stay small
 /// enough to share and to coalesce.
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -92,6 +100,13 @@ struct SyncJob {
     /// tells the subscriber's shard that deliveries from an earlier
     /// subscription to the same VNI are over.
     first: bool,
+    /// The scan is complete (the subscriber is live): no further chunks.
+    /// The job stays until its chunks in flight are reported written, so
+    /// their bytes leave `VniOwner::sync_bytes` on time.
+    scanned: bool,
+    /// Bytes of each chunk sent and not yet reported written, oldest first
+    /// (a subscriber's shard reports them in the order they were sent).
+    in_flight: VecDeque<usize>,
 }
 
 /// Changes collected for one VNI during the current batch.
@@ -124,6 +139,9 @@ pub struct VniOwner {
     chunk_routes: usize,
     /// Routes in all owned tables.
     route_count: usize,
+    /// Bytes of sync chunks sent and not yet reported written (the sum of
+    /// every job's `in_flight`), bounded by `SYNC_BYTES_IN_FLIGHT`.
+    sync_bytes: usize,
 }
 
 impl VniOwner {
@@ -136,6 +154,7 @@ impl VniOwner {
             job_order: VecDeque::new(),
             chunk_routes: chunk_routes.max(1),
             route_count: 0,
+            sync_bytes: 0,
         }
     }
 
@@ -154,9 +173,16 @@ impl VniOwner {
         self.tables.get(&vni)
     }
 
-    /// Is a sync step possible now (a job with credit)?
+    /// Is a sync step possible now (a job with credit, and room under
+    /// `SYNC_BYTES_IN_FLIGHT`)?
     pub fn has_sync_work(&self) -> bool {
-        self.jobs.values().any(|j| j.credit > 0)
+        self.sync_bytes < SYNC_BYTES_IN_FLIGHT
+            && self.jobs.values().any(|j| j.credit > 0 && !j.scanned)
+    }
+
+    /// Bytes of sync chunks sent and not yet reported written.
+    pub fn sync_bytes_in_flight(&self) -> usize {
+        self.sync_bytes
     }
 
     /// Applies one input; deliveries that must go out at once (a full
@@ -203,6 +229,8 @@ impl VniOwner {
                         SyncJob {
                             credit: SYNC_WINDOW,
                             first: true,
+                            scanned: false,
+                            in_flight: VecDeque::new(),
                         },
                     );
                     self.job_order.push_back((peer, vni));
@@ -212,12 +240,24 @@ impl VniOwner {
                 if let Some(table) = self.tables.get_mut(&vni) {
                     table.unsubscribe(peer);
                 }
-                self.jobs.remove(&(peer, vni));
+                // Its chunks still queued are dropped with its queue or
+                // written to a socket nobody syncs any more: either way no
+                // report comes for them.
+                if let Some(job) = self.jobs.remove(&(peer, vni)) {
+                    self.sync_bytes -= job.in_flight.iter().sum::<usize>();
+                }
                 self.drop_if_empty(vni);
             }
             OwnerInput::SyncWritten { peer, vni } => {
-                if let Some(job) = self.jobs.get_mut(&(peer, vni)) {
+                let key = (peer, vni);
+                if let Some(job) = self.jobs.get_mut(&key) {
                     job.credit += 1;
+                    if let Some(bytes) = job.in_flight.pop_front() {
+                        self.sync_bytes -= bytes;
+                    }
+                    if job.scanned && job.in_flight.is_empty() {
+                        self.jobs.remove(&key);
+                    }
                 }
             }
         }
@@ -238,13 +278,16 @@ impl VniOwner {
     pub fn sync_step(&mut self, out: &mut Vec<(usize, Delivery)>) -> bool {
         // Changes recorded so far must reach subscribers before the cursor moves.
         self.flush(out);
+        if self.sync_bytes >= SYNC_BYTES_IN_FLIGHT {
+            return false;
+        }
         for _ in 0..self.job_order.len() {
             let Some(key) = self.job_order.pop_front() else {
                 return false;
             };
             let (peer, vni) = key;
-            let Some(job) = self.jobs.get_mut(&key) else {
-                continue; // unsubscribed: forget it
+            let Some(job) = self.jobs.get_mut(&key).filter(|j| !j.scanned) else {
+                continue; // unsubscribed (or resubscribed after a scan): forget it
             };
             if job.credit == 0 {
                 self.job_order.push_back(key);
@@ -255,28 +298,31 @@ impl VniOwner {
                 .get_mut(&vni)
                 .and_then(|t| t.sync_chunk(peer, self.chunk_routes))
             else {
+                self.sync_bytes -= job.in_flight.iter().sum::<usize>();
                 self.jobs.remove(&key);
                 continue;
             };
             if !chunk.routes.is_empty() || job.first {
                 job.first = false;
                 job.credit -= 1;
-                let mut b = FanoutBuilder::new();
-                for route in chunk.routes {
-                    b.push(None, Action::Add, route);
-                }
+                let batch = FanoutBuilder::additions(&chunk.routes);
+                job.in_flight.push_back(batch.frames.len());
+                self.sync_bytes += batch.frames.len();
                 out.push((
                     peer.shard(),
                     Delivery {
                         vni,
                         recipients: Arc::from(vec![peer]),
-                        batch: b.finish(),
+                        batch,
                         sync: Some(vni),
                     },
                 ));
             }
             if chunk.done {
-                self.jobs.remove(&key);
+                job.scanned = true;
+                if job.in_flight.is_empty() {
+                    self.jobs.remove(&key);
+                }
             } else {
                 self.job_order.push_back(key);
             }
@@ -646,5 +692,95 @@ mod tests {
             &mut out,
         );
         assert_eq!(o.tables().count(), 0);
+    }
+
+    /// Many subscribers syncing at once: the chunks encoded and not yet
+    /// written stay within `SYNC_BYTES_IN_FLIGHT` (plus the one chunk that
+    /// crossed it), each chunk is exactly as large as its frames, reports of
+    /// written chunks make room again, and a subscriber that leaves with
+    /// chunks in flight gives their bytes back.
+    #[test]
+    fn syncs_of_many_subscribers_share_one_byte_bound() {
+        let routes = 4_000u32;
+        let mut o = VniOwner::new(1024);
+        let publisher = PeerId::new(0, 1);
+        let mut out = Vec::new();
+        for i in 0..routes {
+            o.apply(
+                OwnerInput::Announce {
+                    peer: publisher,
+                    route: route(i),
+                },
+                &mut out,
+            );
+        }
+        let subscribers: Vec<PeerId> = (0..400).map(|i| PeerId::new(1, 10 + i)).collect();
+        for &peer in &subscribers {
+            o.apply(OwnerInput::Subscribe { peer, vni: vni() }, &mut out);
+        }
+        out.clear();
+        while o.sync_step(&mut out) {}
+        let largest = out
+            .iter()
+            .map(|(_, d)| d.batch.frames.len())
+            .max()
+            .unwrap_or(0);
+        assert!(largest > 0);
+        assert!(
+            o.sync_bytes_in_flight() < SYNC_BYTES_IN_FLIGHT + largest,
+            "{} bytes in flight",
+            o.sync_bytes_in_flight()
+        );
+        assert_eq!(
+            o.sync_bytes_in_flight(),
+            out.iter().map(|(_, d)| d.batch.frames.len()).sum::<usize>()
+        );
+        assert!(
+            !o.has_sync_work(),
+            "the bound holds the remaining jobs back"
+        );
+        // A full chunk carries `chunk_routes` routes.
+        let (_, first) = &out[0];
+        assert_eq!(first.batch.frame_count(), 1024);
+
+        // One subscriber leaves with chunks in flight, the others report
+        // theirs written: every byte is given back and the syncs go on.
+        let leaving = out[0].1.recipients[0];
+        o.apply(
+            OwnerInput::Unsubscribe {
+                peer: leaving,
+                vni: vni(),
+            },
+            &mut Vec::new(),
+        );
+        for (_, d) in std::mem::take(&mut out) {
+            let peer = d.recipients[0];
+            if peer != leaving {
+                o.apply(OwnerInput::SyncWritten { peer, vni: vni() }, &mut out);
+            }
+        }
+        assert_eq!(o.sync_bytes_in_flight(), 0);
+        assert!(o.has_sync_work());
+
+        // Run every sync to its end: each remaining subscriber gets every route.
+        let mut received: HashMap<PeerId, usize> = HashMap::new();
+        loop {
+            let mut step = Vec::new();
+            let progressed = o.sync_step(&mut step);
+            for (_, d) in &step {
+                let peer = d.recipients[0];
+                *received.entry(peer).or_default() += d.batch.frame_count();
+                o.apply(
+                    OwnerInput::SyncWritten { peer, vni: vni() },
+                    &mut Vec::new(),
+                );
+            }
+            if !progressed && !o.has_sync_work() {
+                break;
+            }
+        }
+        assert_eq!(o.sync_bytes_in_flight(), 0);
+        assert!(o.jobs.is_empty(), "finished jobs are gone");
+        assert_eq!(received.len(), subscribers.len() - 1);
     }
 }
