@@ -421,6 +421,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
         connect_retries: shared.counters.connect_retries.load(Ordering::Relaxed),
         server_rss_peak_bytes: ctl.rss_peak,
         server_rss_hwm_bytes: ctl.server_hwm(),
+        server_rss_start_bytes: ctl.rss_start,
         loadgen_rss_hwm_bytes: proc_status_bytes("self", "VmHWM"),
         total_seconds: started.elapsed().as_secs_f64(),
         time_limit_hit: ctl.time_limit_hit,

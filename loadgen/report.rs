@@ -92,6 +92,9 @@ pub struct Report {
     pub server_rss_peak_bytes: Option<u64>,
     /// The server's own high-water mark (VmHWM) at the end, bytes.
     pub server_rss_hwm_bytes: Option<u64>,
+    /// The server's RSS before the first peer connected, bytes: the base
+    /// the per-route figure is measured from.
+    pub server_rss_start_bytes: Option<u64>,
     /// The loadgen's own high-water mark, bytes.
     pub loadgen_rss_hwm_bytes: Option<u64>,
     /// Whole run, seconds.
@@ -104,6 +107,17 @@ pub struct Report {
     pub differences: Vec<String>,
     /// No findings and every phase converged.
     pub passed: bool,
+}
+
+impl Report {
+    /// The server's peak RSS above its RSS before the run, per route of
+    /// the plan: what a route costs all in (tables, queues, allocator
+    /// slack) at the worst moment. Meaningful where routes dominate (a
+    /// burst of many routes); `None` without `--server-pid` or routes.
+    pub fn server_bytes_per_route(&self) -> Option<f64> {
+        let (peak, start) = (self.server_rss_peak_bytes?, self.server_rss_start_bytes?);
+        (self.routes > 0).then(|| peak.saturating_sub(start) as f64 / self.routes as f64)
+    }
 }
 
 /// How many findings the report lists.
@@ -185,6 +199,9 @@ impl Report {
         }
         if let Some(b) = self.server_rss_hwm_bytes {
             let _ = write!(s, " (VmHWM {:.1} MiB)", mib(b));
+        }
+        if let Some(per_route) = self.server_bytes_per_route() {
+            let _ = write!(s, "; {per_route:.0} B per route over the start");
         }
         if let Some(b) = self.loadgen_rss_hwm_bytes {
             let _ = write!(s, "; loadgen VmHWM {:.1} MiB", mib(b));

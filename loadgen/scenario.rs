@@ -59,6 +59,8 @@ pub struct Controller {
     server_pid: Option<String>,
     /// Highest server VmRSS sampled.
     pub rss_peak: Option<u64>,
+    /// The server's VmRSS when the controller was made (before any peer).
+    pub rss_start: Option<u64>,
     /// When the server's RSS was last sampled.
     last_rss: Instant,
     /// When the last progress line was printed.
@@ -86,13 +88,18 @@ impl Controller {
         progress: bool,
     ) -> Controller {
         let now = Instant::now();
+        let server_pid = server_pid.map(|p| p.to_string());
+        let rss_start = server_pid
+            .as_deref()
+            .and_then(|pid| proc_status_bytes(pid, "VmRSS"));
         Controller {
             shared,
             commands,
             replies,
             settle,
-            server_pid: server_pid.map(|p| p.to_string()),
+            server_pid,
             rss_peak: None,
+            rss_start,
             last_rss: now,
             last_progress: now,
             phase: "connect".into(),

@@ -128,9 +128,9 @@ impl Shard {
     fn route(&self, out: Vec<(usize, Delivery)>) {
         for (dest, d) in out {
             if dest == self.ctx.index() {
-                self.deliver(d);
+                self.deliver(&d);
             } else {
-                self.ctx.send(dest, ShardMsg::Deliver(d));
+                self.ctx.send(dest, ShardMsg::Deliver(Box::new(d)));
             }
         }
     }
@@ -190,11 +190,11 @@ impl Shard {
         }
     }
 
-    fn deliver(&self, d: Delivery) {
+    fn deliver(&self, d: &Delivery) {
         let peers = self.peers.borrow();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
-                conn.deliver(&d, self.ctx.counters());
+                conn.deliver(d, self.ctx.counters());
             }
         }
     }
@@ -219,7 +219,7 @@ impl Shard {
                     self.owner.borrow_mut().apply(input, &mut out);
                     owner_touched = true;
                 }
-                ShardMsg::Deliver(d) => self.deliver(d),
+                ShardMsg::Deliver(d) => self.deliver(&d),
                 ShardMsg::Connection(accepted, slot) => {
                     self.spawn_peer(accepted.bind_to_executor(), slot)
                 }
