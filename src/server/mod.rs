@@ -52,6 +52,7 @@ mod route_set;
 mod shard;
 mod stats;
 mod status;
+mod sync_budget;
 mod vni_table;
 
 /// The VNI owner's table and fan-out logic without shards or sockets, as

@@ -6,7 +6,8 @@
 //! addressing the batch to every shard holding live subscribers, and driving
 //! the chunked, flow-controlled sync of new subscribers (at most
 //! `SYNC_WINDOW` chunks in flight per subscription and
-//! `SYNC_BYTES_IN_FLIGHT` bytes over all of this owner's subscriptions; the
+//! `SYNC_BYTES_IN_FLIGHT` bytes over all of this owner's subscriptions, see
+//! `sync_budget`; the
 //! next chunk goes out when the subscriber's shard reports one written).
 //!
 //! Must never: touch sockets or channels. It returns `Delivery`s addressed to
@@ -15,21 +16,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::fanout::{FanoutBatch, FanoutBuilder};
+use super::sync_budget::{ChunkTicket, SyncBudget};
 use super::vni_table::{Change, Subscriber, VniTable};
 use super::PeerId;
 use crate::types::{Action, Route, Vni};
 
 /// Sync chunks a subscription may have queued but not yet written.
 pub const SYNC_WINDOW: u32 = 2;
-/// Bytes of sync chunks this owner may have encoded and not yet heard
-/// written, over all its subscriptions. Each subscription's own window
-/// bounds one subscriber; this bounds many at once: 2,000 peers subscribing
-/// together (a fleet starting) each had two chunks of ~40 KiB queued, 40 MiB
-/// of frames at the peak (BENCHMARKS "Sync chunks in flight"). 2 MiB keeps
-/// ~50 chunks moving, more than the shards' writers take in one turn.
-pub const SYNC_BYTES_IN_FLIGHT: usize = 2 * 1024 * 1024;
 /// A fan-out buffer is sent once it passes this size, so batches stay small
 /// enough to share and to coalesce.
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -102,11 +98,11 @@ struct SyncJob {
     first: bool,
     /// The scan is complete (the subscriber is live): no further chunks.
     /// The job stays until its chunks in flight are reported written, so
-    /// their bytes leave `VniOwner::sync_bytes` on time.
+    /// their bytes leave the owner's `SyncBudget` on time.
     scanned: bool,
-    /// Bytes of each chunk sent and not yet reported written, oldest first
-    /// (a subscriber's shard reports them in the order they were sent).
-    in_flight: VecDeque<usize>,
+    /// The chunks sent and not yet reported written, oldest first (a
+    /// subscriber's shard reports them in the order they were sent).
+    in_flight: VecDeque<ChunkTicket>,
 }
 
 /// Changes collected for one VNI during the current batch.
@@ -139,9 +135,9 @@ pub struct VniOwner {
     chunk_routes: usize,
     /// Routes in all owned tables.
     route_count: usize,
-    /// Bytes of sync chunks sent and not yet reported written (the sum of
-    /// every job's `in_flight`), bounded by `SYNC_BYTES_IN_FLIGHT`.
-    sync_bytes: usize,
+    /// Sync chunks sent and not yet reported written, against one bound for
+    /// all subscriptions.
+    sync_budget: SyncBudget,
 }
 
 impl VniOwner {
@@ -154,7 +150,7 @@ impl VniOwner {
             job_order: VecDeque::new(),
             chunk_routes: chunk_routes.max(1),
             route_count: 0,
-            sync_bytes: 0,
+            sync_budget: SyncBudget::default(),
         }
     }
 
@@ -173,16 +169,30 @@ impl VniOwner {
         self.tables.get(&vni)
     }
 
-    /// Is a sync step possible now (a job with credit, and room under
-    /// `SYNC_BYTES_IN_FLIGHT`)?
+    /// Is a sync step possible now (a job with credit, and room in the
+    /// sync budget)?
     pub fn has_sync_work(&self) -> bool {
-        self.sync_bytes < SYNC_BYTES_IN_FLIGHT
-            && self.jobs.values().any(|j| j.credit > 0 && !j.scanned)
+        self.sync_budget.has_room() && self.has_sync_jobs()
     }
 
-    /// Bytes of sync chunks sent and not yet reported written.
+    /// Is a sync waiting only for room in the budget? Then it can go on
+    /// when a chunk is reported written or at `sync_budget_frees_at`.
+    pub fn sync_waits_for_budget(&self) -> bool {
+        !self.sync_budget.has_room() && self.has_sync_jobs()
+    }
+
+    /// When the oldest sync chunk out stops counting against the budget.
+    pub fn sync_budget_frees_at(&self) -> Option<Instant> {
+        self.sync_budget.next_stall()
+    }
+
+    fn has_sync_jobs(&self) -> bool {
+        self.jobs.values().any(|j| j.credit > 0 && !j.scanned)
+    }
+
+    /// Bytes of sync chunks counting against the budget.
     pub fn sync_bytes_in_flight(&self) -> usize {
-        self.sync_bytes
+        self.sync_budget.bytes()
     }
 
     /// Applies one input; deliveries that must go out at once (a full
@@ -244,7 +254,9 @@ impl VniOwner {
                 // written to a socket nobody syncs any more: either way no
                 // report comes for them.
                 if let Some(job) = self.jobs.remove(&(peer, vni)) {
-                    self.sync_bytes -= job.in_flight.iter().sum::<usize>();
+                    for ticket in job.in_flight {
+                        self.sync_budget.release(ticket);
+                    }
                 }
                 self.drop_if_empty(vni);
             }
@@ -252,8 +264,8 @@ impl VniOwner {
                 let key = (peer, vni);
                 if let Some(job) = self.jobs.get_mut(&key) {
                     job.credit += 1;
-                    if let Some(bytes) = job.in_flight.pop_front() {
-                        self.sync_bytes -= bytes;
+                    if let Some(ticket) = job.in_flight.pop_front() {
+                        self.sync_budget.release(ticket);
                     }
                     if job.scanned && job.in_flight.is_empty() {
                         self.jobs.remove(&key);
@@ -278,7 +290,9 @@ impl VniOwner {
     pub fn sync_step(&mut self, out: &mut Vec<(usize, Delivery)>) -> bool {
         // Changes recorded so far must reach subscribers before the cursor moves.
         self.flush(out);
-        if self.sync_bytes >= SYNC_BYTES_IN_FLIGHT {
+        let now = Instant::now();
+        self.sync_budget.age(now);
+        if !self.sync_budget.has_room() {
             return false;
         }
         for _ in 0..self.job_order.len() {
@@ -298,7 +312,9 @@ impl VniOwner {
                 .get_mut(&vni)
                 .and_then(|t| t.sync_chunk(peer, self.chunk_routes))
             else {
-                self.sync_bytes -= job.in_flight.iter().sum::<usize>();
+                for ticket in std::mem::take(&mut job.in_flight) {
+                    self.sync_budget.release(ticket);
+                }
                 self.jobs.remove(&key);
                 continue;
             };
@@ -306,8 +322,8 @@ impl VniOwner {
                 job.first = false;
                 job.credit -= 1;
                 let batch = FanoutBuilder::additions(&chunk.routes);
-                job.in_flight.push_back(batch.frames.len());
-                self.sync_bytes += batch.frames.len();
+                job.in_flight
+                    .push_back(self.sync_budget.sent(batch.frames.len(), now));
                 out.push((
                     peer.shard(),
                     Delivery {
@@ -445,6 +461,7 @@ impl VniOwner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::sync_budget::SYNC_BYTES_IN_FLIGHT;
     use crate::types::NextHop;
 
     fn vni() -> Vni {

@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::channels::shared_channel::{
@@ -490,15 +490,30 @@ async fn memory_return(shard: Rc<Shard>) {
 }
 
 /// Sends SUBSCRIBE sync chunks, one per step, yielding between steps so the
-/// shard's other peers keep being served during a large sync.
+/// shard's other peers keep being served during a large sync. Waits for a
+/// wake-up (a chunk written, a new subscription) when no job can go on, and
+/// also for the sync budget's next stall time while chunks out hold it.
 async fn sync_pump(shard: Rc<Shard>) {
     loop {
         let wait = shard.sync_wake.wait();
         let mut out = Vec::new();
-        let progressed = shard.owner.borrow_mut().sync_step(&mut out);
+        let (progressed, budget_frees_at) = {
+            let mut owner = shard.owner.borrow_mut();
+            let progressed = owner.sync_step(&mut out);
+            let frees_at = owner
+                .sync_waits_for_budget()
+                .then(|| owner.sync_budget_frees_at())
+                .flatten();
+            (progressed, frees_at)
+        };
         shard.route(out);
         if progressed {
             future::yield_now().await;
+        } else if let Some(at) = budget_frees_at {
+            // The budget is held by chunks not yet written: a report frees
+            // it, or the oldest stops counting at `at` (its peer does not read).
+            let sleep = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
+            future::or(wait, sleep).await;
         } else {
             wait.await;
         }
