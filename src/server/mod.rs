@@ -37,6 +37,7 @@
 
 mod accept;
 mod admission;
+mod chunk_map;
 mod config;
 mod connection;
 mod context;
