@@ -172,6 +172,37 @@ impl Connection {
     }
 }
 
+/// A freshly accepted connection, split for its two tasks. Built before
+/// the session task, so that task holds the two halves (two pointers) and
+/// not the 120-byte stream it would keep a copy of for the session's life.
+pub(crate) struct Transport {
+    /// The reading half, for the session task.
+    pub(crate) reader: ReadHalf<TcpStream>,
+    /// The writing half, for the writer task.
+    pub(crate) writer: WriteHalf<TcpStream>,
+    /// The socket's descriptor, for the writer's vectored writes.
+    pub(crate) sock: SocketFd,
+    /// The peer's address, read once at accept (see `remote_addr`).
+    pub(crate) remote: SocketAddr,
+}
+
+impl Transport {
+    /// Sets `TCP_NODELAY` on `stream` (replies and deliveries are written
+    /// whole; Nagle would only delay them) and splits it.
+    pub(crate) fn new(stream: TcpStream) -> Transport {
+        let _ = stream.set_nodelay(true);
+        let sock = SocketFd::of(&stream);
+        let remote = remote_addr(&stream);
+        let (reader, writer) = futures_lite::io::split(stream);
+        Transport {
+            reader,
+            writer,
+            sock,
+            remote,
+        }
+    }
+}
+
 /// A connected socket's descriptor, for socket2's calls on it while
 /// futures-lite's split halves hold the stream. Valid as long as the
 /// `TcpStream` it came from: the writer task holds both.
@@ -327,32 +358,10 @@ async fn write_parts(
         let n = match send_vectored(sock, &parts[idx..], off) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Socket full: wait for room (bounded by the stall timeout),
-                // or for the connection to be closed from elsewhere.
-                let closed = conn.close_event.wait();
-                if conn.is_closed() {
-                    return Err(WriteFailed::AlreadyClosed);
-                }
-                let write = async { Some(writer.write(&parts[idx][off..]).await) };
-                let stop = async {
-                    match stall {
-                        Some(d) => {
-                            future::or(closed, glommio::timer::sleep(d)).await;
-                        }
-                        None => closed.await,
-                    }
-                    None
-                };
-                match future::or(write, stop).await {
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
-                    None if conn.is_closed() => return Err(WriteFailed::AlreadyClosed),
-                    None => {
-                        return Err(WriteFailed::Close(CloseReason::WriteStall(
-                            stall.unwrap_or_default(),
-                        )))
-                    }
-                }
+                // Boxed: only a peer that does not keep up gets here, and
+                // the wait's state (write, timer, close) would otherwise
+                // take room in every connection's writer task.
+                Box::pin(write_when_room(conn, writer, &parts[idx][off..], stall)).await?
             }
             Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
         };
@@ -372,6 +381,39 @@ async fn write_parts(
         }
     }
     Ok(calls)
+}
+
+/// The socket is full: waits for room and writes (part of) `bytes` with
+/// glommio's readiness-aware write, bounded by the stall timeout, or stops
+/// when the connection is closed from elsewhere. Returns the bytes written.
+async fn write_when_room(
+    conn: &Connection,
+    writer: &mut WriteHalf<TcpStream>,
+    bytes: &[u8],
+    stall: Option<Duration>,
+) -> Result<usize, WriteFailed> {
+    let closed = conn.close_event.wait();
+    if conn.is_closed() {
+        return Err(WriteFailed::AlreadyClosed);
+    }
+    let write = async { Some(writer.write(bytes).await) };
+    let stop = async {
+        match stall {
+            Some(d) => {
+                future::or(closed, glommio::timer::sleep(d)).await;
+            }
+            None => closed.await,
+        }
+        None
+    };
+    match future::or(write, stop).await {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+        None if conn.is_closed() => Err(WriteFailed::AlreadyClosed),
+        None => Err(WriteFailed::Close(CloseReason::WriteStall(
+            stall.unwrap_or_default(),
+        ))),
+    }
 }
 
 /// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
