@@ -18,7 +18,7 @@
 //! `peer`), block the shard (all socket I/O is non-blocking), or import
 //! `peer` or `shard`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -63,8 +63,8 @@ pub(crate) struct Connection {
     /// Wakes the reader (and a writer waiting for room) when the connection
     /// is closed from elsewhere.
     close_event: LocalEvent,
-    /// The first reason the connection was closed for; `Some` = closing.
-    close_reason: RefCell<Option<CloseReason>>,
+    /// The first reason the connection was closed for; set = closing.
+    close_reason: OnceCell<CloseReason>,
     /// Frames received.
     frames_in: Cell<u64>,
     /// Bytes received.
@@ -99,7 +99,7 @@ impl Connection {
             )),
             writer_wake: LocalEvent::default(),
             close_event: LocalEvent::default(),
-            close_reason: RefCell::new(None),
+            close_reason: OnceCell::new(),
             frames_in: Cell::new(0),
             bytes_in: Cell::new(0),
             frames_out: Cell::new(0),
@@ -110,12 +110,8 @@ impl Connection {
     /// Closes the connection for `reason` unless already closing (the first
     /// reason wins and is the one logged and counted).
     pub(crate) fn close(&self, reason: CloseReason) {
-        {
-            let mut r = self.close_reason.borrow_mut();
-            if r.is_some() {
-                return;
-            }
-            *r = Some(reason);
+        if self.close_reason.set(reason).is_err() {
+            return;
         }
         self.close_event.notify();
         self.writer_wake.notify();
@@ -123,12 +119,12 @@ impl Connection {
 
     /// Is the connection closing?
     pub(crate) fn is_closed(&self) -> bool {
-        self.close_reason.borrow().is_some()
+        self.close_reason.get().is_some()
     }
 
     /// Why it is closing, if it is.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        self.close_reason.borrow().clone()
+        self.close_reason.get().cloned()
     }
 
     /// Notified when the connection is closed.

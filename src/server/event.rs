@@ -32,22 +32,29 @@ struct Wakers {
     /// The first waiter.
     first: Option<Waker>,
     /// Waiters beyond the first (the shard-wide events: shutdown, outbox
-    /// drained), allocated only when there are some.
-    more: Vec<Waker>,
+    /// drained), allocated only when there are some; boxed so that the
+    /// peers' events, which never have any, hold one pointer, not three.
+    more: Option<Box<Vec<Waker>>>,
 }
 
 impl Wakers {
     /// Adds the task of `waker` unless it is already waiting.
     fn register(&mut self, waker: &Waker) {
         let present = self.first.as_ref().is_some_and(|w| w.will_wake(waker))
-            || self.more.iter().any(|w| w.will_wake(waker));
+            || self
+                .more
+                .iter()
+                .flat_map(|more| more.iter())
+                .any(|w| w.will_wake(waker));
         if present {
             return;
         }
         if self.first.is_none() {
             self.first = Some(waker.clone());
         } else {
-            self.more.push(waker.clone());
+            self.more
+                .get_or_insert_with(Box::default)
+                .push(waker.clone());
         }
     }
 }
@@ -57,7 +64,10 @@ impl LocalEvent {
     pub(crate) fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
         let Wakers { first, more } = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in first.into_iter().chain(more) {
+        for w in first
+            .into_iter()
+            .chain(more.into_iter().flat_map(|more| *more))
+        {
             w.wake();
         }
     }
