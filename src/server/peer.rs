@@ -219,7 +219,7 @@ struct ReaderState {
 /// reader needs, and the rare paths (withdrawals, the cleanup) are boxed
 /// futures allocated when they run.
 pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: Box<Transport>) {
-    let (mut rs, reader, writer_task) = start(&shard, &conn, transport);
+    let (mut rs, reader, writer_task) = start(&shard, &conn, *transport);
     let reason = read_loop(&shard, &conn, reader, &mut rs).await;
     conn.close(reason);
     writer_task.await;
@@ -233,14 +233,14 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: 
 fn start(
     shard: &Rc<ShardContext>,
     conn: &Rc<PeerConn>,
-    transport: Box<Transport>,
+    transport: Transport,
 ) -> (ReaderState, ReadHalf<TcpStream>, glommio::Task<()>) {
     let Transport {
         reader,
         writer,
         sock,
         remote: _,
-    } = *transport;
+    } = transport;
     shard.counters().peer_connected();
     tracing::info!("peer connected");
 
