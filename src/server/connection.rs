@@ -1,6 +1,7 @@
 //! One connection's transport: its bytes in and out, and how it closes.
 //!
-//! Owns: the `Connection` (the peer's `OutQueue`, the writer's wake-up, the
+//! Owns: the accepted socket split for its two tasks (`Transport`), the
+//! `Connection` (the peer's `OutQueue`, the writer's wake-up, the
 //! close latch: the first `CloseReason` wins and wakes reader and writer,
 //! traffic counters), the writer task (the `OutQueue` → vectored
 //! non-blocking `sendmsg` of shared buffers via socket2, falling back to
@@ -13,6 +14,11 @@
 //!      ▲
 //!   write_loop ◀── OutQueue ◀── replies (HELLO, KEEPALIVE), Deliveries
 //! ```
+//!
+//! Idle sessions: every peer holds a `Connection` and a writer task for
+//! its life, 10,000 at once on a loaded server; the paths a connection that
+//! keeps up never takes (the wait for room in a full socket) are boxed
+//! futures, built when needed, not room in every writer task.
 //!
 //! Must never: interpret a message or touch the peer's routes (that is
 //! `peer`), block the shard (all socket I/O is non-blocking), or import

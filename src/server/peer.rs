@@ -217,7 +217,9 @@ struct ReaderState {
 /// held at once): what it keeps across its awaits is kept small. The
 /// set-up is a plain function, the read loop holds only what a waiting
 /// reader needs, and the rare paths (withdrawals, the cleanup) are boxed
-/// futures allocated when they run.
+/// futures allocated when they run. `transport` comes boxed: an async
+/// fn's arguments stay in its future for its whole life, the box is freed
+/// as soon as the session has started.
 pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: Box<Transport>) {
     let (mut rs, reader, writer_task) = start(&shard, &conn, *transport);
     let reason = read_loop(&shard, &conn, reader, &mut rs).await;
