@@ -1,6 +1,7 @@
 //! One connection's transport: its bytes in and out, and how it closes.
 //!
-//! Owns: the `Connection` (the peer's `OutQueue`, the writer's wake-up, the
+//! Owns: the accepted socket split for its two tasks (`Transport`), the
+//! `Connection` (the peer's `OutQueue`, the writer's wake-up, the
 //! close latch: the first `CloseReason` wins and wakes reader and writer,
 //! traffic counters), the writer task (the `OutQueue` → vectored
 //! non-blocking `sendmsg` of shared buffers via socket2, falling back to
@@ -14,11 +15,16 @@
 //!   write_loop ◀── OutQueue ◀── replies (HELLO, KEEPALIVE), Deliveries
 //! ```
 //!
+//! Idle sessions: every peer holds a `Connection` and a writer task for
+//! its life, 10,000 at once on a loaded server; the paths a connection that
+//! keeps up never takes (the wait for room in a full socket) are boxed
+//! futures, built when needed, not room in every writer task.
+//!
 //! Must never: interpret a message or touch the peer's routes (that is
 //! `peer`), block the shard (all socket I/O is non-blocking), or import
 //! `peer` or `shard`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -63,8 +69,8 @@ pub(crate) struct Connection {
     /// Wakes the reader (and a writer waiting for room) when the connection
     /// is closed from elsewhere.
     close_event: LocalEvent,
-    /// The first reason the connection was closed for; `Some` = closing.
-    close_reason: RefCell<Option<CloseReason>>,
+    /// The first reason the connection was closed for; set = closing.
+    close_reason: OnceCell<CloseReason>,
     /// Frames received.
     frames_in: Cell<u64>,
     /// Bytes received.
@@ -99,7 +105,7 @@ impl Connection {
             )),
             writer_wake: LocalEvent::default(),
             close_event: LocalEvent::default(),
-            close_reason: RefCell::new(None),
+            close_reason: OnceCell::new(),
             frames_in: Cell::new(0),
             bytes_in: Cell::new(0),
             frames_out: Cell::new(0),
@@ -110,12 +116,8 @@ impl Connection {
     /// Closes the connection for `reason` unless already closing (the first
     /// reason wins and is the one logged and counted).
     pub(crate) fn close(&self, reason: CloseReason) {
-        {
-            let mut r = self.close_reason.borrow_mut();
-            if r.is_some() {
-                return;
-            }
-            *r = Some(reason);
+        if self.close_reason.set(reason).is_err() {
+            return;
         }
         self.close_event.notify();
         self.writer_wake.notify();
@@ -123,12 +125,12 @@ impl Connection {
 
     /// Is the connection closing?
     pub(crate) fn is_closed(&self) -> bool {
-        self.close_reason.borrow().is_some()
+        self.close_reason.get().is_some()
     }
 
     /// Why it is closing, if it is.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        self.close_reason.borrow().clone()
+        self.close_reason.get().cloned()
     }
 
     /// Notified when the connection is closed.
@@ -168,6 +170,37 @@ impl Connection {
             bytes_in: self.bytes_in.get(),
             frames_out: self.frames_out.get(),
             bytes_out: self.bytes_out.get(),
+        }
+    }
+}
+
+/// A freshly accepted connection, split for its two tasks. Built before
+/// the session task, so that task holds the two halves (two pointers) and
+/// not the 120-byte stream it would keep a copy of for the session's life.
+pub(crate) struct Transport {
+    /// The reading half, for the session task.
+    pub(crate) reader: ReadHalf<TcpStream>,
+    /// The writing half, for the writer task.
+    pub(crate) writer: WriteHalf<TcpStream>,
+    /// The socket's descriptor, for the writer's vectored writes.
+    pub(crate) sock: SocketFd,
+    /// The peer's address, read once at accept (see `remote_addr`).
+    pub(crate) remote: SocketAddr,
+}
+
+impl Transport {
+    /// Sets `TCP_NODELAY` on `stream` (replies and deliveries are written
+    /// whole; Nagle would only delay them) and splits it.
+    pub(crate) fn new(stream: TcpStream) -> Transport {
+        let _ = stream.set_nodelay(true);
+        let sock = SocketFd::of(&stream);
+        let remote = remote_addr(&stream);
+        let (reader, writer) = futures_lite::io::split(stream);
+        Transport {
+            reader,
+            writer,
+            sock,
+            remote,
         }
     }
 }
@@ -327,32 +360,10 @@ async fn write_parts(
         let n = match send_vectored(sock, &parts[idx..], off) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Socket full: wait for room (bounded by the stall timeout),
-                // or for the connection to be closed from elsewhere.
-                let closed = conn.close_event.wait();
-                if conn.is_closed() {
-                    return Err(WriteFailed::AlreadyClosed);
-                }
-                let write = async { Some(writer.write(&parts[idx][off..]).await) };
-                let stop = async {
-                    match stall {
-                        Some(d) => {
-                            future::or(closed, glommio::timer::sleep(d)).await;
-                        }
-                        None => closed.await,
-                    }
-                    None
-                };
-                match future::or(write, stop).await {
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
-                    None if conn.is_closed() => return Err(WriteFailed::AlreadyClosed),
-                    None => {
-                        return Err(WriteFailed::Close(CloseReason::WriteStall(
-                            stall.unwrap_or_default(),
-                        )))
-                    }
-                }
+                // Boxed: only a peer that does not keep up gets here, and
+                // the wait's state (write, timer, close) would otherwise
+                // take room in every connection's writer task.
+                Box::pin(write_when_room(conn, writer, &parts[idx][off..], stall)).await?
             }
             Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
         };
@@ -372,6 +383,39 @@ async fn write_parts(
         }
     }
     Ok(calls)
+}
+
+/// The socket is full: waits for room and writes (part of) `bytes` with
+/// glommio's readiness-aware write, bounded by the stall timeout, or stops
+/// when the connection is closed from elsewhere. Returns the bytes written.
+async fn write_when_room(
+    conn: &Connection,
+    writer: &mut WriteHalf<TcpStream>,
+    bytes: &[u8],
+    stall: Option<Duration>,
+) -> Result<usize, WriteFailed> {
+    let closed = conn.close_event.wait();
+    if conn.is_closed() {
+        return Err(WriteFailed::AlreadyClosed);
+    }
+    let write = async { Some(writer.write(bytes).await) };
+    let stop = async {
+        match stall {
+            Some(d) => {
+                future::or(closed, glommio::timer::sleep(d)).await;
+            }
+            None => closed.await,
+        }
+        None
+    };
+    match future::or(write, stop).await {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+        None if conn.is_closed() => Err(WriteFailed::AlreadyClosed),
+        None => Err(WriteFailed::Close(CloseReason::WriteStall(
+            stall.unwrap_or_default(),
+        ))),
+    }
 }
 
 /// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).

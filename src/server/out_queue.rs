@@ -107,8 +107,11 @@ pub struct OutQueue {
     max_coalesced: usize,
     /// Net pending change per route while coalescing. A `RouteMap`: it can
     /// hold millions of routes, and one `HashMap` that big doubles in one
-    /// step (~0.35 s at a million routes, with the shard held).
-    coalesced: RouteMap<PendingChange>,
+    /// step (~0.35 s at a million routes, with the shard held). Boxed and
+    /// created at the first coalesced change: a peer that keeps up (nearly
+    /// all of them) holds a null pointer instead of an empty map (~200 B
+    /// inline plus its first tables on the heap).
+    coalesced: Option<Box<RouteMap<PendingChange>>>,
     /// True from the first overflow until the map has been fully drained.
     coalescing: bool,
     /// Changes folded into the map over the queue's life (for stats).
@@ -132,7 +135,7 @@ impl OutQueue {
             queued_bytes: 0,
             max_queued_bytes,
             max_coalesced,
-            coalesced: RouteMap::default(),
+            coalesced: None,
             coalescing: false,
             coalesced_total: 0,
             coalesce_episodes: 0,
@@ -147,7 +150,7 @@ impl OutQueue {
 
     /// Routes with a coalesced pending change.
     pub fn coalesced_len(&self) -> usize {
-        self.coalesced.len()
+        self.coalesced.as_ref().map_or(0, |map| map.len())
     }
 
     /// Is the peer currently being coalesced (fell behind)?
@@ -159,7 +162,7 @@ impl OutQueue {
     /// Anything left to write (queued frames or coalesced changes)?
     #[cfg(test)]
     pub fn has_output(&self) -> bool {
-        !self.items.is_empty() || !self.coalesced.is_empty()
+        !self.items.is_empty() || self.coalesced_len() > 0
     }
 
     /// Queues a session message (HELLO, KEEPALIVE) and says whether it was
@@ -182,6 +185,12 @@ impl OutQueue {
             buf.freeze()
         };
         self.queued_bytes += bytes.len();
+        if self.items.capacity() == 0 {
+            // An idle peer's queue only ever holds its one reply: one slot
+            // (64 B) instead of the four (224 B) a first push allocates,
+            // kept for the connection's life. Fan-out grows it as usual.
+            self.items.reserve_exact(1);
+        }
         self.items.push_back(OutItem::Frames {
             bytes,
             frames: 1,
@@ -215,9 +224,10 @@ impl OutQueue {
         for (action, route) in batch.changes_for(self.me) {
             self.coalesce(action, route);
         }
-        if self.coalesced.len() > self.max_coalesced {
+        let pending = self.coalesced_len();
+        if pending > self.max_coalesced {
             return Err(Overflow {
-                pending: self.coalesced.len(),
+                pending,
                 limit: self.max_coalesced,
             });
         }
@@ -291,7 +301,9 @@ impl OutQueue {
 
     /// Drops coalesced changes of `vni` (the peer unsubscribed from it).
     pub fn forget_vni(&mut self, vni: Vni) {
-        self.coalesced.retain(|route, _| route.vni != vni);
+        if let Some(map) = &mut self.coalesced {
+            map.retain(|route, _| route.vni != vni);
+        }
     }
 
     /// The writer put `bytes` (from a `WriteBatch`) on the socket.
@@ -316,13 +328,14 @@ impl OutQueue {
     fn coalesce(&mut self, action: Action, route: Route) {
         self.coalesced_total += 1;
         let present = action == Action::Add;
-        let cancelled = match self.coalesced.get_mut(&route) {
+        let map = self.coalesced.get_or_insert_with(Box::default);
+        let cancelled = match map.get_mut(&route) {
             Some(change) => {
                 change.now_present = present;
                 change.now_present == change.was_present
             }
             None => {
-                self.coalesced.insert(
+                map.insert(
                     route,
                     PendingChange {
                         was_present: !present,
@@ -333,7 +346,7 @@ impl OutQueue {
             }
         };
         if cancelled {
-            self.coalesced.remove(&route);
+            map.remove(&route);
         }
     }
 
@@ -344,8 +357,8 @@ impl OutQueue {
         if !self.coalescing || self.queued_bytes > self.max_queued_bytes / 2 {
             return;
         }
-        if !self.coalesced.is_empty() {
-            let chunk = self.coalesced.take_some(REFILL_ROUTES);
+        if let Some(map) = self.coalesced.as_mut().filter(|map| !map.is_empty()) {
+            let chunk = map.take_some(REFILL_ROUTES);
             let mut buf = BytesMut::with_capacity(chunk.len() * 64);
             let mut frames = 0u32;
             for (route, change) in chunk {
@@ -359,10 +372,10 @@ impl OutQueue {
             }
             self.push_bytes(buf.freeze(), frames, None);
         }
-        if self.coalesced.is_empty() {
+        if self.coalesced_len() == 0 {
             self.coalescing = false;
-            // Release the map's table (sized for the whole backlog).
-            self.coalesced = RouteMap::default();
+            // Release the map and its table (sized for the whole backlog).
+            self.coalesced = None;
         }
     }
 }

@@ -31,11 +31,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_lite::io::ReadHalf;
 use glommio::net::TcpStream;
 use tracing::Instrument;
 
 use super::admission::HandshakeTicket;
-use super::connection::{self, Connection, ReadBuf, ReadEvent, SocketFd, READ_BUF_MIN};
+use super::connection::{self, Connection, ReadBuf, ReadEvent, Transport, READ_BUF_MIN};
 use super::context::ShardContext;
 use super::event::LocalEvent;
 use super::owner::{Delivery, OwnerInput};
@@ -199,8 +200,9 @@ struct ReaderState {
     /// the peer's next message, so they stay in order).
     withdrawing: Vec<(Vni, RouteSet)>,
     /// The peer's policy rule (`--policy`), resolved at session start and
-    /// again after a reload; `None` without a policy.
-    policy: Option<PeerPolicy>,
+    /// again after a reload; `None` without a policy. Boxed: without
+    /// `--policy` a session holds a null pointer instead of 88 bytes.
+    policy: Option<Box<PeerPolicy>>,
     /// The messages read since the last back-pressure check included a
     /// routing message (work for an owner): the reader is subject to
     /// back-pressure before its next read.
@@ -210,16 +212,40 @@ struct ReaderState {
 /// The session of a freshly accepted connection, from the handshake to
 /// the cleanup; returns once the peer is gone and counted. The caller runs
 /// it inside `conn.span()` and has registered `conn` with its shard.
-pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let sock = SocketFd::of(&stream);
-    let id = conn.id;
-    let addr = conn.addr;
-    let limits = &shard.config().limits;
+///
+/// This future is most of what an idle session costs (10,000 of them are
+/// held at once): what it keeps across its awaits is kept small. The
+/// set-up is a plain function, the read loop holds only what a waiting
+/// reader needs, and the rare paths (withdrawals, the cleanup) are boxed
+/// futures allocated when they run. `transport` comes boxed: an async
+/// fn's arguments stay in its future for its whole life, the box is freed
+/// as soon as the session has started.
+pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: Box<Transport>) {
+    let (mut rs, reader, writer_task) = start(&shard, &conn, *transport);
+    let reason = read_loop(&shard, &conn, reader, &mut rs).await;
+    conn.close(reason);
+    writer_task.await;
+    Box::pin(finish(shard, conn, rs)).await;
+}
+
+/// The start of a session: counts and logs the connection, spawns its
+/// writer task (in the current span, the peer's) and resolves the peer's
+/// policy rule. Returns the reader's state, the reading half and the
+/// writer task.
+fn start(
+    shard: &Rc<ShardContext>,
+    conn: &Rc<PeerConn>,
+    transport: Transport,
+) -> (ReaderState, ReadHalf<TcpStream>, glommio::Task<()>) {
+    let Transport {
+        reader,
+        writer,
+        sock,
+        remote: _,
+    } = transport;
     shard.counters().peer_connected();
     tracing::info!("peer connected");
 
-    let (reader, writer) = futures_lite::io::split(stream);
     let writer_task = {
         let shard = shard.clone();
         let conn = conn.clone();
@@ -230,35 +256,38 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
     };
     let now = Instant::now();
     let mut session = PeerSession::new(Role::Passive, shard.config().keepalive, now);
-    if let Some(timeout) = limits.handshake_timeout {
+    if let Some(timeout) = shard.config().limits.handshake_timeout {
         session = session.with_handshake_timeout(timeout, now);
     }
     // The peer's source address is fixed for the session: its rule is
     // found once. No rule: it may do nothing, so it is closed at once.
     let policy = match &shard.config().policy {
         None => None,
-        Some(store) => match PeerPolicy::resolve(store, addr) {
-            Ok(p) => Some(p),
+        Some(store) => match PeerPolicy::resolve(store, conn.addr) {
+            Ok(p) => Some(Box::new(p)),
             Err(reason) => {
-                close_for_policy(&conn, reason);
+                close_for_policy(conn, reason);
                 None
             }
         },
     };
-    let mut rs = ReaderState {
+    let rs = ReaderState {
         session,
-        handshake: Some(shard.admission().enter_handshake(id)),
+        handshake: Some(shard.admission().enter_handshake(conn.id)),
         decoder: FrameDecoder::new(),
         announced: HashMap::new(),
         withdrawing: Vec::new(),
         policy,
         routed: false,
     };
-    let reason = read_loop(&shard, &conn, reader, &mut rs).await;
-    conn.close(reason);
-    writer_task.await;
+    (rs, reader, writer_task)
+}
 
-    // Exactly-once cleanup: this task is the only one that gets here.
+/// The exactly-once cleanup of a session whose read loop ended and whose
+/// writer has stopped: unsubscribes, withdraws (or hands the routes to a
+/// ghost), counts and logs the departure. Only the session task gets here.
+async fn finish(shard: Rc<ShardContext>, conn: Rc<PeerConn>, mut rs: ReaderState) {
+    let id = conn.id;
     let was_established = rs.session.is_established();
     if was_established {
         // Its routes and buffers are being freed: shards give the memory
@@ -272,9 +301,7 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
         shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
     }
     // Routes of an explicit UNSUBSCRIBE still being withdrawn go at once.
-    for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-        shard.withdraw_all(id, vni, routes).await;
-    }
+    withdraw_taken(&shard, id, std::mem::take(&mut rs.withdrawing)).await;
     let announced = std::mem::take(&mut rs.announced);
     let reason = conn.io.close_reason().unwrap_or(CloseReason::PeerClosed);
     // A peer cut off for its own fault (a limit, a malformed frame, a
@@ -284,7 +311,7 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
         // `--peer-grace`: a ghost holds them for a while (not when the
         // server itself is shutting down: the tables go with it).
         Some(grace) if !shard.is_shutting_down() && !reason.is_peer_fault() => {
-            hold_as_ghost(&shard, id, addr, announced, grace);
+            hold_as_ghost(&shard, id, conn.addr, announced, grace);
         }
         _ => {
             for (vni, routes) in announced {
@@ -294,6 +321,16 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, stream: Tcp
     }
     shard.counters().peer_gone(was_established, &reason);
     tracing::info!(reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// Withdraws routes taken out of the peer's announcements (by an
+/// UNSUBSCRIBE or a policy reload), in order, in chunks (`withdraw_all`).
+/// The read loop boxes this future when it has something to withdraw, so
+/// its state is no part of a session that never does.
+async fn withdraw_taken(shard: &ShardContext, peer: PeerId, taken: Vec<(Vni, RouteSet)>) {
+    for (vni, routes) in taken {
+        shard.withdraw_all(peer, vni, routes).await;
+    }
 }
 
 /// `--peer-grace`: the session of `peer` (from `addr`) ended while it
@@ -373,7 +410,7 @@ fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, id: PeerId, route: R
 async fn read_loop(
     shard: &ShardContext,
     conn: &Rc<PeerConn>,
-    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+    mut reader: ReadHalf<TcpStream>,
     rs: &mut ReaderState,
 ) -> CloseReason {
     let mut buf = ReadBuf::new();
@@ -398,8 +435,13 @@ async fn read_loop(
         if let Err(reason) = reapply_policy(shard, conn, rs) {
             return reason;
         }
-        for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-            shard.withdraw_all(conn.id, vni, routes).await;
+        if !rs.withdrawing.is_empty() {
+            Box::pin(withdraw_taken(
+                shard,
+                conn.id,
+                std::mem::take(&mut rs.withdrawing),
+            ))
+            .await;
         }
         let wait = rs
             .session
@@ -435,8 +477,9 @@ async fn read_loop(
                             if let Err(reason) = on_message(shard, conn, rs, msg) {
                                 break Some(reason);
                             }
-                            for (vni, routes) in std::mem::take(&mut rs.withdrawing) {
-                                shard.withdraw_all(conn.id, vni, routes).await;
+                            if !rs.withdrawing.is_empty() {
+                                let taken = std::mem::take(&mut rs.withdrawing);
+                                Box::pin(withdraw_taken(shard, conn.id, taken)).await;
                             }
                         }
                         Err(e) => break Some(CloseReason::Malformed(e.into())),
@@ -569,7 +612,7 @@ fn reapply_policy(
         subscriptions_dropped = dropped.len(),
         "policy reloaded for peer"
     );
-    rs.policy = Some(policy);
+    rs.policy = Some(Box::new(policy));
     Ok(())
 }
 
@@ -685,4 +728,23 @@ fn on_routing_message(
         Message::Hello { .. } | Message::Keepalive => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds one `PeerConn` in an `Rc` (16 bytes of
+    /// counts) for its life: 10,000 idle peers hold 10,000 of them (issue
+    /// #15). Within 512 bytes it stays in mimalloc's 512-byte size class;
+    /// past it, each costs 640. Fields only the status page needs should be
+    /// small types; rarely used state belongs behind a pointer.
+    #[test]
+    fn peer_state_stays_in_its_size_class() {
+        let size = std::mem::size_of::<PeerConn>() + 16;
+        assert!(
+            size <= 512,
+            "Rc<PeerConn> is {size} bytes (bound 512): 10,000 idle peers hold one each"
+        );
+    }
 }
