@@ -48,9 +48,9 @@ use crate::session::CloseReason;
 /// (`READ_BUF_QUIET`): the first step of its growth.
 pub(crate) const READ_BUF_MIN: usize = 4 * 1024;
 /// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
-/// size while reads fill it, falls back to `READ_BUF_MIN` as soon as a read
-/// comes back short of the minimum, and to the inline quiet buffer when the
-/// peer goes quiet (a session deadline fires).
+/// size while reads fill it, and goes back to the inline quiet buffer as
+/// soon as a read comes back short of `READ_BUF_MIN` (the burst is over) or
+/// the peer goes quiet (a session deadline fires).
 const READ_BUF_MAX: usize = 64 * 1024;
 /// Bytes handed to one write at most.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -494,9 +494,11 @@ impl ReadBuf {
         }
     }
 
-    /// After a read of `n` bytes: grow when it filled the buffer, fall back
-    /// to `READ_BUF_MIN` when a grown buffer got a read shorter than that
-    /// (the burst is over; the quiet buffer comes back with `shrink`).
+    /// After a read of `n` bytes: grow when it filled the buffer; give a
+    /// grown buffer back when the read was shorter than `READ_BUF_MIN` (the
+    /// burst is over). A peer that announces a few dozen routes at start-up
+    /// used to keep 4 KiB until its next read, a keepalive interval later:
+    /// 8 MiB of a 2,000-peer fleet's start.
     pub(crate) fn adapt(&mut self, n: usize) {
         let len = self.len();
         if n == len && len < READ_BUF_MAX {
@@ -506,8 +508,8 @@ impl ReadBuf {
                 (len * 4).min(READ_BUF_MAX)
             };
             self.grown = vec![0u8; next];
-        } else if n < READ_BUF_MIN && len > READ_BUF_MIN {
-            self.grown = vec![0u8; READ_BUF_MIN];
+        } else if n < READ_BUF_MIN && !self.grown.is_empty() {
+            self.grown = Vec::new();
         }
     }
 
@@ -535,7 +537,9 @@ mod tests {
         b.adapt(READ_BUF_QUIET);
         assert_eq!(b.len(), READ_BUF_MIN, "a full quiet read moves to the heap");
         b.adapt(100);
-        assert_eq!(b.len(), READ_BUF_MIN, "a short read keeps the minimum");
+        assert_eq!(b.len(), READ_BUF_QUIET, "a short read ends the burst");
+        assert_eq!(b.grown.capacity(), 0);
+        b.adapt(READ_BUF_QUIET);
         b.adapt(READ_BUF_MIN);
         assert_eq!(b.len(), READ_BUF_MIN * 4);
         b.adapt(READ_BUF_MIN * 4);
@@ -547,10 +551,11 @@ mod tests {
         b.adapt(10);
         assert_eq!(
             b.len(),
-            READ_BUF_MIN,
+            READ_BUF_QUIET,
             "a short read gives a grown buffer back"
         );
-        b.adapt(READ_BUF_MIN);
+        b.adapt(READ_BUF_QUIET);
+        assert_eq!(b.len(), READ_BUF_MIN);
         b.shrink();
         assert_eq!(
             b.len(),
