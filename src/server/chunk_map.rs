@@ -85,11 +85,6 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
         self.len
     }
 
-    /// The index key of the chunk that holds `key` if it is present.
-    fn index_of(&self, key: &K) -> Option<K> {
-        self.chunks.range(..=key).next_back().map(|(k, _)| *k)
-    }
-
     /// The value of `key`.
     pub fn get(&self, key: &K) -> Option<&V> {
         let chunk = self.chunks.range(..=key).next_back()?.1;
@@ -107,11 +102,8 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
     /// Inserts `key` ↦ `val` if `key` is absent; if it is present, leaves
     /// the map as it is and returns the value it has.
     pub fn insert_new(&mut self, key: K, val: V) -> Result<(), V> {
-        let Some(index) = self.index_of(&key) else {
+        let Some((_, chunk)) = self.chunks.range_mut(..=key).next_back() else {
             return self.insert_below_all(key, val);
-        };
-        let Some(chunk) = self.chunks.get_mut(&index) else {
-            return self.insert_below_all(key, val); // unreachable: index came from the map
         };
         let i = match chunk.keys.binary_search(&key) {
             Ok(i) => return Err(chunk.vals[i]),
@@ -121,8 +113,13 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
             chunk.insert_at(i, key, val);
         } else if i == CHUNK {
             // Past the end of a full chunk (ascending inserts): a new chunk,
-            // leaving this one full.
-            self.chunks.insert(key, Chunk::one(key, val));
+            // leaving this one full, sized for the inserts that follow.
+            let mut next = Chunk {
+                keys: Vec::with_capacity(CHUNK),
+                vals: Vec::with_capacity(CHUNK),
+            };
+            next.insert_at(0, key, val);
+            self.chunks.insert(key, next);
         } else {
             let upper = Chunk {
                 keys: chunk.keys.split_off(CHUNK / 2),
@@ -165,23 +162,26 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let index = self.index_of(key)?;
-        let chunk = self.chunks.get_mut(&index)?;
+        let (&index, chunk) = self.chunks.range_mut(..=key).next_back()?;
         let i = chunk.keys.binary_search(key).ok()?;
         chunk.keys.remove(i);
         let val = chunk.vals.remove(i);
         self.len -= 1;
         let remaining = chunk.len();
+        if remaining > 0 && remaining < CHUNK / 4 {
+            chunk.trim();
+        }
         if remaining == 0 {
             self.chunks.remove(&index);
-        } else if remaining <= CHUNK / 4 {
+        } else if remaining == CHUNK / 4 {
+            // Once, as the chunk gets small (not on every removal after).
             self.merge_next_into(index);
         }
         Some(val)
     }
 
     /// The chunk at `index` became small: it takes in the next chunk if
-    /// both fit in one, else gives back spare storage.
+    /// both fit in three quarters of one, else gives back spare storage.
     fn merge_next_into(&mut self, index: K) {
         let next = self
             .chunks
