@@ -303,6 +303,45 @@ fn cleanup_on_exit_deletes_ours_and_only_when_asked() {
     }
 }
 
+/// Clients in one namespace starting at the same moment: each probes the
+/// device with a nexthop object of the first id free in its dump, so they
+/// pick the same id; the one the kernel answers EEXIST takes another
+/// instead of giving up (seen: a unit's client and a second client started
+/// together, one exited with "File exists").
+#[test]
+fn clients_starting_together_in_one_namespace_all_start() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    const CLIENTS: u32 = 8;
+    for round in 0..5 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS as usize));
+        let started: Vec<Result<KernelRoutes, NetlinkError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..CLIENTS)
+                .map(|i| {
+                    let barrier = barrier.clone();
+                    let ns = &ns;
+                    s.spawn(move || {
+                        ns.run(move || {
+                            barrier.wait();
+                            KernelRoutes::start(config(&[(30 + i, 100 + i)], false))
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect()
+        });
+        for (i, r) in started.into_iter().enumerate() {
+            match r {
+                Ok(routes) => routes.shutdown().expect("shutdown"),
+                Err(e) => panic!("round {round}, client {i}: {e}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn missing_tunnel_device_is_an_error_at_start() {
     let Some(ns) = Netns::create() else { return };

@@ -781,27 +781,40 @@ fn has_net_admin() -> bool {
 
 /// Creates and deletes one nexthop object on the device, so a kernel or
 /// device that cannot do `encap ip6` fails at start, not at the first route.
+/// An id another process took since our dump (EEXIST: a second client in
+/// the same namespace starting at the same moment) is skipped, a few times.
 fn probe(
     socket: &mut RouteSocket,
     installed: &mut InstalledRoutes,
     oif: u32,
     device: &str,
 ) -> Result<(), NetlinkError> {
-    let id = installed.allocate_id();
-    let create =
-        NexthopMessage::encap_ip6(AF_INET6, id, oif, Ipv6Addr::LOCALHOST, PROTOCOL_METALBOND);
-    let verdicts = socket.execute(&[
-        Request::new(RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_EXCL, &create),
-        Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(id)),
-    ])?;
-    match verdicts.into_iter().next() {
-        Some(Err(error)) if error.errno == libc::EPERM => Err(NetlinkError::MissingCapability),
-        Some(Err(error)) => Err(NetlinkError::Probe {
-            device: device.into(),
-            error,
-        }),
-        _ => Ok(()),
+    const ATTEMPTS: usize = 16;
+    for attempt in 1..=ATTEMPTS {
+        let id = installed.allocate_id();
+        let create =
+            NexthopMessage::encap_ip6(AF_INET6, id, oif, Ipv6Addr::LOCALHOST, PROTOCOL_METALBOND);
+        let verdicts = socket.execute(&[
+            Request::new(RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_EXCL, &create),
+            Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(id)),
+        ])?;
+        match verdicts.into_iter().next() {
+            Some(Err(error)) if error.errno == libc::EPERM => {
+                return Err(NetlinkError::MissingCapability)
+            }
+            Some(Err(error)) if error.errno == libc::EEXIST && attempt < ATTEMPTS => {
+                installed.id_taken_elsewhere(id);
+            }
+            Some(Err(error)) => {
+                return Err(NetlinkError::Probe {
+                    device: device.into(),
+                    error,
+                })
+            }
+            _ => return Ok(()),
+        }
     }
+    Ok(()) // unreachable: the last attempt returns
 }
 
 /// The kernel's protocol-254 routes in `tables` (one route dump).

@@ -360,6 +360,12 @@ impl InstalledRoutes {
         }
     }
 
+    /// Another process took `id` since our dump (the kernel said EEXIST):
+    /// never hand it out.
+    pub fn id_taken_elsewhere(&mut self, id: u32) {
+        self.foreign_ids.insert(id);
+    }
+
     /// Number of routes installed.
     #[cfg(test)]
     pub fn route_count(&self) -> usize {
@@ -541,7 +547,7 @@ impl InstalledRoutes {
                     self.by_id.remove(&id);
                     if e.errno == libc::EEXIST {
                         // Someone else took the id since our dump.
-                        self.foreign_ids.insert(id);
+                        self.id_taken_elsewhere(id);
                     }
                     if self.failing_objects.insert(key.clone()) {
                         tracing::error!(id, object = ?key, error = %e, "kernel refused nexthop object");
