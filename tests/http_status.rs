@@ -83,11 +83,7 @@ impl StatusSource for Fleet {
                 (SessionState::Established.name().to_string(), 1),
                 (SessionState::HelloReceived.name().to_string(), 0),
             ],
-            routes_per_vni: table
-                .vnis
-                .iter()
-                .map(|v| (v.vni, v.route_count() as u64))
-                .collect(),
+            routes_per_vni: table.routes_per_vni(),
             routes_total: table.route_count() as u64,
             updates_in: Some(self.updates_in.load(Ordering::Relaxed)),
             updates_out: Some(self.updates_out.load(Ordering::Relaxed)),

@@ -132,11 +132,7 @@ impl StatusSource for ClientStatusSource {
         );
         MetricsView {
             peers_by_state,
-            routes_per_vni: table
-                .vnis
-                .iter()
-                .map(|v| (v.vni, v.route_count() as u64))
-                .collect(),
+            routes_per_vni: table.routes_per_vni(),
             routes_total: table.route_count() as u64,
             updates_in: Some(traffic.updates_in),
             updates_out: Some(traffic.updates_out),

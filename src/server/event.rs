@@ -11,6 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use smallvec::SmallVec;
+
 /// A single-threaded wake-up: every `wait` created before a `notify`
 /// completes. Waiters check their condition, then create the wait future
 /// and await it with no await in between, so no wake-up is lost.
@@ -18,60 +20,20 @@ use std::task::{Context, Poll, Waker};
 pub(crate) struct LocalEvent {
     /// Bumped by each notify.
     generation: Cell<u64>,
-    /// Tasks to wake on the next notify.
-    wakers: RefCell<Wakers>,
-}
-
-/// The tasks waiting for one `LocalEvent`. Nearly every event has one
-/// waiter (a peer's close latch has its reader, at times its writer too;
-/// its writer wake-up only the writer), so the first is held inline: a
-/// `Vec` allocated 4 slots (64 B) at the first wait after each notify:
-/// with three events per peer, about 190 B of every idle session.
-#[derive(Default)]
-struct Wakers {
-    /// The first waiter.
-    first: Option<Waker>,
-    /// Waiters beyond the first (the shard-wide events: shutdown, outbox
-    /// drained), allocated only when there are some; boxed so that the
-    /// peers' events, which never have any, hold one pointer, not three.
-    #[allow(
-        clippy::box_collection,
-        reason = "one pointer wide instead of a Vec's three: a peer's events never use it"
-    )]
-    more: Option<Box<Vec<Waker>>>,
-}
-
-impl Wakers {
-    /// Adds the task of `waker` unless it is already waiting.
-    fn register(&mut self, waker: &Waker) {
-        let present = self.first.as_ref().is_some_and(|w| w.will_wake(waker))
-            || self
-                .more
-                .iter()
-                .flat_map(|more| more.iter())
-                .any(|w| w.will_wake(waker));
-        if present {
-            return;
-        }
-        if self.first.is_none() {
-            self.first = Some(waker.clone());
-        } else {
-            self.more
-                .get_or_insert_with(Box::default)
-                .push(waker.clone());
-        }
-    }
+    /// Tasks to wake on the next notify. Nearly every event has one waiter
+    /// (a peer's close latch its reader, at times its writer too; its writer
+    /// wake-up only the writer), so the first is held inline: a `Vec`
+    /// allocated 4 slots (64 B) at the first wait after each notify, with
+    /// three events per peer about 190 B of every idle session.
+    wakers: RefCell<SmallVec<[Waker; 1]>>,
 }
 
 impl LocalEvent {
     /// Wakes every current waiter.
     pub(crate) fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
-        let Wakers { first, more } = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in first
-            .into_iter()
-            .chain(more.into_iter().flat_map(|more| *more))
-        {
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in wakers {
             w.wake();
         }
     }
@@ -99,7 +61,10 @@ impl Future for EventWait<'_> {
         if self.event.generation.get() != self.generation {
             return Poll::Ready(());
         }
-        self.event.wakers.borrow_mut().register(cx.waker());
+        let mut wakers = self.event.wakers.borrow_mut();
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
         Poll::Pending
     }
 }

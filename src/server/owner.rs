@@ -191,7 +191,8 @@ impl VniOwner {
     }
 
     /// Bytes of sync chunks counting against the budget.
-    pub fn sync_bytes_in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn sync_bytes_in_flight(&self) -> usize {
         self.sync_budget.bytes()
     }
 

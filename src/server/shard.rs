@@ -434,8 +434,8 @@ pub(crate) async fn run(setup: ShardSetup) {
     for p in peers {
         p.close(CloseReason::Shutdown);
     }
-    let give_up = std::time::Instant::now() + Duration::from_secs(3);
-    while !shard.peers.borrow().is_empty() && std::time::Instant::now() < give_up {
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while !shard.peers.borrow().is_empty() && Instant::now() < give_up {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -65,6 +65,7 @@ impl SyncBudget {
     }
 
     /// Bytes counting against the budget now.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -88,7 +89,9 @@ impl SyncBudget {
         if let Ok(i) = self.counted.binary_search_by_key(&ticket.0, |c| c.ticket) {
             self.bytes -= std::mem::take(&mut self.counted[i].bytes);
         }
-        self.drop_front(|c| c.bytes == 0);
+        while self.counted.front().is_some_and(|c| c.bytes == 0) {
+            self.counted.pop_front();
+        }
     }
 
     /// Chunks out for `SYNC_CHUNK_STALL` by `now` stop counting.
@@ -106,12 +109,6 @@ impl SyncBudget {
     /// When the oldest counted chunk stops counting, if any counts.
     pub fn next_stall(&self) -> Option<Instant> {
         self.counted.front().map(|c| c.sent + SYNC_CHUNK_STALL)
-    }
-
-    fn drop_front(&mut self, done: impl Fn(&CountedChunk) -> bool) {
-        while self.counted.front().is_some_and(&done) {
-            self.counted.pop_front();
-        }
     }
 }
 

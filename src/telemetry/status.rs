@@ -147,6 +147,14 @@ impl RouteTableView {
         self.vnis.iter().map(VniRoutesView::route_count).sum()
     }
 
+    /// Routes per VNI, in VNI order (the `metalbond_routes{vni}` family).
+    pub fn routes_per_vni(&self) -> Vec<(Vni, u64)> {
+        self.vnis
+            .iter()
+            .map(|v| (v.vni, v.route_count() as u64))
+            .collect()
+    }
+
     /// Destinations across all VNIs.
     pub fn destination_count(&self) -> usize {
         self.vnis.iter().map(|v| v.destinations.len()).sum()
