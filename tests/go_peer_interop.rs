@@ -5,35 +5,62 @@
 //! that, or lets 64 KiB pile up unread, makes them crash-loop.
 //!
 //! Each Go peer is played by the model in `go_peer_support` (see its module
-//! doc for what it reproduces of `peer.go`). The `model_*` tests check that
-//! the model sees what it claims to see: a full read, a split frame, a
-//! clean paced stream, the Go server's handshake.
+//! doc for what it reproduces of `peer.go`); the other side is the real
+//! thing: the in-process server on loopback, and our client as a library
+//! and as the `metalbond client` process. Every interop test requires
+//! exact convergence with no reset and no split frame, within a generous
+//! bound (100,000 routes at 0.15 ms each is 15 s of the Go peer's
+//! processing). The `model_*` tests at the end check that the model sees
+//! what it claims to see: a full read, a split frame, a clean paced stream,
+//! the Go server's handshake.
 
 mod go_peer_support;
 mod server_support;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use go_peer_support::{
     GoClientModel, GoPeerConfig, GoServerModel, GoState, Reset, Summary, GO_KEEPALIVE_SECS,
     GO_READ_BUFFER,
 };
+use metalbond::client::{Client, ClientConfig, LogSink};
 use metalbond::codec::{FrameDecoder, Message};
 use metalbond::Route;
-use server_support::{add, frame, route, vni, TestPeer, WAIT};
+use server_support::process::ChildGuard;
+use server_support::{add, apply, frame, route, vni, TestPeer, TestServer, WAIT};
 
 /// Bound of every wait for a Go peer: generous for 15 s of processing on a
 /// busy two-core machine, finite.
 const LIMIT: Duration = Duration::from_secs(90);
 /// The VNI every test uses.
 const VNI: u32 = 23;
+/// Routes per write of the fast test announcer.
+const CHUNK: usize = 10_000;
 
 /// `n` distinct IPv4 /32 routes in `VNI` over 16 next hops.
 fn numbered(n: u32) -> Vec<Route> {
     (0..n).map(|i| route(VNI, i, (i % 16) as u16 + 1)).collect()
+}
+
+/// A server whose VNI holds `n` routes, announced beforehand by a fast test
+/// peer; the peer is returned too because its routes leave with it.
+fn server_holding(n: u32) -> (TestServer, TestPeer, HashSet<Route>) {
+    let srv = TestServer::start(2);
+    let (announcer, _) = TestPeer::established(srv.addr, 60);
+    announcer.keep_alive(Duration::from_secs(1));
+    let want = numbered(n);
+    for chunk in want.chunks(CHUNK) {
+        announcer.send_all(&chunk.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    }
+    srv.wait_stats("the announcer's routes in the table", |s| {
+        s.sum(|s| s.routes) == u64::from(n)
+    });
+    (srv, announcer, want.into_iter().collect())
 }
 
 /// Asserts that a Go peer's session took exactly `want`, cleanly.
@@ -53,7 +80,158 @@ fn assert_took_exactly(who: &str, seen: &Summary, routes: &HashSet<Route>, want:
     assert!(routes == want, "{who} holds other routes than announced");
 }
 
-// The model itself: it must see what it claims to see, or tests with it
+/// A Go client subscribes to a VNI of `n` routes and must take the whole
+/// sync.
+fn sync_to_go_client(n: u32) {
+    let (srv, _announcer, want) = server_holding(n);
+    let go = GoClientModel::connect(srv.addr, &[vni(VNI)], GoPeerConfig::default());
+    go.wait_until(LIMIT, |s| s.routes >= want.len());
+    let routes = go.routes();
+    assert_took_exactly("the Go client", &go.summary(), &routes, &want);
+}
+
+#[test]
+fn go_client_takes_a_sync_of_3_000_routes() {
+    sync_to_go_client(3_000);
+}
+
+#[test]
+fn go_client_takes_a_sync_of_30_000_routes() {
+    sync_to_go_client(30_000);
+}
+
+#[test]
+fn go_client_takes_a_sync_of_100_000_routes() {
+    sync_to_go_client(100_000);
+}
+
+/// Reads `peer`'s updates until it holds as many routes as `want`, within
+/// `LIMIT`, then compares.
+fn converge_fast(peer: &mut TestPeer, want: &HashSet<Route>) {
+    let deadline = Instant::now() + LIMIT;
+    let mut state = BTreeSet::new();
+    while state.len() < want.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match peer.recv_update(left) {
+            Some((a, r)) => apply(&mut state, a, r),
+            None => panic!(
+                "the fast subscriber stopped at {} of {} routes (eof={})",
+                state.len(),
+                want.len(),
+                peer.eof
+            ),
+        }
+    }
+    assert!(
+        state.iter().all(|r| want.contains(r)),
+        "the fast subscriber holds other routes than announced"
+    );
+}
+
+#[test]
+fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
+    const N: u32 = 100_000;
+    let srv = TestServer::start(2);
+    let (announcer, _) = TestPeer::established(srv.addr, 60);
+    announcer.keep_alive(Duration::from_secs(1));
+    let (mut fast, _) = TestPeer::established(srv.addr, 60);
+    fast.keep_alive(Duration::from_secs(1));
+    fast.send(&Message::Subscribe(vni(VNI)));
+    assert!(fast.sync_point().is_empty(), "nothing announced yet");
+
+    let want = numbered(N);
+    let burst: Vec<Message> = want.iter().map(|r| add(*r)).collect();
+    let (before, after) = burst.split_at(burst.len() / 2);
+    for chunk in before.chunks(CHUNK) {
+        announcer.send_all(chunk);
+    }
+    // Half the burst is out: the Go client's subscription lands among the
+    // rest, so it gets a sync of what is there and the rest as it comes.
+    let go = GoClientModel::connect(srv.addr, &[vni(VNI)], GoPeerConfig::default());
+    for chunk in after.chunks(CHUNK) {
+        announcer.send_all(chunk);
+    }
+    let want: HashSet<Route> = want.into_iter().collect();
+
+    converge_fast(&mut fast, &want);
+    go.wait_until(LIMIT, |s| s.routes >= want.len());
+    let routes = go.routes();
+    assert_took_exactly("the Go client", &go.summary(), &routes, &want);
+}
+
+/// Waits until one of `go`'s sessions holds `want.len()` routes (or one was
+/// reset) and asserts that exactly one session took them all cleanly.
+fn assert_go_server_took(go: &GoServerModel, want: &HashSet<Route>) {
+    let sessions = go.wait_until(LIMIT, |all| all.iter().any(|s| s.routes >= want.len()));
+    for s in &sessions {
+        eprintln!("the Go server's session: {s}");
+    }
+    let resets: Vec<_> = sessions.iter().filter_map(|s| s.reset.as_ref()).collect();
+    assert!(
+        resets.is_empty(),
+        "the Go server reset sessions: {resets:?}"
+    );
+    let Some(session) = sessions.iter().find(|s| s.routes >= want.len()) else {
+        panic!("the Go server did not get all routes within {LIMIT:?}: {sessions:?}");
+    };
+    let routes = go.routes();
+    assert_took_exactly("the Go server", session, &routes, want);
+}
+
+#[test]
+fn our_client_library_announces_100_000_routes_to_a_go_server() {
+    let go = GoServerModel::start(GoPeerConfig::default());
+    let want = numbered(100_000);
+    let client = Client::new(ClientConfig::default(), LogSink);
+    for r in &want {
+        client.announce(*r).expect("announce");
+    }
+    client
+        .add_server(&go.addr().to_string())
+        .expect("add the Go server");
+    assert_go_server_took(&go, &want.into_iter().collect());
+}
+
+/// `VNI#PREFIX#NEXTHOP` as `--announce` takes it.
+fn announce_arg(r: &Route) -> String {
+    format!("{}#{}#{}", r.vni, r.destination, r.next_hop.target)
+}
+
+#[test]
+fn metalbond_client_process_announces_3_000_routes_to_a_go_server() {
+    let go = GoServerModel::start(GoPeerConfig::default());
+    let want = numbered(3_000);
+    let log_path =
+        std::env::temp_dir().join(format!("go-interop-client-{}.log", std::process::id()));
+    let log = File::create(&log_path).expect("client log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalbond"));
+    cmd.arg("client").arg("--server").arg(go.addr().to_string());
+    // Comma-separated lists, 500 routes an argument (an argument is
+    // limited to 128 KiB).
+    for chunk in want.chunks(500) {
+        let list: Vec<String> = chunk.iter().map(announce_arg).collect();
+        cmd.arg("--announce").arg(list.join(","));
+    }
+    cmd.env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let client = ChildGuard(cmd.spawn().expect("spawn metalbond client"));
+
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_go_server_took(&go, &want.iter().copied().collect())
+    }));
+    drop(client);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    if let Err(panic) = outcome {
+        eprintln!("metalbond client's log:\n{log}");
+        std::panic::resume_unwind(panic);
+    }
+}
+
+// The model itself: it must see what it claims to see, or the tests above
 // would pass for the wrong reason. A scripted server on a raw socket does
 // the passive handshake and then writes exactly the bytes each test wants.
 
