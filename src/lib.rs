@@ -17,6 +17,9 @@
 //!   the one table of metric families.
 //! - `defaults`: every default of server and client, in one place.
 //! - `util`: poison-tolerant locking and a TTL cache (std only).
+//! - `pacing`: how much a session may write that the peer has not read
+//!   yet (deployed Go peers reset when 64 KiB wait unread); both roles'
+//!   writers ask it.
 //! - `policy`: `--policy` peer rules (who may announce / subscribe what).
 //! - `logging`: tracing set-up for the binaries.
 //! - `version`: the build's version and git commit.
@@ -43,6 +46,8 @@ pub mod http;
 pub mod logging;
 #[cfg(feature = "netlink")]
 pub mod netlink;
+#[cfg(any(feature = "server", feature = "client"))]
+pub mod pacing;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod policy;
 #[cfg(feature = "cli")]

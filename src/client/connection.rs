@@ -32,7 +32,7 @@
 //!                 └─ closed: Core.present.server_lost → delivery queue; backoff; retry
 //! ```
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +45,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::present::ServerId;
 use super::traffic::TrafficMeter;
+use super::writer::SessionWriter;
 use super::{ClientInner, SessionBacklog};
 use crate::codec::{FrameBuffer, FrameDecoder, Message};
 use crate::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
@@ -416,11 +417,11 @@ impl Link<'_> {
             let context = format!("cannot start reader thread: {e}");
             return CloseReason::Io(std::io::Error::new(e.kind(), context).into());
         }
-        let mut writer = stream;
+        let mut stream = stream;
         let mut session = PeerSession::new(Role::Active, config.keepalive, Instant::now());
-        let mut out = FrameBuffer::with_capacity(4096);
+        let mut out = SessionWriter::new(stream);
         if let Some(hello) = session.start() {
-            out.push(&hello);
+            out.push_session(&hello);
         }
         let mut reported = SessionState::Connecting;
         loop {
@@ -428,14 +429,14 @@ impl Link<'_> {
                 reported = session.state();
                 self.inner.set_state(self.id, reported);
             }
-            if !out.is_empty() {
-                if let Err(e) = writer.write_all(out.as_bytes()) {
-                    return CloseReason::Io(e.into());
-                }
-                self.meter.wrote(&out);
-                out.clear();
+            let mut deadline = session.next_deadline();
+            match out.flush(&mut stream, &self.meter) {
+                Ok(None) => {}
+                // Paced: the server has not read enough yet; look again.
+                Ok(Some(wait)) => deadline = deadline.min(Instant::now() + wait),
+                Err(e) => return CloseReason::Io(e.into()),
             }
-            match self.events.recv_deadline(session.next_deadline()) {
+            match self.events.recv_deadline(deadline) {
                 Ok(Event::Received(g, messages)) if g == self.generation => {
                     if let Err(reason) = self.on_messages(&mut session, messages, &mut out) {
                         return reason;
@@ -449,7 +450,7 @@ impl Link<'_> {
                 return CloseReason::Shutdown;
             }
             match session.on_tick(Instant::now()) {
-                Ok(Some(keepalive)) => out.push(&keepalive),
+                Ok(Some(keepalive)) => out.push_session(&keepalive),
                 Ok(None) => {}
                 Err(reason) => return reason,
             }
@@ -457,7 +458,7 @@ impl Link<'_> {
                 let drained = self.inner.with_slot(self.id, |slot| {
                     slot.backlog
                         .as_mut()
-                        .map(|backlog| backlog.drain_into(&mut out))
+                        .map(|backlog| backlog.drain_into(out.routes()))
                 });
                 if let Some(Some(Err(()))) = drained {
                     return CloseReason::ResyncBacklog;
@@ -470,19 +471,20 @@ impl Link<'_> {
         &mut self,
         session: &mut PeerSession,
         messages: Vec<Message>,
-        out: &mut FrameBuffer,
+        out: &mut SessionWriter,
     ) -> Result<(), CloseReason> {
         let mut updates: Vec<(Action, Route)> = Vec::new();
         for msg in messages {
             match session.on_message(msg, Instant::now())? {
                 Reaction::Nothing => {}
-                Reaction::Reply(reply) => out.push(&reply),
+                Reaction::Reply(reply) => out.push_session(&reply),
                 Reaction::Established { reply } => {
                     if let Some(reply) = reply {
-                        out.push(&reply);
+                        out.push_session(&reply);
                     }
                     let Some((vnis, routes)) =
-                        self.inner.established(self.id, session.interval(), out)
+                        self.inner
+                            .established(self.id, session.interval(), out.routes())
                     else {
                         return Err(CloseReason::Shutdown);
                     };

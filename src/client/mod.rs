@@ -81,6 +81,7 @@ pub mod status;
 mod stream;
 mod traffic;
 mod wait;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpStream};

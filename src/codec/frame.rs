@@ -36,6 +36,51 @@ pub fn encode_frame(msg: &Message, buf: &mut impl BufMut) -> usize {
     HEADER_LEN + len
 }
 
+/// Length of the frame `bytes` starts with, header included (what its
+/// header says; `bytes.len()` if not even a header is there).
+pub fn first_frame_len(bytes: &[u8]) -> usize {
+    match bytes {
+        [_, hi, lo, _, ..] => HEADER_LEN + usize::from(u16::from_be_bytes([*hi, *lo])),
+        _ => bytes.len(),
+    }
+}
+
+/// A run of whole frames at the start of a buffer (see `whole_frames_prefix`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameSpan {
+    /// Bytes of the run.
+    pub bytes: usize,
+    /// Frames in it.
+    pub frames: usize,
+    /// Of which UPDATEs.
+    pub updates: usize,
+}
+
+/// The longest run of whole frames at the start of `bytes` that is at most
+/// `limit` bytes long. `bytes` must start at a frame boundary and hold
+/// frames this crate encoded (the writer's own output); a header that
+/// claims more than the rest stops the walk there.
+///
+/// Why: a deployed Go peer parses every read as whole frames (PROTOCOL.md,
+/// "What a deployed Go peer can take"), so a writer pacing its output to
+/// such a peer cuts writes at frame boundaries, never inside a frame.
+pub fn whole_frames_prefix(bytes: &[u8], limit: usize) -> FrameSpan {
+    let mut span = FrameSpan::default();
+    while bytes.len() - span.bytes >= HEADER_LEN {
+        let at = span.bytes;
+        let len = HEADER_LEN + usize::from(u16::from_be_bytes([bytes[at + 1], bytes[at + 2]]));
+        if at + len > limit || at + len > bytes.len() {
+            break;
+        }
+        span.bytes += len;
+        span.frames += 1;
+        if bytes[at + 3] == MessageType::Update as u8 {
+            span.updates += 1;
+        }
+    }
+    span
+}
+
 /// Outgoing frames gathered for one write, with the counts a status page
 /// wants (frames, UPDATEs) kept as they are appended, so that nobody has to
 /// walk the bytes again to learn what was sent.
@@ -167,6 +212,51 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_frames_prefix_stops_at_the_last_frame_that_fits() {
+        let vni = crate::types::Vni::new(7).unwrap();
+        let mut wire = Vec::new();
+        let a = encode_frame(&Message::Keepalive, &mut wire);
+        let b = encode_frame(&Message::Subscribe(vni), &mut wire);
+        let c = encode_frame(&Message::Keepalive, &mut wire);
+        let route = crate::types::Route::new(
+            vni,
+            "10.0.0.0/24".parse().unwrap(),
+            crate::types::NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        let d = encode_frame(
+            &Message::Update {
+                action: crate::types::Action::Add,
+                route,
+            },
+            &mut wire,
+        );
+        assert_eq!(first_frame_len(&wire), a);
+        assert_eq!(first_frame_len(&wire[a..]), b);
+        let span = |bytes, frames, updates| FrameSpan {
+            bytes,
+            frames,
+            updates,
+        };
+        assert_eq!(whole_frames_prefix(&wire, 0), span(0, 0, 0));
+        assert_eq!(whole_frames_prefix(&wire, a), span(a, 1, 0));
+        assert_eq!(
+            whole_frames_prefix(&wire, a + b - 1),
+            span(a, 1, 0),
+            "never half a frame"
+        );
+        assert_eq!(whole_frames_prefix(&wire, a + b), span(a + b, 2, 0));
+        assert_eq!(
+            whole_frames_prefix(&wire, usize::MAX),
+            span(a + b + c + d, 4, 1)
+        );
+        assert_eq!(
+            whole_frames_prefix(&wire[..a + b - 1], usize::MAX),
+            span(a, 1, 0),
+            "a truncated frame is not counted"
+        );
+    }
 
     #[test]
     fn next_frame_hands_out_raw_payloads_split_anywhere() {

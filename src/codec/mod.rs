@@ -13,6 +13,7 @@ mod message;
 
 pub use error::DecodeError;
 pub use frame::{
-    encode_frame, FrameBuffer, FrameDecoder, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, VERSION,
+    encode_frame, first_frame_len, whole_frames_prefix, FrameBuffer, FrameDecoder, FrameSpan,
+    HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, VERSION,
 };
 pub use message::{Message, MessageType};

@@ -27,7 +27,7 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,10 +38,11 @@ use glommio::net::TcpStream;
 use super::config::PeerLimits;
 use super::context::ShardContext;
 use super::event::{EventWait, LocalEvent};
-use super::out_queue::OutQueue;
+use super::out_queue::{OutQueue, WriteBatch};
 use super::owner::OwnerInput;
 use super::PeerId;
 use crate::codec::Message;
+use crate::pacing::{self, Budget, ReaderPacer, TcpWindow};
 use crate::session::CloseReason;
 
 /// Heap read buffer of a peer whose reads filled the quiet buffer
@@ -276,22 +277,34 @@ pub(crate) async fn next_read_event(
 }
 
 /// The writer task: moves the connection's `OutQueue` to the socket until
-/// the connection closes (or a write fails, which closes it).
+/// the connection closes (or a write fails, which closes it). Paced (see
+/// `pacing`) until the peer has shown it reads as a stream.
 pub(crate) async fn write_loop(
     shard: &ShardContext,
     conn: &Connection,
     mut writer: WriteHalf<TcpStream>,
     sock: SocketFd,
 ) {
+    let mut pacer = ReaderPacer::new(read_window(sock), Instant::now());
     loop {
         let wake = conn.writer_wake.wait();
         if conn.is_closed() {
             return;
         }
-        let wb = conn
-            .out
-            .borrow_mut()
-            .take_for_write(WRITE_BYTES, WRITE_PARTS);
+        let wb = match next_write(conn, &mut pacer, sock) {
+            NextWrite::Batch(wb) => wb,
+            NextWrite::Wait(d) => {
+                if let Some(reason) = paced_stall(shard, &pacer) {
+                    conn.close(reason);
+                    return;
+                }
+                let closed = conn.close_event.wait();
+                if !conn.is_closed() {
+                    future::or(closed, glommio::timer::sleep(d)).await;
+                }
+                continue;
+            }
+        };
         if wb.parts.is_empty() && wb.sync_written.is_empty() {
             wake.await;
             continue;
@@ -300,6 +313,10 @@ pub(crate) async fn write_loop(
             let stall = shard.config().limits.write_stall_timeout;
             match write_parts(conn, &mut writer, sock, &wb.parts, stall).await {
                 Ok(calls) => {
+                    let now = Instant::now();
+                    if pacer.wrote(wb.bytes, now) {
+                        tracing::debug!("peer reads as a stream: output no longer paced");
+                    }
                     conn.out.borrow_mut().written(wb.bytes);
                     conn.frames_out
                         .set(conn.frames_out.get() + wb.frames as u64);
@@ -307,13 +324,10 @@ pub(crate) async fn write_loop(
                     shard
                         .counters()
                         .written(wb.frames, wb.updates, wb.bytes, calls);
-                    if !wb.fanout_born.is_empty() {
-                        let now = Instant::now();
-                        for born in &wb.fanout_born {
-                            shard
-                                .counters()
-                                .fanout_written(now.saturating_duration_since(*born));
-                        }
+                    for born in &wb.fanout_born {
+                        shard
+                            .counters()
+                            .fanout_written(now.saturating_duration_since(*born));
                     }
                 }
                 Err(WriteFailed::AlreadyClosed) => return,
@@ -332,6 +346,76 @@ pub(crate) async fn write_loop(
         // shard.
         glommio::yield_if_needed().await;
     }
+}
+
+/// What the writer does next.
+enum NextWrite {
+    /// Write this (empty: nothing is queued).
+    Batch(WriteBatch),
+    /// Paced and the peer has not read enough: look again after this long.
+    Wait(Duration),
+}
+
+/// The next write: everything the socket takes for a peer that streams,
+/// whole frames within the pacing budget for one that is paced.
+fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> NextWrite {
+    let mut out = conn.out.borrow_mut();
+    if pacer.is_streaming() {
+        return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
+    }
+    let Some(next) = out.next_frame_len() else {
+        return NextWrite::Batch(out.take_frames(0, WRITE_PARTS));
+    };
+    loop {
+        match pacer.budget(next, Instant::now()) {
+            Budget::Unlimited => {
+                return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS))
+            }
+            Budget::Frames { bytes, segment } => {
+                return NextWrite::Batch(out.take_frames(bytes.min(segment), WRITE_PARTS))
+            }
+            Budget::Probe => return NextWrite::Batch(out.take_frames(next, 1)),
+            Budget::Wait(d) => return NextWrite::Wait(d),
+            Budget::Measure => match read_window(sock) {
+                Some(w) => {
+                    tracing::trace!(?w, ?pacer, "peer's TCP window");
+                    pacer.observe(w, Instant::now())
+                }
+                None => pacer.stream(),
+            },
+        }
+    }
+}
+
+/// `TCP_INFO` of the peer's socket; `None` when the kernel cannot tell the
+/// window (said once per process: output is then not paced).
+fn read_window(sock: SocketFd) -> Option<TcpWindow> {
+    // SAFETY: the writer task holds the stream `sock` came from.
+    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    match pacing::tcp_window(fd) {
+        Ok(Some(w)) => Some(w),
+        Ok(None) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "this kernel does not report the peer's TCP window (tcpi_snd_wnd, \
+                     Linux >= 5.4): output is not paced, and Go peers may reset on \
+                     syncs of thousands of routes"
+                )
+            });
+            None
+        }
+        // The connection is going away; the next write says why.
+        Err(_) => None,
+    }
+}
+
+/// A paced peer whose reader has taken nothing for the write-stall timeout
+/// while output waited for it is stalled (its writes never wait for room in
+/// the socket, so `write_when_room`'s timer does not see it).
+fn paced_stall(shard: &ShardContext, pacer: &ReaderPacer) -> Option<CloseReason> {
+    let stall = shard.config().limits.write_stall_timeout?;
+    (pacer.blocked_for(Instant::now()) > stall).then_some(CloseReason::WriteStall(stall))
 }
 
 /// Why `write_parts` stopped.

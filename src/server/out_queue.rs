@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use super::fanout::FanoutBatch;
 use super::route_set::RouteMap;
 use super::PeerId;
-use crate::codec::{encode_frame, Message};
+use crate::codec::{encode_frame, first_frame_len, whole_frames_prefix, Message};
 use crate::types::{Action, Route, Vni};
 
 /// Routes encoded per refill step from the coalescing map.
@@ -191,13 +191,27 @@ impl OutQueue {
             // kept for the connection's life. Fan-out grows it as usual.
             self.items.reserve_exact(1);
         }
-        self.items.push_back(OutItem::Frames {
+        let item = OutItem::Frames {
             bytes,
             frames: 1,
             control: true,
             keepalive,
             born: None,
-        });
+        };
+        if keepalive {
+            // Ahead of queued routes (behind a HELLO still queued): a
+            // paced peer may take many seconds to read what is queued, and
+            // its hold timer runs on our KEEPALIVEs. A KEEPALIVE carries no
+            // data, so its place among UPDATEs means nothing.
+            let at = self
+                .items
+                .iter()
+                .position(|i| !matches!(i, OutItem::Frames { control: true, .. }))
+                .unwrap_or(self.items.len());
+            self.items.insert(at, item);
+        } else {
+            self.items.push_back(item);
+        }
         true
     }
 
@@ -293,6 +307,79 @@ impl OutQueue {
         }
         // A drained queue keeps the capacity of its largest burst for the
         // connection's life unless released (thousands of peers × a burst).
+        if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
+            self.items = VecDeque::new();
+        }
+        wb
+    }
+
+    /// Length of the next frame to write, `None` when no frame is queued
+    /// (refilling from the coalescing map first, as `take_for_write`).
+    pub fn next_frame_len(&mut self) -> Option<usize> {
+        self.refill();
+        self.items.iter().find_map(|item| match item {
+            OutItem::Frames { bytes, .. } => Some(first_frame_len(bytes)),
+            OutItem::SyncChunkWritten(_) => None,
+        })
+    }
+
+    /// Takes whole frames only, at most `max_bytes` of them in at most
+    /// `max_parts` buffers, cutting a buffer at a frame boundary where it
+    /// does not fit: the write of a paced session (see `pacing`), which
+    /// must never end inside a frame. Frames are counted from their
+    /// headers, so the counts are exact.
+    pub fn take_frames(&mut self, max_bytes: usize, max_parts: usize) -> WriteBatch {
+        self.refill();
+        let mut wb = WriteBatch::default();
+        while wb.parts.len() < max_parts {
+            let Some(front) = self.items.front_mut() else {
+                break;
+            };
+            let OutItem::Frames {
+                bytes,
+                frames: item_frames,
+                keepalive,
+                born,
+                ..
+            } = front
+            else {
+                if let Some(OutItem::SyncChunkWritten(vni)) = self.items.pop_front() {
+                    wb.sync_written.push(vni);
+                }
+                continue;
+            };
+            let span = whole_frames_prefix(bytes, max_bytes - wb.bytes);
+            let (len, frames) = (span.bytes, span.frames);
+            if len == 0 {
+                break;
+            }
+            let born = *born;
+            let part = if len == bytes.len() {
+                if *keepalive {
+                    self.keepalive_queued = false;
+                }
+                let part = std::mem::take(bytes);
+                self.items.pop_front();
+                part
+            } else {
+                *item_frames = item_frames.saturating_sub(frames as u32);
+                bytes.split_to(len)
+            };
+            if let Some(b) = born {
+                if wb.fanout_born.last() != Some(&b) {
+                    wb.fanout_born.push(b);
+                }
+            }
+            wb.bytes += len;
+            wb.frames += frames;
+            wb.updates += span.updates;
+            wb.parts.push(part);
+        }
+        // Markers right behind the last frame taken are done with it.
+        while let Some(OutItem::SyncChunkWritten(vni)) = self.items.front() {
+            wb.sync_written.push(*vni);
+            self.items.pop_front();
+        }
         if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
             self.items = VecDeque::new();
         }
