@@ -48,13 +48,16 @@ use std::time::{Duration, Instant};
 /// not consumed (in flight or waiting in its socket). Well under the Go
 /// reader's 65,535-byte buffer: what is left covers the growth of the
 /// peer's window that the estimate does not see yet (module doc).
-pub const PACED_UNREAD: u64 = 24 * 1024;
+pub const PACED_UNREAD: u64 = 20 * 1024;
 /// Bytes a paced session must take within `PROOF_WINDOW` to be trusted to
-/// read as a stream (10 MiB/s, about 200,000 routes a second: twenty times
-/// what a Go peer processes).
-pub const PROOF_BYTES: u64 = 1 << 20;
+/// read as a stream (12.5 MiB/s, about 290,000 routes a second: more than
+/// ten times what a Go client processes, logging each route, and several
+/// times what its reader could parse with no logging at all). Short, so a
+/// fast reader streams after its first few milliseconds: a sync or burst
+/// to our own subscribers keeps its speed.
+pub const PROOF_BYTES: u64 = 256 << 10;
 /// See `PROOF_BYTES`.
-pub const PROOF_WINDOW: Duration = Duration::from_millis(100);
+pub const PROOF_WINDOW: Duration = Duration::from_millis(20);
 /// First wait for an ACK of what is in flight; doubles up to `ACK_WAIT_MAX`
 /// while no ACK comes.
 const ACK_WAIT_MIN: Duration = Duration::from_micros(100);
@@ -72,6 +75,28 @@ const PROBE_WAIT_MAX: Duration = Duration::from_millis(32);
 /// estimate of its buffer lags that growth by about what is unread at the
 /// time: a small first write keeps that error small.
 const PACED_START: u64 = 4 * 1024;
+/// Readings showing consumption with a window that did not grow before the
+/// bound may double (see `PACED_START`).
+const SETTLED_READINGS: u32 = 3;
+/// A probe acknowledged this soon was read at once: the peer's reader was
+/// waiting in `read` with nothing left unread, so the window in that ACK is
+/// its whole buffer (Linux acknowledges a small segment when a read empties
+/// the queue; a segment that waits for a busy reader is acknowledged by the
+/// delayed-ACK timer, tens of milliseconds later). That reading sets the
+/// estimate of the buffer, up or down: a receiver's window grows during the
+/// first round trips and shrinks under memory pressure.
+const PROMPT_ACK: Duration = Duration::from_millis(5);
+/// Linux acknowledges up to 16 segments at once, whether read or not, at the
+/// start of a connection and after it received nothing for its RTO (200 ms
+/// at least): prompt ACKs of that many writes after either prove nothing.
+const QUICK_ACK_WRITES: u32 = 32;
+/// See `QUICK_ACK_WRITES`.
+const QUICK_ACK_PAUSE: Duration = Duration::from_millis(200);
+/// Fallback when no probe is ever acknowledged promptly: after this long
+/// with the window closed and everything acknowledged, the estimate of the
+/// buffer comes down by one bound (a Go peer still busy with the bound then
+/// finds at most two bounds waiting; it has long read one).
+const REANCHOR_AFTER: Duration = Duration::from_secs(5);
 /// A reading older than this is taken again before a burst starts.
 const STALE_READING: Duration = Duration::from_millis(1);
 
@@ -168,14 +193,29 @@ pub struct ReaderPacer {
     acked: u64,
     /// `written` may grow to this before a new reading is needed.
     limit: u64,
-    /// Largest window the peer advertised: the estimate of its buffer.
+    /// Largest window the peer advertised: the estimate of its buffer
+    /// (lowered by `REANCHOR_AFTER`).
     largest_window: u64,
+    /// The window at the last reading.
+    window: u64,
+    /// When the edge last moved, or the buffer estimate was last lowered.
+    anchored: Instant,
+    /// The probe out: when it was written and `written` after it.
+    probe: Option<(Instant, u64)>,
+    /// Writes left during which the peer may be in quick-ACK mode (see
+    /// `QUICK_ACK_WRITES`).
+    quick_ack_writes: u32,
+    /// When the last write went out.
+    last_write: Instant,
     /// Right edge of the peer's window at the last reading (acked + window).
     edge: u64,
     /// Largest single paced write.
     segment: usize,
     /// The bound now: `PACED_START` doubling to `PACED_UNREAD`.
     bound: u64,
+    /// Readings in a row that showed the peer consuming without its window
+    /// growing: the bound grows only after `SETTLED_READINGS`.
+    settled: u32,
     /// A reading was taken since `written` last reached `limit`.
     fresh: bool,
     /// When the last reading was taken: one older than `STALE_READING` is
@@ -209,9 +249,15 @@ impl ReaderPacer {
             acked: 0,
             limit: 0,
             largest_window: 0,
+            window: 0,
+            anchored: now,
+            probe: None,
+            quick_ack_writes: QUICK_ACK_WRITES,
+            last_write: now,
             edge: 0,
             segment: crate::codec::MAX_FRAME,
             bound: PACED_START,
+            settled: 0,
             fresh: false,
             last_reading: now,
             ack_wait: ACK_WAIT_MIN,
@@ -280,10 +326,25 @@ impl ReaderPacer {
         }
         // Everything acknowledged and the window still closed by what the
         // reader holds: it may have read meanwhile without saying so.
+        if now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER {
+            let lower = self
+                .largest_window
+                .saturating_sub(self.bound)
+                .max(self.window);
+            if lower < self.largest_window {
+                self.largest_window = lower;
+                self.anchored = now;
+                self.set_limit();
+                self.fresh = true;
+                return self.budget(next_frame, now);
+            }
+        }
         let due = self.last_progress + self.probe_wait;
         if now >= due {
             self.probe_wait = (self.probe_wait * 2).min(PROBE_WAIT_MAX);
             self.last_progress = now;
+            // `wrote` records where it ends.
+            self.probe = Some((now, u64::MAX));
             return Budget::Probe;
         }
         Budget::Wait(due - now)
@@ -296,24 +357,56 @@ impl ReaderPacer {
         let acked = w.acked.saturating_sub(self.acked_base).min(self.written);
         let window = u64::from(w.window);
         let edge = acked + window;
+        let grew = window > self.largest_window + u64::from(w.unit);
         self.largest_window = self.largest_window.max(window);
+        self.window = window;
+        if let Some((sent, end)) = self.probe {
+            if acked >= end {
+                self.probe = None;
+                let prompt = now.saturating_duration_since(sent) <= PROMPT_ACK;
+                // In quick-ACK mode (the first segments of a connection, or
+                // after a pause in what it receives) a receiver acknowledges
+                // every segment at once, read or not: such an ACK may raise
+                // the estimate, never lower it.
+                let quick_ack = self.quick_ack_writes > 0;
+                if prompt && acked == self.written && (!quick_ack || window >= self.largest_window)
+                {
+                    // Read at once: nothing is unread, the window is all.
+                    self.largest_window = window;
+                    self.anchored = now;
+                }
+            }
+        }
         if edge > self.edge + u64::from(w.unit) || acked > self.acked {
             self.last_progress = now;
             self.ack_wait = ACK_WAIT_MIN;
         }
         if edge > self.edge + u64::from(w.unit) {
+            self.anchored = now;
             self.probe_wait = PROBE_WAIT_MIN;
             self.blocked_since = None;
-            if self.written > 0 {
-                self.bound = (self.bound * 2).min(PACED_UNREAD);
+            if grew {
+                // The window grew: part of this edge's move may be that
+                // growth, not reading. Small steps until it settles.
+                self.settled = 0;
+                self.bound = PACED_START;
+            } else if self.written > 0 {
+                self.settled += 1;
+                if self.settled >= SETTLED_READINGS {
+                    self.bound = (self.bound * 2).min(PACED_UNREAD);
+                }
             }
         }
         self.edge = self.edge.max(edge);
         self.acked = acked;
-        // written − (edge − largest_window) ≤ bound
-        self.limit = (self.edge + self.bound).saturating_sub(self.largest_window);
+        self.set_limit();
         let half = (PACED_UNREAD / 2) as usize;
         self.segment = (w.mss as usize).clamp(crate::codec::MAX_FRAME, half);
+    }
+
+    /// written − (edge − largest_window) ≤ bound
+    fn set_limit(&mut self) {
+        self.limit = (self.edge + self.bound).saturating_sub(self.largest_window);
     }
 
     /// `bytes` went to the socket. Returns true when this write completed
@@ -321,6 +414,16 @@ impl ReaderPacer {
     pub fn wrote(&mut self, bytes: usize, now: Instant) -> bool {
         let before = self.written;
         self.written += bytes as u64;
+        if now.saturating_duration_since(self.last_write) >= QUICK_ACK_PAUSE {
+            self.quick_ack_writes = QUICK_ACK_WRITES;
+        }
+        self.quick_ack_writes = self.quick_ack_writes.saturating_sub(1);
+        self.last_write = now;
+        if let Some((_, end)) = &mut self.probe {
+            if *end == u64::MAX {
+                *end = self.written;
+            }
+        }
         if self.mode == Mode::Streaming {
             return false;
         }
@@ -379,7 +482,11 @@ mod tests {
             acked += w;
             p.observe(win(acked, window), t);
         }
-        assert_eq!(bounds, [4096, 8192, 16384], "the first writes ramp up");
+        assert_eq!(
+            bounds,
+            [4096, 4096, 4096, 8192, 16384],
+            "the first writes ramp up once the window settled"
+        );
         (p, t, acked)
     }
 
@@ -420,10 +527,11 @@ mod tests {
     fn a_window_that_grows_is_taken_as_the_buffer() {
         let (mut p, t, acked) = ramped(65_000);
         let w = write_all_allowed(&mut p, t);
-        // The reader read it and its kernel grew the window meanwhile.
+        // The reader read it and its kernel grew the window meanwhile: the
+        // bound starts small again while the window grows.
         p.observe(win(acked + w, 130_000), at(t, 1));
         let w2 = write_all_allowed(&mut p, at(t, 1));
-        assert_eq!(w2, PACED_UNREAD);
+        assert_eq!(w2, PACED_START);
         // Acknowledged but unread: the window closes by that much.
         p.observe(win(acked + w + w2, 130_000 - w2 as u32), at(t, 1));
         assert_eq!(write_all_allowed(&mut p, at(t, 1)), 0);
@@ -452,9 +560,10 @@ mod tests {
             "since the writes ran out"
         );
         p.wrote(50, at(t, 3));
-        // The probe is acknowledged, the window still closed: next one later.
-        p.observe(win(1 + w + 50, 65_000 - w as u32 - 50), at(t, 4));
-        assert_eq!(p.budget(50, at(t, 4)), Budget::Wait(2 * PROBE_WAIT_MIN));
+        // The probe is acknowledged by the delayed-ACK timer, the window
+        // still closed: the next one later.
+        p.observe(win(1 + w + 50, 65_000 - w as u32 - 50), at(t, 33));
+        assert_eq!(p.budget(50, at(t, 33)), Budget::Wait(2 * PROBE_WAIT_MIN));
     }
 
     #[test]
@@ -545,5 +654,26 @@ mod tests {
         use std::os::fd::AsFd;
         let w = tcp_window(client.as_fd()).unwrap().expect("kernel >= 5.4");
         assert!(w.window > 0 && w.mss > 0);
+    }
+
+    #[test]
+    fn a_buffer_that_shrank_is_found_out_a_bound_at_a_time() {
+        let (mut p, t, acked) = ramped(107_520);
+        let w = write_all_allowed(&mut p, t);
+        // The reader read everything, but its kernel lowered its window.
+        let shrunk = 107_520 - PACED_UNREAD as u32;
+        p.observe(win(acked + w, shrunk), at(t, 1));
+        assert_eq!(write_all_allowed(&mut p, at(t, 1)), 0, "looks unread");
+        let mut now = 1;
+        while write_all_allowed(&mut p, at(t, now)) == 0 {
+            p.observe(win(acked + w, shrunk), at(t, now));
+            now += 1;
+            assert!(now < 10_000, "starved");
+        }
+        assert!(
+            now >= REANCHOR_AFTER.as_millis() as u64,
+            "not before the wait"
+        );
+        assert_eq!(p.largest_window, shrunk as u64);
     }
 }

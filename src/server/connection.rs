@@ -80,6 +80,12 @@ pub(crate) struct Connection {
     frames_out: Cell<u64>,
     /// Bytes written.
     bytes_out: Cell<u64>,
+    /// How far behind the peer is: at this instant, output up to this
+    /// byte count (`bytes_out` + queued) was queued; while `bytes_out` is
+    /// below it, that output still waits. Moved on by the writer whenever
+    /// the peer caught up with it; `None` while nothing is queued. See
+    /// `push_control`.
+    behind_mark: Cell<Option<(Instant, u64)>>,
 }
 
 /// What a connection has moved so far, for snapshots.
@@ -111,6 +117,7 @@ impl Connection {
             bytes_in: Cell::new(0),
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
+            behind_mark: Cell::new(None),
         }
     }
 
@@ -152,9 +159,29 @@ impl Connection {
     /// Queues a session reply (a KEEPALIVE only if none is waiting already,
     /// see `OutQueue::push_control`). A peer that does not read at all is
     /// cut off by the writer's stall timeout; meanwhile it costs one reply.
-    pub(crate) fn push_control(&self, msg: &Message) {
-        if self.out.borrow_mut().push_control(msg) {
+    /// A KEEPALIVE goes ahead of routes queued `interval` (the session's
+    /// keepalive interval) ago or earlier and still unwritten: a Go peer
+    /// working through a paced backlog would otherwise miss our replies
+    /// for its hold time (2.5 intervals; its timer runs on KEEPALIVEs
+    /// only) and reset. A peer that keeps up, even under a flood, is never
+    /// that far behind, so its replies keep their place: a barrier.
+    pub(crate) fn push_control(&self, msg: &Message, interval: Duration) {
+        let ahead = self
+            .behind_mark
+            .get()
+            .is_some_and(|(at, mark)| self.bytes_out.get() < mark && at.elapsed() >= interval);
+        if self.out.borrow_mut().push_control(msg, ahead) {
             self.writer_wake.notify();
+        }
+    }
+
+    /// Moves the behind mark on once the peer has taken everything that was
+    /// queued when it was set (see `behind_mark`).
+    fn mark_behind(&self, now: Instant) {
+        let out = self.bytes_out.get();
+        if self.behind_mark.get().is_none_or(|(_, mark)| out >= mark) {
+            let queued = self.out.borrow().queued_bytes() as u64;
+            self.behind_mark.set(Some((now, out + queued)));
         }
     }
 
@@ -286,14 +313,22 @@ pub(crate) async fn write_loop(
     sock: SocketFd,
 ) {
     let mut pacer = ReaderPacer::new(read_window(sock), Instant::now());
+    let mut drain = DrainWatch::new();
     loop {
         let wake = conn.writer_wake.wait();
         if conn.is_closed() {
             return;
         }
+        let pending = conn.out.borrow().queued_bytes() as u64;
+        let stall = shard.config().limits.write_stall_timeout;
+        if let Some(reason) = drain.check(stall, conn.bytes_out.get(), pending, Instant::now()) {
+            conn.close(reason);
+            return;
+        }
         let wb = match next_write(conn, &mut pacer, sock) {
             NextWrite::Batch(wb) => wb,
             NextWrite::Wait(d) => {
+                conn.mark_behind(Instant::now());
                 if let Some(reason) = paced_stall(shard, &pacer) {
                     conn.close(reason);
                     return;
@@ -306,12 +341,12 @@ pub(crate) async fn write_loop(
             }
         };
         if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            conn.behind_mark.set(None);
             wake.await;
             continue;
         }
         if !wb.parts.is_empty() {
-            let stall = shard.config().limits.write_stall_timeout;
-            match write_parts(conn, &mut writer, sock, &wb.parts, stall).await {
+            match write_parts(conn, &mut writer, sock, &wb.parts, shard, &mut drain).await {
                 Ok(calls) => {
                     let now = Instant::now();
                     if pacer.wrote(wb.bytes, now) {
@@ -321,6 +356,7 @@ pub(crate) async fn write_loop(
                     conn.frames_out
                         .set(conn.frames_out.get() + wb.frames as u64);
                     conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
+                    conn.mark_behind(now);
                     shard
                         .counters()
                         .written(wb.frames, wb.updates, wb.bytes, calls);
@@ -337,14 +373,84 @@ pub(crate) async fn write_loop(
                 }
             }
         }
-        for vni in wb.sync_written {
-            shard.to_owner(vni, OwnerInput::SyncWritten { peer: conn.id, vni });
+        for tag in wb.sync_written {
+            shard.to_owner(tag.vni, OwnerInput::SyncWritten { peer: conn.id, tag });
         }
         // A subscriber that reads as fast as we write never fills its
         // socket, so nothing above waits: without this, draining a large
         // backlog (or a coalesced map of millions of routes) would hold the
         // shard.
         glommio::yield_if_needed().await;
+    }
+}
+
+/// Least a peer with output waiting must take per write-stall timeout to
+/// count as draining: 64 KiB, about 550 bytes a second at the default
+/// 120 s, far below the slowest real reader (a Go peer at a few thousand
+/// routes a second takes 100 KiB a second and more).
+const DRAIN_MIN_BYTES: u64 = 64 * 1024;
+
+/// Is a peer taking its output at a useful rate? A socket that accepts a
+/// trickle (a peer that never reads, whose kernel still collapses its
+/// receive queue to make room and reopens its window a little) keeps
+/// single writes from stalling; this looks at what was written over each
+/// `--write-stall-timeout` instead.
+struct DrainWatch {
+    /// Start of the current window, `None` while nothing waits: output has
+    /// been waiting since then.
+    since: Option<Instant>,
+    /// Bytes written before the window started.
+    written_then: u64,
+    /// Most bytes seen waiting in the window (at most `DRAIN_MIN_BYTES`):
+    /// a peer that took that many kept up, however little it was.
+    pending_then: u64,
+}
+
+impl DrainWatch {
+    fn new() -> DrainWatch {
+        DrainWatch {
+            since: None,
+            written_then: 0,
+            pending_then: 0,
+        }
+    }
+
+    /// `written`: the connection's bytes written so far; `pending`: bytes
+    /// waiting to be written. A stall reason when, over a whole window with
+    /// output waiting all along, the peer took less than `DRAIN_MIN_BYTES`
+    /// and less than what waited in it.
+    fn check(
+        &mut self,
+        stall: Option<Duration>,
+        written: u64,
+        pending: u64,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let stall = stall?;
+        if pending == 0 {
+            self.since = None;
+            return None;
+        }
+        let Some(since) = self.since else {
+            self.start(now, written, pending);
+            return None;
+        };
+        self.pending_then = self.pending_then.max(pending.min(DRAIN_MIN_BYTES));
+        if now.saturating_duration_since(since) < stall {
+            return None;
+        }
+        if written - self.written_then < self.pending_then {
+            return Some(CloseReason::WriteStall(stall));
+        }
+        self.start(now, written, pending);
+        None
+    }
+
+    /// A new window: `pending` bytes wait now.
+    fn start(&mut self, now: Instant, written: u64, pending: u64) {
+        self.since = Some(now);
+        self.written_then = written;
+        self.pending_then = pending.min(DRAIN_MIN_BYTES);
     }
 }
 
@@ -435,15 +541,24 @@ async fn write_parts(
     writer: &mut WriteHalf<TcpStream>,
     sock: SocketFd,
     parts: &[Bytes],
-    stall: Option<Duration>,
+    shard: &ShardContext,
+    drain: &mut DrainWatch,
 ) -> Result<usize, WriteFailed> {
+    let stall = shard.config().limits.write_stall_timeout;
     let mut idx = 0;
     let mut off = 0;
     let mut calls = 0;
+    let mut sent = 0u64;
     while idx < parts.len() {
         let n = match send_vectored(sock, &parts[idx..], off) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A socket that takes a trickle never stalls one write.
+                let written = conn.bytes_out.get() + sent;
+                let pending = conn.out.borrow().queued_bytes() as u64;
+                if let Some(reason) = drain.check(stall, written, pending, Instant::now()) {
+                    return Err(WriteFailed::Close(reason));
+                }
                 // Boxed: only a peer that does not keep up gets here, and
                 // the wait's state (write, timer, close) would otherwise
                 // take room in every connection's writer task.
@@ -452,6 +567,7 @@ async fn write_parts(
             Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
         };
         calls += 1;
+        sent += n as u64;
         // Advance over what was written.
         let mut left = n;
         while left > 0 && idx < parts.len() {
@@ -606,6 +722,48 @@ impl ReadBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_taking_a_trickle_is_stalled_one_taking_a_stream_is_not() {
+        let t = Instant::now();
+        let s = |secs| t + Duration::from_secs(secs);
+        let stall = Some(Duration::from_secs(10));
+        let mut d = DrainWatch::new();
+        // Output waiting, 100 bytes a second: stalled after one window.
+        for sec in 0..10 {
+            assert!(d.check(stall, sec * 100, 1 << 20, s(sec)).is_none());
+        }
+        assert!(matches!(
+            d.check(stall, 1_000, 1 << 20, s(10)),
+            Some(CloseReason::WriteStall(_))
+        ));
+        // 100 KiB a second (a slow Go peer) goes on for ever.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            assert!(d.check(stall, sec * 100 * 1024, 1 << 20, s(sec)).is_none());
+        }
+        // Nothing waiting now and then: no stall, however little was written.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            let pending = if sec % 5 == 0 { 0 } else { 1 << 20 };
+            assert!(d.check(stall, 0, pending, s(sec)).is_none());
+        }
+        // A few bytes waiting all the time (KEEPALIVE replies to a busy
+        // announcer), each taken: no stall.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            assert!(d.check(stall, sec * 4, 4, s(sec)).is_none());
+        }
+        // Output after a long idle spell starts a new window.
+        let mut d = DrainWatch::new();
+        assert!(d.check(stall, 0, 0, s(0)).is_none());
+        assert!(d.check(stall, 0, 4, s(100)).is_none());
+        assert!(d.check(stall, 4, 4, s(105)).is_none());
+        assert!(d.check(stall, 8, 4, s(110)).is_none());
+        // No timeout configured: never.
+        let mut d = DrainWatch::new();
+        assert!(d.check(None, 0, 1 << 20, s(1_000)).is_none());
+    }
 
     #[test]
     fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {

@@ -21,6 +21,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use super::fanout::FanoutBatch;
+use super::owner::SyncTag;
 use super::route_set::RouteMap;
 use super::PeerId;
 use crate::codec::{encode_frame, first_frame_len, whole_frames_prefix, Message};
@@ -45,13 +46,34 @@ enum OutItem {
         /// This is a KEEPALIVE reply (at most one is queued, see
         /// `OutQueue::push_control`).
         keepalive: bool,
-        /// Birth of the live fan-out batch these frames come from (`None`
-        /// for control frames, sync chunks and coalesced output).
-        born: Option<Instant>,
+        /// Where the frames come from (the fan-out latency histogram times
+        /// live batches; an UNSUBSCRIBE drops the VNI's unwritten sync).
+        origin: Origin,
     },
     /// A SUBSCRIBE sync chunk for this VNI has been fully handed to the
     /// socket; the owner may send the next one.
-    SyncChunkWritten(Vni),
+    SyncChunkWritten(SyncTag),
+}
+
+/// Where queued frames come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A live fan-out batch born at this instant.
+    Live(Instant),
+    /// A SUBSCRIBE sync chunk of this VNI.
+    Sync(Vni),
+    /// Session replies and coalesced output.
+    Other,
+}
+
+impl Origin {
+    /// The birth of a live batch.
+    fn born(self) -> Option<Instant> {
+        match self {
+            Origin::Live(born) => Some(born),
+            Origin::Sync(_) | Origin::Other => None,
+        }
+    }
 }
 
 /// The net change a slow peer has not been sent yet for one route.
@@ -85,7 +107,7 @@ pub struct WriteBatch {
     /// Bytes in `parts`.
     pub bytes: usize,
     /// Sync chunks completed once `parts` are written.
-    pub sync_written: Vec<Vni>,
+    pub sync_written: Vec<SyncTag>,
     /// Births of the live fan-out batches in `parts` (one per batch), for
     /// the fan-out latency histogram once they are written.
     pub fanout_born: Vec<Instant>,
@@ -171,7 +193,14 @@ impl OutQueue {
     /// second would, and a peer that floods KEEPALIVEs without reading then
     /// costs one queue slot instead of one per KEEPALIVE (it was gigabytes).
     /// Anything else is always queued: one HELLO per session.
-    pub fn push_control(&mut self, msg: &Message) -> bool {
+    ///
+    /// `ahead_of_routes`: a KEEPALIVE goes ahead of the queued routes (the
+    /// peer has been reading a backlog for a while: a slow reader that
+    /// takes many seconds for it would see its hold timer, which runs on
+    /// our KEEPALIVEs, expire). A KEEPALIVE carries no data, so its place
+    /// among UPDATEs changes nothing a peer holds; otherwise replies keep
+    /// their place, so a peer can use one as a barrier.
+    pub fn push_control(&mut self, msg: &Message, ahead_of_routes: bool) -> bool {
         let keepalive = matches!(msg, Message::Keepalive);
         let bytes = if keepalive {
             if self.keepalive_queued {
@@ -196,13 +225,10 @@ impl OutQueue {
             frames: 1,
             control: true,
             keepalive,
-            born: None,
+            origin: Origin::Other,
         };
-        if keepalive {
-            // Ahead of queued routes (behind a HELLO still queued): a
-            // paced peer may take many seconds to read what is queued, and
-            // its hold timer runs on our KEEPALIVEs. A KEEPALIVE carries no
-            // data, so its place among UPDATEs means nothing.
+        if keepalive && ahead_of_routes {
+            // Behind a HELLO still queued, ahead of everything else.
             let at = self
                 .items
                 .iter()
@@ -228,7 +254,7 @@ impl OutQueue {
                 for (i, p) in parts.into_iter().enumerate() {
                     // Frame count is attributed to the last part.
                     let f = if i + 1 == n { frames as u32 } else { 0 };
-                    self.push_bytes(p, f, Some(batch.born));
+                    self.push_bytes(p, f, Origin::Live(batch.born));
                 }
                 return Ok(());
             }
@@ -249,16 +275,19 @@ impl OutQueue {
     }
 
     /// Queues one SUBSCRIBE sync chunk and its completion marker. Always
-    /// accepted: the owner sends at most a small window of chunks before the
-    /// markers come back, so this is bounded by construction.
-    pub fn push_sync(&mut self, batch: &FanoutBatch, vni: Vni) {
+    /// accepted: the owner sends a subscriber at most `SYNC_WINDOW` chunks
+    /// before markers come back, whatever it subscribes to, so this is
+    /// bounded by construction; a chunk not yet written when the peer
+    /// unsubscribes is dropped (`forget_vni`), so subscribing and
+    /// unsubscribing in a loop cannot pile chunks up either.
+    pub fn push_sync(&mut self, batch: &FanoutBatch, tag: SyncTag) {
         let (parts, frames) = batch.parts_for(self.me);
         let n = parts.len();
         for (i, p) in parts.into_iter().enumerate() {
             let f = if i + 1 == n { frames as u32 } else { 0 };
-            self.push_bytes(p, f, None);
+            self.push_bytes(p, f, Origin::Sync(tag.vni));
         }
-        self.items.push_back(OutItem::SyncChunkWritten(vni));
+        self.items.push_back(OutItem::SyncChunkWritten(tag));
     }
 
     /// Takes up to about `max_bytes` (and at most `max_parts` buffers) for
@@ -284,12 +313,12 @@ impl OutQueue {
                     frames,
                     control,
                     keepalive,
-                    born,
+                    origin,
                 }) => {
                     if keepalive {
                         self.keepalive_queued = false;
                     }
-                    if let Some(b) = born {
+                    if let Some(b) = origin.born() {
                         if wb.fanout_born.last() != Some(&b) {
                             wb.fanout_born.push(b);
                         }
@@ -301,7 +330,7 @@ impl OutQueue {
                     }
                     wb.parts.push(bytes);
                 }
-                Some(OutItem::SyncChunkWritten(vni)) => wb.sync_written.push(vni),
+                Some(OutItem::SyncChunkWritten(tag)) => wb.sync_written.push(tag),
                 None => break,
             }
         }
@@ -339,12 +368,12 @@ impl OutQueue {
                 bytes,
                 frames: item_frames,
                 keepalive,
-                born,
+                origin,
                 ..
             } = front
             else {
-                if let Some(OutItem::SyncChunkWritten(vni)) = self.items.pop_front() {
-                    wb.sync_written.push(vni);
+                if let Some(OutItem::SyncChunkWritten(tag)) = self.items.pop_front() {
+                    wb.sync_written.push(tag);
                 }
                 continue;
             };
@@ -353,7 +382,7 @@ impl OutQueue {
             if len == 0 {
                 break;
             }
-            let born = *born;
+            let born = origin.born();
             let part = if len == bytes.len() {
                 if *keepalive {
                     self.keepalive_queued = false;
@@ -376,8 +405,8 @@ impl OutQueue {
             wb.parts.push(part);
         }
         // Markers right behind the last frame taken are done with it.
-        while let Some(OutItem::SyncChunkWritten(vni)) = self.items.front() {
-            wb.sync_written.push(*vni);
+        while let Some(OutItem::SyncChunkWritten(tag)) = self.items.front() {
+            wb.sync_written.push(*tag);
             self.items.pop_front();
         }
         if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
@@ -386,11 +415,28 @@ impl OutQueue {
         wb
     }
 
-    /// Drops coalesced changes of `vni` (the peer unsubscribed from it).
+    /// The peer unsubscribed from `vni`: drops its coalesced changes and
+    /// the sync chunks not yet written (with their markers; the owner
+    /// forgets the sync job at the UNSUBSCRIBE). Live frames queued before
+    /// the UNSUBSCRIBE stay: they were due before it.
     pub fn forget_vni(&mut self, vni: Vni) {
         if let Some(map) = &mut self.coalesced {
             map.retain(|route, _| route.vni != vni);
         }
+        let mut dropped = 0;
+        self.items.retain(|item| match item {
+            OutItem::Frames {
+                bytes,
+                origin: Origin::Sync(v),
+                ..
+            } if *v == vni => {
+                dropped += bytes.len();
+                false
+            }
+            OutItem::SyncChunkWritten(tag) => tag.vni != vni,
+            _ => true,
+        });
+        self.queued_bytes -= dropped;
     }
 
     /// The writer put `bytes` (from a `WriteBatch`) on the socket.
@@ -398,7 +444,7 @@ impl OutQueue {
         self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
     }
 
-    fn push_bytes(&mut self, bytes: Bytes, frames: u32, born: Option<Instant>) {
+    fn push_bytes(&mut self, bytes: Bytes, frames: u32, origin: Origin) {
         if bytes.is_empty() {
             return;
         }
@@ -408,7 +454,7 @@ impl OutQueue {
             frames,
             control: false,
             keepalive: false,
-            born,
+            origin,
         });
     }
 
@@ -457,7 +503,7 @@ impl OutQueue {
                 encode_frame(&Message::Update { action, route }, &mut buf);
                 frames += 1;
             }
-            self.push_bytes(buf.freeze(), frames, None);
+            self.push_bytes(buf.freeze(), frames, Origin::Other);
         }
         if self.coalesced_len() == 0 {
             self.coalescing = false;
@@ -473,6 +519,10 @@ mod tests {
     use crate::codec::FrameDecoder;
     use crate::server::fanout::FanoutBuilder;
     use crate::types::NextHop;
+
+    fn tag(vni: Vni) -> SyncTag {
+        SyncTag { vni, epoch: 1 }
+    }
 
     fn route(i: u32) -> Route {
         Route::new(
@@ -529,8 +579,8 @@ mod tests {
         let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
         let live = batch(&[(Action::Add, 1)]);
         q.push_fanout(&live).unwrap();
-        q.push_control(&Message::Keepalive);
-        q.push_sync(&batch(&[(Action::Add, 2)]), Vni::new(1).unwrap());
+        q.push_control(&Message::Keepalive, false);
+        q.push_sync(&batch(&[(Action::Add, 2)]), tag(Vni::new(1).unwrap()));
         let wb = q.take_for_write(1 << 20, 64);
         // Only the live batch is timed; control frames and sync chunks are not.
         assert_eq!(wb.fanout_born, vec![live.born]);
@@ -539,24 +589,27 @@ mod tests {
     #[test]
     fn at_most_one_keepalive_reply_waits_for_the_writer() {
         let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
-        assert!(q.push_control(&Message::Keepalive));
+        assert!(q.push_control(&Message::Keepalive, false));
         for _ in 0..10_000 {
-            assert!(!q.push_control(&Message::Keepalive), "a flood adds nothing");
+            assert!(
+                !q.push_control(&Message::Keepalive, false),
+                "a flood adds nothing"
+            );
         }
         assert_eq!(q.queued_bytes(), 4);
         let wb = q.take_for_write(1 << 20, 64);
         assert_eq!((wb.frames, wb.bytes, wb.updates), (1, 4, 0));
         assert_eq!(&wb.parts[0][..], &[1, 0, 0, 2], "the KEEPALIVE frame");
         // Taken by the writer (in flight): the next reply queues again.
-        assert!(q.push_control(&Message::Keepalive));
-        assert!(!q.push_control(&Message::Keepalive));
+        assert!(q.push_control(&Message::Keepalive, false));
+        assert!(!q.push_control(&Message::Keepalive, false));
         assert_eq!(q.queued_bytes(), 8, "one in flight, one queued");
         let hello = Message::Hello {
             keepalive_secs: 5,
             is_server: true,
         };
         assert!(
-            q.push_control(&hello),
+            q.push_control(&hello, false),
             "other control messages always queue"
         );
     }
@@ -644,10 +697,10 @@ mod tests {
         let vni = Vni::new(1).unwrap();
         let mut b = FanoutBuilder::default();
         b.push(None, Action::Add, route(3));
-        q.push_sync(&b.finish(), vni);
+        q.push_sync(&b.finish(), tag(vni));
         let wb = q.take_for_write(1 << 20, 64);
         assert_eq!(wb.frames, 1);
-        assert_eq!(wb.sync_written, vec![vni]);
+        assert_eq!(wb.sync_written, vec![tag(vni)]);
     }
 
     #[test]
@@ -669,5 +722,50 @@ mod tests {
         assert_eq!(q.coalesced_len(), 1);
         let got = drain(&mut q);
         assert_eq!(got, vec![(Action::Add, route(0)), (Action::Add, other)]);
+    }
+
+    #[test]
+    fn unwritten_sync_chunks_of_an_unsubscribed_vni_are_dropped() {
+        let me = PeerId::new(1, 1);
+        let vni = Vni::new(1).unwrap();
+        let mut q = OutQueue::new(me, 1 << 20, 100);
+        q.push_fanout(&batch(&[(Action::Add, 0)])).unwrap();
+        for i in 0..10 {
+            let mut b = FanoutBuilder::default();
+            b.push(None, Action::Add, route(100 + i));
+            q.push_sync(&b.finish(), tag(vni));
+        }
+        q.push_control(&Message::Keepalive, false);
+        let before = q.queued_bytes();
+        q.forget_vni(vni);
+        assert!(q.queued_bytes() < before);
+        let wb = q.take_for_write(1 << 20, 64);
+        assert!(wb.sync_written.is_empty(), "their markers went with them");
+        assert_eq!(wb.frames, 2, "the KEEPALIVE and the live frame stay");
+        q.written(wb.bytes);
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_keepalive_for_a_backlogged_peer_goes_ahead_of_routes_not_of_hello() {
+        let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        let hello = Message::Hello {
+            keepalive_secs: 5,
+            is_server: true,
+        };
+        q.push_control(&hello, false);
+        q.push_fanout(&batch(&[(Action::Add, 1), (Action::Add, 2)]))
+            .unwrap();
+        q.push_control(&Message::Keepalive, true);
+        let wb = q.take_frames(8, 64);
+        assert_eq!((wb.frames, wb.bytes), (1, 8), "the HELLO first");
+        let wb = q.take_frames(4, 64);
+        assert_eq!(&wb.parts[0][..], &KEEPALIVE_FRAME, "then the KEEPALIVE");
+        let mut fifo = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        fifo.push_fanout(&batch(&[(Action::Add, 1)])).unwrap();
+        fifo.push_control(&Message::Keepalive, false);
+        let wb = fifo.take_frames(1 << 20, 64);
+        assert_eq!(wb.updates, 1);
+        assert_eq!(&wb.parts[1][..], &KEEPALIVE_FRAME, "a barrier otherwise");
     }
 }

@@ -5,7 +5,8 @@
 //! route), encoding each resulting UPDATE once per batch (`FanoutBuilder`),
 //! addressing the batch to every shard holding live subscribers, and driving
 //! the chunked, flow-controlled sync of new subscribers (at most
-//! `SYNC_WINDOW` chunks in flight per subscription and
+//! `SYNC_WINDOW` chunks in flight per subscriber, whatever it subscribes
+//! to, and
 //! `SYNC_BYTES_IN_FLIGHT` bytes over all of this owner's subscriptions, see
 //! `sync_budget`; the
 //! next chunk goes out when the subscriber's shard reports one written).
@@ -24,7 +25,10 @@ use super::vni_table::{Change, Subscriber, VniTable};
 use super::PeerId;
 use crate::types::{Action, Route, Vni};
 
-/// Sync chunks a subscription may have queued but not yet written.
+/// Sync chunks a subscriber may have queued but not yet written, over all
+/// its subscriptions to this owner's VNIs: whatever it subscribes to, a
+/// peer that does not read holds at most this many chunks per owner shard
+/// (issue #24: 10,000 subscriptions with two chunks each were a gigabyte).
 pub const SYNC_WINDOW: u32 = 2;
 /// A fan-out buffer is sent once it passes this size, so batches stay small
 /// enough to share and to coalesce.
@@ -55,6 +59,9 @@ pub enum OwnerInput {
         peer: PeerId,
         /// The VNI.
         vni: Vni,
+        /// Which of the peer's SUBSCRIBEs this is; its sync chunks carry
+        /// it (see `SyncTag`).
+        epoch: u32,
     },
     /// The peer leaves the VNI (or disconnected).
     Unsubscribe {
@@ -63,13 +70,24 @@ pub enum OwnerInput {
         /// The VNI.
         vni: Vni,
     },
-    /// One sync chunk for (peer, vni) reached the peer's socket.
+    /// One sync chunk for (peer, subscription) reached the peer's socket.
     SyncWritten {
         /// The peer concerned.
         peer: PeerId,
-        /// The VNI.
-        vni: Vni,
+        /// The subscription the chunk belongs to.
+        tag: SyncTag,
     },
+}
+
+/// Which subscription a sync chunk belongs to. A peer may unsubscribe and
+/// subscribe again before the owner hears of either: chunks of the earlier
+/// subscription still on their way must not pass for the new one's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncTag {
+    /// The VNI synced.
+    pub vni: Vni,
+    /// The peer's count of SUBSCRIBEs when it sent this one (wrapping).
+    pub epoch: u32,
 }
 
 /// Frames for some peers of one shard.
@@ -84,14 +102,14 @@ pub struct Delivery {
     /// The shared frames.
     pub batch: FanoutBatch,
     /// Set for a sync chunk: report `SyncWritten` once it is written.
-    pub sync: Option<Vni>,
+    pub sync: Option<SyncTag>,
 }
 
 /// A subscription being synced.
 #[derive(Debug)]
 struct SyncJob {
-    /// Chunks the owner may still send before hearing one was written.
-    credit: u32,
+    /// The subscription synced (its peer's SUBSCRIBE count).
+    epoch: u32,
     /// No chunk sent yet. The first step always sends one, even empty: it
     /// tells the subscriber's shard that deliveries from an earlier
     /// subscription to the same VNI are over.
@@ -103,6 +121,15 @@ struct SyncJob {
     /// The chunks sent and not yet reported written, oldest first (a
     /// subscriber's shard reports them in the order they were sent).
     in_flight: VecDeque<ChunkTicket>,
+}
+
+/// One subscriber's sync credit on this owner.
+#[derive(Debug)]
+struct SyncCredit {
+    /// Chunks it may be sent before one is reported written.
+    chunks: u32,
+    /// Its sync jobs here (the entry goes with the last).
+    jobs: u32,
 }
 
 /// Changes collected for one VNI during the current batch.
@@ -127,8 +154,11 @@ pub struct VniOwner {
     tables: HashMap<Vni, VniTable>,
     /// Fan-out accumulated since the last `flush`.
     pending: HashMap<Vni, PendingFanout>,
-    /// Syncs in progress and their credit.
+    /// Syncs in progress.
     jobs: HashMap<(PeerId, Vni), SyncJob>,
+    /// Per syncing subscriber: chunks it may still be sent before one is
+    /// reported written (`SYNC_WINDOW` at most), and its jobs here.
+    credit: HashMap<PeerId, SyncCredit>,
     /// Round-robin order of sync jobs.
     job_order: VecDeque<(PeerId, Vni)>,
     /// Routes per sync chunk.
@@ -147,6 +177,7 @@ impl VniOwner {
             tables: HashMap::new(),
             pending: HashMap::new(),
             jobs: HashMap::new(),
+            credit: HashMap::new(),
             job_order: VecDeque::new(),
             chunk_routes: chunk_routes.max(1),
             route_count: 0,
@@ -187,7 +218,9 @@ impl VniOwner {
     }
 
     fn has_sync_jobs(&self) -> bool {
-        self.jobs.values().any(|j| j.credit > 0 && !j.scanned)
+        self.jobs
+            .iter()
+            .any(|((peer, _), j)| !j.scanned && self.credit_of(*peer) > 0)
     }
 
     /// Bytes of sync chunks counting against the budget.
@@ -232,13 +265,20 @@ impl VniOwner {
                 }
                 self.drop_if_empty(route.vni);
             }
-            OwnerInput::Subscribe { peer, vni } => {
+            OwnerInput::Subscribe { peer, vni, epoch } => {
                 let table = self.tables.entry(vni).or_insert_with(|| VniTable::new(vni));
                 if table.subscribe(peer) {
+                    self.credit
+                        .entry(peer)
+                        .or_insert(SyncCredit {
+                            chunks: SYNC_WINDOW,
+                            jobs: 0,
+                        })
+                        .jobs += 1;
                     self.jobs.insert(
                         (peer, vni),
                         SyncJob {
-                            credit: SYNC_WINDOW,
+                            epoch,
                             first: true,
                             scanned: false,
                             in_flight: VecDeque::new(),
@@ -251,25 +291,28 @@ impl VniOwner {
                 if let Some(table) = self.tables.get_mut(&vni) {
                     table.unsubscribe(peer);
                 }
-                // Its chunks still queued are dropped with its queue or
-                // written to a socket nobody syncs any more: either way no
-                // report comes for them.
+                // Its chunks still queued are dropped by its shard at the
+                // UNSUBSCRIBE (or with its queue): no report comes for them.
                 if let Some(job) = self.jobs.remove(&(peer, vni)) {
-                    for ticket in job.in_flight {
-                        self.sync_budget.release(ticket);
-                    }
+                    self.end_job(peer, job);
                 }
                 self.drop_if_empty(vni);
             }
-            OwnerInput::SyncWritten { peer, vni } => {
-                let key = (peer, vni);
-                if let Some(job) = self.jobs.get_mut(&key) {
-                    job.credit += 1;
+            OwnerInput::SyncWritten { peer, tag } => {
+                let key = (peer, tag.vni);
+                // A report of an earlier subscription's chunk: that job
+                // ended at its UNSUBSCRIBE, credit and budget went back then.
+                if let Some(job) = self.jobs.get_mut(&key).filter(|j| j.epoch == tag.epoch) {
                     if let Some(ticket) = job.in_flight.pop_front() {
                         self.sync_budget.release(ticket);
+                        if let Some(c) = self.credit.get_mut(&peer) {
+                            c.chunks += 1;
+                        }
                     }
                     if job.scanned && job.in_flight.is_empty() {
-                        self.jobs.remove(&key);
+                        if let Some(job) = self.jobs.remove(&key) {
+                            self.end_job(peer, job);
+                        }
                     }
                 }
             }
@@ -304,24 +347,23 @@ impl VniOwner {
             let Some(job) = self.jobs.get_mut(&key).filter(|j| !j.scanned) else {
                 continue; // unsubscribed (or resubscribed after a scan): forget it
             };
-            if job.credit == 0 {
+            let Some(credit) = self.credit.get_mut(&peer).filter(|c| c.chunks > 0) else {
                 self.job_order.push_back(key);
                 continue;
-            }
+            };
             let Some(chunk) = self
                 .tables
                 .get_mut(&vni)
                 .and_then(|t| t.sync_chunk(peer, self.chunk_routes))
             else {
-                for ticket in std::mem::take(&mut job.in_flight) {
-                    self.sync_budget.release(ticket);
+                if let Some(job) = self.jobs.remove(&key) {
+                    self.end_job(peer, job);
                 }
-                self.jobs.remove(&key);
                 continue;
             };
             if !chunk.routes.is_empty() || job.first {
                 job.first = false;
-                job.credit -= 1;
+                credit.chunks -= 1;
                 let batch = FanoutBuilder::additions(&chunk.routes);
                 job.in_flight
                     .push_back(self.sync_budget.sent(batch.frames.len(), now));
@@ -331,14 +373,19 @@ impl VniOwner {
                         vni,
                         recipients: Arc::from(vec![peer]),
                         batch,
-                        sync: Some(vni),
+                        sync: Some(SyncTag {
+                            vni,
+                            epoch: job.epoch,
+                        }),
                     },
                 ));
             }
             if chunk.done {
                 job.scanned = true;
                 if job.in_flight.is_empty() {
-                    self.jobs.remove(&key);
+                    if let Some(job) = self.jobs.remove(&key) {
+                        self.end_job(peer, job);
+                    }
                 }
             } else {
                 self.job_order.push_back(key);
@@ -451,6 +498,28 @@ impl VniOwner {
         }
     }
 
+    /// A sync job is over (scanned and written, or unsubscribed): its
+    /// chunks not reported written leave the budget and give their credit
+    /// back (their reports, if any come, find no job and are ignored).
+    fn end_job(&mut self, peer: PeerId, job: SyncJob) {
+        let returned = job.in_flight.len() as u32;
+        for ticket in job.in_flight {
+            self.sync_budget.release(ticket);
+        }
+        if let Some(c) = self.credit.get_mut(&peer) {
+            c.chunks += returned;
+            c.jobs -= 1;
+            if c.jobs == 0 {
+                self.credit.remove(&peer);
+            }
+        }
+    }
+
+    /// Chunks `peer` may be sent now.
+    fn credit_of(&self, peer: PeerId) -> u32 {
+        self.credit.get(&peer).map_or(0, |c| c.chunks)
+    }
+
     fn drop_if_empty(&mut self, vni: Vni) {
         if self.tables.get(&vni).is_some_and(VniTable::is_empty) && !self.pending.contains_key(&vni)
         {
@@ -478,6 +547,11 @@ mod tests {
     }
 
     /// (shard, recipients, decoded changes per recipient view, sync)
+    /// The sync tag of a peer's first subscription to `vni`.
+    fn tag(vni: Vni) -> SyncTag {
+        SyncTag { vni, epoch: 1 }
+    }
+
     fn decode(out: &[(usize, Delivery)], who: PeerId) -> Vec<(Action, Route)> {
         out.iter()
             .filter(|(_, d)| d.recipients.contains(&who))
@@ -487,9 +561,22 @@ mod tests {
 
     fn subscribe_live(o: &mut VniOwner, peer: PeerId) -> Vec<(usize, Delivery)> {
         let mut out = Vec::new();
-        o.apply(OwnerInput::Subscribe { peer, vni: vni() }, &mut out);
+        o.apply(
+            OwnerInput::Subscribe {
+                peer,
+                vni: vni(),
+                epoch: 1,
+            },
+            &mut out,
+        );
         while o.sync_step(&mut out) {
-            o.apply(OwnerInput::SyncWritten { peer, vni: vni() }, &mut out);
+            o.apply(
+                OwnerInput::SyncWritten {
+                    peer,
+                    tag: tag(vni()),
+                },
+                &mut out,
+            );
         }
         out
     }
@@ -606,6 +693,7 @@ mod tests {
             OwnerInput::Subscribe {
                 peer: sub,
                 vni: vni(),
+                epoch: 1,
             },
             &mut out,
         );
@@ -643,14 +731,14 @@ mod tests {
             o.apply(
                 OwnerInput::SyncWritten {
                     peer: sub,
-                    vni: vni(),
+                    tag: tag(vni()),
                 },
                 &mut out,
             );
             if !o.sync_step(&mut out) {
                 break;
             }
-            assert!(out.iter().all(|(_, d)| d.sync == Some(vni())));
+            assert!(out.iter().all(|(_, d)| d.sync == Some(tag(vni()))));
             seen.extend(decode(&out, sub));
             out.clear();
         }
@@ -734,7 +822,14 @@ mod tests {
         }
         let subscribers: Vec<PeerId> = (0..400).map(|i| PeerId::new(1, 10 + i)).collect();
         for &peer in &subscribers {
-            o.apply(OwnerInput::Subscribe { peer, vni: vni() }, &mut out);
+            o.apply(
+                OwnerInput::Subscribe {
+                    peer,
+                    vni: vni(),
+                    epoch: 1,
+                },
+                &mut out,
+            );
         }
         out.clear();
         while o.sync_step(&mut out) {}
@@ -774,7 +869,13 @@ mod tests {
         for (_, d) in std::mem::take(&mut out) {
             let peer = d.recipients[0];
             if peer != leaving {
-                o.apply(OwnerInput::SyncWritten { peer, vni: vni() }, &mut out);
+                o.apply(
+                    OwnerInput::SyncWritten {
+                        peer,
+                        tag: tag(vni()),
+                    },
+                    &mut out,
+                );
             }
         }
         assert_eq!(o.sync_bytes_in_flight(), 0);
@@ -789,7 +890,10 @@ mod tests {
                 let peer = d.recipients[0];
                 *received.entry(peer).or_default() += d.batch.frame_count();
                 o.apply(
-                    OwnerInput::SyncWritten { peer, vni: vni() },
+                    OwnerInput::SyncWritten {
+                        peer,
+                        tag: tag(vni()),
+                    },
                     &mut Vec::new(),
                 );
             }
@@ -800,5 +904,119 @@ mod tests {
         assert_eq!(o.sync_bytes_in_flight(), 0);
         assert!(o.jobs.is_empty(), "finished jobs are gone");
         assert_eq!(received.len(), subscribers.len() - 1);
+    }
+
+    #[test]
+    fn a_subscriber_gets_at_most_the_window_over_all_its_subscriptions() {
+        let mut o = VniOwner::new(4);
+        let peer = PeerId::new(1, 7);
+        let other = PeerId::new(1, 8);
+        let vnis: Vec<Vni> = (10..60).map(|v| Vni::new(v).unwrap()).collect();
+        let mut out = Vec::new();
+        for v in &vnis {
+            for i in 0..40u32 {
+                let route = Route::new(
+                    *v,
+                    format!("10.0.{i}.0/24").parse().unwrap(),
+                    NextHop::standard("2001:db8::1".parse().unwrap()),
+                );
+                o.apply(OwnerInput::Announce { peer: other, route }, &mut out);
+            }
+        }
+        for v in &vnis {
+            o.apply(
+                OwnerInput::Subscribe {
+                    peer,
+                    vni: *v,
+                    epoch: 1,
+                },
+                &mut out,
+            );
+        }
+        out.clear();
+        while o.sync_step(&mut out) {}
+        let sent: Vec<SyncTag> = out.iter().filter_map(|(_, d)| d.sync).collect();
+        assert_eq!(sent.len(), SYNC_WINDOW as usize, "not two per subscription");
+        // A chunk written: one more may go.
+        o.apply(OwnerInput::SyncWritten { peer, tag: sent[0] }, &mut out);
+        out.clear();
+        while o.sync_step(&mut out) {}
+        assert_eq!(out.iter().filter(|(_, d)| d.sync.is_some()).count(), 1);
+        // Unsubscribing a VNI whose chunk was never written gives its credit
+        // back (its shard drops the chunk): the sync of the others goes on.
+        let unwritten = out.iter().find_map(|(_, d)| d.sync).unwrap();
+        o.apply(
+            OwnerInput::Unsubscribe {
+                peer,
+                vni: unwritten.vni,
+            },
+            &mut out,
+        );
+        out.clear();
+        while o.sync_step(&mut out) {}
+        assert_eq!(out.iter().filter(|(_, d)| d.sync.is_some()).count(), 1);
+        // Leaving everything forgets the subscriber's credit.
+        for v in &vnis {
+            o.apply(OwnerInput::Unsubscribe { peer, vni: *v }, &mut out);
+        }
+        assert!(o.credit.is_empty());
+        assert!(o.jobs.is_empty());
+    }
+
+    #[test]
+    fn a_report_for_an_earlier_subscription_leaves_the_new_sync_alone() {
+        let mut o = VniOwner::new(10);
+        let src = PeerId::new(0, 1);
+        let peer = PeerId::new(1, 2);
+        let mut out = Vec::new();
+        for i in 0..100 {
+            o.apply(
+                OwnerInput::Announce {
+                    peer: src,
+                    route: route(i),
+                },
+                &mut out,
+            );
+        }
+        let subscribe = |o: &mut VniOwner, epoch, out: &mut Vec<_>| {
+            o.apply(
+                OwnerInput::Subscribe {
+                    peer,
+                    vni: vni(),
+                    epoch,
+                },
+                out,
+            )
+        };
+        subscribe(&mut o, 1, &mut out);
+        while o.sync_step(&mut out) {}
+        // UNSUBSCRIBE and SUBSCRIBE again before the first chunk's report.
+        o.apply(OwnerInput::Unsubscribe { peer, vni: vni() }, &mut out);
+        subscribe(&mut o, 2, &mut out);
+        out.clear();
+        while o.sync_step(&mut out) {}
+        let tags: Vec<SyncTag> = out.iter().filter_map(|(_, d)| d.sync).collect();
+        assert_eq!(tags.len(), SYNC_WINDOW as usize);
+        assert!(
+            tags.iter().all(|t| t.epoch == 2),
+            "chunks name their subscription"
+        );
+        let in_flight = o.sync_bytes_in_flight();
+        o.apply(
+            OwnerInput::SyncWritten {
+                peer,
+                tag: tag(vni()),
+            },
+            &mut out,
+        );
+        assert_eq!(
+            o.sync_bytes_in_flight(),
+            in_flight,
+            "the old report is ignored"
+        );
+        assert_eq!(o.credit_of(peer), 0);
+        o.apply(OwnerInput::SyncWritten { peer, tag: tags[0] }, &mut out);
+        assert!(o.sync_bytes_in_flight() < in_flight);
+        assert_eq!(o.credit_of(peer), 1);
     }
 }

@@ -68,11 +68,11 @@ pub(crate) struct PeerConn {
     keepalive: Cell<Duration>,
     /// Routes currently announced.
     routes_announced: Cell<usize>,
-    /// VNIs subscribed, each with whether the owner's first sync delivery
-    /// for this subscription has arrived. Until it has, other deliveries for
-    /// the VNI are leftovers of an earlier subscription (sent before the
-    /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
-    subscribed: RefCell<BTreeMap<Vni, bool>>,
+    /// VNIs subscribed, each with its subscription's state (see
+    /// `Subscription`).
+    subscribed: RefCell<BTreeMap<Vni, Subscription>>,
+    /// SUBSCRIBEs so far (wrapping): numbers each subscription.
+    subscribe_count: Cell<u32>,
     /// When the connection was accepted.
     connected_since: SystemTime,
 }
@@ -90,6 +90,7 @@ impl PeerConn {
             keepalive: Cell::new(shard.config().keepalive),
             routes_announced: Cell::new(0),
             subscribed: RefCell::new(BTreeMap::new()),
+            subscribe_count: Cell::new(0),
             connected_since: SystemTime::now(),
         }
     }
@@ -121,23 +122,26 @@ impl PeerConn {
         if self.io.is_closed() {
             return;
         }
-        match self.subscribed.borrow_mut().get_mut(&d.vni) {
+        match (self.subscribed.borrow_mut().get_mut(&d.vni), d.sync) {
             // Unsubscribed after the owner sent this: PROTOCOL.md says the
             // peer stops receiving the VNI at its UNSUBSCRIBE. (A pending sync
             // chunk is dropped too; the owner forgets the sync job when the
             // UNSUBSCRIBE reaches it.)
-            None => return,
-            Some(sync_seen) if d.sync.is_some() => *sync_seen = true,
-            // From a previous subscription of the same VNI.
-            Some(false) => return,
-            Some(true) => {}
+            (None, _) => return,
+            // This subscription's sync: what follows is for it too.
+            (Some(sub), Some(tag)) if tag.epoch == sub.epoch => sub.synced = true,
+            // From a previous subscription of the same VNI: a sync chunk
+            // of it, or anything before this subscription's first chunk.
+            (Some(_), Some(_)) => return,
+            (Some(sub), None) if !sub.synced => return,
+            (Some(_), None) => {}
         }
         let result = {
             let mut out = self.io.out().borrow_mut();
             let episodes = out.coalesce_episodes;
             let r = match d.sync {
-                Some(vni) => {
-                    out.push_sync(&d.batch, vni);
+                Some(tag) => {
+                    out.push_sync(&d.batch, tag);
                     Ok(())
                 }
                 None => out.push_fanout(&d.batch),
@@ -182,6 +186,18 @@ impl PeerConn {
             grace_left: None,
         }
     }
+}
+
+/// One subscription of a peer, as its shard sees it.
+#[derive(Clone, Copy, Debug)]
+struct Subscription {
+    /// Which of the peer's SUBSCRIBEs made it: its sync chunks carry this
+    /// number, chunks of an earlier subscription of the VNI another.
+    epoch: u32,
+    /// Its first sync chunk has arrived. Until then, other deliveries for
+    /// the VNI are leftovers of an earlier subscription (sent before the
+    /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
+    synced: bool,
 }
 
 /// What the reader keeps about its peer.
@@ -460,7 +476,7 @@ async fn read_loop(
                 }
                 match rs.session.on_tick(Instant::now()) {
                     Err(reason) => return reason,
-                    Ok(Some(msg)) => conn.io.push_control(&msg),
+                    Ok(Some(msg)) => conn.io.push_control(&msg, rs.session.interval()),
                     Ok(None) => {}
                 }
             }
@@ -516,10 +532,10 @@ fn on_message(
     conn.keepalive.set(rs.session.interval());
     match reaction {
         Reaction::Nothing => {}
-        Reaction::Reply(m) => conn.io.push_control(&m),
+        Reaction::Reply(m) => conn.io.push_control(&m, rs.session.interval()),
         Reaction::Established { reply } => {
             if let Some(m) = reply {
-                conn.io.push_control(&m);
+                conn.io.push_control(&m, rs.session.interval());
             }
             rs.handshake = None;
             shard.counters().peer_established();
@@ -703,9 +719,23 @@ fn on_routing_message(
                     return Err(over_limit("subscriptions", max, flag));
                 }
             }
-            if conn.subscribed.borrow_mut().insert(vni, false).is_none() {
+            if !conn.subscribed.borrow().contains_key(&vni) {
+                let epoch = conn.subscribe_count.get().wrapping_add(1);
+                conn.subscribe_count.set(epoch);
+                let sub = Subscription {
+                    epoch,
+                    synced: false,
+                };
+                conn.subscribed.borrow_mut().insert(vni, sub);
                 tracing::debug!(%vni, "SUBSCRIBE");
-                shard.to_owner(vni, OwnerInput::Subscribe { peer: id, vni });
+                shard.to_owner(
+                    vni,
+                    OwnerInput::Subscribe {
+                        peer: id,
+                        vni,
+                        epoch,
+                    },
+                );
             }
         }
         Message::Unsubscribe(vni) => {
