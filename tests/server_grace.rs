@@ -2,8 +2,9 @@
 //! grace period (subscribers see nothing), a new announcer of the same route
 //! keeps it, the rest is withdrawn at expiry; explicit REMOVE and
 //! UNSUBSCRIBE are never delayed; the held routes are bounded (per shard
-//! and per address); a ghost whose routes were all taken over is gone
-//! (issue #24). Plus the
+//! and per address); a ghost whose routes were all taken over is gone; a
+//! REMOVE of a route the session never announced leaves a ghost's claim
+//! alone (issue #24). Plus the
 //! other half of a reflector restart: SIGTERM closes every session at once.
 //! In-process server on loopback (2 shards) with raw TCP peers, and the real
 //! binary for the signal.
@@ -281,6 +282,50 @@ fn a_ghost_whose_routes_were_all_taken_over_is_gone() {
         .sum();
     assert_eq!(held, 1, "one route held");
     srv.wait_route_count(1);
+}
+
+#[test]
+fn a_remove_of_a_route_the_session_never_announced_leaves_a_ghosts_route_alone() {
+    // Another process behind the ghost's address (NAT, several agents on a
+    // host) sends REMOVE for a route it never announced: PROTOCOL.md says
+    // such a REMOVE is ignored, and it is for the ghost's claim too.
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.keep_alive(Duration::from_secs(1));
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    a.send(&add(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    a.close();
+    drop(a);
+    srv.wait_peers("the ghost", |ps| ps.iter().any(|p| p.grace_left.is_some()));
+    let (mut b, _) = TestPeer::established(srv.addr, 5);
+    b.send(&remove(r));
+    b.sync_point();
+    s.expect_no_update(QUIET);
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 1, "the ghost still holds the route");
+    // Announcing it first makes the session its successor: then its REMOVE
+    // takes effect at once.
+    b.send_all(&[add(r), remove(r)]);
+    assert_eq!(s.recv_update(WAIT), Some((Action::Remove, r)));
+    srv.wait_route_count(0);
+    srv.wait_peers("no ghost", |ps| ps.iter().all(|p| p.grace_left.is_none()));
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 0);
 }
 
 #[test]

@@ -21,12 +21,16 @@
 //!
 //! The restarted agent is the ghost's successor: a live peer connecting
 //! from the ghost's IP address. When it announces a route a ghost of its
-//! address holds (or withdraws one), the route leaves the ghost's set
-//! here (`GhostIndex::take_over`) and the successor's shard drops the
-//! ghost's claim right after its own input (same shard, same channel to
-//! the owner, so in order): an explicit REMOVE takes effect at once, and at
-//! expiry the ghost no longer holds what its successor took over. A ghost
-//! whose last route was taken over is gone: it leaves the index, the gauges and `/peers` at once, and no
+//! address holds (or withdraws one it announced itself), the route leaves
+//! the ghost's set here (`GhostIndex::take_over`) and the successor's shard
+//! drops the ghost's claim right after its own input (same shard, same
+//! channel to the owner, so in order): an explicit REMOVE takes effect at
+//! once, and at expiry the ghost no longer holds what its successor took
+//! over. A REMOVE of a route the session never announced does nothing (as
+//! PROTOCOL.md says), also to a ghost: on a shared address (NAT, several
+//! agents on one host) one process cannot withdraw another's held routes
+//! without announcing them itself. A ghost whose last route was taken over
+//! is gone: it leaves the index, the gauges and `/peers` at once, and no
 //! longer counts against the bounds; its entry in its shard's deadline
 //! order is skipped when reached (and compacted away, so that a peer
 //! reconnecting in a loop cannot pile entries up there either).

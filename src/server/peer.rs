@@ -403,11 +403,12 @@ async fn sweep_ghosts(shard: Rc<ShardContext>) {
     }
 }
 
-/// `--peer-grace`: the peer announced or withdrew `route`, so ghosts of
-/// earlier sessions from its address (usually none; see `grace`) that hold
-/// it give it up. Sent after the peer's own
-/// input, on the same channel to the owner: an ADD keeps the route without
-/// a flap, a REMOVE takes effect at once.
+/// `--peer-grace`: the peer announced `route`, or withdrew a route it had
+/// announced, so ghosts of earlier sessions from its address (usually
+/// none; see `grace`) that hold it give it up. Sent after the peer's own
+/// input, on the same channel to the owner: an ADD keeps the route
+/// without a flap, a REMOVE takes effect at once. (A REMOVE of a route
+/// the peer never announced does not come here: see `grace`.)
 fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, route: Route) {
     if shard.config().peer_grace.is_none() {
         return;
@@ -687,10 +688,10 @@ fn on_routing_message(
                         shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
                         drop_ghost_claims(shard, conn, route);
                     } else {
+                        // Also for ghosts of its address: a session cannot
+                        // withdraw what another (a departed one, or another
+                        // process behind the same address) announced.
                         tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
-                        // A restarted agent may withdraw what its previous
-                        // session announced: its ghost's claim ends now.
-                        drop_ghost_claims(shard, conn, route);
                     }
                 }
             }
