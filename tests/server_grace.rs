@@ -1,7 +1,10 @@
 //! `--peer-grace`: a departed peer's routes are held by a ghost for the
 //! grace period (subscribers see nothing), a new announcer of the same route
 //! keeps it, the rest is withdrawn at expiry; explicit REMOVE and
-//! UNSUBSCRIBE are never delayed; the held routes are bounded. Plus the
+//! UNSUBSCRIBE are never delayed; the held routes are bounded (per shard
+//! and per address); a ghost whose routes were all taken over is gone; a
+//! REMOVE of a route the session never announced leaves a ghost's claim
+//! alone (issue #24). Plus the
 //! other half of a reflector restart: SIGTERM closes every session at once.
 //! In-process server on loopback (2 shards) with raw TCP peers, and the real
 //! binary for the signal.
@@ -239,4 +242,156 @@ fn sigterm_closes_every_session_at_once_and_leaves_no_ghosts() {
     // once); the bound is generous for a loaded machine.
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn a_ghost_whose_routes_were_all_taken_over_is_gone() {
+    // Issue #24: 200 sessions from one address, each announcing the same
+    // route and leaving, left 201 ghosts and 203 "held" routes for a table
+    // of one route, each in `/peers` and the gauges until its grace ended.
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.keep_alive(Duration::from_secs(1));
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    for _ in 0..200 {
+        // Sessions alternate between the two shards: successors take over
+        // from ghosts on their own shard and on the other.
+        let (mut a, _) = TestPeer::established(srv.addr, 5);
+        a.send(&add(r));
+        a.sync_point();
+        a.close();
+        drop(a);
+        // Its ghost is in place before the next session announces.
+        srv.wait_peers("the session over", |ps| {
+            ps.iter().filter(|p| p.grace_left.is_none()).count() == 1
+        });
+    }
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    s.expect_no_update(QUIET);
+    let peers = srv.handle().peers();
+    let ghosts: Vec<_> = peers.iter().filter(|p| p.grace_left.is_some()).collect();
+    assert_eq!(ghosts.len(), 1, "one ghost, the last session's");
+    assert_eq!(ghosts[0].routes_announced, 1);
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 1, "one route held");
+    srv.wait_route_count(1);
+}
+
+#[test]
+fn a_remove_of_a_route_the_session_never_announced_leaves_a_ghosts_route_alone() {
+    // Another process behind the ghost's address (NAT, several agents on a
+    // host) sends REMOVE for a route it never announced: PROTOCOL.md says
+    // such a REMOVE is ignored, and it is for the ghost's claim too.
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.keep_alive(Duration::from_secs(1));
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    let (a, _) = TestPeer::established(srv.addr, 5);
+    a.send(&add(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    a.close();
+    drop(a);
+    srv.wait_peers("the ghost", |ps| ps.iter().any(|p| p.grace_left.is_some()));
+    let (mut b, _) = TestPeer::established(srv.addr, 5);
+    b.send(&remove(r));
+    b.sync_point();
+    s.expect_no_update(QUIET);
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 1, "the ghost still holds the route");
+    // Announcing it first makes the session its successor: then its REMOVE
+    // takes effect at once.
+    b.send_all(&[add(r), remove(r)]);
+    assert_eq!(s.recv_update(WAIT), Some((Action::Remove, r)));
+    srv.wait_route_count(0);
+    srv.wait_peers("no ghost", |ps| ps.iter().all(|p| p.grace_left.is_none()));
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 0);
+}
+
+#[test]
+fn a_remove_of_a_route_announced_before_the_ghost_existed_takes_effect_at_once() {
+    // The new session was up before the old one was found dead (a reboot:
+    // the old session ends at its keepalive timeout), and had announced
+    // the route already: its REMOVE still ends the ghost's claim.
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    subscribed(&srv, &mut s, 23);
+    let r = route(23, 1, 1);
+    let (mut old, _) = TestPeer::established(srv.addr, 5);
+    old.send(&add(r));
+    old.sync_point();
+    assert_eq!(s.recv_update(WAIT), Some((Action::Add, r)));
+    let (mut new, _) = TestPeer::established(srv.addr, 5);
+    new.send(&add(r));
+    new.sync_point();
+    old.close();
+    drop(old);
+    srv.wait_stats("the route held", |st| {
+        st.shards.iter().map(|s| s.grace_routes).sum::<u64>() == 1
+    });
+    s.expect_no_update(QUIET);
+    new.send(&remove(r));
+    assert_eq!(s.recv_update(WAIT), Some((Action::Remove, r)));
+    srv.wait_peers("no ghost", |ps| ps.iter().all(|p| p.grace_left.is_none()));
+}
+
+#[test]
+fn an_address_keeps_at_most_256_ghosts_oldest_withdrawn_first() {
+    // Each route a peer announces is looked up in the ghosts of its
+    // address: a peer reconnecting in a loop with new routes each time
+    // must not make that cost grow up to the shards' bounds.
+    let srv = TestServer::with(2, |c| c.peer_grace = Some(Duration::from_secs(60)));
+    let (mut s, _) = TestPeer::established(srv.addr, 5);
+    s.keep_alive(Duration::from_secs(1));
+    subscribed(&srv, &mut s, 23);
+    for i in 0..257 {
+        let (mut a, _) = TestPeer::established(srv.addr, 5);
+        a.send(&add(route(23, i, 1)));
+        a.sync_point();
+        a.close();
+        drop(a);
+        srv.wait_peers("the session over", |ps| {
+            ps.iter().filter(|p| p.grace_left.is_none()).count() == 1
+        });
+    }
+    let mut seen = Vec::new();
+    while let Some(u) = s.recv_update(QUIET) {
+        seen.push(u);
+    }
+    assert_eq!(
+        seen.len(),
+        258,
+        "257 ADDs and one REMOVE: {:?}",
+        seen.last()
+    );
+    assert_eq!(seen.last(), Some(&(Action::Remove, route(23, 0, 1))));
+    let held: u64 = srv
+        .handle()
+        .stats()
+        .shards
+        .iter()
+        .map(|s| s.grace_routes)
+        .sum();
+    assert_eq!(held, 256);
+    srv.wait_route_count(256);
 }

@@ -125,13 +125,14 @@ impl Server {
         }
         let cpus = config::allowed_cpu_ids();
         let admission = admission::Admission::new(config.max_peers);
-        let ghosts = Arc::new(grace::GhostIndex::default());
+        let ghosts = Arc::new(grace::GhostIndex::new(n));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handle = ServerHandle {
             addrs,
             controls: Vec::new(),
             threads: Vec::new(),
             counters: Vec::new(),
+            ghosts: ghosts.clone(),
             config: config.clone(),
         };
         let shard_inputs = senders
@@ -254,6 +255,8 @@ pub struct ServerHandle {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Counters of each shard.
     counters: Vec<Arc<ShardCounters>>,
+    /// Departed peers' held routes (`--peer-grace`), for the gauge.
+    ghosts: Arc<grace::GhostIndex>,
     /// The configuration the server runs with.
     config: Arc<ServerConfig>,
 }
@@ -296,7 +299,7 @@ impl ServerHandle {
                 .counters
                 .iter()
                 .enumerate()
-                .map(|(i, c)| c.snapshot(i))
+                .map(|(i, c)| c.snapshot(i, self.ghosts.routes_of(i) as u64))
                 .collect(),
         }
     }

@@ -351,8 +351,8 @@ async fn withdraw_taken(shard: &ShardContext, peer: PeerId, taken: Vec<(Vni, Rou
 
 /// `--peer-grace`: the session of `peer` (from `addr`) ended while it
 /// announced `routes`: a ghost holds them for `grace` (see `grace`), then
-/// what is left is withdrawn. Returns at once; the wait and the withdrawal
-/// run in their own task on this shard.
+/// what is left is withdrawn by the shard's grace sweeper (started here with
+/// the shard's first ghost). Returns at once.
 fn hold_as_ghost(
     shard: &Rc<ShardContext>,
     peer: PeerId,
@@ -368,55 +368,70 @@ fn hold_as_ghost(
         .config()
         .peer_grace_max_routes
         .max(shard.config().limits.max_routes_per_peer.saturating_mul(2));
-    let expire = shard
+    shard
         .grace()
-        .add_ghost(peer, addr, count, grace, max_routes);
-    shard.counters().set_grace_routes(shard.grace().routes());
+        .add_ghost(peer, addr, routes, count, grace, max_routes);
     tracing::info!(
         routes = count,
         grace_secs = grace.as_secs(),
         "peer gone: its routes are held for the grace period"
     );
-    let shard = shard.clone();
-    let task = async move {
-        if !expire.is_due() && !shard.is_shutting_down() {
-            futures_lite::future::or(
-                glommio::timer::sleep(grace),
-                futures_lite::future::or(expire.event().wait(), shard.shutdown_event().wait()),
-            )
-            .await;
-        }
-        shard.grace().remove(peer);
-        shard.counters().set_grace_routes(shard.grace().routes());
-        if shard.is_shutting_down() {
-            // The tables go with the server.
-            return;
-        }
-        for (vni, set) in routes {
-            shard.withdraw_all(peer, vni, set).await;
-        }
-        tracing::info!(
-            routes = count,
-            "grace over: the departed peer's remaining routes are withdrawn"
-        );
-    };
-    glommio::spawn_local(task.instrument(tracing::Span::current())).detach();
+    if shard.grace().start_sweeper() {
+        let span = tracing::info_span!(parent: None, "grace", shard = shard.index());
+        glommio::spawn_local(sweep_ghosts(shard.clone()).instrument(span)).detach();
+    }
 }
 
-/// `--peer-grace`: the peer announced or withdrew `route`, so ghosts of
-/// earlier sessions from its address (usually none; see `grace`) give up
-/// their claim on it. Sent after the peer's own input, on the same channel
-/// to the owner: an ADD keeps the route without a flap, a REMOVE takes
-/// effect at once.
-fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, id: PeerId, route: Route) {
+/// The shard's grace sweeper (`--peer-grace`), one task for all its ghosts:
+/// withdraws what a ghost still holds when its grace is over or when the
+/// bounds push it out, oldest first, and sleeps until the next deadline in
+/// between. Ghosts emptied by their successors are skipped. Lives until
+/// shutdown (the tables go with the server, nothing is withdrawn then).
+///
+/// One long-lived task instead of one per ghost: a task per ghost cost a
+/// task and a timer per departed session, and each one's wait on the
+/// shard's shutdown event stayed registered there (with the whole task
+/// allocation) until shutdown, ~1.5 KB per departed session (BENCHMARKS
+/// "Hostile round three: ghosts").
+async fn sweep_ghosts(shard: Rc<ShardContext>) {
+    while !shard.is_shutting_down() {
+        let woken = shard.grace().event().wait();
+        if let Some(e) = shard.grace().next_expired(Instant::now()) {
+            for (vni, set) in e.routes {
+                shard.withdraw_all(e.peer, vni, set).await;
+            }
+            tracing::info!(
+                peer = %e.addr,
+                peer_id = %e.peer,
+                routes = e.count,
+                "grace over: the departed peer's remaining routes are withdrawn"
+            );
+            continue;
+        }
+        let wake = futures_lite::future::or(woken, shard.shutdown_event().wait());
+        match shard.grace().next_deadline() {
+            Some(at) => {
+                let sleep = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
+                futures_lite::future::or(sleep, wake).await;
+            }
+            None => wake.await,
+        }
+    }
+}
+
+/// `--peer-grace`: the peer announced `route`, or withdrew a route it had
+/// announced, so ghosts of earlier sessions from its address (usually
+/// none; see `grace`) that hold it give it up. Sent after the peer's own
+/// input, on the same channel to the owner: an ADD keeps the route
+/// without a flap, a REMOVE takes effect at once. (A REMOVE of a route
+/// the peer never announced does not come here: see `grace`.)
+fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, route: Route) {
     if shard.config().peer_grace.is_none() {
         return;
     }
-    for ghost in shard
-        .grace()
-        .index()
-        .of(super::grace::host_of(&conn.addr), id)
-    {
+    let ip = super::grace::host_of(&conn.addr);
+    for ghost in shard.grace().index().take_over(ip, &route) {
+        tracing::debug!(%route, ghost = %ghost, "taken over from a departed session");
         shard.to_owner(route.vni, OwnerInput::Withdraw { peer: ghost, route });
     }
 }
@@ -591,7 +606,7 @@ fn reapply_policy(
             let refuse = !policy.allows(r);
             if refuse {
                 // A ghost of this address must not keep it visible either.
-                drop_ghost_claims(shard, conn, conn.id, *r);
+                drop_ghost_claims(shard, conn, *r);
             }
             refuse
         });
@@ -673,7 +688,7 @@ fn on_routing_message(
                         conn.routes_announced.set(conn.routes_announced.get() + 1);
                         tracing::debug!(%route, "ADD");
                         shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
-                        drop_ghost_claims(shard, conn, id, route);
+                        drop_ghost_claims(shard, conn, route);
                     } else {
                         tracing::debug!(%route, "duplicate ADD ignored");
                     }
@@ -687,12 +702,12 @@ fn on_routing_message(
                         conn.routes_announced.set(conn.routes_announced.get() - 1);
                         tracing::debug!(%route, "REMOVE");
                         shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
-                        drop_ghost_claims(shard, conn, id, route);
+                        drop_ghost_claims(shard, conn, route);
                     } else {
+                        // Also for ghosts of its address: a session cannot
+                        // withdraw what another (a departed one, or another
+                        // process behind the same address) announced.
                         tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
-                        // A restarted agent may withdraw what its previous
-                        // session announced: its ghost's claim ends now.
-                        drop_ghost_claims(shard, conn, id, route);
                     }
                 }
             }

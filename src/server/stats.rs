@@ -83,8 +83,6 @@ pub struct ShardCounters {
     /// Connections accepted and closed at once: `--max-peers` reached with
     /// every place held by an established session (nobody to evict).
     connections_refused: AtomicU64,
-    /// Routes of departed peers held for `--peer-grace` (a level).
-    grace_routes: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,
     /// Time from the owner taking a change to the fan-out batch carrying it
@@ -147,9 +145,6 @@ impl ShardCounters {
     pub(crate) fn shard_batch_in(&self) {
         add(&self.shard_batches_in, 1);
     }
-    pub(crate) fn set_grace_routes(&self, n: usize) {
-        self.grace_routes.store(n as u64, Ordering::Relaxed);
-    }
     pub(crate) fn connection_refused(&self) {
         add(&self.connections_refused, 1);
     }
@@ -164,7 +159,9 @@ impl ShardCounters {
     }
 
     /// A consistent-enough copy (each field read once, relaxed).
-    pub fn snapshot(&self, shard: usize) -> ShardStats {
+    /// `grace_routes` is the level the ghost index keeps for the shard (a
+    /// successor on any shard can lower it, so it is not a counter here).
+    pub fn snapshot(&self, shard: usize, grace_routes: u64) -> ShardStats {
         let d = &self.disconnects;
         ShardStats {
             shard,
@@ -181,7 +178,7 @@ impl ShardCounters {
             coalesce_episodes: get(&self.coalesce_episodes),
             shard_batches_in: get(&self.shard_batches_in),
             connections_refused: get(&self.connections_refused),
-            grace_routes: get(&self.grace_routes),
+            grace_routes,
             disconnects: DisconnectCounts {
                 eof: get(&d.eof),
                 io: get(&d.io),
@@ -285,7 +282,8 @@ pub struct ShardStats {
     /// Connections refused because `--max-peers` was reached (accepted and
     /// closed at once; not counted as peers or disconnects).
     pub connections_refused: u64,
-    /// Routes of departed peers held for `--peer-grace` now.
+    /// Routes of departed peers held for `--peer-grace` now (what their
+    /// ghosts still hold: not what a successor took over).
     pub grace_routes: u64,
     /// Disconnects by cause.
     pub disconnects: DisconnectCounts,
@@ -386,7 +384,7 @@ mod tests {
             let counters = ShardCounters::default();
             counters.peer_connected();
             counters.peer_gone(false, &reason);
-            let counts = counters.snapshot(0).disconnects;
+            let counts = counters.snapshot(0, 0).disconnects;
             assert_eq!(counts.total(), 1, "{reason}");
             assert!(
                 counts
