@@ -5,14 +5,17 @@
 //!
 //! Owns: the accept loop (connection cap, back-off and rate-limited logging
 //! when `accept` fails, e.g. out of file descriptors), each connection's task
-//! (bounded request head, header read timeout, idle timeout), and the
-//! hand-off of rendering to the runtime's small blocking pool so a large
-//! document never holds up the accept loop.
+//! (bounded request head, header read timeout, idle timeout), the hand-off
+//! of rendering to the runtime's small blocking pool so that no answer's
+//! preparation holds up the accept loop, the response bodies (`ReplyBody`:
+//! the route documents go out one chunk at a time, the next written only
+//! when hyper has room for it), and letting go of expired route snapshots.
 //!
 //! Must never: buffer more than `HttpLimits::max_head_bytes` of a request
 //! head, hold more than `HttpLimits::max_connections` connections, start a
 //! thread per connection, stop accepting for good because `accept` failed,
-//! or parse HTTP itself (hyper does).
+//! hold a whole route document for a reader, or parse HTTP itself (hyper
+//! does).
 //!
 //! ```text
 //!  "http" thread: current-thread runtime
@@ -21,6 +24,10 @@
 //!        │  accept error: back off, retry     ▼
 //!        ▼                             spawn_blocking ─► Responder::answer
 //!  stop (Notify) ends the loop          ("http-render", at most HTTP_WORKERS)
+//!  release_snapshots: drops the               │ ReplyBody
+//!  cache's expired snapshot                   ▼
+//!                                      hyper writes; a document's next chunk
+//!                                      is made when the last one has gone
 //! ```
 
 use std::convert::Infallible;
@@ -33,7 +40,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -42,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{Body, Reply, Responder, HTTP_WORKERS};
+use super::{Body, DocumentStream, Reply, Responder, HTTP_WORKERS, ROUTE_SNAPSHOT_MAX_AGE};
 
 /// The limits the status port enforces. `Default` is what `serve` uses; tests
 /// and embedders may shorten the timeouts with `serve_with_limits`.
@@ -104,6 +110,7 @@ pub(super) fn start(
         .enable_io()
         .enable_time()
         .max_blocking_threads(HTTP_WORKERS)
+        .thread_keep_alive(RENDER_THREAD_KEEP_ALIVE)
         .thread_name("http-render")
         .build()
         .map_err(start_error)?;
@@ -168,6 +175,7 @@ async fn accept_loop(
     limits: HttpLimits,
     stop: Arc<Notify>,
 ) {
+    let _releaser = AbortOnDrop(tokio::spawn(release_snapshots(responder.clone())));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut failures = RateLimited::default();
     let mut failed_since_success = 0u64;
@@ -230,6 +238,56 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// How long an idle render thread is kept: one that exits hands its
+/// mimalloc heap (where the route snapshots it copied live) over for
+/// `return_freed_memory` to collect. Starting one again costs far less than
+/// a render.
+const RENDER_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// Rounds of `return_freed_memory`, one a second, after the last route
+/// snapshot was freed: enough for the render threads to have exited.
+const MEMORY_RETURN_ROUNDS: u32 = 5;
+
+/// Lets go of each route snapshot once it has expired, so that a table
+/// copy does not stay in memory until the next request after its readers
+/// are gone, and gives the memory back to the system once no snapshot is
+/// left. Sleeps while none is held.
+async fn release_snapshots(responder: Arc<Responder>) {
+    loop {
+        responder.snapshot_taken().await;
+        while responder.live_snapshots() > 0 {
+            tokio::time::sleep(ROUTE_SNAPSHOT_MAX_AGE).await;
+            responder.release_expired_snapshot();
+        }
+        for _ in 0..MEMORY_RETURN_ROUNDS {
+            return_freed_memory();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Gives freed memory back to the system: mimalloc keeps freed pages for
+/// reuse and purges them only when their thread allocates again, so the
+/// snapshots' 20 MB each (200,000 routes) stayed resident after their
+/// readers left while the render threads were idle. A forced collection
+/// here frees this thread's pages (the documents' chunks), those of exited
+/// render threads, and purges the arenas.
+fn return_freed_memory() {
+    // SAFETY: mi_collect takes no pointer and only walks mimalloc's own
+    // structures; it is a no-op for memory of any other allocator (an
+    // embedder with its own global allocator).
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Aborts a task when dropped (the accept loop's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -407,7 +465,7 @@ async fn respond(
     responder: Arc<Responder>,
     activity: Arc<Activity>,
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<ReplyBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
@@ -435,22 +493,74 @@ async fn respond(
     into_response(reply)
 }
 
-/// Lets `Bytes` hold a shared document without copying it.
-struct SharedBytes(Arc<str>);
+/// A response body: one piece, or a route document handed to hyper a chunk
+/// at a time (hyper asks for the next chunk only when it has room to
+/// buffer it, i.e. when the reader has taken the previous ones).
+pub(super) enum ReplyBody {
+    /// Rendered for this request; `None` once sent.
+    Full(Option<Bytes>),
+    /// `/routes.json` or `/routes.yaml` from the shared snapshot, and the
+    /// chunks handed out since this connection last let others run.
+    Document(DocumentStream, u32),
+}
 
-impl AsRef<[u8]> for SharedBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_bytes()
+/// Chunks a document connection hands to hyper before it lets the other
+/// connections run. Without it a fast reader on loopback took up to 128
+/// writes (4 MB of document) per turn, and a `/metrics` scrape waited behind
+/// every such turn (0.5–1 s with 40 readers; 25–40 ms with this).
+const CHUNKS_PER_TURN: u32 = 4;
+
+impl hyper::body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let chunk = match self.get_mut() {
+            ReplyBody::Full(body) => body.take(),
+            ReplyBody::Document(_, handed) if *handed >= CHUNKS_PER_TURN => {
+                // hyper writes what it holds; this task runs again after
+                // the others that are ready.
+                *handed = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // A chunk is written here, on the HTTP thread: about
+            // DOCUMENT_CHUNK_BYTES, a fraction of a millisecond.
+            ReplyBody::Document(doc, handed) => {
+                *handed += 1;
+                doc.next_chunk()
+            }
+        };
+        Poll::Ready(chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplyBody::Full(body) => body.is_none(),
+            ReplyBody::Document(doc, _) => doc.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let len = match self {
+            ReplyBody::Full(body) => body.as_ref().map_or(0, Bytes::len),
+            ReplyBody::Document(doc, _) => doc.remaining(),
+        };
+        hyper::body::SizeHint::with_exact(len as u64)
     }
 }
 
 /// The hyper response for a rendered reply.
-fn into_response(reply: Reply) -> Response<Full<Bytes>> {
+fn into_response(reply: Reply) -> Response<ReplyBody> {
     let body = match reply.body {
-        Body::Owned(text) => Bytes::from(text.into_bytes()),
-        Body::Shared(doc) => Bytes::from_owner(SharedBytes(doc)),
+        Body::Owned(text) if text.is_empty() => ReplyBody::Full(None),
+        Body::Owned(text) => ReplyBody::Full(Some(Bytes::from(text.into_bytes()))),
+        Body::Document(doc) => ReplyBody::Document(doc, 0),
     };
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(body);
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
