@@ -4,7 +4,8 @@
 //!
 //! Owns: the file format and its parsing (`file`), compiled rules and their
 //! checks (`rule`), the live policy shared by every shard with reload and
-//! counters (`PolicyStore`), and `metalbond policy check` (`check`).
+//! counters (`PolicyStore`), the warnings about rules earlier rules shadow
+//! (`shadow`), and `metalbond policy check` (`check`).
 //!
 //! How the server uses it: at session start a peer's source address is
 //! resolved to its rule once (`Policy::rule_for`, first match) and the peer
@@ -21,6 +22,7 @@ pub mod check;
 pub mod file;
 pub mod peer;
 pub mod rule;
+mod shadow;
 
 use crate::util::{LockOrRecover, RwLockOrRecover};
 use std::collections::HashMap;
@@ -32,7 +34,7 @@ use std::time::SystemTime;
 
 pub use file::{PolicyError, FORMAT_VERSION};
 pub use peer::{PeerPolicy, Verdict};
-pub use rule::{Denial, OnViolation, Rule, RuleCounters, VniSet};
+pub use rule::{Denial, OnViolation, Rule, RuleCounters, TargetVnis, VniSet};
 
 /// A compiled policy: rules in file order, first match wins; no match
 /// denies.
@@ -42,6 +44,11 @@ pub struct Policy {
     pub revision: Option<String>,
     /// The rules.
     pub rules: Vec<Arc<Rule>>,
+    /// What a valid file does differently from how it reads, one line each
+    /// naming the rule: an IPv4-mapped prefix matched as IPv4, a rule (or
+    /// some of its peers) that earlier rules shadow. Printed by `policy
+    /// check`, logged at warn by the server when it loads the file.
+    pub warnings: Vec<String>,
 }
 
 impl Policy {
@@ -125,6 +132,9 @@ impl PolicyStore {
                 counters.entry(name.to_string()).or_default().clone()
             })?
         };
+        for w in &policy.warnings {
+            tracing::warn!(file = %self.path.display(), "policy: {w}");
+        }
         let policy = Arc::new(policy);
         *self.current.write_or_recover() = policy.clone();
         *self.loaded_at.lock_or_recover() = SystemTime::now();
@@ -201,6 +211,7 @@ impl PolicyStore {
             generation: self.generation.load(Ordering::Relaxed),
             loaded_at: *self.loaded_at.lock_or_recover(),
             failed_reloads: self.failed_reloads.load(Ordering::Relaxed),
+            warnings: policy.warnings.clone(),
             rules,
         }
     }
@@ -222,6 +233,8 @@ pub struct PolicyStatus {
     pub loaded_at: SystemTime,
     /// Reloads that failed since start (the old policy stayed).
     pub failed_reloads: u64,
+    /// The active file's warnings (`Policy::warnings`).
+    pub warnings: Vec<String>,
     /// Per rule (active ones in file order, then removed ones, then the
     /// peers no rule matched).
     pub rules: Vec<RuleStatus>,
