@@ -7,7 +7,9 @@
 //! SIGHUP reload withdraws what became forbidden and drops forbidden
 //! subscriptions, a broken file keeps the running policy and the log names
 //! the place. A next hop's target VNI is granted like the route's VNI; a
-//! rule written with IPv4-mapped prefixes matches IPv4 peers. Also `metalbond policy check`: output, warnings and exit codes.
+//! rule written with IPv4-mapped prefixes matches IPv4 peers; a flood of
+//! refused sessions costs a budget of log lines and a summary, not a line
+//! each. Also `metalbond policy check`: output, warnings and exit codes.
 //!
 //! Every wait is bounded by `WAIT`; the server is killed and the policy
 //! file removed when a test ends, also on failure.
@@ -21,7 +23,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http_support::{get, metric, scrape};
+use http_support::{get, metric, metric_sum, scrape};
 use metalbond::codec::Message;
 use metalbond::{Action, NextHop, NextHopKind, Route};
 use server_support::process::*;
@@ -658,4 +660,130 @@ fn policy_check_warns_about_rules_that_do_not_match_as_written() {
     let (code, out, _) = policy_check(&[PolicyFile::new("check-clean", POLICY_V1).path()]);
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("warning"), "{out}");
+}
+
+/// A server's stderr, collected line by line while it runs.
+fn collect_stderr(child: &mut ChildGuard) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.0.stderr.take().expect("stderr piped");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            match line {
+                Ok(l) => sink.lock().unwrap().push(l),
+                Err(_) => return,
+            }
+        }
+    });
+    lines
+}
+
+/// The number after `key=` in a logfmt line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Issue #24: refusal lines were limited per peer only, so 300 refused
+/// sessions wrote 600 warning lines. Now every peer shares one budget
+/// (`BUDGET_LINES` per `BUDGET_WINDOW`): 300 sessions with two refused
+/// routes each and 100 sessions no rule matches write at most a budget of
+/// lines, then one summary per window with the number suppressed; lines
+/// written plus lines suppressed account for every refusal counted.
+#[test]
+fn refused_sessions_share_one_log_budget_and_a_summary_counts_the_rest() {
+    use metalbond::policy::refusal_log::{BUDGET_LINES, BUDGET_WINDOW};
+    let file = PolicyFile::new(
+        "budget",
+        "version: 1\nrules:\n  - name: tenants\n    peers: [127.1.0.0/16]\n    announce:\n      - vnis: [100]\n        prefixes: [10.1.0.0/16]\n        next_hops: [self]\n",
+    );
+    let (mut child, addr, http) = start(&file);
+    let lines = collect_stderr(&mut child);
+    let started = Instant::now();
+    for i in 0..300u32 {
+        let source = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+        let mut p = TestPeer::connect_from(addr, ip(&source));
+        p.handshake(5);
+        // A foreign prefix and a foreign next hop: two reasons, two lines
+        // due for this peer.
+        let me = format!("::ffff:{source}");
+        p.send_all(&[
+            add(r(100, "10.2.0.0/24", &me)),
+            add(r(100, "10.1.0.0/24", "::ffff:127.1.9.9")),
+        ]);
+        p.close();
+    }
+    for i in 0..100u32 {
+        let mut p = TestPeer::connect_from(addr, ip(&format!("127.2.0.{}", i + 1)));
+        assert!(p.closed_within(WAIT), "no rule: closed");
+    }
+    let flood = started.elapsed();
+    for reason in ["prefix", "next_hop"] {
+        wait_metric(
+            http,
+            "metalbond_policy_denied_total",
+            &[("rule", "tenants"), ("reason", reason)],
+            300.0,
+        );
+    }
+    // wait_listening's probes from 127.0.0.1 were refused too.
+    let denied = metric_sum(
+        &scrape(&format!("http://{http}/metrics")),
+        "metalbond_policy_denied_total",
+    ) as u64;
+    assert!(denied >= 700, "{denied}");
+
+    // Every refusal is either a line or counted in a summary, once the
+    // window of the last suppressed line has ended.
+    let is_refusal = |l: &String| {
+        l.contains("level=warning")
+            && (l.contains("msg=\"policy refused: ")
+                || (l.contains("msg=\"closing peer\"") && l.contains("policy")))
+    };
+    let is_summary = |l: &String| l.contains("msg=\"policy: suppressed ");
+    let deadline = Instant::now() + BUDGET_WINDOW + WAIT;
+    let (written, suppressed, summaries) = loop {
+        let log = lines.lock().unwrap().clone();
+        let written = log.iter().filter(|l| is_refusal(l)).count() as u64;
+        let summaries: Vec<String> = log.iter().filter(|l| is_summary(l)).cloned().collect();
+        let suppressed: u64 = summaries
+            .iter()
+            .map(|l| field(l, "suppressed").unwrap_or_else(|| panic!("no count in {l}")))
+            .sum();
+        if written + suppressed >= denied {
+            break (written, suppressed, summaries);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} lines + {suppressed} suppressed of {denied} refusals after the window ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(written + suppressed, denied, "{summaries:?}");
+    eprintln!(
+        "{denied} refusals in {flood:?}: {written} lines written, {suppressed} suppressed, {} summary line(s)",
+        summaries.len()
+    );
+    // The flood took a window or two: a budget each, no more.
+    let windows = 1 + (flood.as_secs_f64() / BUDGET_WINDOW.as_secs_f64()).ceil() as u64;
+    assert!(
+        written <= u64::from(BUDGET_LINES) * windows,
+        "{written} refusal lines for {denied} refusals in {flood:?}"
+    );
+    assert!(
+        summaries[0].contains("refusal log lines in the last 10s")
+            && summaries[0].contains("level=warning"),
+        "{summaries:?}"
+    );
+    let (_, _, policy) = get(&format!("http://{http}/policy"));
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    assert_eq!(policy["log_lines_suppressed"], suppressed, "{policy}");
+
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
 }
