@@ -6,7 +6,10 @@
 //! peer no rule matches and a `close` rule's violator are disconnected, a
 //! SIGHUP reload withdraws what became forbidden and drops forbidden
 //! subscriptions, a broken file keeps the running policy and the log names
-//! the place. Also `metalbond policy check`: output and exit codes.
+//! the place. A next hop's target VNI is granted like the route's VNI; a
+//! rule written with IPv4-mapped prefixes matches IPv4 peers; a flood of
+//! refused sessions costs a budget of log lines and a summary, not a line
+//! each. Also `metalbond policy check`: output, warnings and exit codes.
 //!
 //! Every wait is bounded by `WAIT`; the server is killed and the policy
 //! file removed when a test ends, also on failure.
@@ -20,9 +23,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http_support::{get, metric, scrape};
+use http_support::{get, metric, metric_sum, scrape};
 use metalbond::codec::Message;
-use metalbond::{Action, NextHop, Route};
+use metalbond::{Action, NextHop, NextHopKind, Route};
 use server_support::process::*;
 use server_support::*;
 
@@ -108,6 +111,19 @@ fn ip(s: &str) -> IpAddr {
 /// A standard route in `v` to `dest` via `hop`.
 fn r(v: u32, dest: &str, hop: &str) -> Route {
     Route::new(vni(v), dest.parse().unwrap(), NextHop::standard(ip(hop)))
+}
+
+/// `r(v, dest, hop)` with next hop target VNI `target_vni`.
+fn r_to(v: u32, dest: &str, hop: &str, target_vni: u32) -> Route {
+    Route::new(
+        vni(v),
+        dest.parse().unwrap(),
+        NextHop {
+            target: ip(hop),
+            target_vni,
+            kind: NextHopKind::Standard,
+        },
+    )
 }
 
 /// Starts the server with `--policy`, `--http`, 2 shards; returns the
@@ -474,4 +490,300 @@ fn rule_limits_replace_the_global_ones() {
     let policy = srv.handle().policy().unwrap().status();
     assert_eq!(policy.rules[0].name, "small");
     assert_eq!(policy.rules[0].hits, 2);
+}
+
+/// Tenant A is granted VNI 100, a gateway VNI 100 with target VNIs
+/// 5000-5999 only.
+const TARGET_VNI_POLICY: &str = r#"version: 1
+rules:
+  - name: watcher
+    peers: [127.0.0.5]
+    subscribe: [100]
+  - name: tenant-a
+    peers: [127.0.0.2]
+    announce:
+      - vnis: [100]
+        prefixes: [10.1.0.0/16]
+        next_hops: [self]
+  - name: gateway
+    peers: [127.0.0.3]
+    announce:
+      - vnis: [100]
+        prefixes: [10.9.0.0/16]
+        next_hops: [self]
+        target_vnis: [5000-5999]
+"#;
+
+/// Issue #24: a peer granted VNI 100 announced a target VNI of 5 and it was
+/// reflected. Without `target_vnis` a grant allows what Go clients send (0
+/// or the route's own VNI); the rest is refused like any other forbidden
+/// UPDATE: not reflected, counted as `reason="target_vni"`, logged.
+#[test]
+fn a_next_hops_target_vni_is_granted_like_the_routes_vni() {
+    let file = PolicyFile::new("target-vni", TARGET_VNI_POLICY);
+    let (mut child, addr, http) = start(&file);
+    let denied = "metalbond_policy_denied_total";
+
+    let mut watcher = peer(addr, "127.0.0.5");
+    watcher.send(&Message::Subscribe(vni(100)));
+    assert!(watcher.sync_point().is_empty());
+
+    let a = peer(addr, "127.0.0.2");
+    let hop = "::ffff:127.0.0.2";
+    let zero = r_to(100, "10.1.0.0/24", hop, 0);
+    let own = r_to(100, "10.1.1.0/24", hop, 100);
+    a.send_all(&[
+        add(r_to(100, "10.1.2.0/24", hop, 5)),
+        add(zero),
+        add(r_to(100, "10.1.3.0/24", hop, 200)),
+        add(own),
+    ]);
+    assert_eq!(
+        updates(&mut watcher, 2),
+        vec![(Action::Add, zero), (Action::Add, own)]
+    );
+    wait_metric(
+        http,
+        denied,
+        &[("rule", "tenant-a"), ("reason", "target_vni")],
+        2.0,
+    );
+
+    // An explicit list replaces the default: the gateway may steer into
+    // 5000-5999 only, not 0 and not the route's own VNI.
+    let g = peer(addr, "127.0.0.3");
+    let hop = "::ffff:127.0.0.3";
+    let steered = r_to(100, "10.9.0.0/24", hop, 5001);
+    g.send_all(&[
+        add(r_to(100, "10.9.1.0/24", hop, 0)),
+        add(r_to(100, "10.9.2.0/24", hop, 100)),
+        add(steered),
+    ]);
+    assert_eq!(updates(&mut watcher, 1), vec![(Action::Add, steered)]);
+    wait_metric(
+        http,
+        denied,
+        &[("rule", "gateway"), ("reason", "target_vni")],
+        2.0,
+    );
+    assert!(
+        watcher.sync_point().is_empty(),
+        "nothing refused is reflected"
+    );
+    let (_, _, table) = get(&format!("http://{http}/routes.json"));
+    for refused in ["10.1.2.0/24", "10.1.3.0/24", "10.9.1.0/24", "10.9.2.0/24"] {
+        assert!(!table.contains(refused), "{refused} in {table}");
+    }
+
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let log = stderr_of(&mut child);
+    assert!(
+        log.contains("policy refused: next hop target VNI not allowed")
+            && log.contains("reason=target_vni"),
+        "{log}"
+    );
+}
+
+/// Issue #24: `::ffff:127.0.0.0/104` never matched an IPv4 peer (peers are
+/// matched as IPv4). It is matched as 127.0.0.0/8 now, and the server says
+/// so when it loads the file.
+#[test]
+fn a_rule_written_with_ipv4_mapped_prefixes_matches_ipv4_peers() {
+    let file = PolicyFile::new(
+        "mapped",
+        "version: 1\nrules:\n  - name: mapped\n    peers: [\"::ffff:127.0.0.0/104\"]\n    subscribe: [100]\n    announce:\n      - vnis: [100]\n        prefixes: [10.0.0.0/8]\n        next_hops: [self]\n",
+    );
+    let (mut child, addr, http) = start(&file);
+    let mut watcher = peer(addr, "127.0.0.5");
+    watcher.send(&Message::Subscribe(vni(100)));
+    assert!(
+        watcher.sync_point().is_empty(),
+        "the peer is served, not closed"
+    );
+    let a = peer(addr, "127.0.0.2");
+    let own = r(100, "10.1.0.0/24", "::ffff:127.0.0.2");
+    a.send(&add(own));
+    assert_eq!(updates(&mut watcher, 1), vec![(Action::Add, own)]);
+    // The two peers, and wait_listening's probe from 127.0.0.1.
+    let hits = value(
+        http,
+        "metalbond_policy_rule_hits_total",
+        &[("rule", "mapped")],
+    );
+    assert!(hits >= 2.0, "{hits}");
+    let (_, _, policy) = get(&format!("http://{http}/policy"));
+    assert!(policy.contains("is matched as 127.0.0.0/8"), "{policy}");
+
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let log = stderr_of(&mut child);
+    assert!(
+        log.contains("::ffff:127.0.0.0/104 is the IPv4-mapped form of 127.0.0.0/8 and is matched as 127.0.0.0/8"),
+        "{log}"
+    );
+}
+
+/// Issue #24: `policy check` accepted rules that can never match without a
+/// word. It warns (exit status 0: the file is valid), and explains the
+/// match of an IPv4 peer by a mapped prefix.
+#[test]
+fn policy_check_warns_about_rules_that_do_not_match_as_written() {
+    let file = PolicyFile::new(
+        "check-warn",
+        "version: 1\nrules:\n  - name: loopback\n    peers: [\"::ffff:127.0.0.0/104\"]\n  - name: lab\n    peers: [127.0.0.2]\n  - name: rack\n    peers: [10.1.0.0/16]\n",
+    );
+    let (code, out, err) = policy_check(&[file.path()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("warning: rule 1 (\"loopback\"): peers: ::ffff:127.0.0.0/104 is the IPv4-mapped form of 127.0.0.0/8 and is matched as 127.0.0.0/8"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: rule 2 (\"lab\") can never match: earlier rules match all its peers first (127.0.0.2/32 by rule \"loopback\")"),
+        "{out}"
+    );
+    assert_eq!(out.matches("warning:").count(), 2, "{out}");
+    assert!(
+        out.contains("rule 1 \"loopback\": peers 127.0.0.0/8"),
+        "{out}"
+    );
+
+    let (code, out, _) = policy_check(&[file.path(), "--peer", "127.0.0.2"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("peer 127.0.0.2: rule 1 \"loopback\" matches (its peers include 127.0.0.0/8)"),
+        "{out}"
+    );
+
+    // The fleet example of the README: valid, and nothing to warn about.
+    let (code, out, _) = policy_check(&[PolicyFile::new("check-clean", POLICY_V1).path()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}
+
+/// A server's stderr, collected line by line while it runs.
+fn collect_stderr(child: &mut ChildGuard) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.0.stderr.take().expect("stderr piped");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            match line {
+                Ok(l) => sink.lock().unwrap().push(l),
+                Err(_) => return,
+            }
+        }
+    });
+    lines
+}
+
+/// The number after `key=` in a logfmt line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Issue #24: refusal lines were limited per peer only, so 300 refused
+/// sessions wrote 600 warning lines. Now every peer shares one budget
+/// (`BUDGET_LINES` per `BUDGET_WINDOW`): 300 sessions with two refused
+/// routes each and 100 sessions no rule matches write at most a budget of
+/// lines, then one summary per window with the number suppressed; lines
+/// written plus lines suppressed account for every refusal counted.
+#[test]
+fn refused_sessions_share_one_log_budget_and_a_summary_counts_the_rest() {
+    use metalbond::policy::refusal_log::{BUDGET_LINES, BUDGET_WINDOW};
+    let file = PolicyFile::new(
+        "budget",
+        "version: 1\nrules:\n  - name: tenants\n    peers: [127.1.0.0/16]\n    announce:\n      - vnis: [100]\n        prefixes: [10.1.0.0/16]\n        next_hops: [self]\n",
+    );
+    let (mut child, addr, http) = start(&file);
+    let lines = collect_stderr(&mut child);
+    let started = Instant::now();
+    for i in 0..300u32 {
+        let source = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+        let mut p = TestPeer::connect_from(addr, ip(&source));
+        p.handshake(5);
+        // A foreign prefix and a foreign next hop: two reasons, two lines
+        // due for this peer.
+        let me = format!("::ffff:{source}");
+        p.send_all(&[
+            add(r(100, "10.2.0.0/24", &me)),
+            add(r(100, "10.1.0.0/24", "::ffff:127.1.9.9")),
+        ]);
+        p.close();
+    }
+    for i in 0..100u32 {
+        let mut p = TestPeer::connect_from(addr, ip(&format!("127.2.0.{}", i + 1)));
+        assert!(p.closed_within(WAIT), "no rule: closed");
+    }
+    let flood = started.elapsed();
+    for reason in ["prefix", "next_hop"] {
+        wait_metric(
+            http,
+            "metalbond_policy_denied_total",
+            &[("rule", "tenants"), ("reason", reason)],
+            300.0,
+        );
+    }
+    // wait_listening's probes from 127.0.0.1 were refused too.
+    let denied = metric_sum(
+        &scrape(&format!("http://{http}/metrics")),
+        "metalbond_policy_denied_total",
+    ) as u64;
+    assert!(denied >= 700, "{denied}");
+
+    // Every refusal is either a line or counted in a summary, once the
+    // window of the last suppressed line has ended.
+    let is_refusal = |l: &String| {
+        l.contains("level=warning")
+            && (l.contains("msg=\"policy refused: ")
+                || (l.contains("msg=\"closing peer\"") && l.contains("policy")))
+    };
+    let is_summary = |l: &String| l.contains("msg=\"policy: suppressed ");
+    let deadline = Instant::now() + BUDGET_WINDOW + WAIT;
+    let (written, suppressed, summaries) = loop {
+        let log = lines.lock().unwrap().clone();
+        let written = log.iter().filter(|l| is_refusal(l)).count() as u64;
+        let summaries: Vec<String> = log.iter().filter(|l| is_summary(l)).cloned().collect();
+        let suppressed: u64 = summaries
+            .iter()
+            .map(|l| field(l, "suppressed").unwrap_or_else(|| panic!("no count in {l}")))
+            .sum();
+        if written + suppressed >= denied {
+            break (written, suppressed, summaries);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} lines + {suppressed} suppressed of {denied} refusals after the window ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(written + suppressed, denied, "{summaries:?}");
+    eprintln!(
+        "{denied} refusals in {flood:?}: {written} lines written, {suppressed} suppressed, {} summary line(s)",
+        summaries.len()
+    );
+    // The flood took a window or two: a budget each, no more.
+    let windows = 1 + (flood.as_secs_f64() / BUDGET_WINDOW.as_secs_f64()).ceil() as u64;
+    assert!(
+        written <= u64::from(BUDGET_LINES) * windows,
+        "{written} refusal lines for {denied} refusals in {flood:?}"
+    );
+    assert!(
+        summaries[0].contains("refusal log lines in the last 10s")
+            && summaries[0].contains("level=warning"),
+        "{summaries:?}"
+    );
+    let (_, _, policy) = get(&format!("http://{http}/policy"));
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    assert_eq!(policy["log_lines_suppressed"], suppressed, "{policy}");
+
+    child.signal(libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
 }

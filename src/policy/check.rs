@@ -34,9 +34,12 @@ pub struct PolicyArgs {
 /// Subcommands of `metalbond policy`.
 #[derive(clap::Subcommand, Debug)]
 pub enum PolicyCommand {
-    /// Validate a policy file and print what it grants. Exit status 0: valid
-    /// (and, with --peer, a rule matches); 1: invalid (the error names line
-    /// and column, or the rule); 3: valid, but no rule matches --peer.
+    /// Validate a policy file and print what it grants, after a `warning:`
+    /// line for each part of a valid file that does not do what it reads
+    /// as (an IPv4-mapped prefix, matched as IPv4; a rule earlier rules
+    /// shadow). Exit status 0: valid (and, with --peer, a rule matches);
+    /// 1: invalid (the error names line and column, or the rule); 3: valid,
+    /// but no rule matches --peer.
     Check {
         /// The policy file (YAML, `version: 1`).
         file: PathBuf,
@@ -59,7 +62,9 @@ pub fn run(args: PolicyArgs) -> ExitCode {
                     }
                 };
             let (text, code) = report(&file.display().to_string(), &policy, peer);
-            print!("{text}");
+            // `policy check FILE | head` closes the pipe early: not an
+            // error worth a panic (print! would panic on EPIPE).
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             ExitCode::from(code)
         }
     }
@@ -79,6 +84,9 @@ pub fn report(path: &str, policy: &Policy, peer: Option<IpAddr>) -> (String, u8)
             .unwrap_or_default(),
         policy.rules.len()
     );
+    for w in &policy.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     let Some(addr) = peer else {
         for r in &policy.rules {
             describe(&mut out, r);
@@ -139,11 +147,12 @@ fn describe(out: &mut String, r: &Rule) {
         hops.extend(g.next_hops.prefixes.iter().map(|p| p.to_string()));
         let _ = writeln!(
             out,
-            "  announce: VNIs {}; destinations within {}; next hop types {}; next hops {}",
+            "  announce: VNIs {}; destinations within {}; next hop types {}; next hops {}; target VNIs {}",
             g.vnis,
             prefixes.join(", "),
             g.next_hop_types,
-            hops.join(", ")
+            hops.join(", "),
+            g.target_vnis
         );
     }
     let limit = |v: Option<usize>, flag: &str| match v {

@@ -2,8 +2,11 @@
 //! place of an error, and compilation into `Policy`.
 //!
 //! Owns: the serde structures mirroring the file (unknown keys refused),
-//! the value parsers (VNI ranges, prefixes, `self`), the checks that need
-//! the whole file (unique names, non-empty lists) and `PolicyError`.
+//! the value parsers (VNI ranges, prefixes, `self`, `same`), the checks
+//! that need the whole file (unique names, non-empty lists), the warnings
+//! about a valid file that does not do what it says (an IPv4-mapped prefix,
+//! matched as IPv4; a rule earlier rules shadow, found by `shadow`) and
+//! `PolicyError`.
 //!
 //! Must never: guess. A value that is not exactly what the format says is
 //! an error naming its line and column (or its rule), never a default; a
@@ -19,10 +22,12 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::rule::{
-    AnnounceGrant, NextHopAddrs, NextHopTypes, OnViolation, Rule, RuleCounters, RuleLimits, VniSet,
+    AnnounceGrant, NextHopAddrs, NextHopTypes, OnViolation, Rule, RuleCounters, RuleLimits,
+    TargetVnis, VniSet,
 };
 use super::Policy;
 use crate::types::{IpNet, Vni};
+use ipnet::Ipv4Net;
 
 /// The only format version this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -132,6 +137,10 @@ struct GrantFile {
     next_hop_types: Option<Vec<NextHopTypeFile>>,
     /// `self` and/or prefixes.
     next_hops: Vec<NextHopFile>,
+    /// `NextHop.targetVNI` values: VNIs, ranges and/or `same` (the
+    /// route's own VNI); default `[0, same]`, what Go clients send.
+    #[serde(default)]
+    target_vnis: Option<Vec<TargetVniFile>>,
 }
 
 /// `limits:` as written.
@@ -243,6 +252,43 @@ fn parse_vni_range(s: &str) -> Result<VniRange, String> {
     }
 }
 
+/// One `target_vnis` item: `same` or a VNI or range.
+#[derive(Debug, Clone, Copy)]
+enum TargetVniFile {
+    /// The route's own VNI.
+    Same,
+    /// These VNIs.
+    Vnis(VniRange),
+}
+
+impl<'de> Deserialize<'de> for TargetVniFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TargetVniFile;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a VNI, a range such as 100-199, or `same` (the route's own VNI)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<TargetVniFile, E> {
+                let v = vni(&v.to_string()).map_err(E::custom)?;
+                Ok(TargetVniFile::Vnis(VniRange(v, v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<TargetVniFile, E> {
+                Err(E::custom(format!("VNI {v} is negative")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TargetVniFile, E> {
+                if s.trim() == "same" {
+                    return Ok(TargetVniFile::Same);
+                }
+                parse_vni_range(s)
+                    .map(TargetVniFile::Vnis)
+                    .map_err(|e| E::custom(format!("{e}; or `same` for the route's own VNI")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `self` or a prefix.
 #[derive(Debug, Clone, Copy)]
 enum NextHopFile {
@@ -288,6 +334,7 @@ pub fn parse(
     let _ = file.version;
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(file.rules.len());
+    let mut warnings = Vec::new();
     for (i, r) in file.rules.into_iter().enumerate() {
         let position = i + 1;
         let bad = |message: String| PolicyError::Rule {
@@ -316,6 +363,19 @@ pub fn parse(
                     .into(),
             ));
         }
+        let note = |w: String| format!("rule {position} ({:?}): {w}", r.name);
+        let peers: Vec<IpNet> = r
+            .peers
+            .iter()
+            .map(|p| {
+                matched_as_ipv4(
+                    p.0,
+                    "peers",
+                    "a peer's IPv4 address is matched as IPv4, also on a dual-stack socket",
+                    &mut |w| warnings.push(note(w)),
+                )
+            })
+            .collect();
         let mut announce = Vec::with_capacity(r.announce.len());
         for (j, g) in r.announce.into_iter().enumerate() {
             let which = format!("announce[{j}]");
@@ -356,14 +416,42 @@ pub fn parse(
             for n in g.next_hops {
                 match n {
                     NextHopFile::OwnAddress => next_hops.own_address = true,
-                    NextHopFile::Prefix(p) => next_hops.prefixes.push(p),
+                    NextHopFile::Prefix(p) => next_hops.prefixes.push(matched_as_ipv4(
+                        p,
+                        &format!("{which}.next_hops"),
+                        "next hops are compared in their IPv4 form",
+                        &mut |w| warnings.push(note(w)),
+                    )),
                 }
             }
+            let target_vnis = match g.target_vnis {
+                None => TargetVnis::default(),
+                Some(list) if list.is_empty() => {
+                    return Err(bad(format!(
+                        "{which}: `target_vnis` is empty (leave it out for the default, [0, same])"
+                    )))
+                }
+                Some(list) => {
+                    let mut ranges = Vec::new();
+                    let mut same = false;
+                    for t in list {
+                        match t {
+                            TargetVniFile::Same => same = true,
+                            TargetVniFile::Vnis(r) => ranges.push((r.0, r.1)),
+                        }
+                    }
+                    TargetVnis {
+                        same,
+                        vnis: VniSet::from_ranges(ranges),
+                    }
+                }
+            };
             announce.push(AnnounceGrant {
                 vnis: vni_set(&g.vnis),
                 prefixes: g.prefixes.iter().map(|p| p.0).collect(),
                 next_hop_types: types,
                 next_hops,
+                target_vnis,
             });
         }
         if r.limits.max_routes == Some(0) || r.limits.max_subscriptions == Some(0) {
@@ -375,7 +463,7 @@ pub fn parse(
             counters: counters(&r.name),
             name: r.name,
             position,
-            peers: r.peers.iter().map(|p| p.0).collect(),
+            peers,
             subscribe: vni_set(&r.subscribe),
             announce,
             limits: RuleLimits {
@@ -388,10 +476,35 @@ pub fn parse(
             },
         }));
     }
+    warnings.extend(super::shadow::shadowed(&rules));
     Ok(Policy {
         revision: file.revision,
         rules,
+        warnings,
     })
+}
+
+/// `net` as it is matched: an IPv4-mapped IPv6 prefix (`::ffff:a.b.c.d/96+n`)
+/// becomes the IPv4 prefix it stands for, since addresses are compared in
+/// their canonical form (`IpAddr::to_canonical`) and the mapped form would
+/// never match; `warn` gets a line saying so. Any other prefix is
+/// returned as it is.
+fn matched_as_ipv4(net: IpNet, key: &str, why: &str, warn: &mut dyn FnMut(String)) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    let (Some(addr), Some(len)) = (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96))
+    else {
+        return net;
+    };
+    match Ipv4Net::new(addr, len) {
+        Ok(v4) => {
+            let v4 = IpNet::V4(v4);
+            warn(format!(
+                "{key}: {net} is the IPv4-mapped form of {v4} and is matched as {v4} ({why}; write {v4})"
+            ));
+            v4
+        }
+        Err(_) => net,
+    }
 }
 
 fn vni_set(list: &[VniRange]) -> VniSet {

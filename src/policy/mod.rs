@@ -4,7 +4,9 @@
 //!
 //! Owns: the file format and its parsing (`file`), compiled rules and their
 //! checks (`rule`), the live policy shared by every shard with reload and
-//! counters (`PolicyStore`), and `metalbond policy check` (`check`).
+//! counters (`PolicyStore`), the refusal log lines and their process-wide
+//! budget (`peer`, `refusal_log`), the warnings about rules earlier rules
+//! shadow (`shadow`), and `metalbond policy check` (`check`).
 //!
 //! How the server uses it: at session start a peer's source address is
 //! resolved to its rule once (`Policy::rule_for`, first match) and the peer
@@ -20,7 +22,9 @@
 pub mod check;
 pub mod file;
 pub mod peer;
+pub mod refusal_log;
 pub mod rule;
+mod shadow;
 
 use crate::util::{LockOrRecover, RwLockOrRecover};
 use std::collections::HashMap;
@@ -32,7 +36,8 @@ use std::time::SystemTime;
 
 pub use file::{PolicyError, FORMAT_VERSION};
 pub use peer::{PeerPolicy, Verdict};
-pub use rule::{Denial, OnViolation, Rule, RuleCounters, VniSet};
+pub use refusal_log::RefusalLog;
+pub use rule::{Denial, OnViolation, Rule, RuleCounters, TargetVnis, VniSet};
 
 /// A compiled policy: rules in file order, first match wins; no match
 /// denies.
@@ -42,6 +47,11 @@ pub struct Policy {
     pub revision: Option<String>,
     /// The rules.
     pub rules: Vec<Arc<Rule>>,
+    /// What a valid file does differently from how it reads, one line each
+    /// naming the rule: an IPv4-mapped prefix matched as IPv4, a rule (or
+    /// some of its peers) that earlier rules shadow. Printed by `policy
+    /// check`, logged at warn by the server when it loads the file.
+    pub warnings: Vec<String>,
 }
 
 impl Policy {
@@ -77,6 +87,8 @@ pub struct PolicyStore {
     unmatched: Arc<RuleCounters>,
     /// Reloads that failed (the old policy stayed).
     failed_reloads: AtomicU64,
+    /// The process-wide budget of refusal log lines, shared by every peer.
+    refusal_log: Arc<RefusalLog>,
 }
 
 /// Label used for refusals of peers no rule matches (rule names cannot
@@ -94,6 +106,7 @@ impl PolicyStore {
             counters: Mutex::new(HashMap::new()),
             unmatched: Arc::new(RuleCounters::default()),
             failed_reloads: AtomicU64::new(0),
+            refusal_log: RefusalLog::new(),
         };
         store.read_and_swap()?;
         Ok(store)
@@ -115,6 +128,7 @@ impl PolicyStore {
             counters: Mutex::new(counters),
             unmatched: Arc::new(RuleCounters::default()),
             failed_reloads: AtomicU64::new(0),
+            refusal_log: RefusalLog::new(),
         }
     }
 
@@ -125,6 +139,9 @@ impl PolicyStore {
                 counters.entry(name.to_string()).or_default().clone()
             })?
         };
+        for w in &policy.warnings {
+            tracing::warn!(file = %self.path.display(), "policy: {w}");
+        }
         let policy = Arc::new(policy);
         *self.current.write_or_recover() = policy.clone();
         *self.loaded_at.lock_or_recover() = SystemTime::now();
@@ -164,6 +181,11 @@ impl PolicyStore {
         &self.unmatched
     }
 
+    /// The process-wide budget of refusal log lines.
+    pub fn refusal_log(&self) -> &Arc<RefusalLog> {
+        &self.refusal_log
+    }
+
     /// What the status pages show: revision, generation, per-rule counts.
     pub fn status(&self) -> PolicyStatus {
         let policy = self.current();
@@ -201,6 +223,8 @@ impl PolicyStore {
             generation: self.generation.load(Ordering::Relaxed),
             loaded_at: *self.loaded_at.lock_or_recover(),
             failed_reloads: self.failed_reloads.load(Ordering::Relaxed),
+            log_lines_suppressed: self.refusal_log.suppressed_total(),
+            warnings: policy.warnings.clone(),
             rules,
         }
     }
@@ -222,6 +246,11 @@ pub struct PolicyStatus {
     pub loaded_at: SystemTime,
     /// Reloads that failed since start (the old policy stayed).
     pub failed_reloads: u64,
+    /// Refusal log lines the process-wide budget suppressed since start
+    /// (each window that suppressed some ends with a summary line).
+    pub log_lines_suppressed: u64,
+    /// The active file's warnings (`Policy::warnings`).
+    pub warnings: Vec<String>,
     /// Per rule (active ones in file order, then removed ones, then the
     /// peers no rule matched).
     pub rules: Vec<RuleStatus>,

@@ -5,16 +5,25 @@
 //! Owns: `PeerPolicy` (held by a server peer's reader for the session, or
 //! until a reload makes it resolve again) and `Verdict`.
 //!
+//! Logging: a refusal (a refused UPDATE or SUBSCRIBE, or a session the
+//! policy closes: no rule matches, or a `close` rule was violated) is one
+//! warn line, at most one per peer and reason every `LOG_EVERY`, and only
+//! while the process-wide budget (`RefusalLog`, shared by every peer) has
+//! room; the budget reports what it suppressed.
+//!
 //! Must never: touch the session or tables itself (the server acts on the
 //! verdict), or log more than one line per peer, reason and
 //! `LOG_EVERY` (a peer announcing a million forbidden routes costs
-//! counters, not a million log lines).
+//! counters, not a million log lines), or write a refusal line the
+//! process-wide budget has no room for (300 refused sessions cost a
+//! handful of lines, not 300).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::refusal_log::RefusalLog;
 use super::rule::{Denial, OnViolation, Rule};
 use super::PolicyStore;
 use crate::types::{Route, Vni};
@@ -44,11 +53,14 @@ pub struct PeerPolicy {
     generation: u64,
     /// Per reason: when a line was last logged and refusals since.
     logged: HashMap<Denial, (Option<Instant>, u64)>,
+    /// The process-wide budget of refusal lines (the store's).
+    log: Arc<RefusalLog>,
 }
 
 impl PeerPolicy {
     /// Resolves the rule for `peer`. `Err` is the close reason when no rule
-    /// matches (counted as `no_rule`): such a peer gets nothing at all.
+    /// matches (counted as `no_rule`, logged within the process-wide
+    /// budget): such a peer gets nothing at all.
     pub fn resolve(store: &PolicyStore, peer: SocketAddr) -> Result<PeerPolicy, String> {
         let generation = store.generation();
         let policy = store.current();
@@ -62,13 +74,16 @@ impl PeerPolicy {
                     source,
                     generation,
                     logged: HashMap::new(),
+                    log: store.refusal_log().clone(),
                 })
             }
             None => {
                 store.unmatched().denied(Denial::NoRule);
-                Err(format!(
-                    "policy: no rule matches {source}; the peer may do nothing"
-                ))
+                let reason = format!("policy: no rule matches {source}; the peer may do nothing");
+                if store.refusal_log().admit() {
+                    tracing::warn!(reason = %reason, "closing peer");
+                }
+                Err(reason)
             }
         }
     }
@@ -132,11 +147,15 @@ impl PeerPolicy {
     fn refused(&mut self, peer: SocketAddr, why: Denial, what: &str) -> Verdict {
         self.rule.counters.denied(why);
         if self.rule.on_violation == OnViolation::Close {
-            return Verdict::Close(format!(
+            let reason = format!(
                 "policy violation (rule {:?}): {}: {what}",
                 self.rule.name,
                 why.describe()
-            ));
+            );
+            if self.log.admit() {
+                tracing::warn!(reason = %reason, "closing peer");
+            }
+            return Verdict::Close(reason);
         }
         let now = Instant::now();
         let entry = self.logged.entry(why).or_insert((None, 0));
@@ -145,7 +164,12 @@ impl PeerPolicy {
             .0
             .is_none_or(|last| now.duration_since(last) >= LOG_EVERY)
         {
-            tracing::warn!(
+            // Due for this peer; written if the process-wide budget has
+            // room. Either way the peer's count starts again, so a peer
+            // whose line was suppressed asks the budget again only after
+            // `LOG_EVERY`, not per refusal.
+            if self.log.admit() {
+                tracing::warn!(
                 peer = %peer,
                 rule = %self.rule.name,
                 reason = why.label(),
@@ -154,7 +178,8 @@ impl PeerPolicy {
                 "policy refused: {} (one line per peer and reason every {}s; `refused` counts since the last)",
                 why.describe(),
                 LOG_EVERY.as_secs()
-            );
+                );
+            }
             *entry = (Some(now), 0);
         }
         Verdict::Refuse

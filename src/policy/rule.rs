@@ -2,6 +2,7 @@
 //!
 //! Owns: `Rule` (which peers it covers, which VNIs they may subscribe to,
 //! which routes they may announce, per-rule limits, what a violation gets),
+//! `TargetVnis` (which `NextHop.targetVNI` an announced route may carry),
 //! `VniSet` (sorted ranges), `Denial` (why something was refused, with its
 //! metric label) and `RuleCounters` (hits and denials per reason, atomics).
 //!
@@ -133,8 +134,54 @@ impl NextHopAddrs {
     }
 }
 
+/// Which `NextHop.targetVNI` values a grant allows. The target VNI tells
+/// the receiving hypervisor which VNI to encapsulate into: a tenant that
+/// may set it freely can steer its traffic into another tenant's overlay,
+/// so it is granted like the VNI of the route itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetVnis {
+    /// The route's own VNI (`same`): what a gateway that keeps traffic in
+    /// the tenant's overlay sends.
+    pub same: bool,
+    /// Literal VNIs and ranges; 0 is "not meaningful", what the Go client
+    /// sends for an ordinary route.
+    pub vnis: VniSet,
+}
+
+impl Default for TargetVnis {
+    /// What an entry without `target_vnis` allows: 0 and the route's own
+    /// VNI, the two values Go clients send, so policy files written before
+    /// the key existed keep accepting them.
+    fn default() -> TargetVnis {
+        TargetVnis {
+            same: true,
+            vnis: VniSet::from_ranges(vec![(0, 0)]),
+        }
+    }
+}
+
+impl TargetVnis {
+    /// Does the set allow `target_vni` on a route in `route_vni`?
+    pub fn allows(&self, target_vni: u32, route_vni: Vni) -> bool {
+        (self.same && target_vni == route_vni.get())
+            // Validated on receive (24 bits); anything else is refused.
+            || Vni::new(target_vni).is_ok_and(|v| self.vnis.contains(v))
+    }
+}
+
+impl std::fmt::Display for TargetVnis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.vnis.is_empty(), self.same) {
+            (false, true) => write!(f, "{} or the route's own", self.vnis),
+            (false, false) => write!(f, "{}", self.vnis),
+            (true, true) => f.write_str("the route's own"),
+            (true, false) => f.write_str("none"),
+        }
+    }
+}
+
 /// One `announce` entry: a route is allowed when its VNI, destination, next
-/// hop type and next hop address all fit.
+/// hop type, next hop address and target VNI all fit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AnnounceGrant {
     /// VNIs it may announce into.
@@ -146,6 +193,8 @@ pub struct AnnounceGrant {
     pub next_hop_types: NextHopTypes,
     /// Next-hop addresses allowed.
     pub next_hops: NextHopAddrs,
+    /// `NextHop.targetVNI` values allowed (default: 0 and the route's own).
+    pub target_vnis: TargetVnis,
 }
 
 /// Why a peer's UPDATE, SUBSCRIBE or session was refused; its `label()` is
@@ -166,17 +215,20 @@ pub enum Denial {
     NextHopType,
     /// Next hop address neither the peer's own nor in an allowed prefix.
     NextHop,
+    /// `NextHop.targetVNI` not allowed (e.g. another tenant's VNI).
+    TargetVni,
 }
 
 impl Denial {
     /// Every reason, in label order (counter slots).
-    pub const ALL: [Denial; 6] = [
+    pub const ALL: [Denial; 7] = [
         Denial::NoRule,
         Denial::SubscribeVni,
         Denial::AnnounceVni,
         Denial::Prefix,
         Denial::NextHopType,
         Denial::NextHop,
+        Denial::TargetVni,
     ];
 
     /// The metric label.
@@ -188,6 +240,7 @@ impl Denial {
             Denial::Prefix => "prefix",
             Denial::NextHopType => "next_hop_type",
             Denial::NextHop => "next_hop",
+            Denial::TargetVni => "target_vni",
         }
     }
 
@@ -200,6 +253,7 @@ impl Denial {
             Denial::Prefix => "destination outside the allowed prefixes",
             Denial::NextHopType => "next hop type not allowed",
             Denial::NextHop => "next hop address not allowed",
+            Denial::TargetVni => "next hop target VNI not allowed",
         }
     }
 
@@ -322,6 +376,10 @@ impl Rule {
                 .allows(route.next_hop.target.to_canonical(), source)
             {
                 closest = closest.max(Denial::NextHop);
+                continue;
+            }
+            if !g.target_vnis.allows(route.next_hop.target_vni, route.vni) {
+                closest = closest.max(Denial::TargetVni);
                 continue;
             }
             return Ok(());

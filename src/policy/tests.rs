@@ -336,3 +336,182 @@ fn readme_example_is_this_one() {
         "README's example policy differs from policy::tests::FLEET"
     );
 }
+
+/// A route of `route(...)` with next hop target VNI `target_vni`.
+fn with_target(mut r: Route, target_vni: u32) -> Route {
+    r.next_hop.target_vni = target_vni;
+    r
+}
+
+#[test]
+fn target_vni_defaults_to_zero_or_the_routes_own_vni() {
+    // The fleet file has no `target_vnis`: what Go clients send passes,
+    // another VNI (another tenant's overlay) is refused.
+    let p = fleet();
+    let me = ip("2001:db8:100:7::1");
+    let r = p.rule_for(me).unwrap();
+    let base = route(
+        1500,
+        "10.1.2.0/24",
+        "2001:db8:100:7::1",
+        NextHopKind::Standard,
+    );
+    assert_eq!(r.check_announce(&with_target(base, 0), me), Ok(()));
+    assert_eq!(r.check_announce(&with_target(base, 1500), me), Ok(()));
+    for other in [5, 1501, 1499, Vni::MAX] {
+        assert_eq!(
+            r.check_announce(&with_target(base, other), me),
+            Err(Denial::TargetVni),
+            "{other}"
+        );
+    }
+    // Out of the 24-bit range (never passes the codec): refused too.
+    assert_eq!(
+        r.check_announce(&with_target(base, 1 << 24), me),
+        Err(Denial::TargetVni)
+    );
+    assert_eq!(Denial::TargetVni.label(), "target_vni");
+}
+
+#[test]
+fn target_vnis_list_replaces_the_default() {
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: gw\n    peers: [10.0.0.0/8]\n    announce:\n      - vnis: [100-199]\n        prefixes: [0.0.0.0/0]\n        next_hops: [self]\n        target_vnis: [5000-5999]\n      - vnis: [300]\n        prefixes: [0.0.0.0/0]\n        next_hops: [self]\n        target_vnis: [same, 7]\n",
+    )
+    .unwrap();
+    let me = ip("10.0.0.1");
+    let r = p.rule_for(me).unwrap();
+    let k = NextHopKind::Standard;
+    let in_100 = route(100, "192.168.0.0/24", "10.0.0.1", k);
+    assert_eq!(r.check_announce(&with_target(in_100, 5000), me), Ok(()));
+    assert_eq!(r.check_announce(&with_target(in_100, 5999), me), Ok(()));
+    assert_eq!(
+        r.check_announce(&with_target(in_100, 0), me),
+        Err(Denial::TargetVni),
+        "an explicit list replaces the default"
+    );
+    assert_eq!(
+        r.check_announce(&with_target(in_100, 100), me),
+        Err(Denial::TargetVni)
+    );
+    let in_300 = route(300, "192.168.0.0/24", "10.0.0.1", k);
+    assert_eq!(r.check_announce(&with_target(in_300, 300), me), Ok(()));
+    assert_eq!(r.check_announce(&with_target(in_300, 7), me), Ok(()));
+    assert_eq!(
+        r.check_announce(&with_target(in_300, 0), me),
+        Err(Denial::TargetVni)
+    );
+    assert_eq!(p.rules[0].announce[0].target_vnis.to_string(), "5000-5999");
+    assert_eq!(
+        p.rules[0].announce[1].target_vnis.to_string(),
+        "7 or the route's own"
+    );
+    assert_eq!(TargetVnis::default().to_string(), "0 or the route's own");
+
+    let grant = |t: &str| {
+        format!("version: 1\nrules:\n  - name: a\n    peers: [10.0.0.0/8]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [self]\n        target_vnis: {t}\n")
+    };
+    let e = err(&grant("[]"));
+    assert!(e.contains("announce[0]: `target_vnis` is empty"), "{e}");
+    let e = err(&grant("[own]"));
+    assert!(e.contains("line 9"), "{e}");
+    assert!(e.contains("`same`"), "{e}");
+    let e = err(&grant("[16777216]"));
+    assert!(e.contains("VNI 16777216 is out of range"), "{e}");
+}
+
+#[test]
+fn an_ipv4_mapped_prefix_is_matched_as_ipv4_with_a_warning() {
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: lo\n    peers: [\"::ffff:127.0.0.0/104\"]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [\"::ffff:192.0.2.0/120\"]\n",
+    )
+    .unwrap();
+    // Peers are matched in canonical form: an IPv4 source, also seen as
+    // ::ffff:a.b.c.d on a dual-stack socket, is an IPv4 address.
+    assert_eq!(p.rule_for(ip("127.0.0.2")).unwrap().name, "lo");
+    assert_eq!(p.rule_for(ip("::ffff:127.0.0.2")).unwrap().name, "lo");
+    assert!(p.rule_for(ip("128.0.0.1")).is_none());
+    assert_eq!(p.rules[0].peers, vec!["127.0.0.0/8".parse().unwrap()]);
+    let r = &p.rules[0];
+    let me = ip("127.0.0.2");
+    let k = NextHopKind::Standard;
+    assert_eq!(
+        r.check_announce(&route(1, "10.0.0.0/24", "::ffff:192.0.2.7", k), me),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_announce(&route(1, "10.0.0.0/24", "192.0.2.7", k), me),
+        Ok(())
+    );
+    assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+    assert!(
+        p.warnings[0].starts_with(
+            "rule 1 (\"lo\"): peers: ::ffff:127.0.0.0/104 is the IPv4-mapped form of 127.0.0.0/8 and is matched as 127.0.0.0/8"
+        ),
+        "{:?}",
+        p.warnings
+    );
+    assert!(
+        p.warnings[1].starts_with(
+            "rule 1 (\"lo\"): announce[0].next_hops: ::ffff:192.0.2.0/120 is the IPv4-mapped form of 192.0.2.0/24"
+        ),
+        "{:?}",
+        p.warnings
+    );
+    // A prefix that merely contains the mapped range is an IPv6 prefix.
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: v6\n    peers: [\"::/0\", \"::fffe:0:0/95\"]\n",
+    )
+    .unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    assert!(p.rule_for(ip("127.0.0.1")).is_none());
+}
+
+#[test]
+fn rules_that_earlier_rules_shadow_are_warned_about() {
+    assert!(fleet().warnings.is_empty(), "{:?}", fleet().warnings);
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: all-10\n    peers: [10.0.0.0/8]\n  - name: lab\n    peers: [10.1.0.0/16]\n  - name: halves-a\n    peers: [172.16.0.0/13]\n  - name: halves-b\n    peers: [172.24.0.0/13]\n  - name: whole\n    peers: [172.16.0.0/12]\n  - name: mixed\n    peers: [10.2.0.0/16, 192.168.0.0/16]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        p.warnings,
+        vec![
+            "rule 2 (\"lab\") can never match: earlier rules match all its peers first (10.1.0.0/16 by rule \"all-10\")".to_string(),
+            "rule 5 (\"whole\") can never match: earlier rules match all its peers first (172.16.0.0/12 by rule \"halves-a\", \"halves-b\")".to_string(),
+            "rule 6 (\"mixed\"): some of its peers never reach it, earlier rules match them first (10.2.0.0/16 by rule \"all-10\")".to_string(),
+        ]
+    );
+    // Half of a prefix covered is no warning: the rest still matches.
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: a\n    peers: [172.16.0.0/13]\n  - name: b\n    peers: [172.16.0.0/12]\n",
+    )
+    .unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn check_report_prints_warnings_and_target_vnis() {
+    let p = Policy::from_yaml(
+        "t",
+        "version: 1\nrules:\n  - name: lo\n    peers: [\"::ffff:127.0.0.0/104\"]\n    announce:\n      - vnis: [1]\n        prefixes: [10.0.0.0/8]\n        next_hops: [self]\n",
+    )
+    .unwrap();
+    let (text, code) = check::report("t.yaml", &p, Some(ip("127.0.0.1")));
+    assert_eq!(code, check::EXIT_OK, "{text}");
+    assert!(
+        text.contains(
+            "\nwarning: rule 1 (\"lo\"): peers: ::ffff:127.0.0.0/104 is the IPv4-mapped form"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("next hops the peer's own address; target VNIs 0 or the route's own"),
+        "{text}"
+    );
+}

@@ -575,10 +575,10 @@ fn over_limit(what: &'static str, max: usize, origin: String) -> CloseReason {
 
 /// The peer policy closes the session: no rule matches the peer, or it
 /// violated a rule with `on_violation: close`. Also closes `conn` (for the
-/// start of a session, where nothing returns the reason).
+/// start of a session, where nothing returns the reason). The policy has
+/// logged the "closing peer" line, within its process-wide budget.
 fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
     let reason = CloseReason::Policy(reason);
-    tracing::warn!(%reason, "closing peer");
     conn.close(reason.clone());
     reason
 }
