@@ -342,6 +342,7 @@ fn table_apply(c: &mut Criterion) {
                         OwnerInput::Subscribe {
                             peer: subscriber,
                             vni,
+                            epoch: 1,
                         },
                         &mut out,
                     );

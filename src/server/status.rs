@@ -176,7 +176,7 @@ impl StatusSource for ServerStatusSource {
 }
 
 /// The policy's families: refusals per rule and reason (non-zero series
-/// only: 1,000 rules × 6 reasons would be mostly zeros), sessions per rule,
+/// only: 1,000 rules × 7 reasons would be mostly zeros), sessions per rule,
 /// routes withdrawn by reloads, the active revision and generation.
 fn policy_families(p: &crate::policy::PolicyStatus) -> Vec<MetricFamily> {
     let mut denied = Vec::new();
