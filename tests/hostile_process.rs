@@ -352,3 +352,87 @@ fn out_of_descriptors_the_server_backs_off_quietly_and_recovers() {
         "the line counts the failures: {failed:#?}"
     );
 }
+
+/// Issue #24 item 1: a peer that never reads subscribes to a large VNI,
+/// unsubscribes 2 ms later, and repeats. Each SUBSCRIBE started a sync
+/// whose chunks were queued whatever `--max-queued-bytes` said (before the
+/// fix: 160 MB queued for that one session and the server at 172 MB after
+/// 5 s). Now the chunks count against one window per subscriber and the
+/// unwritten ones go at its UNSUBSCRIBE.
+#[test]
+fn subscribe_unsubscribe_flood_from_a_peer_that_never_reads_stays_bounded() {
+    let (child, addr, http) = server_with_http(&["--max-routes-per-peer", "200000"]);
+    let pid = child.pid();
+    let (publisher, _) = TestPeer::established(addr, 5);
+    publisher.keep_alive(Duration::from_millis(500));
+    publisher.send_all(
+        &(0..100_000)
+            .map(|i| add(route(13, i, 1)))
+            .collect::<Vec<_>>(),
+    );
+    let baseline = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = http_support::scrape(&format!("http://{http}/metrics"));
+            let routes = http_support::metric_sum(&s, "metalbond_routes");
+            if routes >= 100_000.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the table never filled: {routes}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proc_status(pid, "VmRSS")
+    };
+    let mut attacker = non_reading_peer(addr);
+    let mut ka = attacker.try_clone().unwrap();
+    let start = Instant::now();
+    let mut pairs = 0u32;
+    let mut last_ka = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if attacker
+            .write_all(&frame(&Message::Subscribe(vni(13))))
+            .is_err()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        if attacker
+            .write_all(&frame(&Message::Unsubscribe(vni(13))))
+            .is_err()
+        {
+            break;
+        }
+        if last_ka.elapsed() > Duration::from_millis(300) {
+            let _ = ka.write_all(&[1, 0, 0, 2]);
+            last_ka = Instant::now();
+        }
+        pairs += 1;
+    }
+    let rss = proc_status(pid, "VmRSS");
+    let (_, _, queued) = http_support::get(&format!("http://{http}/peers"));
+    let per_peer: Vec<u64> = queued
+        .split("\"queued_bytes\":")
+        .skip(1)
+        .filter_map(|s| s.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .collect();
+    assert!(
+        per_peer.len() >= 2,
+        "queued_bytes of each peer in /peers: {queued}"
+    );
+    let most_queued = per_peer.iter().copied().max().unwrap_or(0);
+    assert!(pairs > 100, "the attack ran ({pairs} pairs)");
+    // The default --max-queued-bytes is 4 MiB; one sync chunk may come on top.
+    assert!(
+        most_queued <= 4 * 1024 * 1024 + 128 * 1024,
+        "one peer made the server queue {most_queued} bytes after {pairs} pairs"
+    );
+    assert!(
+        rss < baseline + 64 * 1024,
+        "server RSS {rss} KiB after {pairs} pairs (before the attack {baseline} KiB)"
+    );
+    drop(attacker);
+}
