@@ -230,9 +230,6 @@ pub struct ReaderPacer {
     /// When the peer last showed progress (its edge or its ACKs moved), or
     /// the last probe went out.
     last_progress: Instant,
-    /// Since when output has waited for the peer's reader without it
-    /// consuming anything (`None`: not waiting).
-    blocked_since: Option<Instant>,
     /// Start of the current proof window and `written` at that time.
     proof_from: (Instant, u64),
 }
@@ -263,7 +260,6 @@ impl ReaderPacer {
             ack_wait: ACK_WAIT_MIN,
             probe_wait: PROBE_WAIT_MIN,
             last_progress: now,
-            blocked_since: None,
             proof_from: (now, 0),
         };
         match first {
@@ -287,14 +283,6 @@ impl ReaderPacer {
         self.mode = Mode::Streaming;
     }
 
-    /// How long output has waited for the peer's reader without it
-    /// consuming anything (the writer's stall rule for paced sessions, whose
-    /// writes never wait for room in the socket).
-    pub fn blocked_for(&self, now: Instant) -> Duration {
-        self.blocked_since
-            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
-    }
-
     /// What the writer may do now, with `next_frame` the length of the next
     /// frame it has to write.
     pub fn budget(&mut self, next_frame: usize, now: Instant) -> Budget {
@@ -306,7 +294,6 @@ impl ReaderPacer {
         }
         let room = self.limit.saturating_sub(self.written);
         if room >= next_frame as u64 {
-            self.blocked_since = None;
             return Budget::Frames {
                 bytes: room.min(usize::MAX as u64) as usize,
                 segment: self.segment,
@@ -317,7 +304,6 @@ impl ReaderPacer {
         }
         // A reading showed no room: measure again after a wait.
         self.fresh = false;
-        self.blocked_since.get_or_insert(now);
         if self.written > self.acked {
             // Data in flight: its ACK will move the edge.
             let wait = self.ack_wait;
@@ -384,7 +370,6 @@ impl ReaderPacer {
         if edge > self.edge + u64::from(w.unit) {
             self.anchored = now;
             self.probe_wait = PROBE_WAIT_MIN;
-            self.blocked_since = None;
             if grew {
                 // The window grew: part of this edge's move may be that
                 // growth, not reading. Small steps until it settles.
@@ -554,11 +539,6 @@ mod tests {
         assert_eq!(p.budget(50, at(t, 3)), Budget::Measure);
         p.observe(win(1 + w, 65_000 - w as u32), at(t, 3));
         assert_eq!(p.budget(50, at(t, 3)), Budget::Probe);
-        assert_eq!(
-            p.blocked_for(at(t, 3)),
-            Duration::from_millis(3),
-            "since the writes ran out"
-        );
         p.wrote(50, at(t, 3));
         // The probe is acknowledged by the delayed-ACK timer, the window
         // still closed: the next one later.

@@ -21,7 +21,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::traffic::TrafficMeter;
-use crate::codec::{first_frame_len, whole_frames_prefix, FrameBuffer, Message};
+use crate::codec::{first_frame_len, whole_frames_prefix, FrameBuffer, FrameSpan, Message};
 use crate::pacing::{tcp_window, Budget, ReaderPacer};
 
 /// Pending output of one session and its pacing.
@@ -97,7 +97,16 @@ impl SessionWriter {
                     continue;
                 }
             };
-            let span = whole_frames_prefix(pending, limit);
+            let span = if self.written == 0 && limit >= pending.len() {
+                // All of it: the buffer kept the counts as frames went in.
+                FrameSpan {
+                    bytes: pending.len(),
+                    frames: self.routes.frames() as usize,
+                    updates: self.routes.updates() as usize,
+                }
+            } else {
+                whole_frames_prefix(pending, limit)
+            };
             stream.write_all(&pending[..span.bytes])?;
             self.written += span.bytes;
             meter.wrote(span.frames as u64, span.updates as u64, span.bytes as u64);

@@ -328,11 +328,9 @@ pub(crate) async fn write_loop(
         let wb = match next_write(conn, &mut pacer, sock) {
             NextWrite::Batch(wb) => wb,
             NextWrite::Wait(d) => {
+                // A peer that takes nothing meanwhile is cut off by
+                // `drain` above, paced or not.
                 conn.mark_behind(Instant::now());
-                if let Some(reason) = paced_stall(shard, &pacer) {
-                    conn.close(reason);
-                    return;
-                }
                 let closed = conn.close_event.wait();
                 if !conn.is_closed() {
                     future::or(closed, glommio::timer::sleep(d)).await;
@@ -514,14 +512,6 @@ fn read_window(sock: SocketFd) -> Option<TcpWindow> {
         // The connection is going away; the next write says why.
         Err(_) => None,
     }
-}
-
-/// A paced peer whose reader has taken nothing for the write-stall timeout
-/// while output waited for it is stalled (its writes never wait for room in
-/// the socket, so `write_when_room`'s timer does not see it).
-fn paced_stall(shard: &ShardContext, pacer: &ReaderPacer) -> Option<CloseReason> {
-    let stall = shard.config().limits.write_stall_timeout?;
-    (pacer.blocked_for(Instant::now()) > stall).then_some(CloseReason::WriteStall(stall))
 }
 
 /// Why `write_parts` stopped.
