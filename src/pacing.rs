@@ -27,8 +27,10 @@
 //! While paced, each write holds whole frames and at most one segment, so a
 //! read never ends inside a frame. A reader that has read everything need not
 //! tell us: Linux sends a window update after a read only when the window
-//! doubles. So when the bound is reached with nothing in flight, one frame is
-//! written now and then as a *probe*: the peer's ACK of it carries its window.
+//! doubles, and a receiver that also sends may hold the ACK of a lone small
+//! segment for 40 ms. So when the bound is reached and no reading shows
+//! progress, one frame is written now and then as a *probe*: the peer's ACK
+//! of it carries its window.
 //!
 //! The estimate of F is the weak spot: a receiver's window grows during the
 //! first round trips, so early on C is overestimated by that growth. The
@@ -304,14 +306,18 @@ impl ReaderPacer {
         }
         // A reading showed no room: measure again after a wait.
         self.fresh = false;
-        if self.written > self.acked {
+        if self.written > self.acked && now < self.last_progress + PROBE_WAIT_MIN {
             // Data in flight: its ACK will move the edge.
             let wait = self.ack_wait;
             self.ack_wait = (self.ack_wait * 2).min(ACK_WAIT_MAX);
             return Budget::Wait(wait);
         }
         // Everything acknowledged and the window still closed by what the
-        // reader holds: it may have read meanwhile without saying so.
+        // reader holds: it may have read meanwhile without saying so. Or
+        // what is in flight waits for a delayed ACK (a receiver that also
+        // sends holds the ACK of a lone small segment for up to 40 ms even
+        // after reading it): a probe is a second segment, acknowledged as
+        // soon as a read takes both (Linux, `tcp_cleanup_rbuf`).
         if now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER {
             let lower = self
                 .largest_window
@@ -329,8 +335,11 @@ impl ReaderPacer {
         if now >= due {
             self.probe_wait = (self.probe_wait * 2).min(PROBE_WAIT_MAX);
             self.last_progress = now;
-            // `wrote` records where it ends.
-            self.probe = Some((now, u64::MAX));
+            // `wrote` records where it ends. Only a probe sent alone can
+            // tell a read by a prompt ACK: one behind unacknowledged data
+            // may be acknowledged on arrival with it (more than a segment
+            // arrived, and a grown buffer kept the window), read or not.
+            self.probe = (self.written == self.acked).then_some((now, u64::MAX));
             return Budget::Probe;
         }
         Budget::Wait(due - now)
@@ -385,6 +394,11 @@ impl ReaderPacer {
         self.edge = self.edge.max(edge);
         self.acked = acked;
         self.set_limit();
+        // Large segments: splitting rounds into small writes (tried, to get
+        // ACKs sooner) lowers the receiver's window, which Linux scales by
+        // the payload-to-overhead ratio of what arrives, and the lower
+        // window reads as unread data: a late sync of 100,000 routes
+        // stalled for seconds.
         let half = (PACED_UNREAD / 2) as usize;
         self.segment = (w.mss as usize).clamp(crate::codec::MAX_FRAME, half);
     }
@@ -523,13 +537,13 @@ mod tests {
     }
 
     #[test]
-    fn probes_come_only_with_nothing_in_flight_and_back_off() {
+    fn probes_wait_for_the_ack_of_what_is_in_flight_and_back_off() {
         let t = Instant::now();
         let mut p = ReaderPacer::new(Some(win(1, 65_000)), t);
         let w = write_all_allowed(&mut p, t);
         assert_eq!(w, PACED_START);
         // In flight, not acknowledged: wait for the ACK (backing off since
-        // the first wait when the writes ran out), never probe.
+        // the first wait when the writes ran out).
         p.observe(win(1, 65_000), at(t, 0));
         assert_eq!(p.budget(50, at(t, 0)), Budget::Wait(2 * ACK_WAIT_MIN));
         assert_eq!(p.budget(50, at(t, 0)), Budget::Measure);
@@ -544,6 +558,24 @@ mod tests {
         // still closed: the next one later.
         p.observe(win(1 + w + 50, 65_000 - w as u32 - 50), at(t, 33));
         assert_eq!(p.budget(50, at(t, 33)), Budget::Wait(2 * PROBE_WAIT_MIN));
+    }
+
+    #[test]
+    fn a_round_left_unacknowledged_is_followed_by_a_probe() {
+        let t = Instant::now();
+        let mut p = ReaderPacer::new(Some(win(1, 65_000)), t);
+        let w = write_all_allowed(&mut p, t);
+        // No ACK for PROBE_WAIT_MIN (a delayed ACK of a lone segment): a
+        // probe, whose read makes the receiver acknowledge both at once.
+        p.observe(win(1, 65_000), at(t, 2));
+        assert_eq!(p.budget(50, at(t, 2)), Budget::Probe);
+        p.wrote(50, at(t, 2));
+        assert_eq!(
+            p.probe, None,
+            "a probe behind data in flight proves nothing"
+        );
+        p.observe(win(1 + w + 50, 65_000), at(t, 3));
+        assert!(matches!(p.budget(50, at(t, 3)), Budget::Frames { .. }));
     }
 
     #[test]
