@@ -128,9 +128,9 @@ fn converge_fast(peer: &mut TestPeer, want: &HashSet<Route>) {
     );
 }
 
-#[test]
-fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
-    const N: u32 = 100_000;
+/// A server with an announcer and a fast subscriber of `VNI` (both on
+/// 1 s keepalives), before anything is announced.
+fn announcer_and_fast_subscriber() -> (TestServer, TestPeer, TestPeer) {
     let srv = TestServer::start(2);
     let (announcer, _) = TestPeer::established(srv.addr, 60);
     announcer.keep_alive(Duration::from_secs(1));
@@ -138,6 +138,13 @@ fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
     fast.keep_alive(Duration::from_secs(1));
     fast.send(&Message::Subscribe(vni(VNI)));
     assert!(fast.sync_point().is_empty(), "nothing announced yet");
+    (srv, announcer, fast)
+}
+
+#[test]
+fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
+    const N: u32 = 100_000;
+    let (srv, announcer, mut fast) = announcer_and_fast_subscriber();
 
     let want = numbered(N);
     let burst: Vec<Message> = want.iter().map(|r| add(*r)).collect();
@@ -157,6 +164,60 @@ fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
     go.wait_until(LIMIT, |s| s.routes >= want.len());
     let routes = go.routes();
     assert_took_exactly("the Go client", &go.summary(), &routes, &want);
+}
+
+/// One 100,000-route burst to a fast subscriber, with a Go client
+/// subscribed to the same VNI beforehand when `beside_go`: the time from
+/// the burst's first write to the fast subscriber's convergence.
+fn fast_subscriber_burst_time(beside_go: bool) -> Duration {
+    const N: u32 = 100_000;
+    let (srv, announcer, mut fast) = announcer_and_fast_subscriber();
+    let go =
+        beside_go.then(|| GoClientModel::connect(srv.addr, &[vni(VNI)], GoPeerConfig::default()));
+    if let Some(go) = &go {
+        go.wait_until(LIMIT, |s| s.state == GoState::Established);
+    }
+    let want = numbered(N);
+    let burst: Vec<Message> = want.iter().map(|r| add(*r)).collect();
+    let started = Instant::now();
+    for chunk in burst.chunks(CHUNK) {
+        announcer.send_all(chunk);
+    }
+    let want: HashSet<Route> = want.into_iter().collect();
+    converge_fast(&mut fast, &want);
+    let took = started.elapsed();
+    if let Some(go) = go {
+        go.wait_until(LIMIT, |s| s.routes >= want.len());
+        let routes = go.routes();
+        assert_took_exactly("the Go client", &go.summary(), &routes, &want);
+    }
+    took
+}
+
+/// Issue #30: a Go client subscribed beside our fast subscriber must not
+/// slow it by more than 10 %. Alternates the two set-ups and prints the
+/// medians; figures in BENCHMARKS.md ("Go peers and pacing").
+#[test]
+#[ignore = "measurement; run with --ignored --nocapture"]
+fn fast_subscriber_beside_a_go_client_keeps_its_speed() {
+    let runs: usize = std::env::var("MB_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (mut alone, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        alone.push(fast_subscriber_burst_time(false));
+        beside.push(fast_subscriber_burst_time(true));
+    }
+    alone.sort();
+    beside.sort();
+    let (a, b) = (alone[runs / 2], beside[runs / 2]);
+    eprintln!("fast subscriber alone: {alone:?}");
+    eprintln!("beside a Go client:    {beside:?}");
+    eprintln!(
+        "medians {a:?} alone, {b:?} beside a Go client: ratio {:.2}",
+        b.as_secs_f64() / a.as_secs_f64()
+    );
 }
 
 /// Waits until one of `go`'s sessions holds `want.len()` routes (or one was

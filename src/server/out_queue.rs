@@ -204,7 +204,9 @@ impl OutQueue {
         let keepalive = matches!(msg, Message::Keepalive);
         let bytes = if keepalive {
             if self.keepalive_queued {
-                return false;
+                // The one waiting may have been queued behind routes before
+                // the peer fell that far behind: it goes ahead now.
+                return ahead_of_routes && self.move_keepalive_ahead();
             }
             self.keepalive_queued = true;
             Bytes::from_static(&KEEPALIVE_FRAME)
@@ -228,15 +230,44 @@ impl OutQueue {
             origin: Origin::Other,
         };
         if keepalive && ahead_of_routes {
-            // Behind a HELLO still queued, ahead of everything else.
-            let at = self
-                .items
-                .iter()
-                .position(|i| !matches!(i, OutItem::Frames { control: true, .. }))
-                .unwrap_or(self.items.len());
+            let at = self.ahead_of_routes();
             self.items.insert(at, item);
         } else {
             self.items.push_back(item);
+        }
+        true
+    }
+
+    /// Where a KEEPALIVE goes ahead of routes: behind a HELLO still queued,
+    /// ahead of everything else.
+    fn ahead_of_routes(&self) -> usize {
+        self.items
+            .iter()
+            .position(|i| !matches!(i, OutItem::Frames { control: true, .. }))
+            .unwrap_or(self.items.len())
+    }
+
+    /// Moves the waiting KEEPALIVE ahead of the queued routes; true if it
+    /// moved (it was behind some).
+    fn move_keepalive_ahead(&mut self) -> bool {
+        let waiting = self.items.iter().position(|i| {
+            matches!(
+                i,
+                OutItem::Frames {
+                    keepalive: true,
+                    ..
+                }
+            )
+        });
+        let Some(from) = waiting else {
+            return false;
+        };
+        if from <= self.ahead_of_routes() {
+            return false;
+        }
+        if let Some(item) = self.items.remove(from) {
+            let at = self.ahead_of_routes();
+            self.items.insert(at, item);
         }
         true
     }
@@ -761,6 +792,18 @@ mod tests {
         assert_eq!((wb.frames, wb.bytes), (1, 8), "the HELLO first");
         let wb = q.take_frames(4, 64);
         assert_eq!(&wb.parts[0][..], &KEEPALIVE_FRAME, "then the KEEPALIVE");
+        // A reply queued behind routes before the peer fell that far behind
+        // moves ahead when the next KEEPALIVE finds it still waiting.
+        let mut late = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
+        late.push_fanout(&batch(&[(Action::Add, 1), (Action::Add, 2)]))
+            .unwrap();
+        assert!(late.push_control(&Message::Keepalive, false));
+        late.push_fanout(&batch(&[(Action::Add, 3)])).unwrap();
+        assert!(!late.push_control(&Message::Keepalive, false), "one waits");
+        assert!(late.push_control(&Message::Keepalive, true), "moved");
+        let wb = late.take_frames(1 << 20, 64);
+        assert_eq!(&wb.parts[0][..], &KEEPALIVE_FRAME, "now first");
+        assert_eq!((wb.frames, wb.updates), (4, 3), "and only once");
         let mut fifo = OutQueue::new(PeerId::new(1, 1), 1 << 20, 100);
         fifo.push_fanout(&batch(&[(Action::Add, 1)])).unwrap();
         fifo.push_control(&Message::Keepalive, false);
