@@ -317,8 +317,11 @@ impl ReaderPacer {
         // what is in flight waits for a delayed ACK (a receiver that also
         // sends holds the ACK of a lone small segment for up to 40 ms even
         // after reading it): a probe is a second segment, acknowledged as
-        // soon as a read takes both (Linux, `tcp_cleanup_rbuf`).
-        if now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER {
+        // soon as a read takes both (Linux, `tcp_cleanup_rbuf`). Only the
+        // first case lowers the estimate of the buffer: data never
+        // acknowledged is not data read.
+        let in_flight = self.written > self.acked;
+        if !in_flight && now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER {
             let lower = self
                 .largest_window
                 .saturating_sub(self.bound)
@@ -576,6 +579,26 @@ mod tests {
         );
         p.observe(win(1 + w + 50, 65_000), at(t, 3));
         assert!(matches!(p.budget(50, at(t, 3)), Budget::Frames { .. }));
+    }
+
+    #[test]
+    fn data_never_acknowledged_does_not_lower_the_buffer_estimate() {
+        let (mut p, t, acked) = ramped(65_000);
+        let w = write_all_allowed(&mut p, t);
+        let largest = p.largest_window;
+        // The bound is acknowledged, unread; then nothing more is
+        // acknowledged for longer than REANCHOR_AFTER, not even the probes
+        // (a peer gone quiet): the estimate stays.
+        let closed = 65_000 - w as u32;
+        let mut ms = 1;
+        while ms < 2 * REANCHOR_AFTER.as_millis() as u64 {
+            p.observe(win(acked + w, closed), at(t, ms));
+            if p.budget(50, at(t, ms)) == Budget::Probe {
+                p.wrote(50, at(t, ms));
+            }
+            ms += 1;
+        }
+        assert_eq!(p.largest_window, largest);
     }
 
     #[test]

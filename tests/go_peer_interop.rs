@@ -194,16 +194,19 @@ fn fast_subscriber_burst_time(beside_go: bool) -> Duration {
     took
 }
 
-/// Issue #30: a Go client subscribed beside our fast subscriber must not
-/// slow it by more than 10 %. Alternates the two set-ups and prints the
-/// medians; figures in BENCHMARKS.md ("Go peers and pacing").
+/// Issue #30 point 3: does a Go client subscribed beside our fast
+/// subscriber slow it (the aim: by 10 % at most)? Alternates the two
+/// set-ups and prints the medians (each run still asserts that both
+/// converge, the Go client with no reset); figures in BENCHMARKS.md ("Go
+/// peers and pacing").
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn fast_subscriber_beside_a_go_client_keeps_its_speed() {
     let runs: usize = std::env::var("MB_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(5)
+        .max(1);
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         alone.push(fast_subscriber_burst_time(false));
