@@ -17,6 +17,8 @@
 //!   the one table of metric families.
 //! - `defaults`: every default of server and client, in one place.
 //! - `util`: poison-tolerant locking and a TTL cache (std only).
+//! - `panic_policy`: a panic on any thread ends the process (the binaries
+//!   install it); the test-only fault hook that proves it.
 //! - `pacing`: how much a session may write that the peer has not read
 //!   yet (deployed Go peers reset when 64 KiB wait unread); both roles'
 //!   writers ask it.
@@ -48,6 +50,7 @@ pub mod logging;
 pub mod netlink;
 #[cfg(any(feature = "server", feature = "client"))]
 pub mod pacing;
+pub mod panic_policy;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod policy;
 #[cfg(feature = "cli")]

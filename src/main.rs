@@ -99,6 +99,9 @@ fn main() -> ExitCode {
         cli.log_format.unwrap_or_else(LogFormat::for_stderr),
     );
     logging::log_start(role);
+    // A panic on any thread ends the process (no half-alive reflector or
+    // client; systemd restarts it): see `panic_policy`.
+    metalbond::panic_policy::exit_on_panic();
     // A server with --policy reloads it on SIGHUP (server::run watches it).
     if !matches!(&cli.command, Command::Server(a) if a.policy.is_some()) {
         ignore_sighup();

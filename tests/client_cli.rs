@@ -189,6 +189,45 @@ fn missing_tunnel_device_fails_at_start() {
     );
 }
 
+/// The panic policy (`panic_policy`): a netlink thread that panics ends
+/// the client at once (status 101, one error line naming the thread),
+/// never a client that receives routes and installs none.
+#[test]
+fn a_panicking_netlink_thread_ends_the_client_at_once() {
+    let Some(ns) = support::Netns::create() else {
+        return;
+    };
+    ns.add_tunnel("mbtun0");
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "client",
+        "--server",
+        "[::1]:4711",
+        "--install-routes",
+        "23#100",
+        "--tun",
+        "mbtun0",
+    ])
+    .env(metalbond::panic_policy::FAULT_VAR, "netlink")
+    .env("NO_COLOR", "1");
+    let started = Instant::now();
+    let out = run_bounded(cmd);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(metalbond::panic_policy::PANIC_EXIT_STATUS),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(3), "exited after {took:?}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("a thread panicked"))
+        .unwrap_or_else(|| panic!("no panic line: {stderr}"));
+    assert!(line.contains("thread=netlink-shard"), "{line}");
+    assert!(line.contains("injected fault"), "{line}");
+}
+
 #[test]
 fn missing_cap_net_admin_fails_at_start() {
     let Some(ns) = support::Netns::create() else {

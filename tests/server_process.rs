@@ -40,6 +40,41 @@ fn signal_exits_zero_and_closes_peers(sig: i32) {
     assert!(log.contains("shutting down"), "{log}");
 }
 
+/// The panic policy (`panic_policy`): a shard whose task panics takes the
+/// whole process with it at once, status 101 and one error line naming the
+/// thread; its peers see their sessions end (so their own restart rules
+/// apply) instead of a reflector that stopped routing but looks alive.
+#[test]
+fn a_panicking_shard_ends_the_process_at_once() {
+    let addr = free_port("127.0.0.1");
+    let mut cmd = server_command(&["--listen", &addr.to_string(), "--shards", "2"]);
+    // Shard 0's task panics 200 ms after the shards are ready.
+    cmd.env(metalbond::panic_policy::FAULT_VAR, "shard");
+    let mut child = ChildGuard(cmd.spawn().expect("spawn metalbond"));
+    let mut peer = connect_when_up(addr);
+    let up = Instant::now();
+    let status = wait_exit(&mut child);
+    let after = up.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(metalbond::panic_policy::PANIC_EXIT_STATUS),
+        "{status:?}"
+    );
+    assert!(
+        after < Duration::from_millis(1_500),
+        "exited {after:?} after start"
+    );
+    assert!(peer.closed_within(WAIT));
+    let log = stderr_of(&mut child);
+    let line = log
+        .lines()
+        .find(|l| l.contains("a thread panicked"))
+        .unwrap_or_else(|| panic!("no panic line: {log}"));
+    assert!(line.contains("level=error"), "{line}");
+    assert!(line.contains("thread=mb-shard-0"), "{line}");
+    assert!(line.contains("injected fault"), "{line}");
+}
+
 #[test]
 fn sigterm_shuts_down_cleanly_with_status_zero() {
     signal_exits_zero_and_closes_peers(libc::SIGTERM);

@@ -410,6 +410,12 @@ impl KernelRouteSink {
 
 /// The netlink thread: waits for changes, applies them in batches.
 fn netlink_thread_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Receiver<()>) {
+    if crate::panic_policy::injected_fault("netlink") {
+        panic!(
+            "injected fault: the netlink thread panics ({})",
+            crate::panic_policy::FAULT_VAR
+        );
+    }
     let reconcile_every = shared.config.reconcile_interval;
     let mut last_reconcile = Instant::now();
     let mut device_was_down = false;

@@ -166,12 +166,12 @@ impl Server {
                     let ready = setup.ready.clone();
                     // glommio panics (rather than failing) on some ring
                     // set-up errors: turn that into a start-up error too.
-                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let made = crate::panic_policy::catch_expected(|| {
                         LocalExecutorBuilder::new(placement)
                             .name(&format!("mb-shard-{index}"))
                             .io_memory(SHARD_IO_MEMORY)
                             .make()
-                    }));
+                    });
                     match made {
                         Ok(Ok(ex)) => ex.run(shard::run(setup)),
                         Ok(Err(e)) => {

@@ -405,6 +405,16 @@ pub(crate) async fn run(setup: ShardSetup) {
         glommio::spawn_local(accept_loop(ctx.clone(), listener, fd, start, local)).detach();
     }
     let _ = ready.send(Ok(()));
+    if index == 0 && crate::panic_policy::injected_fault("shard") {
+        glommio::spawn_local(async {
+            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+            panic!(
+                "injected fault: a shard task panics ({})",
+                crate::panic_policy::FAULT_VAR
+            );
+        })
+        .detach();
+    }
 
     // Control loop: polled, so the handle needs no executor of its own.
     loop {
