@@ -234,7 +234,9 @@ fn missing_cap_net_admin_fails_at_start() {
         return;
     };
     if Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: setpriv (util-linux) is not installed; cannot drop CAP_NET_ADMIN");
+        support::prerequisite::missing(
+            "setpriv (util-linux) is not installed; cannot drop CAP_NET_ADMIN",
+        );
         return;
     }
     ns.add_tunnel("mbtun0");
@@ -256,7 +258,7 @@ fn missing_cap_net_admin_fails_at_start() {
     let out = run_bounded(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stderr.contains("setpriv:") {
-        eprintln!("SKIPPED: setpriv cannot drop capabilities here: {stderr}");
+        support::prerequisite::missing(&format!("setpriv cannot drop capabilities here: {stderr}"));
         return;
     }
     assert_eq!(out.status.code(), Some(1), "{stderr}");

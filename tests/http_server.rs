@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod http_support;
+#[path = "prerequisite/mod.rs"]
+mod prerequisite;
 
 use bytes::BytesMut;
 use http_support::{browser_dom, closed_within, get, metric, metric_sum, scrape};
@@ -335,7 +337,9 @@ fn browser_shows_a_route_announced_to_the_reflector() {
     let dom = match browser_dom(&srv.url("/")) {
         Ok(dom) => dom,
         Err(why) => {
-            eprintln!("SKIPPED browser_shows_a_route_announced_to_the_reflector: {why}");
+            prerequisite::missing(&format!(
+                "browser_shows_a_route_announced_to_the_reflector: {why}"
+            ));
             return;
         }
     };

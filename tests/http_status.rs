@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 mod http_support;
+#[path = "prerequisite/mod.rs"]
+mod prerequisite;
 
 use http_support::{browser_dom, closed_within, get, metric, scrape};
 use metalbond::http::{
@@ -509,7 +511,7 @@ fn page_loads_in_a_headless_browser() {
     let dom = match browser_dom(&srv.url("/?vni=77")) {
         Ok(dom) => dom,
         Err(why) => {
-            eprintln!("SKIPPED page_loads_in_a_headless_browser: {why}");
+            prerequisite::missing(&format!("page_loads_in_a_headless_browser: {why}"));
             return;
         }
     };

@@ -15,8 +15,8 @@
 //! - the .deb: contents, control data, and its maintainer scripts run in a
 //!   private mount namespace (install, re-run, upgrade, purge).
 //!
-//! A test whose tool is missing prints `SKIPPED: ...` and why (.ci/run
-//! installs them). Every child process is killed and every namespace and
+//! A test whose tool is missing fails under `CI=true` naming it (.ci/run
+//! installs them all); elsewhere it prints `SKIPPED: ...` and why. Every child process is killed and every namespace and
 //! temporary directory removed on drop, also when an assertion fails.
 
 #[path = "http_support/mod.rs"]
@@ -56,7 +56,9 @@ fn have(tool: &str, why: &str) -> bool {
         .status()
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: {why}: `{tool}` is not installed (.ci/run installs it)");
+        netlink_support::prerequisite::missing(&format!(
+            "{why}: `{tool}` is not installed (.ci/run installs it)"
+        ));
     }
     ok
 }
@@ -900,12 +902,16 @@ fn build_deb(out: &Path) -> Option<PathBuf> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: .deb checks: cargo-deb is not installed (cargo install cargo-deb; .ci/run does)");
+        netlink_support::prerequisite::missing(
+            ".deb checks: cargo-deb is not installed (cargo install cargo-deb; .ci/run does)",
+        );
         return None;
     }
     let bin_dir = Path::new(BIN).parent().unwrap();
     if bin_dir.file_name().unwrap() != "release" {
-        eprintln!("SKIPPED: .deb checks package the release binary: run with --release");
+        netlink_support::prerequisite::missing(
+            ".deb checks package the release binary: run with --release",
+        );
         return None;
     }
     let generated = bin_dir.join("generated");

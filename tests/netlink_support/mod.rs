@@ -13,6 +13,9 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+#[path = "../prerequisite/mod.rs"]
+pub mod prerequisite;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace owned by one test.
@@ -22,8 +25,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates a namespace with loopback up. `None` (after saying so on
-    /// stderr) where namespaces cannot be created: the caller skips.
+    /// Creates a namespace with loopback up. `None` where namespaces cannot
+    /// be created: the caller skips (`prerequisite::missing` said so, and
+    /// failed the test under `CI=true`).
     pub fn create() -> Option<Netns> {
         let name = format!(
             "mbtest-{}-{}",
@@ -33,14 +37,14 @@ impl Netns {
         match Command::new("ip").args(["netns", "add", &name]).output() {
             Ok(out) if out.status.success() => {}
             Ok(out) => {
-                eprintln!(
-                    "SKIPPED: cannot create a network namespace ({}); this test needs root and `ip netns`",
+                prerequisite::missing(&format!(
+                    "cannot create a network namespace ({}); this test needs root and `ip netns`",
                     String::from_utf8_lossy(&out.stderr).trim()
-                );
+                ));
                 return None;
             }
             Err(e) => {
-                eprintln!("SKIPPED: cannot run `ip` ({e}); this test needs iproute2");
+                prerequisite::missing(&format!("cannot run `ip` ({e}); this test needs iproute2"));
                 return None;
             }
         }
