@@ -94,11 +94,19 @@ const PROMPT_ACK: Duration = Duration::from_millis(5);
 const QUICK_ACK_WRITES: u32 = 32;
 /// See `QUICK_ACK_WRITES`.
 const QUICK_ACK_PAUSE: Duration = Duration::from_millis(200);
-/// Fallback when no probe is ever acknowledged promptly: after this long
-/// with the window closed and everything acknowledged, the estimate of the
-/// buffer comes down by one bound (a Go peer still busy with the bound then
-/// finds at most two bounds waiting; it has long read one).
-const REANCHOR_AFTER: Duration = Duration::from_secs(5);
+/// Fallback when no probe is acknowledged promptly (a receiver that also
+/// sends delays its ACKs): after this long with the window closed and
+/// everything acknowledged, the estimate of the buffer comes down by one
+/// bound, once until the peer's edge moves again. Linux lowers a window with
+/// nothing unread (it scales the window by the payload-to-overhead ratio of
+/// what arrived, and small segments lower it), which the estimate reads as
+/// unread data: this bounds how long that holds a reader up (it was 5 s,
+/// and our client's announcements to our server stalled that long now and
+/// then). A Go peer takes well under a second for a bound (20 KiB, about
+/// 570 routes, at the 4,000–8,000 routes a second it processes); a slower
+/// one finds two bounds waiting at most, well inside its 64 KiB, and no
+/// third until it has read.
+const REANCHOR_AFTER: Duration = Duration::from_secs(1);
 /// A reading older than this is taken again before a burst starts.
 const STALE_READING: Duration = Duration::from_millis(1);
 
@@ -202,6 +210,9 @@ pub struct ReaderPacer {
     window: u64,
     /// When the edge last moved, or the buffer estimate was last lowered.
     anchored: Instant,
+    /// The estimate was lowered by `REANCHOR_AFTER` since the edge last
+    /// moved: it is lowered once per stall.
+    reanchored: bool,
     /// The probe out: when it was written and `written` after it.
     probe: Option<(Instant, u64)>,
     /// Writes left during which the peer may be in quick-ACK mode (see
@@ -250,6 +261,7 @@ impl ReaderPacer {
             largest_window: 0,
             window: 0,
             anchored: now,
+            reanchored: false,
             probe: None,
             quick_ack_writes: QUICK_ACK_WRITES,
             last_write: now,
@@ -321,7 +333,10 @@ impl ReaderPacer {
         // first case lowers the estimate of the buffer: data never
         // acknowledged is not data read.
         let in_flight = self.written > self.acked;
-        if !in_flight && now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER {
+        if !in_flight
+            && !self.reanchored
+            && now.saturating_duration_since(self.anchored) >= REANCHOR_AFTER
+        {
             let lower = self
                 .largest_window
                 .saturating_sub(self.bound)
@@ -329,6 +344,7 @@ impl ReaderPacer {
             if lower < self.largest_window {
                 self.largest_window = lower;
                 self.anchored = now;
+                self.reanchored = true;
                 self.set_limit();
                 self.fresh = true;
                 return self.budget(next_frame, now);
@@ -381,6 +397,7 @@ impl ReaderPacer {
         }
         if edge > self.edge + u64::from(w.unit) {
             self.anchored = now;
+            self.reanchored = false;
             self.probe_wait = PROBE_WAIT_MIN;
             if grew {
                 // The window grew: part of this edge's move may be that
@@ -710,5 +727,61 @@ mod tests {
             "not before the wait"
         );
         assert_eq!(p.largest_window, shrunk as u64);
+    }
+
+    #[test]
+    fn a_peer_that_reads_nothing_gets_one_more_bound_at_most() {
+        let (mut p, t, acked) = ramped(65_000);
+        let w = write_all_allowed(&mut p, t);
+        let largest = p.largest_window;
+        // Its kernel takes everything (ACKs delayed 30 ms, or at once for a
+        // second segment) and closes the window by as much; it never reads.
+        let mut total = w;
+        let mut closed = 65_000 - w;
+        let mut unacked: Option<(u64, u64)> = None; // (sent at, bytes)
+        p.observe(win(acked + total, closed as u32), at(t, 1));
+        for ms in 1..10_000 {
+            let now = at(t, ms);
+            if unacked.is_some_and(|(sent, _)| ms >= sent + 30) {
+                unacked = None;
+            }
+            let in_flight = unacked.map_or(0, |(_, b)| b);
+            match p.budget(50, now) {
+                Budget::Measure => p.observe(
+                    win(acked + total - in_flight, (closed + in_flight) as u32),
+                    now,
+                ),
+                Budget::Frames { bytes, segment } => {
+                    let n = bytes.min(segment) as u64;
+                    p.wrote(n as usize, now);
+                    total += n;
+                    closed -= n;
+                    unacked = Some((ms, in_flight + n));
+                }
+                Budget::Probe => {
+                    p.wrote(50, now);
+                    total += 50;
+                    closed -= 50;
+                    unacked = match unacked {
+                        // A second segment: both acknowledged at once.
+                        Some(_) => None,
+                        None => Some((ms, 50)),
+                    };
+                }
+                Budget::Wait(_) => {}
+                Budget::Unlimited => panic!("streaming"),
+            }
+        }
+        let beyond = total - w;
+        assert!(
+            beyond <= PACED_UNREAD + 50 * 400,
+            "{beyond} bytes beyond the first bound"
+        );
+        assert!(beyond >= PACED_UNREAD / 2, "lowered once: {beyond}");
+        assert_eq!(
+            p.largest_window,
+            largest - PACED_UNREAD,
+            "lowered by one bound, once"
+        );
     }
 }
