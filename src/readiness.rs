@@ -76,8 +76,8 @@ pub struct ClientReadiness {
 
 impl ClientReadiness {
     /// The status line (`N of M servers established`) once every server of
-    /// `client` has settled; `None` before.
-    pub fn check(&mut self, client: &Client) -> Option<String> {
+    /// `client` has settled; before, what it waits for (`/readyz` says it).
+    pub fn check(&mut self, client: &Client) -> Result<String, String> {
         let servers = client.servers();
         let up = servers
             .iter()
@@ -89,7 +89,17 @@ impl ClientReadiness {
                 .filter(|s| matches!(s.state, SessionState::Established | SessionState::Retry))
                 .map(|s| s.address.clone()),
         );
-        let all = servers.iter().all(|s| self.settled.contains(&s.address));
-        all.then(|| format!("{up} of {} servers established", servers.len()))
+        let settled = servers
+            .iter()
+            .filter(|s| self.settled.contains(&s.address))
+            .count();
+        if settled == servers.len() {
+            Ok(format!("{up} of {} servers established", servers.len()))
+        } else {
+            Err(format!(
+                "{settled} of {} servers have had a session or a failed attempt since start",
+                servers.len()
+            ))
+        }
     }
 }

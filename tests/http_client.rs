@@ -219,3 +219,72 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     assert_ne!(peers[0]["state"], SessionState::Established.name());
     assert!(peers[0]["keepalive_seconds"].is_null(), "{peers}");
 }
+
+/// `metalbond client --http`: `/readyz` follows the rule that sends systemd
+/// `READY=1` (every server had a session or a failed attempt): 503 while
+/// its only server accepts TCP and never answers the handshake, 200 once
+/// that attempt failed; `/healthz` is 200 throughout.
+#[test]
+fn client_binary_readyz_waits_for_every_server_to_settle() {
+    use std::process::{Command, Stdio};
+    // Accepts connections (the kernel completes them) but never reads or
+    // answers: the client's session stays in its handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = silent.local_addr().unwrap();
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_metalbond"))
+            .args([
+                "client",
+                "--server",
+                &server.to_string(),
+                "--subscribe",
+                "23",
+            ])
+            .args(["--http", &http.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn metalbond client"),
+    );
+    let url = |path: &str| format!("http://{http}{path}");
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(http).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the client's status port never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _, body) = http_support::get(&url("/readyz"));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body,
+        "not ready: 0 of 1 servers have had a session or a failed attempt since start\n"
+    );
+    assert_eq!(get(&url("/healthz")), "ok\n");
+    // The listener goes away: the pending handshake fails, the server has
+    // settled (a failed attempt), the client is ready.
+    drop(silent);
+    loop {
+        let (status, _, body) = http_support::get(&url("/readyz"));
+        if status == 200 {
+            assert_eq!(body, "ready: 0 of 1 servers established\n");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -402,6 +402,14 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
         metric(&s, "metalbond_build_info", &[("role", "server")]),
         Some(1.0)
     );
+    // Probes: alive, and ready with the line systemd gets as STATUS=.
+    assert_eq!(
+        get(&format!("http://{http}/healthz")),
+        (200, "text/plain; charset=utf-8".into(), "ok\n".into())
+    );
+    let (status, _, ready) = get(&format!("http://{http}/readyz"));
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready, format!("ready: listening on [{listen}]\n"));
     let _peer = Peer::established(listen);
     let (_, _, peers) = get(&format!("http://{http}/peers"));
     assert!(peers.contains("ESTABLISHED"), "{peers}");

@@ -506,6 +506,8 @@ fn systemd_units_verify_and_server_and_client_rate_below_3() {
             repo().join("deploy/metalbond-tun"),
             "usr/lib/metalbond/metalbond-tun",
         ),
+        // The server's ExecReload (procps, on every Debian system).
+        (PathBuf::from("/bin/kill"), "bin/kill"),
     ] {
         let dest = root.0.join(dest);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
@@ -559,8 +561,27 @@ fn units_keep_what_the_issue_requires() {
         "LimitMEMLOCK=",
         "User=metalbond",
         "CapabilityBoundingSet=\n",
+        // systemctl reload re-reads --policy (README: peer policy).
+        "ExecReload=/bin/kill -HUP $MAINPID\n",
     ] {
         assert!(server.contains(line), "server unit lacks {line:?}");
+    }
+    // Kubernetes probes: liveness on /healthz, readiness on /readyz.
+    for manifest in [
+        "deploy/kubernetes/server.yaml",
+        "deploy/kubernetes/client-daemonset.yaml",
+    ] {
+        let m = read(manifest);
+        for (probe, path) in [
+            ("livenessProbe:", "path: /healthz"),
+            ("readinessProbe:", "path: /readyz"),
+        ] {
+            let at = m
+                .find(probe)
+                .unwrap_or_else(|| panic!("{manifest} lacks {probe}"));
+            let block: String = m[at..].lines().take(6).collect::<Vec<_>>().join("\n");
+            assert!(block.contains(path), "{manifest}: {block}");
+        }
     }
     for line in [
         "Type=notify",

@@ -19,6 +19,7 @@ use super::status::ClientStatusSource;
 use super::{Client, ClientConfig, ClientError, LogSink};
 use crate::defaults;
 use crate::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
+use crate::telemetry::status::ReadyLatch;
 use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Expected form of `--announce`.
@@ -547,13 +548,16 @@ pub fn run(
         Some(kernel) => Client::new(settings.config.clone(), kernel.sink()),
         None => Client::new(settings.config.clone(), LogSink),
     };
+    // Readiness: one rule (`ClientReadiness`) for systemd `READY=1` and
+    // `/readyz`, decided below and shared through the latch.
+    let ready = ReadyLatch::new("starting");
     let http = match settings.http {
         Some(addr) => Some(serve_status(
             addr,
-            Arc::new(ClientStatusSource::new(
-                &client,
-                kernel.as_ref().map(KernelRoutes::stats),
-            )),
+            Arc::new(
+                ClientStatusSource::new(&client, kernel.as_ref().map(KernelRoutes::stats))
+                    .with_readiness(ready.clone()),
+            ),
         )?),
         None => None,
     };
@@ -572,7 +576,11 @@ pub fn run(
     ])?;
     // systemd Type=notify: READY=1 once every server is up or failed once.
     let mut readiness = crate::readiness::ClientReadiness::default();
-    let signal = crate::readiness::serve_until_signal(&mut signals, || readiness.check(&client));
+    let signal = crate::readiness::serve_until_signal(&mut signals, || {
+        let decided = readiness.check(&client);
+        ready.update(decided.clone());
+        decided.ok()
+    });
     if let Some(signal) = signal {
         tracing::info!(signal, "shutting down");
     }

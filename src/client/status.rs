@@ -17,8 +17,8 @@ use crate::netlink::KernelRouteStats;
 use crate::session::SessionState;
 use crate::telemetry::families::{self, queue};
 use crate::telemetry::status::{
-    count_states, MetricFamily, MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole,
-    StatusSource,
+    count_states, MetricFamily, MetricsView, PeerView, QueueDepth, ReadyLatch, RouteTableView,
+    StatusRole, StatusSource,
 };
 use crate::types::Vni;
 
@@ -28,6 +28,10 @@ pub struct ClientStatusSource {
     inner: Weak<ClientInner>,
     /// The kernel-route worker's counters, when routes are installed.
     netlink: Option<KernelRouteStats>,
+    /// What the start-up rule decided (`readiness::ClientReadiness`, which
+    /// `metalbond client` applies); `None`: an embedder's client with no
+    /// rule, always ready.
+    ready: Option<ReadyLatch>,
 }
 
 impl ClientStatusSource {
@@ -38,13 +42,28 @@ impl ClientStatusSource {
         ClientStatusSource {
             inner: Arc::downgrade(client.inner()),
             netlink,
+            ready: None,
         }
+    }
+
+    /// `/readyz` answers what `latch` holds (the binary shares it with the
+    /// rule that sends systemd `READY=1`).
+    pub fn with_readiness(mut self, latch: ReadyLatch) -> ClientStatusSource {
+        self.ready = Some(latch);
+        self
     }
 }
 
 impl StatusSource for ClientStatusSource {
     fn role(&self) -> StatusRole {
         StatusRole::Client
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        match &self.ready {
+            Some(latch) => latch.get(),
+            None => Ok("ready".into()),
+        }
     }
 
     fn routes(&self) -> RouteTableView {

@@ -50,7 +50,7 @@ use go_document::Format;
 // http); re-exported so `metalbond::http::StatusSource` etc. keep working.
 pub use crate::telemetry::status::{
     count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView, PeerView,
-    QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
+    QueueDepth, ReadyLatch, RouteTableView, StatusRole, StatusSource, VniRoutesView,
 };
 pub use crate::telemetry::{HistogramView, LatencyHistogram, NetlinkView};
 pub use listener::HttpLimits;
@@ -510,10 +510,24 @@ impl Responder {
                 let body = metrics::render(&self.source.metrics(), self.source.role(), VERSION);
                 Reply::text(200, metrics::CONTENT_TYPE, body)
             }
+            // Liveness: the process serves HTTP (a panic anywhere ends the
+            // process, `panic_policy`, so a live process is a whole one).
+            "/healthz" => Reply::text(200, "text/plain; charset=utf-8", "ok\n".into()),
+            "/readyz" => match self.source.readiness() {
+                Ok(line) => {
+                    Reply::text(200, "text/plain; charset=utf-8", format!("ready: {line}\n"))
+                }
+                Err(why) => Reply::text(
+                    503,
+                    "text/plain; charset=utf-8",
+                    format!("not ready: {why}\n"),
+                ),
+            },
             _ => Reply::text(
                 404,
                 "text/plain; charset=utf-8",
-                "not found; try / /routes.json /routes.yaml /peers /metrics\n".into(),
+                "not found; try / /routes.json /routes.yaml /peers /metrics /healthz /readyz\n"
+                    .into(),
             ),
         }
     }

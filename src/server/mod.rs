@@ -287,6 +287,13 @@ impl ServerHandle {
         &self.addrs
     }
 
+    /// The server's readiness line (systemd `STATUS=` and `/readyz`): a
+    /// handle exists only once every shard is up and every listener
+    /// accepts, so a server that has one is ready.
+    pub fn ready_line(&self) -> String {
+        format!("listening on {:?}", self.local_addrs())
+    }
+
     /// The configuration in effect.
     pub fn config(&self) -> &ServerConfig {
         &self.config
@@ -429,7 +436,7 @@ pub fn run(
         None => None,
     };
     // systemd Type=notify: ready once every listener accepts and --http is bound.
-    crate::readiness::notify_ready(&format!("listening on {:?}", handle.local_addrs()));
+    crate::readiness::notify_ready(&handle.ready_line());
     for sig in signals.forever() {
         if sig == SIGHUP {
             match handle.reload_policy() {

@@ -64,6 +64,10 @@ impl StatusSource for ServerStatusSource {
         StatusRole::Server
     }
 
+    fn readiness(&self) -> Result<String, String> {
+        Ok(self.handle.ready_line())
+    }
+
     fn routes(&self) -> RouteTableView {
         RouteTableView::from_routes(
             self.handle

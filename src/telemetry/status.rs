@@ -19,6 +19,7 @@ use serde::{Serialize, Serializer};
 
 use crate::session::SessionState;
 use crate::types::{IpNet, NextHop, NextHopKind, Vni};
+use crate::util::LockOrRecover;
 
 use super::families::Family;
 pub use super::families::MetricKind;
@@ -43,6 +44,46 @@ pub trait StatusSource: Send + Sync + 'static {
     /// `/policy`. `None` (the default): no policy.
     fn policy(&self) -> Option<crate::policy::PolicyStatus> {
         None
+    }
+    /// `/readyz`: `Ok(status line)` when the role does its job, `Err(what
+    /// it waits for)` before. The rule is the role's, the one that also
+    /// sends systemd `READY=1`. Default: ready (a source with no rule).
+    fn readiness(&self) -> Result<String, String> {
+        Ok("ready".into())
+    }
+}
+
+/// A role's readiness as its start-up rule last decided it, shared between
+/// the code that applies the rule (and sends systemd `READY=1`) and the
+/// status source that answers `/readyz`, so both say the same. Once ready,
+/// it stays ready: the rule is about start-up; how sessions fare later is
+/// on `/peers` and `/metrics`.
+#[derive(Clone, Debug)]
+pub struct ReadyLatch {
+    /// `Ok(status line)` once ready, `Err(what it waits for)` before.
+    state: std::sync::Arc<std::sync::Mutex<Result<String, String>>>,
+}
+
+impl ReadyLatch {
+    /// Not ready yet, waiting for `what`.
+    pub fn new(what: &str) -> ReadyLatch {
+        ReadyLatch {
+            state: std::sync::Arc::new(std::sync::Mutex::new(Err(what.into()))),
+        }
+    }
+
+    /// Records what the rule decided now (`Ok`: ready with this status
+    /// line); a latch that was ready stays ready.
+    pub fn update(&self, decided: Result<String, String>) {
+        let mut state = self.state.lock_or_recover();
+        if state.is_err() {
+            *state = decided;
+        }
+    }
+
+    /// The last decision.
+    pub fn get(&self) -> Result<String, String> {
+        self.state.lock_or_recover().clone()
     }
 }
 
