@@ -33,7 +33,8 @@ use std::panic::{self, AssertUnwindSafe};
 pub const PANIC_EXIT_STATUS: i32 = 101;
 
 /// Environment variable naming a part to panic (`injected_fault`).
-pub const FAULT_VAR: &str = "METALBOND_TEST_FAULT";
+#[cfg(any(feature = "server", feature = "netlink"))]
+pub(crate) const FAULT_VAR: &str = "METALBOND_TEST_FAULT";
 
 thread_local! {
     /// Depth of `catch_expected` calls on this thread: a panic inside one
@@ -80,7 +81,8 @@ pub fn catch_expected<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
 /// True when `METALBOND_TEST_FAULT` names `part`: the caller then panics,
 /// to test this policy (`shard`: a server shard's task; `netlink`: the
 /// client's netlink thread). Never set it in production.
-pub fn injected_fault(part: &str) -> bool {
+#[cfg(any(feature = "server", feature = "netlink"))]
+pub(crate) fn injected_fault(part: &str) -> bool {
     std::env::var(FAULT_VAR).is_ok_and(|v| v == part)
 }
 

@@ -165,21 +165,27 @@ fn install_routes_without_tun_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tun"));
 }
 
-#[test]
-fn missing_tunnel_device_fails_at_start() {
-    let Some(ns) = support::Netns::create() else {
-        return;
-    };
-    let mut cmd = ns.command(BIN);
-    cmd.args([
+/// `metalbond client` installing VNI 23 into table 100 through `tun`,
+/// with a server nobody answers on.
+fn installing_client(tun: &str) -> [&str; 7] {
+    [
         "client",
         "--server",
         "[::1]:4711",
         "--install-routes",
         "23#100",
         "--tun",
-        "no-such-tun",
-    ]);
+        tun,
+    ]
+}
+
+#[test]
+fn missing_tunnel_device_fails_at_start() {
+    let Some(ns) = support::Netns::create() else {
+        return;
+    };
+    let mut cmd = ns.command(BIN);
+    cmd.args(installing_client("no-such-tun"));
     let out = run_bounded(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -199,17 +205,9 @@ fn a_panicking_netlink_thread_ends_the_client_at_once() {
     };
     ns.add_tunnel("mbtun0");
     let mut cmd = ns.command(BIN);
-    cmd.args([
-        "client",
-        "--server",
-        "[::1]:4711",
-        "--install-routes",
-        "23#100",
-        "--tun",
-        "mbtun0",
-    ])
-    .env(metalbond::panic_policy::FAULT_VAR, "netlink")
-    .env("NO_COLOR", "1");
+    cmd.args(installing_client("mbtun0"))
+        .env("METALBOND_TEST_FAULT", "netlink")
+        .env("NO_COLOR", "1");
     let started = Instant::now();
     let out = run_bounded(cmd);
     let took = started.elapsed();
@@ -247,14 +245,8 @@ fn missing_cap_net_admin_fails_at_start() {
         "--ambient-caps=-net_admin",
         "--bounding-set=-net_admin",
         BIN,
-        "client",
-        "--server",
-        "[::1]:4711",
-        "--install-routes",
-        "23#100",
-        "--tun",
-        "mbtun0",
-    ]);
+    ])
+    .args(installing_client("mbtun0"));
     let out = run_bounded(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stderr.contains("setpriv:") {

@@ -49,7 +49,7 @@ fn a_panicking_shard_ends_the_process_at_once() {
     let addr = free_port("127.0.0.1");
     let mut cmd = server_command(&["--listen", &addr.to_string(), "--shards", "2"]);
     // Shard 0's task panics 200 ms after the shards are ready.
-    cmd.env(metalbond::panic_policy::FAULT_VAR, "shard");
+    cmd.env("METALBOND_TEST_FAULT", "shard");
     let mut child = ChildGuard(cmd.spawn().expect("spawn metalbond"));
     let mut peer = connect_when_up(addr);
     let up = Instant::now();

@@ -50,7 +50,7 @@ use go_document::Format;
 // http); re-exported so `metalbond::http::StatusSource` etc. keep working.
 pub use crate::telemetry::status::{
     count_states, DestinationView, MetricFamily, MetricKind, MetricSample, MetricsView, PeerView,
-    QueueDepth, ReadyLatch, RouteTableView, StatusRole, StatusSource, VniRoutesView,
+    QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
 };
 pub use crate::telemetry::{HistogramView, LatencyHistogram, NetlinkView};
 pub use listener::HttpLimits;
