@@ -54,6 +54,7 @@ fn update_v6(i: u32) -> Message {
 const HELLO: Message = Message::Hello {
     keepalive_secs: 5,
     is_server: true,
+    reads_stream: false,
 };
 
 fn frames(msg: &Message, copies: usize) -> Vec<u8> {

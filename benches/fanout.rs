@@ -83,6 +83,7 @@ fn client(addr: SocketAddr) -> TcpStream {
     s.write_all(&frame(&Message::Hello {
         keepalive_secs: 3600,
         is_server: false,
+        reads_stream: true,
     }))
     .unwrap();
     read_frame(&mut s);

@@ -63,6 +63,7 @@ fn establish(addr: SocketAddr) -> Result<(TcpStream, FrameDecoder), String> {
     s.write_all(&frame(&Message::Hello {
         keepalive_secs: 1,
         is_server: false,
+        reads_stream: true,
     }))
     .map_err(|e| format!("send HELLO: {e}"))?;
     s.write_all(&frame(&Message::Keepalive))

@@ -136,6 +136,11 @@ struct CommonArgs {
     /// Keepalive interval offered to the server, seconds.
     #[arg(long, default_value_t = 5)]
     keepalive: u64,
+    /// Send HELLO as a Go peer does (no `readsStream`), so the server paces
+    /// every simulated peer until it proves it streams, as it paces Go
+    /// clients. Default: peers say they read as a stream, as our client does.
+    #[arg(long)]
+    go_hello: bool,
     /// Milliseconds a converged state must hold before it counts.
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
@@ -366,6 +371,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
         plan,
         server,
         keepalive: Duration::from_secs(common.keepalive),
+        declare_stream: !common.go_hello,
         read_buf: read_kib * 1024,
         connect_concurrency: common.connect_concurrency,
         deadline: started + Duration::from_secs_f64(common.time_limit),

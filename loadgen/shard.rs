@@ -49,6 +49,8 @@ pub struct Shared {
     pub server: SocketAddr,
     /// Keepalive interval offered in our HELLO.
     pub keepalive: Duration,
+    /// Our HELLO says we read as a stream (`--go-hello` clears it).
+    pub declare_stream: bool,
     /// Receive buffer per peer: larger reads fewer syscalls, smaller keeps
     /// 10,000 idle peers cheap.
     pub read_buf: usize,
@@ -461,11 +463,10 @@ async fn connect_peer(shard: Rc<Shard>, p: PeerId, start: bool) {
     }
     let peer = Rc::new(LivePeer {
         id: p,
-        session: RefCell::new(PeerSession::new(
-            Role::Active,
-            shared.keepalive,
-            Instant::now(),
-        )),
+        session: RefCell::new(
+            PeerSession::new(Role::Active, shared.keepalive, Instant::now())
+                .declaring_stream(shared.declare_stream),
+        ),
         held: RefCell::new(held),
         out: RefCell::new(PeerWrites::default()),
         wake,

@@ -6,7 +6,10 @@
 //! (PROTOCOL.md, "What a deployed Go peer can take"). It processes a few
 //! thousand routes a second, so a sender that writes a large sync in a few
 //! large writes leaves 64 KiB waiting at it before its second read. Such a
-//! peer cannot say what it is, so every session starts *paced*: at most
+//! peer cannot say what it is; our own peers can: their HELLO carries
+//! `readsStream` (field 100, ours; a Go peer ignores it and never sends it),
+//! and the writer of a session whose peer declared it calls `stream` before
+//! the first route goes out. Every other session starts *paced*: at most
 //! `PACED_UNREAD` bytes may be out that the peer's application has not read
 //! yet, estimated from the kernel's view of the connection (`TCP_INFO`):
 //!
@@ -17,12 +20,12 @@
 //!   unread or in flight       = written − C   ≤ PACED_UNREAD
 //! ```
 //!
-//! A reader that keeps up (our client, loadgen, any streaming reader) keeps
-//! its window open, so the bound costs it one round of ACKs per
-//! `PACED_UNREAD`. Once it has taken `PROOF_BYTES` within `PROOF_WINDOW`, a
-//! rate no Go peer reaches (it writes a log line per route), the session
-//! *streams*: no bound for the rest of its life, writes as large as the
-//! socket takes, exactly as before pacing existed.
+//! A reader that keeps up but does not declare it (another implementation,
+//! an older version of ours) keeps its window open, so the bound costs it
+//! one round of ACKs per `PACED_UNREAD`. Once it has taken `PROOF_BYTES`
+//! within `PROOF_WINDOW`, a rate no Go peer reaches (it writes a log line
+//! per route), the session *streams*: no bound for the rest of its life,
+//! writes as large as the socket takes, exactly as before pacing existed.
 //!
 //! While paced, each write holds whole frames and at most one segment, so a
 //! read never ends inside a frame. A reader that has read everything need not

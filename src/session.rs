@@ -299,6 +299,13 @@ pub struct PeerSession {
     /// Until ESTABLISHED: when the handshake must have completed, and the
     /// timeout it was set from (`None`: only the hold timer applies).
     handshake_deadline: Option<(Instant, Duration)>,
+    /// Our HELLO says we read as a stream (`Hello.readsStream`): true for
+    /// everything in this crate, which reassembles frames across reads;
+    /// loadgen clears it to be paced as a Go peer is.
+    declares_stream: bool,
+    /// The peer's HELLO said it reads as a stream: our writer need not pace
+    /// it (`crate::pacing`).
+    peer_reads_stream: bool,
 }
 
 impl PeerSession {
@@ -313,7 +320,22 @@ impl PeerSession {
             next_keepalive: None,
             keepalive_window: (now, 0),
             handshake_deadline: None,
+            declares_stream: true,
+            peer_reads_stream: false,
         }
+    }
+
+    /// Whether our HELLO declares that we read as a stream (default: yes).
+    /// `false` makes this side look like a Go peer to a pacing writer.
+    pub fn declaring_stream(mut self, declares: bool) -> PeerSession {
+        self.declares_stream = declares;
+        self
+    }
+
+    /// Did the peer's HELLO say that it reads as a stream? False until its
+    /// HELLO arrived, and for every Go peer.
+    pub fn peer_reads_stream(&self) -> bool {
+        self.peer_reads_stream
     }
 
     /// The handshake must reach ESTABLISHED within `timeout` of `now` (the
@@ -354,6 +376,7 @@ impl PeerSession {
                 Some(Message::Hello {
                     keepalive_secs: secs(self.own_interval),
                     is_server: false,
+                    reads_stream: self.declares_stream,
                 })
             }
             _ => None,
@@ -382,16 +405,35 @@ impl PeerSession {
                 _,
                 _,
             ) => Err(CloseReason::ZeroKeepalive),
-            (Message::Hello { keepalive_secs, .. }, Role::Passive, SessionState::Connecting) => {
+            (
+                Message::Hello {
+                    keepalive_secs,
+                    reads_stream,
+                    ..
+                },
+                Role::Passive,
+                SessionState::Connecting,
+            ) => {
                 self.negotiate(keepalive_secs);
+                self.peer_reads_stream = reads_stream;
                 self.state = SessionState::HelloReceived;
                 Ok(Reaction::Reply(Message::Hello {
                     keepalive_secs: secs(self.interval),
                     is_server: true,
+                    reads_stream: self.declares_stream,
                 }))
             }
-            (Message::Hello { keepalive_secs, .. }, Role::Active, SessionState::HelloSent) => {
+            (
+                Message::Hello {
+                    keepalive_secs,
+                    reads_stream,
+                    ..
+                },
+                Role::Active,
+                SessionState::HelloSent,
+            ) => {
                 self.negotiate(keepalive_secs);
+                self.peer_reads_stream = reads_stream;
                 self.state = SessionState::HelloReceived;
                 self.next_keepalive = Some(now + self.interval);
                 Ok(Reaction::Reply(Message::Keepalive))
@@ -501,11 +543,52 @@ mod tests {
 
     const FIVE: Duration = Duration::from_secs(5);
 
+    /// A HELLO as this crate sends it (it reads as a stream).
     fn hello(k: u32, is_server: bool) -> Message {
         Message::Hello {
             keepalive_secs: k,
             is_server,
+            reads_stream: true,
         }
+    }
+
+    /// A HELLO as a Go peer sends it: no `readsStream`.
+    fn go_hello(k: u32, is_server: bool) -> Message {
+        Message::Hello {
+            keepalive_secs: k,
+            is_server,
+            reads_stream: false,
+        }
+    }
+
+    #[test]
+    fn each_side_learns_whether_the_other_reads_as_a_stream_from_its_hello() {
+        let t0 = Instant::now();
+        let mut ours = PeerSession::new(Role::Passive, FIVE, t0);
+        assert!(
+            !ours.peer_reads_stream(),
+            "nothing is known before the HELLO"
+        );
+        ours.on_message(hello(5, false), t0).unwrap();
+        assert!(ours.peer_reads_stream());
+
+        let mut beside_go = PeerSession::new(Role::Passive, FIVE, t0);
+        assert_eq!(
+            beside_go.on_message(go_hello(5, false), t0),
+            Ok(Reaction::Reply(hello(5, true))),
+            "our reply says we read as a stream, whoever asks"
+        );
+        assert!(!beside_go.peer_reads_stream());
+
+        let mut active = PeerSession::new(Role::Active, FIVE, t0);
+        active.start();
+        active.on_message(go_hello(5, true), t0).unwrap();
+        assert!(!active.peer_reads_stream(), "a Go server is paced");
+
+        let mut like_go = PeerSession::new(Role::Active, FIVE, t0).declaring_stream(false);
+        assert_eq!(like_go.start(), Some(go_hello(5, false)));
+        like_go.on_message(hello(5, true), t0).unwrap();
+        assert!(like_go.peer_reads_stream());
     }
 
     fn sub() -> Message {

@@ -58,6 +58,7 @@ fn golden_hello() {
         Message::Hello {
             keepalive_secs: 5,
             is_server: false,
+            reads_stream: false,
         },
         "01 0002 01  08 05",
     );
@@ -65,9 +66,38 @@ fn golden_hello() {
         Message::Hello {
             keepalive_secs: 300,
             is_server: true,
+            reads_stream: false,
         },
         "01 0005 01  08 ac02  10 01",
     );
+    // Ours: `readsStream` (field 100, varint) after the Go schema's fields.
+    golden(
+        Message::Hello {
+            keepalive_secs: 5,
+            is_server: true,
+            reads_stream: true,
+        },
+        "01 0007 01  08 05  10 01  a006 01",
+    );
+}
+
+/// A Go peer's HELLO carries no `readsStream`: it decodes as a peer that
+/// must be paced. A HELLO with fields we do not know (a later Go schema)
+/// still decodes, as proto3 requires.
+#[test]
+fn hello_without_or_with_unknown_fields_decodes() {
+    let go = decode_all(&frame(1, &[0x08, 0x05])).unwrap();
+    assert_eq!(
+        go,
+        vec![Message::Hello {
+            keepalive_secs: 5,
+            is_server: false,
+            reads_stream: false,
+        }]
+    );
+    // field 3 (varint 7) and field 9 (bytes "ab"), unknown to us
+    let later = decode_all(&frame(1, &[0x08, 0x05, 0x18, 0x07, 0x4a, 0x02, b'a', b'b'])).unwrap();
+    assert_eq!(later, go);
 }
 
 #[test]
@@ -243,7 +273,8 @@ fn accepts_payload_of_exactly_max_len() {
         msgs,
         vec![Message::Hello {
             keepalive_secs: 5,
-            is_server: false
+            is_server: false,
+            reads_stream: false,
         }]
     );
 }
@@ -517,9 +548,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         },
     );
     prop_oneof![
-        (any::<u32>(), any::<bool>()).prop_map(|(k, s)| Message::Hello {
+        (any::<u32>(), any::<bool>(), any::<bool>()).prop_map(|(k, s, r)| Message::Hello {
             keepalive_secs: k,
-            is_server: s
+            is_server: s,
+            reads_stream: r,
         }),
         Just(Message::Keepalive),
         arb_vni().prop_map(Message::Subscribe),
@@ -543,9 +575,11 @@ fn to_prost_payload(msg: &Message) -> Vec<u8> {
         Message::Hello {
             keepalive_secs,
             is_server,
+            reads_stream,
         } => pb::Hello {
             keepalive_interval: keepalive_secs,
             is_server,
+            reads_stream,
         }
         .encode_to_vec(),
         Message::Keepalive => Vec::new(),

@@ -128,13 +128,59 @@ fn converge_fast(peer: &mut TestPeer, want: &HashSet<Route>) {
     );
 }
 
+/// Bytes waiting unread in `s`'s receive queue.
+fn unread(s: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer; `s` is open.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// A subscriber of a 30,000-route VNI (about 1.2 MB of UPDATEs) with the
+/// kernel's default socket buffers (as a Go client has) which reads
+/// nothing: how much the server left unread at it after 1.5 s, with its
+/// HELLO saying `reads_stream` or not.
+fn unread_at_a_subscriber_that_waits(reads_stream: bool) -> usize {
+    let (srv, _announcer, _) = server_holding(30_000);
+    let mut peer = TestPeer::connect(srv.addr);
+    peer.handshake_declaring(60, reads_stream);
+    peer.send(&Message::Subscribe(vni(VNI)));
+    std::thread::sleep(Duration::from_millis(1500));
+    unread(&peer.stream)
+}
+
+/// Our own peers say in their HELLO that they read as a stream (field 100,
+/// which a Go peer neither sends nor minds): the server writes to them as
+/// fast as the socket takes, from the first byte. A peer that does not say
+/// so (every Go peer) is paced: far less than the Go reader's 64 KiB waits
+/// unread at it. (Measured: 126,976 bytes declared, 14,004 Go-like; before
+/// the declaration existed both were paced, before pacing both unpaced.)
+#[test]
+fn only_a_peer_that_declares_it_reads_as_a_stream_is_written_to_unpaced() {
+    let declared = unread_at_a_subscriber_that_waits(true);
+    let go_like = unread_at_a_subscriber_that_waits(false);
+    eprintln!("unread after 1.5 s: {declared} bytes (declared), {go_like} (Go-like HELLO)");
+    assert!(
+        declared > GO_READ_BUFFER,
+        "a declared stream reader was paced: {declared} bytes unread"
+    );
+    assert!(
+        go_like < GO_READ_BUFFER / 2,
+        "a Go-like peer was not paced: {go_like} bytes unread"
+    );
+}
+
 /// A server with an announcer and a fast subscriber of `VNI` (both on
-/// 1 s keepalives), before anything is announced.
+/// 1 s keepalives), before anything is announced. The subscriber's HELLO
+/// says it reads as a stream, as our client's does.
 fn announcer_and_fast_subscriber() -> (TestServer, TestPeer, TestPeer) {
     let srv = TestServer::start(2);
     let (announcer, _) = TestPeer::established(srv.addr, 60);
     announcer.keep_alive(Duration::from_secs(1));
-    let (mut fast, _) = TestPeer::established(srv.addr, 60);
+    let mut fast = TestPeer::connect(srv.addr);
+    fast.handshake_declaring(60, true);
     fast.keep_alive(Duration::from_secs(1));
     fast.send(&Message::Subscribe(vni(VNI)));
     assert!(fast.sync_point().is_empty(), "nothing announced yet");
@@ -256,6 +302,66 @@ fn our_client_library_announces_100_000_routes_to_a_go_server() {
     assert_go_server_took(&go, &want.into_iter().collect());
 }
 
+/// Our client library announcing 30,000 routes (about 1.2 MB) to a
+/// scripted server that completes the handshake, its HELLO saying
+/// `reads_stream` or not, and then reads nothing: how much the client left
+/// unread at it after 1.5 s.
+fn unread_at_a_server_that_waits(reads_stream: bool) -> usize {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let client = Client::new(ClientConfig::default(), LogSink);
+    for r in numbered(30_000) {
+        client.announce(r).expect("announce");
+    }
+    client
+        .add_server(&listener.local_addr().unwrap().to_string())
+        .expect("add the scripted server");
+    let (mut s, _) = listener.accept().expect("our client connects");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut decoder = FrameDecoder::new();
+    let hello = next_message(&mut s, &mut decoder);
+    assert!(
+        matches!(
+            hello,
+            Message::Hello {
+                is_server: false,
+                reads_stream: true,
+                ..
+            }
+        ),
+        "our client's HELLO says it reads as a stream: {hello:?}"
+    );
+    s.write_all(&frame(&Message::Hello {
+        keepalive_secs: 60,
+        is_server: true,
+        reads_stream,
+    }))
+    .unwrap();
+    assert_eq!(next_message(&mut s, &mut decoder), Message::Keepalive);
+    s.write_all(&frame(&Message::Keepalive)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let left = unread(&s) + decoder.buffered();
+    drop(client);
+    left
+}
+
+/// The client side of `only_a_peer_that_declares_…`: our client writes its
+/// announcements unpaced to a server that declares it reads as a stream
+/// (ours), paced to one that does not (the Go server).
+#[test]
+fn our_client_paces_its_announcements_only_to_a_server_that_does_not_declare_a_stream() {
+    let declared = unread_at_a_server_that_waits(true);
+    let go_like = unread_at_a_server_that_waits(false);
+    eprintln!("unread after 1.5 s: {declared} bytes (declared), {go_like} (Go-like HELLO)");
+    assert!(
+        declared > GO_READ_BUFFER,
+        "our client paced a server that reads as a stream: {declared} bytes unread"
+    );
+    assert!(
+        go_like < GO_READ_BUFFER / 2,
+        "our client did not pace a Go-like server: {go_like} bytes unread"
+    );
+}
+
 /// `VNI#PREFIX#NEXTHOP` as `--announce` takes it.
 fn announce_arg(r: &Route) -> String {
     format!("{}#{}#{}", r.vni, r.destination, r.next_hop.target)
@@ -325,12 +431,15 @@ fn scripted_go_client(config: GoPeerConfig) -> (GoClientModel, TcpStream) {
         hello,
         Message::Hello {
             keepalive_secs: GO_KEEPALIVE_SECS,
-            is_server: false
-        }
+            is_server: false,
+            reads_stream: false,
+        },
+        "the model's HELLO is a Go client's: no readsStream"
     );
     s.write_all(&frame(&Message::Hello {
         keepalive_secs: GO_KEEPALIVE_SECS,
         is_server: true,
+        reads_stream: false,
     }))
     .unwrap();
     assert_eq!(next_message(&mut s, &mut decoder), Message::Keepalive);

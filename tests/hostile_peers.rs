@@ -122,6 +122,7 @@ fn a_connection_that_does_not_complete_its_handshake_is_closed_with_its_own_reas
     half.send(&Message::Hello {
         keepalive_secs: 5,
         is_server: false,
+        reads_stream: false,
     });
     assert!(matches!(half.recv(WAIT), Some(Message::Hello { .. })));
     let (mut done, _) = TestPeer::established(server.addr, 5);
@@ -365,6 +366,7 @@ fn keepalive_zero_is_refused() {
     p.send(&Message::Hello {
         keepalive_secs: 0,
         is_server: false,
+        reads_stream: false,
     });
     assert!(p.closed_within(WAIT));
     server.wait_stats("protocol disconnect", |s| {

@@ -59,6 +59,7 @@ fn non_reading_peer(addr: SocketAddr) -> TcpStream {
     s.write_all(&frame(&Message::Hello {
         keepalive_secs: 1,
         is_server: false,
+        reads_stream: false,
     }))
     .unwrap();
     let mut hello = [0u8; 4];

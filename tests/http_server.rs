@@ -53,6 +53,7 @@ impl Peer {
         p.send(&Message::Hello {
             keepalive_secs: 5,
             is_server: false,
+            reads_stream: false,
         });
         assert!(matches!(
             p.recv(),

@@ -21,6 +21,7 @@ fn frames_split_at_every_byte_are_understood() {
     stream.extend(frame(&Message::Hello {
         keepalive_secs: 5,
         is_server: false,
+        reads_stream: false,
     }));
     stream.extend(frame(&Message::Keepalive));
     stream.extend(frame(&add(route(8, 1, 1))));
@@ -59,6 +60,7 @@ fn one_byte_per_write_is_understood() {
     let mut bytes = frame(&Message::Hello {
         keepalive_secs: 5,
         is_server: false,
+        reads_stream: false,
     });
     bytes.extend(frame(&Message::Keepalive));
     bytes.extend(frame(&add(route(1, 1, 1))));

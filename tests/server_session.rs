@@ -41,6 +41,7 @@ fn hello_with_interval_zero_closes() {
     a.send(&Message::Hello {
         keepalive_secs: 0,
         is_server: false,
+        reads_stream: false,
     });
     assert!(a.closed_within(WAIT));
     srv.wait_stats("protocol disconnect", |s| {
@@ -73,6 +74,7 @@ fn routing_messages_before_established_close() {
         b.send(&Message::Hello {
             keepalive_secs: 5,
             is_server: false,
+            reads_stream: false,
         });
         assert!(matches!(b.recv(WAIT), Some(Message::Hello { .. })));
         b.send(&early);
@@ -88,6 +90,7 @@ fn second_hello_closes() {
     a.send(&Message::Hello {
         keepalive_secs: 5,
         is_server: false,
+        reads_stream: false,
     });
     assert!(a.closed_within(WAIT));
 }

@@ -475,7 +475,12 @@ impl Link<'_> {
     ) -> Result<(), CloseReason> {
         let mut updates: Vec<(Action, Route)> = Vec::new();
         for msg in messages {
-            match session.on_message(msg, Instant::now())? {
+            let hello = matches!(msg, Message::Hello { .. });
+            let reaction = session.on_message(msg, Instant::now())?;
+            if hello && session.peer_reads_stream() {
+                out.peer_reads_stream();
+            }
+            match reaction {
                 Reaction::Nothing => {}
                 Reaction::Reply(reply) => out.push_session(&reply),
                 Reaction::Established { reply } => {

@@ -53,6 +53,15 @@ impl SessionWriter {
         self.session.push(msg);
     }
 
+    /// The server declared in its HELLO that it reads as a stream: no
+    /// pacing from now on.
+    pub(super) fn peer_reads_stream(&mut self) {
+        if !self.pacer.is_streaming() {
+            tracing::debug!("server declared it reads as a stream: output not paced");
+            self.pacer.stream();
+        }
+    }
+
     /// The buffer SUBSCRIBEs and UPDATEs are appended to.
     pub(super) fn routes(&mut self) -> &mut FrameBuffer {
         &mut self.routes

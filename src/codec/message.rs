@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::{BufMut, Bytes};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message as _;
 
 use super::error::DecodeError;
@@ -71,6 +71,10 @@ pub enum Message {
         keepalive_secs: u32,
         /// True when the sender is a server (reflector).
         is_server: bool,
+        /// True when the sender reads its socket as a byte stream and may
+        /// be written to unpaced (`Hello.readsStream`, field 100: ours; a
+        /// Go peer never sets it, see `crate::pacing`).
+        reads_stream: bool,
     },
     /// Liveness; empty payload.
     Keepalive,
@@ -108,6 +112,7 @@ impl Message {
                 Ok(Message::Hello {
                     keepalive_secs: h.keepalive_interval,
                     is_server: h.is_server,
+                    reads_stream: h.reads_stream,
                 })
             }
             MessageType::Keepalive => {
@@ -139,7 +144,16 @@ impl Message {
             Message::Hello {
                 keepalive_secs,
                 is_server,
-            } => varint_field_len(u64::from(keepalive_secs)) + if is_server { 2 } else { 0 },
+                reads_stream,
+            } => {
+                varint_field_len(u64::from(keepalive_secs))
+                    + if is_server { 2 } else { 0 }
+                    + if reads_stream {
+                        key_len(READS_STREAM_FIELD) + 1
+                    } else {
+                        0
+                    }
+            }
             Message::Keepalive => 0,
             Message::Subscribe(vni) | Message::Unsubscribe(vni) => {
                 varint_field_len(u64::from(vni.get()))
@@ -156,9 +170,11 @@ impl Message {
             Message::Hello {
                 keepalive_secs,
                 is_server,
+                reads_stream,
             } => {
                 put_varint_field(1, u64::from(keepalive_secs), buf);
                 put_varint_field(2, u64::from(is_server), buf);
+                put_varint_field(READS_STREAM_FIELD, u64::from(reads_stream), buf);
             }
             Message::Keepalive => {}
             Message::Subscribe(vni) | Message::Unsubscribe(vni) => {
@@ -168,6 +184,9 @@ impl Message {
         }
     }
 }
+
+/// Field number of `Hello.readsStream` (ours; proto/metalbond.proto).
+const READS_STREAM_FIELD: u32 = 100;
 
 /// Length of a non-default varint field with a one-byte key, 0 when omitted.
 fn varint_field_len(value: u64) -> usize {

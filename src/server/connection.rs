@@ -86,6 +86,9 @@ pub(crate) struct Connection {
     /// the peer caught up with it; `None` while nothing is queued. See
     /// `push_control`.
     behind_mark: Cell<Option<(Instant, u64)>>,
+    /// The peer's HELLO said it reads as a stream: the writer does not pace
+    /// it (`crate::pacing`). Set by the reader before any UPDATE is queued.
+    reads_stream: Cell<bool>,
 }
 
 /// What a connection has moved so far, for snapshots.
@@ -118,7 +121,14 @@ impl Connection {
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
             behind_mark: Cell::new(None),
+            reads_stream: Cell::new(false),
         }
+    }
+
+    /// The peer declared in its HELLO that it reads as a stream: its output
+    /// goes out unpaced from now on.
+    pub(crate) fn peer_reads_stream(&self) {
+        self.reads_stream.set(true);
     }
 
     /// Closes the connection for `reason` unless already closing (the first
@@ -464,6 +474,10 @@ enum NextWrite {
 /// whole frames within the pacing budget for one that is paced.
 fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> NextWrite {
     let mut out = conn.out.borrow_mut();
+    if !pacer.is_streaming() && conn.reads_stream.get() {
+        tracing::debug!("peer declared it reads as a stream: output not paced");
+        pacer.stream();
+    }
     if pacer.is_streaming() {
         return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
     }

@@ -638,6 +638,7 @@ mod tests {
         let hello = Message::Hello {
             keepalive_secs: 5,
             is_server: true,
+            reads_stream: false,
         };
         assert!(
             q.push_control(&hello, false),
@@ -783,6 +784,7 @@ mod tests {
         let hello = Message::Hello {
             keepalive_secs: 5,
             is_server: true,
+            reads_stream: false,
         };
         q.push_control(&hello, false);
         q.push_fanout(&batch(&[(Action::Add, 1), (Action::Add, 2)]))

@@ -542,7 +542,11 @@ fn on_message(
     rs: &mut ReaderState,
     msg: Message,
 ) -> Result<(), CloseReason> {
+    let hello = matches!(msg, Message::Hello { .. });
     let reaction = rs.session.on_message(msg, Instant::now())?;
+    if hello && rs.session.peer_reads_stream() {
+        conn.io.peer_reads_stream();
+    }
     conn.state.set(rs.session.state());
     conn.keepalive.set(rs.session.interval());
     match reaction {

@@ -492,6 +492,7 @@ impl Session {
             session.send(&Message::Hello {
                 keepalive_secs: session.config.keepalive_secs,
                 is_server: false,
+                reads_stream: false,
             });
         }
         Ok(session)
@@ -604,10 +605,7 @@ impl Session {
                 continue;
             }
             match msg {
-                Message::Hello {
-                    keepalive_secs,
-                    is_server: _,
-                } => self.on_hello(keepalive_secs),
+                Message::Hello { keepalive_secs, .. } => self.on_hello(keepalive_secs),
                 Message::Keepalive => self.on_keepalive(),
                 Message::Subscribe(vni) => {
                     self.record().subscriptions.insert(vni);
@@ -651,6 +649,7 @@ impl Session {
             self.send(&Message::Hello {
                 keepalive_secs: interval,
                 is_server: true,
+                reads_stream: false,
             });
             self.record().state = GoState::HelloSent;
         }

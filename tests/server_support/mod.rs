@@ -188,15 +188,24 @@ impl TestPeer {
         (p, k)
     }
 
+    /// The handshake with a HELLO as a Go client sends it (no
+    /// `readsStream`: the server paces this peer until it proves it streams).
     pub fn handshake(&mut self, keepalive: u32) -> u32 {
+        self.handshake_declaring(keepalive, false)
+    }
+
+    /// The handshake, our HELLO saying whether we read as a stream.
+    pub fn handshake_declaring(&mut self, keepalive: u32, reads_stream: bool) -> u32 {
         self.send(&Message::Hello {
             keepalive_secs: keepalive,
             is_server: false,
+            reads_stream,
         });
         let k = match self.recv(WAIT) {
             Some(Message::Hello {
                 keepalive_secs,
                 is_server: true,
+                ..
             }) => keepalive_secs,
             other => panic!("expected server HELLO, got {other:?}"),
         };
