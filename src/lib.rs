@@ -16,6 +16,8 @@
 //!   counter views the others record into, the status model and trait, and
 //!   the one table of metric families.
 //! - `defaults`: every default of server and client, in one place.
+//! - `digest`: the per-VNI route-set digest reflectors and clients are
+//!   compared by (order-independent, O(1) per change).
 //! - `util`: poison-tolerant locking and a TTL cache (std only).
 //! - `panic_policy`: a panic on any thread ends the process (the binaries
 //!   install it); the test-only fault hook that proves it.
@@ -27,6 +29,8 @@
 //! - `version`: the build's version and git commit.
 //! - `readiness`: sd_notify `READY=1` for systemd `Type=notify` units.
 //! - `cli_docs`: man pages and shell completions from the clap definition.
+//! - `ops`: operator commands that read a running daemon's status port
+//!   (`metalbond diff`).
 //!
 //! Cargo features (all on by default): `client` (the library, std threads
 //! only), `netlink` (kernel routes for the client), `server` (the glommio
@@ -42,12 +46,15 @@ pub mod cli_docs;
 pub mod client;
 pub mod codec;
 pub mod defaults;
+pub mod digest;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "cli")]
 pub mod logging;
 #[cfg(feature = "netlink")]
 pub mod netlink;
+#[cfg(feature = "cli")]
+pub mod ops;
 #[cfg(any(feature = "server", feature = "client"))]
 pub mod pacing;
 pub mod panic_policy;

@@ -61,6 +61,12 @@ enum Command {
     Client(metalbond::client::ClientArgs),
     /// Check a peer policy file (`server --policy`).
     Policy(metalbond::policy::check::PolicyArgs),
+    /// Print the routes of VNIs as a reflector sends them (read-only
+    /// session: subscribes, announces nothing).
+    Watch(metalbond::client::watch::WatchArgs),
+    /// Compare the routes of two daemons (`--http A --http B`) VNI by VNI:
+    /// exit 0 when they agree, 1 when they differ, 3 when one is unreachable.
+    Diff(metalbond::ops::diff::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,13 +83,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli = match Cli::try_parse_from(argv) {
+    let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) => {
             // A malformed `client` flag value: one line naming the flag, the
             // value and the expected form (the value parsers' errors).
             if let Some(line) = metalbond::client::cli::one_line_error(&e) {
-                eprintln!("metalbond client: {line}");
+                let command = if argv_command(&argv) == Some("watch") {
+                    "watch"
+                } else {
+                    "client"
+                };
+                eprintln!("metalbond {command}: {line}");
                 return ExitCode::from(2);
             }
             e.exit()
@@ -92,6 +103,8 @@ fn main() -> ExitCode {
     let (verbose, role) = match cli.command {
         Command::Server(ref a) => (a.verbose, "server"),
         Command::Client(ref a) => (a.verbose, "client"),
+        Command::Watch(ref a) => (a.verbose, "watch"),
+        Command::Diff(args) => return metalbond::ops::diff::run(args),
         Command::Policy(args) => return metalbond::policy::check::run(args),
     };
     logging::init(
@@ -109,8 +122,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => metalbond::server::run(args, &serve_status),
         Command::Client(args) => metalbond::client::run(args, &serve_status),
+        Command::Watch(args) => return metalbond::client::watch::run(args),
         // Returned above already; kept total without a panic path.
         Command::Policy(args) => return metalbond::policy::check::run(args),
+        Command::Diff(args) => return metalbond::ops::diff::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +136,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommand word of a command line (`metalbond --log-format json
+/// watch …` → `watch`), for error messages made before clap says it.
+fn argv_command(argv: &[std::ffi::OsString]) -> Option<&'static str> {
+    argv.iter().skip(1).find_map(|a| {
+        ["server", "client", "policy", "watch", "diff"]
+            .into_iter()
+            .find(|c| a == c)
+    })
 }
 
 /// `--http ADDR` of either role: the status pages for whatever `source`

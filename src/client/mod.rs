@@ -81,6 +81,8 @@ pub mod status;
 mod stream;
 mod traffic;
 mod wait;
+#[cfg(feature = "cli")]
+pub mod watch;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -1106,6 +1108,15 @@ impl Client {
         let mut routes = self.inner().lock().present.present();
         routes.sort();
         routes
+    }
+
+    /// The digest (`crate::digest`) of the routes received in each VNI,
+    /// ascending by VNI: every route some server holds for us, once,
+    /// including those loop prevention keeps out of the present set. For a
+    /// client that announces nothing in a VNI it equals the reflectors'
+    /// digest of that VNI (`/api/v1/summary`, `metalbond diff`).
+    pub fn digests(&self) -> Vec<(Vni, crate::digest::VniDigest)> {
+        self.inner().lock().present.digests()
     }
 
     /// The present routes of `vni` that the sink has been told about, sorted

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::digest::VniDigest;
 use crate::types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Identifies one server session slot of the client (stable across
@@ -62,6 +63,10 @@ pub struct PresentRoutes {
     held: BTreeMap<Route, u32>,
     /// (VNI, prefix) we announce → number of our routes with that key.
     own: HashMap<(Vni, IpNet), u32>,
+    /// Digest of the received routes (`held`'s keys) per VNI, whether
+    /// present or not (loop prevention aside): what the reflectors hold
+    /// for us, comparable with their digests (`crate::digest`).
+    digests: HashMap<Vni, VniDigest>,
 }
 
 impl PresentRoutes {
@@ -82,6 +87,14 @@ impl PresentRoutes {
     #[cfg(test)]
     pub fn is_present(&self, route: &Route) -> bool {
         !self.is_own(&Self::key(route)) && self.held.contains_key(route)
+    }
+
+    /// The digest of the received routes of each VNI that has any,
+    /// ascending by VNI.
+    pub fn digests(&self) -> Vec<(Vni, VniDigest)> {
+        let mut all: Vec<(Vni, VniDigest)> = self.digests.iter().map(|(v, d)| (*v, *d)).collect();
+        all.sort_by_key(|(v, _)| *v);
+        all
     }
 
     /// Every present route, sorted.
@@ -291,8 +304,11 @@ impl PresentRoutes {
     fn hold(&mut self, route: Route, out: &mut Vec<PresentChange>) {
         let count = self.held.entry(route).or_insert(0);
         *count += 1;
-        if *count == 1 && !self.own.contains_key(&Self::key(&route)) {
-            out.push(PresentChange::Add(route));
+        if *count == 1 {
+            self.digests.entry(route.vni).or_default().add(&route);
+            if !self.own.contains_key(&Self::key(&route)) {
+                out.push(PresentChange::Add(route));
+            }
         }
     }
 
@@ -301,6 +317,12 @@ impl PresentRoutes {
             Some(n) if *n > 1 => *n -= 1,
             Some(_) => {
                 self.held.remove(&route);
+                if let Some(d) = self.digests.get_mut(&route.vni) {
+                    d.remove(&route);
+                    if d.is_empty() {
+                        self.digests.remove(&route.vni);
+                    }
+                }
                 if !self.own.contains_key(&Self::key(&route)) {
                     out.push(PresentChange::Remove(route));
                 }
@@ -329,6 +351,32 @@ mod tests {
         let mut out = Vec::new();
         f(&mut out);
         out
+    }
+
+    #[test]
+    fn the_digest_is_of_the_received_routes_once_each_whoever_sent_them() {
+        let mut p = PresentRoutes::new();
+        let (r, s) = (
+            route(23, "10.0.0.0/24", "2001:db8::1"),
+            route(23, "10.0.1.0/24", "2001:db8::1"),
+        );
+        run(|o| p.received(A, Action::Add, r, o));
+        run(|o| p.received(B, Action::Add, r, o));
+        run(|o| p.received(B, Action::Add, s, o));
+        assert_eq!(p.digests(), vec![(r.vni, VniDigest::of(&[r, s]))]);
+        // Announcing the same prefix ourselves hides it, but it is still
+        // what the reflectors hold for us.
+        run(|o| p.own_announced(&r, o));
+        assert_eq!(p.digests(), vec![(r.vni, VniDigest::of(&[s, r]))]);
+        run(|o| p.received(A, Action::Remove, r, o));
+        assert_eq!(
+            p.digests(),
+            vec![(r.vni, VniDigest::of(&[r, s]))],
+            "B holds r"
+        );
+        run(|o| p.received(B, Action::Remove, r, o));
+        run(|o| p.received(B, Action::Remove, s, o));
+        assert!(p.digests().is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::session::SessionState;
 use crate::telemetry::families::{self, queue};
 use crate::telemetry::status::{
     count_states, MetricFamily, MetricsView, PeerView, QueueDepth, ReadyLatch, RouteTableView,
-    StatusRole, StatusSource,
+    StatusRole, StatusSource, VniSummaryView,
 };
 use crate::types::Vni;
 
@@ -64,6 +64,21 @@ impl StatusSource for ClientStatusSource {
             Some(latch) => latch.get(),
             None => Ok("ready".into()),
         }
+    }
+
+    fn vni_summaries(&self) -> Vec<VniSummaryView> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Vec::new();
+        };
+        let digests = inner.lock().present.digests();
+        digests
+            .into_iter()
+            .map(|(vni, digest)| VniSummaryView {
+                vni,
+                subscribers: None,
+                digest,
+            })
+            .collect()
     }
 
     fn routes(&self) -> RouteTableView {

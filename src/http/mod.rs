@@ -29,6 +29,7 @@
 //!           chunk when the reader took the last    (RouteSnapshot, shared)
 //! ```
 
+mod api;
 mod go_document;
 mod listener;
 mod metrics;
@@ -159,6 +160,7 @@ pub fn serve_with_limits(
     let responder = Arc::new(Responder {
         source,
         cache: RouteCache::default(),
+        started: Instant::now(),
     });
     let (thread, stop) = listener::start(listener, addr, responder, limits.clone())?;
     tracing::info!(
@@ -436,6 +438,8 @@ pub(crate) struct Responder {
     source: Arc<dyn StatusSource>,
     /// Shared route snapshot.
     cache: RouteCache,
+    /// When the status port opened: `uptime_seconds` counts from here.
+    started: Instant,
 }
 
 impl Responder {
@@ -506,6 +510,23 @@ impl Responder {
                     Err(e) => internal_error(&e),
                 },
             },
+            "/api/v1/summary" => {
+                let summary = api::summary(self.source.as_ref(), self.started.elapsed());
+                match serde_json::to_string_pretty(&summary) {
+                    Ok(mut body) => {
+                        body.push('\n');
+                        Reply::text(200, "application/json", body)
+                    }
+                    Err(e) => internal_error(&e),
+                }
+            }
+            api_path if api_path.starts_with("/api/") => Reply::text(
+                404,
+                "application/json",
+                api::error_body(&format!(
+                    "no such API path {api_path:?}; this version serves /api/v1/summary"
+                )),
+            ),
             "/metrics" => {
                 let body = metrics::render(&self.source.metrics(), self.source.role(), VERSION);
                 Reply::text(200, metrics::CONTENT_TYPE, body)
@@ -526,7 +547,7 @@ impl Responder {
             _ => Reply::text(
                 404,
                 "text/plain; charset=utf-8",
-                "not found; try / /routes.json /routes.yaml /peers /metrics /healthz /readyz\n"
+                "not found; try / /routes.json /routes.yaml /peers /metrics /healthz /readyz /api/v1/summary\n"
                     .into(),
             ),
         }

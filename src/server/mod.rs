@@ -74,7 +74,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use config::ServerArgs;
 pub use config::{PeerLimits, ServerConfig, ServerError};
 pub use peer_id::PeerId;
-pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes};
+pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes, VniSummary};
 pub use status::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 
 use mesh::{Batch, CHANNEL_BATCHES};
@@ -316,6 +316,15 @@ impl ServerHandle {
     /// tasks, so the cost is one table copy.
     pub fn routes(&self) -> Vec<VniRoutes> {
         let mut all: Vec<VniRoutes> = self.ask(Control::Routes).into_iter().flatten().collect();
+        all.sort_by_key(|v| v.vni);
+        all
+    }
+
+    /// Every VNI with routes or subscribers: route and subscriber counts and
+    /// the route-set digest, ascending by VNI. Each shard answers from its
+    /// tables' fields, without scanning routes.
+    pub fn vni_summaries(&self) -> Vec<VniSummary> {
+        let mut all: Vec<VniSummary> = self.ask(Control::Summary).into_iter().flatten().collect();
         all.sort_by_key(|v| v.vni);
         all
     }

@@ -59,7 +59,7 @@ use super::grace::{GhostIndex, GraceHolds};
 use super::mesh::{Batch, ShardMsg};
 use super::owner::{Delivery, VniOwner};
 use super::peer::{self, PeerConn};
-use super::stats::{PeerInfo, ShardCounters, VniRoutes};
+use super::stats::{PeerInfo, ShardCounters, VniRoutes, VniSummary};
 use super::PeerId;
 use crate::session::CloseReason;
 use crate::types::{Route, Vni};
@@ -77,6 +77,8 @@ pub(crate) enum Control {
     Shutdown,
     /// Reply with the routes of the VNIs this shard owns.
     Routes(crossbeam_channel::Sender<Vec<VniRoutes>>),
+    /// Reply with a summary of each VNI this shard owns (O(VNIs)).
+    Summary(crossbeam_channel::Sender<Vec<VniSummary>>),
     /// Reply with this shard's peers.
     Peers(crossbeam_channel::Sender<Vec<PeerInfo>>),
     /// The peer policy was reloaded: every peer resolves its rule again.
@@ -301,6 +303,22 @@ impl Shard {
         snapshot
     }
 
+    /// Each owned VNI with routes or subscribers: counts and digest, read
+    /// from the tables' own fields (no scan of routes).
+    fn vni_summaries(&self) -> Vec<VniSummary> {
+        self.owner
+            .borrow()
+            .tables()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(vni, t)| VniSummary {
+                vni: *vni,
+                routes: t.route_count() as u64,
+                subscribers: t.subscriber_count() as u64,
+                digest: t.digest(),
+            })
+            .collect()
+    }
+
     /// Live peers, then the ghosts of departed ones (`--peer-grace`).
     fn peers_snapshot(&self) -> Vec<PeerInfo> {
         let index = self.ctx.index();
@@ -425,6 +443,9 @@ pub(crate) async fn run(setup: ShardSetup) {
             }
             Ok(Control::Peers(reply)) => {
                 let _ = reply.send(shard.peers_snapshot());
+            }
+            Ok(Control::Summary(reply)) => {
+                let _ = reply.send(shard.vni_summaries());
             }
             Ok(Control::PolicyReloaded) => {
                 for p in shard.peers.borrow().values() {

@@ -338,6 +338,19 @@ pub struct PeerInfo {
     pub grace_left: Option<Duration>,
 }
 
+/// One owned VNI at a glance: no route list, so no table scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VniSummary {
+    /// The VNI.
+    pub vni: Vni,
+    /// Routes in its table.
+    pub routes: u64,
+    /// Peers subscribed to it.
+    pub subscribers: u64,
+    /// The digest of its route set (`crate::digest`).
+    pub digest: crate::digest::VniDigest,
+}
+
 /// One VNI's routes: (destination, next hop), sorted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VniRoutes {

@@ -18,7 +18,7 @@ use crate::session::SessionState;
 use crate::telemetry::families::{self, Family};
 use crate::telemetry::status::{
     count_states, MetricFamily, MetricSample, MetricsView, PeerView, QueueDepth, RouteTableView,
-    StatusRole, StatusSource,
+    StatusRole, StatusSource, VniSummaryView,
 };
 use crate::types::Vni;
 use crate::util::TtlCache;
@@ -66,6 +66,18 @@ impl StatusSource for ServerStatusSource {
 
     fn readiness(&self) -> Result<String, String> {
         Ok(self.handle.ready_line())
+    }
+
+    fn vni_summaries(&self) -> Vec<VniSummaryView> {
+        self.handle
+            .vni_summaries()
+            .into_iter()
+            .map(|v| VniSummaryView {
+                vni: v.vni,
+                subscribers: Some(v.subscribers),
+                digest: v.digest,
+            })
+            .collect()
     }
 
     fn routes(&self) -> RouteTableView {

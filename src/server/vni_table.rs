@@ -27,6 +27,7 @@ use std::sync::Arc;
 use super::chunk_map::ChunkMap;
 use super::route_set::{FastHash, NextHopId, NextHopTable, TableKey, V4Key, V6Key};
 use super::PeerId;
+use crate::digest::VniDigest;
 use crate::types::{Route, Vni};
 
 /// What an announce or withdraw changed for the subscribers of a VNI.
@@ -92,6 +93,9 @@ pub struct VniTable {
     /// Live subscribers grouped by shard, rebuilt lazily after a change so
     /// each fan-out sends one shared list per shard.
     live_by_shard: Option<LiveGroups>,
+    /// The digest of the route set (`crate::digest`), updated where a
+    /// route enters or leaves: compared across reflectors.
+    digest: VniDigest,
 }
 
 impl VniTable {
@@ -105,7 +109,13 @@ impl VniTable {
             hops: NextHopTable::default(),
             subscribers: HashMap::new(),
             live_by_shard: None,
+            digest: VniDigest::default(),
         }
+    }
+
+    /// The digest of the route set now (O(1)).
+    pub fn digest(&self) -> VniDigest {
+        self.digest
     }
 
     /// Number of routes (each counted once however many announce it).
@@ -168,14 +178,15 @@ impl VniTable {
         let id = self.hops.acquire(route.next_hop);
         let key = TableKey::new(&route.destination, id);
         let first = match key {
-            TableKey::V4(k) => match self.v4.insert_new(k, peer) {
-                Ok(()) => return Change::Table,
-                Err(first) => first,
-            },
-            TableKey::V6(k) => match self.v6.insert_new(k, peer) {
-                Ok(()) => return Change::Table,
-                Err(first) => first,
-            },
+            TableKey::V4(k) => self.v4.insert_new(k, peer),
+            TableKey::V6(k) => self.v6.insert_new(k, peer),
+        };
+        let first = match first {
+            Ok(()) => {
+                self.digest.add(&route);
+                return Change::Table;
+            }
+            Err(first) => first,
         };
         self.hops.release(id);
         if first == peer {
@@ -218,6 +229,7 @@ impl VniTable {
                     TableKey::V6(k) => self.v6.remove(&k),
                 };
                 self.hops.release(key.hop());
+                self.digest.remove(route);
                 return Change::Table;
             };
             // The next announcer in line becomes the first.
@@ -475,6 +487,34 @@ mod tests {
 
     fn p(shard: usize, n: u64) -> PeerId {
         PeerId::new(shard, n)
+    }
+
+    #[test]
+    fn the_digest_follows_the_route_set_not_the_announcers_or_the_order() {
+        let mut t = VniTable::new(Vni::new(7).unwrap());
+        let mut u = VniTable::new(Vni::new(7).unwrap());
+        for i in 0..100 {
+            t.announce(route(i), p(0, 1));
+            u.announce(route(99 - i), p(1, 5));
+        }
+        assert_eq!(t.digest(), u.digest(), "same set, other order and peers");
+        let all: Vec<Route> = (0..100).map(route).collect();
+        assert_eq!(t.digest(), VniDigest::of(&all));
+        t.announce(route(3), p(1, 2));
+        assert_eq!(
+            t.digest(),
+            u.digest(),
+            "a second announcer changes no route"
+        );
+        t.withdraw(&route(3), p(0, 1));
+        assert_eq!(t.digest(), u.digest(), "one announcer is left");
+        t.withdraw(&route(3), p(1, 2));
+        assert_ne!(t.digest(), u.digest(), "route 3 left one table");
+        assert_eq!(
+            t.digest(),
+            VniDigest::of(all.iter().filter(|r| **r != route(3)))
+        );
+        assert_eq!(t.digest().routes(), 99);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub use histogram::{HistogramView, LatencyHistogram};
 pub use status::{
     count_states, format_date, kind_name, DestinationView, MetricFamily, MetricKind, MetricSample,
     MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
+    VniSummaryView,
 };
 
 /// Netlink work done by the client, per operation ("route_add",

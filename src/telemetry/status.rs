@@ -51,6 +51,46 @@ pub trait StatusSource: Send + Sync + 'static {
     fn readiness(&self) -> Result<String, String> {
         Ok("ready".into())
     }
+    /// Per VNI: routes, subscribers and the route-set digest, for
+    /// `/api/v1/summary`. Default: computed from `routes()` (a copy of the
+    /// whole table); the roles answer from digests they keep as routes
+    /// change.
+    fn vni_summaries(&self) -> Vec<VniSummaryView> {
+        self.routes()
+            .vnis
+            .iter()
+            .map(|v| {
+                let routes: Vec<crate::types::Route> = v
+                    .destinations
+                    .iter()
+                    .flat_map(|d| {
+                        d.next_hops.iter().map(|h| crate::types::Route {
+                            vni: v.vni,
+                            destination: d.prefix,
+                            next_hop: *h,
+                        })
+                    })
+                    .collect();
+                VniSummaryView {
+                    vni: v.vni,
+                    subscribers: None,
+                    digest: crate::digest::VniDigest::of(&routes),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One VNI on `/api/v1/summary`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VniSummaryView {
+    /// The VNI.
+    pub vni: Vni,
+    /// Peers subscribed to it (server); `None` where the role has none
+    /// (a client's received table).
+    pub subscribers: Option<u64>,
+    /// Its routes' count and digest (`crate::digest`).
+    pub digest: crate::digest::VniDigest,
 }
 
 /// A role's readiness as its start-up rule last decided it, shared between
