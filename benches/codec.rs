@@ -163,5 +163,20 @@ fn bench_stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_encode, bench_decode, bench_stream);
+/// The per-VNI digest's cost per route change (`metalbond::digest`): the
+/// owner pays it once for each route that enters or leaves a table.
+fn bench_digest(c: &mut Criterion) {
+    let mut g = c.benchmark_group("digest");
+    g.throughput(Throughput::Elements(1));
+    for (name, msg) in [("route_v4", update_v4(7)), ("route_v6_nat", update_v6(7))] {
+        let Message::Update { route, .. } = msg else {
+            unreachable!("an UPDATE")
+        };
+        let mut digest = metalbond::digest::VniDigest::default();
+        g.bench_function(name, |b| b.iter(|| digest.add(black_box(&route))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_encode, bench_decode, bench_stream, bench_digest);
 criterion_main!(benches);
