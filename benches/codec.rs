@@ -178,5 +178,11 @@ fn bench_digest(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_encode, bench_decode, bench_stream, bench_digest);
+criterion_group!(
+    benches,
+    bench_encode,
+    bench_decode,
+    bench_stream,
+    bench_digest
+);
 criterion_main!(benches);

@@ -67,6 +67,8 @@ enum Command {
     /// Compare the routes of two daemons (`--http A --http B`) VNI by VNI:
     /// exit 0 when they agree, 1 when they differ, 3 when one is unreachable.
     Diff(metalbond::ops::diff::DiffArgs),
+    /// Show a running daemon's summary, peers or routes (from its --http).
+    Show(metalbond::ops::show::ShowArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Command::Client(ref a) => (a.verbose, "client"),
         Command::Watch(ref a) => (a.verbose, "watch"),
         Command::Diff(args) => return metalbond::ops::diff::run(args),
+        Command::Show(args) => return metalbond::ops::show::run(args),
         Command::Policy(args) => return metalbond::policy::check::run(args),
     };
     logging::init(
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
         // Returned above already; kept total without a panic path.
         Command::Policy(args) => return metalbond::policy::check::run(args),
         Command::Diff(args) => return metalbond::ops::diff::run(args),
+        Command::Show(args) => return metalbond::ops::show::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -142,7 +146,7 @@ fn main() -> ExitCode {
 /// watch …` → `watch`), for error messages made before clap says it.
 fn argv_command(argv: &[std::ffi::OsString]) -> Option<&'static str> {
     argv.iter().skip(1).find_map(|a| {
-        ["server", "client", "policy", "watch", "diff"]
+        ["server", "client", "policy", "watch", "diff", "show"]
             .into_iter()
             .find(|c| a == c)
     })

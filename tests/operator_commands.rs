@@ -448,3 +448,215 @@ fn diff_usage_and_unreachable_sides_have_their_exit_statuses() {
         "{e}"
     );
 }
+
+/// A route in VNI 23 to `prefix` via 2001:db8::`hop`.
+fn to(prefix: &str, hop: u16) -> Route {
+    Route::new(
+        metalbond::Vni::new(23).unwrap(),
+        prefix.parse().unwrap(),
+        metalbond::NextHop::standard(std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001, 0xdb8, 0, 0, 0, 0, 0, hop,
+        ))),
+    )
+}
+
+/// `metalbond show ARGS` against `http`: exit code and stdout.
+fn show(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .arg("show")
+            .args(["--http", &http.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn metalbond show"),
+    );
+    let status = wait_exit(&mut child);
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+/// `GET /api/v1/routes?QUERY`: status and parsed body.
+fn api_routes(http: SocketAddr, query: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = http_support::get(&format!("http://{http}/api/v1/routes?{query}"));
+    let v =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{query}: not JSON ({e}): {body}"));
+    (status, v)
+}
+
+/// A next hop's address and who announced it.
+type HopBy = (String, Vec<String>);
+
+/// `(prefix, [(next hop address, announced_by)])` of a routes answer.
+fn entries(v: &serde_json::Value) -> Vec<(String, Vec<HopBy>)> {
+    v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let hops = r["next_hops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    let by = h["announced_by"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|a| a.as_str().unwrap().to_string())
+                        .collect();
+                    (h["address"].as_str().unwrap().to_string(), by)
+                })
+                .collect();
+            (r["prefix"].as_str().unwrap().to_string(), hops)
+        })
+        .collect()
+}
+
+#[test]
+fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
+    let (_srv, listen, http) = server_with_http();
+    let (wide, narrow, both, third) = (
+        to("10.0.0.0/8", 1),
+        to("10.0.23.0/24", 2),
+        to("10.0.23.0/24", 2),
+        to("10.0.23.0/24", 3),
+    );
+    let a = announcer(listen, &[wide, narrow]);
+    let mut b = TestPeer::connect_from(listen, "127.0.0.2".parse().unwrap());
+    b.handshake(60);
+    b.keep_alive(Duration::from_secs(1));
+    b.send_all(&[add(both), add(third)]);
+    vni_entry(http, 23, 3);
+    let a_addr = a.stream.local_addr().unwrap().to_string();
+    let b_addr = b.stream.local_addr().unwrap().to_string();
+
+    let (status, v) = api_routes(http, "vni=23&lookup=10.0.23.5");
+    assert_eq!(status, 200, "{v}");
+    let mut got = entries(&v);
+    got[0].1.sort();
+    assert_eq!(
+        got,
+        vec![(
+            "10.0.23.0/24".to_string(),
+            vec![
+                (
+                    "2001:db8::2".to_string(),
+                    vec![a_addr.clone(), b_addr.clone()]
+                ),
+                ("2001:db8::3".to_string(), vec![b_addr.clone()]),
+            ]
+        )],
+        "the most specific prefix, every next hop, who announces each"
+    );
+    assert_eq!(v["routes"][0]["next_hops"][0]["type"], "standard");
+    assert!(v.get("next").is_none(), "{v}");
+    let (_, wide_hit) = api_routes(http, "vni=23&lookup=10.9.9.9");
+    assert_eq!(entries(&wide_hit)[0].0, "10.0.0.0/8");
+    let (_, exact) = api_routes(http, "vni=23&prefix=10.0.23.0%2F24");
+    assert_eq!(entries(&exact).len(), 1);
+    let (_, by_b) = api_routes(http, "vni=23&peer=127.0.0.2");
+    let by_b = entries(&by_b);
+    assert_eq!(by_b.len(), 1, "{by_b:?}");
+    assert_eq!(by_b[0].1.len(), 2, "both of B's next hops: {by_b:?}");
+
+    // Pages of one destination each.
+    let (_, first) = api_routes(http, "vni=23&limit=1");
+    assert_eq!(entries(&first)[0].0, "10.0.0.0/8");
+    assert_eq!(first["next"], "10.0.0.0/8");
+    let (_, second) = api_routes(http, "vni=23&limit=1&after=10.0.0.0%2F8");
+    assert_eq!(entries(&second)[0].0, "10.0.23.0/24");
+    assert!(second.get("next").is_none(), "{second}");
+
+    for (query, status) in [
+        ("lookup=10.0.23.5", 400),
+        ("vni=x", 400),
+        ("vni=23&prefix=10.0.23.5%2F24", 400),
+        ("vni=23&limit=0", 400),
+        ("vni=23&limit=10001", 400),
+        ("vni=23&after=nonsense", 400),
+        ("vni=23&lookup=1.2.3.4&prefix=1.2.3.0%2F24", 400),
+        ("vni=99", 404),
+    ] {
+        let (got, body) = api_routes(http, query);
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{query}: {body}"
+        );
+    }
+
+    let (code, out, err) = show(http, &["route", "10.0.23.5", "--vni", "23"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("10.0.23.0/24") && out.contains("2001:db8::3"),
+        "{out}"
+    );
+    let (code, out, _) = show(http, &["route", "11.0.0.1", "--vni", "23"]);
+    assert_eq!(code, 1, "nothing covers it: {out}");
+    let (code, out, _) = show(http, &["routes", "--json"]);
+    assert_eq!(code, 0);
+    let all: serde_json::Value = serde_json::from_str(&out).expect("--json");
+    assert_eq!(all["routes"].as_array().map(Vec::len), Some(2), "{all}");
+    let (code, out, _) = show(http, &["peers", "--json"]);
+    assert_eq!(code, 0);
+    let peers: serde_json::Value = serde_json::from_str(&out).expect("--json");
+    assert_eq!(peers["peers"].as_array().map(Vec::len), Some(2), "{peers}");
+    let (code, out, _) = show(http, &["summary"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("server") && out.contains("ESTABLISHED 2"),
+        "{out}"
+    );
+    let (code, _, err) = show(free_port("127.0.0.1"), &["summary", "--timeout", "2"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn a_clients_routes_api_says_which_server_sent_each_route() {
+    let (_srv, listen, _http) = server_with_http();
+    let _a = announcer(listen, &[to("10.0.23.0/24", 2)]);
+    let client_http = free_port("127.0.0.1");
+    let server = listen.to_string();
+    let mut client = ChildGuard(
+        Command::new(BIN)
+            .args(["client", "--server", &server, "--subscribe", "23"])
+            .args(["--http", &client_http.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn metalbond client"),
+    );
+    wait_listening(&mut client, &[client_http]).expect("client status port");
+    vni_entry(client_http, 23, 1);
+    let (status, v) = api_routes(client_http, "vni=23&lookup=10.0.23.1");
+    assert_eq!(status, 200, "{v}");
+    let hop = &v["routes"][0]["next_hops"][0];
+    assert_eq!(hop["address"], "2001:db8::2", "{v}");
+    assert_eq!(hop["announced_by"], serde_json::json!([server]), "{v}");
+    assert_eq!(hop["stale"], false, "{v}");
+    let (code, out, err) = show(
+        client_http,
+        &["routes", "--vni", "23", "--peer", "127.0.0.1"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("10.0.23.0/24"), "{out}");
+}

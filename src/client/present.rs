@@ -118,6 +118,15 @@ impl PresentRoutes {
             .map_or(0, |gens| gens.iter().map(HashSet::len).sum())
     }
 
+    /// Does `server` hold `route` from its current session (not stale)?
+    /// (The status pages' `stale` flag.)
+    #[cfg(all(feature = "http", feature = "netlink"))]
+    pub fn holds_fresh(&self, server: ServerId, route: &Route) -> bool {
+        self.per_server
+            .get(&server)
+            .is_some_and(|routes| routes.contains(route))
+    }
+
     /// Does `server` hold `route` (fresh or stale)?
     pub fn holds(&self, server: ServerId, route: &Route) -> bool {
         self.per_server

@@ -18,7 +18,7 @@ use crate::session::SessionState;
 use crate::telemetry::families::{self, queue};
 use crate::telemetry::status::{
     count_states, MetricFamily, MetricsView, PeerView, QueueDepth, ReadyLatch, RouteTableView,
-    StatusRole, StatusSource, VniSummaryView,
+    RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
 };
 use crate::types::Vni;
 
@@ -64,6 +64,30 @@ impl StatusSource for ClientStatusSource {
             Some(latch) => latch.get(),
             None => Ok("ready".into()),
         }
+    }
+
+    fn route_page(&self, request: &RoutesRequest) -> Result<RoutesPageView, String> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Err("the client has shut down".into());
+        };
+        let core = inner.lock();
+        let received = core.present.present();
+        let (routes, next) = request.select_from(&received);
+        if routes.is_empty() && !received.iter().any(|r| r.vni == request.vni) {
+            return Err(format!("no routes received in VNI {}", request.vni));
+        }
+        Ok(RoutesPageView::grouped(routes, next, |r| {
+            let mut from = Vec::new();
+            let mut fresh = false;
+            for (id, s) in &core.servers {
+                if core.present.holds(*id, r) {
+                    from.push(s.address.clone());
+                    fresh |= core.present.holds_fresh(*id, r);
+                }
+            }
+            from.sort();
+            (from, Some(!fresh))
+        }))
     }
 
     fn vni_summaries(&self) -> Vec<VniSummaryView> {

@@ -8,15 +8,24 @@
 //!
 //! Must never: copy the route table. `/api/v1/summary` is built from the
 //! per-VNI counts and digests the roles keep as routes change
-//! (`StatusSource::vni_summaries`) and the peer list.
+//! (`StatusSource::vni_summaries`) and the peer list; `/api/v1/routes`
+//! asks for one page (at most `MAX_ROUTES_LIMIT` destinations, or one
+//! prefix) of one VNI (`StatusSource::route_page`; on the server the VNI's
+//! owner shard answers it from its table, a page's work).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::telemetry::{StatusSource, VniSummaryView};
+use crate::telemetry::{RouteSelect, RoutesPageView, RoutesRequest, StatusSource, VniSummaryView};
+use crate::types::{IpNet, NextHop, NextHopKind, Vni};
 use crate::version::{GIT_COMMIT, VERSION};
+
+/// `limit` of `/api/v1/routes` when not given.
+pub const DEFAULT_ROUTES_LIMIT: usize = 1000;
+/// Largest `limit` of `/api/v1/routes`.
+pub const MAX_ROUTES_LIMIT: usize = 10_000;
 
 /// `GET /api/v1/summary`.
 #[derive(Serialize, Debug)]
@@ -96,4 +105,150 @@ pub(crate) fn error_body(message: &str) -> String {
     let mut body = serde_json::json!({ "error": message }).to_string();
     body.push('\n');
     body
+}
+
+/// A next hop as a JSON object: `address`, `type` (`standard` | `nat` |
+/// `loadbalancer`), `target_vni`, `nat_port_from`, `nat_port_to`: the shape
+/// of every next hop under `/api/v1` and in the operator commands' output.
+pub fn next_hop_json(nh: &NextHop) -> serde_json::Value {
+    let (kind, from, to) = match nh.kind {
+        NextHopKind::Standard => ("standard", 0, 0),
+        NextHopKind::Nat { from, to } => ("nat", from, to),
+        NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
+    };
+    serde_json::json!({
+        "address": nh.target.to_string(),
+        "type": kind,
+        "target_vni": nh.target_vni,
+        "nat_port_from": from,
+        "nat_port_to": to,
+    })
+}
+
+/// An API answer that is not a 200: status and message.
+pub(crate) type ApiError = (u16, String);
+
+/// `GET /api/v1/routes?vni=V[&prefix=P | &lookup=ADDR][&peer=ADDR][&limit=N][&after=CURSOR]`.
+pub(crate) fn routes(
+    source: &dyn StatusSource,
+    query: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let bad = |m: String| (400, m);
+    let mut vni = None;
+    let (mut prefix, mut lookup, mut peer, mut limit, mut after) = (None, None, None, None, None);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.trim().to_string();
+        match key.as_ref() {
+            "vni" => vni = Some(value),
+            "prefix" => prefix = Some(value),
+            "lookup" => lookup = Some(value),
+            "peer" => peer = Some(value),
+            "limit" => limit = Some(value),
+            "after" => after = Some(value),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?}; known: vni, prefix, lookup, peer, limit, after"
+                )))
+            }
+        }
+    }
+    let vni: Vni = vni
+        .ok_or_else(|| bad("vni is required (vni=23)".into()))?
+        .parse()
+        .map_err(|e| bad(format!("vni: {e}")))?;
+    let net = |what: &str, text: &str| -> Result<IpNet, ApiError> {
+        let n: IpNet = text.parse().map_err(|e| {
+            bad(format!(
+                "{what} {text:?} is not a prefix (10.0.23.0/24): {e}"
+            ))
+        })?;
+        if n.trunc() != n {
+            return Err(bad(format!(
+                "{what} {text:?} has host bits set; the prefix is {}",
+                n.trunc()
+            )));
+        }
+        Ok(n)
+    };
+    let limit = match limit {
+        None => DEFAULT_ROUTES_LIMIT,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_ROUTES_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(bad(format!(
+                    "limit {l:?}: a number from 1 to {MAX_ROUTES_LIMIT}"
+                )))
+            }
+        },
+    };
+    let select = match (prefix, lookup) {
+        (Some(_), Some(_)) => return Err(bad("give prefix or lookup, not both".into())),
+        (Some(p), None) => RouteSelect::Prefix(net("prefix", &p)?),
+        (None, Some(a)) => RouteSelect::Lookup(
+            a.parse()
+                .map_err(|e| bad(format!("lookup {a:?} is not an IP address: {e}")))?,
+        ),
+        (None, None) => RouteSelect::Page {
+            after: after.map(|c| net("cursor (after)", &c)).transpose()?,
+            limit,
+        },
+    };
+    let peer: Option<std::net::IpAddr> = peer
+        .map(|p| {
+            p.parse()
+                .map_err(|e| bad(format!("peer {p:?} is not an IP address: {e}")))
+        })
+        .transpose()?;
+    let page = source
+        .route_page(&RoutesRequest { vni, select })
+        .map_err(|m| (404, m))?;
+    Ok(page_json(page, peer))
+}
+
+/// Does an `announced_by` entry (`ip:port`, an address, or a configured
+/// server name) name `peer`?
+fn names(entry: &str, peer: std::net::IpAddr) -> bool {
+    entry.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok() == Some(peer)
+        || entry.parse::<std::net::IpAddr>().ok() == Some(peer)
+}
+
+/// A page as JSON, next hops not announced by `peer` left out (and routes
+/// left with none).
+fn page_json(page: RoutesPageView, peer: Option<std::net::IpAddr>) -> serde_json::Value {
+    let routes: Vec<serde_json::Value> = page
+        .routes
+        .iter()
+        .filter_map(|e| {
+            let hops: Vec<serde_json::Value> = e
+                .next_hops
+                .iter()
+                .filter(|h| peer.is_none_or(|p| h.announced_by.iter().any(|a| names(a, p))))
+                .map(|h| {
+                    let mut v = next_hop_json(&h.next_hop);
+                    v["announced_by"] = h.announced_by.clone().into();
+                    if let Some(stale) = h.stale {
+                        v["stale"] = stale.into();
+                    }
+                    v
+                })
+                .collect();
+            (!hops.is_empty()).then(|| {
+                serde_json::json!({
+                    "vni": e.vni.get(),
+                    "prefix": e.prefix.to_string(),
+                    "next_hops": hops,
+                })
+            })
+        })
+        .collect();
+    let mut out = serde_json::json!({ "routes": routes });
+    if let Some(next) = page.next {
+        out["next"] = next.to_string().into();
+    }
+    out
+}
+
+/// `GET /api/v1/peers`: `{"peers": [...]}`, each as `/peers` shows it.
+pub(crate) fn peers(source: &dyn StatusSource) -> serde_json::Value {
+    serde_json::json!({ "peers": source.peers() })
 }

@@ -30,6 +30,7 @@
 //! ```
 
 mod api;
+pub use api::next_hop_json;
 mod go_document;
 mod listener;
 mod metrics;
@@ -520,11 +521,18 @@ impl Responder {
                     Err(e) => internal_error(&e),
                 }
             }
+            "/api/v1/routes" => match api::routes(self.source.as_ref(), query) {
+                Ok(v) => json_reply(&v),
+                Err((status, message)) => {
+                    Reply::text(status, "application/json", api::error_body(&message))
+                }
+            },
+            "/api/v1/peers" => json_reply(&api::peers(self.source.as_ref())),
             api_path if api_path.starts_with("/api/") => Reply::text(
                 404,
                 "application/json",
                 api::error_body(&format!(
-                    "no such API path {api_path:?}; this version serves /api/v1/summary"
+                    "no such API path {api_path:?}; this version serves /api/v1/summary, /api/v1/peers, /api/v1/routes"
                 )),
             ),
             "/metrics" => {
@@ -551,6 +559,17 @@ impl Responder {
                     .into(),
             ),
         }
+    }
+}
+
+/// A JSON value as a pretty 200 answer.
+fn json_reply(v: &serde_json::Value) -> Reply {
+    match serde_json::to_string_pretty(v) {
+        Ok(mut body) => {
+            body.push('\n');
+            Reply::text(200, "application/json", body)
+        }
+        Err(e) => internal_error(&e),
     }
 }
 

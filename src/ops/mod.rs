@@ -1,35 +1,21 @@
 //! Operator commands that read a running daemon from outside: `metalbond
-//! diff` (and the shapes they print).
+//! show` and `metalbond diff` (and the shapes they print).
 //!
-//! Owns: `fetch` (one bounded HTTP GET to a status port), `diff` (compares
+//! Owns: `fetch` (one bounded HTTP GET to a status port), `show` (one
+//! daemon's summary, peers, routes, as tables or JSON), `diff` (compares
 //! two daemons' route sets by their per-VNI digests), and the JSON shape of
-//! a route that every command prints (`route_json`, the same next-hop
-//! object as the `/api/v1` documents).
+//! a route that every command prints (`route_json`, with the next-hop
+//! object of the `/api/v1` documents, `http::next_hop_json`).
 //!
 //! Must never: talk the MetalBond protocol (that is `client`; `watch` lives
 //! there) or change anything on a daemon.
 
 pub mod diff;
 pub mod fetch;
+pub mod show;
 
-use crate::types::{NextHop, NextHopKind, Route};
-
-/// A next hop as a JSON object: `address`, `type` (`standard` | `nat` |
-/// `loadbalancer`), `target_vni`, `nat_port_from`, `nat_port_to`.
-pub fn next_hop_json(nh: &NextHop) -> serde_json::Value {
-    let (kind, from, to) = match nh.kind {
-        NextHopKind::Standard => ("standard", 0, 0),
-        NextHopKind::Nat { from, to } => ("nat", from, to),
-        NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
-    };
-    serde_json::json!({
-        "address": nh.target.to_string(),
-        "type": kind,
-        "target_vni": nh.target_vni,
-        "nat_port_from": from,
-        "nat_port_to": to,
-    })
-}
+use crate::http::next_hop_json;
+use crate::types::Route;
 
 /// A route as a JSON object: `vni`, `prefix`, `next_hop`.
 pub fn route_json(r: &Route) -> serde_json::Value {

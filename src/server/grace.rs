@@ -337,6 +337,7 @@ impl GraceHolds {
             .filter_map(|e| {
                 let routes = GhostIndex::held_by(&map, host_of(&e.addr), e.peer)?;
                 Some(PeerInfo {
+                    id: e.peer,
                     addr: e.addr,
                     state: SessionState::Closed,
                     shard,

@@ -74,8 +74,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use config::ServerArgs;
 pub use config::{PeerLimits, ServerConfig, ServerError};
 pub use peer_id::PeerId;
-pub use stats::{DisconnectCounts, PeerInfo, ServerStats, ShardStats, VniRoutes, VniSummary};
+pub use stats::{
+    DisconnectCounts, PeerInfo, RoutePage, RouteQuery, ServerStats, ShardStats, VniRoutes,
+    VniSummary,
+};
 pub use status::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
+pub use vni_table::AnnouncedRoute;
 
 use mesh::{Batch, CHANNEL_BATCHES};
 use shard::{Control, ShardSetup};
@@ -327,6 +331,18 @@ impl ServerHandle {
         let mut all: Vec<VniSummary> = self.ask(Control::Summary).into_iter().flatten().collect();
         all.sort_by_key(|v| v.vni);
         all
+    }
+
+    /// The routes of `vni` that `query` selects, from the VNI's owner shard
+    /// only (one page of work there); `None` when no shard holds a table
+    /// for `vni` (no routes, no subscribers) or the shard did not answer.
+    pub fn route_query(&self, vni: crate::types::Vni, query: RouteQuery) -> Option<RoutePage> {
+        let owner = self
+            .controls
+            .get(vni.get() as usize % self.controls.len().max(1))?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        owner.send(Control::RouteQuery(vni, query, tx)).ok()?;
+        rx.recv_timeout(SNAPSHOT_TIMEOUT).ok().flatten()
     }
 
     /// Fan-out latency over all shards: from the owner taking the first

@@ -170,6 +170,7 @@ impl PeerConn {
         let out = self.io.out().borrow();
         let traffic = self.io.traffic();
         PeerInfo {
+            id: self.id,
             addr: self.addr,
             state: self.state.get(),
             shard,

@@ -56,6 +56,8 @@ pub(crate) struct NextHopId(u32);
 impl NextHopId {
     /// The highest id: with a destination, a key after every route to it.
     pub(crate) const LAST: NextHopId = NextHopId(u32::MAX);
+    /// The lowest id: with a destination, a key before every route to it.
+    pub(crate) const FIRST: NextHopId = NextHopId(0);
 }
 
 /// An IPv4 route's key within one VNI: address (4 bytes, big-endian),

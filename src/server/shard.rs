@@ -59,7 +59,7 @@ use super::grace::{GhostIndex, GraceHolds};
 use super::mesh::{Batch, ShardMsg};
 use super::owner::{Delivery, VniOwner};
 use super::peer::{self, PeerConn};
-use super::stats::{PeerInfo, ShardCounters, VniRoutes, VniSummary};
+use super::stats::{PeerInfo, RoutePage, RouteQuery, ShardCounters, VniRoutes, VniSummary};
 use super::PeerId;
 use crate::session::CloseReason;
 use crate::types::{Route, Vni};
@@ -79,6 +79,13 @@ pub(crate) enum Control {
     Routes(crossbeam_channel::Sender<Vec<VniRoutes>>),
     /// Reply with a summary of each VNI this shard owns (O(VNIs)).
     Summary(crossbeam_channel::Sender<Vec<VniSummary>>),
+    /// Reply with the routes of an owned VNI the query selects (`None`:
+    /// the shard holds no table for it). Bounded work: one page.
+    RouteQuery(
+        Vni,
+        RouteQuery,
+        crossbeam_channel::Sender<Option<RoutePage>>,
+    ),
     /// Reply with this shard's peers.
     Peers(crossbeam_channel::Sender<Vec<PeerInfo>>),
     /// The peer policy was reloaded: every peer resolves its rule again.
@@ -319,6 +326,32 @@ impl Shard {
             .collect()
     }
 
+    /// The routes of owned VNI `vni` that `query` selects.
+    fn route_query(&self, vni: Vni, query: RouteQuery) -> Option<RoutePage> {
+        let owner = self.owner.borrow();
+        let table = owner.table(vni)?;
+        Some(match query {
+            RouteQuery::Page {
+                after,
+                destinations,
+            } => {
+                let (routes, more) = table.announced_page(after.as_ref(), destinations);
+                RoutePage { routes, more }
+            }
+            RouteQuery::Prefix(net) => RoutePage {
+                routes: table.announced_routes_to(&net),
+                more: false,
+            },
+            RouteQuery::Lookup(addr) => RoutePage {
+                routes: table
+                    .most_specific_covering(addr)
+                    .map(|net| table.announced_routes_to(&net))
+                    .unwrap_or_default(),
+                more: false,
+            },
+        })
+    }
+
     /// Live peers, then the ghosts of departed ones (`--peer-grace`).
     fn peers_snapshot(&self) -> Vec<PeerInfo> {
         let index = self.ctx.index();
@@ -446,6 +479,9 @@ pub(crate) async fn run(setup: ShardSetup) {
             }
             Ok(Control::Summary(reply)) => {
                 let _ = reply.send(shard.vni_summaries());
+            }
+            Ok(Control::RouteQuery(vni, query, reply)) => {
+                let _ = reply.send(shard.route_query(vni, query));
             }
             Ok(Control::PolicyReloaded) => {
                 for p in shard.peers.borrow().values() {

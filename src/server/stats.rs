@@ -306,6 +306,9 @@ impl ServerStats {
 /// One connected peer, as its shard sees it.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
+    /// The session's id (shard and sequence): what route queries name as
+    /// a route's announcer.
+    pub id: super::PeerId,
     /// Remote address.
     pub addr: SocketAddr,
     /// Session state.
@@ -336,6 +339,33 @@ pub struct PeerInfo {
     /// `--peer-grace`: this is a departed peer whose routes are still held
     /// for this long (state CLOSED); `None` for live sessions.
     pub grace_left: Option<Duration>,
+}
+
+/// Which routes of one VNI a route query wants (`ServerHandle::route_query`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteQuery {
+    /// Up to `destinations` whole destinations after `after` (from the
+    /// start when `None`), in table order.
+    Page {
+        /// The last destination of the previous page.
+        after: Option<IpNet>,
+        /// Destinations at most.
+        destinations: usize,
+    },
+    /// Every route to this destination exactly.
+    Prefix(IpNet),
+    /// Every route to the most specific destination covering this address.
+    Lookup(std::net::IpAddr),
+}
+
+/// The answer to a `RouteQuery`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutePage {
+    /// The routes found, grouped by destination, with their announcers
+    /// (peer ids; `ServerHandle::peers` gives their addresses).
+    pub routes: Vec<super::vni_table::AnnouncedRoute>,
+    /// More destinations follow this page (`RouteQuery::Page` only).
+    pub more: bool,
 }
 
 /// One owned VNI at a glance: no route list, so no table scan.

@@ -13,14 +13,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DisconnectCounts, PeerInfo, ServerHandle, ShardStats};
+use super::{DisconnectCounts, PeerId, PeerInfo, RouteQuery, ServerHandle, ShardStats};
 use crate::session::SessionState;
 use crate::telemetry::families::{self, Family};
 use crate::telemetry::status::{
-    count_states, MetricFamily, MetricSample, MetricsView, PeerView, QueueDepth, RouteTableView,
-    StatusRole, StatusSource, VniSummaryView,
+    count_states, MetricFamily, MetricSample, MetricsView, PeerView, QueueDepth, RouteSelect,
+    RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
 };
-use crate::types::Vni;
+use crate::types::{Route, Vni};
 use crate::util::TtlCache;
 
 /// How long per-VNI route counts for `/metrics` are reused. The total comes
@@ -37,6 +37,8 @@ pub struct ServerStatusSource {
     handle: Arc<ServerHandle>,
     /// Per-VNI route counts, reused for `VNI_COUNTS_MAX_AGE`.
     vni_counts: TtlCache<VniCounts>,
+    /// Peer addresses by id, reused for `VNI_COUNTS_MAX_AGE`.
+    peer_addresses: TtlCache<Arc<std::collections::HashMap<PeerId, std::net::SocketAddr>>>,
 }
 
 impl ServerStatusSource {
@@ -45,7 +47,22 @@ impl ServerStatusSource {
         ServerStatusSource {
             handle,
             vni_counts: TtlCache::new(VNI_COUNTS_MAX_AGE),
+            peer_addresses: TtlCache::new(VNI_COUNTS_MAX_AGE),
         }
+    }
+
+    /// Peer id → address of every peer and ghost, reused for
+    /// `VNI_COUNTS_MAX_AGE` (a route page names its announcers by id).
+    fn peer_addresses(&self) -> Arc<std::collections::HashMap<PeerId, std::net::SocketAddr>> {
+        self.peer_addresses.get_or_compute(|| {
+            Arc::new(
+                self.handle
+                    .peers()
+                    .into_iter()
+                    .map(|p| (p.id, p.addr))
+                    .collect(),
+            )
+        })
     }
 
     fn routes_per_vni(&self) -> VniCounts {
@@ -66,6 +83,48 @@ impl StatusSource for ServerStatusSource {
 
     fn readiness(&self) -> Result<String, String> {
         Ok(self.handle.ready_line())
+    }
+
+    fn route_page(&self, request: &RoutesRequest) -> Result<RoutesPageView, String> {
+        let query = match request.select {
+            RouteSelect::Page { after, limit } => RouteQuery::Page {
+                after,
+                destinations: limit,
+            },
+            RouteSelect::Prefix(p) => RouteQuery::Prefix(p),
+            RouteSelect::Lookup(a) => RouteQuery::Lookup(a),
+        };
+        let Some(page) = self.handle.route_query(request.vni, query) else {
+            return Err(format!("no routes or subscribers in VNI {}", request.vni));
+        };
+        let addresses = self.peer_addresses();
+        let next = if page.more {
+            page.routes.last().map(|r| r.route.destination)
+        } else {
+            None
+        };
+        let announcers: std::collections::HashMap<Route, Vec<PeerId>> = page
+            .routes
+            .iter()
+            .map(|r| (r.route, r.announcers.clone()))
+            .collect();
+        Ok(RoutesPageView::grouped(
+            page.routes.iter().map(|r| r.route),
+            next,
+            |r| {
+                let by = announcers
+                    .get(r)
+                    .into_iter()
+                    .flatten()
+                    .map(|id| {
+                        addresses
+                            .get(id)
+                            .map_or_else(|| format!("peer {id}"), ToString::to_string)
+                    })
+                    .collect();
+                (by, None)
+            },
+        ))
     }
 
     fn vni_summaries(&self) -> Vec<VniSummaryView> {

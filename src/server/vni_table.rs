@@ -21,6 +21,7 @@
 //! the route into its key here (the key order is the only order).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ use super::chunk_map::ChunkMap;
 use super::route_set::{FastHash, NextHopId, NextHopTable, TableKey, V4Key, V6Key};
 use super::PeerId;
 use crate::digest::VniDigest;
-use crate::types::{Route, Vni};
+use crate::types::{IpNet, Route, Vni};
 
 /// What an announce or withdraw changed for the subscribers of a VNI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -409,6 +410,83 @@ impl VniTable {
         built
     }
 
+    /// Every route to `destination` exactly, with its announcers (first
+    /// announcer first), in next-hop id order.
+    pub fn announced_routes_to(&self, destination: &IpNet) -> Vec<AnnouncedRoute> {
+        let from = TableKey::new(destination, NextHopId::FIRST);
+        self.entries_from(from)
+            .take_while(|(k, _)| k.destination() == *destination)
+            .map(|(k, first)| self.announced(&k, first))
+            .collect()
+    }
+
+    /// The most specific destination in the table that covers `addr`
+    /// (longest-prefix match), if any: one exact look-up per prefix length.
+    pub fn most_specific_covering(&self, addr: IpAddr) -> Option<IpNet> {
+        let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        (0..=max).rev().find_map(|len| {
+            let net = IpNet::new(addr, len).ok()?.trunc();
+            let from = TableKey::new(&net, NextHopId::FIRST);
+            self.entries_from(from)
+                .next()
+                .filter(|(k, _)| k.destination() == net)
+                .map(|_| net)
+        })
+    }
+
+    /// Up to `destinations` whole destinations (every route to each) after
+    /// destination `after` (from the start when `None`), in key order (IPv4
+    /// before IPv6), with their announcers; and whether more follow.
+    pub fn announced_page(
+        &self,
+        after: Option<&IpNet>,
+        destinations: usize,
+    ) -> (Vec<AnnouncedRoute>, bool) {
+        let cursor = after.map(|d| TableKey::new(d, NextHopId::LAST));
+        let mut out: Vec<AnnouncedRoute> = Vec::new();
+        let mut seen = 0usize;
+        for (k, first) in self.entries_after(cursor) {
+            let d = k.destination();
+            if out.last().is_none_or(|r| r.route.destination != d) {
+                if seen == destinations {
+                    return (out, true);
+                }
+                seen += 1;
+            }
+            out.push(self.announced(&k, first));
+        }
+        (out, false)
+    }
+
+    /// The route of `key` and its announcers, `first` first.
+    fn announced(&self, key: &TableKey, first: PeerId) -> AnnouncedRoute {
+        let mut announcers = vec![first];
+        if let Some(more) = self.more.get(key) {
+            announcers.extend_from_slice(more);
+        }
+        AnnouncedRoute {
+            route: self.route_of(key),
+            announcers,
+        }
+    }
+
+    /// Entries from `key` on (inclusive), IPv4 then IPv6.
+    fn entries_from(&self, key: TableKey) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
+        let (v4_from, v6_from) = match key {
+            TableKey::V4(k) => (Some(Bound::Included(k)), Bound::Unbounded),
+            TableKey::V6(k) => (None, Bound::Included(k)),
+        };
+        let v4 = v4_from
+            .into_iter()
+            .flat_map(|from| self.v4.range_from(from))
+            .map(|(k, p)| (TableKey::V4(k), p));
+        let v6 = self
+            .v6
+            .range_from(v6_from)
+            .map(|(k, p)| (TableKey::V6(k), p));
+        v4.chain(v6)
+    }
+
     /// The routes after `after` (all when `None`), in key order: a snapshot
     /// copied in steps resumes where the previous step stopped. If `after`
     /// left the table and its next hop's id went to another next hop since
@@ -422,6 +500,16 @@ impl VniTable {
         });
         self.entries_after(cursor).map(|(k, _)| self.route_of(&k))
     }
+}
+
+/// A route and the peers announcing it (the first announcer first): what
+/// the routes API shows as `announced_by`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnouncedRoute {
+    /// The route.
+    pub route: Route,
+    /// Its announcers, in the order they announced it.
+    pub announcers: Vec<PeerId>,
 }
 
 /// Heap bytes per route, measured per thread in unit tests (see
@@ -487,6 +575,55 @@ mod tests {
 
     fn p(shard: usize, n: u64) -> PeerId {
         PeerId::new(shard, n)
+    }
+
+    fn via(prefix: &str, hop: &str) -> Route {
+        Route::new(
+            Vni::new(7).unwrap(),
+            prefix.parse().unwrap(),
+            NextHop::standard(hop.parse().unwrap()),
+        )
+    }
+
+    #[test]
+    fn look_ups_find_exact_prefixes_the_longest_match_and_pages_of_destinations() {
+        let mut t = VniTable::new(Vni::new(7).unwrap());
+        let (wide, narrow, ecmp, v6) = (
+            via("10.0.0.0/8", "2001:db8::1"),
+            via("10.0.23.0/24", "2001:db8::2"),
+            via("10.0.23.0/24", "2001:db8::3"),
+            via("2001:db8:7::/48", "2001:db8::4"),
+        );
+        t.announce(v6, p(1, 9));
+        t.announce(ecmp, p(0, 1));
+        t.announce(narrow, p(0, 1));
+        t.announce(narrow, p(1, 2));
+        t.announce(wide, p(0, 1));
+        let narrow_routes = t.announced_routes_to(&narrow.destination);
+        assert_eq!(narrow_routes.len(), 2, "both next hops of the /24");
+        let n = narrow_routes.iter().find(|r| r.route == narrow).unwrap();
+        assert_eq!(n.announcers, vec![p(0, 1), p(1, 2)]);
+        assert!(t
+            .announced_routes_to(&"10.0.23.0/25".parse().unwrap())
+            .is_empty());
+        let at = |a: &str| t.most_specific_covering(a.parse().unwrap());
+        assert_eq!(at("10.0.23.5"), Some(narrow.destination));
+        assert_eq!(at("10.9.9.9"), Some(wide.destination));
+        assert_eq!(at("11.0.0.1"), None);
+        assert_eq!(at("2001:db8:7::1"), Some(v6.destination));
+        // Pages of one destination: /8, then the /24 (two routes), then v6.
+        let (page, more) = t.announced_page(None, 1);
+        assert_eq!((page.len(), more), (1, true));
+        assert_eq!(page[0].route, wide);
+        let (page, more) = t.announced_page(Some(&wide.destination), 1);
+        assert_eq!(
+            (page.len(), more),
+            (2, true),
+            "a destination is never split"
+        );
+        let (page, more) = t.announced_page(Some(&narrow.destination), 5);
+        assert_eq!((page.len(), more), (1, false));
+        assert_eq!(page[0].route, v6);
     }
 
     #[test]

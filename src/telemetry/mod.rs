@@ -27,7 +27,8 @@ pub use histogram::{HistogramView, LatencyHistogram};
 #[cfg(any(feature = "server", feature = "http"))]
 pub use status::{
     count_states, format_date, kind_name, DestinationView, MetricFamily, MetricKind, MetricSample,
-    MetricsView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource, VniRoutesView,
+    MetricsView, NextHopEntryView, PeerView, QueueDepth, RouteEntryView, RouteSelect,
+    RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniRoutesView,
     VniSummaryView,
 };
 

@@ -51,6 +51,33 @@ pub trait StatusSource: Send + Sync + 'static {
     fn readiness(&self) -> Result<String, String> {
         Ok("ready".into())
     }
+    /// `/api/v1/routes`: the routes `request` selects. `Err(reason)`: the
+    /// VNI is unknown here (a 404). Default: from `routes()` (a copy of the
+    /// table), no announcers.
+    fn route_page(&self, request: &RoutesRequest) -> Result<RoutesPageView, String> {
+        let all: Vec<crate::types::Route> = self
+            .routes()
+            .vnis
+            .iter()
+            .filter(|v| v.vni == request.vni)
+            .flat_map(|v| {
+                v.destinations.iter().flat_map(move |d| {
+                    d.next_hops.iter().map(move |h| crate::types::Route {
+                        vni: v.vni,
+                        destination: d.prefix,
+                        next_hop: *h,
+                    })
+                })
+            })
+            .collect();
+        if all.is_empty() {
+            return Err(format!("no routes in VNI {}", request.vni));
+        }
+        let (routes, next) = request.select_from(&all);
+        Ok(RoutesPageView::grouped(routes, next, |_| {
+            (Vec::new(), None)
+        }))
+    }
     /// Per VNI: routes, subscribers and the route-set digest, for
     /// `/api/v1/summary`. Default: computed from `routes()` (a copy of the
     /// whole table); the roles answer from digests they keep as routes
@@ -78,6 +105,152 @@ pub trait StatusSource: Send + Sync + 'static {
                 }
             })
             .collect()
+    }
+}
+
+/// Which routes `/api/v1/routes` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteSelect {
+    /// Up to `limit` destinations (each with all its next hops) after
+    /// destination `after` (from the start when `None`).
+    Page {
+        /// The cursor: the last destination of the previous page.
+        after: Option<IpNet>,
+        /// Destinations at most.
+        limit: usize,
+    },
+    /// The routes to exactly this prefix.
+    Prefix(IpNet),
+    /// The routes to the most specific prefix covering this address
+    /// (longest-prefix match, as `birdc show route for` does).
+    Lookup(std::net::IpAddr),
+}
+
+/// One `/api/v1/routes` request, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutesRequest {
+    /// The VNI.
+    pub vni: Vni,
+    /// Which routes of it.
+    pub select: RouteSelect,
+}
+
+impl RoutesRequest {
+    /// The routes of `routes` (any order) this request selects, sorted,
+    /// and the next page's cursor (the last destination when more follow).
+    /// For roles that answer from a copy of their table (the client).
+    pub fn select_from(
+        &self,
+        routes: &[crate::types::Route],
+    ) -> (Vec<crate::types::Route>, Option<IpNet>) {
+        let mut mine: Vec<crate::types::Route> = routes
+            .iter()
+            .filter(|r| r.vni == self.vni)
+            .copied()
+            .collect();
+        mine.sort();
+        match self.select {
+            RouteSelect::Prefix(p) => (
+                mine.into_iter().filter(|r| r.destination == p).collect(),
+                None,
+            ),
+            RouteSelect::Lookup(addr) => {
+                let best = mine
+                    .iter()
+                    .filter(|r| r.destination.contains(&addr))
+                    .map(|r| r.destination)
+                    .max_by_key(IpNet::prefix_len);
+                (
+                    mine.into_iter()
+                        .filter(|r| Some(r.destination) == best)
+                        .collect(),
+                    None,
+                )
+            }
+            RouteSelect::Page { after, limit } => {
+                let mut out: Vec<crate::types::Route> = Vec::new();
+                let mut destinations = 0usize;
+                for r in mine
+                    .into_iter()
+                    .filter(|r| after.is_none_or(|a| r.destination > a))
+                {
+                    if out.last().is_none_or(|l| l.destination != r.destination) {
+                        if destinations == limit {
+                            let next = out.last().map(|l| l.destination);
+                            return (out, next);
+                        }
+                        destinations += 1;
+                    }
+                    out.push(r);
+                }
+                (out, None)
+            }
+        }
+    }
+}
+
+/// One next hop of a route on `/api/v1/routes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHopEntryView {
+    /// The next hop.
+    pub next_hop: NextHop,
+    /// Server: the peers announcing it (address:port); client: the servers
+    /// it was received from (as configured).
+    pub announced_by: Vec<String>,
+    /// Client: the route is held from a lost session only (stale); `None`
+    /// on the server.
+    pub stale: Option<bool>,
+}
+
+/// One destination on `/api/v1/routes` with every selected next hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntryView {
+    /// The VNI.
+    pub vni: Vni,
+    /// The destination prefix.
+    pub prefix: IpNet,
+    /// Its next hops.
+    pub next_hops: Vec<NextHopEntryView>,
+}
+
+/// A page of `/api/v1/routes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutesPageView {
+    /// The routes, one entry per destination, in table order.
+    pub routes: Vec<RouteEntryView>,
+    /// The cursor for the next page (`after=`): absent on the last page.
+    pub next: Option<IpNet>,
+}
+
+impl RoutesPageView {
+    /// Groups `routes` (sorted by destination) into entries, each next hop
+    /// annotated by `annotate` (announced by, stale).
+    pub fn grouped(
+        routes: impl IntoIterator<Item = crate::types::Route>,
+        next: Option<IpNet>,
+        mut annotate: impl FnMut(&crate::types::Route) -> (Vec<String>, Option<bool>),
+    ) -> RoutesPageView {
+        let mut page = RoutesPageView {
+            routes: Vec::new(),
+            next,
+        };
+        for r in routes {
+            let (announced_by, stale) = annotate(&r);
+            let hop = NextHopEntryView {
+                next_hop: r.next_hop,
+                announced_by,
+                stale,
+            };
+            match page.routes.last_mut() {
+                Some(e) if e.vni == r.vni && e.prefix == r.destination => e.next_hops.push(hop),
+                _ => page.routes.push(RouteEntryView {
+                    vni: r.vni,
+                    prefix: r.destination,
+                    next_hops: vec![hop],
+                }),
+            }
+        }
+        page
     }
 }
 
