@@ -277,13 +277,13 @@ fn peers_text(p: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<42}  {:<14}  {:<20}  {:>8}  {:>8}  VNIS",
+        "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  VNIS",
         "ADDRESS", "STATE", "SINCE", "ANNOUNCED", "RECEIVED"
     );
     for peer in p["peers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "{:<42}  {:<14}  {:<20}  {:>8}  {:>8}  {}",
+            "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  {}",
             cell(&peer["address"]),
             cell(&peer["state"]),
             cell(&peer["connected_since"]),
