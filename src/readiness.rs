@@ -4,15 +4,16 @@
 //! (through the `sd-notify` crate: no libsystemd), and the wait that sends
 //! `READY=1` once a caller's condition holds while still answering SIGINT /
 //! SIGTERM, and the client's condition (`ClientReadiness`: every server up
-//! or failed once). The server is ready where it says so (`server::run`,
+//! or failed once, and the first sync received and in the kernel). The server is ready where it says so (`server::run`,
 //! once listening).
 //!
 //! Must never: fail or slow down a process that no manager supervises
 //! (without `$NOTIFY_SOCKET` nothing is sent and nothing is logged), or
-//! change what a session does: it only reads `Client::servers()`.
+//! change what a session does: it only reads the client's and the kernel
+//! thread's state.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use signal_hook::iterator::Signals;
 
@@ -62,22 +63,39 @@ pub fn serve_until_signal(
     }
 }
 
+/// Quiet time after which a subscribed VNI's first sync counts as received
+/// (MetalBond has no end-of-table marker; see `client::wait`).
+pub const SYNC_QUIET: Duration = Duration::from_millis(500);
+
+/// Longest wait for the first sync after every server settled: under
+/// endless churn a VNI is never quiet, and readiness must still come.
+pub const SYNC_WAIT_MAX: Duration = Duration::from_secs(30);
+
 /// When `metalbond client` is ready: every server has had an ESTABLISHED
 /// session or has failed once (RETRY, waiting to reconnect) since start, so
-/// units ordered after the client start once every reachable reflector's
-/// routes are arriving, and an unreachable one delays nobody longer than
-/// one connect attempt.
+/// an unreachable one delays nobody longer than one connect attempt; and,
+/// when a session is up, the first sync is in: every subscribed VNI quiet
+/// for `SYNC_QUIET` with everything received handed on, and the kernel
+/// caught up with it (`--install-routes`), so units ordered after the
+/// client start with the routes in place. After `SYNC_WAIT_MAX` of churn it
+/// is ready anyway, and says so.
 #[derive(Debug, Default)]
 pub struct ClientReadiness {
     /// Addresses of the servers seen ESTABLISHED or in RETRY at least once
     /// (a later state does not undo it).
     settled: BTreeSet<String>,
+    /// When every server had settled (the first sync's wait starts).
+    servers_settled_at: Option<Instant>,
 }
 
 impl ClientReadiness {
     /// The status line (`N of M servers established`) once every server of
     /// `client` has settled; before, what it waits for (`/readyz` says it).
-    pub fn check(&mut self, client: &Client) -> Result<String, String> {
+    pub fn check(
+        &mut self,
+        client: &Client,
+        kernel: Option<&crate::netlink::KernelRoutes>,
+    ) -> Result<String, String> {
         let servers = client.servers();
         let up = servers
             .iter()
@@ -93,13 +111,45 @@ impl ClientReadiness {
             .iter()
             .filter(|s| self.settled.contains(&s.address))
             .count();
-        if settled == servers.len() {
-            Ok(format!("{up} of {} servers established", servers.len()))
-        } else {
-            Err(format!(
+        if settled != servers.len() {
+            return Err(format!(
                 "{settled} of {} servers have had a session or a failed attempt since start",
                 servers.len()
-            ))
+            ));
         }
+        let line = format!("{up} of {} servers established", servers.len());
+        if up == 0 {
+            return Ok(line); // nothing to sync from
+        }
+        let since = *self.servers_settled_at.get_or_insert_with(Instant::now);
+        let vnis = client.subscriptions();
+        let waiting: Vec<u32> = vnis
+            .iter()
+            .filter(|v| !client.is_settled(**v, SYNC_QUIET))
+            .map(|v| v.get())
+            .collect();
+        let kernel_behind = kernel.is_some_and(|k| !k.is_caught_up());
+        let into = if kernel.is_some() {
+            "in the kernel"
+        } else {
+            "received"
+        };
+        if waiting.is_empty() && !kernel_behind {
+            return Ok(if vnis.is_empty() {
+                line
+            } else {
+                format!("{line}; first sync of {} VNIs {into}", vnis.len())
+            });
+        }
+        if since.elapsed() >= SYNC_WAIT_MAX {
+            return Ok(format!(
+                "{line}; first sync not complete after {SYNC_WAIT_MAX:?} (churn?): ready anyway"
+            ));
+        }
+        Err(if waiting.is_empty() {
+            format!("{line}; waiting for the kernel to install the first sync")
+        } else {
+            format!("{line}; waiting for the first sync of VNIs {waiting:?}")
+        })
     }
 }

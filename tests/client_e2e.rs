@@ -476,6 +476,75 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
     );
 }
 
+/// An installing client is ready (`/readyz` 200, the same rule as
+/// systemd's READY=1) only once its first sync is in the kernel: at that
+/// moment table 100 holds every route the reflectors had. (Here the sync's
+/// quiet period alone already covers the kernel's work, even at 100,000
+/// routes: the rule's kernel condition is for slower kernels.)
+#[test]
+fn an_installing_client_is_ready_once_the_first_sync_is_in_the_kernel() {
+    use metalbond::client::{Client, ClientConfig, LogSink};
+    use metalbond::Vni;
+
+    const N: u32 = 20_000;
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let _s1 = server(&ns, 4711);
+    let _s2 = server(&ns, 4712);
+    let announcer = ns.run(|| {
+        let c = Client::new(ClientConfig::default(), LogSink);
+        c.add_server("[::1]:4711").unwrap();
+        c.add_server("[::1]:4712").unwrap();
+        c
+    });
+    support::announce_numbered_routes(&announcer, Vni::new(23).unwrap(), N);
+    assert!(
+        wait_until(WAIT, || announcer
+            .servers()
+            .iter()
+            .all(|s| s.traffic.updates_out >= u64::from(N))),
+        "the announcer did not send its routes to both servers"
+    );
+    let _installer = installer(&ns, &["--http", "[::1]:4790"]);
+    let count = || {
+        let out = ns.ip_output(&["route", "show", "table", "100"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with(char::is_whitespace))
+            .count()
+    };
+    let mut last = String::new();
+    let ready = wait_until(WAIT, || {
+        let answer = ns.run(|| {
+            std::net::TcpStream::connect("[::1]:4790")
+                .ok()
+                .map(|_| http_support::get("http://[::1]:4790/readyz"))
+        });
+        match answer {
+            Some((200, _, body)) => {
+                last = body;
+                true
+            }
+            Some((_, _, body)) => {
+                last = body;
+                false
+            }
+            None => false,
+        }
+    });
+    let installed = count();
+    assert!(ready, "never ready: {last}");
+    assert_eq!(
+        installed, N as usize,
+        "ready ({last}) with {installed} routes in table 100"
+    );
+    assert!(
+        last.contains("first sync of 1 VNIs in the kernel"),
+        "{last}"
+    );
+    announcer.shutdown();
+}
+
 /// The Go project's server unit (`debian/systemd/metalbond-server.service`),
 /// its `ExecStart` arguments unchanged.
 const GO_SERVER_UNIT: &[&str] = &[

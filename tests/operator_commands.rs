@@ -660,3 +660,53 @@ fn a_clients_routes_api_says_which_server_sent_each_route() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("10.0.23.0/24"), "{out}");
 }
+
+/// `/readyz` of a client (and systemd's READY=1, the same rule) waits for
+/// the first sync: once it answers 200, the whole table is there.
+#[test]
+fn a_client_is_ready_only_once_its_first_sync_is_in() {
+    const N: u32 = 50_000;
+    let (_srv, listen, http) = server_with_http();
+    let routes: Vec<Route> = (0..N).map(|i| route(23, i, (i % 5) as u16 + 1)).collect();
+    let (announcer, _) = TestPeer::established(listen, 60);
+    announcer.keep_alive(Duration::from_secs(1));
+    for chunk in routes.chunks(10_000) {
+        announcer.send_all(&chunk.iter().map(|r| add(*r)).collect::<Vec<_>>());
+    }
+    vni_entry(http, 23, u64::from(N));
+    let client_http = free_port("127.0.0.1");
+    let mut client = ChildGuard(
+        Command::new(BIN)
+            .args([
+                "client",
+                "--server",
+                &listen.to_string(),
+                "--subscribe",
+                "23",
+            ])
+            .args(["--http", &client_http.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn metalbond client"),
+    );
+    wait_listening(&mut client, &[client_http]).expect("client status port");
+    let deadline = Instant::now() + WAIT;
+    let ready = loop {
+        let (status, _, body) = http_support::get(&format!("http://{client_http}/readyz"));
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let s = summary(client_http);
+    let held = s["vnis"][0]["routes"].as_u64();
+    assert_eq!(held, Some(u64::from(N)), "ready ({ready}) with {s}");
+    assert_eq!(
+        ready,
+        "ready: 1 of 1 servers established; first sync of 1 VNIs received\n"
+    );
+}

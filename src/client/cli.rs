@@ -577,7 +577,7 @@ pub fn run(
     // systemd Type=notify: READY=1 once every server is up or failed once.
     let mut readiness = crate::readiness::ClientReadiness::default();
     let signal = crate::readiness::serve_until_signal(&mut signals, || {
-        let decided = readiness.check(&client);
+        let decided = readiness.check(&client, kernel.as_ref());
         ready.update(decided.clone());
         decided.ok()
     });

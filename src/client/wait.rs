@@ -97,6 +97,13 @@ impl Client {
         }
     }
 
+    /// Has `vni`'s table settled now (see the module doc: subscribed, a
+    /// session ESTABLISHED, nothing for it for `quiet`, everything queued
+    /// delivered)? Never waits; `false` also when not subscribed.
+    pub fn is_settled(&self, vni: Vni, quiet: Duration) -> bool {
+        matches!(self.check_settled(vni, quiet), Check::Done(Ok(())))
+    }
+
     /// Awaits `check` (runtime-agnostic).
     async fn wait_async(&self, check: impl Fn() -> Check) -> Result<(), ClientError> {
         loop {

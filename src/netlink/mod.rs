@@ -306,6 +306,13 @@ impl KernelRoutes {
         true
     }
 
+    /// Has every change made so far been applied to the kernel (or refused
+    /// and logged)? The non-blocking side of `flush`.
+    pub fn is_caught_up(&self) -> bool {
+        let target = lock(&self.shared.desired).generation;
+        *lock(&self.shared.applied) >= target
+    }
+
     /// The routes the kernel acknowledged, with their next hops.
     pub fn installed(&self) -> Vec<RouteChange> {
         lock(&self.shared.installed).snapshot()
