@@ -76,18 +76,19 @@ impl StatusSource for ClientStatusSource {
         if routes.is_empty() && !received.iter().any(|r| r.vni == request.vni) {
             return Err(format!("no routes received in VNI {}", request.vni));
         }
-        Ok(RoutesPageView::grouped(routes, next, |r| {
+        let annotated = routes.into_iter().map(|r| {
             let mut from = Vec::new();
             let mut fresh = false;
             for (id, s) in &core.servers {
-                if core.present.holds(*id, r) {
+                if core.present.holds(*id, &r) {
                     from.push(s.address.clone());
-                    fresh |= core.present.holds_fresh(*id, r);
+                    fresh |= core.present.holds_fresh(*id, &r);
                 }
             }
             from.sort();
-            (from, Some(!fresh))
-        }))
+            (r, from, Some(!fresh))
+        });
+        Ok(RoutesPageView::grouped(annotated, next))
     }
 
     fn vni_summaries(&self) -> Vec<VniSummaryView> {

@@ -111,11 +111,7 @@ pub(crate) fn error_body(message: &str) -> String {
 /// `loadbalancer`), `target_vni`, `nat_port_from`, `nat_port_to`: the shape
 /// of every next hop under `/api/v1` and in the operator commands' output.
 pub fn next_hop_json(nh: &NextHop) -> serde_json::Value {
-    let (kind, from, to) = match nh.kind {
-        NextHopKind::Standard => ("standard", 0, 0),
-        NextHopKind::Nat { from, to } => ("nat", from, to),
-        NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
-    };
+    let (kind, from, to) = kind_fields(nh.kind);
     serde_json::json!({
         "address": nh.target.to_string(),
         "type": kind,
@@ -129,10 +125,7 @@ pub fn next_hop_json(nh: &NextHop) -> serde_json::Value {
 pub(crate) type ApiError = (u16, String);
 
 /// `GET /api/v1/routes?vni=V[&prefix=P | &lookup=ADDR][&peer=ADDR][&limit=N][&after=CURSOR]`.
-pub(crate) fn routes(
-    source: &dyn StatusSource,
-    query: &str,
-) -> Result<serde_json::Value, ApiError> {
+pub(crate) fn routes(source: &dyn StatusSource, query: &str) -> Result<String, ApiError> {
     let bad = |m: String| (400, m);
     let mut vni = None;
     let (mut prefix, mut lookup, mut peer, mut limit, mut after) = (None, None, None, None, None);
@@ -202,7 +195,7 @@ pub(crate) fn routes(
     let page = source
         .route_page(&RoutesRequest { vni, select })
         .map_err(|m| (404, m))?;
-    Ok(page_json(page, peer))
+    Ok(page_json(&page, peer))
 }
 
 /// Does an `announced_by` entry (`ip:port`, an address, or a configured
@@ -212,40 +205,97 @@ fn names(entry: &str, peer: std::net::IpAddr) -> bool {
         || entry.parse::<std::net::IpAddr>().ok() == Some(peer)
 }
 
-/// A page as JSON, next hops not announced by `peer` left out (and routes
-/// left with none).
-fn page_json(page: RoutesPageView, peer: Option<std::net::IpAddr>) -> serde_json::Value {
-    let routes: Vec<serde_json::Value> = page
+/// A next hop on `/api/v1/routes` (the fields of `next_hop_json`, plus
+/// who announced it and, on a client, whether it is stale).
+#[derive(Serialize)]
+struct ApiNextHop<'a> {
+    /// Underlay address.
+    address: String,
+    /// `standard` | `nat` | `loadbalancer`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// The next hop's target VNI.
+    target_vni: u32,
+    /// NAT port range start (0 unless NAT).
+    nat_port_from: u16,
+    /// NAT port range end (0 unless NAT).
+    nat_port_to: u16,
+    /// Server: announcing peers; client: servers it came from.
+    announced_by: &'a [String],
+    /// Client only: held from a lost session only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<bool>,
+}
+
+/// One destination on `/api/v1/routes`.
+#[derive(Serialize)]
+struct ApiRoute<'a> {
+    /// The VNI.
+    vni: u32,
+    /// The destination prefix.
+    prefix: String,
+    /// Its next hops.
+    next_hops: Vec<ApiNextHop<'a>>,
+}
+
+/// A page of `/api/v1/routes`.
+#[derive(Serialize)]
+pub(crate) struct ApiRoutesPage<'a> {
+    /// The routes.
+    routes: Vec<ApiRoute<'a>>,
+    /// The next page's cursor; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// The wire names and ports of a next hop's kind.
+fn kind_fields(kind: NextHopKind) -> (&'static str, u16, u16) {
+    match kind {
+        NextHopKind::Standard => ("standard", 0, 0),
+        NextHopKind::Nat { from, to } => ("nat", from, to),
+        NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
+    }
+}
+
+/// The page as compact JSON, next hops not announced by `peer` left out
+/// (and routes left with none). Typed, not `serde_json::Value`: a page of
+/// 10,000 routes is a few MB and is built on every request.
+fn page_json(page: &RoutesPageView, peer: Option<std::net::IpAddr>) -> String {
+    let routes = page
         .routes
         .iter()
         .filter_map(|e| {
-            let hops: Vec<serde_json::Value> = e
+            let next_hops: Vec<ApiNextHop<'_>> = e
                 .next_hops
                 .iter()
                 .filter(|h| peer.is_none_or(|p| h.announced_by.iter().any(|a| names(a, p))))
                 .map(|h| {
-                    let mut v = next_hop_json(&h.next_hop);
-                    v["announced_by"] = h.announced_by.clone().into();
-                    if let Some(stale) = h.stale {
-                        v["stale"] = stale.into();
+                    let (kind, nat_port_from, nat_port_to) = kind_fields(h.next_hop.kind);
+                    ApiNextHop {
+                        address: h.next_hop.target.to_string(),
+                        kind,
+                        target_vni: h.next_hop.target_vni,
+                        nat_port_from,
+                        nat_port_to,
+                        announced_by: &h.announced_by,
+                        stale: h.stale,
                     }
-                    v
                 })
                 .collect();
-            (!hops.is_empty()).then(|| {
-                serde_json::json!({
-                    "vni": e.vni.get(),
-                    "prefix": e.prefix.to_string(),
-                    "next_hops": hops,
-                })
+            (!next_hops.is_empty()).then(|| ApiRoute {
+                vni: e.vni.get(),
+                prefix: e.prefix.to_string(),
+                next_hops,
             })
         })
         .collect();
-    let mut out = serde_json::json!({ "routes": routes });
-    if let Some(next) = page.next {
-        out["next"] = next.to_string().into();
-    }
-    out
+    let page = ApiRoutesPage {
+        routes,
+        next: page.next.map(|n| n.to_string()),
+    };
+    let mut body = serde_json::to_string(&page).unwrap_or_else(|e| error_body(&e.to_string()));
+    body.push('\n');
+    body
 }
 
 /// `GET /api/v1/peers`: `{"peers": [...]}`, each as `/peers` shows it.

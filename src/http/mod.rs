@@ -522,7 +522,7 @@ impl Responder {
                 }
             }
             "/api/v1/routes" => match api::routes(self.source.as_ref(), query) {
-                Ok(v) => json_reply(&v),
+                Ok(body) => Reply::text(200, "application/json", body),
                 Err((status, message)) => {
                     Reply::text(status, "application/json", api::error_body(&message))
                 }

@@ -20,7 +20,7 @@ use crate::telemetry::status::{
     count_states, MetricFamily, MetricSample, MetricsView, PeerView, QueueDepth, RouteSelect,
     RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
 };
-use crate::types::{Route, Vni};
+use crate::types::Vni;
 use crate::util::TtlCache;
 
 /// How long per-VNI route counts for `/metrics` are reused. The total comes
@@ -103,28 +103,20 @@ impl StatusSource for ServerStatusSource {
         } else {
             None
         };
-        let announcers: std::collections::HashMap<Route, Vec<PeerId>> = page
-            .routes
-            .iter()
-            .map(|r| (r.route, r.announcers.clone()))
-            .collect();
-        Ok(RoutesPageView::grouped(
-            page.routes.iter().map(|r| r.route),
-            next,
-            |r| {
-                let by = announcers
-                    .get(r)
-                    .into_iter()
-                    .flatten()
-                    .map(|id| {
-                        addresses
-                            .get(id)
-                            .map_or_else(|| format!("peer {id}"), ToString::to_string)
-                    })
-                    .collect();
-                (by, None)
-            },
-        ))
+        // Each route with its announcers' addresses, in page order.
+        let annotated = page.routes.into_iter().map(|r| {
+            let by = r
+                .announcers
+                .iter()
+                .map(|id| {
+                    addresses
+                        .get(id)
+                        .map_or_else(|| format!("peer {id}"), ToString::to_string)
+                })
+                .collect();
+            (r.route, by, None)
+        });
+        Ok(RoutesPageView::grouped(annotated, next))
     }
 
     fn vni_summaries(&self) -> Vec<VniSummaryView> {

@@ -74,9 +74,10 @@ pub trait StatusSource: Send + Sync + 'static {
             return Err(format!("no routes in VNI {}", request.vni));
         }
         let (routes, next) = request.select_from(&all);
-        Ok(RoutesPageView::grouped(routes, next, |_| {
-            (Vec::new(), None)
-        }))
+        Ok(RoutesPageView::grouped(
+            routes.into_iter().map(|r| (r, Vec::new(), None)),
+            next,
+        ))
     }
     /// Per VNI: routes, subscribers and the route-set digest, for
     /// `/api/v1/summary`. Default: computed from `routes()` (a copy of the
@@ -223,19 +224,17 @@ pub struct RoutesPageView {
 }
 
 impl RoutesPageView {
-    /// Groups `routes` (sorted by destination) into entries, each next hop
-    /// annotated by `annotate` (announced by, stale).
+    /// Groups `routes` (sorted by destination, each with who announced it
+    /// and whether it is stale) into one entry per destination.
     pub fn grouped(
-        routes: impl IntoIterator<Item = crate::types::Route>,
+        routes: impl IntoIterator<Item = (crate::types::Route, Vec<String>, Option<bool>)>,
         next: Option<IpNet>,
-        mut annotate: impl FnMut(&crate::types::Route) -> (Vec<String>, Option<bool>),
     ) -> RoutesPageView {
         let mut page = RoutesPageView {
             routes: Vec::new(),
             next,
         };
-        for r in routes {
-            let (announced_by, stale) = annotate(&r);
+        for (r, announced_by, stale) in routes {
             let hop = NextHopEntryView {
                 next_hop: r.next_hop,
                 announced_by,
