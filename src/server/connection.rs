@@ -86,9 +86,6 @@ pub(crate) struct Connection {
     /// the peer caught up with it; `None` while nothing is queued. See
     /// `push_control`.
     behind_mark: Cell<Option<(Instant, u64)>>,
-    /// The peer's HELLO said it reads as a stream: the writer does not pace
-    /// it (`crate::pacing`). Set by the reader before any UPDATE is queued.
-    reads_stream: Cell<bool>,
 }
 
 /// What a connection has moved so far, for snapshots.
@@ -121,14 +118,13 @@ impl Connection {
             frames_out: Cell::new(0),
             bytes_out: Cell::new(0),
             behind_mark: Cell::new(None),
-            reads_stream: Cell::new(false),
         }
     }
 
     /// The peer declared in its HELLO that it reads as a stream: its output
     /// goes out unpaced from now on.
     pub(crate) fn peer_reads_stream(&self) {
-        self.reads_stream.set(true);
+        self.out.borrow_mut().mark_peer_reads_stream();
     }
 
     /// Closes the connection for `reason` unless already closing (the first
@@ -474,7 +470,7 @@ enum NextWrite {
 /// whole frames within the pacing budget for one that is paced.
 fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> NextWrite {
     let mut out = conn.out.borrow_mut();
-    if !pacer.is_streaming() && conn.reads_stream.get() {
+    if !pacer.is_streaming() && out.peer_reads_stream() {
         tracing::debug!("peer declared it reads as a stream: output not paced");
         pacer.stream();
     }

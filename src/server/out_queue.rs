@@ -142,6 +142,10 @@ pub struct OutQueue {
     pub coalesce_episodes: u64,
     /// A KEEPALIVE reply is queued and not yet taken by the writer.
     keepalive_queued: bool,
+    /// The peer's HELLO said it reads as a stream: the writer does not pace
+    /// it (`crate::pacing`). Set by the reader before any UPDATE is queued.
+    /// Here, not in `Connection`, because it fits this struct's padding.
+    peer_reads_stream: bool,
 }
 
 /// The KEEPALIVE frame (version 1, empty payload, type 2): static, so a
@@ -149,6 +153,16 @@ pub struct OutQueue {
 static KEEPALIVE_FRAME: [u8; 4] = [1, 0, 0, 2];
 
 impl OutQueue {
+    /// The peer declared in its HELLO that it reads as a stream.
+    pub fn mark_peer_reads_stream(&mut self) {
+        self.peer_reads_stream = true;
+    }
+
+    /// Did the peer declare that it reads as a stream?
+    pub fn peer_reads_stream(&self) -> bool {
+        self.peer_reads_stream
+    }
+
     /// An empty queue for `me` with the given limits.
     pub fn new(me: PeerId, max_queued_bytes: usize, max_coalesced: usize) -> OutQueue {
         OutQueue {
@@ -162,6 +176,7 @@ impl OutQueue {
             coalesced_total: 0,
             coalesce_episodes: 0,
             keepalive_queued: false,
+            peer_reads_stream: false,
         }
     }
 
