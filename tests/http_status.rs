@@ -76,6 +76,8 @@ impl StatusSource for Fleet {
             queued_bytes: Some(0),
             connected_since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             grace_left: None,
+            peer_id: Some("1.0".to_string()),
+            routes_stale: None,
         }]
     }
     fn metrics(&self) -> MetricsView {

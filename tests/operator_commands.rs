@@ -618,6 +618,17 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
     assert_eq!(code, 0);
     let peers: serde_json::Value = serde_json::from_str(&out).expect("--json");
     assert_eq!(peers["peers"].as_array().map(Vec::len), Some(2), "{peers}");
+    let ids: Vec<&str> = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["peer_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "every server peer has its session id: {peers}"
+    );
     let (code, out, _) = show(http, &["summary"]);
     assert_eq!(code, 0);
     assert!(
@@ -653,6 +664,20 @@ fn a_clients_routes_api_says_which_server_sent_each_route() {
     assert_eq!(hop["address"], "2001:db8::2", "{v}");
     assert_eq!(hop["announced_by"], serde_json::json!([server]), "{v}");
     assert_eq!(hop["stale"], false, "{v}");
+    let (status, _, body) = http_support::get(&format!("http://{client_http}/api/v1/peers"));
+    assert_eq!(status, 200, "{body}");
+    let peers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let p = &peers["peers"][0];
+    assert_eq!(
+        (&p["address"], &p["routes_received"], &p["routes_stale"]),
+        (
+            &serde_json::json!(server),
+            &serde_json::json!(1),
+            &serde_json::json!(0)
+        ),
+        "{peers}"
+    );
+    assert!(p.get("peer_id").is_none(), "{peers}");
     let (code, out, err) = show(
         client_http,
         &["routes", "--vni", "23", "--peer", "127.0.0.1"],

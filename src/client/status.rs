@@ -144,6 +144,8 @@ impl StatusSource for ClientStatusSource {
                     queued_bytes: None,
                     connected_since: s.connected_since,
                     grace_left: None,
+                    peer_id: None,
+                    routes_stale: Some(core.present.stale_held_by(*id) as u64),
                 }
             })
             .collect()

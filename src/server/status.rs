@@ -304,5 +304,7 @@ fn peer_view(p: PeerInfo) -> PeerView {
         queued_bytes: Some(p.queued_bytes as u64),
         connected_since: Some(p.connected_since),
         grace_left: p.grace_left.map(|d| Duration::from_secs(d.as_secs())),
+        peer_id: Some(p.id.to_string()),
+        routes_stale: None,
     }
 }

@@ -479,6 +479,14 @@ pub struct PeerView {
         serialize_with = "ser_secs"
     )]
     pub grace_left: Option<Duration>,
+    /// Server: the session's id (`shard.sequence`), as logs name it
+    /// (`peer_id=`); left out on the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    /// Client: of `routes_received`, those held from a lost session only
+    /// (stale, `--stale-hold`); left out on the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes_stale: Option<u64>,
 }
 
 fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {
