@@ -125,12 +125,6 @@ impl VniDigest {
     pub fn is_empty(&self) -> bool {
         self.routes == 0
     }
-
-    /// The value compared across replicas: the sum of the hashes (the
-    /// count is shown beside it).
-    pub fn value(&self) -> u64 {
-        self.sum
-    }
 }
 
 /// 16 lower-case hex digits of the sum, as the API and `diff` show it.

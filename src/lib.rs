@@ -29,8 +29,8 @@
 //! - `version`: the build's version and git commit.
 //! - `readiness`: sd_notify `READY=1` for systemd `Type=notify` units.
 //! - `cli_docs`: man pages and shell completions from the clap definition.
-//! - `ops`: operator commands that read a running daemon's status port
-//!   (`metalbond diff`).
+//! - `ops`: operator commands that look at a running fleet (`metalbond
+//!   show`, `diff`, `watch`); above `client` and `http`, which never import it.
 //!
 //! Cargo features (all on by default): `client` (the library, std threads
 //! only), `netlink` (kernel routes for the client), `server` (the glommio

@@ -63,7 +63,7 @@ enum Command {
     Policy(metalbond::policy::check::PolicyArgs),
     /// Print the routes of VNIs as a reflector sends them (read-only
     /// session: subscribes, announces nothing).
-    Watch(metalbond::client::watch::WatchArgs),
+    Watch(metalbond::ops::watch::WatchArgs),
     /// Compare the routes of two daemons (`--http A --http B`) VNI by VNI:
     /// exit 0 when they agree, 1 when they differ, 3 when one is unreachable.
     Diff(metalbond::ops::diff::DiffArgs),
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => metalbond::server::run(args, &serve_status),
         Command::Client(args) => metalbond::client::run(args, &serve_status),
-        Command::Watch(args) => return metalbond::client::watch::run(args),
+        Command::Watch(args) => return metalbond::ops::watch::run(args),
         // Returned above already; kept total without a panic path.
         Command::Policy(args) => return metalbond::policy::check::run(args),
         Command::Diff(args) => return metalbond::ops::diff::run(args),

@@ -115,6 +115,15 @@ fn installer(ns: &Netns, extra: &[&str]) -> Proc {
     client(ns, "installing client", &args)
 }
 
+/// Routes in table 100 (multipath next-hop lines not counted).
+fn table_100_routes(ns: &Netns) -> usize {
+    let out = ns.ip_output(&["route", "show", "table", "100"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .count()
+}
+
 type Table = BTreeMap<String, Vec<String>>;
 
 fn table(pairs: &[(&str, &[&str])]) -> Table {
@@ -446,13 +455,7 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
         c
     });
     std::thread::sleep(Duration::from_secs(1));
-    let count = || {
-        let out = ns.ip_output(&["route", "show", "table", "100"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with(char::is_whitespace))
-            .count()
-    };
+    let count = || table_100_routes(&ns);
     let vni = Vni::new(23).unwrap();
     let started = std::time::Instant::now();
     support::announce_numbered_routes(&announcer, vni, N);
@@ -506,13 +509,7 @@ fn an_installing_client_is_ready_once_the_first_sync_is_in_the_kernel() {
         "the announcer did not send its routes to both servers"
     );
     let _installer = installer(&ns, &["--http", "[::1]:4790"]);
-    let count = || {
-        let out = ns.ip_output(&["route", "show", "table", "100"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with(char::is_whitespace))
-            .count()
-    };
+    let count = || table_100_routes(&ns);
     let mut last = String::new();
     let ready = wait_until(WAIT, || {
         let answer = ns.run(|| {

@@ -259,6 +259,30 @@ fn server_with_http() -> (ChildGuard, SocketAddr, SocketAddr) {
     (srv, listen, http)
 }
 
+/// A `metalbond client` process subscribed to VNI 23 at `listen`, with its
+/// status port up (the address returned).
+fn subscribed_client(listen: SocketAddr) -> (ChildGuard, SocketAddr) {
+    let http = free_port("127.0.0.1");
+    let mut client = ChildGuard(
+        Command::new(BIN)
+            .args([
+                "client",
+                "--server",
+                &listen.to_string(),
+                "--subscribe",
+                "23",
+            ])
+            .args(["--http", &http.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn metalbond client"),
+    );
+    wait_listening(&mut client, &[http]).expect("client status port");
+    (client, http)
+}
+
 /// `metalbond diff ARGS`: exit code and stdout (bounded by `WAIT`).
 fn diff(args: &[&str]) -> (i32, String, String) {
     let mut child = ChildGuard(
@@ -387,24 +411,7 @@ fn a_subscribed_clients_received_table_has_the_reflectors_digest() {
     let (_srv, listen, http) = server_with_http();
     let routes: Vec<Route> = (0..200).map(|i| route(23, i, 1)).collect();
     let _announcer = announcer(listen, &routes);
-    let client_http = free_port("127.0.0.1");
-    let mut client = ChildGuard(
-        Command::new(BIN)
-            .args([
-                "client",
-                "--server",
-                &listen.to_string(),
-                "--subscribe",
-                "23",
-            ])
-            .args(["--http", &client_http.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn metalbond client"),
-    );
-    wait_listening(&mut client, &[client_http]).expect("client status port");
+    let (_client, client_http) = subscribed_client(listen);
     let (at_server, at_client) = (vni_entry(http, 23, 200), vni_entry(client_http, 23, 200));
     assert_eq!(at_server["digest"], at_client["digest"]);
     assert_eq!(summary(client_http)["role"], "client");
@@ -644,19 +651,8 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
 fn a_clients_routes_api_says_which_server_sent_each_route() {
     let (_srv, listen, _http) = server_with_http();
     let _a = announcer(listen, &[to("10.0.23.0/24", 2)]);
-    let client_http = free_port("127.0.0.1");
     let server = listen.to_string();
-    let mut client = ChildGuard(
-        Command::new(BIN)
-            .args(["client", "--server", &server, "--subscribe", "23"])
-            .args(["--http", &client_http.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn metalbond client"),
-    );
-    wait_listening(&mut client, &[client_http]).expect("client status port");
+    let (_client, client_http) = subscribed_client(listen);
     vni_entry(client_http, 23, 1);
     let (status, v) = api_routes(client_http, "vni=23&lookup=10.0.23.1");
     assert_eq!(status, 200, "{v}");
@@ -699,24 +695,7 @@ fn a_client_is_ready_only_once_its_first_sync_is_in() {
         announcer.send_all(&chunk.iter().map(|r| add(*r)).collect::<Vec<_>>());
     }
     vni_entry(http, 23, u64::from(N));
-    let client_http = free_port("127.0.0.1");
-    let mut client = ChildGuard(
-        Command::new(BIN)
-            .args([
-                "client",
-                "--server",
-                &listen.to_string(),
-                "--subscribe",
-                "23",
-            ])
-            .args(["--http", &client_http.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn metalbond client"),
-    );
-    wait_listening(&mut client, &[client_http]).expect("client status port");
+    let (_client, client_http) = subscribed_client(listen);
     let deadline = Instant::now() + WAIT;
     let ready = loop {
         let (status, _, body) = http_support::get(&format!("http://{client_http}/readyz"));

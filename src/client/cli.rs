@@ -289,13 +289,13 @@ fn bad(expected: &'static str, cause: impl Into<String>) -> FlagValueError {
 }
 
 /// `--server HOST:PORT`.
-pub(super) fn parse_server(value: &str) -> Result<String, FlagValueError> {
+pub(crate) fn parse_server(value: &str) -> Result<String, FlagValueError> {
     super::check_address(value).map_err(|c| bad(SERVER_FORM, c))?;
     Ok(value.to_string())
 }
 
 /// `--subscribe VNI`.
-pub(super) fn parse_subscribe(value: &str) -> Result<Vni, FlagValueError> {
+pub(crate) fn parse_subscribe(value: &str) -> Result<Vni, FlagValueError> {
     value.parse().map_err(|c| bad(VNI_FORM, c))
 }
 

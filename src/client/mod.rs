@@ -81,8 +81,6 @@ pub mod status;
 mod stream;
 mod traffic;
 mod wait;
-#[cfg(feature = "cli")]
-pub mod watch;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -111,14 +111,7 @@ pub(crate) fn error_body(message: &str) -> String {
 /// `loadbalancer`), `target_vni`, `nat_port_from`, `nat_port_to`: the shape
 /// of every next hop under `/api/v1` and in the operator commands' output.
 pub fn next_hop_json(nh: &NextHop) -> serde_json::Value {
-    let (kind, from, to) = kind_fields(nh.kind);
-    serde_json::json!({
-        "address": nh.target.to_string(),
-        "type": kind,
-        "target_vni": nh.target_vni,
-        "nat_port_from": from,
-        "nat_port_to": to,
-    })
+    serde_json::to_value(ApiNextHop::new(nh)).unwrap_or_default()
 }
 
 /// An API answer that is not a 200: status and message.
@@ -205,8 +198,9 @@ fn names(entry: &str, peer: std::net::IpAddr) -> bool {
         || entry.parse::<std::net::IpAddr>().ok() == Some(peer)
 }
 
-/// A next hop on `/api/v1/routes` (the fields of `next_hop_json`, plus
-/// who announced it and, on a client, whether it is stale).
+/// A next hop as every `/api/v1` document and operator command writes it;
+/// on `/api/v1/routes` also who announced it and, on a client, whether it
+/// is stale.
 #[derive(Serialize)]
 struct ApiNextHop<'a> {
     /// Underlay address.
@@ -220,11 +214,33 @@ struct ApiNextHop<'a> {
     nat_port_from: u16,
     /// NAT port range end (0 unless NAT).
     nat_port_to: u16,
-    /// Server: announcing peers; client: servers it came from.
-    announced_by: &'a [String],
+    /// Server: announcing peers; client: servers it came from (routes
+    /// API only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announced_by: Option<&'a [String]>,
     /// Client only: held from a lost session only.
     #[serde(skip_serializing_if = "Option::is_none")]
     stale: Option<bool>,
+}
+
+impl ApiNextHop<'_> {
+    /// The next hop's own fields, nothing about who sent it.
+    fn new(nh: &NextHop) -> ApiNextHop<'static> {
+        let (kind, nat_port_from, nat_port_to) = match nh.kind {
+            NextHopKind::Standard => ("standard", 0, 0),
+            NextHopKind::Nat { from, to } => ("nat", from, to),
+            NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
+        };
+        ApiNextHop {
+            address: nh.target.to_string(),
+            kind,
+            target_vni: nh.target_vni,
+            nat_port_from,
+            nat_port_to,
+            announced_by: None,
+            stale: None,
+        }
+    }
 }
 
 /// One destination on `/api/v1/routes`.
@@ -248,15 +264,6 @@ pub(crate) struct ApiRoutesPage<'a> {
     next: Option<String>,
 }
 
-/// The wire names and ports of a next hop's kind.
-fn kind_fields(kind: NextHopKind) -> (&'static str, u16, u16) {
-    match kind {
-        NextHopKind::Standard => ("standard", 0, 0),
-        NextHopKind::Nat { from, to } => ("nat", from, to),
-        NextHopKind::LoadBalancerTarget => ("loadbalancer", 0, 0),
-    }
-}
-
 /// The page as compact JSON, next hops not announced by `peer` left out
 /// (and routes left with none). Typed, not `serde_json::Value`: a page of
 /// 10,000 routes is a few MB and is built on every request.
@@ -269,17 +276,10 @@ fn page_json(page: &RoutesPageView, peer: Option<std::net::IpAddr>) -> String {
                 .next_hops
                 .iter()
                 .filter(|h| peer.is_none_or(|p| h.announced_by.iter().any(|a| names(a, p))))
-                .map(|h| {
-                    let (kind, nat_port_from, nat_port_to) = kind_fields(h.next_hop.kind);
-                    ApiNextHop {
-                        address: h.next_hop.target.to_string(),
-                        kind,
-                        target_vni: h.next_hop.target_vni,
-                        nat_port_from,
-                        nat_port_to,
-                        announced_by: &h.announced_by,
-                        stale: h.stale,
-                    }
+                .map(|h| ApiNextHop {
+                    announced_by: Some(&h.announced_by),
+                    stale: h.stale,
+                    ..ApiNextHop::new(&h.next_hop)
                 })
                 .collect();
             (!next_hops.is_empty()).then(|| ApiRoute {

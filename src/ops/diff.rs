@@ -113,9 +113,14 @@ fn compare(
     let (da, ta) = digests(a, timeout)?;
     let (db, tb) = digests(b, timeout)?;
     let wanted = |v: &Vni| only_vnis.is_empty() || only_vnis.contains(v);
-    let vnis: BTreeSet<Vni> = da.keys().chain(db.keys()).copied().filter(wanted).collect();
-    let mut vnis: BTreeSet<Vni> = vnis;
-    vnis.extend(only_vnis.iter().copied());
+    // Asked-for VNIs that neither side has are listed too (both empty).
+    let vnis: BTreeSet<Vni> = da
+        .keys()
+        .chain(db.keys())
+        .chain(only_vnis)
+        .copied()
+        .filter(wanted)
+        .collect();
     let mut rows: Vec<VniComparison> = vnis
         .into_iter()
         .map(|vni| VniComparison {

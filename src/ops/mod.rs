@@ -1,5 +1,6 @@
-//! Operator commands that read a running daemon from outside: `metalbond
-//! show` and `metalbond diff` (and the shapes they print).
+//! Operator commands that look at a running fleet from outside: `metalbond
+//! show` and `metalbond diff` (a daemon's status port), `metalbond watch`
+//! (a read-only MetalBond session), and the shapes they print.
 //!
 //! Owns: `fetch` (one bounded HTTP GET to a status port), `show` (one
 //! daemon's summary, peers, routes, as tables or JSON), `diff` (compares
@@ -7,12 +8,13 @@
 //! a route that every command prints (`route_json`, with the next-hop
 //! object of the `/api/v1` documents, `http::next_hop_json`).
 //!
-//! Must never: talk the MetalBond protocol (that is `client`; `watch` lives
-//! there) or change anything on a daemon.
+//! Must never: change anything on a daemon, or speak the protocol other
+//! than through the `client` library (`watch`).
 
 pub mod diff;
 pub mod fetch;
 pub mod show;
+pub mod watch;
 
 use crate::http::next_hop_json;
 use crate::types::Route;

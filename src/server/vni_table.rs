@@ -314,16 +314,24 @@ impl VniTable {
         self.subscribers.len()
     }
 
-    /// The entries after `cursor` (all when `None`), in key order: IPv4
-    /// keys, then IPv6 keys.
+    /// Entries after `cursor` (all when `None`), IPv4 then IPv6.
     fn entries_after(
         &self,
         cursor: Option<TableKey>,
     ) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
-        let (v4_from, v6_from) = match cursor {
-            None => (Some(Bound::Unbounded), Bound::Unbounded),
-            Some(TableKey::V4(k)) => (Some(Bound::Excluded(k)), Bound::Unbounded),
-            Some(TableKey::V6(k)) => (None, Bound::Excluded(k)),
+        self.entries(cursor.map_or(Bound::Unbounded, Bound::Excluded))
+    }
+
+    /// Entries from `from` on, IPv4 then IPv6: the one ordered scan of
+    /// the table (sync chunks, snapshots, route pages and look-ups).
+    fn entries(&self, from: Bound<TableKey>) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
+        // A bound on an IPv6 key starts past every IPv4 key.
+        let (v4_from, v6_from) = match from {
+            Bound::Unbounded => (Some(Bound::Unbounded), Bound::Unbounded),
+            Bound::Included(TableKey::V4(k)) => (Some(Bound::Included(k)), Bound::Unbounded),
+            Bound::Excluded(TableKey::V4(k)) => (Some(Bound::Excluded(k)), Bound::Unbounded),
+            Bound::Included(TableKey::V6(k)) => (None, Bound::Included(k)),
+            Bound::Excluded(TableKey::V6(k)) => (None, Bound::Excluded(k)),
         };
         let v4 = v4_from
             .into_iter()
@@ -414,7 +422,7 @@ impl VniTable {
     /// announcer first), in next-hop id order.
     pub fn announced_routes_to(&self, destination: &IpNet) -> Vec<AnnouncedRoute> {
         let from = TableKey::new(destination, NextHopId::FIRST);
-        self.entries_from(from)
+        self.entries(Bound::Included(from))
             .take_while(|(k, _)| k.destination() == *destination)
             .map(|(k, first)| self.announced(&k, first))
             .collect()
@@ -427,7 +435,7 @@ impl VniTable {
         (0..=max).rev().find_map(|len| {
             let net = IpNet::new(addr, len).ok()?.trunc();
             let from = TableKey::new(&net, NextHopId::FIRST);
-            self.entries_from(from)
+            self.entries(Bound::Included(from))
                 .next()
                 .filter(|(k, _)| k.destination() == net)
                 .map(|_| net)
@@ -468,23 +476,6 @@ impl VniTable {
             route: self.route_of(key),
             announcers,
         }
-    }
-
-    /// Entries from `key` on (inclusive), IPv4 then IPv6.
-    fn entries_from(&self, key: TableKey) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
-        let (v4_from, v6_from) = match key {
-            TableKey::V4(k) => (Some(Bound::Included(k)), Bound::Unbounded),
-            TableKey::V6(k) => (None, Bound::Included(k)),
-        };
-        let v4 = v4_from
-            .into_iter()
-            .flat_map(|from| self.v4.range_from(from))
-            .map(|(k, p)| (TableKey::V4(k), p));
-        let v6 = self
-            .v6
-            .range_from(v6_from)
-            .map(|(k, p)| (TableKey::V6(k), p));
-        v4.chain(v6)
     }
 
     /// The routes after `after` (all when `None`), in key order: a snapshot

@@ -60,15 +60,7 @@ pub trait StatusSource: Send + Sync + 'static {
             .vnis
             .iter()
             .filter(|v| v.vni == request.vni)
-            .flat_map(|v| {
-                v.destinations.iter().flat_map(move |d| {
-                    d.next_hops.iter().map(move |h| crate::types::Route {
-                        vni: v.vni,
-                        destination: d.prefix,
-                        next_hop: *h,
-                    })
-                })
-            })
+            .flat_map(VniRoutesView::routes)
             .collect();
         if all.is_empty() {
             return Err(format!("no routes in VNI {}", request.vni));
@@ -87,23 +79,10 @@ pub trait StatusSource: Send + Sync + 'static {
         self.routes()
             .vnis
             .iter()
-            .map(|v| {
-                let routes: Vec<crate::types::Route> = v
-                    .destinations
-                    .iter()
-                    .flat_map(|d| {
-                        d.next_hops.iter().map(|h| crate::types::Route {
-                            vni: v.vni,
-                            destination: d.prefix,
-                            next_hop: *h,
-                        })
-                    })
-                    .collect();
-                VniSummaryView {
-                    vni: v.vni,
-                    subscribers: None,
-                    digest: crate::digest::VniDigest::of(&routes),
-                }
+            .map(|v| VniSummaryView {
+                vni: v.vni,
+                subscribers: None,
+                digest: crate::digest::VniDigest::of(&v.routes().collect::<Vec<_>>()),
             })
             .collect()
     }
@@ -358,6 +337,17 @@ pub struct DestinationView {
 }
 
 impl VniRoutesView {
+    /// Every route of this VNI, in destination then next-hop order.
+    pub fn routes(&self) -> impl Iterator<Item = crate::types::Route> + '_ {
+        self.destinations.iter().flat_map(move |d| {
+            d.next_hops.iter().map(move |h| crate::types::Route {
+                vni: self.vni,
+                destination: d.prefix,
+                next_hop: *h,
+            })
+        })
+    }
+
     /// Routes (destination, next hop pairs) in this VNI.
     pub fn route_count(&self) -> usize {
         self.destinations.iter().map(|d| d.next_hops.len()).sum()

@@ -22,8 +22,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use super::cli::{parse_server, parse_subscribe};
-use super::{Client, ClientConfig, PresentChange};
+use crate::client::cli::{parse_server, parse_subscribe};
+use crate::client::{Client, ClientConfig, PresentChange, DEFAULT_STREAM_CAPACITY};
 use crate::types::{Route, Vni};
 
 /// How long the end of a watch waits for the session to close cleanly.
@@ -61,8 +61,7 @@ pub struct WatchArgs {
 /// Runs the watch until interrupted (or `--duration`); exit status 0, or 2
 /// when a server address is not usable, 1 when stdout is gone.
 pub fn run(args: WatchArgs) -> ExitCode {
-    let (client, changes) =
-        Client::with_stream(ClientConfig::default(), super::DEFAULT_STREAM_CAPACITY);
+    let (client, changes) = Client::with_stream(ClientConfig::default(), DEFAULT_STREAM_CAPACITY);
     for vni in &args.vnis {
         if let Err(e) = client.subscribe(*vni) {
             eprintln!("metalbond watch: cannot subscribe to VNI {vni}: {e}");
@@ -121,7 +120,7 @@ fn parts(change: PresentChange) -> (&'static str, Route) {
 
 /// `2026-12-07T04:55:01.123Z add    vni 23 10.0.0.1/32 via 2001:db8::1`
 /// (the next hop as `NextHop` shows it: ` vni T`, ` nat A-B`, ` lb`).
-pub fn text_line(at: SystemTime, change: PresentChange) -> String {
+fn text_line(at: SystemTime, change: PresentChange) -> String {
     let (action, r) = parts(change);
     format!(
         "{} {action:<6} vni {} {} via {}",
@@ -134,9 +133,9 @@ pub fn text_line(at: SystemTime, change: PresentChange) -> String {
 
 /// One JSON object (no newline): `time`, `action`, `vni`, `prefix`,
 /// `next_hop` as the routes API writes next hops.
-pub fn json_line(at: SystemTime, change: PresentChange) -> String {
+fn json_line(at: SystemTime, change: PresentChange) -> String {
     let (action, r) = parts(change);
-    let mut line = crate::ops::route_json(&r);
+    let mut line = super::route_json(&r);
     line["time"] = humantime::format_rfc3339_millis(at).to_string().into();
     line["action"] = action.into();
     line.to_string()
