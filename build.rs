@@ -1,9 +1,5 @@
-//! Compiles `proto/metalbond.proto` into Rust with prost-build, and records
-//! the git commit the binary is built from.
-//!
-//! protox parses the schema in pure Rust, so no system `protoc` is needed on a
-//! fresh machine. `bytes` fields are generated as `bytes::Bytes` so decoding a
-//! frame slices the received buffer instead of copying each address.
+//! Records the git commit the `metalbond` binary is built from (the schema
+//! is compiled by `crates/wire/build.rs`; no library crate reads git).
 //!
 //! The commit (`METALBOND_GIT_COMMIT`, shown by `--version` and the start
 //! log line) comes from `git rev-parse --short HEAD`; a build outside a git
@@ -13,10 +9,6 @@
 use std::process::Command;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/metalbond.proto");
-    let fds = protox::compile(["proto/metalbond.proto"], ["proto"])?;
-    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
-
     println!("cargo:rerun-if-env-changed=METALBOND_GIT_COMMIT");
     let commit = std::env::var("METALBOND_GIT_COMMIT")
         .ok()

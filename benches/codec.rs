@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 fn vni(v: u32) -> Vni {
     Vni::new(v).expect("bench VNI in range")
@@ -163,7 +163,7 @@ fn bench_stream(c: &mut Criterion) {
     g.finish();
 }
 
-/// The per-VNI digest's cost per route change (`metalbond::digest`): the
+/// The per-VNI digest's cost per route change (`metalbond_wire::digest`): the
 /// owner pays it once for each route that enters or leaves a table.
 fn bench_digest(c: &mut Criterion) {
     let mut g = c.benchmark_group("digest");
@@ -172,7 +172,7 @@ fn bench_digest(c: &mut Criterion) {
         let Message::Update { route, .. } = msg else {
             unreachable!("an UPDATE")
         };
-        let mut digest = metalbond::digest::VniDigest::default();
+        let mut digest = metalbond_wire::digest::VniDigest::default();
         g.bench_function(name, |b| b.iter(|| digest.add(black_box(&route))));
     }
     g.finish();

@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use metalbond::codec::{encode_frame, Message};
-use metalbond::server::owner_logic::{OwnerInput, VniOwner};
-use metalbond::server::{PeerId, Server, ServerConfig, ServerHandle};
-use metalbond::{Action, NextHop, Route, Vni};
+use metalbond_server::owner_logic::{OwnerInput, VniOwner};
+use metalbond_server::{PeerId, Server, ServerConfig, ServerHandle};
+use metalbond_wire::codec::{encode_frame, Message};
+use metalbond_wire::{Action, NextHop, Route, Vni};
 
 /// The system allocator, counting the bytes currently allocated, so the
 /// bench can print what a table costs per route.

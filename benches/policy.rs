@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::policy::Policy;
-use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_policy::Policy;
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// 999 hypervisor rules, then the rule loadgen's peers (127.0.0.0/8) match.
 fn policy_1000() -> String {

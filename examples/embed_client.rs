@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
-use metalbond::client::{Client, ClientConfig, ClientError, RouteSink};
-use metalbond::{IpNet, NextHop, Route, Vni};
+use metalbond_client::{Client, ClientConfig, ClientError, RouteSink};
+use metalbond_wire::{IpNet, NextHop, Route, Vni};
 
 /// The embedder's side: here it prints; a fleet agent would program its
 /// dataplane. Calls arrive one at a time, only on real changes.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
 
 /// What one session saw.
 #[derive(Default)]

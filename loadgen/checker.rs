@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use metalbond::{Action, Route, Vni};
+use metalbond_wire::{Action, Route, Vni};
 
 use crate::plan::{Expect, PeerId, Plan, RouteId};
 

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use metalbond::Action;
+use metalbond_wire::Action;
 
 use plan::{peer_id, Plan, RouteId};
 use report::{proc_status_bytes, PhaseReport, Report, MAX_LISTED};
@@ -189,7 +189,7 @@ fn main() -> ExitCode {
         | ScenarioCmd::Reconnect { common, .. }
         | ScenarioCmd::Idle { common, .. } => common.clone(),
     };
-    metalbond::logging::init(common.verbose, metalbond::logging::LogFormat::for_stderr());
+    init_logging(common.verbose);
     match run(cli.scenario, &common) {
         Ok(report) => {
             if common.json {
@@ -527,4 +527,18 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
         }
     }
     Ok(phases)
+}
+
+/// Log lines to stderr (`RUST_LOG` or `--verbose` pick the level), plain
+/// text; colours only on a terminal.
+fn init_logging(verbose: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let default = if verbose { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

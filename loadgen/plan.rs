@@ -15,8 +15,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use metalbond::codec::Message;
-use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::codec::Message;
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Index of a simulated peer in the run (0-based). Peer `p` runs on shard
 /// `p % shards` and uses the underlay address `2001:db8::p` as its next hop.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
-use metalbond::Action;
+use metalbond_wire::Action;
 
 use crate::checker::Difference;
 use crate::plan::{peer_id, PeerId, RouteId};

@@ -34,9 +34,9 @@ use glommio::task::JoinHandle;
 use glommio::timer::sleep;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use metalbond::codec::{encode_frame, FrameDecoder, Message, MessageType};
-use metalbond::session::{CloseReason, PeerSession, Reaction, Role};
-use metalbond::Action;
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message, MessageType};
+use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role};
+use metalbond_wire::Action;
 
 use crate::checker::{Difference, HeldRoutes};
 use crate::plan::{PeerId, Plan, RouteId};
@@ -924,7 +924,7 @@ fn verify(shard: &Shard) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metalbond::Vni;
+    use metalbond_wire::Vni;
 
     fn decode_all(bufs: &[Vec<u8>]) -> Vec<Message> {
         let mut d = FrameDecoder::new();

@@ -56,11 +56,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the route reflector.
-    Server(metalbond::server::ServerArgs),
+    Server(metalbond::cmd::server::ServerArgs),
     /// Connect to reflectors, announce routes and install received ones.
-    Client(metalbond::client::ClientArgs),
+    Client(metalbond::cmd::client::ClientArgs),
     /// Check a peer policy file (`server --policy`).
-    Policy(metalbond::policy::check::PolicyArgs),
+    Policy(metalbond::cmd::policy::PolicyArgs),
     /// Print the routes of VNIs as a reflector sends them (read-only
     /// session: subscribes, announces nothing).
     Watch(metalbond::ops::watch::WatchArgs),
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // A malformed `client` flag value: one line naming the flag, the
             // value and the expected form (the value parsers' errors).
-            if let Some(line) = metalbond::client::cli::one_line_error(&e) {
+            if let Some(line) = metalbond::cmd::client::one_line_error(&e) {
                 let command = if argv_command(&argv) == Some("watch") {
                     "watch"
                 } else {
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         Command::Watch(ref a) => (a.verbose, "watch"),
         Command::Diff(args) => return metalbond::ops::diff::run(args),
         Command::Show(args) => return metalbond::ops::show::run(args),
-        Command::Policy(args) => return metalbond::policy::check::run(args),
+        Command::Policy(args) => return metalbond::cmd::policy::run(args),
     };
     logging::init(
         verbose,
@@ -117,17 +117,19 @@ fn main() -> ExitCode {
     logging::log_start(role);
     // A panic on any thread ends the process (no half-alive reflector or
     // client; systemd restarts it): see `panic_policy`.
-    metalbond::panic_policy::exit_on_panic();
+    metalbond_utils::panic_policy::exit_on_panic();
+    // `/api/v1/summary` names the commit this binary was built from.
+    metalbond_http::set_build_commit(metalbond::version::GIT_COMMIT);
     // A server with --policy reloads it on SIGHUP (server::run watches it).
     if !matches!(&cli.command, Command::Server(a) if a.policy.is_some()) {
         ignore_sighup();
     }
     let result = match cli.command {
-        Command::Server(args) => metalbond::server::run(args, &serve_status),
-        Command::Client(args) => metalbond::client::run(args, &serve_status),
+        Command::Server(args) => metalbond::cmd::server::run(args, &serve_status),
+        Command::Client(args) => metalbond::cmd::client::run(args, &serve_status),
         Command::Watch(args) => return metalbond::ops::watch::run(args),
         // Returned above already; kept total without a panic path.
-        Command::Policy(args) => return metalbond::policy::check::run(args),
+        Command::Policy(args) => return metalbond::cmd::policy::run(args),
         Command::Diff(args) => return metalbond::ops::diff::run(args),
         Command::Show(args) => return metalbond::ops::show::run(args),
     };
@@ -157,9 +159,9 @@ fn argv_command(argv: &[std::ffi::OsString]) -> Option<&'static str> {
 /// Dropping the returned guard stops the pages.
 fn serve_status(
     addr: std::net::SocketAddr,
-    source: std::sync::Arc<dyn metalbond::telemetry::StatusSource>,
+    source: std::sync::Arc<dyn metalbond_telemetry::StatusSource>,
 ) -> Result<Box<dyn Send>, Box<dyn std::error::Error>> {
-    Ok(Box::new(metalbond::http::serve(addr, source)?))
+    Ok(Box::new(metalbond_http::serve(addr, source)?))
 }
 
 /// `metalbond generate-docs DIR`: the packaging step's man pages and

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use signal_hook::iterator::Signals;
 
-use crate::client::Client;
-use crate::session::SessionState;
+use metalbond_client::Client;
+use metalbond_wire::session::SessionState;
 
 /// How often `serve_until_signal` asks whether the process is ready. Short
 /// against the client's smallest reconnect delay (`--reconnect-min-ms` 500
@@ -94,7 +94,7 @@ impl ClientReadiness {
     pub fn check(
         &mut self,
         client: &Client,
-        kernel: Option<&crate::netlink::KernelRoutes>,
+        kernel: Option<&metalbond_netlink::KernelRoutes>,
     ) -> Result<String, String> {
         let servers = client.servers();
         let up = servers

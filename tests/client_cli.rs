@@ -18,9 +18,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::session::{PeerSession, Reaction, Role};
-use metalbond::{Action, NextHop, Route, Vni};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::session::{PeerSession, Reaction, Role};
+use metalbond_wire::{Action, NextHop, Route, Vni};
 use support::{wait_until, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_metalbond");
@@ -214,7 +214,7 @@ fn a_panicking_netlink_thread_ends_the_client_at_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(metalbond::panic_policy::PANIC_EXIT_STATUS),
+        Some(metalbond_utils::panic_policy::PANIC_EXIT_STATUS),
         "{stderr}"
     );
     assert!(took < Duration::from_secs(3), "exited after {took:?}");
@@ -695,7 +695,7 @@ fn client_memory_per_received_route() {
         let hop = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (i % 64 + 1) as u16);
         let route = Route::new(
             vni,
-            metalbond::IpNet::new(destination.into(), 32).unwrap(),
+            metalbond_wire::IpNet::new(destination.into(), 32).unwrap(),
             NextHop::standard(hop.into()),
         );
         let update = Message::Update {

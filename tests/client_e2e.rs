@@ -342,11 +342,21 @@ fn stale_routes_are_cleaned_at_start_and_cleanup_on_exit() {
 #[derive(Clone, Default)]
 struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
 
-impl metalbond::client::RouteSink for Recorder {
-    fn add_route(&mut self, vni: metalbond::Vni, dst: metalbond::IpNet, nh: metalbond::NextHop) {
+impl metalbond_client::RouteSink for Recorder {
+    fn add_route(
+        &mut self,
+        vni: metalbond_wire::Vni,
+        dst: metalbond_wire::IpNet,
+        nh: metalbond_wire::NextHop,
+    ) {
         self.0.lock().unwrap().push(format!("+{vni} {dst} {nh}"));
     }
-    fn remove_route(&mut self, vni: metalbond::Vni, dst: metalbond::IpNet, nh: metalbond::NextHop) {
+    fn remove_route(
+        &mut self,
+        vni: metalbond_wire::Vni,
+        dst: metalbond_wire::IpNet,
+        nh: metalbond_wire::NextHop,
+    ) {
         self.0.lock().unwrap().push(format!("-{vni} {dst} {nh}"));
     }
 }
@@ -362,9 +372,9 @@ impl Recorder {
 
 #[test]
 fn library_clients_against_two_real_servers() {
-    use metalbond::client::{Client, ClientConfig};
-    use metalbond::session::SessionState;
-    use metalbond::{NextHop, Route, Vni};
+    use metalbond_client::{Client, ClientConfig};
+    use metalbond_wire::session::SessionState;
+    use metalbond_wire::{NextHop, Route, Vni};
 
     let Some(ns) = Netns::create() else { return };
     let s1 = server(&ns, 4711);
@@ -439,8 +449,8 @@ fn library_clients_against_two_real_servers() {
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn e2e_100k_routes_through_a_server_into_the_kernel() {
-    use metalbond::client::{Client, ClientConfig, LogSink};
-    use metalbond::Vni;
+    use metalbond_client::{Client, ClientConfig, LogSink};
+    use metalbond_wire::Vni;
 
     const N: u32 = 100_000;
     let Some(ns) = Netns::create() else { return };
@@ -486,8 +496,8 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
 /// routes: the rule's kernel condition is for slower kernels.)
 #[test]
 fn an_installing_client_is_ready_once_the_first_sync_is_in_the_kernel() {
-    use metalbond::client::{Client, ClientConfig, LogSink};
-    use metalbond::Vni;
+    use metalbond_client::{Client, ClientConfig, LogSink};
+    use metalbond_wire::Vni;
 
     const N: u32 = 20_000;
     let Some(ns) = Netns::create() else { return };

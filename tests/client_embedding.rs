@@ -14,9 +14,9 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use metalbond::client::PresentChange;
-use metalbond::client::{Client, ClientError, RouteSink, ServerOptions, WeakClient};
-use metalbond::{Action, IpNet, NextHop, Route, Vni};
+use metalbond_client::PresentChange;
+use metalbond_client::{Client, ClientError, RouteSink, ServerOptions, WeakClient};
+use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
 mod client_support;
 use client_support::*;
@@ -313,7 +313,7 @@ fn stopping_during_a_pending_connect_or_handshake_is_prompt() {
     let (silent, accepted) = silent_listener();
 
     // A connect that never completes.
-    let client = Client::new(fast_config(), metalbond::client::LogSink);
+    let client = Client::new(fast_config(), metalbond_client::LogSink);
     client.add_server(&blackholed).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let s = &client.servers()[0];
@@ -328,13 +328,13 @@ fn stopping_during_a_pending_connect_or_handshake_is_prompt() {
     client.add_server(&blackholed).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     timed("shutdown during a connect", || client.shutdown());
-    let client = Client::new(fast_config(), metalbond::client::LogSink);
+    let client = Client::new(fast_config(), metalbond_client::LogSink);
     client.add_server(&blackholed).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     timed("drop during a connect", || drop(client));
 
     // A server that accepts TCP and never answers HELLO.
-    let client = Client::new(fast_config(), metalbond::client::LogSink);
+    let client = Client::new(fast_config(), metalbond_client::LogSink);
     client.add_server(&silent).unwrap();
     let _conn = accepted.recv_timeout(WAIT).expect("the client connects");
     assert_eq!(
@@ -349,7 +349,7 @@ fn stopping_during_a_pending_connect_or_handshake_is_prompt() {
         .recv_timeout(WAIT)
         .expect("the client connects again");
     timed("shutdown during a handshake", || client.shutdown());
-    let client = Client::new(fast_config(), metalbond::client::LogSink);
+    let client = Client::new(fast_config(), metalbond_client::LogSink);
     client.add_server(&silent).unwrap();
     let _conn3 = accepted.recv_timeout(WAIT).expect("the client connects");
     timed("drop during a handshake", || drop(client));
@@ -469,7 +469,7 @@ fn replay_hands_the_present_routes_of_one_vni() {
 fn the_server_sees_the_local_source_address() {
     let server = ScriptedServer::start();
     let local: IpAddr = "127.0.0.2".parse().unwrap();
-    let client = Client::new(fast_config(), metalbond::client::LogSink);
+    let client = Client::new(fast_config(), metalbond_client::LogSink);
     assert!(matches!(
         client.add_server_with(
             &server.address,

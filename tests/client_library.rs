@@ -13,10 +13,10 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metalbond::client::{Client, ClientConfig, ClientError, RouteSink};
-use metalbond::codec::Message;
-use metalbond::session::SessionState;
-use metalbond::{Action, IpNet, NextHop, Route, Vni};
+use metalbond_client::{Client, ClientConfig, ClientError, RouteSink};
+use metalbond_wire::codec::Message;
+use metalbond_wire::session::SessionState;
+use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
 mod client_support;
 use client_support::{fast_config, route, vni, ScriptedServer, Seen, WAIT};
@@ -280,9 +280,9 @@ fn http_status_serves_present_routes_as_json() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let http = metalbond::http::serve(
+    let http = metalbond_http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        std::sync::Arc::new(metalbond::client::status::ClientStatusSource::new(
+        std::sync::Arc::new(metalbond_client::status::ClientStatusSource::new(
             &client, None,
         )),
     )

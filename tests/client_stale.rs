@@ -10,8 +10,8 @@ mod client_support;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use metalbond::client::{Client, ClientConfig};
-use metalbond::{Action, Route};
+use metalbond_client::{Client, ClientConfig};
+use metalbond_wire::{Action, Route};
 
 use client_support::*;
 

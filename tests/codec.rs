@@ -3,9 +3,9 @@
 //! round trips, prost agreement and arbitrary stream splits.
 
 use bytes::{Bytes, BytesMut};
-use metalbond::codec::{encode_frame, DecodeError, FrameDecoder, Message, MAX_PAYLOAD};
-use metalbond::pb;
-use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::codec::{encode_frame, DecodeError, FrameDecoder, Message, MAX_PAYLOAD};
+use metalbond_wire::pb;
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 use proptest::prelude::*;
 use prost::Message as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

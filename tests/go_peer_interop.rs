@@ -28,9 +28,9 @@ use go_peer_support::{
     GoClientModel, GoPeerConfig, GoServerModel, GoState, Reset, Summary, GO_KEEPALIVE_SECS,
     GO_READ_BUFFER,
 };
-use metalbond::client::{Client, ClientConfig, LogSink};
-use metalbond::codec::{FrameDecoder, Message};
-use metalbond::Route;
+use metalbond_client::{Client, ClientConfig, LogSink};
+use metalbond_wire::codec::{FrameDecoder, Message};
+use metalbond_wire::Route;
 use server_support::process::ChildGuard;
 use server_support::{add, apply, frame, route, vni, TestPeer, TestServer, WAIT};
 

@@ -254,8 +254,8 @@ fn what_nobody_refreshes_is_swept_after_the_hold_and_withdrawals_go_at_once() {
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn reflector_restart_cost_with_100k_routes() {
-    use metalbond::client::{Client, ClientConfig, LogSink};
-    use metalbond::Vni;
+    use metalbond_client::{Client, ClientConfig, LogSink};
+    use metalbond_wire::Vni;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 

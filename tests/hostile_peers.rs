@@ -15,9 +15,9 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use metalbond::codec::Message;
-use metalbond::server::ServerStats;
-use metalbond::Route;
+use metalbond_server::ServerStats;
+use metalbond_wire::codec::Message;
+use metalbond_wire::Route;
 use server_support::*;
 
 /// Peers connected (any state) according to the counters.
@@ -51,14 +51,20 @@ fn half_a_header_then_silence_is_dropped_at_the_hold_timer() {
     let (mut a, _) = TestPeer::established(server.addr, 1);
     let r = route(7, 1, 1);
     a.send(&add(r));
-    assert_eq!(sub.recv_update(WAIT), Some((metalbond::Action::Add, r)));
+    assert_eq!(
+        sub.recv_update(WAIT),
+        Some((metalbond_wire::Action::Add, r))
+    );
     // Two bytes of a header, then nothing (no keepalives either).
     a.send_raw(&[1, 0]);
     assert!(a.closed_within(WAIT), "silent peer dropped");
     server.wait_stats("hold-timer disconnect", |s| {
         s.sum(|x| x.disconnects.timeout) == 1
     });
-    assert_eq!(sub.recv_update(WAIT), Some((metalbond::Action::Remove, r)));
+    assert_eq!(
+        sub.recv_update(WAIT),
+        Some((metalbond_wire::Action::Remove, r))
+    );
     assert!(sub.sync_point().is_empty());
     fresh_peer_sees(&server, 7, &BTreeSet::new());
 }

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use metalbond::codec::Message;
+use metalbond_wire::codec::Message;
 use server_support::process::*;
 use server_support::*;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -125,7 +125,7 @@ fn keepalive_flood_from_a_peer_that_never_reads_is_bounded_and_cut_off() {
     b.send(&add(route(9, 1, 1)));
     assert_eq!(
         bystander.recv_update(WAIT),
-        Some((metalbond::Action::Add, route(9, 1, 1)))
+        Some((metalbond_wire::Action::Add, route(9, 1, 1)))
     );
 
     // Memory back 5 s after the hostile peer left.
@@ -210,7 +210,7 @@ fn memory_goes_back_to_the_system_after_a_large_announcer_leaves() {
     let mut got = 0;
     while got < n {
         match sub.recv_update(WAIT) {
-            Some((metalbond::Action::Add, _)) => got += 1,
+            Some((metalbond_wire::Action::Add, _)) => got += 1,
             other => panic!("expected {n} ADDs, got {got} then {other:?}"),
         }
     }

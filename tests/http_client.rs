@@ -9,11 +9,11 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use metalbond::client::status::ClientStatusSource;
-use metalbond::client::{Client, ClientConfig, LogSink};
-use metalbond::server::{Server, ServerConfig, ServerHandle};
-use metalbond::session::SessionState;
-use metalbond::{IpNet, NextHop, Route, Vni};
+use metalbond_client::status::ClientStatusSource;
+use metalbond_client::{Client, ClientConfig, LogSink};
+use metalbond_server::{Server, ServerConfig, ServerHandle};
+use metalbond_wire::session::SessionState;
+use metalbond_wire::{IpNet, NextHop, Route, Vni};
 
 mod http_support;
 use http_support::{metric, metric_sum, scrape};
@@ -23,7 +23,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Stops what it holds in the right order on drop: HTTP, clients, server.
 struct Setup {
-    http: Option<metalbond::http::HttpHandle>,
+    http: Option<metalbond_http::HttpHandle>,
     clients: Vec<Client>,
     server: Option<ServerHandle>,
 }
@@ -120,7 +120,7 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     announcer.announce(route).unwrap();
     announcer.add_server(&address).unwrap();
     setup.http = Some(
-        metalbond::http::serve(
+        metalbond_http::serve(
             "127.0.0.1:0".parse().unwrap(),
             std::sync::Arc::new(ClientStatusSource::new(&receiver, None)),
         )

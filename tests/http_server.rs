@@ -20,11 +20,11 @@ mod prerequisite;
 
 use bytes::BytesMut;
 use http_support::{browser_dom, closed_within, get, metric, metric_sum, scrape};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::http::{serve, HttpHandle};
-use metalbond::server::ServerStatusSource;
-use metalbond::server::{Server, ServerConfig, ServerHandle};
-use metalbond::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_http::{serve, HttpHandle};
+use metalbond_server::ServerStatusSource;
+use metalbond_server::{Server, ServerConfig, ServerHandle};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// Bound for anything a test waits for (never reached when correct).
 const WAIT: Duration = Duration::from_secs(20);
@@ -558,11 +558,11 @@ fn routes_json_and_yaml_are_the_go_documents() {
     let ours: serde_json::Value = serde_json::from_str(&json).unwrap();
     let date = ours["date"].as_str().expect("date is a string").to_string();
     assert_eq!(date.len(), GO_DATE.len(), "date {date}");
-    assert_eq!(ours["metalbondVersion"], metalbond::http::VERSION);
+    assert_eq!(ours["metalbondVersion"], metalbond_http::VERSION);
     let mut expected: serde_json::Value =
         serde_json::from_str(&go_reference("go-routes.json")).unwrap();
     expected["date"] = date.clone().into();
-    expected["metalbondVersion"] = metalbond::http::VERSION.into();
+    expected["metalbondVersion"] = metalbond_http::VERSION.into();
     assert_eq!(ours, expected);
 
     // Byte for byte apart from date and version: key order, indentation,
@@ -572,7 +572,7 @@ fn routes_json_and_yaml_are_the_go_documents() {
         .replace(GO_DATE, &date)
         .replace(
             &format!("\"{GO_VERSION}\""),
-            &format!("\"{}\"", metalbond::http::VERSION),
+            &format!("\"{}\"", metalbond_http::VERSION),
         );
     assert_eq!(json, expected_json.trim_end_matches('\n'));
 
@@ -584,7 +584,7 @@ fn routes_json_and_yaml_are_the_go_documents() {
         .replace(GO_DATE, yaml_date)
         .replace(
             &format!("metalbondversion: {GO_VERSION}"),
-            &format!("metalbondversion: {}", metalbond::http::VERSION),
+            &format!("metalbondversion: {}", metalbond_http::VERSION),
         );
     assert_eq!(yaml, expected_yaml);
     let expected_yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&expected_yaml).unwrap();
@@ -715,7 +715,7 @@ fn raise_own_nofile() {
 fn binary_answers_an_endless_request_head_with_431_and_memory_stays_low() {
     let srv = StatusProcess::start(None);
     let rss_before = srv.status("VmRSS");
-    let limit = metalbond::http::HttpLimits::default().max_head_bytes;
+    let limit = metalbond_http::HttpLimits::default().max_head_bytes;
 
     // A head that reaches the limit without ending: 431. (Exactly the
     // limit, so the server has read every byte when it closes and the
@@ -786,7 +786,7 @@ fn binary_answers_an_endless_request_head_with_431_and_memory_stays_low() {
 fn binary_caps_idle_http_connections_without_a_thread_each_and_closes_idle_ones() {
     raise_own_nofile();
     let srv = StatusProcess::start(None);
-    let limits = metalbond::http::HttpLimits::default();
+    let limits = metalbond_http::HttpLimits::default();
     assert!(srv.metrics_answers());
     // Let the server close the scrape's connection before counting.
     std::thread::sleep(Duration::from_millis(300));

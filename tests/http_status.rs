@@ -17,12 +17,12 @@ mod http_support;
 mod prerequisite;
 
 use http_support::{browser_dom, closed_within, get, metric, scrape};
-use metalbond::http::{
+use metalbond_http::{
     serve, HttpError, HttpHandle, LatencyHistogram, MetricFamily, MetricKind, MetricsView,
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
 };
-use metalbond::session::SessionState;
-use metalbond::{IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::session::SessionState;
+use metalbond_wire::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// A tiny route owner: a table of routes and the counters a reflector keeps,
 /// updated by the test the way a shard would.
@@ -255,7 +255,7 @@ fn json_and_yaml_match_the_table() {
     assert_eq!(status, 200);
     assert_eq!(ctype, "application/json");
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(doc["metalbondVersion"], metalbond::http::VERSION);
+    assert_eq!(doc["metalbondVersion"], metalbond_http::VERSION);
     let date = doc["date"].as_str().unwrap();
     assert_eq!(date.len(), "2026-01-01 00:00:00".len(), "date {date}");
     assert_eq!(routes_from_document(&doc), want);
@@ -273,7 +273,7 @@ fn json_and_yaml_match_the_table() {
         }
     }
     assert_eq!(routes_from_document(&as_json), want);
-    assert_eq!(as_json["metalbondversion"], metalbond::http::VERSION);
+    assert_eq!(as_json["metalbondversion"], metalbond_http::VERSION);
 }
 
 #[test]
@@ -443,7 +443,7 @@ fn hundred_thousand_routes_stay_one_small_page() {
     assert!(body.contains("page 1 of 200"));
     assert_eq!(
         body.matches("<tr><td>10.").count(),
-        metalbond::http::ROWS_PER_PAGE
+        metalbond_http::ROWS_PER_PAGE
     );
     assert!(body.len() < 200_000, "page is {} bytes", body.len());
 
@@ -529,7 +529,7 @@ fn page_loads_in_a_headless_browser() {
 #[test]
 fn connection_cap_head_limit_and_timeouts_with_short_limits() {
     use std::io::{Read, Write};
-    let limits = metalbond::http::HttpLimits {
+    let limits = metalbond_http::HttpLimits {
         max_connections: 4,
         max_head_bytes: 8192,
         header_read_timeout: Duration::from_secs(1),
@@ -537,7 +537,7 @@ fn connection_cap_head_limit_and_timeouts_with_short_limits() {
     };
     let fleet = Arc::new(Fleet::default());
     let handle =
-        metalbond::http::serve_with_limits("127.0.0.1:0".parse().unwrap(), fleet.clone(), limits)
+        metalbond_http::serve_with_limits("127.0.0.1:0".parse().unwrap(), fleet.clone(), limits)
             .unwrap();
     let srv = Running {
         fleet,

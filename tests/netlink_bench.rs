@@ -15,8 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
-use metalbond::{IpNet, NextHop, Vni};
+use metalbond_netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
+use metalbond_wire::{IpNet, NextHop, Vni};
 
 const ROUTES: u32 = 100_000;
 const DEV: &str = "mbtun0";
@@ -63,7 +63,7 @@ fn measure(ns: &support::Netns, v6: bool, hops: u32) {
         device: DEV.into(),
         ipv4_only: false,
         cleanup_on_exit: false,
-        reconcile_interval: metalbond::netlink::DEFAULT_RECONCILE_INTERVAL,
+        reconcile_interval: metalbond_netlink::DEFAULT_RECONCILE_INTERVAL,
         stale_hold: None,
     };
     let shard = ns.run(move || KernelRoutes::start(config)).unwrap();

@@ -8,8 +8,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use metalbond::netlink::{KernelRoutes, KernelRoutesConfig, KernelTable, NetlinkError};
-use metalbond::{IpNet, NextHop, NextHopKind, Vni};
+use metalbond_netlink::{KernelRoutes, KernelRoutesConfig, KernelTable, NetlinkError};
+use metalbond_wire::{IpNet, NextHop, NextHopKind, Vni};
 use support::Netns;
 
 const DEV: &str = "mbtun0";

@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metalbond::Route;
+use metalbond_wire::Route;
 use server_support::process::{free_port, server, wait_exit, wait_listening, ChildGuard};
 use server_support::{add, remove, route, TestPeer, WAIT};
 
@@ -459,9 +459,9 @@ fn diff_usage_and_unreachable_sides_have_their_exit_statuses() {
 /// A route in VNI 23 to `prefix` via 2001:db8::`hop`.
 fn to(prefix: &str, hop: u16) -> Route {
     Route::new(
-        metalbond::Vni::new(23).unwrap(),
+        metalbond_wire::Vni::new(23).unwrap(),
         prefix.parse().unwrap(),
-        metalbond::NextHop::standard(std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+        metalbond_wire::NextHop::standard(std::net::IpAddr::V6(std::net::Ipv6Addr::new(
             0x2001, 0xdb8, 0, 0, 0, 0, 0, hop,
         ))),
     )

@@ -24,8 +24,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http_support::{get, metric, metric_sum, scrape};
-use metalbond::codec::Message;
-use metalbond::{Action, NextHop, NextHopKind, Route};
+use metalbond_wire::codec::Message;
+use metalbond_wire::{Action, NextHop, NextHopKind, Route};
 use server_support::process::*;
 use server_support::*;
 
@@ -456,8 +456,8 @@ fn policy_check_prints_grants_explains_a_peer_and_sets_the_exit_status() {
 /// In-process server with a policy given as text (no file: `reload` is not
 /// part of this test).
 fn in_process(policy: &str) -> TestServer {
-    let policy = metalbond::policy::Policy::from_yaml("test", policy).unwrap();
-    let store = std::sync::Arc::new(metalbond::policy::PolicyStore::from_policy(policy));
+    let policy = metalbond_policy::Policy::from_yaml("test", policy).unwrap();
+    let store = std::sync::Arc::new(metalbond_policy::PolicyStore::from_policy(policy));
     TestServer::with(2, move |c| c.policy = Some(store))
 }
 
@@ -697,7 +697,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// written plus lines suppressed account for every refusal counted.
 #[test]
 fn refused_sessions_share_one_log_budget_and_a_summary_counts_the_rest() {
-    use metalbond::policy::refusal_log::{BUDGET_LINES, BUDGET_WINDOW};
+    use metalbond_policy::refusal_log::{BUDGET_LINES, BUDGET_WINDOW};
     let file = PolicyFile::new(
         "budget",
         "version: 1\nrules:\n  - name: tenants\n    peers: [127.1.0.0/16]\n    announce:\n      - vnis: [100]\n        prefixes: [10.1.0.0/16]\n        next_hops: [self]\n",

@@ -7,8 +7,8 @@ mod server_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use metalbond::codec::Message;
-use metalbond::Action;
+use metalbond_wire::codec::Message;
+use metalbond_wire::Action;
 use server_support::*;
 
 #[test]

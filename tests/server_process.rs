@@ -57,7 +57,7 @@ fn a_panicking_shard_ends_the_process_at_once() {
     let after = up.elapsed();
     assert_eq!(
         status.code(),
-        Some(metalbond::panic_policy::PANIC_EXIT_STATUS),
+        Some(metalbond_utils::panic_policy::PANIC_EXIT_STATUS),
         "{status:?}"
     );
     assert!(
@@ -156,12 +156,12 @@ fn listens_on_ipv6_and_ipv4_at_once() {
     };
     let mut a = connect_when_up(v6);
     let b = connect_when_up(v4);
-    a.send(&metalbond::codec::Message::Subscribe(vni(1)));
+    a.send(&metalbond_wire::codec::Message::Subscribe(vni(1)));
     a.sync_point();
     b.send(&add(route(1, 1, 1)));
     assert_eq!(
         a.recv_update(WAIT),
-        Some((metalbond::Action::Add, route(1, 1, 1)))
+        Some((metalbond_wire::Action::Add, route(1, 1, 1)))
     );
     unsafe {
         libc::kill(child.0.id() as i32, libc::SIGTERM);
@@ -298,7 +298,7 @@ fn sighup_is_logged_and_ignored() {
         "SIGHUP ended the server"
     );
     // Still serving: the old session and a new one.
-    before.send(&metalbond::codec::Message::Subscribe(vni(2)));
+    before.send(&metalbond_wire::codec::Message::Subscribe(vni(2)));
     assert!(before.sync_point().is_empty());
     drop(connect_when_up(addr));
     let log = stop_and_read_log(child, &path);

@@ -5,8 +5,8 @@ mod server_support;
 
 use std::time::{Duration, Instant};
 
-use metalbond::codec::Message;
-use metalbond::Action;
+use metalbond_wire::codec::Message;
+use metalbond_wire::Action;
 use server_support::*;
 
 #[test]

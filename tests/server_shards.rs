@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use metalbond::codec::Message;
-use metalbond::{Action, Route};
+use metalbond_wire::codec::Message;
+use metalbond_wire::{Action, Route};
 use server_support::*;
 
 #[test]

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use metalbond::codec::FrameDecoder;
-use metalbond::session::{PeerSession, Reaction, Role, SessionState};
+use metalbond_wire::codec::FrameDecoder;
+use metalbond_wire::session::{PeerSession, Reaction, Role, SessionState};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metalbond::codec::{encode_frame, FrameDecoder};
+use metalbond_wire::codec::{encode_frame, FrameDecoder};
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks the chunk size, so splits vary with the input.

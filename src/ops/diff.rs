@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use super::fetch::{self, FetchError};
 use super::route_json;
-use crate::digest::VniDigest;
-use crate::types::{IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::digest::VniDigest;
+use metalbond_wire::types::{IpNet, NextHop, NextHopKind, Route, Vni};
 
 /// `metalbond diff`: compares the route sets of two daemons, VNI by VNI.
 #[derive(clap::Args, Debug)]

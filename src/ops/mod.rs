@@ -16,8 +16,8 @@ pub mod fetch;
 pub mod show;
 pub mod watch;
 
-use crate::http::next_hop_json;
-use crate::types::Route;
+use metalbond_http::next_hop_json;
+use metalbond_wire::types::Route;
 
 /// A route as a JSON object: `vni`, `prefix`, `next_hop`.
 pub fn route_json(r: &Route) -> serde_json::Value {

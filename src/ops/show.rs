@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::fetch::{self, FetchError};
-use crate::types::{IpNet, Vni};
+use metalbond_wire::types::{IpNet, Vni};
 
 /// `metalbond show`: a running daemon's summary, peers or routes.
 #[derive(clap::Args, Debug)]

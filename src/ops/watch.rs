@@ -22,9 +22,9 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::client::cli::{parse_server, parse_subscribe};
-use crate::client::{Client, ClientConfig, PresentChange, DEFAULT_STREAM_CAPACITY};
-use crate::types::{Route, Vni};
+use crate::cmd::client::{parse_server, parse_subscribe};
+use metalbond_client::{Client, ClientConfig, PresentChange, DEFAULT_STREAM_CAPACITY};
+use metalbond_wire::types::{Route, Vni};
 
 /// How long the end of a watch waits for the session to close cleanly.
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -144,7 +144,7 @@ fn json_line(at: SystemTime, change: PresentChange) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{NextHop, NextHopKind};
+    use metalbond_wire::types::{NextHop, NextHopKind};
     use std::time::UNIX_EPOCH;
 
     fn route(kind: NextHopKind) -> Route {

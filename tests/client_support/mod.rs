@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use metalbond::client::{ClientConfig, RouteSink};
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::session::{PeerSession, Reaction, Role};
-use metalbond::{Action, IpNet, NextHop, Route, Vni};
+use metalbond_client::{ClientConfig, RouteSink};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::session::{PeerSession, Reaction, Role};
+use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
 /// Generous bound for anything that should take milliseconds.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -60,8 +60,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use metalbond::codec::{encode_frame, Message, MessageType, HEADER_LEN, VERSION};
-use metalbond::{Action, Route, Vni};
+use metalbond_wire::codec::{encode_frame, Message, MessageType, HEADER_LEN, VERSION};
+use metalbond_wire::{Action, Route, Vni};
 
 /// The Go reader's buffer (`buf := make([]byte, 65535)`): a read of this
 /// size or more resets the session.

@@ -458,8 +458,12 @@ impl KernelSampler {
 /// Announces `n` IPv4 /32 routes in `vni` through `client`: 10.0.0.0,
 /// 10.0.0.1, ... spread over 16 next hops 2001:db8::1-16 (the load of the
 /// 100,000-route measurements).
-pub fn announce_numbered_routes(client: &metalbond::client::Client, vni: metalbond::Vni, n: u32) {
-    use metalbond::{IpNet, NextHop, Route};
+pub fn announce_numbered_routes(
+    client: &metalbond_client::Client,
+    vni: metalbond_wire::Vni,
+    n: u32,
+) {
+    use metalbond_wire::{IpNet, NextHop, Route};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     for i in 0..n {
         let dst = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).expect("a /32");

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use metalbond::codec::{encode_frame, FrameDecoder, Message};
-use metalbond::server::{PeerInfo, Server, ServerConfig, ServerHandle, ServerStats};
-use metalbond::{Action, NextHop, Route, Vni};
+use metalbond_server::{PeerInfo, Server, ServerConfig, ServerHandle, ServerStats};
+use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
+use metalbond_wire::{Action, NextHop, Route, Vni};
 
 pub mod process;
 

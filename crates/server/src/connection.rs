@@ -1,0 +1,810 @@
+//! One connection's transport: its bytes in and out, and how it closes.
+//!
+//! Owns: the accepted socket split for its two tasks (`Transport`), the
+//! `Connection` (the peer's `OutQueue`, the writer's wake-up, the
+//! close latch: the first `CloseReason` wins and wakes reader and writer,
+//! traffic counters), the writer task (the `OutQueue` → vectored
+//! non-blocking `sendmsg` of shared buffers via socket2, falling back to
+//! glommio's readiness wait when the socket is full, bounded by
+//! `--write-stall-timeout`), the reader's adaptive `ReadBuf` and the race
+//! the read loop waits on (`next_read_event`).
+//!
+//! ```text
+//!   socket ──read──▶ next_read_event ──▶ peer::read_loop (messages)
+//!      ▲
+//!   write_loop ◀── OutQueue ◀── replies (HELLO, KEEPALIVE), Deliveries
+//! ```
+//!
+//! Idle sessions: every peer holds a `Connection` and a writer task for
+//! its life, 10,000 at once on a loaded server; the paths a connection that
+//! keeps up never takes (the wait for room in a full socket) are boxed
+//! futures, built when needed, not room in every writer task.
+//!
+//! Must never: interpret a message or touch the peer's routes (that is
+//! `peer`), block the shard (all socket I/O is non-blocking), or import
+//! `peer` or `shard`.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::config::PeerLimits;
+use super::context::ShardContext;
+use super::event::{EventWait, LocalEvent};
+use super::out_queue::{OutQueue, WriteBatch};
+use super::owner::OwnerInput;
+use super::PeerId;
+use metalbond_utils::pacing::{self, Budget, ReaderPacer, TcpWindow};
+use metalbond_wire::codec::Message;
+use metalbond_wire::session::CloseReason;
+
+/// Heap read buffer of a peer whose reads filled the quiet buffer
+/// (`READ_BUF_QUIET`): the first step of its growth.
+pub(crate) const READ_BUF_MIN: usize = 4 * 1024;
+/// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
+/// size while reads fill it, and goes back to the inline quiet buffer as
+/// soon as a read comes back short of `READ_BUF_MIN` (the burst is over) or
+/// the peer goes quiet (a session deadline fires).
+const READ_BUF_MAX: usize = 64 * 1024;
+/// Bytes handed to one write at most.
+const WRITE_BYTES: usize = 256 * 1024;
+/// Buffers per vectored write at most.
+const WRITE_PARTS: usize = 64;
+
+/// A connection's transport state, shared by its reader, its writer and the
+/// shard (deliveries, snapshots, shutdown).
+pub(crate) struct Connection {
+    /// Identity (shard + sequence), for the owner's `SyncWritten`.
+    id: PeerId,
+    /// Pending output: session replies and deliveries.
+    out: RefCell<OutQueue>,
+    /// Wakes the writer when output is queued or the connection is closed.
+    writer_wake: LocalEvent,
+    /// Wakes the reader (and a writer waiting for room) when the connection
+    /// is closed from elsewhere.
+    close_event: LocalEvent,
+    /// The first reason the connection was closed for; set = closing.
+    close_reason: OnceCell<CloseReason>,
+    /// Frames received.
+    frames_in: Cell<u64>,
+    /// Bytes received.
+    bytes_in: Cell<u64>,
+    /// Frames written.
+    frames_out: Cell<u64>,
+    /// Bytes written.
+    bytes_out: Cell<u64>,
+    /// How far behind the peer is: at this instant, output up to this
+    /// byte count (`bytes_out` + queued) was queued; while `bytes_out` is
+    /// below it, that output still waits. Moved on by the writer whenever
+    /// the peer caught up with it; `None` while nothing is queued. See
+    /// `push_control`.
+    behind_mark: Cell<Option<(Instant, u64)>>,
+}
+
+/// What a connection has moved so far, for snapshots.
+pub(crate) struct Traffic {
+    /// Frames received.
+    pub frames_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Frames written.
+    pub frames_out: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+}
+
+impl Connection {
+    /// A fresh connection of peer `id`, its queue bounded by `limits`.
+    pub(crate) fn new(id: PeerId, limits: &PeerLimits) -> Connection {
+        Connection {
+            id,
+            out: RefCell::new(OutQueue::new(
+                id,
+                limits.max_queued_bytes,
+                limits.max_coalesced_routes,
+            )),
+            writer_wake: LocalEvent::default(),
+            close_event: LocalEvent::default(),
+            close_reason: OnceCell::new(),
+            frames_in: Cell::new(0),
+            bytes_in: Cell::new(0),
+            frames_out: Cell::new(0),
+            bytes_out: Cell::new(0),
+            behind_mark: Cell::new(None),
+        }
+    }
+
+    /// The peer declared in its HELLO that it reads as a stream: its output
+    /// goes out unpaced from now on.
+    pub(crate) fn peer_reads_stream(&self) {
+        self.out.borrow_mut().mark_peer_reads_stream();
+    }
+
+    /// Closes the connection for `reason` unless already closing (the first
+    /// reason wins and is the one logged and counted).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        if self.close_reason.set(reason).is_err() {
+            return;
+        }
+        self.close_event.notify();
+        self.writer_wake.notify();
+    }
+
+    /// Is the connection closing?
+    pub(crate) fn is_closed(&self) -> bool {
+        self.close_reason.get().is_some()
+    }
+
+    /// Why it is closing, if it is.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.get().cloned()
+    }
+
+    /// Notified when the connection is closed.
+    pub(crate) fn close_event(&self) -> &LocalEvent {
+        &self.close_event
+    }
+
+    /// The pending output (deliveries are queued here, then `wake_writer`).
+    pub(crate) fn out(&self) -> &RefCell<OutQueue> {
+        &self.out
+    }
+
+    /// Tells the writer that output is queued.
+    pub(crate) fn wake_writer(&self) {
+        self.writer_wake.notify();
+    }
+
+    /// Queues a session reply (a KEEPALIVE only if none is waiting already,
+    /// see `OutQueue::push_control`). A peer that does not read at all is
+    /// cut off by the writer's stall timeout; meanwhile it costs one reply.
+    /// A KEEPALIVE goes ahead of routes queued `interval` (the session's
+    /// keepalive interval) ago or earlier and still unwritten: a Go peer
+    /// working through a paced backlog would otherwise miss our replies
+    /// for its hold time (2.5 intervals; its timer runs on KEEPALIVEs
+    /// only) and reset. A peer that keeps up, even under a flood, is never
+    /// that far behind, so its replies keep their place: a barrier.
+    pub(crate) fn push_control(&self, msg: &Message, interval: Duration) {
+        let ahead = self
+            .behind_mark
+            .get()
+            .is_some_and(|(at, mark)| self.bytes_out.get() < mark && at.elapsed() >= interval);
+        if self.out.borrow_mut().push_control(msg, ahead) {
+            self.writer_wake.notify();
+        }
+    }
+
+    /// Moves the behind mark on once the peer has taken everything that was
+    /// queued when it was set (see `behind_mark`).
+    fn mark_behind(&self, now: Instant) {
+        let out = self.bytes_out.get();
+        if self.behind_mark.get().is_none_or(|(_, mark)| out >= mark) {
+            let queued = self.out.borrow().queued_bytes() as u64;
+            self.behind_mark.set(Some((now, out + queued)));
+        }
+    }
+
+    /// Counts one read: `bytes` received, `frames` decoded from them.
+    pub(crate) fn count_read(&self, frames: u64, bytes: usize) {
+        self.bytes_in.set(self.bytes_in.get() + bytes as u64);
+        self.frames_in.set(self.frames_in.get() + frames);
+    }
+
+    /// What the connection has moved so far.
+    pub(crate) fn traffic(&self) -> Traffic {
+        Traffic {
+            frames_in: self.frames_in.get(),
+            bytes_in: self.bytes_in.get(),
+            frames_out: self.frames_out.get(),
+            bytes_out: self.bytes_out.get(),
+        }
+    }
+}
+
+/// A freshly accepted connection, split for its two tasks. Built before
+/// the session task, so that task holds the two halves (two pointers) and
+/// not the 120-byte stream it would keep a copy of for the session's life.
+pub(crate) struct Transport {
+    /// The reading half, for the session task.
+    pub(crate) reader: ReadHalf<TcpStream>,
+    /// The writing half, for the writer task.
+    pub(crate) writer: WriteHalf<TcpStream>,
+    /// The socket's descriptor, for the writer's vectored writes.
+    pub(crate) sock: SocketFd,
+    /// The peer's address, read once at accept (see `remote_addr`).
+    pub(crate) remote: SocketAddr,
+}
+
+impl Transport {
+    /// Sets `TCP_NODELAY` on `stream` (replies and deliveries are written
+    /// whole; Nagle would only delay them) and splits it.
+    pub(crate) fn new(stream: TcpStream) -> Transport {
+        let _ = stream.set_nodelay(true);
+        let sock = SocketFd::of(&stream);
+        let remote = remote_addr(&stream);
+        let (reader, writer) = futures_lite::io::split(stream);
+        Transport {
+            reader,
+            writer,
+            sock,
+            remote,
+        }
+    }
+}
+
+/// A connected socket's descriptor, for socket2's calls on it while
+/// futures-lite's split halves hold the stream. Valid as long as the
+/// `TcpStream` it came from: the writer task holds both.
+#[derive(Clone, Copy)]
+pub(crate) struct SocketFd(RawFd);
+
+impl SocketFd {
+    /// The descriptor of `stream`.
+    pub(crate) fn of(stream: &TcpStream) -> SocketFd {
+        SocketFd(stream.as_raw_fd())
+    }
+
+    /// A descriptor its owner keeps open while this copy is used (a
+    /// glommio listener does not expose its own).
+    pub(crate) fn from_raw(fd: RawFd) -> SocketFd {
+        SocketFd(fd)
+    }
+}
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// What woke the reader.
+pub(crate) enum ReadEvent {
+    /// The socket read returned (bytes, EOF or error).
+    Data(io::Result<usize>),
+    /// The session's next deadline passed (keepalive due or hold timer).
+    Deadline,
+    /// The connection was closed from elsewhere (writer, shard, shutdown).
+    Closed,
+    /// The peer policy was reloaded.
+    PolicyReloaded,
+}
+
+/// Waits for the first of: data (or EOF, or an error) on the socket, the
+/// session's deadline in `wait`, `closed`, `policy_reloaded`. The two wait
+/// futures are created by the caller before it checks their conditions,
+/// so no wake-up is lost.
+pub(crate) async fn next_read_event(
+    reader: &mut ReadHalf<TcpStream>,
+    buf: &mut ReadBuf,
+    wait: Duration,
+    closed: EventWait<'_>,
+    policy_reloaded: EventWait<'_>,
+) -> ReadEvent {
+    future::or(
+        async { ReadEvent::Data(reader.read(buf.as_mut()).await) },
+        future::or(
+            async {
+                glommio::timer::sleep(wait).await;
+                ReadEvent::Deadline
+            },
+            future::or(
+                async {
+                    closed.await;
+                    ReadEvent::Closed
+                },
+                async {
+                    policy_reloaded.await;
+                    ReadEvent::PolicyReloaded
+                },
+            ),
+        ),
+    )
+    .await
+}
+
+/// The writer task: moves the connection's `OutQueue` to the socket until
+/// the connection closes (or a write fails, which closes it). Paced (see
+/// `pacing`) until the peer has shown it reads as a stream.
+pub(crate) async fn write_loop(
+    shard: &ShardContext,
+    conn: &Connection,
+    mut writer: WriteHalf<TcpStream>,
+    sock: SocketFd,
+) {
+    let mut pacer = ReaderPacer::new(read_window(sock), Instant::now());
+    let mut drain = DrainWatch::new();
+    loop {
+        let wake = conn.writer_wake.wait();
+        if conn.is_closed() {
+            return;
+        }
+        let pending = conn.out.borrow().queued_bytes() as u64;
+        let stall = shard.config().limits.write_stall_timeout;
+        if let Some(reason) = drain.check(stall, conn.bytes_out.get(), pending, Instant::now()) {
+            conn.close(reason);
+            return;
+        }
+        let wb = match next_write(conn, &mut pacer, sock) {
+            NextWrite::Batch(wb) => wb,
+            NextWrite::Wait(d) => {
+                // A peer that takes nothing meanwhile is cut off by
+                // `drain` above, paced or not.
+                conn.mark_behind(Instant::now());
+                let closed = conn.close_event.wait();
+                if !conn.is_closed() {
+                    future::or(closed, glommio::timer::sleep(d)).await;
+                }
+                continue;
+            }
+        };
+        if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            conn.behind_mark.set(None);
+            wake.await;
+            continue;
+        }
+        if !wb.parts.is_empty() {
+            match write_parts(conn, &mut writer, sock, &wb.parts, shard, &mut drain).await {
+                Ok(calls) => {
+                    let now = Instant::now();
+                    if pacer.wrote(wb.bytes, now) {
+                        tracing::debug!("peer reads as a stream: output no longer paced");
+                    }
+                    conn.out.borrow_mut().written(wb.bytes);
+                    conn.frames_out
+                        .set(conn.frames_out.get() + wb.frames as u64);
+                    conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
+                    conn.mark_behind(now);
+                    shard
+                        .counters()
+                        .written(wb.frames, wb.updates, wb.bytes, calls);
+                    for born in &wb.fanout_born {
+                        shard
+                            .counters()
+                            .fanout_written(now.saturating_duration_since(*born));
+                    }
+                }
+                Err(WriteFailed::AlreadyClosed) => return,
+                Err(WriteFailed::Close(reason)) => {
+                    conn.close(reason);
+                    return;
+                }
+            }
+        }
+        for tag in wb.sync_written {
+            shard.to_owner(tag.vni, OwnerInput::SyncWritten { peer: conn.id, tag });
+        }
+        // A subscriber that reads as fast as we write never fills its
+        // socket, so nothing above waits: without this, draining a large
+        // backlog (or a coalesced map of millions of routes) would hold the
+        // shard.
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Least a peer with output waiting must take per write-stall timeout to
+/// count as draining: 64 KiB, about 550 bytes a second at the default
+/// 120 s, far below the slowest real reader (a Go peer at a few thousand
+/// routes a second takes 100 KiB a second and more).
+const DRAIN_MIN_BYTES: u64 = 64 * 1024;
+
+/// Is a peer taking its output at a useful rate? A socket that accepts a
+/// trickle (a peer that never reads, whose kernel still collapses its
+/// receive queue to make room and reopens its window a little) keeps
+/// single writes from stalling; this looks at what was written over each
+/// `--write-stall-timeout` instead.
+struct DrainWatch {
+    /// Start of the current window, `None` while nothing waits: output has
+    /// been waiting since then.
+    since: Option<Instant>,
+    /// Bytes written before the window started.
+    written_then: u64,
+    /// Most bytes seen waiting in the window (at most `DRAIN_MIN_BYTES`):
+    /// a peer that took that many kept up, however little it was.
+    pending_then: u64,
+}
+
+impl DrainWatch {
+    fn new() -> DrainWatch {
+        DrainWatch {
+            since: None,
+            written_then: 0,
+            pending_then: 0,
+        }
+    }
+
+    /// `written`: the connection's bytes written so far; `pending`: bytes
+    /// waiting to be written. A stall reason when, over a whole window with
+    /// output waiting all along, the peer took less than `DRAIN_MIN_BYTES`
+    /// and less than what waited in it.
+    fn check(
+        &mut self,
+        stall: Option<Duration>,
+        written: u64,
+        pending: u64,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let stall = stall?;
+        if pending == 0 {
+            self.since = None;
+            return None;
+        }
+        let Some(since) = self.since else {
+            self.start(now, written, pending);
+            return None;
+        };
+        self.pending_then = self.pending_then.max(pending.min(DRAIN_MIN_BYTES));
+        if now.saturating_duration_since(since) < stall {
+            return None;
+        }
+        if written - self.written_then < self.pending_then {
+            return Some(CloseReason::WriteStall(stall));
+        }
+        self.start(now, written, pending);
+        None
+    }
+
+    /// A new window: `pending` bytes wait now.
+    fn start(&mut self, now: Instant, written: u64, pending: u64) {
+        self.since = Some(now);
+        self.written_then = written;
+        self.pending_then = pending.min(DRAIN_MIN_BYTES);
+    }
+}
+
+/// What the writer does next.
+enum NextWrite {
+    /// Write this (empty: nothing is queued).
+    Batch(WriteBatch),
+    /// Paced and the peer has not read enough: look again after this long.
+    Wait(Duration),
+}
+
+/// The next write: everything the socket takes for a peer that streams,
+/// whole frames within the pacing budget for one that is paced.
+fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> NextWrite {
+    let mut out = conn.out.borrow_mut();
+    if !pacer.is_streaming() && out.peer_reads_stream() {
+        tracing::debug!("peer declared it reads as a stream: output not paced");
+        pacer.stream();
+    }
+    if pacer.is_streaming() {
+        return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
+    }
+    let Some(next) = out.next_frame_len() else {
+        return NextWrite::Batch(out.take_frames(0, WRITE_PARTS));
+    };
+    loop {
+        match pacer.budget(next, Instant::now()) {
+            Budget::Unlimited => {
+                return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS))
+            }
+            Budget::Frames { bytes, segment } => {
+                return NextWrite::Batch(out.take_frames(bytes.min(segment), WRITE_PARTS))
+            }
+            Budget::Probe => return NextWrite::Batch(out.take_frames(next, 1)),
+            Budget::Wait(d) => return NextWrite::Wait(d),
+            Budget::Measure => match read_window(sock) {
+                Some(w) => {
+                    tracing::trace!(?w, ?pacer, "peer's TCP window");
+                    pacer.observe(w, Instant::now())
+                }
+                None => pacer.stream(),
+            },
+        }
+    }
+}
+
+/// `TCP_INFO` of the peer's socket; `None` when the kernel cannot tell the
+/// window (said once per process: output is then not paced).
+fn read_window(sock: SocketFd) -> Option<TcpWindow> {
+    // SAFETY: the writer task holds the stream `sock` came from.
+    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    match pacing::tcp_window(fd) {
+        Ok(Some(w)) => Some(w),
+        Ok(None) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "this kernel does not report the peer's TCP window (tcpi_snd_wnd, \
+                     Linux >= 5.4): output is not paced, and Go peers may reset on \
+                     syncs of thousands of routes"
+                )
+            });
+            None
+        }
+        // The connection is going away; the next write says why.
+        Err(_) => None,
+    }
+}
+
+/// Why `write_parts` stopped.
+enum WriteFailed {
+    /// The connection was closed from elsewhere meanwhile (its reason is
+    /// already recorded).
+    AlreadyClosed,
+    /// The write failed or stalled: close for this reason.
+    Close(CloseReason),
+}
+
+/// Writes all of `parts`: vectored non-blocking `sendmsg` while the socket
+/// takes data, glommio's readiness-aware write when it is full. Returns the
+/// number of write calls made.
+async fn write_parts(
+    conn: &Connection,
+    writer: &mut WriteHalf<TcpStream>,
+    sock: SocketFd,
+    parts: &[Bytes],
+    shard: &ShardContext,
+    drain: &mut DrainWatch,
+) -> Result<usize, WriteFailed> {
+    let stall = shard.config().limits.write_stall_timeout;
+    let mut idx = 0;
+    let mut off = 0;
+    let mut calls = 0;
+    let mut sent = 0u64;
+    while idx < parts.len() {
+        let n = match send_vectored(sock, &parts[idx..], off) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A socket that takes a trickle never stalls one write.
+                let written = conn.bytes_out.get() + sent;
+                let pending = conn.out.borrow().queued_bytes() as u64;
+                if let Some(reason) = drain.check(stall, written, pending, Instant::now()) {
+                    return Err(WriteFailed::Close(reason));
+                }
+                // Boxed: only a peer that does not keep up gets here, and
+                // the wait's state (write, timer, close) would otherwise
+                // take room in every connection's writer task.
+                Box::pin(write_when_room(conn, writer, &parts[idx][off..], stall)).await?
+            }
+            Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+        };
+        calls += 1;
+        sent += n as u64;
+        // Advance over what was written.
+        let mut left = n;
+        while left > 0 && idx < parts.len() {
+            let avail = parts[idx].len() - off;
+            if left >= avail {
+                left -= avail;
+                idx += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// The socket is full: waits for room and writes (part of) `bytes` with
+/// glommio's readiness-aware write, bounded by the stall timeout, or stops
+/// when the connection is closed from elsewhere. Returns the bytes written.
+async fn write_when_room(
+    conn: &Connection,
+    writer: &mut WriteHalf<TcpStream>,
+    bytes: &[u8],
+    stall: Option<Duration>,
+) -> Result<usize, WriteFailed> {
+    let closed = conn.close_event.wait();
+    if conn.is_closed() {
+        return Err(WriteFailed::AlreadyClosed);
+    }
+    let write = async { Some(writer.write(bytes).await) };
+    let stop = async {
+        match stall {
+            Some(d) => {
+                future::or(closed, glommio::timer::sleep(d)).await;
+            }
+            None => closed.await,
+        }
+        None
+    };
+    match future::or(write, stop).await {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => Err(WriteFailed::Close(CloseReason::Io(e.into()))),
+        None if conn.is_closed() => Err(WriteFailed::AlreadyClosed),
+        None => Err(WriteFailed::Close(CloseReason::WriteStall(
+            stall.unwrap_or_default(),
+        ))),
+    }
+}
+
+/// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
+/// MSG_DONTWAIT keeps the shard from blocking, MSG_NOSIGNAL turns a closed
+/// peer into EPIPE, not SIGPIPE.
+fn send_vectored(sock: SocketFd, parts: &[Bytes], offset: usize) -> io::Result<usize> {
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(WRITE_PARTS));
+    for (i, p) in parts.iter().take(WRITE_PARTS).enumerate() {
+        let slice = if i == 0 { &p[offset..] } else { &p[..] };
+        iov.push(IoSlice::new(slice));
+    }
+    socket2::SockRef::from(&sock)
+        .send_vectored_with_flags(&iov, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+}
+
+/// Takes a listening socket out of LISTEN at once (`shutdown(2)`), before
+/// it is dropped: an accept still queued in io_uring holds the socket open
+/// until the kernel tears the ring down, after the process may have exited,
+/// and a restarted server then found the port "in use" (seen in 4 of 30
+/// quick restarts). A new SO_REUSEADDR bind then succeeds.
+pub(crate) fn stop_listening(listener: &impl AsRawFd) {
+    if let Err(e) = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Both) {
+        tracing::debug!(error = %e, "shutdown of a listening socket failed");
+    }
+}
+
+/// The remote address of `stream`, or `[::]:0` if the socket already lost
+/// it (the peer reset the connection before we asked).
+pub(crate) fn remote_addr(stream: &TcpStream) -> SocketAddr {
+    stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+}
+
+/// Bytes a quiet peer is read with: enough for its KEEPALIVEs, a HELLO and
+/// a few UPDATEs. Held inline in the session task, so a quiet peer holds
+/// no read buffer on the heap (10,000 idle peers × `READ_BUF_MIN` was
+/// 40 MiB of the server's memory).
+pub(crate) const READ_BUF_QUIET: usize = 256;
+
+/// The reader's socket buffer: inline and small while the peer is quiet,
+/// on the heap and grown while its reads fill it (a burst of UPDATEs),
+/// shrunk again after.
+pub(crate) struct ReadBuf {
+    /// Where a quiet peer is read into (used while `grown` is empty).
+    quiet: [u8; READ_BUF_QUIET],
+    /// The buffer of a busy peer, `READ_BUF_MIN` to `READ_BUF_MAX` bytes;
+    /// empty (no allocation) while the peer is quiet.
+    grown: Vec<u8>,
+}
+
+impl ReadBuf {
+    /// A quiet buffer: nothing on the heap.
+    pub(crate) fn new() -> ReadBuf {
+        ReadBuf {
+            quiet: [0u8; READ_BUF_QUIET],
+            grown: Vec::new(),
+        }
+    }
+
+    /// The slice to read into.
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
+        if self.grown.is_empty() {
+            &mut self.quiet
+        } else {
+            &mut self.grown
+        }
+    }
+
+    /// Current size.
+    fn len(&self) -> usize {
+        if self.grown.is_empty() {
+            READ_BUF_QUIET
+        } else {
+            self.grown.len()
+        }
+    }
+
+    /// After a read of `n` bytes: grow when it filled the buffer; give a
+    /// grown buffer back when the read was shorter than `READ_BUF_MIN` (the
+    /// burst is over). A peer that announces a few dozen routes at start-up
+    /// used to keep 4 KiB until its next read, a keepalive interval later:
+    /// 8 MiB of a 2,000-peer fleet's start.
+    pub(crate) fn adapt(&mut self, n: usize) {
+        let len = self.len();
+        if n == len && len < READ_BUF_MAX {
+            let next = if self.grown.is_empty() {
+                READ_BUF_MIN
+            } else {
+                (len * 4).min(READ_BUF_MAX)
+            };
+            self.grown = vec![0u8; next];
+        } else if n < READ_BUF_MIN && !self.grown.is_empty() {
+            self.grown = Vec::new();
+        }
+    }
+
+    /// The peer went quiet: back to the inline buffer, releasing the heap one.
+    pub(crate) fn shrink(&mut self) {
+        self.grown = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_taking_a_trickle_is_stalled_one_taking_a_stream_is_not() {
+        let t = Instant::now();
+        let s = |secs| t + Duration::from_secs(secs);
+        let stall = Some(Duration::from_secs(10));
+        let mut d = DrainWatch::new();
+        // Output waiting, 100 bytes a second: stalled after one window.
+        for sec in 0..10 {
+            assert!(d.check(stall, sec * 100, 1 << 20, s(sec)).is_none());
+        }
+        assert!(matches!(
+            d.check(stall, 1_000, 1 << 20, s(10)),
+            Some(CloseReason::WriteStall(_))
+        ));
+        // 100 KiB a second (a slow Go peer) goes on for ever.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            assert!(d.check(stall, sec * 100 * 1024, 1 << 20, s(sec)).is_none());
+        }
+        // Nothing waiting now and then: no stall, however little was written.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            let pending = if sec % 5 == 0 { 0 } else { 1 << 20 };
+            assert!(d.check(stall, 0, pending, s(sec)).is_none());
+        }
+        // A few bytes waiting all the time (KEEPALIVE replies to a busy
+        // announcer), each taken: no stall.
+        let mut d = DrainWatch::new();
+        for sec in 0..100 {
+            assert!(d.check(stall, sec * 4, 4, s(sec)).is_none());
+        }
+        // Output after a long idle spell starts a new window.
+        let mut d = DrainWatch::new();
+        assert!(d.check(stall, 0, 0, s(0)).is_none());
+        assert!(d.check(stall, 0, 4, s(100)).is_none());
+        assert!(d.check(stall, 4, 4, s(105)).is_none());
+        assert!(d.check(stall, 8, 4, s(110)).is_none());
+        // No timeout configured: never.
+        let mut d = DrainWatch::new();
+        assert!(d.check(None, 0, 1 << 20, s(1_000)).is_none());
+    }
+
+    #[test]
+    fn read_buffer_grows_while_reads_fill_it_and_shrinks_after() {
+        let mut b = ReadBuf::new();
+        assert_eq!(b.len(), READ_BUF_QUIET);
+        assert_eq!(b.grown.capacity(), 0, "a new peer holds no heap buffer");
+        b.adapt(10);
+        assert_eq!(
+            b.len(),
+            READ_BUF_QUIET,
+            "a short read keeps the quiet buffer"
+        );
+        b.adapt(READ_BUF_QUIET);
+        assert_eq!(b.len(), READ_BUF_MIN, "a full quiet read moves to the heap");
+        b.adapt(100);
+        assert_eq!(b.len(), READ_BUF_QUIET, "a short read ends the burst");
+        assert_eq!(b.grown.capacity(), 0);
+        b.adapt(READ_BUF_QUIET);
+        b.adapt(READ_BUF_MIN);
+        assert_eq!(b.len(), READ_BUF_MIN * 4);
+        b.adapt(READ_BUF_MIN * 4);
+        assert_eq!(b.len(), READ_BUF_MAX);
+        b.adapt(READ_BUF_MAX);
+        assert_eq!(b.len(), READ_BUF_MAX, "never beyond the maximum");
+        b.adapt(READ_BUF_MIN * 2);
+        assert_eq!(b.len(), READ_BUF_MAX, "a medium read keeps the size");
+        b.adapt(10);
+        assert_eq!(
+            b.len(),
+            READ_BUF_QUIET,
+            "a short read gives a grown buffer back"
+        );
+        b.adapt(READ_BUF_QUIET);
+        assert_eq!(b.len(), READ_BUF_MIN);
+        b.shrink();
+        assert_eq!(
+            b.len(),
+            READ_BUF_QUIET,
+            "an idle peer gives the heap buffer back"
+        );
+        assert_eq!(b.grown.capacity(), 0);
+        assert_eq!(b.as_mut().len(), READ_BUF_QUIET);
+    }
+}

@@ -1,0 +1,800 @@
+//! One peer: its session, what it announced and subscribed, and the
+//! exactly-once cleanup when it leaves.
+//!
+//! Owns: the per-peer state (`PeerConn`: session state, subscriptions,
+//! counts for snapshots, the peer's log span), the session task (`run`:
+//! handshake, the read loop turning frames into owner inputs, limits and
+//! policy) and the cleanup on disconnect: whatever ends the connection (EOF,
+//! error, keepalive timeout, protocol violation, slow peer, shutdown),
+//! `Connection::close` records the first reason and wakes both tasks, and
+//! the session task then withdraws every route and subscription once
+//! (routes in chunks, `withdraw_all`, so a million of them do not stall the
+//! shard).
+//!
+//! ```text
+//!   connection::next_read_event ──frames──▶ read_loop ──OwnerInput──▶ ShardContext::to_owner
+//!                                              │ replies (HELLO, KEEPALIVE)
+//!                                              ▼
+//!   connection::write_loop ◀── OutQueue ◀── PeerConn::deliver ◀── shard (Delivery)
+//! ```
+//!
+//! Every event of a peer's tasks is logged inside its span (`peer`,
+//! `peer_id`, `shard`), created once per session, never per message.
+//!
+//! Must never: keep a session alive after dropping an update for it, touch
+//! the socket other than through `connection`, or import `shard` (it
+//! reaches its shard only through `ShardContext`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::io::ReadHalf;
+use glommio::net::TcpStream;
+use tracing::Instrument;
+
+use super::admission::HandshakeTicket;
+use super::connection::{self, Connection, ReadBuf, ReadEvent, Transport, READ_BUF_MIN};
+use super::context::ShardContext;
+use super::event::LocalEvent;
+use super::owner::{Delivery, OwnerInput};
+use super::route_set::RouteSet;
+use super::stats::PeerInfo;
+use super::PeerId;
+use metalbond_policy::{PeerPolicy, Verdict};
+use metalbond_wire::codec::{FrameDecoder, Message};
+use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
+use metalbond_wire::types::{Action, Route, Vni};
+
+/// A peer as its shard sees it: shared by its session task, its writer
+/// and the shard (deliveries, snapshots, eviction, shutdown).
+pub(crate) struct PeerConn {
+    /// Identity (shard + sequence).
+    id: PeerId,
+    /// Remote address, for snapshots and policy.
+    addr: SocketAddr,
+    /// The transport: output queue, close latch, traffic counts.
+    io: Connection,
+    /// The span every event about this peer is logged in.
+    span: tracing::Span,
+    /// Notified when the peer policy was reloaded: the reader resolves its
+    /// rule again and withdraws what became forbidden.
+    policy_event: LocalEvent,
+    /// Session state, for snapshots and counters.
+    state: Cell<SessionState>,
+    /// Negotiated keepalive.
+    keepalive: Cell<Duration>,
+    /// Routes currently announced.
+    routes_announced: Cell<usize>,
+    /// VNIs subscribed, each with its subscription's state (see
+    /// `Subscription`).
+    subscribed: RefCell<BTreeMap<Vni, Subscription>>,
+    /// SUBSCRIBEs so far (wrapping): numbers each subscription.
+    subscribe_count: Cell<u32>,
+    /// When the connection was accepted.
+    connected_since: SystemTime,
+}
+
+impl PeerConn {
+    /// A peer just accepted from `addr` on `shard`, with id `id`.
+    pub(crate) fn new(id: PeerId, addr: SocketAddr, shard: &ShardContext) -> PeerConn {
+        PeerConn {
+            id,
+            addr,
+            io: Connection::new(id, &shard.config().limits),
+            span: tracing::info_span!("peer", peer = %addr, peer_id = %id, shard = shard.index()),
+            policy_event: LocalEvent::default(),
+            state: Cell::new(SessionState::Connecting),
+            keepalive: Cell::new(shard.config().keepalive),
+            routes_announced: Cell::new(0),
+            subscribed: RefCell::new(BTreeMap::new()),
+            subscribe_count: Cell::new(0),
+            connected_since: SystemTime::now(),
+        }
+    }
+
+    /// Closes the connection for `reason` unless already closing (the first
+    /// reason wins and is the one logged and counted).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        self.io.close(reason);
+    }
+
+    /// Has the session completed its handshake?
+    pub(crate) fn is_established(&self) -> bool {
+        self.state.get() == SessionState::Established
+    }
+
+    /// The span of this peer's events.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The peer policy was reloaded: the session resolves its rule again.
+    pub(crate) fn policy_reloaded(&self) {
+        self.policy_event.notify();
+    }
+
+    /// Queues a delivery from an owner (or coalesces it, or cuts the peer
+    /// off if even coalescing is over its limit).
+    pub(crate) fn deliver(&self, d: &Delivery, counters: &super::stats::ShardCounters) {
+        if self.io.is_closed() {
+            return;
+        }
+        match (self.subscribed.borrow_mut().get_mut(&d.vni), d.sync) {
+            // Unsubscribed after the owner sent this: PROTOCOL.md says the
+            // peer stops receiving the VNI at its UNSUBSCRIBE. (A pending sync
+            // chunk is dropped too; the owner forgets the sync job when the
+            // UNSUBSCRIBE reaches it.)
+            (None, _) => return,
+            // This subscription's sync: what follows is for it too.
+            (Some(sub), Some(tag)) if tag.epoch == sub.epoch => sub.synced = true,
+            // From a previous subscription of the same VNI: a sync chunk
+            // of it, or anything before this subscription's first chunk.
+            (Some(_), Some(_)) => return,
+            (Some(sub), None) if !sub.synced => return,
+            (Some(_), None) => {}
+        }
+        let result = {
+            let mut out = self.io.out().borrow_mut();
+            let episodes = out.coalesce_episodes;
+            let r = match d.sync {
+                Some(tag) => {
+                    out.push_sync(&d.batch, tag);
+                    Ok(())
+                }
+                None => out.push_fanout(&d.batch),
+            };
+            if out.coalesce_episodes != episodes {
+                counters.coalesce_episode();
+                tracing::info!(
+                    parent: &self.span,
+                    queued = out.queued_bytes(),
+                    "slow subscriber: coalescing pending changes per route"
+                );
+            }
+            r
+        };
+        match result {
+            Ok(()) => self.io.wake_writer(),
+            Err(overflow) => self.close(CloseReason::SlowSubscriber {
+                pending: overflow.pending,
+                limit: overflow.limit,
+            }),
+        }
+    }
+
+    /// Snapshot for `ServerHandle::peers`.
+    pub(crate) fn info(&self, shard: usize) -> PeerInfo {
+        let out = self.io.out().borrow();
+        let traffic = self.io.traffic();
+        PeerInfo {
+            id: self.id,
+            addr: self.addr,
+            state: self.state.get(),
+            shard,
+            keepalive: self.keepalive.get(),
+            routes_announced: self.routes_announced.get(),
+            vnis_subscribed: self.subscribed.borrow().keys().copied().collect(),
+            frames_in: traffic.frames_in,
+            bytes_in: traffic.bytes_in,
+            frames_out: traffic.frames_out,
+            bytes_out: traffic.bytes_out,
+            queued_bytes: out.queued_bytes(),
+            coalesced_routes: out.coalesced_len(),
+            connected_since: self.connected_since,
+            grace_left: None,
+        }
+    }
+}
+
+/// One subscription of a peer, as its shard sees it.
+#[derive(Clone, Copy, Debug)]
+struct Subscription {
+    /// Which of the peer's SUBSCRIBEs made it: its sync chunks carry this
+    /// number, chunks of an earlier subscription of the VNI another.
+    epoch: u32,
+    /// Its first sync chunk has arrived. Until then, other deliveries for
+    /// the VNI are leftovers of an earlier subscription (sent before the
+    /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
+    synced: bool,
+}
+
+/// What the reader keeps about its peer.
+struct ReaderState {
+    /// The protocol state machine.
+    session: PeerSession,
+    /// The connection's place in the handshake queue (eviction candidates
+    /// at `--max-peers`), until ESTABLISHED.
+    handshake: Option<HandshakeTicket>,
+    /// Bytes → frames.
+    decoder: FrameDecoder,
+    /// Routes the peer announces, per VNI (withdrawn on disconnect).
+    announced: HashMap<Vni, RouteSet>,
+    /// Routes an UNSUBSCRIBE took out of `announced` whose withdrawals the
+    /// read loop still has to send (with `withdraw_all`, before it handles
+    /// the peer's next message, so they stay in order).
+    withdrawing: Vec<(Vni, RouteSet)>,
+    /// The peer's policy rule (`--policy`), resolved at session start and
+    /// again after a reload; `None` without a policy. Boxed: without
+    /// `--policy` a session holds a null pointer instead of 88 bytes.
+    policy: Option<Box<PeerPolicy>>,
+    /// The messages read since the last back-pressure check included a
+    /// routing message (work for an owner): the reader is subject to
+    /// back-pressure before its next read.
+    routed: bool,
+}
+
+/// The session of a freshly accepted connection, from the handshake to
+/// the cleanup; returns once the peer is gone and counted. The caller runs
+/// it inside `conn.span()` and has registered `conn` with its shard.
+///
+/// This future is most of what an idle session costs (10,000 of them are
+/// held at once): what it keeps across its awaits is kept small. The
+/// set-up is a plain function, the read loop holds only what a waiting
+/// reader needs, and the rare paths (withdrawals, the cleanup) are boxed
+/// futures allocated when they run. `transport` comes boxed: an async
+/// fn's arguments stay in its future for its whole life, the box is freed
+/// as soon as the session has started.
+pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: Box<Transport>) {
+    let (mut rs, reader, writer_task) = start(&shard, &conn, *transport);
+    let reason = read_loop(&shard, &conn, reader, &mut rs).await;
+    conn.close(reason);
+    writer_task.await;
+    Box::pin(finish(shard, conn, rs)).await;
+}
+
+/// The start of a session: counts and logs the connection, spawns its
+/// writer task (in the current span, the peer's) and resolves the peer's
+/// policy rule. Returns the reader's state, the reading half and the
+/// writer task.
+fn start(
+    shard: &Rc<ShardContext>,
+    conn: &Rc<PeerConn>,
+    transport: Transport,
+) -> (ReaderState, ReadHalf<TcpStream>, glommio::Task<()>) {
+    let Transport {
+        reader,
+        writer,
+        sock,
+        remote: _,
+    } = transport;
+    shard.counters().peer_connected();
+    tracing::info!("peer connected");
+
+    let writer_task = {
+        let shard = shard.clone();
+        let conn = conn.clone();
+        glommio::spawn_local(
+            async move { connection::write_loop(&shard, &conn.io, writer, sock).await }
+                .instrument(tracing::Span::current()),
+        )
+    };
+    let now = Instant::now();
+    let mut session = PeerSession::new(Role::Passive, shard.config().keepalive, now);
+    if let Some(timeout) = shard.config().limits.handshake_timeout {
+        session = session.with_handshake_timeout(timeout, now);
+    }
+    // The peer's source address is fixed for the session: its rule is
+    // found once. No rule: it may do nothing, so it is closed at once.
+    let policy = match &shard.config().policy {
+        None => None,
+        Some(store) => match PeerPolicy::resolve(store, conn.addr) {
+            Ok(p) => Some(Box::new(p)),
+            Err(reason) => {
+                close_for_policy(conn, reason);
+                None
+            }
+        },
+    };
+    let rs = ReaderState {
+        session,
+        handshake: Some(shard.admission().enter_handshake(conn.id)),
+        decoder: FrameDecoder::new(),
+        announced: HashMap::new(),
+        withdrawing: Vec::new(),
+        policy,
+        routed: false,
+    };
+    (rs, reader, writer_task)
+}
+
+/// The exactly-once cleanup of a session whose read loop ended and whose
+/// writer has stopped: unsubscribes, withdraws (or hands the routes to a
+/// ghost), counts and logs the departure. Only the session task gets here.
+async fn finish(shard: Rc<ShardContext>, conn: Rc<PeerConn>, mut rs: ReaderState) {
+    let id = conn.id;
+    let was_established = rs.session.is_established();
+    if was_established {
+        // Its routes and buffers are being freed: shards give the memory
+        // back to the system over the next seconds.
+        shard.admission().note_departure();
+    }
+    rs.session.close();
+    conn.state.set(SessionState::Closed);
+    let subscribed = std::mem::take(&mut *conn.subscribed.borrow_mut());
+    for vni in subscribed.into_keys() {
+        shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
+    }
+    // Routes of an explicit UNSUBSCRIBE still being withdrawn go at once.
+    withdraw_taken(&shard, id, std::mem::take(&mut rs.withdrawing)).await;
+    let announced = std::mem::take(&mut rs.announced);
+    let reason = conn.io.close_reason().unwrap_or(CloseReason::PeerClosed);
+    // A peer cut off for its own fault (a limit, a malformed frame, a
+    // protocol violation, the policy) gets no grace: what it sent is
+    // suspect.
+    match shard.config().peer_grace {
+        // `--peer-grace`: a ghost holds them for a while (not when the
+        // server itself is shutting down: the tables go with it).
+        Some(grace) if !shard.is_shutting_down() && !reason.is_peer_fault() => {
+            hold_as_ghost(&shard, id, conn.addr, announced, grace);
+        }
+        _ => {
+            for (vni, routes) in announced {
+                shard.withdraw_all(id, vni, routes).await;
+            }
+        }
+    }
+    shard.counters().peer_gone(was_established, &reason);
+    tracing::info!(reason = %reason, kind = reason.label(), "peer disconnected");
+}
+
+/// Withdraws routes taken out of the peer's announcements (by an
+/// UNSUBSCRIBE or a policy reload), in order, in chunks (`withdraw_all`).
+/// The read loop boxes this future when it has something to withdraw, so
+/// its state is no part of a session that never does.
+async fn withdraw_taken(shard: &ShardContext, peer: PeerId, taken: Vec<(Vni, RouteSet)>) {
+    for (vni, routes) in taken {
+        shard.withdraw_all(peer, vni, routes).await;
+    }
+}
+
+/// `--peer-grace`: the session of `peer` (from `addr`) ended while it
+/// announced `routes`: a ghost holds them for `grace` (see `grace`), then
+/// what is left is withdrawn by the shard's grace sweeper (started here with
+/// the shard's first ghost). Returns at once.
+fn hold_as_ghost(
+    shard: &Rc<ShardContext>,
+    peer: PeerId,
+    addr: SocketAddr,
+    routes: HashMap<Vni, RouteSet>,
+    grace: Duration,
+) {
+    let count: usize = routes.values().map(RouteSet::len).sum();
+    if count == 0 {
+        return;
+    }
+    let max_routes = shard
+        .config()
+        .peer_grace_max_routes
+        .max(shard.config().limits.max_routes_per_peer.saturating_mul(2));
+    shard
+        .grace()
+        .add_ghost(peer, addr, routes, count, grace, max_routes);
+    tracing::info!(
+        routes = count,
+        grace_secs = grace.as_secs(),
+        "peer gone: its routes are held for the grace period"
+    );
+    if shard.grace().start_sweeper() {
+        let span = tracing::info_span!(parent: None, "grace", shard = shard.index());
+        glommio::spawn_local(sweep_ghosts(shard.clone()).instrument(span)).detach();
+    }
+}
+
+/// The shard's grace sweeper (`--peer-grace`), one task for all its ghosts:
+/// withdraws what a ghost still holds when its grace is over or when the
+/// bounds push it out, oldest first, and sleeps until the next deadline in
+/// between. Ghosts emptied by their successors are skipped. Lives until
+/// shutdown (the tables go with the server, nothing is withdrawn then).
+///
+/// One long-lived task instead of one per ghost: a task per ghost cost a
+/// task and a timer per departed session, and each one's wait on the
+/// shard's shutdown event stayed registered there (with the whole task
+/// allocation) until shutdown, ~1.5 KB per departed session (BENCHMARKS
+/// "Hostile round three: ghosts").
+async fn sweep_ghosts(shard: Rc<ShardContext>) {
+    while !shard.is_shutting_down() {
+        let woken = shard.grace().event().wait();
+        if let Some(e) = shard.grace().next_expired(Instant::now()) {
+            for (vni, set) in e.routes {
+                shard.withdraw_all(e.peer, vni, set).await;
+            }
+            tracing::info!(
+                peer = %e.addr,
+                peer_id = %e.peer,
+                routes = e.count,
+                "grace over: the departed peer's remaining routes are withdrawn"
+            );
+            continue;
+        }
+        let wake = futures_lite::future::or(woken, shard.shutdown_event().wait());
+        match shard.grace().next_deadline() {
+            Some(at) => {
+                let sleep = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
+                futures_lite::future::or(sleep, wake).await;
+            }
+            None => wake.await,
+        }
+    }
+}
+
+/// `--peer-grace`: the peer announced `route`, or withdrew a route it had
+/// announced, so ghosts of earlier sessions from its address (usually
+/// none; see `grace`) that hold it give it up. Sent after the peer's own
+/// input, on the same channel to the owner: an ADD keeps the route
+/// without a flap, a REMOVE takes effect at once. (A REMOVE of a route
+/// the peer never announced does not come here: see `grace`.)
+fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, route: Route) {
+    if shard.config().peer_grace.is_none() {
+        return;
+    }
+    let ip = super::grace::host_of(&conn.addr);
+    for ghost in shard.grace().index().take_over(ip, &route) {
+        tracing::debug!(%route, ghost = %ghost, "taken over from a departed session");
+        shard.to_owner(route.vni, OwnerInput::Withdraw { peer: ghost, route });
+    }
+}
+
+/// Reads and handles the peer's frames until the session ends; returns
+/// why it ended.
+async fn read_loop(
+    shard: &ShardContext,
+    conn: &Rc<PeerConn>,
+    mut reader: ReadHalf<TcpStream>,
+    rs: &mut ReaderState,
+) -> CloseReason {
+    let mut buf = ReadBuf::new();
+    loop {
+        // Back-pressure: while the shard cannot move changes out, a peer
+        // whose last read gave the owners work stops being read (TCP then
+        // slows it down). A peer that sent only session frames is read on:
+        // it adds nothing, and pausing it too would starve its KEEPALIVE
+        // replies for as long as someone else's flood (or a leaving peer's
+        // withdrawals) keeps the outboxes full. Its next read adds at most
+        // one read buffer's worth of changes before it pauses as well.
+        if std::mem::take(&mut rs.routed) {
+            shard
+                .outbox_room(|| conn.io.is_closed(), conn.io.close_event())
+                .await;
+        }
+        let closed = conn.io.close_event().wait();
+        if let Some(r) = conn.io.close_reason() {
+            return r;
+        }
+        let policy_reloaded = conn.policy_event.wait();
+        if let Err(reason) = reapply_policy(shard, conn, rs) {
+            return reason;
+        }
+        if !rs.withdrawing.is_empty() {
+            Box::pin(withdraw_taken(
+                shard,
+                conn.id,
+                std::mem::take(&mut rs.withdrawing),
+            ))
+            .await;
+        }
+        let wait = rs
+            .session
+            .next_deadline()
+            .saturating_duration_since(Instant::now());
+        let event =
+            connection::next_read_event(&mut reader, &mut buf, wait, closed, policy_reloaded).await;
+        match event {
+            // The reason, or the new policy, is picked up above.
+            ReadEvent::Closed | ReadEvent::PolicyReloaded => continue,
+            ReadEvent::Deadline => {
+                // Quiet peer: give back a grown buffer and the decoder's.
+                buf.shrink();
+                if rs.decoder.buffered() == 0 {
+                    rs.decoder = FrameDecoder::new();
+                }
+                match rs.session.on_tick(Instant::now()) {
+                    Err(reason) => return reason,
+                    Ok(Some(msg)) => conn.io.push_control(&msg, rs.session.interval()),
+                    Ok(None) => {}
+                }
+            }
+            ReadEvent::Data(Ok(0)) => return CloseReason::PeerClosed,
+            ReadEvent::Data(Err(e)) => return CloseReason::Io(e.into()),
+            ReadEvent::Data(Ok(n)) => {
+                rs.decoder.extend(&buf.as_mut()[..n]);
+                let mut frames = 0u64;
+                let failure = loop {
+                    match rs.decoder.next_message() {
+                        Ok(None) => break None,
+                        Ok(Some(msg)) => {
+                            frames += 1;
+                            if let Err(reason) = on_message(shard, conn, rs, msg) {
+                                break Some(reason);
+                            }
+                            if !rs.withdrawing.is_empty() {
+                                let taken = std::mem::take(&mut rs.withdrawing);
+                                Box::pin(withdraw_taken(shard, conn.id, taken)).await;
+                            }
+                        }
+                        Err(e) => break Some(CloseReason::Malformed(e.into())),
+                    }
+                };
+                conn.io.count_read(frames, n);
+                shard.counters().read(frames, n);
+                if let Some(reason) = failure {
+                    return reason;
+                }
+                // The decoder's buffer grew to hold this read and would keep
+                // that capacity for the connection's life: once it holds no
+                // partial frame, start afresh (a new decoder owns nothing).
+                if n > READ_BUF_MIN && rs.decoder.buffered() == 0 {
+                    rs.decoder = FrameDecoder::new();
+                }
+                buf.adapt(n);
+                // Let the shard's other tasks run between large reads.
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+}
+
+/// Feeds one message to the session and carries out its reaction.
+fn on_message(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    msg: Message,
+) -> Result<(), CloseReason> {
+    let hello = matches!(msg, Message::Hello { .. });
+    let reaction = rs.session.on_message(msg, Instant::now())?;
+    if hello && rs.session.peer_reads_stream() {
+        conn.io.peer_reads_stream();
+    }
+    conn.state.set(rs.session.state());
+    conn.keepalive.set(rs.session.interval());
+    match reaction {
+        Reaction::Nothing => {}
+        Reaction::Reply(m) => conn.io.push_control(&m, rs.session.interval()),
+        Reaction::Established { reply } => {
+            if let Some(m) = reply {
+                conn.io.push_control(&m, rs.session.interval());
+            }
+            rs.handshake = None;
+            shard.counters().peer_established();
+            tracing::info!(keepalive = ?rs.session.interval(), "session established");
+        }
+        Reaction::Deliver(m) => {
+            rs.routed = true;
+            on_routing_message(shard, conn, rs, m)?
+        }
+    }
+    Ok(())
+}
+
+/// The peer went over one of its `PeerLimits`: it is closed (and its routes
+/// withdrawn) with a reason naming the limit and where it comes from (the
+/// flag that raises it, or the policy rule).
+fn over_limit(what: &'static str, max: usize, origin: String) -> CloseReason {
+    let reason = CloseReason::PeerLimit { what, max, origin };
+    tracing::warn!(%reason, "closing peer");
+    reason
+}
+
+/// The peer policy closes the session: no rule matches the peer, or it
+/// violated a rule with `on_violation: close`. Also closes `conn` (for the
+/// start of a session, where nothing returns the reason). The policy has
+/// logged the "closing peer" line, within its process-wide budget.
+fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
+    let reason = CloseReason::Policy(reason);
+    conn.close(reason.clone());
+    reason
+}
+
+/// After a policy reload (the store's generation moved): resolves the
+/// peer's rule again, takes the routes the new rule refuses out of
+/// `announced` into `withdrawing` (the caller withdraws them, as if the peer
+/// had sent REMOVE) and drops the subscriptions it refuses. Newly allowed
+/// routes are not invented: the peer sends them again on its next session.
+fn reapply_policy(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+) -> Result<(), CloseReason> {
+    let (Some(store), Some(old)) = (&shard.config().policy, &rs.policy) else {
+        return Ok(());
+    };
+    if old.generation() == store.generation() {
+        return Ok(());
+    }
+    let policy = PeerPolicy::resolve(store, conn.addr).map_err(|r| close_for_policy(conn, r))?;
+    let mut withdrawn = 0usize;
+    for (vni, set) in rs.announced.iter_mut() {
+        let refused = set.take_if(|r| {
+            let refuse = !policy.allows(r);
+            if refuse {
+                // A ghost of this address must not keep it visible either.
+                drop_ghost_claims(shard, conn, *r);
+            }
+            refuse
+        });
+        if refused.len() > 0 {
+            withdrawn += refused.len();
+            rs.withdrawing.push((*vni, refused));
+        }
+    }
+    rs.announced.retain(|_, set| set.len() > 0);
+    conn.routes_announced
+        .set(conn.routes_announced.get() - withdrawn);
+    let dropped: Vec<Vni> = conn
+        .subscribed
+        .borrow()
+        .keys()
+        .copied()
+        .filter(|v| !policy.allows_subscribe(*v))
+        .collect();
+    for vni in &dropped {
+        conn.subscribed.borrow_mut().remove(vni);
+        conn.io.out().borrow_mut().forget_vni(*vni);
+        shard.to_owner(
+            *vni,
+            OwnerInput::Unsubscribe {
+                peer: conn.id,
+                vni: *vni,
+            },
+        );
+    }
+    policy.rule().counters.withdrawn(withdrawn as u64);
+    tracing::info!(
+        rule = %policy.rule().name,
+        routes_withdrawn = withdrawn,
+        subscriptions_dropped = dropped.len(),
+        "policy reloaded for peer"
+    );
+    rs.policy = Some(Box::new(policy));
+    Ok(())
+}
+
+/// Handles an UPDATE, SUBSCRIBE or UNSUBSCRIBE of an established session:
+/// limits and policy first, then the owner input.
+fn on_routing_message(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    msg: Message,
+) -> Result<(), CloseReason> {
+    let id = conn.id;
+    let limits = &shard.config().limits;
+    match msg {
+        Message::Update { action, route } => {
+            shard.counters().update_in();
+            let vni = route.vni;
+            match action {
+                Action::Add => {
+                    let mut rule_limit = None;
+                    if let Some(p) = &mut rs.policy {
+                        match p.on_announce(conn.addr, &route) {
+                            Verdict::Allow => rule_limit = p.route_limit(),
+                            Verdict::Refuse => return Ok(()),
+                            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+                        }
+                    }
+                    let max = rule_limit.unwrap_or(limits.max_routes_per_peer);
+                    if conn.routes_announced.get() >= max
+                        && !rs
+                            .announced
+                            .get(&vni)
+                            .is_some_and(|set| set.contains(&route))
+                    {
+                        let flag = match (&rs.policy, rule_limit) {
+                            (Some(p), Some(_)) => p.limit_origin("max_routes"),
+                            _ => "--max-routes-per-peer".into(),
+                        };
+                        return Err(over_limit("routes announced", max, flag));
+                    }
+                    if rs.announced.entry(vni).or_default().insert(route) {
+                        conn.routes_announced.set(conn.routes_announced.get() + 1);
+                        tracing::debug!(%route, "ADD");
+                        shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
+                        drop_ghost_claims(shard, conn, route);
+                    } else {
+                        tracing::debug!(%route, "duplicate ADD ignored");
+                    }
+                }
+                Action::Remove => {
+                    let removed = rs
+                        .announced
+                        .get_mut(&vni)
+                        .is_some_and(|set| set.remove(&route));
+                    if removed {
+                        conn.routes_announced.set(conn.routes_announced.get() - 1);
+                        tracing::debug!(%route, "REMOVE");
+                        shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
+                        drop_ghost_claims(shard, conn, route);
+                    } else {
+                        // Also for ghosts of its address: a session cannot
+                        // withdraw what another (a departed one, or another
+                        // process behind the same address) announced.
+                        tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
+                    }
+                }
+            }
+        }
+        Message::Subscribe(vni) => {
+            let mut rule_limit = None;
+            if let Some(p) = &mut rs.policy {
+                match p.on_subscribe(conn.addr, vni) {
+                    Verdict::Allow => rule_limit = p.subscription_limit(),
+                    // The peer gets nothing of the VNI: no sync, no updates.
+                    Verdict::Refuse => return Ok(()),
+                    Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+                }
+            }
+            let max = rule_limit.unwrap_or(limits.max_subscriptions_per_peer);
+            {
+                let subscribed = conn.subscribed.borrow();
+                if subscribed.len() >= max && !subscribed.contains_key(&vni) {
+                    drop(subscribed);
+                    let flag = match (&rs.policy, rule_limit) {
+                        (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
+                        _ => "--max-subscriptions-per-peer".into(),
+                    };
+                    return Err(over_limit("subscriptions", max, flag));
+                }
+            }
+            if !conn.subscribed.borrow().contains_key(&vni) {
+                let epoch = conn.subscribe_count.get().wrapping_add(1);
+                conn.subscribe_count.set(epoch);
+                let sub = Subscription {
+                    epoch,
+                    synced: false,
+                };
+                conn.subscribed.borrow_mut().insert(vni, sub);
+                tracing::debug!(%vni, "SUBSCRIBE");
+                shard.to_owner(
+                    vni,
+                    OwnerInput::Subscribe {
+                        peer: id,
+                        vni,
+                        epoch,
+                    },
+                );
+            }
+        }
+        Message::Unsubscribe(vni) => {
+            if conn.subscribed.borrow_mut().remove(&vni).is_some() {
+                tracing::debug!(%vni, "UNSUBSCRIBE");
+                // Coalesced changes of the VNI would be written after this
+                // point: drop them (queued frames were due before it).
+                conn.io.out().borrow_mut().forget_vni(vni);
+                shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
+            }
+            // As in the existing implementation: its routes in the VNI go too
+            // (sent by the read loop, in chunks, before the next message).
+            if let Some(routes) = rs.announced.remove(&vni) {
+                conn.routes_announced
+                    .set(conn.routes_announced.get() - routes.len());
+                rs.withdrawing.push((vni, routes));
+            }
+        }
+        // The session only delivers the three routing messages.
+        Message::Hello { .. } | Message::Keepalive => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds one `PeerConn` in an `Rc` (16 bytes of
+    /// counts) for its life: 10,000 idle peers hold 10,000 of them (issue
+    /// #15). Within 512 bytes it stays in mimalloc's 512-byte size class;
+    /// past it, each costs 640. Fields only the status page needs should be
+    /// small types; rarely used state belongs behind a pointer.
+    #[test]
+    fn peer_state_stays_in_its_size_class() {
+        let size = std::mem::size_of::<PeerConn>() + 16;
+        assert!(
+            size <= 512,
+            "Rc<PeerConn> is {size} bytes (bound 512): 10,000 idle peers hold one each"
+        );
+    }
+}

@@ -1,0 +1,720 @@
+//! Compact route keys, and route-keyed sets and maps that grow without long
+//! pauses: what one peer announces in one VNI (`RouteSet`), and a slow
+//! subscriber's coalesced pending changes (`RouteMap`, in `out_queue`).
+//!
+//! Owns: the compact form of a route the server's big structures hold
+//! (`V4Key`/`V6Key`/`TableKey`: destination bytes, prefix length and a
+//! `NextHopId` instead of the 56-byte `Route`), the next-hop interning table
+//! behind it (`NextHopTable`: a fleet has few hypervisors, so a million
+//! routes share a handful of next hops), and `RouteMap`/`RouteSet`.
+//!
+//! Key bytes are big-endian, so the derived order of a key is the order of
+//! `(destination, next-hop id)`: for one VNI, IPv4 keys sort like the
+//! `Route`s they stand for except that routes to the same destination sort
+//! by next-hop id (the order the next hops were first seen) rather than by
+//! next hop. Anything that relies on an order (the owner's sync cursor)
+//! compares keys, never `Route`s against keys.
+//!
+//! Maps: a single `HashMap` doubles its table when it fills, and at a
+//! million routes that one insert moves the whole table into freshly
+//! faulted memory (~0.35 s measured on the shard thread with 56-byte keys,
+//! during which no other peer of the shard is served). Above `SPLIT_AT`
+//! routes a map is split into `PARTS` parts picked by a hash of their own,
+//! so a growth step moves at most 1/`PARTS` of the routes.
+//!
+//! Hashing: foldhash with a per-map random seed instead of std's SipHash.
+//! Keys come from peers, so the hash must be seeded (a fixed hash such as
+//! FxHash would let a peer pick colliding routes); foldhash is seeded and
+//! several times faster on these short keys, and the number of routes a
+//! peer can put into one map is bounded by `--max-routes-per-peer` anyway.
+//!
+//! Must never: change what a map holds when it splits, iterate in an order
+//! anyone relies on (there is none), or hand out a `NextHopId` to another
+//! table (ids mean something only in the table that issued them).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use metalbond_wire::types::{IpNet, NextHop, Route, Vni};
+
+/// The seeded hasher of every route-keyed map here (see the module doc).
+pub(crate) type FastHash = foldhash::fast::RandomState;
+
+/// Routes a map holds before it is split into parts.
+const SPLIT_AT: usize = 16 * 1024;
+/// Parts of a split map (a power of two, at most 2^63).
+const PARTS: usize = 64;
+
+/// A next hop's number in one `NextHopTable`: 4 bytes in a key instead of
+/// the 28-byte `NextHop`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) struct NextHopId(u32);
+
+impl NextHopId {
+    /// The highest id: with a destination, a key after every route to it.
+    pub(crate) const LAST: NextHopId = NextHopId(u32::MAX);
+    /// The lowest id: with a destination, a key before every route to it.
+    pub(crate) const FIRST: NextHopId = NextHopId(0);
+}
+
+/// An IPv4 route's key within one VNI: address (4 bytes, big-endian),
+/// prefix length, next-hop id (4 bytes, big-endian).
+pub(crate) type V4Key = [u8; 9];
+/// An IPv6 route's key within one VNI: address (16 bytes), prefix length,
+/// next-hop id (4 bytes).
+pub(crate) type V6Key = [u8; 21];
+
+/// A route's key within one VNI (the VNI is implied by the table holding
+/// it). Every IPv4 key sorts before every IPv6 key, as `IpNet` does.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) enum TableKey {
+    /// An IPv4 destination.
+    V4(V4Key),
+    /// An IPv6 destination.
+    V6(V6Key),
+}
+
+impl TableKey {
+    /// The key of a route to `destination` through next hop `hop`.
+    pub(crate) fn new(destination: &IpNet, hop: NextHopId) -> TableKey {
+        let id = hop.0.to_be_bytes();
+        match destination {
+            IpNet::V4(net) => {
+                let mut k = [0u8; 9];
+                k[..4].copy_from_slice(&net.addr().octets());
+                k[4] = net.prefix_len();
+                k[5..].copy_from_slice(&id);
+                TableKey::V4(k)
+            }
+            IpNet::V6(net) => {
+                let mut k = [0u8; 21];
+                k[..16].copy_from_slice(&net.addr().octets());
+                k[16] = net.prefix_len();
+                k[17..].copy_from_slice(&id);
+                TableKey::V6(k)
+            }
+        }
+    }
+
+    /// The destination prefix the key was made from.
+    pub(crate) fn destination(&self) -> IpNet {
+        match self {
+            TableKey::V4(k) => v4_destination(k),
+            TableKey::V6(k) => v6_destination(k),
+        }
+    }
+
+    /// The next hop's id in the issuing table.
+    pub(crate) fn hop(&self) -> NextHopId {
+        match self {
+            TableKey::V4(k) => v4_hop(k),
+            TableKey::V6(k) => v6_hop(k),
+        }
+    }
+}
+
+/// The destination of an IPv4 key.
+pub(crate) fn v4_destination(k: &V4Key) -> IpNet {
+    let addr = Ipv4Addr::new(k[0], k[1], k[2], k[3]);
+    // Keys are made from valid prefixes only (at most 32 bits).
+    IpNet::V4(Ipv4Net::new(addr, k[4].min(32)).unwrap_or_default())
+}
+
+/// The destination of an IPv6 key.
+pub(crate) fn v6_destination(k: &V6Key) -> IpNet {
+    let mut octets = [0u8; 16];
+    octets.copy_from_slice(&k[..16]);
+    // Keys are made from valid prefixes only (at most 128 bits).
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::from(octets), k[16].min(128)).unwrap_or_default())
+}
+
+/// The next-hop id of an IPv4 key.
+pub(crate) fn v4_hop(k: &V4Key) -> NextHopId {
+    NextHopId(u32::from_be_bytes([k[5], k[6], k[7], k[8]]))
+}
+
+/// The next-hop id of an IPv6 key.
+pub(crate) fn v6_hop(k: &V6Key) -> NextHopId {
+    NextHopId(u32::from_be_bytes([k[17], k[18], k[19], k[20]]))
+}
+
+/// The next hops used by one table's routes, each stored once, counted by
+/// the routes that use it.
+///
+/// An id whose last route left stays mapped to its next hop ("dormant")
+/// until a new next hop needs an id, so a change just made can still be
+/// turned into its key; a dormant id is revived by its own next hop, or
+/// reused for another one (which, since no route holds it, changes no key
+/// in use; a key held elsewhere, such as a sync cursor, keeps its place in
+/// the order).
+#[derive(Debug, Default)]
+pub(crate) struct NextHopTable {
+    /// Next hop per id.
+    hops: Vec<NextHop>,
+    /// Routes holding each id.
+    users: Vec<u32>,
+    /// Id per next hop, live or dormant.
+    ids: HashMap<NextHop, NextHopId, FastHash>,
+    /// Ids whose count fell to zero, each listed once (`listed`); one that
+    /// was revived since is skipped when popped.
+    free: Vec<NextHopId>,
+    /// Is the id in `free`?
+    listed: Vec<bool>,
+}
+
+impl NextHopTable {
+    /// The id of `hop` if it has one (live or dormant).
+    pub(crate) fn id_of(&self, hop: &NextHop) -> Option<NextHopId> {
+        self.ids.get(hop).copied()
+    }
+
+    /// The next hop of `id` (an id this table issued).
+    pub(crate) fn hop(&self, id: NextHopId) -> NextHop {
+        self.hops[id.0 as usize]
+    }
+
+    /// One more route uses `hop`: its id.
+    pub(crate) fn acquire(&mut self, hop: NextHop) -> NextHopId {
+        if let Some(id) = self.ids.get(&hop).copied() {
+            self.users[id.0 as usize] += 1;
+            return id;
+        }
+        while let Some(id) = self.free.pop() {
+            let i = id.0 as usize;
+            self.listed[i] = false;
+            if self.users[i] == 0 {
+                self.ids.remove(&self.hops[i]);
+                self.hops[i] = hop;
+                self.users[i] = 1;
+                self.ids.insert(hop, id);
+                return id;
+            }
+        }
+        // More next hops than u32 ids would need more routes than memory.
+        let id = NextHopId(u32::try_from(self.hops.len()).unwrap_or(u32::MAX));
+        self.hops.push(hop);
+        self.users.push(1);
+        self.listed.push(false);
+        self.ids.insert(hop, id);
+        id
+    }
+
+    /// A route using `id` is gone.
+    pub(crate) fn release(&mut self, id: NextHopId) {
+        let i = id.0 as usize;
+        self.users[i] = self.users[i].saturating_sub(1);
+        if self.users[i] == 0 && !self.listed[i] {
+            self.listed[i] = true;
+            self.free.push(id);
+        }
+    }
+
+    /// Next hops with at least one route.
+    #[cfg(test)]
+    pub(crate) fn live(&self) -> usize {
+        self.users.iter().filter(|u| **u > 0).count()
+    }
+}
+
+/// A hash map split in parts above `SPLIT_AT` entries (see the module doc).
+#[derive(Debug)]
+struct Parts<K, V> {
+    /// One part until `SPLIT_AT` entries, then `PARTS` parts.
+    parts: Vec<HashMap<K, V, FastHash>>,
+    /// Picks an entry's part once split. Separate from the parts' own
+    /// hashers, so the entries of one part still spread over its table.
+    pick: FastHash,
+    /// Entries in all parts.
+    len: usize,
+}
+
+impl<K, V> Default for Parts<K, V> {
+    fn default() -> Parts<K, V> {
+        Parts {
+            parts: vec![HashMap::default()],
+            pick: FastHash::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy, V> Parts<K, V> {
+    fn part(&self, key: &K) -> usize {
+        if self.parts.len() == 1 {
+            0
+        } else {
+            // The top bits: PARTS is a power of two.
+            (self.pick.hash_one(key) >> (64 - PARTS.trailing_zeros())) as usize
+        }
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        let p = self.part(key);
+        self.parts[p].get_mut(key)
+    }
+
+    fn contains_key(&self, key: &K) -> bool {
+        self.parts[self.part(key)].contains_key(key)
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        if self.parts.len() == 1 && self.len >= SPLIT_AT {
+            self.split();
+        }
+        let p = self.part(&key);
+        let old = self.parts[p].insert(key, value);
+        self.len += usize::from(old.is_none());
+        old
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        let p = self.part(key);
+        let old = self.parts[p].remove(key);
+        self.len -= usize::from(old.is_some());
+        old
+    }
+
+    /// Keeps the entries for which `keep` holds; calls `dropped` with each
+    /// other key.
+    fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool, mut dropped: impl FnMut(&K)) {
+        for part in &mut self.parts {
+            part.retain(|k, v| {
+                let kept = keep(k, v);
+                if !kept {
+                    dropped(k);
+                }
+                kept
+            });
+        }
+        self.len = self.parts.iter().map(HashMap::len).sum();
+    }
+
+    /// Removes up to `n` entries (any of them) into `out`.
+    fn take_some(&mut self, n: usize, out: &mut Vec<(K, V)>) {
+        for part in &mut self.parts {
+            let room = n.saturating_sub(out.len());
+            if room == 0 {
+                break;
+            }
+            let keys: Vec<K> = part.keys().take(room).copied().collect();
+            for key in keys {
+                if let Some(v) = part.remove(&key) {
+                    out.push((key, v));
+                    self.len -= 1;
+                }
+            }
+        }
+    }
+
+    /// From one part to `PARTS` (moves `SPLIT_AT` entries once).
+    fn split(&mut self) {
+        let fresh = (0..PARTS).map(|_| HashMap::default()).collect();
+        let old = std::mem::replace(&mut self.parts, fresh);
+        for (key, v) in old.into_iter().flatten() {
+            let p = self.part(&key);
+            self.parts[p].insert(key, v);
+        }
+    }
+}
+
+/// A `RouteMap` key for an IPv4 route: the VNI (big-endian) and the
+/// route's key within it. 13 bytes, alignment 1.
+type V4MapKey = ([u8; 4], V4Key);
+/// A `RouteMap` key for an IPv6 route (25 bytes).
+type V6MapKey = ([u8; 4], V6Key);
+
+/// A map from routes (of any VNI) to `V`, holding each route as a compact
+/// key; see the module doc.
+#[derive(Debug)]
+pub(crate) struct RouteMap<V> {
+    /// IPv4 routes.
+    v4: Parts<V4MapKey, V>,
+    /// IPv6 routes.
+    v6: Parts<V6MapKey, V>,
+    /// The next hops of the routes held.
+    hops: NextHopTable,
+}
+
+impl<V> Default for RouteMap<V> {
+    fn default() -> RouteMap<V> {
+        RouteMap {
+            v4: Parts::default(),
+            v6: Parts::default(),
+            hops: NextHopTable::default(),
+        }
+    }
+}
+
+/// The route a map key stands for.
+fn route_of(vni: &[u8; 4], key: TableKey, hops: &NextHopTable) -> Route {
+    Route {
+        // The bytes were made from a valid `Vni`.
+        vni: Vni::from_low_bits(u32::from_be_bytes(*vni)),
+        destination: key.destination(),
+        next_hop: hops.hop(key.hop()),
+    }
+}
+
+impl<V> RouteMap<V> {
+    /// Routes held.
+    pub(crate) fn len(&self) -> usize {
+        self.v4.len + self.v6.len
+    }
+
+    /// Nothing held?
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The key `route` has here, if its next hop is known.
+    fn key_of(&self, route: &Route) -> Option<([u8; 4], TableKey)> {
+        let id = self.hops.id_of(&route.next_hop)?;
+        Some((
+            route.vni.get().to_be_bytes(),
+            TableKey::new(&route.destination, id),
+        ))
+    }
+
+    /// Is `route` held?
+    pub(crate) fn contains_key(&self, route: &Route) -> bool {
+        match self.key_of(route) {
+            Some((vni, TableKey::V4(k))) => self.v4.contains_key(&(vni, k)),
+            Some((vni, TableKey::V6(k))) => self.v6.contains_key(&(vni, k)),
+            None => false,
+        }
+    }
+
+    /// The value of `route`, to change it.
+    pub(crate) fn get_mut(&mut self, route: &Route) -> Option<&mut V> {
+        match self.key_of(route)? {
+            (vni, TableKey::V4(k)) => self.v4.get_mut(&(vni, k)),
+            (vni, TableKey::V6(k)) => self.v6.get_mut(&(vni, k)),
+        }
+    }
+
+    /// Sets `route` to `value`; the previous value, if any.
+    pub(crate) fn insert(&mut self, route: Route, value: V) -> Option<V> {
+        // One lookup: take the next hop's id first, give the extra
+        // reference back if the route was held already.
+        let id = self.hops.acquire(route.next_hop);
+        let vni = route.vni.get().to_be_bytes();
+        let old = match TableKey::new(&route.destination, id) {
+            TableKey::V4(k) => self.v4.insert((vni, k), value),
+            TableKey::V6(k) => self.v6.insert((vni, k), value),
+        };
+        if old.is_some() {
+            self.hops.release(id);
+        }
+        old
+    }
+
+    /// Removes `route`; its value, if it was held.
+    pub(crate) fn remove(&mut self, route: &Route) -> Option<V> {
+        let (vni, key) = self.key_of(route)?;
+        let old = match key {
+            TableKey::V4(k) => self.v4.remove(&(vni, k)),
+            TableKey::V6(k) => self.v6.remove(&(vni, k)),
+        };
+        if old.is_some() {
+            self.hops.release(key.hop());
+        }
+        old
+    }
+
+    /// Keeps only the entries for which `keep` is true.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route, &mut V) -> bool) {
+        let hops = &self.hops;
+        let mut gone = Vec::new();
+        self.v4.retain(
+            |(vni, k), v| keep(&route_of(vni, TableKey::V4(*k), hops), v),
+            |(_, k)| gone.push(v4_hop(k)),
+        );
+        self.v6.retain(
+            |(vni, k), v| keep(&route_of(vni, TableKey::V6(*k), hops), v),
+            |(_, k)| gone.push(v6_hop(k)),
+        );
+        for id in gone {
+            self.hops.release(id);
+        }
+    }
+
+    /// Removes and returns up to `n` entries (any of them).
+    pub(crate) fn take_some(&mut self, n: usize) -> Vec<(Route, V)> {
+        let mut v4 = Vec::new();
+        self.v4.take_some(n, &mut v4);
+        let mut v6 = Vec::new();
+        self.v6.take_some(n - v4.len(), &mut v6);
+        let mut out = Vec::with_capacity(v4.len() + v6.len());
+        for ((vni, k), v) in v4 {
+            out.push((route_of(&vni, TableKey::V4(k), &self.hops), v));
+            self.hops.release(v4_hop(&k));
+        }
+        for ((vni, k), v) in v6 {
+            out.push((route_of(&vni, TableKey::V6(k), &self.hops), v));
+            self.hops.release(v6_hop(&k));
+        }
+        out
+    }
+}
+
+/// The routes of a `RouteMap`, consumed.
+pub(crate) struct RouteMapIntoIter<V> {
+    /// IPv4 entries left.
+    v4: std::iter::Flatten<std::vec::IntoIter<HashMap<V4MapKey, V, FastHash>>>,
+    /// IPv6 entries left.
+    v6: std::iter::Flatten<std::vec::IntoIter<HashMap<V6MapKey, V, FastHash>>>,
+    /// Next hops of both.
+    hops: NextHopTable,
+}
+
+impl<V> Iterator for RouteMapIntoIter<V> {
+    type Item = (Route, V);
+
+    fn next(&mut self) -> Option<(Route, V)> {
+        if let Some(((vni, k), v)) = self.v4.next() {
+            return Some((route_of(&vni, TableKey::V4(k), &self.hops), v));
+        }
+        let ((vni, k), v) = self.v6.next()?;
+        Some((route_of(&vni, TableKey::V6(k), &self.hops), v))
+    }
+}
+
+impl<V> IntoIterator for RouteMap<V> {
+    type Item = (Route, V);
+    type IntoIter = RouteMapIntoIter<V>;
+
+    fn into_iter(self) -> RouteMapIntoIter<V> {
+        RouteMapIntoIter {
+            v4: self.v4.parts.into_iter().flatten(),
+            v6: self.v6.parts.into_iter().flatten(),
+            hops: self.hops,
+        }
+    }
+}
+
+/// A set of routes; see the module doc.
+#[derive(Debug, Default)]
+pub(crate) struct RouteSet {
+    /// The routes, with nothing attached.
+    map: RouteMap<()>,
+}
+
+impl RouteSet {
+    /// Routes held.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Is `route` held?
+    pub(crate) fn contains(&self, route: &Route) -> bool {
+        self.map.contains_key(route)
+    }
+
+    /// Adds `route`; false if it was already held.
+    pub(crate) fn insert(&mut self, route: Route) -> bool {
+        self.map.insert(route, ()).is_none()
+    }
+
+    /// Removes `route`; false if it was not held.
+    pub(crate) fn remove(&mut self, route: &Route) -> bool {
+        self.map.remove(route).is_some()
+    }
+
+    /// Moves the routes for which `take` holds into a new set (a policy
+    /// reload takes out what became forbidden).
+    pub(crate) fn take_if(&mut self, mut take: impl FnMut(&Route) -> bool) -> RouteSet {
+        let mut taken = RouteSet::default();
+        self.map.retain(|r, _| {
+            if take(r) {
+                taken.insert(*r);
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+}
+
+impl IntoIterator for RouteSet {
+    type Item = Route;
+    type IntoIter = std::iter::Map<RouteMapIntoIter<()>, fn((Route, ())) -> Route>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.into_iter().map(|(r, ())| r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metalbond_wire::types::NextHopKind;
+
+    fn route(i: u32) -> Route {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i);
+        Route::new(
+            Vni::new(1 + i % 2).unwrap(),
+            format!("{ip}/32").parse().unwrap(),
+            NextHop::standard("2001:db8::1".parse().unwrap()),
+        )
+    }
+
+    fn v6_route(i: u32, hop: u8) -> Route {
+        Route::new(
+            Vni::new(7).unwrap(),
+            format!("2001:db8:{i:x}::/64").parse().unwrap(),
+            NextHop {
+                target: format!("2001:db8::{hop}").parse().unwrap(),
+                target_vni: 9,
+                kind: NextHopKind::Nat { from: 10, to: 20 },
+            },
+        )
+    }
+
+    #[test]
+    fn set_holds_the_same_routes_before_and_after_splitting() {
+        let mut s = RouteSet::default();
+        let n = SPLIT_AT as u32 * 3;
+        for i in 0..n {
+            assert!(s.insert(route(i)));
+            assert!(!s.insert(route(i)), "second insert of {i}");
+        }
+        assert_eq!(s.map.v4.parts.len(), PARTS, "split once past SPLIT_AT");
+        assert!(
+            s.map.v4.parts.iter().all(|p| !p.is_empty()),
+            "the routes spread over all parts"
+        );
+        assert_eq!(s.len(), n as usize);
+        assert!((0..n).all(|i| s.contains(&route(i))));
+        assert!(!s.contains(&route(n)));
+        for i in (0..n).step_by(2) {
+            assert!(s.remove(&route(i)));
+            assert!(!s.remove(&route(i)));
+        }
+        assert_eq!(s.len(), n as usize / 2);
+        let mut left: Vec<Route> = s.into_iter().collect();
+        left.sort();
+        let want: Vec<Route> = (1..n).step_by(2).map(route).collect();
+        assert_eq!(left, want);
+    }
+
+    #[test]
+    fn map_values_retain_and_take_some_across_parts() {
+        let mut m = RouteMap::default();
+        let n = SPLIT_AT as u32 * 2;
+        for i in 0..n {
+            assert_eq!(m.insert(route(i), i), None);
+        }
+        assert_eq!(m.insert(route(7), 70), Some(7));
+        *m.get_mut(&route(8)).unwrap() = 80;
+        assert_eq!(m.len(), n as usize);
+        // Route i has VNI 1 + i % 2: keep the VNI 2 ones.
+        m.retain(|r, _| r.vni == Vni::new(2).unwrap());
+        assert_eq!(m.len(), n as usize / 2);
+        let mut got = Vec::new();
+        loop {
+            let some = m.take_some(1000);
+            assert!(some.len() <= 1000);
+            if some.is_empty() {
+                break;
+            }
+            got.extend(some);
+        }
+        assert!(m.is_empty());
+        assert_eq!(m.hops.live(), 0, "every next hop released");
+        got.sort();
+        let want: Vec<(Route, u32)> = (1..n)
+            .step_by(2)
+            .map(|i| (route(i), if i == 7 { 70 } else { i }))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn ipv6_routes_and_many_next_hops_come_back_whole() {
+        let mut s = RouteSet::default();
+        let mut want = Vec::new();
+        for i in 0..300u32 {
+            let r = v6_route(i, (i % 5) as u8);
+            assert!(s.insert(r));
+            want.push(r);
+            // The same destination through another next hop is another route.
+            let other = v6_route(i, 200);
+            assert!(s.insert(other));
+            want.push(other);
+            assert!(s.insert(route(i)));
+            want.push(route(i));
+        }
+        assert_eq!(s.len(), 900);
+        assert!(s.contains(&v6_route(3, 3)));
+        assert!(
+            !s.contains(&v6_route(3, 4)),
+            "next hop 4 only for i % 5 == 4"
+        );
+        let taken = s.take_if(|r| r.destination.addr().is_ipv4());
+        assert_eq!((taken.len(), s.len()), (300, 600));
+        let mut got: Vec<Route> = s.into_iter().chain(taken).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn next_hop_ids_are_reused_only_after_their_last_route_left() {
+        let a = NextHop::standard("2001:db8::a".parse().unwrap());
+        let b = NextHop::standard("2001:db8::b".parse().unwrap());
+        let c = NextHop::standard("2001:db8::c".parse().unwrap());
+        let mut t = NextHopTable::default();
+        let ia = t.acquire(a);
+        assert_eq!(t.acquire(a), ia);
+        let ib = t.acquire(b);
+        assert_ne!(ia, ib);
+        t.release(ia);
+        t.release(ia);
+        // Dormant: still known, revived by its own next hop.
+        assert_eq!(t.id_of(&a), Some(ia));
+        assert_eq!(t.acquire(a), ia);
+        t.release(ia);
+        // Reused for a new next hop once nothing holds it.
+        let ic = t.acquire(c);
+        assert_eq!(ic, ia);
+        assert_eq!(t.hop(ic), c);
+        assert_eq!(t.id_of(&a), None);
+        assert_eq!((t.live(), t.hops.len(), t.free.len()), (2, 2, 0));
+        // Release/revive cycles do not grow the free list.
+        for _ in 0..100 {
+            t.release(ib);
+            t.acquire(b);
+        }
+        assert!(t.free.len() <= 1);
+    }
+
+    #[test]
+    fn keys_sort_like_their_destinations() {
+        let hop = NextHopId(3);
+        let nets: Vec<IpNet> = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.0.0.0/24",
+            "10.0.1.0/24",
+            "192.168.0.0/16",
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8::/64",
+            "fe80::/10",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let keys: Vec<TableKey> = nets.iter().map(|n| TableKey::new(n, hop)).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys, "listed in IpNet order");
+        for (n, k) in nets.iter().zip(&keys) {
+            assert_eq!((k.destination(), k.hop()), (*n, hop));
+        }
+    }
+}
