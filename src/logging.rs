@@ -52,7 +52,10 @@ impl LogFormat {
 /// Installs the global subscriber writing to stderr in `format`.
 pub fn init(verbose: bool, format: LogFormat) {
     let default = if verbose { "debug" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(crate_targets(&f)).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -63,6 +66,49 @@ pub fn init(verbose: bool, format: LogFormat) {
         LogFormat::Logfmt => builder.with_ansi(false).event_format(Logfmt).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `RUST_LOG` as written before the library became crates (targets like
+/// `metalbond::server::peer`) → the targets the crates log under now
+/// (`metalbond_server::peer`), so an operator's filter keeps selecting what
+/// it did. A directive already naming a crate is left alone; `metalbond`
+/// alone still selects everything (targets match by prefix).
+pub fn crate_targets(filter: &str) -> String {
+    /// Old module path → its crate's target, longest first where one is
+    /// a prefix of another.
+    const MOVED: &[(&str, &str)] = &[
+        ("metalbond::panic_policy", "metalbond_utils::panic_policy"),
+        ("metalbond::pacing", "metalbond_utils::pacing"),
+        ("metalbond::util", "metalbond_utils"),
+        ("metalbond::types", "metalbond_wire::types"),
+        ("metalbond::codec", "metalbond_wire::codec"),
+        ("metalbond::session", "metalbond_wire::session"),
+        ("metalbond::digest", "metalbond_wire::digest"),
+        ("metalbond::telemetry", "metalbond_telemetry"),
+        ("metalbond::policy", "metalbond_policy"),
+        ("metalbond::server", "metalbond_server"),
+        ("metalbond::client", "metalbond_client"),
+        ("metalbond::netlink", "metalbond_netlink"),
+        ("metalbond::http", "metalbond_http"),
+    ];
+    filter
+        .split(',')
+        .map(|directive| {
+            MOVED
+                .iter()
+                .find_map(|(old, new)| {
+                    let rest = directive.strip_prefix(old)?;
+                    // The whole module name, not a longer one that starts alike.
+                    let boundary = rest.is_empty()
+                        || rest.starts_with("::")
+                        || rest.starts_with('=')
+                        || rest.starts_with('[');
+                    boundary.then(|| format!("{new}{rest}"))
+                })
+                .unwrap_or_else(|| directive.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Logs the start line every run begins with: the Go binary's
@@ -196,6 +242,26 @@ mod tests {
         assert_eq!(quoted("a=b"), "\"a=b\"");
         assert_eq!(quoted("say \"hi\"\n"), "\"say \\\"hi\\\"\\n\"");
         assert_eq!(quoted("\u{1b}[31m"), "\"\\u{1b}[31m\"");
+    }
+
+    #[test]
+    fn filters_written_for_module_paths_select_the_crates() {
+        assert_eq!(
+            crate_targets("metalbond::server=debug,info"),
+            "metalbond_server=debug,info"
+        );
+        assert_eq!(
+            crate_targets("warn,metalbond::server::peer[peer]=trace,metalbond::codec=debug"),
+            "warn,metalbond_server::peer[peer]=trace,metalbond_wire::codec=debug"
+        );
+        assert_eq!(crate_targets("metalbond=debug"), "metalbond=debug");
+        assert_eq!(
+            crate_targets("metalbond_client=debug,metalbond::serverless=info"),
+            "metalbond_client=debug,metalbond::serverless=info"
+        );
+        // The translated filter selects what the module path used to.
+        let filter = EnvFilter::try_new(crate_targets("metalbond::netlink=debug")).unwrap();
+        assert_eq!(filter.to_string(), "metalbond_netlink=debug");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! The `metalbond` command: `server` (route reflector), `client` and
 //! `policy check` (peer-policy files).
 //!
-//! Owns: argument dispatch, logging set-up, SIGHUP (ignored, except by a
-//! server with `--policy`, which reloads it) and the process
-//! exit status, and the wiring of each role to the `--http` status pages
-//! (`serve_status`).
-//! Must never: hold protocol or table logic; each mode lives in its module.
+//! Owns: argument dispatch, logging set-up, the panic policy, SIGHUP
+//! (ignored, except by a server with `--policy`, which reloads it) and the
+//! process exit status. Each subcommand lives in `metalbond::cmd` or
+//! `metalbond::ops`.
+//! Must never: hold protocol or table logic.
 
 use std::process::ExitCode;
 
@@ -125,8 +125,8 @@ fn main() -> ExitCode {
         ignore_sighup();
     }
     let result = match cli.command {
-        Command::Server(args) => metalbond::cmd::server::run(args, &serve_status),
-        Command::Client(args) => metalbond::cmd::client::run(args, &serve_status),
+        Command::Server(args) => metalbond::cmd::server::run(args),
+        Command::Client(args) => metalbond::cmd::client::run(args),
         Command::Watch(args) => return metalbond::ops::watch::run(args),
         // Returned above already; kept total without a panic path.
         Command::Policy(args) => return metalbond::cmd::policy::run(args),
@@ -152,16 +152,6 @@ fn argv_command(argv: &[std::ffi::OsString]) -> Option<&'static str> {
             .into_iter()
             .find(|c| a == c)
     })
-}
-
-/// `--http ADDR` of either role: the status pages for whatever `source`
-/// the role hands over (the roles never import `http`; this wires them).
-/// Dropping the returned guard stops the pages.
-fn serve_status(
-    addr: std::net::SocketAddr,
-    source: std::sync::Arc<dyn metalbond_telemetry::StatusSource>,
-) -> Result<Box<dyn Send>, Box<dyn std::error::Error>> {
-    Ok(Box::new(metalbond_http::serve(addr, source)?))
 }
 
 /// `metalbond generate-docs DIR`: the packaging step's man pages and

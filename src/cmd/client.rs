@@ -512,12 +512,9 @@ const SINK_DRAIN: Duration = Duration::from_secs(5);
 ///
 /// A malformed flag value prints one line and exits with status 2 (like
 /// every other usage error); problems found at start (no tunnel device, no
-/// CAP_NET_ADMIN) are returned as errors. `serve_status` starts the
-/// `--http` pages (the binary passes `http::serve`).
-pub fn run(
-    args: ClientArgs,
-    serve_status: metalbond_telemetry::status::ServeStatus<'_>,
-) -> Result<(), Box<dyn std::error::Error>> {
+/// CAP_NET_ADMIN) are returned as errors. `--http` serves the status
+/// pages (`metalbond_http`).
+pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
     let settings = match args.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -552,7 +549,7 @@ pub fn run(
     // `/readyz`, decided below and shared through the latch.
     let ready = ReadyLatch::new("starting");
     let http = match settings.http {
-        Some(addr) => Some(serve_status(
+        Some(addr) => Some(metalbond_http::serve(
             addr,
             Arc::new(
                 ClientStatusSource::new(

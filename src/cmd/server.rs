@@ -164,12 +164,9 @@ fn resolve(flag: &str, text: &str) -> Result<Vec<SocketAddr>, ServerError> {
 
 /// `metalbond server`: starts the shards, serves until SIGINT or SIGTERM,
 /// shuts down cleanly (exit status 0). With `--policy`, SIGHUP reloads the
-/// policy (without, `main` logs and ignores SIGHUP). `serve_status` starts
-/// the `--http` pages (the binary passes `http::serve`).
-pub fn run(
-    args: ServerArgs,
-    serve_status: metalbond_telemetry::status::ServeStatus<'_>,
-) -> Result<(), Box<dyn std::error::Error>> {
+/// policy (without, `main` logs and ignores SIGHUP). `--http` serves the
+/// status pages (`metalbond_http`).
+pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // Install the handler first, so a signal during start-up is not fatal.
     let mut watched = vec![SIGINT, SIGTERM];
@@ -181,7 +178,7 @@ pub fn run(
     // `--http`: status pages on their own threads, reading the handle's
     // atomics and snapshots (a bind failure stops the server: Drop).
     let http = match handle.config().http {
-        Some(addr) => Some(serve_status(
+        Some(addr) => Some(metalbond_http::serve(
             addr,
             Arc::new(ServerStatusSource::new(handle.clone())),
         )?),

@@ -1,12 +1,14 @@
-//! The MetalBond client: the embeddable library and `metalbond client`.
+//! The MetalBond client library (what `metalbond client` runs, and what an
+//! embedder links): sessions to reflectors, announcements, received routes.
 //!
 //! Owns: the `Client` handle (servers, subscriptions, announcements, status,
 //! waits), the `RouteSink` trait through which embedders hear about
 //! present-route changes (or the `ChangeStream` for async code), one thread
 //! per server (`connection`), the one delivery thread (`delivery`), the
 //! present set (`present`), the traffic counters (`traffic`), the typed
-//! errors (`error`) and, with their features, the command line (`cli`) and
-//! its status pages (`http`).
+//! errors (`error`) and its `StatusSource` for the status pages (`status`).
+//! The command line lives in the `metalbond` binary; kernel routes in
+//! `metalbond-netlink`, whose `KernelRouteSink` is a `RouteSink`.
 //!
 //! Must never: make an embedder run an async runtime, call the sink while a
 //! client lock is held or on a caller's thread, or make a caller wait for
@@ -70,6 +72,8 @@
 //! delivered, then the delivery thread drops the sink; `shutdown_timeout`
 //! waits for that.
 
+#![deny(missing_docs)]
+
 mod connection;
 mod delivery;
 pub mod error;
@@ -95,7 +99,9 @@ pub use error::ClientError;
 use metalbond_utils::LockOrRecover;
 use metalbond_wire::codec::{FrameBuffer, Message};
 use metalbond_wire::session::SessionState;
-use metalbond_wire::types::{Action, IpNet, NextHop, Route, Vni};
+/// The route types of the API, so an embedder needs this one dependency.
+pub use metalbond_wire::types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+
 pub use present::PresentChange;
 use present::{PresentRoutes, ServerId};
 pub use stream::{ChangeStream, DEFAULT_STREAM_CAPACITY};
@@ -1322,3 +1328,8 @@ mod tests {
         );
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

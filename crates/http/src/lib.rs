@@ -29,6 +29,8 @@
 //!           chunk when the reader took the last    (RouteSnapshot, shared)
 //! ```
 
+#![deny(missing_docs)]
+
 mod api;
 pub use api::next_hop_json;
 mod go_document;

@@ -36,6 +36,8 @@
 //! with the same target address (e.g. NAT ranges) are one kernel next hop.
 //! Routes of unmapped VNIs are logged once.
 
+#![deny(missing_docs)]
+
 mod counters;
 mod nexthop;
 mod routes;

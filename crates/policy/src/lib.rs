@@ -18,6 +18,8 @@
 //! Must never: touch sockets, sessions or tables (the server acts on the
 //! answers), or let a file that does not parse replace a working policy.
 
+#![deny(missing_docs)]
+
 pub mod file;
 pub mod peer;
 pub mod refusal_log;

@@ -1,6 +1,7 @@
-//! Server configuration: the `metalbond server` flags and the limits behind them.
+//! Server configuration: the limits behind the `metalbond server` flags
+//! (the flags themselves are the binary's `cmd/server.rs`).
 //!
-//! Owns: `ServerArgs` (clap), `ServerConfig` (what `Server::start` needs, with
+//! Owns: `ServerConfig` (what `Server::start` needs, with
 //! safe defaults for every limit) and `ServerError` (why the server could not
 //! start, one clear line each).
 //!
@@ -71,10 +72,10 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     /// Number of shards (executor threads).
     pub shards: usize,
-    /// HTTP status address (`server::run` serves the status pages there
-    /// through the `serve_status` function the binary passes).
+    /// HTTP status address: `metalbond server` serves the status pages
+    /// there (`metalbond_http`); the library itself opens no HTTP port.
     pub http: Option<SocketAddr>,
-    /// Connections served at once (see `ServerArgs::max_peers`).
+    /// Connections served at once (`metalbond server --max-peers`).
     pub max_peers: usize,
     /// Per-peer limits (slow subscribers, routes, subscriptions).
     pub limits: PeerLimits,

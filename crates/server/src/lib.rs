@@ -35,6 +35,8 @@
 //! Must never: block a shard thread, or let one peer's slowness grow memory
 //! or stall others (see `out_queue`).
 
+#![deny(missing_docs)]
+
 mod accept;
 mod admission;
 mod chunk_map;

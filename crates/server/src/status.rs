@@ -32,7 +32,7 @@ type VniCounts = Vec<(Vni, u64)>;
 
 /// The reflector as the status pages see it.
 pub struct ServerStatusSource {
-    /// The running server (shared with `server::run`, which shuts it down
+    /// The running server (shared with `metalbond server`, which shuts it down
     /// after the HTTP side has stopped).
     handle: Arc<ServerHandle>,
     /// Per-VNI route counts, reused for `VNI_COUNTS_MAX_AGE`.

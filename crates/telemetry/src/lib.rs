@@ -18,6 +18,8 @@
 //!   netlink counters┘   (+ families, views)     └─ the binary wires them
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod families;
 mod histogram;
 pub mod status;

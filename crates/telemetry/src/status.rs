@@ -278,15 +278,6 @@ impl ReadyLatch {
     }
 }
 
-/// How a role's `run` (the `metalbond server` / `metalbond client` glue)
-/// gets status pages without importing `http`: the binary passes a function
-/// that serves `source` on the `--http` address and returns a guard; the
-/// role drops the guard (stopping the pages) before it shuts down itself.
-pub type ServeStatus<'a> = &'a dyn Fn(
-    std::net::SocketAddr,
-    std::sync::Arc<dyn StatusSource>,
-) -> Result<Box<dyn Send>, Box<dyn std::error::Error>>;
-
 /// Which binary is serving the status pages. Shown on the page and in
 /// `metalbond_build_info`, so that a dashboard can tell reflectors from
 /// hypervisor clients.

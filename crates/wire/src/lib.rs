@@ -15,21 +15,7 @@
 //! Must never: open a socket, spawn a thread, read a clock it was not
 //! handed, or depend on another crate of this workspace.
 //!
-//! ```
-//! use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
-//! use metalbond_wire::{Action, NextHop, Route, Vni};
-//!
-//! let route = Route {
-//!     vni: Vni::new(23).unwrap(),
-//!     destination: "10.0.23.0/24".parse().unwrap(),
-//!     next_hop: NextHop::standard("2001:db8::1".parse().unwrap()),
-//! };
-//! let mut bytes = Vec::new();
-//! encode_frame(&Message::Update { action: Action::Add, route }, &mut bytes);
-//! let mut decoder = FrameDecoder::new();
-//! decoder.extend(&bytes);
-//! assert!(matches!(decoder.next_message().unwrap(), Some(Message::Update { .. })));
-//! ```
+//! An example of encoding and decoding is in the README (a doctest).
 
 #![deny(missing_docs)]
 
@@ -47,3 +33,8 @@ pub mod pb {
 }
 
 pub use types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
