@@ -282,9 +282,7 @@ fn http_status_serves_present_routes_as_json() {
     }
     let http = metalbond_http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        std::sync::Arc::new(metalbond_client::status::ClientStatusSource::new(
-            &client, None,
-        )),
+        std::sync::Arc::new(metalbond_client::ClientStatusSource::new(&client, None)),
     )
     .unwrap();
     let get = |path: &str| {

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use metalbond_client::status::ClientStatusSource;
+use metalbond_client::ClientStatusSource;
 use metalbond_client::{Client, ClientConfig, LogSink};
 use metalbond_server::{Server, ServerConfig, ServerHandle};
 use metalbond_wire::session::SessionState;

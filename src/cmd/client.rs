@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalbond_client::status::ClientStatusSource;
+use metalbond_client::ClientStatusSource;
 use metalbond_client::{Client, ClientConfig, ClientError, LogSink};
 use metalbond_netlink::{KernelRoutes, KernelRoutesConfig, KernelTable};
 use metalbond_telemetry::status::ReadyLatch;

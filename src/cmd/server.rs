@@ -233,7 +233,7 @@ mod tests {
             .listen
             .iter()
             .all(|a| a.ip().is_loopback() && a.port() == 4711));
-        assert_eq!(c.keepalive, metalbond_wire::session::DEFAULT_KEEPALIVE);
+        assert_eq!(c.keepalive, defaults::KEEPALIVE);
         let c = parse(&["--listen", "[::]:4711,0.0.0.0:4711", "--http", "[::1]:4712"]).unwrap();
         assert_eq!(c.listen.len(), 2);
         assert_eq!(c.http, Some("[::1]:4712".parse().unwrap()));

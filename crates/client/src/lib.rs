@@ -78,7 +78,8 @@ mod connection;
 mod delivery;
 pub mod error;
 mod present;
-pub mod status;
+mod status_source;
+pub use status_source::ClientStatusSource;
 mod stream;
 mod traffic;
 mod wait;
@@ -636,7 +637,7 @@ impl ClientInner {
 #[derive(Clone)]
 pub struct Client {
     /// Shared by the clones; its drop shuts the client down.
-    owner: Arc<Owner>,
+    owner: Arc<ShutdownGuard>,
 }
 
 impl std::fmt::Debug for Client {
@@ -649,12 +650,12 @@ impl std::fmt::Debug for Client {
 }
 
 /// What the `Client` clones share: dropping the last one shuts down.
-struct Owner {
+struct ShutdownGuard {
     /// Shared with the server threads.
     inner: Arc<ClientInner>,
 }
 
-impl Drop for Owner {
+impl Drop for ShutdownGuard {
     fn drop(&mut self) {
         self.inner.shutdown();
     }
@@ -666,7 +667,7 @@ impl Drop for Owner {
 #[derive(Clone, Debug)]
 pub struct WeakClient {
     /// The owner, if still alive.
-    owner: Weak<Owner>,
+    owner: Weak<ShutdownGuard>,
 }
 
 impl WeakClient {
@@ -676,9 +677,9 @@ impl WeakClient {
     }
 }
 
-impl std::fmt::Debug for Owner {
+impl std::fmt::Debug for ShutdownGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Owner")
+        f.write_str("ShutdownGuard")
     }
 }
 /// Checks the `HOST:PORT` form: HOST is an IPv6 address in brackets, an
@@ -794,7 +795,7 @@ impl Client {
         };
         let started = delivery::spawn(delivery.clone(), sink, progress);
         let client = Client {
-            owner: Arc::new(Owner {
+            owner: Arc::new(ShutdownGuard {
                 inner: Arc::new(ClientInner {
                     config,
                     core: Mutex::new(Core {

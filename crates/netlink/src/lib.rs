@@ -65,10 +65,6 @@ use metalbond_wire::types::{NextHop, Vni};
 use nexthop::{NexthopMessage, AF_INET6, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
 pub use routes::{KernelTable, PROTOCOL_METALBOND};
 
-/// The old name of `KernelTable` ("route table" also named a set of routes
-/// in the status pages; this is a kernel table id).
-#[deprecated(since = "0.1.0", note = "renamed to KernelTable")]
-pub type RouteTable = KernelTable;
 use routes::{RTM_GETROUTE, RTM_NEWROUTE};
 pub use socket::KernelError;
 use socket::{Request, RouteSocket};

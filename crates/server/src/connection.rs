@@ -37,7 +37,7 @@ use glommio::net::TcpStream;
 
 use super::config::PeerLimits;
 use super::context::ShardContext;
-use super::event::{EventWait, LocalEvent};
+use super::local_event::{EventWait, LocalEvent};
 use super::out_queue::{OutQueue, WriteBatch};
 use super::owner::OwnerInput;
 use super::PeerId;

@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 use super::admission::Admission;
 use super::config::ServerConfig;
-use super::event::LocalEvent;
 use super::grace::GraceHolds;
+use super::local_event::LocalEvent;
 use super::mesh::{ShardMsg, ShardOutbox};
 use super::owner::OwnerInput;
 use super::route_set::RouteSet;
-use super::stats::ShardCounters;
+use super::snapshot::ShardCounters;
 use super::PeerId;
 use metalbond_wire::types::Vni;
 

@@ -57,9 +57,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use smallvec::SmallVec;
 
-use super::event::LocalEvent;
+use super::local_event::LocalEvent;
 use super::route_set::RouteSet;
-use super::stats::PeerInfo;
+use super::snapshot::PeerInfo;
 use super::PeerId;
 use metalbond_utils::LockOrRecover;
 use metalbond_wire::session::SessionState;

@@ -13,7 +13,7 @@
 //!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐         │
 //!  │   writer (connection.rs): OutQueue (shared frames | coalesced)        │
 //!  │           → sendmsg(iovec)  ▲                                ▼        │
-//!  │                             │ Delivery     ShardOutbox[owner(vni)]    │
+//!  │                             │ ShardDelivery     ShardOutbox[owner(vni)]    │
 //!  │ deliver ────────────────────┘                           │             │
 //!  │   ▲                                  flusher per dest:  │ whole batch │
 //!  │   │                                                     ▼             │
@@ -22,7 +22,7 @@
 //!  │   ▼                                                                   │
 //!  │ shard.rs — VniOwner (VNIs with vni % N == i): VniTable per VNI;       │
 //!  │   FanoutBuilder                                                       │
-//!  │   encodes each change once → one Delivery per shard with subscribers; │
+//!  │   encodes each change once → one ShardDelivery per shard with subscribers; │
 //!  │   sync pump: SUBSCRIBE scans in chunks, two chunks in flight          │
 //!  │ control loop: stats / routes / peers snapshots, shutdown              │
 //!  └───────────────────────────────────────────────────────────────────────┘
@@ -43,9 +43,10 @@ mod chunk_map;
 mod config;
 mod connection;
 mod context;
-mod event;
 mod fanout;
 mod grace;
+mod host;
+mod local_event;
 mod mesh;
 mod out_queue;
 mod owner;
@@ -53,8 +54,8 @@ mod peer;
 mod peer_id;
 mod route_set;
 mod shard;
-mod stats;
-mod status;
+mod snapshot;
+mod status_source;
 mod sync_budget;
 mod vni_table;
 
@@ -62,7 +63,7 @@ mod vni_table;
 /// `benches/fanout.rs` drives it to measure encode-once fan-out. Not a
 /// stable API: it changes with the implementation.
 pub mod owner_logic {
-    pub use super::owner::{Delivery, OwnerInput, VniOwner};
+    pub use super::owner::{OwnerInput, ShardDelivery, VniOwner};
 }
 
 use std::net::SocketAddr;
@@ -74,16 +75,16 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 pub use config::{PeerLimits, ServerConfig, ServerError};
 pub use peer_id::PeerId;
-pub use stats::{
+pub use snapshot::{
     DisconnectCounts, PeerInfo, RoutePage, RouteQuery, ServerStats, ShardStats, VniRoutes,
     VniSummary,
 };
-pub use status::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
+pub use status_source::{ServerStatusSource, VNI_COUNTS_MAX_AGE};
 pub use vni_table::AnnouncedRoute;
 
 use mesh::{Batch, CHANNEL_BATCHES};
 use shard::{Control, ShardSetup};
-use stats::ShardCounters;
+use snapshot::ShardCounters;
 
 /// Entry point for starting a server in-process.
 pub struct Server;
@@ -93,7 +94,7 @@ impl Server {
     /// them serve. Errors name the cause (address in use, io_uring missing...).
     pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
-        config::probe_io_uring()?;
+        host::probe_io_uring()?;
         let n = config.shards;
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
@@ -127,7 +128,7 @@ impl Server {
         for (k, l) in listeners.into_iter().enumerate() {
             shard_listeners[k % n].push((l, k));
         }
-        let cpus = config::allowed_cpu_ids();
+        let cpus = host::allowed_cpu_ids();
         let admission = admission::Admission::new(config.max_peers);
         let ghosts = Arc::new(grace::GhostIndex::new(n));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -27,8 +27,8 @@ use futures_lite::future;
 use glommio::net::AcceptedTcpStream;
 
 use super::admission::PeerSlot;
-use super::event::LocalEvent;
-use super::owner::{Delivery, OwnerInput};
+use super::local_event::LocalEvent;
+use super::owner::{OwnerInput, ShardDelivery};
 use super::PeerId;
 
 /// Messages pending in a shard's outboxes above which peer readers pause.
@@ -51,9 +51,9 @@ pub(crate) enum ShardMsg {
     Owner(OwnerInput),
     /// Frames for peers on the receiving shard. Boxed: one per batch and
     /// destination, while route inputs come by the million, and a
-    /// `Delivery` inline made every message half as large again (96 bytes
+    /// `ShardDelivery` inline made every message half as large again (96 bytes
     /// instead of 64).
-    Deliver(Box<Delivery>),
+    Deliver(Box<ShardDelivery>),
     /// A new connection handed over by an accept loop, with its place
     /// under `--max-peers`.
     Connection(AcceptedTcpStream, PeerSlot),

@@ -11,7 +11,7 @@
 //! `sync_budget`; the
 //! next chunk goes out when the subscriber's shard reports one written).
 //!
-//! Must never: touch sockets or channels. It returns `Delivery`s addressed to
+//! Must never: touch sockets or channels. It returns `ShardDelivery`s addressed to
 //! shards; `shard` moves them. That keeps it unit-testable and lets the
 //! shard batch deliveries per destination.
 
@@ -92,7 +92,7 @@ pub struct SyncTag {
 
 /// Frames for some peers of one shard.
 #[derive(Clone, Debug)]
-pub struct Delivery {
+pub struct ShardDelivery {
     /// The VNI the frames belong to: a recipient that has unsubscribed from
     /// it since (the UNSUBSCRIBE is read on its shard, before the owner knows)
     /// does not get them.
@@ -231,7 +231,7 @@ impl VniOwner {
 
     /// Applies one input; deliveries that must go out at once (a full
     /// batch buffer) are appended to `out`, the rest wait for `flush`.
-    pub fn apply(&mut self, input: OwnerInput, out: &mut Vec<(usize, Delivery)>) {
+    pub fn apply(&mut self, input: OwnerInput, out: &mut Vec<(usize, ShardDelivery)>) {
         match input {
             OwnerInput::Announce { peer, route } => {
                 let table = self
@@ -321,7 +321,7 @@ impl VniOwner {
 
     /// Sends everything accumulated: one shared batch per VNI and shard with
     /// live subscribers, one personal batch per syncing subscriber.
-    pub fn flush(&mut self, out: &mut Vec<(usize, Delivery)>) {
+    pub fn flush(&mut self, out: &mut Vec<(usize, ShardDelivery)>) {
         let vnis: Vec<Vni> = self.pending.keys().copied().collect();
         for vni in vnis {
             self.flush_vni(vni, out);
@@ -331,7 +331,7 @@ impl VniOwner {
 
     /// One sync step: the next subscription with credit gets its next chunk.
     /// Returns false when no job could make progress.
-    pub fn sync_step(&mut self, out: &mut Vec<(usize, Delivery)>) -> bool {
+    pub fn sync_step(&mut self, out: &mut Vec<(usize, ShardDelivery)>) -> bool {
         // Changes recorded so far must reach subscribers before the cursor moves.
         self.flush(out);
         let now = Instant::now();
@@ -369,7 +369,7 @@ impl VniOwner {
                     .push_back(self.sync_budget.sent(batch.frames.len(), now));
                 out.push((
                     peer.shard(),
-                    Delivery {
+                    ShardDelivery {
                         vni,
                         recipients: Arc::from(vec![peer]),
                         batch,
@@ -401,7 +401,7 @@ impl VniOwner {
         origin: PeerId,
         action: Action,
         route: Route,
-        out: &mut Vec<(usize, Delivery)>,
+        out: &mut Vec<(usize, ShardDelivery)>,
     ) {
         if self
             .tables
@@ -444,7 +444,7 @@ impl VniOwner {
         peer: PeerId,
         action: Action,
         route: Route,
-        out: &mut Vec<(usize, Delivery)>,
+        out: &mut Vec<(usize, ShardDelivery)>,
     ) {
         let Some(table) = self.tables.get(&route.vni) else {
             return;
@@ -462,7 +462,7 @@ impl VniOwner {
         }
     }
 
-    fn flush_vni(&mut self, vni: Vni, out: &mut Vec<(usize, Delivery)>) {
+    fn flush_vni(&mut self, vni: Vni, out: &mut Vec<(usize, ShardDelivery)>) {
         let Some(pending) = self.pending.get_mut(&vni) else {
             return;
         };
@@ -475,7 +475,7 @@ impl VniOwner {
             for (shard, recipients) in table.live_by_shard().iter() {
                 out.push((
                     *shard,
-                    Delivery {
+                    ShardDelivery {
                         vni,
                         recipients: recipients.clone(),
                         batch: batch.clone(),
@@ -488,7 +488,7 @@ impl VniOwner {
         for (peer, mut b) in pending.personal.drain() {
             out.push((
                 peer.shard(),
-                Delivery {
+                ShardDelivery {
                     vni,
                     recipients: Arc::from(vec![peer]),
                     batch: b.finish(),
@@ -552,14 +552,14 @@ mod tests {
         SyncTag { vni, epoch: 1 }
     }
 
-    fn decode(out: &[(usize, Delivery)], who: PeerId) -> Vec<(Action, Route)> {
+    fn decode(out: &[(usize, ShardDelivery)], who: PeerId) -> Vec<(Action, Route)> {
         out.iter()
             .filter(|(_, d)| d.recipients.contains(&who))
             .flat_map(|(_, d)| d.batch.changes_for(who))
             .collect()
     }
 
-    fn subscribe_live(o: &mut VniOwner, peer: PeerId) -> Vec<(usize, Delivery)> {
+    fn subscribe_live(o: &mut VniOwner, peer: PeerId) -> Vec<(usize, ShardDelivery)> {
         let mut out = Vec::new();
         o.apply(
             OwnerInput::Subscribe {

@@ -15,7 +15,7 @@
 //!   connection::next_read_event ──frames──▶ read_loop ──OwnerInput──▶ ShardContext::to_owner
 //!                                              │ replies (HELLO, KEEPALIVE)
 //!                                              ▼
-//!   connection::write_loop ◀── OutQueue ◀── PeerConn::deliver ◀── shard (Delivery)
+//!   connection::write_loop ◀── OutQueue ◀── PeerConn::deliver ◀── shard (ShardDelivery)
 //! ```
 //!
 //! Every event of a peer's tasks is logged inside its span (`peer`,
@@ -38,10 +38,10 @@ use tracing::Instrument;
 use super::admission::HandshakeTicket;
 use super::connection::{self, Connection, ReadBuf, ReadEvent, Transport, READ_BUF_MIN};
 use super::context::ShardContext;
-use super::event::LocalEvent;
-use super::owner::{Delivery, OwnerInput};
+use super::local_event::LocalEvent;
+use super::owner::{OwnerInput, ShardDelivery};
 use super::route_set::RouteSet;
-use super::stats::PeerInfo;
+use super::snapshot::PeerInfo;
 use super::PeerId;
 use metalbond_policy::{PeerPolicy, Verdict};
 use metalbond_wire::codec::{FrameDecoder, Message};
@@ -118,7 +118,7 @@ impl PeerConn {
 
     /// Queues a delivery from an owner (or coalesces it, or cuts the peer
     /// off if even coalescing is over its limit).
-    pub(crate) fn deliver(&self, d: &Delivery, counters: &super::stats::ShardCounters) {
+    pub(crate) fn deliver(&self, d: &ShardDelivery, counters: &super::snapshot::ShardCounters) {
         if self.io.is_closed() {
             return;
         }

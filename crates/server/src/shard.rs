@@ -16,7 +16,7 @@
 //!                                          │     peer task (peer::run, in its span)
 //!                                          │       └─ writer task (connection::write_loop)
 //!                                          ▼
-//!                    end_chunk: owner flush → route(Delivery)
+//!                    end_chunk: owner flush → route(ShardDelivery)
 //!                        ├─ this shard: PeerConn::deliver → OutQueue
 //!                        └─ other shards: ShardOutbox ──▶ flusher per dest ──▶ channel
 //!   sync pump: VniOwner::sync_step → route      control loop: snapshots, shutdown
@@ -54,12 +54,12 @@ use super::admission::{Admission, PeerSlot};
 use super::config::ServerConfig;
 use super::connection::{SocketFd, Transport};
 use super::context::ShardContext;
-use super::event::LocalEvent;
 use super::grace::{GhostIndex, GraceHolds};
+use super::local_event::LocalEvent;
 use super::mesh::{Batch, ShardMsg};
-use super::owner::{Delivery, VniOwner};
+use super::owner::{ShardDelivery, VniOwner};
 use super::peer::{self, PeerConn};
-use super::stats::{PeerInfo, RoutePage, RouteQuery, ShardCounters, VniRoutes, VniSummary};
+use super::snapshot::{PeerInfo, RoutePage, RouteQuery, ShardCounters, VniRoutes, VniSummary};
 use super::PeerId;
 use metalbond_wire::session::CloseReason;
 use metalbond_wire::types::{Route, Vni};
@@ -134,7 +134,7 @@ pub(crate) struct Shard {
 impl Shard {
     /// Routes owner output: deliveries to our own peers directly (keeping
     /// order, since all of them take this path), others via outboxes.
-    fn route(&self, out: Vec<(usize, Delivery)>) {
+    fn route(&self, out: Vec<(usize, ShardDelivery)>) {
         for (dest, d) in out {
             if dest == self.ctx.index() {
                 self.deliver(&d);
@@ -205,7 +205,7 @@ impl Shard {
         }
     }
 
-    fn deliver(&self, d: &Delivery) {
+    fn deliver(&self, d: &ShardDelivery) {
         let peers = self.peers.borrow();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
@@ -255,7 +255,7 @@ impl Shard {
     /// Ends a run of `handle_batch` without an await: flushes the owner's
     /// pending fan-out if it was touched and routes everything produced.
     /// Borrows the owner only inside, never across an await.
-    fn end_chunk(&self, out: &mut Vec<(usize, Delivery)>, owner_touched: &mut bool) {
+    fn end_chunk(&self, out: &mut Vec<(usize, ShardDelivery)>, owner_touched: &mut bool) {
         if std::mem::take(owner_touched) {
             let mut owner = self.owner.borrow_mut();
             owner.flush(out);

@@ -8,14 +8,15 @@
 //!
 //! Must never: hold a limit that is not a default (maxima such as
 //! `MAX_PEER_GRACE` stay with the code that enforces them) or depend on any
-//! module but `session` (the protocol's keepalive).
+//! other module.
 
 use std::time::Duration;
 
-/// Keepalive interval offered to peers (PROTOCOL.md: 5 s, as the Go
-/// implementation); `--keepalive 0` also means this. Defined by the
-/// session state machine, which applies it.
-pub const KEEPALIVE: Duration = crate::session::DEFAULT_KEEPALIVE;
+/// The keepalive interval both roles offer unless told otherwise
+/// (PROTOCOL.md "Default keepalive interval: 5 s", as the Go
+/// implementation); also what `--keepalive 0` means, as for the Go binary.
+/// The one name of this default.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Server: `--listen`, every interface on the MetalBond port.
 pub const LISTEN: &str = "[::]:4711";

@@ -250,11 +250,6 @@ impl<E: fmt::Display> PartialEq for Cause<E> {
 
 impl<E: fmt::Display> Eq for Cause<E> {}
 
-/// The keepalive interval both roles offer unless told otherwise (PROTOCOL.md
-/// "Default keepalive interval: 5 s"); also what `--keepalive 0` means, as
-/// for the Go binary.
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
-
 /// KEEPALIVEs a peer may send within one negotiated interval before it is
 /// closed as a flood. A well-behaved peer sends one; the margin covers
 /// timers firing late and early. (A peer streaming KEEPALIVEs at line rate
