@@ -167,13 +167,13 @@ pub(super) fn run_server(
     let config = inner.config.clone();
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut generation = 0u64;
-    let mut last_error = String::new();
+    let mut last_error: Option<ConnectError> = None;
     while !stop.load(Ordering::SeqCst) {
         inner.set_state(id, SessionState::Connecting);
         match connect(&address, local_address, config.connect_timeout, &stop) {
             Ok(stream) => {
                 generation += 1;
-                last_error.clear();
+                last_error = None;
                 let Some(meter) = inner.connected(id, &stream) else {
                     // The slot went away while we connected.
                     let _ = stream.shutdown(Shutdown::Both);
@@ -216,11 +216,11 @@ pub(super) fn run_server(
             }
             Err(e) => {
                 // Log a changed error at info, repeats at debug.
-                if e != last_error {
-                    tracing::info!("cannot connect: {e}");
-                    last_error = e;
-                } else {
+                if last_error.as_ref().is_some_and(|last| last.same_cause(&e)) {
                     tracing::debug!("cannot connect: {e}");
+                } else {
+                    tracing::info!("cannot connect: {e}");
+                    last_error = Some(e);
                 }
             }
         }
@@ -242,6 +242,92 @@ pub(super) fn run_server(
     inner.set_state(id, SessionState::Closed);
 }
 
+/// Why one connect attempt failed. Displayed as one line (the log's
+/// "cannot connect: ..."); `same_cause` decides whether a retry failed the
+/// same way (logged at debug) or differently (at info).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnectError {
+    /// The server was removed or the client shut down meanwhile.
+    #[error("stopped")]
+    Stopped,
+    /// The name resolved, to nothing.
+    #[error("{address} resolves to no address")]
+    NoAddress {
+        /// The server address as given.
+        address: String,
+    },
+    /// The system resolver failed (or its thread ended without a result).
+    #[error("cannot resolve {address}: {reason}")]
+    Resolve {
+        /// The server address as given.
+        address: String,
+        /// What the resolver said.
+        reason: String,
+    },
+    /// No thread could be started for the lookup.
+    #[error("cannot start a resolver thread: {0}")]
+    ResolverThread(std::io::Error),
+    /// No socket could be made.
+    #[error("cannot make a socket: {0}")]
+    Socket(std::io::Error),
+    /// The local address (`ServerOptions::local_address`) cannot be bound.
+    #[error("cannot bind local address {ip}: {source}")]
+    BindLocal {
+        /// The local address.
+        ip: IpAddr,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
+    /// The TCP connect to one of the addresses failed.
+    #[error("{addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: SocketAddr,
+        /// What the kernel said (refused, unreachable, ...).
+        source: std::io::Error,
+    },
+    /// The TCP connect to one of the addresses did not complete in time.
+    #[error("{addr}: connect timed out after {after:?}")]
+    TimedOut {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The connect timeout.
+        after: Duration,
+    },
+}
+
+impl ConnectError {
+    /// Did `other` fail for the same reason (same kind, same address, same
+    /// OS error)? A server that stays down is logged once at info.
+    fn same_cause(&self, other: &ConnectError) -> bool {
+        use ConnectError::*;
+        let os = |e: &std::io::Error| (e.kind(), e.raw_os_error());
+        match (self, other) {
+            (Stopped, Stopped) => true,
+            (NoAddress { address: a }, NoAddress { address: b }) => a == b,
+            (
+                Resolve {
+                    address: a,
+                    reason: r,
+                },
+                Resolve {
+                    address: b,
+                    reason: s,
+                },
+            ) => a == b && r == s,
+            (ResolverThread(a), ResolverThread(b)) | (Socket(a), Socket(b)) => os(a) == os(b),
+            (BindLocal { ip: a, source: e }, BindLocal { ip: b, source: f }) => {
+                a == b && os(e) == os(f)
+            }
+            (Connect { addr: a, source: e }, Connect { addr: b, source: f }) => {
+                a == b && os(e) == os(f)
+            }
+            (TimedOut { addr: a, .. }, TimedOut { addr: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// Resolves `address` and connects to the first address that answers,
 /// from `local` if given. Gives up within `STOP_POLL` once `stop` is set:
 /// a DNS lookup is left running on its own thread (its result is dropped),
@@ -251,16 +337,18 @@ fn connect(
     local: Option<IpAddr>,
     timeout: Duration,
     stop: &AtomicBool,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, ConnectError> {
     let addrs = resolve(address, stop)?;
-    let mut last = format!("{address} resolves to no address");
+    let mut last = ConnectError::NoAddress {
+        address: address.to_string(),
+    };
     for addr in addrs {
         if stop.load(Ordering::SeqCst) {
-            return Err("stopped".into());
+            return Err(ConnectError::Stopped);
         }
         match connect_one(addr, local, timeout, stop) {
             Ok(s) => return Ok(s),
-            Err(e) => last = format!("{addr}: {e}"),
+            Err(e) => last = e,
         }
     }
     Err(last)
@@ -269,7 +357,7 @@ fn connect(
 /// `address` as socket addresses: an IP literal directly, a host name by
 /// the system resolver on a helper thread that is abandoned on `stop`
 /// (getaddrinfo cannot be interrupted).
-fn resolve(address: &str, stop: &AtomicBool) -> Result<Vec<SocketAddr>, String> {
+fn resolve(address: &str, stop: &AtomicBool) -> Result<Vec<SocketAddr>, ConnectError> {
     if let Ok(addr) = address.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
@@ -284,17 +372,21 @@ fn resolve(address: &str, stop: &AtomicBool) -> Result<Vec<SocketAddr>, String> 
                 .map_err(|e| e.to_string());
             let _ = tx.send(result);
         })
-        .map_err(|e| format!("cannot start a resolver thread: {e}"))?;
+        .map_err(ConnectError::ResolverThread)?;
+    let failed = |reason: String| ConnectError::Resolve {
+        address: address.to_string(),
+        reason,
+    };
     loop {
         match rx.recv_timeout(STOP_POLL) {
             Ok(Ok(addrs)) => return Ok(addrs),
-            Ok(Err(e)) => return Err(format!("cannot resolve {address}: {e}")),
+            Ok(Err(e)) => return Err(failed(e)),
             Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => {
-                return Err("stopped while resolving".into())
+                return Err(ConnectError::Stopped)
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                return Err(format!("cannot resolve {address}: resolver thread ended"))
+                return Err(failed("resolver thread ended".into()))
             }
         }
     }
@@ -307,37 +399,58 @@ fn connect_one(
     local: Option<IpAddr>,
     timeout: Duration,
     stop: &AtomicBool,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, ConnectError> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| format!("cannot make a socket: {e}"))?;
+        .map_err(ConnectError::Socket)?;
     if let Some(ip) = local {
         socket
             .bind(&SocketAddr::new(ip, 0).into())
-            .map_err(|e| format!("cannot bind local address {ip}: {e}"))?;
+            .map_err(|source| ConnectError::BindLocal { ip, source })?;
     }
-    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let failed = |source| ConnectError::Connect { addr, source };
+    socket.set_nonblocking(true).map_err(failed)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            wait_connected(&socket, timeout, stop)?
+            match wait_connected(&socket, timeout, stop) {
+                Ok(()) => {}
+                Err(WaitFailed::Stopped) => return Err(ConnectError::Stopped),
+                Err(WaitFailed::TimedOut) => {
+                    return Err(ConnectError::TimedOut {
+                        addr,
+                        after: timeout,
+                    })
+                }
+                Err(WaitFailed::Io(e)) => return Err(failed(e)),
+            }
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(failed(e)),
     }
-    socket.set_nonblocking(false).map_err(|e| e.to_string())?;
+    socket.set_nonblocking(false).map_err(failed)?;
     Ok(socket.into())
+}
+
+/// Why a non-blocking connect did not complete.
+enum WaitFailed {
+    /// `stop` was set.
+    Stopped,
+    /// The timeout passed.
+    TimedOut,
+    /// The connect failed (or poll did).
+    Io(std::io::Error),
 }
 
 /// Waits for a non-blocking connect to finish, looking at `stop` every
 /// `STOP_POLL`.
-fn wait_connected(socket: &Socket, timeout: Duration, stop: &AtomicBool) -> Result<(), String> {
+fn wait_connected(socket: &Socket, timeout: Duration, stop: &AtomicBool) -> Result<(), WaitFailed> {
     let deadline = Instant::now() + timeout;
     loop {
         if stop.load(Ordering::SeqCst) {
-            return Err("stopped while connecting".into());
+            return Err(WaitFailed::Stopped);
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!("connect timed out after {timeout:?}"));
+            return Err(WaitFailed::TimedOut);
         }
         let slice = (deadline - now).min(STOP_POLL);
         let mut pfd = libc::pollfd {
@@ -354,12 +467,12 @@ fn wait_connected(socket: &Socket, timeout: Duration, stop: &AtomicBool) -> Resu
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(e.to_string());
+            return Err(WaitFailed::Io(e));
         }
         if ready > 0 {
             return match socket.take_error() {
                 Ok(None) => Ok(()),
-                Ok(Some(e)) | Err(e) => Err(e.to_string()),
+                Ok(Some(e)) | Err(e) => Err(WaitFailed::Io(e)),
             };
         }
     }
@@ -589,6 +702,37 @@ impl SessionBacklog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_that_stays_down_fails_for_the_same_cause() {
+        let refused = |port| ConnectError::Connect {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        assert!(refused(4711).same_cause(&refused(4711)));
+        assert!(!refused(4711).same_cause(&refused(4712)));
+        let unreachable = ConnectError::Connect {
+            addr: SocketAddr::from(([127, 0, 0, 1], 4711)),
+            source: std::io::Error::from_raw_os_error(libc::ENETUNREACH),
+        };
+        assert!(!refused(4711).same_cause(&unreachable));
+        let timed_out = ConnectError::TimedOut {
+            addr: SocketAddr::from(([127, 0, 0, 1], 4711)),
+            after: Duration::from_secs(3),
+        };
+        assert!(!refused(4711).same_cause(&timed_out));
+        assert_eq!(
+            timed_out.to_string(),
+            "127.0.0.1:4711: connect timed out after 3s"
+        );
+        assert_eq!(
+            refused(4711).to_string(),
+            format!(
+                "127.0.0.1:4711: {}",
+                std::io::Error::from_raw_os_error(libc::ECONNREFUSED)
+            )
+        );
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter_and_resets() {

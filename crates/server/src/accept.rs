@@ -13,12 +13,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::future;
-use glommio::net::TcpListener;
 
 use glommio::net::AcceptedTcpStream;
 
 use super::admission::{Admit, PeerSlot};
-use super::connection::{self, SocketFd};
+use super::connection::Listener;
 use super::context::ShardContext;
 use super::mesh::ShardMsg;
 use super::PeerId;
@@ -68,14 +67,12 @@ impl RepeatedWarning {
 /// make room; when every connection is established, the new one is closed
 /// at once, counted, and logged at most once per `ACCEPT_LOG_EVERY`. A
 /// failed accept (out of file descriptors) backs off and is logged the same
-/// way; the loop never stops before shutdown. `fd` is `listener`'s
-/// descriptor, for the shutdown at the end. Connections and evictions for
+/// way; the loop never stops before shutdown. Connections and evictions for
 /// this very shard go to `local` (the shard handles them at once); others
 /// travel through the shard's outbox.
 pub(crate) async fn accept_loop(
     shard: Rc<ShardContext>,
-    listener: TcpListener,
-    fd: SocketFd,
+    listener: Listener,
     start: usize,
     local: impl Fn(Handover),
 ) {
@@ -86,10 +83,13 @@ pub(crate) async fn accept_loop(
         if shard.is_shutting_down() {
             break;
         }
-        let accepted = future::or(async { Some(listener.shared_accept().await) }, async {
-            shard.shutdown_event().wait().await;
-            None
-        })
+        let accepted = future::or(
+            async { Some(listener.accept.shared_accept().await) },
+            async {
+                shard.shutdown_event().wait().await;
+                None
+            },
+        )
         .await;
         match accepted {
             None => break,
@@ -140,6 +140,5 @@ pub(crate) async fn accept_loop(
     }
     // Dropping the listener closes the socket, but an accept queued in
     // io_uring would keep it listening (see `stop_listening`).
-    connection::stop_listening(&fd);
-    drop(listener);
+    listener.close();
 }

@@ -27,13 +27,13 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
+use glommio::net::{TcpListener, TcpStream};
 
 use super::config::PeerLimits;
 use super::context::ShardContext;
@@ -214,10 +214,8 @@ impl Connection {
 pub(crate) struct Transport {
     /// The reading half, for the session task.
     pub(crate) reader: ReadHalf<TcpStream>,
-    /// The writing half, for the writer task.
-    pub(crate) writer: WriteHalf<TcpStream>,
-    /// The socket's descriptor, for the writer's vectored writes.
-    pub(crate) sock: SocketFd,
+    /// The writing half with its descriptor, for the writer task.
+    pub(crate) writer: SocketWriter,
     /// The peer's address, read once at accept (see `remote_addr`).
     pub(crate) remote: SocketAddr,
 }
@@ -227,40 +225,62 @@ impl Transport {
     /// whole; Nagle would only delay them) and splits it.
     pub(crate) fn new(stream: TcpStream) -> Transport {
         let _ = stream.set_nodelay(true);
-        let sock = SocketFd::of(&stream);
+        let fd = stream.as_raw_fd();
         let remote = remote_addr(&stream);
-        let (reader, writer) = futures_lite::io::split(stream);
+        let (reader, half) = futures_lite::io::split(stream);
         Transport {
             reader,
-            writer,
-            sock,
+            writer: SocketWriter { half, fd },
             remote,
         }
     }
 }
 
-/// A connected socket's descriptor, for socket2's calls on it while
-/// futures-lite's split halves hold the stream. Valid as long as the
-/// `TcpStream` it came from: the writer task holds both.
-#[derive(Clone, Copy)]
-pub(crate) struct SocketFd(RawFd);
+/// The writing half of a connection together with its socket's
+/// descriptor, for socket2's calls (vectored `sendmsg`, `TCP_INFO`) while
+/// futures-lite's split halves hold the stream. The half keeps the stream,
+/// and so the descriptor, open as long as this value lives; `fd` lends it
+/// for no longer than that.
+pub(crate) struct SocketWriter {
+    /// futures-lite's writing half (glommio's readiness-aware writes).
+    half: WriteHalf<TcpStream>,
+    /// The stream's descriptor, owned by the stream `half` holds.
+    fd: RawFd,
+}
 
-impl SocketFd {
-    /// The descriptor of `stream`.
-    pub(crate) fn of(stream: &TcpStream) -> SocketFd {
-        SocketFd(stream.as_raw_fd())
-    }
-
-    /// A descriptor its owner keeps open while this copy is used (a
-    /// glommio listener does not expose its own).
-    pub(crate) fn from_raw(fd: RawFd) -> SocketFd {
-        SocketFd(fd)
+impl SocketWriter {
+    /// The socket, borrowed for as long as the writer lives.
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: `half` holds the stream that owns `fd`, so the descriptor
+        // stays open for the lifetime of `&self`.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
     }
 }
 
-impl AsRawFd for SocketFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
+/// A listening socket with its descriptor (a glommio listener does not
+/// expose its own), for the shutdown that takes it out of LISTEN.
+pub(crate) struct Listener {
+    /// glommio's listener, which accepts.
+    pub(crate) accept: TcpListener,
+    /// Its descriptor, owned by `accept`.
+    fd: RawFd,
+}
+
+impl Listener {
+    /// Hands a bound, listening std socket to glommio.
+    pub(crate) fn from_std(listener: std::net::TcpListener) -> Listener {
+        let fd = listener.into_raw_fd();
+        // SAFETY: the fd comes from a std listener we own and give up here;
+        // the glommio listener owns it from now on.
+        let accept = unsafe { TcpListener::from_raw_fd(fd) };
+        Listener { accept, fd }
+    }
+
+    /// Stops listening at once (see `stop_listening`) and closes the socket.
+    pub(crate) fn close(self) {
+        // SAFETY: `self.accept` owns `fd` and is still alive here.
+        stop_listening(&unsafe { BorrowedFd::borrow_raw(self.fd) });
+        drop(self.accept);
     }
 }
 
@@ -312,13 +332,8 @@ pub(crate) async fn next_read_event(
 /// The writer task: moves the connection's `OutQueue` to the socket until
 /// the connection closes (or a write fails, which closes it). Paced (see
 /// `pacing`) until the peer has shown it reads as a stream.
-pub(crate) async fn write_loop(
-    shard: &ShardContext,
-    conn: &Connection,
-    mut writer: WriteHalf<TcpStream>,
-    sock: SocketFd,
-) {
-    let mut pacer = ReaderPacer::new(read_window(sock), Instant::now());
+pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, mut writer: SocketWriter) {
+    let mut pacer = ReaderPacer::new(read_window(writer.fd()), Instant::now());
     let mut drain = DrainWatch::new();
     loop {
         let wake = conn.writer_wake.wait();
@@ -331,7 +346,7 @@ pub(crate) async fn write_loop(
             conn.close(reason);
             return;
         }
-        let wb = match next_write(conn, &mut pacer, sock) {
+        let wb = match next_write(conn, &mut pacer, writer.fd()) {
             NextWrite::Batch(wb) => wb,
             NextWrite::Wait(d) => {
                 // A peer that takes nothing meanwhile is cut off by
@@ -350,7 +365,7 @@ pub(crate) async fn write_loop(
             continue;
         }
         if !wb.parts.is_empty() {
-            match write_parts(conn, &mut writer, sock, &wb.parts, shard, &mut drain).await {
+            match write_parts(conn, &mut writer, &wb.parts, shard, &mut drain).await {
                 Ok(calls) => {
                     let now = Instant::now();
                     if pacer.wrote(wb.bytes, now) {
@@ -468,7 +483,7 @@ enum NextWrite {
 
 /// The next write: everything the socket takes for a peer that streams,
 /// whole frames within the pacing budget for one that is paced.
-fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> NextWrite {
+fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: BorrowedFd<'_>) -> NextWrite {
     let mut out = conn.out.borrow_mut();
     if !pacer.is_streaming() && out.peer_reads_stream() {
         tracing::debug!("peer declared it reads as a stream: output not paced");
@@ -503,10 +518,8 @@ fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: SocketFd) -> Nex
 
 /// `TCP_INFO` of the peer's socket; `None` when the kernel cannot tell the
 /// window (said once per process: output is then not paced).
-fn read_window(sock: SocketFd) -> Option<TcpWindow> {
-    // SAFETY: the writer task holds the stream `sock` came from.
-    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
-    match pacing::tcp_window(fd) {
+fn read_window(sock: BorrowedFd<'_>) -> Option<TcpWindow> {
+    match pacing::tcp_window(sock) {
         Ok(Some(w)) => Some(w),
         Ok(None) => {
             static SAID: std::sync::Once = std::sync::Once::new();
@@ -538,8 +551,7 @@ enum WriteFailed {
 /// number of write calls made.
 async fn write_parts(
     conn: &Connection,
-    writer: &mut WriteHalf<TcpStream>,
-    sock: SocketFd,
+    writer: &mut SocketWriter,
     parts: &[Bytes],
     shard: &ShardContext,
     drain: &mut DrainWatch,
@@ -550,7 +562,7 @@ async fn write_parts(
     let mut calls = 0;
     let mut sent = 0u64;
     while idx < parts.len() {
-        let n = match send_vectored(sock, &parts[idx..], off) {
+        let n = match send_vectored(writer.fd(), &parts[idx..], off) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // A socket that takes a trickle never stalls one write.
@@ -562,7 +574,13 @@ async fn write_parts(
                 // Boxed: only a peer that does not keep up gets here, and
                 // the wait's state (write, timer, close) would otherwise
                 // take room in every connection's writer task.
-                Box::pin(write_when_room(conn, writer, &parts[idx][off..], stall)).await?
+                Box::pin(write_when_room(
+                    conn,
+                    &mut writer.half,
+                    &parts[idx][off..],
+                    stall,
+                ))
+                .await?
             }
             Err(e) => return Err(WriteFailed::Close(CloseReason::Io(e.into()))),
         };
@@ -621,7 +639,7 @@ async fn write_when_room(
 /// One non-blocking `sendmsg` of `parts` (the first starting at `offset`).
 /// MSG_DONTWAIT keeps the shard from blocking, MSG_NOSIGNAL turns a closed
 /// peer into EPIPE, not SIGPIPE.
-fn send_vectored(sock: SocketFd, parts: &[Bytes], offset: usize) -> io::Result<usize> {
+fn send_vectored(sock: BorrowedFd<'_>, parts: &[Bytes], offset: usize) -> io::Result<usize> {
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(WRITE_PARTS));
     for (i, p) in parts.iter().take(WRITE_PARTS).enumerate() {
         let slice = if i == 0 { &p[offset..] } else { &p[..] };
@@ -636,7 +654,7 @@ fn send_vectored(sock: SocketFd, parts: &[Bytes], offset: usize) -> io::Result<u
 /// until the kernel tears the ring down, after the process may have exited,
 /// and a restarted server then found the port "in use" (seen in 4 of 30
 /// quick restarts). A new SO_REUSEADDR bind then succeeds.
-pub(crate) fn stop_listening(listener: &impl AsRawFd) {
+fn stop_listening(listener: &BorrowedFd<'_>) {
     if let Err(e) = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Both) {
         tracing::debug!(error = %e, "shutdown of a listening socket failed");
     }

@@ -257,7 +257,6 @@ fn start(
     let Transport {
         reader,
         writer,
-        sock,
         remote: _,
     } = transport;
     shard.counters().peer_connected();
@@ -267,7 +266,7 @@ fn start(
         let shard = shard.clone();
         let conn = conn.clone();
         glommio::spawn_local(
-            async move { connection::write_loop(&shard, &conn.io, writer, sock).await }
+            async move { connection::write_loop(&shard, &conn.io, writer).await }
                 .instrument(tracing::Span::current()),
         )
     };

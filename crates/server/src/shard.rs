@@ -37,7 +37,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,13 +45,13 @@ use futures_lite::future;
 use glommio::channels::shared_channel::{
     ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 use tracing::Instrument;
 
 use super::accept::{accept_loop, Handover};
 use super::admission::{Admission, PeerSlot};
 use super::config::ServerConfig;
-use super::connection::{SocketFd, Transport};
+use super::connection::{Listener, Transport};
 use super::context::ShardContext;
 use super::grace::{GhostIndex, GraceHolds};
 use super::local_event::LocalEvent;
@@ -411,10 +410,7 @@ pub(crate) async fn run(setup: ShardSetup) {
 
     let mut glommio_listeners = Vec::new();
     for (l, start) in listeners {
-        let fd = l.into_raw_fd();
-        // SAFETY: the fd comes from a std listener we own and give up here.
-        let gl = unsafe { TcpListener::from_raw_fd(fd) };
-        glommio_listeners.push((gl, SocketFd::from_raw(fd), start));
+        glommio_listeners.push((Listener::from_std(l), start));
     }
 
     let ctx = Rc::new(ShardContext::new(
@@ -448,12 +444,12 @@ pub(crate) async fn run(setup: ShardSetup) {
     }
     glommio::spawn_local(sync_pump(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
-    for (listener, fd, start) in glommio_listeners {
+    for (listener, start) in glommio_listeners {
         let local = {
             let shard = shard.clone();
             move |msg| shard.handle_local(msg)
         };
-        glommio::spawn_local(accept_loop(ctx.clone(), listener, fd, start, local)).detach();
+        glommio::spawn_local(accept_loop(ctx.clone(), listener, start, local)).detach();
     }
     let _ = ready.send(Ok(()));
     if index == 0 && metalbond_utils::panic_policy::injected_fault("shard") {
