@@ -39,6 +39,9 @@
 #![deny(missing_docs)]
 
 mod counters;
+#[cfg(test)]
+mod fake_kernel;
+mod link;
 mod nexthop;
 mod routes;
 mod socket;
@@ -65,6 +68,7 @@ use metalbond_wire::types::{NextHop, Vni};
 use nexthop::{NexthopMessage, AF_INET6, RTM_DELNEXTHOP, RTM_GETNEXTHOP, RTM_NEWNEXTHOP};
 pub use routes::{KernelTable, PROTOCOL_METALBOND};
 
+use link::KernelLink;
 use routes::{RTM_GETROUTE, RTM_NEWROUTE};
 pub use socket::KernelError;
 use socket::{Request, RouteSocket};
@@ -454,24 +458,7 @@ fn netlink_thread_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Rece
             last_reconcile = Instant::now();
         }
         sweep_if_due(&shared, &mut socket);
-        let (changes, generation, shutdown) = {
-            let mut desired = lock(&shared.desired);
-            let dirty = std::mem::take(&mut desired.dirty);
-            shared.counters.set_pending(0);
-            let mut changes: Vec<RouteChange> = dirty
-                .into_iter()
-                .map(|key| RouteChange {
-                    key,
-                    next_hops: desired
-                        .routes
-                        .get(&key)
-                        .map(|h| h.keys().copied().collect())
-                        .unwrap_or_default(),
-                })
-                .collect();
-            changes.sort_by_key(|a| a.key);
-            (changes, desired.generation, desired.shutdown)
-        };
+        let (changes, generation, shutdown) = take_changes(&shared);
         if !changes.is_empty() && !shutdown {
             let started = Instant::now();
             let result = lock(&shared.installed).apply(&mut socket, &changes);
@@ -509,12 +496,34 @@ fn netlink_thread_loop(shared: Arc<Shared>, mut socket: RouteSocket, woken: Rece
     }
 }
 
+/// The routes changed since the last batch, with their desired next hops
+/// (empty: delete), in key order; the generation they bring the kernel to;
+/// whether shutdown was asked for.
+fn take_changes(shared: &Shared) -> (Vec<RouteChange>, u64, bool) {
+    let mut desired = lock(&shared.desired);
+    let dirty = std::mem::take(&mut desired.dirty);
+    shared.counters.set_pending(0);
+    let mut changes: Vec<RouteChange> = dirty
+        .into_iter()
+        .map(|key| RouteChange {
+            key,
+            next_hops: desired
+                .routes
+                .get(&key)
+                .map(|h| h.keys().copied().collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    changes.sort_by_key(|a| a.key);
+    (changes, desired.generation, desired.shutdown)
+}
+
 /// The hold of the routes taken over at start is over: those no present
 /// route refreshed are marked for deletion (the batch below deletes them:
 /// their desired next-hop set is empty). Refreshed ones are left alone. One
 /// the read-back forgot meanwhile (changed in the kernel) is deleted here if
 /// the kernel still has a protocol-254 route at its key.
-fn sweep_if_due(shared: &Shared, socket: &mut RouteSocket) {
+fn sweep_if_due(shared: &Shared, socket: &mut impl KernelLink) {
     let due = {
         let mut stale = lock(&shared.stale);
         match stale.as_ref() {
@@ -548,7 +557,7 @@ fn sweep_if_due(shared: &Shared, socket: &mut RouteSocket) {
 }
 
 /// Deletes the protocol-254 routes at `keys` the kernel has (one dump).
-fn delete_if_ours(shared: &Shared, socket: &mut RouteSocket, keys: &[RouteKey]) {
+fn delete_if_ours(shared: &Shared, socket: &mut impl KernelLink, keys: &[RouteKey]) {
     let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
     let wanted: HashSet<&RouteKey> = keys.iter().collect();
     let found = match protocol_routes(socket, &tables) {
@@ -591,7 +600,7 @@ const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 /// left of ours and re-installs every desired route; also retries routes
 /// the kernel refused earlier. `device_was_down` carries what the previous
 /// check saw.
-fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut bool) {
+fn health_check(shared: &Shared, socket: &mut impl KernelLink, device_was_down: &mut bool) {
     // A bounce is forgotten only once the re-install below is under way:
     // a failed dump or sweep leaves it for the next check.
     let bounced = match device_is_up(&shared.config.device) {
@@ -651,7 +660,7 @@ fn health_check(shared: &Shared, socket: &mut RouteSocket, device_was_down: &mut
 /// next hops (each `encap ip6 dst` out of our device), IPv6 routes by the
 /// nexthop object they reference. Routes the kernel has that we did not
 /// install are left alone here (start-up removes stale ones).
-fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
+fn reconcile(shared: &Shared, socket: &mut impl KernelLink) {
     let tables: HashSet<KernelTable> = shared.config.tables.values().copied().collect();
     let in_kernel: HashMap<RouteKey, routes::KernelNextHops> =
         match protocol_routes(socket, &tables) {
@@ -688,7 +697,7 @@ fn reconcile(shared: &Shared, socket: &mut RouteSocket) {
 
 /// `--cleanup`: delete every route and object we installed, then sweep for
 /// anything of ours the state does not know about.
-fn cleanup(shared: &Shared, socket: &mut RouteSocket) {
+fn cleanup(shared: &Shared, socket: &mut impl KernelLink) {
     let mut installed = lock(&shared.installed);
     let changes: Vec<RouteChange> = installed
         .keys()
@@ -722,7 +731,7 @@ fn cleanup(shared: &Shared, socket: &mut RouteSocket) {
 /// So every IPv6 route with several next hops is left with its first one
 /// (a replace to that next hop's shared object) until the next start
 /// installs the full set again.
-fn leave_for_go_cleanup(shared: &Shared, socket: &mut RouteSocket) {
+fn leave_for_go_cleanup(shared: &Shared, socket: &mut impl KernelLink) {
     let mut installed = lock(&shared.installed);
     let changes: Vec<RouteChange> = installed
         .snapshot()
@@ -807,7 +816,7 @@ fn has_net_admin() -> bool {
 /// An id another process took since our dump (EEXIST: a second client in
 /// the same namespace starting at the same moment) is skipped, a few times.
 fn probe(
-    socket: &mut RouteSocket,
+    socket: &mut impl KernelLink,
     installed: &mut InstalledRoutes,
     oif: u32,
     device: &str,
@@ -817,10 +826,14 @@ fn probe(
         let id = installed.allocate_id();
         let create =
             NexthopMessage::encap_ip6(AF_INET6, id, oif, Ipv6Addr::LOCALHOST, PROTOCOL_METALBOND);
-        let verdicts = socket.execute(&[
-            Request::new(RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_EXCL, &create),
-            Request::new(RTM_DELNEXTHOP, 0, &NexthopMessage::delete(id)),
-        ])?;
+        // The delete goes out only after the create succeeded: in one batch
+        // it would run even when the create failed with EEXIST, and delete
+        // the object of the process that took the id.
+        let verdicts = socket.execute(&[Request::new(
+            RTM_NEWNEXTHOP,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &create,
+        )])?;
         match verdicts.into_iter().next() {
             Some(Err(error)) if error.errno == libc::EPERM => {
                 return Err(NetlinkError::MissingCapability)
@@ -834,7 +847,17 @@ fn probe(
                     error,
                 })
             }
-            _ => return Ok(()),
+            _ => {
+                let deleted = socket.execute(&[Request::new(
+                    RTM_DELNEXTHOP,
+                    0,
+                    &NexthopMessage::delete(id),
+                )])?;
+                if let Some(Err(error)) = deleted.into_iter().next() {
+                    tracing::warn!(id, %error, "cannot delete the probe's nexthop object");
+                }
+                return Ok(());
+            }
         }
     }
     Ok(()) // unreachable: the last attempt returns
@@ -842,7 +865,7 @@ fn probe(
 
 /// The kernel's protocol-254 routes in `tables` (one route dump).
 fn protocol_routes(
-    socket: &mut RouteSocket,
+    socket: &mut impl KernelLink,
     tables: &HashSet<KernelTable>,
 ) -> io::Result<Vec<routes::DumpedRoute>> {
     Ok(socket
@@ -858,7 +881,7 @@ fn protocol_routes(
 /// `InstalledRoutes::adopt`); deletes only what cannot be taken over.
 /// Returns the state and the keys taken over.
 fn take_over(
-    socket: &mut RouteSocket,
+    socket: &mut impl KernelLink,
     tables: &HashSet<KernelTable>,
     oif: u32,
     hold: Duration,
@@ -915,7 +938,7 @@ fn take_over(
 /// object (what an earlier run left behind). Returns the ids of nexthop
 /// objects that are not ours, which must never be reused.
 fn remove_stale(
-    socket: &mut RouteSocket,
+    socket: &mut impl KernelLink,
     tables: &HashSet<KernelTable>,
 ) -> Result<HashSet<u32>, NetlinkError> {
     let stale_routes = protocol_routes(socket, tables)?;
@@ -972,4 +995,222 @@ fn remove_stale(
         );
     }
     Ok(foreign)
+}
+
+/// The netlink thread's logic against `fake_kernel::FakeKernel`: what it
+/// does with routes an earlier run left, routes deleted by hand, the stale
+/// sweep and the two ways of stopping. (`tests/netlink_kernel.rs` runs the
+/// same paths against the real kernel in a namespace.)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fake_kernel::FakeKernel;
+    use routes::{replace_multipath_route, replace_nhid_route};
+
+    /// The tunnel device's index in these tests.
+    const OIF: u32 = 3;
+    /// Our table.
+    const TABLE: KernelTable = KernelTable(100);
+
+    fn hv(n: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n)
+    }
+
+    fn key(prefix: &str) -> RouteKey {
+        RouteKey {
+            table: TABLE,
+            prefix: prefix.parse().unwrap(),
+        }
+    }
+
+    /// The netlink thread's shared state around `installed`, for VNI 23 →
+    /// table 100 on a device that does not exist here (so the health check
+    /// never sees it bounce).
+    fn shared(installed: InstalledRoutes) -> Shared {
+        let (wake, _woken) = crossbeam_channel::bounded(1);
+        Shared {
+            desired: Mutex::new(DesiredRoutes::default()),
+            installed: Mutex::new(installed),
+            applied: Mutex::new(0),
+            applied_changed: Condvar::new(),
+            wake,
+            config: KernelRoutesConfig {
+                tables: [(Vni::new(23).unwrap(), TABLE)].into(),
+                device: "mb-no-such-dev".into(),
+                ipv4_only: false,
+                cleanup_on_exit: false,
+                reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+                stale_hold: None,
+            },
+            warned: Mutex::new(HashSet::new()),
+            counters: Arc::new(NetlinkCounters::default()),
+            stale: Mutex::new(None),
+        }
+    }
+
+    /// Makes `hops` the desired next hops of `prefix` (as the sinks do).
+    fn want(shared: &Shared, prefix: &str, hops: &[Ipv6Addr]) {
+        let mut desired = lock(&shared.desired);
+        desired
+            .routes
+            .insert(key(prefix), hops.iter().map(|h| (*h, 1)).collect());
+        desired.dirty.insert(key(prefix));
+    }
+
+    /// One batch of the netlink thread.
+    fn run_batch(shared: &Shared, kernel: &mut FakeKernel) {
+        let (changes, _, _) = take_changes(shared);
+        lock(&shared.installed).apply(kernel, &changes).unwrap();
+    }
+
+    fn tables() -> HashSet<KernelTable> {
+        [TABLE].into()
+    }
+
+    fn prefixes(kernel: &FakeKernel) -> Vec<String> {
+        kernel.routes().keys().map(|(_, p)| p.to_string()).collect()
+    }
+
+    #[test]
+    fn start_up_deletes_what_an_earlier_run_left_and_keeps_other_programs_objects() {
+        let mut kernel = FakeKernel::default();
+        kernel.add_object(7, hv(1), PROTOCOL_METALBOND);
+        kernel.add_object(9, hv(9), 4); // another program's
+        kernel.add_route(&replace_nhid_route(
+            TABLE,
+            "2001:db8:9::/64".parse().unwrap(),
+            7,
+        ));
+        kernel.add_route(&replace_multipath_route(
+            TABLE,
+            "10.0.0.0/24".parse().unwrap(),
+            OIF,
+            &[hv(1), hv(2)],
+        ));
+        let foreign = remove_stale(&mut kernel, &tables()).unwrap();
+        assert_eq!(foreign, [9].into());
+        assert!(kernel.routes().is_empty());
+        assert_eq!(kernel.object_ids(), vec![9]);
+    }
+
+    #[test]
+    fn a_route_deleted_by_hand_is_installed_again() {
+        let mut kernel = FakeKernel::default();
+        let shared = shared(InstalledRoutes::new(OIF, HashSet::new()));
+        want(&shared, "10.0.0.0/24", &[hv(1), hv(2)]);
+        want(&shared, "2001:db8:9::/64", &[hv(1)]);
+        run_batch(&shared, &mut kernel);
+        assert_eq!(prefixes(&kernel), ["10.0.0.0/24", "2001:db8:9::/64"]);
+
+        // Nothing changed: the read-back finds everything in place.
+        reconcile(&shared, &mut kernel);
+        assert!(lock(&shared.desired).dirty.is_empty());
+
+        assert!(kernel.delete_by_hand(TABLE, "2001:db8:9::/64".parse().unwrap()));
+        reconcile(&shared, &mut kernel);
+        assert_eq!(lock(&shared.desired).dirty, [key("2001:db8:9::/64")].into());
+        run_batch(&shared, &mut kernel);
+        assert_eq!(prefixes(&kernel), ["10.0.0.0/24", "2001:db8:9::/64"]);
+    }
+
+    #[test]
+    fn a_lost_nexthop_object_reinstalls_every_route() {
+        let mut kernel = FakeKernel::default();
+        let shared = shared(InstalledRoutes::new(OIF, HashSet::new()));
+        want(&shared, "2001:db8:9::/64", &[hv(1)]);
+        want(&shared, "2001:db8:8::/64", &[hv(2)]);
+        run_batch(&shared, &mut kernel);
+        let objects = kernel.object_ids();
+        assert_eq!(objects.len(), 2);
+        // The kernel flushes one object (a device bounce): its route goes too.
+        kernel
+            .execute(&[Request::new(
+                RTM_DELNEXTHOP,
+                0,
+                &NexthopMessage::delete(objects[0]),
+            )])
+            .unwrap();
+        assert_eq!(kernel.routes().len(), 1);
+        let mut was_down = false;
+        health_check(&shared, &mut kernel, &mut was_down);
+        run_batch(&shared, &mut kernel);
+        assert_eq!(prefixes(&kernel), ["2001:db8:8::/64", "2001:db8:9::/64"]);
+        assert_eq!(kernel.object_ids().len(), 2);
+    }
+
+    #[test]
+    fn taken_over_routes_stay_until_the_hold_ends_and_refreshed_ones_after() {
+        // An earlier run installed two routes.
+        let mut kernel = FakeKernel::default();
+        let earlier = shared(InstalledRoutes::new(OIF, HashSet::new()));
+        want(&earlier, "2001:db8:9::/64", &[hv(1)]);
+        want(&earlier, "10.0.0.0/24", &[hv(2)]);
+        run_batch(&earlier, &mut kernel);
+        let sent = kernel.sent.len();
+
+        // This run takes them over: nothing is deleted.
+        let (installed, keys) =
+            take_over(&mut kernel, &tables(), OIF, Duration::from_secs(60)).unwrap();
+        assert_eq!(kernel.sent.len(), sent, "take-over sends nothing");
+        assert_eq!(keys.len(), 2);
+        let shared = shared(installed);
+        *lock(&shared.stale) = Some(StaleRoutes {
+            keys,
+            sweep_at: Instant::now(),
+        });
+        // One of them is present again before the hold ends.
+        want(&shared, "10.0.0.0/24", &[hv(2)]);
+        sweep_if_due(&shared, &mut kernel);
+        run_batch(&shared, &mut kernel);
+        assert_eq!(prefixes(&kernel), ["10.0.0.0/24"]);
+        assert!(lock(&shared.stale).is_none());
+    }
+
+    #[test]
+    fn stopping_with_cleanup_deletes_ours_and_without_leaves_one_hop_for_go() {
+        let mut kernel = FakeKernel::default();
+        kernel.add_object(9, hv(9), 4);
+        let shared = shared(InstalledRoutes::new(OIF, [9].into()));
+        want(&shared, "2001:db8:9::/64", &[hv(1), hv(2)]);
+        want(&shared, "2001:db8:8::/64", &[hv(1)]);
+        want(&shared, "10.0.0.0/24", &[hv(1), hv(2)]);
+        run_batch(&shared, &mut kernel);
+
+        leave_for_go_cleanup(&shared, &mut kernel);
+        let routes = kernel.routes();
+        assert_eq!(routes.len(), 3, "every route stays");
+        let hops = |prefix: &str| {
+            lock(&shared.installed)
+                .snapshot()
+                .into_iter()
+                .find(|r| r.key == key(prefix))
+                .map(|r| r.next_hops)
+        };
+        assert_eq!(
+            hops("2001:db8:9::/64"),
+            Some(vec![hv(1)]),
+            "IPv6 ECMP: one hop"
+        );
+        assert_eq!(hops("10.0.0.0/24"), Some(vec![hv(1), hv(2)]), "IPv4 kept");
+
+        cleanup(&shared, &mut kernel);
+        assert!(kernel.routes().is_empty());
+        assert_eq!(
+            kernel.object_ids(),
+            vec![9],
+            "another program's object stays"
+        );
+    }
+
+    #[test]
+    fn the_probe_skips_an_id_another_process_took() {
+        let mut kernel = FakeKernel::default();
+        let mut installed = InstalledRoutes::new(OIF, HashSet::new());
+        let first = installed.allocate_id();
+        let mut installed = InstalledRoutes::new(OIF, HashSet::new());
+        kernel.add_object(first, hv(9), PROTOCOL_METALBOND);
+        probe(&mut kernel, &mut installed, OIF, "tun").unwrap();
+        assert_eq!(kernel.object_ids(), vec![first], "the probe left nothing");
+        assert_ne!(installed.allocate_id(), first);
+    }
 }

@@ -34,6 +34,7 @@ use std::net::Ipv6Addr;
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 
+pub use super::link::KernelLink;
 use super::nexthop::{
     NexthopAttribute, NexthopMessage, AF_INET, AF_INET6, RTM_DELNEXTHOP, RTM_NEWNEXTHOP,
 };
@@ -41,20 +42,7 @@ use super::routes::{
     delete_route, replace_multipath_route, replace_nhid_route, DumpedRoute, KernelNextHops,
     KernelTable, PROTOCOL_METALBOND,
 };
-use super::socket::{KernelError, Request, RouteSocket};
-
-/// Something that executes a batch of netlink requests and reports one
-/// verdict per request: the real socket, or a scripted kernel in tests.
-pub trait KernelLink {
-    /// Sends `requests` and returns the kernel's answer to each, in order.
-    fn execute(&mut self, requests: &[Request]) -> io::Result<Vec<Result<(), KernelError>>>;
-}
-
-impl KernelLink for RouteSocket {
-    fn execute(&mut self, requests: &[Request]) -> io::Result<Vec<Result<(), KernelError>>> {
-        RouteSocket::execute(self, requests)
-    }
-}
+use super::socket::Request;
 
 /// One kernel route's identity: a prefix in a table.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
@@ -775,53 +763,9 @@ impl InstalledRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nexthop::NexthopAttribute;
     use crate::routes::{RTM_DELROUTE, RTM_NEWROUTE};
 
-    /// A kernel that accepts everything except the requests `refuse` picks,
-    /// and records what it was sent.
-    #[derive(Default)]
-    struct ScriptedKernel {
-        sent: Vec<Request>,
-        refuse_dst: Option<Ipv6Addr>,
-    }
-
-    impl KernelLink for ScriptedKernel {
-        fn execute(&mut self, requests: &[Request]) -> io::Result<Vec<Result<(), KernelError>>> {
-            self.sent.extend_from_slice(requests);
-            Ok(requests
-                .iter()
-                .map(|r| {
-                    let refused = r.message_type == RTM_NEWNEXTHOP
-                        && NexthopMessage::parse(&r.payload)
-                            .unwrap()
-                            .attributes
-                            .contains(&NexthopAttribute::EncapIp6Dst(
-                                self.refuse_dst.unwrap_or(Ipv6Addr::UNSPECIFIED),
-                            ));
-                    if refused {
-                        Err(KernelError {
-                            errno: libc::EINVAL,
-                            message: Some("scripted refusal".into()),
-                        })
-                    } else {
-                        Ok(())
-                    }
-                })
-                .collect())
-        }
-    }
-
-    impl ScriptedKernel {
-        fn count(&mut self, message_type: u16) -> usize {
-            let n = self
-                .sent
-                .iter()
-                .filter(|r| r.message_type == message_type)
-                .count();
-            n
-        }
-    }
+    use crate::fake_kernel::FakeKernel as ScriptedKernel;
 
     fn key(prefix: &str) -> RouteKey {
         RouteKey {
@@ -982,10 +926,8 @@ mod tests {
 
     #[test]
     fn refused_object_means_route_not_claimed() {
-        let mut k = ScriptedKernel {
-            refuse_dst: Some(hv(2)),
-            ..ScriptedKernel::default()
-        };
+        let mut k = ScriptedKernel::default();
+        k.refuse_dst = Some(hv(2));
         let mut s = InstalledRoutes::new(3, HashSet::new());
         let r = s
             .apply(
