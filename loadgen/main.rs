@@ -281,98 +281,25 @@ fn check_fleet(f: &FleetArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs one scenario against the server and reports what every simulated
+/// peer ended with.
 fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
     let server = server_addr(common)?;
-    if common.shards == 0 || common.shards > 64 {
-        return Err("--shards must be 1..=64".into());
-    }
-    if !(common.time_limit > 0.0 && common.time_limit <= 3600.0) {
-        return Err("--time-limit must be in (0, 3600] seconds".into());
-    }
-    if common.keepalive == 0 || common.keepalive > 3600 {
-        return Err("--keepalive must be 1..=3600 seconds".into());
-    }
-    let (name, plan, parameters) = match &cmd {
-        ScenarioCmd::Fleet { fleet, .. } | ScenarioCmd::Reconnect { fleet, .. } => {
-            check_fleet(fleet)?;
-            let name = if matches!(cmd, ScenarioCmd::Fleet { .. }) {
-                "fleet"
-            } else {
-                "reconnect"
-            };
-            (name, fleet_plan(fleet), serde_json::to_value(fleet))
-        }
-        ScenarioCmd::Churn {
-            fleet,
-            rate,
-            duration,
-            window,
-            ..
-        } => {
-            check_fleet(fleet)?;
-            if !(*rate >= 0.0 && *rate <= 1e9 && *duration >= 0.0 && *duration <= 3600.0) {
-                return Err("--rate must be 0..=1e9 and --duration 0..=3600".into());
-            }
-            let mut p = serde_json::to_value(fleet).unwrap_or_default();
-            p["rate"] = serde_json::json!(rate);
-            p["duration"] = serde_json::json!(duration);
-            p["window"] = serde_json::json!(window);
-            ("churn", fleet_plan(fleet), Ok(p))
-        }
-        ScenarioCmd::Burst {
-            routes,
-            subscribers,
-            ..
-        } => {
-            if *routes == 0 || *routes > MAX_ROUTES || *subscribers == 0 || *subscribers > MAX_PEERS
-            {
-                return Err(format!(
-                    "--routes must be 1..={MAX_ROUTES} and --subscribers 1..={MAX_PEERS}"
-                ));
-            }
-            (
-                "burst",
-                Plan::burst(*subscribers, *routes),
-                Ok(serde_json::json!({"routes": routes, "subscribers": subscribers})),
-            )
-        }
-        ScenarioCmd::Idle {
-            peers, duration, ..
-        } => {
-            if *peers == 0 || *peers > MAX_PEERS || !(*duration >= 0.0 && *duration <= 3600.0) {
-                return Err(format!(
-                    "--peers must be 1..={MAX_PEERS}, --duration 0..=3600"
-                ));
-            }
-            (
-                "idle",
-                Plan::new(*peers),
-                Ok(serde_json::json!({"peers": peers, "duration": duration})),
-            )
-        }
-    };
-    let parameters = parameters.unwrap_or_default();
+    check_common(common)?;
+    let (name, plan, parameters) = plan_for(&cmd)?;
     raise_nofile_limit();
     preflight(server)?;
 
     let started = Instant::now();
-    let read_kib = common
-        .read_buf_kib
-        .unwrap_or(match plan.peer_count() {
-            0..=64 => 64,
-            65..=2000 => 16,
-            _ => 4,
-        })
-        .clamp(1, 4096);
     let routes = plan.route_count();
     let peers = plan.peer_count();
     let shared = Arc::new(Shared {
         sent_at: (0..routes).map(|_| AtomicU64::new(0)).collect(),
+        read_buf: read_buffer_kib(common, peers) * 1024,
         plan,
         server,
         keepalive: Duration::from_secs(common.keepalive),
         declare_stream: !common.go_hello,
-        read_buf: read_kib * 1024,
         connect_concurrency: common.connect_concurrency,
         deadline: started + Duration::from_secs_f64(common.time_limit),
         epoch: started,
@@ -435,6 +362,98 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
         differences,
         passed,
     })
+}
+
+/// The flags every scenario shares, in range.
+fn check_common(common: &CommonArgs) -> Result<(), String> {
+    if common.shards == 0 || common.shards > 64 {
+        return Err("--shards must be 1..=64".into());
+    }
+    if !(common.time_limit > 0.0 && common.time_limit <= 3600.0) {
+        return Err("--time-limit must be in (0, 3600] seconds".into());
+    }
+    if common.keepalive == 0 || common.keepalive > 3600 {
+        return Err("--keepalive must be 1..=3600 seconds".into());
+    }
+    Ok(())
+}
+
+/// Each simulated peer's read buffer: `--read-buf-kib`, or less the more
+/// peers there are (memory of loadgen, not of the server, is what grows).
+fn read_buffer_kib(common: &CommonArgs, peers: usize) -> usize {
+    common
+        .read_buf_kib
+        .unwrap_or(match peers {
+            0..=64 => 64,
+            65..=2000 => 16,
+            _ => 4,
+        })
+        .clamp(1, 4096)
+}
+
+/// The scenario's name, its plan (peers, routes, who subscribes to what)
+/// and its parameters for the report; or which flag is out of range.
+fn plan_for(cmd: &ScenarioCmd) -> Result<(&'static str, Plan, serde_json::Value), String> {
+    let (name, plan, parameters) = match cmd {
+        ScenarioCmd::Fleet { fleet, .. } | ScenarioCmd::Reconnect { fleet, .. } => {
+            check_fleet(fleet)?;
+            let name = if matches!(cmd, ScenarioCmd::Fleet { .. }) {
+                "fleet"
+            } else {
+                "reconnect"
+            };
+            (name, fleet_plan(fleet), serde_json::to_value(fleet))
+        }
+        ScenarioCmd::Churn {
+            fleet,
+            rate,
+            duration,
+            window,
+            ..
+        } => {
+            check_fleet(fleet)?;
+            if !(*rate >= 0.0 && *rate <= 1e9 && *duration >= 0.0 && *duration <= 3600.0) {
+                return Err("--rate must be 0..=1e9 and --duration 0..=3600".into());
+            }
+            let mut p = serde_json::to_value(fleet).unwrap_or_default();
+            p["rate"] = serde_json::json!(rate);
+            p["duration"] = serde_json::json!(duration);
+            p["window"] = serde_json::json!(window);
+            ("churn", fleet_plan(fleet), Ok(p))
+        }
+        ScenarioCmd::Burst {
+            routes,
+            subscribers,
+            ..
+        } => {
+            if *routes == 0 || *routes > MAX_ROUTES || *subscribers == 0 || *subscribers > MAX_PEERS
+            {
+                return Err(format!(
+                    "--routes must be 1..={MAX_ROUTES} and --subscribers 1..={MAX_PEERS}"
+                ));
+            }
+            (
+                "burst",
+                Plan::burst(*subscribers, *routes),
+                Ok(serde_json::json!({"routes": routes, "subscribers": subscribers})),
+            )
+        }
+        ScenarioCmd::Idle {
+            peers, duration, ..
+        } => {
+            if *peers == 0 || *peers > MAX_PEERS || !(*duration >= 0.0 && *duration <= 3600.0) {
+                return Err(format!(
+                    "--peers must be 1..={MAX_PEERS}, --duration 0..=3600"
+                ));
+            }
+            (
+                "idle",
+                Plan::new(*peers),
+                Ok(serde_json::json!({"peers": peers, "duration": duration})),
+            )
+        }
+    };
+    Ok((name, plan, parameters.unwrap_or_default()))
 }
 
 fn fleet_plan(f: &FleetArgs) -> Plan {

@@ -44,9 +44,9 @@ use rand::Rng;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::present::ServerId;
+use super::state::{ClientInner, SessionBacklog};
 use super::traffic::TrafficMeter;
 use super::writer::SessionWriter;
-use super::{ClientInner, SessionBacklog};
 use metalbond_wire::codec::{FrameBuffer, FrameDecoder, Message};
 use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use metalbond_wire::types::{Action, Route};

@@ -12,7 +12,8 @@
 
 use std::sync::{Arc, Weak};
 
-use super::{Client, ClientInner};
+use super::state::ClientInner;
+use super::Client;
 use metalbond_telemetry::families::{self, queue};
 use metalbond_telemetry::status::{
     count_states, MetricFamily, MetricsView, PeerView, QueueDepth, ReadyLatch, RouteTableView,

@@ -337,144 +337,22 @@ pub fn parse(
     let mut warnings = Vec::new();
     for (i, r) in file.rules.into_iter().enumerate() {
         let position = i + 1;
-        let bad = |message: String| PolicyError::Rule {
+        let name = r.name.clone();
+        let note = |w: String| format!("rule {position} ({name:?}): {w}");
+        let rule = compile_rule(
+            position,
+            r,
+            &mut names,
+            &mut |w| warnings.push(note(w)),
+            counters,
+        )
+        .map_err(|message| PolicyError::Rule {
             path: path.to_string(),
             position,
-            name: r.name.clone(),
+            name: name.clone(),
             message,
-        };
-        if r.name.is_empty()
-            || r.name.len() > MAX_NAME_LEN
-            || !r
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(bad(format!(
-                "name must be 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 - _ ."
-            )));
-        }
-        if !names.insert(r.name.clone()) {
-            return Err(bad("the name is used by an earlier rule".into()));
-        }
-        if r.peers.is_empty() {
-            return Err(bad(
-                "`peers` is empty: the rule would match nobody (use 0.0.0.0/0 and ::/0 for everyone)"
-                    .into(),
-            ));
-        }
-        let note = |w: String| format!("rule {position} ({:?}): {w}", r.name);
-        let peers: Vec<IpNet> = r
-            .peers
-            .iter()
-            .map(|p| {
-                matched_as_ipv4(
-                    p.0,
-                    "peers",
-                    "a peer's IPv4 address is matched as IPv4, also on a dual-stack socket",
-                    &mut |w| warnings.push(note(w)),
-                )
-            })
-            .collect();
-        let mut announce = Vec::with_capacity(r.announce.len());
-        for (j, g) in r.announce.into_iter().enumerate() {
-            let which = format!("announce[{j}]");
-            if g.vnis.is_empty() {
-                return Err(bad(format!("{which}: `vnis` is empty")));
-            }
-            if g.prefixes.is_empty() {
-                return Err(bad(format!(
-                    "{which}: `prefixes` is empty (use 0.0.0.0/0 and ::/0 for any destination)"
-                )));
-            }
-            if g.next_hops.is_empty() {
-                return Err(bad(format!(
-                    "{which}: `next_hops` is empty (use `self` for the peer's own address)"
-                )));
-            }
-            let types = match g.next_hop_types {
-                None => NextHopTypes {
-                    standard: true,
-                    ..NextHopTypes::default()
-                },
-                Some(list) if list.is_empty() => {
-                    return Err(bad(format!("{which}: `next_hop_types` is empty")))
-                }
-                Some(list) => {
-                    let mut t = NextHopTypes::default();
-                    for k in list {
-                        match k {
-                            NextHopTypeFile::Standard => t.standard = true,
-                            NextHopTypeFile::Loadbalancer => t.load_balancer = true,
-                            NextHopTypeFile::Nat => t.nat = true,
-                        }
-                    }
-                    t
-                }
-            };
-            let mut next_hops = NextHopAddrs::default();
-            for n in g.next_hops {
-                match n {
-                    NextHopFile::OwnAddress => next_hops.own_address = true,
-                    NextHopFile::Prefix(p) => next_hops.prefixes.push(matched_as_ipv4(
-                        p,
-                        &format!("{which}.next_hops"),
-                        "next hops are compared in their IPv4 form",
-                        &mut |w| warnings.push(note(w)),
-                    )),
-                }
-            }
-            let target_vnis = match g.target_vnis {
-                None => TargetVnis::default(),
-                Some(list) if list.is_empty() => {
-                    return Err(bad(format!(
-                        "{which}: `target_vnis` is empty (leave it out for the default, [0, same])"
-                    )))
-                }
-                Some(list) => {
-                    let mut ranges = Vec::new();
-                    let mut same = false;
-                    for t in list {
-                        match t {
-                            TargetVniFile::Same => same = true,
-                            TargetVniFile::Vnis(r) => ranges.push((r.0, r.1)),
-                        }
-                    }
-                    TargetVnis {
-                        same,
-                        vnis: VniSet::from_ranges(ranges),
-                    }
-                }
-            };
-            announce.push(AnnounceGrant {
-                vnis: vni_set(&g.vnis),
-                prefixes: g.prefixes.iter().map(|p| p.0).collect(),
-                next_hop_types: types,
-                next_hops,
-                target_vnis,
-            });
-        }
-        if r.limits.max_routes == Some(0) || r.limits.max_subscriptions == Some(0) {
-            return Err(bad(
-                "limits must be positive (to forbid, leave `announce` / `subscribe` out)".into(),
-            ));
-        }
-        rules.push(Arc::new(Rule {
-            counters: counters(&r.name),
-            name: r.name,
-            position,
-            peers,
-            subscribe: vni_set(&r.subscribe),
-            announce,
-            limits: RuleLimits {
-                max_routes: r.limits.max_routes,
-                max_subscriptions: r.limits.max_subscriptions,
-            },
-            on_violation: match r.on_violation {
-                ViolationFile::Refuse => OnViolation::Refuse,
-                ViolationFile::Close => OnViolation::Close,
-            },
-        }));
+        })?;
+        rules.push(Arc::new(rule));
     }
     warnings.extend(super::shadow::shadowed(&rules));
     Ok(Policy {
@@ -482,6 +360,164 @@ pub fn parse(
         rules,
         warnings,
     })
+}
+
+/// One rule of the file (`position`, from 1) as the server applies it, or
+/// what is wrong with it. `names` holds the names of the rules before it;
+/// `warn` gets what is allowed but probably not meant.
+fn compile_rule(
+    position: usize,
+    r: RuleFile,
+    names: &mut HashSet<String>,
+    warn: &mut dyn FnMut(String),
+    counters: &mut dyn FnMut(&str) -> Arc<RuleCounters>,
+) -> Result<Rule, String> {
+    if r.name.is_empty()
+        || r.name.len() > MAX_NAME_LEN
+        || !r
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "name must be 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 - _ ."
+        ));
+    }
+    if !names.insert(r.name.clone()) {
+        return Err("the name is used by an earlier rule".into());
+    }
+    if r.peers.is_empty() {
+        return Err(
+            "`peers` is empty: the rule would match nobody (use 0.0.0.0/0 and ::/0 for everyone)"
+                .into(),
+        );
+    }
+    let peers: Vec<IpNet> = r
+        .peers
+        .iter()
+        .map(|p| {
+            matched_as_ipv4(
+                p.0,
+                "peers",
+                "a peer's IPv4 address is matched as IPv4, also on a dual-stack socket",
+                warn,
+            )
+        })
+        .collect();
+    let announce = r
+        .announce
+        .into_iter()
+        .enumerate()
+        .map(|(j, g)| compile_grant(&format!("announce[{j}]"), g, warn))
+        .collect::<Result<Vec<_>, _>>()?;
+    if r.limits.max_routes == Some(0) || r.limits.max_subscriptions == Some(0) {
+        return Err(
+            "limits must be positive (to forbid, leave `announce` / `subscribe` out)".into(),
+        );
+    }
+    Ok(Rule {
+        counters: counters(&r.name),
+        name: r.name,
+        position,
+        peers,
+        subscribe: vni_set(&r.subscribe),
+        announce,
+        limits: RuleLimits {
+            max_routes: r.limits.max_routes,
+            max_subscriptions: r.limits.max_subscriptions,
+        },
+        on_violation: match r.on_violation {
+            ViolationFile::Refuse => OnViolation::Refuse,
+            ViolationFile::Close => OnViolation::Close,
+        },
+    })
+}
+
+/// One `announce` entry (`which`: `announce[j]`, for messages) as the
+/// server applies it, or what is wrong with it.
+fn compile_grant(
+    which: &str,
+    g: GrantFile,
+    warn: &mut dyn FnMut(String),
+) -> Result<AnnounceGrant, String> {
+    if g.vnis.is_empty() {
+        return Err(format!("{which}: `vnis` is empty"));
+    }
+    if g.prefixes.is_empty() {
+        return Err(format!(
+            "{which}: `prefixes` is empty (use 0.0.0.0/0 and ::/0 for any destination)"
+        ));
+    }
+    if g.next_hops.is_empty() {
+        return Err(format!(
+            "{which}: `next_hops` is empty (use `self` for the peer's own address)"
+        ));
+    }
+    let mut next_hops = NextHopAddrs::default();
+    for n in g.next_hops {
+        match n {
+            NextHopFile::OwnAddress => next_hops.own_address = true,
+            NextHopFile::Prefix(p) => next_hops.prefixes.push(matched_as_ipv4(
+                p,
+                &format!("{which}.next_hops"),
+                "next hops are compared in their IPv4 form",
+                warn,
+            )),
+        }
+    }
+    Ok(AnnounceGrant {
+        vnis: vni_set(&g.vnis),
+        prefixes: g.prefixes.iter().map(|p| p.0).collect(),
+        next_hop_types: next_hop_types(which, g.next_hop_types)?,
+        next_hops,
+        target_vnis: target_vnis(which, g.target_vnis)?,
+    })
+}
+
+/// `next_hop_types` of a grant: `standard` when left out.
+fn next_hop_types(which: &str, list: Option<Vec<NextHopTypeFile>>) -> Result<NextHopTypes, String> {
+    match list {
+        None => Ok(NextHopTypes {
+            standard: true,
+            ..NextHopTypes::default()
+        }),
+        Some(list) if list.is_empty() => Err(format!("{which}: `next_hop_types` is empty")),
+        Some(list) => {
+            let mut t = NextHopTypes::default();
+            for k in list {
+                match k {
+                    NextHopTypeFile::Standard => t.standard = true,
+                    NextHopTypeFile::Loadbalancer => t.load_balancer = true,
+                    NextHopTypeFile::Nat => t.nat = true,
+                }
+            }
+            Ok(t)
+        }
+    }
+}
+
+/// `target_vnis` of a grant: 0 or the route's own VNI when left out.
+fn target_vnis(which: &str, list: Option<Vec<TargetVniFile>>) -> Result<TargetVnis, String> {
+    match list {
+        None => Ok(TargetVnis::default()),
+        Some(list) if list.is_empty() => Err(format!(
+            "{which}: `target_vnis` is empty (leave it out for the default, [0, same])"
+        )),
+        Some(list) => {
+            let mut ranges = Vec::new();
+            let mut same = false;
+            for t in list {
+                match t {
+                    TargetVniFile::Same => same = true,
+                    TargetVniFile::Vnis(r) => ranges.push((r.0, r.1)),
+                }
+            }
+            Ok(TargetVnis {
+                same,
+                vnis: VniSet::from_ranges(ranges),
+            })
+        }
+    }
 }
 
 /// `net` as it is matched: an IPv4-mapped IPv6 prefix (`::ffff:a.b.c.d/96+n`)

@@ -96,33 +96,11 @@ impl Server {
         config.validate()?;
         host::probe_io_uring()?;
         let n = config.shards;
-        let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
-        for addr in &config.listen {
-            let l = bind(*addr, config.listen.len() > 1)?;
-            addrs.push(l.local_addr().map_err(|source| ServerError::Listen {
-                addr: *addr,
-                source,
-            })?);
-            listeners.push(l);
-        }
-
-        // One bounded channel per ordered pair of shards.
-        let mut senders: Vec<Vec<Option<shared_channel::SharedSender<Batch>>>> =
-            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        let mut receivers: Vec<Vec<shared_channel::SharedReceiver<Batch>>> =
-            (0..n).map(|_| Vec::new()).collect();
-        for (from, row) in senders.iter_mut().enumerate() {
-            for (to, slot) in row.iter_mut().enumerate() {
-                if from != to {
-                    let (tx, rx) = shared_channel::new_bounded(CHANNEL_BATCHES);
-                    *slot = Some(tx);
-                    receivers[to].push(rx);
-                }
-            }
-        }
-
+        let (listeners, addrs) = bind_all(&config.listen)?;
+        let (senders, receivers) = shard_mesh(n);
         let config = Arc::new(config);
+        // Listeners are spread over the shards; each remembers its place in
+        // the round-robin of accepted connections.
         let mut shard_listeners: Vec<Vec<(std::net::TcpListener, usize)>> =
             (0..n).map(|_| Vec::new()).collect();
         for (k, l) in listeners.into_iter().enumerate() {
@@ -165,33 +143,7 @@ impl Server {
             } else {
                 Placement::Unbound
             };
-            let spawned = std::thread::Builder::new()
-                .name(format!("mb-shard-{index}"))
-                .spawn(move || {
-                    let ready = setup.ready.clone();
-                    // glommio panics (rather than failing) on some ring
-                    // set-up errors: turn that into a start-up error too.
-                    let made = metalbond_utils::panic_policy::catch_expected(|| {
-                        LocalExecutorBuilder::new(placement)
-                            .name(&format!("mb-shard-{index}"))
-                            .io_memory(SHARD_IO_MEMORY)
-                            .make()
-                    });
-                    match made {
-                        Ok(Ok(ex)) => ex.run(shard::run(setup)),
-                        Ok(Err(e)) => {
-                            let reason = format!("cannot create executor: {e}{}", memlock_hint(&e));
-                            let _ = ready.send(Err((index, reason)));
-                        }
-                        Err(_) => {
-                            let _ = ready.send(Err((
-                                index,
-                                "cannot create executor: glommio panicked (see above)".into(),
-                            )));
-                        }
-                    }
-                });
-            match spawned {
+            match spawn_shard(index, placement, setup) {
                 Ok(t) => {
                     handle.controls.push(ctl_tx);
                     handle.threads.push(t);
@@ -199,23 +151,12 @@ impl Server {
                 }
                 Err(e) => {
                     handle.abandon();
-                    return Err(ServerError::Shard {
-                        shard: index,
-                        reason: format!("cannot spawn thread: {e}"),
-                    });
+                    return Err(e);
                 }
             }
         }
         drop(ready_tx);
-        for _ in 0..n {
-            let failure = match ready_rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(Ok(())) => continue,
-                Ok(Err((shard, reason))) => ServerError::Shard { shard, reason },
-                Err(_) => ServerError::Shard {
-                    shard: 0,
-                    reason: "shards did not report ready in time".into(),
-                },
-            };
+        if let Err(failure) = await_shards(n, &ready_rx) {
             handle.abandon();
             return Err(failure);
         }
@@ -227,6 +168,110 @@ impl Server {
         );
         Ok(handle)
     }
+}
+
+/// Binds every address of `--listen` (v6-only when there are several);
+/// returns the sockets and the addresses they got (a port 0 resolved).
+fn bind_all(
+    listen: &[SocketAddr],
+) -> Result<(Vec<std::net::TcpListener>, Vec<SocketAddr>), ServerError> {
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for addr in listen {
+        let l = bind(*addr, listen.len() > 1)?;
+        addrs.push(l.local_addr().map_err(|source| ServerError::Listen {
+            addr: *addr,
+            source,
+        })?);
+        listeners.push(l);
+    }
+    Ok((listeners, addrs))
+}
+
+/// Per shard, its senders to every other shard and its receivers from
+/// them.
+type ShardMesh = (
+    Vec<Vec<Option<shared_channel::SharedSender<Batch>>>>,
+    Vec<Vec<shared_channel::SharedReceiver<Batch>>>,
+);
+
+/// One bounded channel per ordered pair of `n` shards: `senders[from][to]`
+/// (none to itself) and `receivers[to]`.
+fn shard_mesh(n: usize) -> ShardMesh {
+    let mut senders: Vec<Vec<Option<shared_channel::SharedSender<Batch>>>> =
+        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<shared_channel::SharedReceiver<Batch>>> =
+        (0..n).map(|_| Vec::new()).collect();
+    for (from, row) in senders.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(CHANNEL_BATCHES);
+                *slot = Some(tx);
+                receivers[to].push(rx);
+            }
+        }
+    }
+    (senders, receivers)
+}
+
+/// Starts shard `index`'s thread and executor; it reports on
+/// `setup.ready` once it serves, or why it could not start.
+fn spawn_shard(
+    index: usize,
+    placement: Placement,
+    setup: ShardSetup,
+) -> Result<std::thread::JoinHandle<()>, ServerError> {
+    std::thread::Builder::new()
+        .name(format!("mb-shard-{index}"))
+        .spawn(move || {
+            let ready = setup.ready.clone();
+            // glommio panics (rather than failing) on some ring set-up
+            // errors: turn that into a start-up error too.
+            let made = metalbond_utils::panic_policy::catch_expected(|| {
+                LocalExecutorBuilder::new(placement)
+                    .name(&format!("mb-shard-{index}"))
+                    .io_memory(SHARD_IO_MEMORY)
+                    .make()
+            });
+            match made {
+                Ok(Ok(ex)) => ex.run(shard::run(setup)),
+                Ok(Err(e)) => {
+                    let reason = format!("cannot create executor: {e}{}", memlock_hint(&e));
+                    let _ = ready.send(Err((index, reason)));
+                }
+                Err(_) => {
+                    let _ = ready.send(Err((
+                        index,
+                        "cannot create executor: glommio panicked (see above)".into(),
+                    )));
+                }
+            }
+        })
+        .map_err(|e| ServerError::Shard {
+            shard: index,
+            reason: format!("cannot spawn thread: {e}"),
+        })
+}
+
+/// Waits until all `n` shards report that they serve (30 s at most); the
+/// first failure names its shard.
+fn await_shards(
+    n: usize,
+    ready: &std::sync::mpsc::Receiver<Result<(), (usize, String)>>,
+) -> Result<(), ServerError> {
+    for _ in 0..n {
+        match ready.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err((shard, reason))) => return Err(ServerError::Shard { shard, reason }),
+            Err(_) => {
+                return Err(ServerError::Shard {
+                    shard: 0,
+                    reason: "shards did not report ready in time".into(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Binds a listening socket: SO_REUSEADDR, and v6-only for IPv6 when several

@@ -659,124 +659,173 @@ fn on_routing_message(
     rs: &mut ReaderState,
     msg: Message,
 ) -> Result<(), CloseReason> {
-    let id = conn.id;
-    let limits = &shard.config().limits;
     match msg {
-        Message::Update { action, route } => {
+        Message::Update {
+            action: Action::Add,
+            route,
+        } => {
             shard.counters().update_in();
-            let vni = route.vni;
-            match action {
-                Action::Add => {
-                    let mut rule_limit = None;
-                    if let Some(p) = &mut rs.policy {
-                        match p.on_announce(conn.addr, &route) {
-                            Verdict::Allow => rule_limit = p.route_limit(),
-                            Verdict::Refuse => return Ok(()),
-                            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
-                        }
-                    }
-                    let max = rule_limit.unwrap_or(limits.max_routes_per_peer);
-                    if conn.routes_announced.get() >= max
-                        && !rs
-                            .announced
-                            .get(&vni)
-                            .is_some_and(|set| set.contains(&route))
-                    {
-                        let flag = match (&rs.policy, rule_limit) {
-                            (Some(p), Some(_)) => p.limit_origin("max_routes"),
-                            _ => "--max-routes-per-peer".into(),
-                        };
-                        return Err(over_limit("routes announced", max, flag));
-                    }
-                    if rs.announced.entry(vni).or_default().insert(route) {
-                        conn.routes_announced.set(conn.routes_announced.get() + 1);
-                        tracing::debug!(%route, "ADD");
-                        shard.to_owner(vni, OwnerInput::Announce { peer: id, route });
-                        drop_ghost_claims(shard, conn, route);
-                    } else {
-                        tracing::debug!(%route, "duplicate ADD ignored");
-                    }
-                }
-                Action::Remove => {
-                    let removed = rs
-                        .announced
-                        .get_mut(&vni)
-                        .is_some_and(|set| set.remove(&route));
-                    if removed {
-                        conn.routes_announced.set(conn.routes_announced.get() - 1);
-                        tracing::debug!(%route, "REMOVE");
-                        shard.to_owner(vni, OwnerInput::Withdraw { peer: id, route });
-                        drop_ghost_claims(shard, conn, route);
-                    } else {
-                        // Also for ghosts of its address: a session cannot
-                        // withdraw what another (a departed one, or another
-                        // process behind the same address) announced.
-                        tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
-                    }
-                }
-            }
+            on_announce(shard, conn, rs, route)
         }
-        Message::Subscribe(vni) => {
-            let mut rule_limit = None;
-            if let Some(p) = &mut rs.policy {
-                match p.on_subscribe(conn.addr, vni) {
-                    Verdict::Allow => rule_limit = p.subscription_limit(),
-                    // The peer gets nothing of the VNI: no sync, no updates.
-                    Verdict::Refuse => return Ok(()),
-                    Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
-                }
-            }
-            let max = rule_limit.unwrap_or(limits.max_subscriptions_per_peer);
-            {
-                let subscribed = conn.subscribed.borrow();
-                if subscribed.len() >= max && !subscribed.contains_key(&vni) {
-                    drop(subscribed);
-                    let flag = match (&rs.policy, rule_limit) {
-                        (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
-                        _ => "--max-subscriptions-per-peer".into(),
-                    };
-                    return Err(over_limit("subscriptions", max, flag));
-                }
-            }
-            if !conn.subscribed.borrow().contains_key(&vni) {
-                let epoch = conn.subscribe_count.get().wrapping_add(1);
-                conn.subscribe_count.set(epoch);
-                let sub = Subscription {
-                    epoch,
-                    synced: false,
-                };
-                conn.subscribed.borrow_mut().insert(vni, sub);
-                tracing::debug!(%vni, "SUBSCRIBE");
-                shard.to_owner(
-                    vni,
-                    OwnerInput::Subscribe {
-                        peer: id,
-                        vni,
-                        epoch,
-                    },
-                );
-            }
+        Message::Update {
+            action: Action::Remove,
+            route,
+        } => {
+            shard.counters().update_in();
+            on_withdraw(shard, conn, rs, route);
+            Ok(())
         }
+        Message::Subscribe(vni) => on_subscribe(shard, conn, rs, vni),
         Message::Unsubscribe(vni) => {
-            if conn.subscribed.borrow_mut().remove(&vni).is_some() {
-                tracing::debug!(%vni, "UNSUBSCRIBE");
-                // Coalesced changes of the VNI would be written after this
-                // point: drop them (queued frames were due before it).
-                conn.io.out().borrow_mut().forget_vni(vni);
-                shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
-            }
-            // As in the existing implementation: its routes in the VNI go too
-            // (sent by the read loop, in chunks, before the next message).
-            if let Some(routes) = rs.announced.remove(&vni) {
-                conn.routes_announced
-                    .set(conn.routes_announced.get() - routes.len());
-                rs.withdrawing.push((vni, routes));
-            }
+            on_unsubscribe(shard, conn, rs, vni);
+            Ok(())
         }
         // The session only delivers the three routing messages.
-        Message::Hello { .. } | Message::Keepalive => {}
+        Message::Hello { .. } | Message::Keepalive => Ok(()),
+    }
+}
+
+/// An UPDATE ADD: the policy's verdict, the route limit (the rule's or
+/// `--max-routes-per-peer`), then the owner learns of a new route.
+fn on_announce(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    route: Route,
+) -> Result<(), CloseReason> {
+    let vni = route.vni;
+    let mut rule_limit = None;
+    if let Some(p) = &mut rs.policy {
+        match p.on_announce(conn.addr, &route) {
+            Verdict::Allow => rule_limit = p.route_limit(),
+            Verdict::Refuse => return Ok(()),
+            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+        }
+    }
+    let max = rule_limit.unwrap_or(shard.config().limits.max_routes_per_peer);
+    if conn.routes_announced.get() >= max
+        && !rs
+            .announced
+            .get(&vni)
+            .is_some_and(|set| set.contains(&route))
+    {
+        let flag = match (&rs.policy, rule_limit) {
+            (Some(p), Some(_)) => p.limit_origin("max_routes"),
+            _ => "--max-routes-per-peer".into(),
+        };
+        return Err(over_limit("routes announced", max, flag));
+    }
+    if rs.announced.entry(vni).or_default().insert(route) {
+        conn.routes_announced.set(conn.routes_announced.get() + 1);
+        tracing::debug!(%route, "ADD");
+        shard.to_owner(
+            vni,
+            OwnerInput::Announce {
+                peer: conn.id,
+                route,
+            },
+        );
+        drop_ghost_claims(shard, conn, route);
+    } else {
+        tracing::debug!(%route, "duplicate ADD ignored");
     }
     Ok(())
+}
+
+/// An UPDATE REMOVE: only a route this session announced is withdrawn.
+fn on_withdraw(shard: &ShardContext, conn: &PeerConn, rs: &mut ReaderState, route: Route) {
+    let vni = route.vni;
+    let removed = rs
+        .announced
+        .get_mut(&vni)
+        .is_some_and(|set| set.remove(&route));
+    if removed {
+        conn.routes_announced.set(conn.routes_announced.get() - 1);
+        tracing::debug!(%route, "REMOVE");
+        shard.to_owner(
+            vni,
+            OwnerInput::Withdraw {
+                peer: conn.id,
+                route,
+            },
+        );
+        drop_ghost_claims(shard, conn, route);
+    } else {
+        // Also for ghosts of its address: a session cannot withdraw what
+        // another (a departed one, or another process behind the same
+        // address) announced.
+        tracing::debug!(%route, "REMOVE of a route the peer does not announce ignored");
+    }
+}
+
+/// A SUBSCRIBE: the policy's verdict, the subscription limit (the rule's
+/// or `--max-subscriptions-per-peer`), then a new subscription epoch and
+/// the owner starts the sync.
+fn on_subscribe(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    rs: &mut ReaderState,
+    vni: Vni,
+) -> Result<(), CloseReason> {
+    let mut rule_limit = None;
+    if let Some(p) = &mut rs.policy {
+        match p.on_subscribe(conn.addr, vni) {
+            Verdict::Allow => rule_limit = p.subscription_limit(),
+            // The peer gets nothing of the VNI: no sync, no updates.
+            Verdict::Refuse => return Ok(()),
+            Verdict::Close(reason) => return Err(close_for_policy(conn, reason)),
+        }
+    }
+    let max = rule_limit.unwrap_or(shard.config().limits.max_subscriptions_per_peer);
+    {
+        let subscribed = conn.subscribed.borrow();
+        if subscribed.len() >= max && !subscribed.contains_key(&vni) {
+            drop(subscribed);
+            let flag = match (&rs.policy, rule_limit) {
+                (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
+                _ => "--max-subscriptions-per-peer".into(),
+            };
+            return Err(over_limit("subscriptions", max, flag));
+        }
+    }
+    if !conn.subscribed.borrow().contains_key(&vni) {
+        let epoch = conn.subscribe_count.get().wrapping_add(1);
+        conn.subscribe_count.set(epoch);
+        let sub = Subscription {
+            epoch,
+            synced: false,
+        };
+        conn.subscribed.borrow_mut().insert(vni, sub);
+        tracing::debug!(%vni, "SUBSCRIBE");
+        shard.to_owner(
+            vni,
+            OwnerInput::Subscribe {
+                peer: conn.id,
+                vni,
+                epoch,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// An UNSUBSCRIBE: nothing more of the VNI is written to the peer, and (as
+/// in the Go implementation) the routes it announced in the VNI go too.
+fn on_unsubscribe(shard: &ShardContext, conn: &PeerConn, rs: &mut ReaderState, vni: Vni) {
+    if conn.subscribed.borrow_mut().remove(&vni).is_some() {
+        tracing::debug!(%vni, "UNSUBSCRIBE");
+        // Coalesced changes of the VNI would be written after this point:
+        // drop them (queued frames were due before it).
+        conn.io.out().borrow_mut().forget_vni(vni);
+        shard.to_owner(vni, OwnerInput::Unsubscribe { peer: conn.id, vni });
+    }
+    // Its routes in the VNI are withdrawn by the read loop, in chunks,
+    // before the next message.
+    if let Some(routes) = rs.announced.remove(&vni) {
+        conn.routes_announced
+            .set(conn.routes_announced.get() - routes.len());
+        rs.withdrawing.push((vni, routes));
+    }
 }
 
 #[cfg(test)]

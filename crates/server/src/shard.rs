@@ -381,9 +381,46 @@ pub(crate) async fn run(setup: ShardSetup) {
         ready,
     } = setup;
     let shards = senders.len();
+    let (connected_senders, connected_receivers) = connect_mesh(senders, receivers).await;
+    let ctx = Rc::new(ShardContext::new(
+        index,
+        shards,
+        config.clone(),
+        counters,
+        admission,
+        GraceHolds::new(ghosts),
+    ));
+    let shard = Rc::new(Shard {
+        ctx: ctx.clone(),
+        owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
+        sync_wake: LocalEvent::default(),
+        peers: RefCell::new(HashMap::new()),
+    });
+    start_tasks(&shard, connected_senders, connected_receivers, listeners);
+    let _ = ready.send(Ok(()));
+    if index == 0 && metalbond_utils::panic_policy::injected_fault("shard") {
+        glommio::spawn_local(async {
+            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+            panic!(
+                "injected fault: a shard task panics ({})",
+                metalbond_utils::panic_policy::FAULT_VAR
+            );
+        })
+        .detach();
+    }
+    serve_control(&shard, &control).await;
+    shut_down(&shard).await;
+}
 
-    // Connect every channel end concurrently: each connect waits for its
-    // peer shard to connect the other end.
+/// Connects every channel end concurrently: each connect waits for its
+/// peer shard to connect the other end.
+async fn connect_mesh(
+    senders: Vec<Option<SharedSender<Batch>>>,
+    receivers: Vec<SharedReceiver<Batch>>,
+) -> (
+    Vec<Option<ConnectedSender<Batch>>>,
+    Vec<ConnectedReceiver<Batch>>,
+) {
     let sender_tasks: Vec<_> = senders
         .into_iter()
         .map(|s| {
@@ -399,36 +436,27 @@ pub(crate) async fn run(setup: ShardSetup) {
         .into_iter()
         .map(|r| glommio::spawn_local(r.connect()))
         .collect();
-    let mut connected_senders: Vec<Option<ConnectedSender<Batch>>> = Vec::new();
+    let mut connected_senders = Vec::new();
     for t in sender_tasks {
         connected_senders.push(t.await);
     }
-    let mut connected_receivers: Vec<ConnectedReceiver<Batch>> = Vec::new();
+    let mut connected_receivers = Vec::new();
     for t in receiver_tasks {
         connected_receivers.push(t.await);
     }
+    (connected_senders, connected_receivers)
+}
 
-    let mut glommio_listeners = Vec::new();
-    for (l, start) in listeners {
-        glommio_listeners.push((Listener::from_std(l), start));
-    }
-
-    let ctx = Rc::new(ShardContext::new(
-        index,
-        shards,
-        config.clone(),
-        counters,
-        admission,
-        GraceHolds::new(ghosts),
-    ));
-    let shard = Rc::new(Shard {
-        ctx: ctx.clone(),
-        owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
-        sync_wake: LocalEvent::default(),
-        peers: RefCell::new(HashMap::new()),
-    });
-
-    for rx in connected_receivers {
+/// Starts the shard's tasks: a receiver per other shard, a flusher per
+/// destination, the sync pump, the memory return and an accept loop per
+/// listener.
+fn start_tasks(
+    shard: &Rc<Shard>,
+    senders: Vec<Option<ConnectedSender<Batch>>>,
+    receivers: Vec<ConnectedReceiver<Batch>>,
+    listeners: Vec<(std::net::TcpListener, usize)>,
+) {
+    for rx in receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(batch) = rx.recv().await {
@@ -439,31 +467,24 @@ pub(crate) async fn run(setup: ShardSetup) {
         })
         .detach();
     }
-    for (dest, sender) in connected_senders.into_iter().enumerate() {
+    for (dest, sender) in senders.into_iter().enumerate() {
         glommio::spawn_local(flusher(shard.clone(), dest, sender)).detach();
     }
     glommio::spawn_local(sync_pump(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
-    for (listener, start) in glommio_listeners {
+    for (listener, start) in listeners {
         let local = {
             let shard = shard.clone();
             move |msg| shard.handle_local(msg)
         };
-        glommio::spawn_local(accept_loop(ctx.clone(), listener, start, local)).detach();
+        let listener = Listener::from_std(listener);
+        glommio::spawn_local(accept_loop(shard.ctx.clone(), listener, start, local)).detach();
     }
-    let _ = ready.send(Ok(()));
-    if index == 0 && metalbond_utils::panic_policy::injected_fault("shard") {
-        glommio::spawn_local(async {
-            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
-            panic!(
-                "injected fault: a shard task panics ({})",
-                metalbond_utils::panic_policy::FAULT_VAR
-            );
-        })
-        .detach();
-    }
+}
 
-    // Control loop: polled, so the handle needs no executor of its own.
+/// Answers the handle's requests until it asks for shutdown (or is gone).
+/// Polled, so the handle needs no executor of its own.
+async fn serve_control(shard: &Rc<Shard>, control: &crossbeam_channel::Receiver<Control>) {
     loop {
         match control.try_recv() {
             Ok(Control::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
@@ -489,10 +510,12 @@ pub(crate) async fn run(setup: ShardSetup) {
             }
         }
     }
+}
 
-    // Shutdown: stop accepting, close every peer, give them a moment to
-    // finish (their sockets are closed when their tasks end).
-    ctx.begin_shutdown();
+/// Shutdown: stop accepting, close every peer, give them a moment to
+/// finish (their sockets are closed when their tasks end).
+async fn shut_down(shard: &Rc<Shard>) {
+    shard.ctx.begin_shutdown();
     let peers: Vec<Rc<PeerConn>> = shard.peers.borrow().values().cloned().collect();
     for p in peers {
         p.close(CloseReason::Shutdown);
