@@ -9,8 +9,7 @@
 //! test creates, or a scripted passive peer on loopback (the crate's own
 //! `PeerSession`) where a test must see or control the exact frames.
 
-#[path = "netlink_support/mod.rs"]
-mod support;
+use metalbond_test_support::netns as support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

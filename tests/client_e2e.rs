@@ -4,10 +4,8 @@
 //! kernel routes with `ip route show table N`. Skipped, with a message,
 //! where namespaces cannot be created.
 
-#[path = "http_support/mod.rs"]
-mod http_support;
-#[path = "netlink_support/mod.rs"]
-mod support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::netns as support;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Stdio};

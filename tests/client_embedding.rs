@@ -18,8 +18,8 @@ use metalbond_client::PresentChange;
 use metalbond_client::{Client, ClientError, RouteSink, ServerOptions, WeakClient};
 use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
-mod client_support;
 use client_support::*;
+use metalbond_test_support::client as client_support;
 
 /// The bound for remove_server / shutdown / drop during a connect.
 const PROMPT: Duration = Duration::from_secs(1);

@@ -18,8 +18,8 @@ use metalbond_wire::codec::Message;
 use metalbond_wire::session::SessionState;
 use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
-mod client_support;
 use client_support::{fast_config, route, vni, ScriptedServer, Seen, WAIT};
+use metalbond_test_support::client as client_support;
 
 /// Records every sink call.
 #[derive(Clone, Default)]

@@ -5,7 +5,7 @@
 //! unsubscribing drops stale routes at once; `stale_hold` zero is the old
 //! behaviour.
 
-mod client_support;
+use metalbond_test_support::client as client_support;
 
 use std::time::{Duration, Instant};
 

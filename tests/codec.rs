@@ -3,16 +3,13 @@
 //! round trips, prost agreement and arbitrary stream splits.
 
 use bytes::{Bytes, BytesMut};
+use metalbond_test_support::vni;
 use metalbond_wire::codec::{encode_frame, DecodeError, FrameDecoder, Message, MAX_PAYLOAD};
 use metalbond_wire::pb;
 use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 use proptest::prelude::*;
 use prost::Message as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-fn vni(v: u32) -> Vni {
-    Vni::new(v).expect("test VNI in range")
-}
 
 fn encode(msg: &Message) -> Vec<u8> {
     let mut buf = Vec::new();

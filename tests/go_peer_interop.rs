@@ -4,7 +4,7 @@
 //! about 6,700 routes a second. A sender that writes a sync faster than
 //! that, or lets 64 KiB pile up unread, makes them crash-loop.
 //!
-//! Each Go peer is played by the model in `go_peer_support` (see its module
+//! Each Go peer is played by the model in `metalbond_test_support::go_peer` (see its module
 //! doc for what it reproduces of `peer.go`); the other side is the real
 //! thing: the in-process server on loopback, and our client as a library
 //! and as the `metalbond client` process. Every interop test requires
@@ -14,8 +14,8 @@
 //! what it claims to see: a full read, a split frame, a clean paced stream,
 //! the Go server's handshake.
 
-mod go_peer_support;
-mod server_support;
+use metalbond_test_support::go_peer as go_peer_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;

@@ -9,10 +9,8 @@
 //! no one refreshes is swept after the hold, and what is withdrawn goes at
 //! once. Skipped, with a message, where namespaces cannot be created.
 
-#[path = "http_support/mod.rs"]
-mod http_support;
-#[path = "netlink_support/mod.rs"]
-mod support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::netns as support;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

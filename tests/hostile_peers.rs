@@ -8,7 +8,7 @@
 //! asserts a duration), or leave sockets or servers behind (the server shuts
 //! down on drop, sockets close with their peers).
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::io::Write;

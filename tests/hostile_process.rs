@@ -7,8 +7,8 @@
 //! the fix a KEEPALIVE flood grew the server by 1.4 GB in 3 s); nothing here
 //! asserts a duration, every wait is bounded by `WAIT`.
 
-mod http_support;
-mod server_support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::server as server_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -6,6 +6,7 @@
 //! Every wait has a deadline; servers, clients and HTTP handles are stopped
 //! in `Drop` even when an assertion fails.
 
+use metalbond_test_support::eventually_some;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,8 @@ use metalbond_server::{Server, ServerConfig, ServerHandle};
 use metalbond_wire::session::SessionState;
 use metalbond_wire::{IpNet, NextHop, Route, Vni};
 
-mod http_support;
 use http_support::{metric, metric_sum, scrape};
+use metalbond_test_support::http as http_support;
 
 /// Bound for anything a test waits for (never reached when correct).
 const WAIT: Duration = Duration::from_secs(20);
@@ -84,17 +85,6 @@ impl Metrics {
     }
 }
 
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn client_status_shows_received_routes_servers_and_metrics() {
     let mut c = ServerConfig::new(vec!["127.0.0.1:0".parse().unwrap()]);
@@ -133,7 +123,7 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     // The Go document: destination keys are `{IPVersion, Prefix}` as JSON,
     // `Type` is the protobuf number (0: standard).
     let key = r#"{"IPVersion":4,"Prefix":"10.23.1.0/24"}"#;
-    let doc = eventually("route in the client's /routes.json", || {
+    let doc = eventually_some(WAIT, "route in the client's /routes.json", || {
         let doc: serde_json::Value =
             serde_json::from_str(&get(&format!("{base}/routes.json"))).ok()?;
         doc["vnet"]["23"][key].is_array().then_some(doc)
@@ -186,7 +176,7 @@ fn client_status_shows_received_routes_servers_and_metrics() {
         NextHop::standard(target),
     );
     setup.clients[1].announce(second).unwrap();
-    let after = eventually("second route counted", || {
+    let after = eventually_some(WAIT, "second route counted", || {
         let m = Metrics::scrape(&base);
         (m.find("metalbond_routes", None) == Some(2.0)).then_some(m)
     });
@@ -207,7 +197,7 @@ fn client_status_shows_received_routes_servers_and_metrics() {
     if let Some(server) = setup.server.take() {
         server.shutdown();
     }
-    let gone = eventually("disconnect counted", || {
+    let gone = eventually_some(WAIT, "disconnect counted", || {
         let m = Metrics::scrape(&base);
         (m.sum("metalbond_disconnects_total") >= 1.0).then_some(m)
     });

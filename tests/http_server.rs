@@ -7,6 +7,8 @@
 //! Every wait has a deadline; servers, peers, browsers and processes are
 //! stopped in `Drop` even when an assertion fails.
 
+use metalbond_test_support::eventually_some;
+use metalbond_test_support::vni;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -14,9 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod http_support;
-#[path = "prerequisite/mod.rs"]
-mod prerequisite;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::prerequisite;
 
 use bytes::BytesMut;
 use http_support::{browser_dom, closed_within, get, metric, metric_sum, scrape};
@@ -24,14 +25,10 @@ use metalbond_http::{serve, HttpHandle};
 use metalbond_server::ServerStatusSource;
 use metalbond_server::{Server, ServerConfig, ServerHandle};
 use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
-use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::{Action, IpNet, NextHop, NextHopKind, Route};
 
 /// Bound for anything a test waits for (never reached when correct).
 const WAIT: Duration = Duration::from_secs(20);
-
-fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
-}
 
 /// A blocking protocol peer (the active side) on a real TCP connection,
 /// sending keepalives from a thread until dropped.
@@ -166,18 +163,6 @@ impl Drop for Running {
     }
 }
 
-/// Polls `f` until it returns `Some`, within `WAIT`.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn announced_route() -> Route {
     let prefix: IpNet = "10.23.0.0/16".parse().unwrap();
     let target: IpAddr = "2001:db8::23".parse().unwrap();
@@ -222,7 +207,7 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     // /routes.json and /routes.yaml hold the route (snapshots are cached
     // for up to a second, hence the polling), in the Go document's shape.
     let key = r#"{"IPVersion":4,"Prefix":"10.23.0.0/16"}"#;
-    let doc = eventually("route in /routes.json", || {
+    let doc = eventually_some(WAIT, "route in /routes.json", || {
         let (_, _, body) = get(&srv.url("/routes.json"));
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         doc["vnet"]["23"][key].is_array().then_some(doc)
@@ -259,7 +244,7 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     assert!(ann["connected_since"].as_str().unwrap().ends_with('Z'));
 
     // /metrics: the counters moved by exactly what the peers did.
-    let after = eventually("per-VNI count in /metrics", || {
+    let after = eventually_some(WAIT, "per-VNI count in /metrics", || {
         let s = scrape(&srv.url("/metrics"));
         (metric(&s, "metalbond_vni_routes", &[("vni", "23")]) == Some(1.0)).then_some(s)
     });
@@ -295,7 +280,7 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     // The announcer leaves: its route is withdrawn and the disconnect counted.
     drop(announcer);
     assert_eq!(subscriber.recv_update(), (Action::Remove, route));
-    let gone = eventually("disconnect counted", || {
+    let gone = eventually_some(WAIT, "disconnect counted", || {
         let s = scrape(&srv.url("/metrics"));
         (metric(&s, "metalbond_disconnects_total", &[("reason", "eof")]) == Some(eof_before + 1.0))
             .then_some(s)
@@ -309,7 +294,7 @@ fn what_peers_do_shows_in_json_yaml_peers_and_metrics() {
     // A connection that never says HELLO is a peer in the handshake, shown
     // under its own state and not as ESTABLISHED.
     let silent = std::net::TcpStream::connect(srv.addr).unwrap();
-    let waiting = eventually("silent peer in the handshake", || {
+    let waiting = eventually_some(WAIT, "silent peer in the handshake", || {
         let s = scrape(&srv.url("/metrics"));
         let not_established = metric_sum(&s, "metalbond_peers")
             - metric(&s, "metalbond_peers", &[("state", "ESTABLISHED")]).unwrap_or(f64::NAN);
@@ -331,7 +316,7 @@ fn browser_shows_a_route_announced_to_the_reflector() {
         action: Action::Add,
         route,
     });
-    eventually("route in the table", || {
+    eventually_some(WAIT, "route in the table", || {
         let (_, _, body) = get(&srv.url("/routes.json"));
         body.contains("10.23.0.0/16").then_some(())
     });
@@ -388,7 +373,7 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let mut proc = Process(Some(child));
-    let metrics = eventually("the binary's /metrics", || {
+    let metrics = eventually_some(WAIT, "the binary's /metrics", || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(2)))
             .proxy(None)
@@ -469,14 +454,14 @@ fn http_port_in_use_stops_the_binary_with_a_clear_error() {
 
 /// The Go server's answers for the four announcements of PROTOCOL.md
 /// "HTTP": `../shared/go-routes.{json,yaml}` beside the clone when present
-/// (checked against the copy under `tests/http_support/`), else the copy.
+/// (checked against the copy under `tests/fixtures/`), else the copy.
 fn go_reference(name: &str) -> String {
     let fixture = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/http_support")
+            .join("tests/fixtures")
             .join(name),
     )
-    .unwrap_or_else(|e| panic!("fixture tests/http_support/{name}: {e}"));
+    .unwrap_or_else(|e| panic!("fixture tests/fixtures/{name}: {e}"));
     let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared")
         .join(name);
@@ -484,7 +469,7 @@ fn go_reference(name: &str) -> String {
         assert_eq!(
             reference,
             fixture,
-            "{} and tests/http_support/{name} differ: refresh the fixture",
+            "{} and tests/fixtures/{name} differ: refresh the fixture",
             shared.display()
         );
     }
@@ -537,7 +522,7 @@ fn routes_json_and_yaml_are_the_go_documents() {
             route,
         });
     }
-    let (json, json_type) = eventually("four routes in /routes.json", || {
+    let (json, json_type) = eventually_some(WAIT, "four routes in /routes.json", || {
         let (status, ctype, body) = get(&srv.url("/routes.json"));
         assert_eq!(status, 200);
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -639,7 +624,7 @@ impl StatusProcess {
             http,
             log,
         };
-        eventually("the binary's /metrics", || {
+        eventually_some(WAIT, "the binary's /metrics", || {
             p.metrics_answers().then_some(())
         });
         p
@@ -797,7 +782,7 @@ fn binary_caps_idle_http_connections_without_a_thread_each_and_closes_idle_ones(
     let mut held: Vec<TcpStream> = (0..limits.max_connections)
         .map(|_| TcpStream::connect(srv.http).unwrap())
         .collect();
-    let accepted = eventually("idle connections accepted", || {
+    let accepted = eventually_some(WAIT, "idle connections accepted", || {
         let fds = srv.fds();
         (fds + 2 >= fds_before + limits.max_connections).then_some(fds)
     });
@@ -833,7 +818,7 @@ fn binary_caps_idle_http_connections_without_a_thread_each_and_closes_idle_ones(
     // Once they are closed, /metrics answers.
     drop(held);
     drop(extra);
-    eventually("/metrics after the idle connections closed", || {
+    eventually_some(WAIT, "/metrics after the idle connections closed", || {
         srv.metrics_answers().then_some(())
     });
 
@@ -889,7 +874,7 @@ fn binary_status_port_recovers_after_descriptors_run_out() {
             }
         }
     }
-    eventually("the server out of descriptors", || {
+    eventually_some(WAIT, "the server out of descriptors", || {
         (srv.fds() as u64 >= NOFILE - 1).then_some(())
     });
     let exhausted_at = Instant::now();
@@ -898,7 +883,7 @@ fn binary_status_port_recovers_after_descriptors_run_out() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(srv.still_running(), "the server died out of descriptors");
     drop(conns);
-    eventually("/metrics after the descriptors were released", || {
+    eventually_some(WAIT, "/metrics after the descriptors were released", || {
         srv.metrics_answers().then_some(())
     });
     assert!(srv.still_running());
@@ -948,7 +933,7 @@ fn binary_slow_readers_of_the_route_documents_share_snapshots_and_memory_returns
     }
     peer.stream.write_all(&frames).unwrap();
     let metrics_url = format!("http://{}/metrics", srv.http);
-    eventually("the routes in the table", || {
+    eventually_some(WAIT, "the routes in the table", || {
         let m = scrape(&metrics_url);
         (metric(&m, "metalbond_routes", &[]) == Some(f64::from(ROUTES))).then_some(())
     });
@@ -1015,7 +1000,7 @@ fn binary_slow_readers_of_the_route_documents_share_snapshots_and_memory_returns
 
     // Once they are gone, the copies are freed and the memory returned.
     drop(readers);
-    let rss_after = eventually("the memory back after the readers left", || {
+    let rss_after = eventually_some(WAIT, "the memory back after the readers left", || {
         let rss = srv.status("VmRSS");
         (rss < rss_table + 8 * 1024).then_some(rss)
     });

@@ -6,15 +6,15 @@
 //! Every request has a timeout; servers shut down in `Drop` even when an
 //! assertion fails.
 
+use metalbond_test_support::vni;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-mod http_support;
-#[path = "prerequisite/mod.rs"]
-mod prerequisite;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::prerequisite;
 
 use http_support::{browser_dom, closed_within, get, metric, scrape};
 use metalbond_http::{
@@ -22,7 +22,7 @@ use metalbond_http::{
     NetlinkView, PeerView, QueueDepth, RouteTableView, StatusRole, StatusSource,
 };
 use metalbond_wire::session::SessionState;
-use metalbond_wire::{IpNet, NextHop, NextHopKind, Route, Vni};
+use metalbond_wire::{IpNet, NextHop, NextHopKind, Route};
 
 /// A tiny route owner: a table of routes and the counters a reflector keeps,
 /// updated by the test the way a shard would.
@@ -120,10 +120,6 @@ impl StatusSource for Fleet {
             )],
         }
     }
-}
-
-fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
 }
 
 fn route(v: u32, prefix: &str, hop: &str, kind: NextHopKind, target_vni: u32) -> Route {

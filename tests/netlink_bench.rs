@@ -8,8 +8,7 @@
 //!
 //! It still asserts the outcome (every route in the kernel, then none).
 
-#[path = "netlink_support/mod.rs"]
-mod support;
+use metalbond_test_support::netns as support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;

@@ -2,22 +2,18 @@
 //! test creates (veth as the tunnel device). Skipped, with a message, where
 //! namespaces cannot be created.
 
-#[path = "netlink_support/mod.rs"]
-mod support;
+use metalbond_test_support::netns as support;
+use metalbond_test_support::vni;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use metalbond_netlink::{KernelRoutes, KernelRoutesConfig, KernelTable, NetlinkError};
-use metalbond_wire::{IpNet, NextHop, NextHopKind, Vni};
+use metalbond_wire::{IpNet, NextHop, NextHopKind};
 use support::Netns;
 
 const DEV: &str = "mbtun0";
 const FLUSH: Duration = Duration::from_secs(10);
-
-fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
-}
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()

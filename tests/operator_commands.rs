@@ -11,8 +11,8 @@
 //! received table the same again); one injected difference is found and
 //! listed; an unreachable side is exit status 3.
 
-mod http_support;
-mod server_support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};

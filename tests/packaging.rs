@@ -19,10 +19,8 @@
 //! installs them all); elsewhere it prints `SKIPPED: ...` and why. Every child process is killed and every namespace and
 //! temporary directory removed on drop, also when an assertion fails.
 
-#[path = "http_support/mod.rs"]
-mod http_support;
-#[path = "netlink_support/mod.rs"]
-mod netlink_support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::netns as netlink_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;

@@ -14,8 +14,8 @@
 //! Every wait is bounded by `WAIT`; the server is killed and the policy
 //! file removed when a test ends, also on failure.
 
-mod http_support;
-mod server_support;
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};

@@ -2,7 +2,7 @@
 //! byte, thousands of frames per write, and each malformed input closing only
 //! its own connection.
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -9,7 +9,7 @@
 //! In-process server on loopback (2 shards) with raw TCP peers, and the real
 //! binary for the signal.
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::time::{Duration, Instant};
 

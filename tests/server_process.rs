@@ -1,7 +1,7 @@
 //! The `metalbond server` binary as a real process: signals, exit status,
 //! start-up errors as one clear line, several listen addresses.
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! PROTOCOL.md "Reflector" rules, one test each, against an in-process
 //! server on loopback (2 shards, so most pairs of peers span shards).
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! PROTOCOL.md "Session" rules on the server side, one test each, over real
 //! TCP on loopback.
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::time::{Duration, Instant};
 

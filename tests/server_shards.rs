@@ -3,7 +3,7 @@
 //! withdrawal (disconnect or UNSUBSCRIBE) that do not stall the shard, stuck subscribers that neither hold back the others nor
 //! grow without bound, and the cut-off of a subscriber beyond its limits.
 
-mod server_support;
+use metalbond_test_support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::sync::mpsc;

@@ -12,7 +12,7 @@
 //! Every run is bounded (loadgen's own time limit plus a kill guard) and the
 //! server is killed by a Drop guard whatever happens.
 
-mod loadgen_support;
+use metalbond_test_support::loadgen as loadgen_support;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,7 +29,7 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
-        let bin = loadgen_support::metalbond_bin();
+        let bin = metalbond_test_support::metalbond_bin();
         // A free port: bind, read it, release it; retried if the server then
         // cannot bind it.
         for _ in 0..5 {

@@ -10,7 +10,7 @@
 //! directly, the crate's codec and `PeerSession` for framing and handshake.
 //! It must never be used for anything but these tests.
 
-mod loadgen_support;
+use metalbond_test_support::loadgen as loadgen_support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

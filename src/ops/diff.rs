@@ -342,7 +342,7 @@ mod tests {
     #[test]
     fn the_go_document_reads_back_as_routes() {
         let doc: serde_json::Value =
-            serde_json::from_str(include_str!("../../tests/http_support/go-routes.json")).unwrap();
+            serde_json::from_str(include_str!("../../tests/fixtures/go-routes.json")).unwrap();
         let t = parse_go_document(&doc).unwrap();
         let n: usize = t.values().map(BTreeSet::len).sum();
         assert_eq!(n, 4, "{t:?}");

@@ -47,7 +47,6 @@
 //! The framing check is made on the raw bytes of each read; the crate's
 //! codec is used only to encode what the model sends and to decode the
 //! payload of a frame the model has cut out of a read.
-#![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;

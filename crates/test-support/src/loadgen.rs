@@ -1,36 +1,15 @@
-//! Running the real `loadgen` binary from tests, shared by `loadgen_e2e.rs`
-//! and `loadgen_selftest.rs`.
+//! Running the real `loadgen` binary from tests (`loadgen/tests/`): the
+//! binary's path, a second time bound, and the text of a run.
 //!
 //! Owns: the second time guard (loadgen stops itself at `--time-limit`; if it
 //! ever does not, it is killed after 60 s so a test cannot hang) and the text
 //! dump of a run for assertion messages.
 
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// The server binary under test: `METALBOND_BIN`, or the workspace's
-/// `metalbond` in the directory `loadgen` was built into. Another package's
-/// binary is not built for this one's tests, so a missing one is named with
-/// the command that builds it.
-#[allow(dead_code)] // loadgen_e2e starts the server; the self-test has its own
-pub fn metalbond_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("METALBOND_BIN") {
-        return PathBuf::from(bin);
-    }
-    let loadgen = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"));
-    let bin = loadgen.with_file_name("metalbond");
-    assert!(
-        bin.is_file(),
-        "{} is not built: run the tests from the top level (`cargo test --release` \
-         builds it), or `cargo build --release -p metalbond` first, or set METALBOND_BIN",
-        bin.display()
-    );
-    bin
-}
 
 /// Runs `cmd` with captured output, killed if it is still running after 60 s.
 pub fn run_bounded(mut cmd: Command) -> Output {
@@ -66,4 +45,9 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The `loadgen` binary (built next to the test that runs it).
+pub fn loadgen_bin() -> std::path::PathBuf {
+    crate::sibling_bin("loadgen")
 }

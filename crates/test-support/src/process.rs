@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::WAIT;
+use crate::server::WAIT;
 
 /// Kills the child if the test fails before it exits.
 pub struct ChildGuard(pub Child);
@@ -50,7 +50,7 @@ pub fn server(args: &[&str]) -> ChildGuard {
 
 /// The command `server` runs, to adjust before spawning (limits, env).
 pub fn server_command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_metalbond"));
+    let mut c = Command::new(crate::metalbond_bin());
     c.arg("server")
         .args(args)
         .env("NO_COLOR", "1")

@@ -6,10 +6,9 @@
 //! Owns: the GET's 10 s bound; reading samples out of a scrape; finding the
 //! browser, a fresh profile per run, the 90 s bound, and cleanup (the process is killed and the profile removed on drop, also when
 //! an assertion fails). Never silently passes: a missing browser is an `Err`
-//! the caller hands to `tests/prerequisite`'s `missing` (a failure under `CI=true`).
+//! the caller hands to `prerequisite::missing` (a failure under `CI=true`).
 
 // Each test file uses a part of this module.
-#![allow(dead_code)]
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -5,7 +5,6 @@
 //! Must never: touch the host's own namespace beyond creating and deleting
 //! `mbtest-*` namespaces; every namespace is deleted by `Drop`, also when the
 //! test fails.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,8 +12,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-#[path = "../prerequisite/mod.rs"]
-pub mod prerequisite;
+pub use crate::prerequisite;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -217,19 +215,8 @@ pub fn parse_routes(text: &str) -> Vec<ShownRoute> {
         .collect()
 }
 
-/// Polls `check` every 50 ms until it returns true or `timeout` passes.
-pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if check() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
+/// Waiting for a condition (scaled by `METALBOND_TEST_PATIENCE`).
+pub use crate::wait_until;
 
 /// What the Go client's start-up cleanup (`NetlinkClient.Cleanup` of
 /// ironcore-dev/metalbond with vishvananda/netlink v1.3.1) did in `table`.

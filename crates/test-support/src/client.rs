@@ -1,7 +1,6 @@
 //! Test support for the client library: a scripted MetalBond server on
 //! loopback (the passive side, driven by the test with the crate's own
 //! `PeerSession`), and what a test sink saw.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,9 +15,8 @@ use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 
 /// Generous bound for anything that should take milliseconds.
 pub const WAIT: Duration = Duration::from_secs(10);
-pub fn vni(n: u32) -> Vni {
-    Vni::new(n).unwrap()
-}
+/// A valid VNI (one definition for every test).
+pub use crate::vni;
 
 pub fn route(v: u32, prefix: &str, hop: &str) -> Route {
     Route::new(

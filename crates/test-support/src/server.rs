@@ -1,7 +1,6 @@
 //! Shared helpers for the server tests: an in-process server on loopback
 //! (shut down on drop) and a blocking test peer speaking the protocol with
 //! the crate's own codec, so every assertion is about bytes on a real socket.
-#![allow(dead_code)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
@@ -13,9 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use metalbond_server::{PeerInfo, Server, ServerConfig, ServerHandle, ServerStats};
 use metalbond_wire::codec::{encode_frame, FrameDecoder, Message};
-use metalbond_wire::{Action, NextHop, Route, Vni};
+use metalbond_wire::{Action, NextHop, Route};
 
-pub mod process;
+/// The process helpers, where the server tests have always found them.
+pub use crate::process;
 
 /// Generous bound for anything a test waits for (never reached when correct).
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -103,9 +103,8 @@ impl Drop for TestServer {
     }
 }
 
-pub fn vni(v: u32) -> Vni {
-    Vni::new(v).unwrap()
-}
+/// A valid VNI (one definition for every test).
+pub use crate::vni;
 
 /// A distinct IPv4 /32 route number `i` in `v` via 2001:db8::`hop`.
 pub fn route(v: u32, i: u32, hop: u16) -> Route {
