@@ -128,6 +128,10 @@ fn crates_depend_only_downward() {
         ),
         ("metalbond-loadgen", set(&["metalbond-wire"])),
         (
+            "metalbond-test-support",
+            set(&["metalbond-wire", "metalbond-server", "metalbond-client"]),
+        ),
+        (
             "metalbond",
             set(&[
                 "metalbond-wire",

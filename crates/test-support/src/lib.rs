@@ -150,3 +150,31 @@ pub fn sibling_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_end_when_the_condition_holds_or_the_bound_passes() {
+        let started = Instant::now();
+        let mut polls = 0;
+        assert!(wait_until(Duration::from_secs(5), || {
+            polls += 1;
+            polls == 3
+        }));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let started = Instant::now();
+        assert!(!wait_until(Duration::from_millis(100), || false));
+        assert!(started.elapsed() >= patient(Duration::from_millis(100)));
+        eventually!(Duration::from_secs(5), polls >= 3);
+        let got = eventually_some(Duration::from_secs(5), "a value", || Some(7));
+        assert_eq!(got, 7);
+    }
+
+    #[test]
+    #[should_panic(expected = "condition never held")]
+    fn eventually_names_what_never_held() {
+        eventually!(Duration::from_millis(50), 1 + 1 == 3);
+    }
+}
