@@ -462,7 +462,11 @@ fn e2e_100k_routes_through_a_server_into_the_kernel() {
         c.add_server("[::1]:4712").unwrap();
         c
     });
-    std::thread::sleep(Duration::from_secs(1));
+    for server in ["[::1]:4711", "[::1]:4712"] {
+        announcer
+            .wait_established(server, metalbond_test_support::patient(WAIT))
+            .unwrap();
+    }
     let count = || table_100_routes(&ns);
     let vni = Vni::new(23).unwrap();
     let started = std::time::Instant::now();
