@@ -6,9 +6,10 @@
 
 use metalbond_test_support::http as http_support;
 use metalbond_test_support::netns as support;
+use metalbond_test_support::process::ChildGuard;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use support::{wait_until, Netns};
@@ -17,67 +18,26 @@ const BIN: &str = env!("CARGO_BIN_EXE_metalbond");
 const DEV: &str = "mbtun0";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A process killed (SIGKILL) when dropped, unless stopped before.
-struct Proc {
-    child: Option<Child>,
-    what: String,
-}
+/// A `metalbond` process in the namespace, killed when dropped (also when
+/// a test fails).
+type Proc = ChildGuard;
 
-impl Proc {
-    fn spawn(ns: &Netns, what: &str, args: &[&str]) -> Proc {
-        let child = ns
-            .command(BIN)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Proc {
-            child: Some(child),
-            what: what.into(),
-        }
-    }
-
-    /// SIGTERM and wait (bounded) for exit; returns the exit code.
-    fn terminate(mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        // SAFETY: sending a signal to our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{} did not exit on SIGTERM", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: the process dies without any goodbye.
-    fn kill(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Starts `metalbond ARGS` in `ns` (`what` names it in a failure).
+fn spawn(ns: &Netns, what: &str, args: &[&str]) -> Proc {
+    let child = ns
+        .command(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    ChildGuard(child)
 }
 
 fn server(ns: &Netns, port: u16) -> Proc {
     let listen = format!("[::1]:{port}");
-    Proc::spawn(
+    spawn(
         ns,
         &format!("server {port}"),
         &["server", "--listen", &listen, "--keepalive", "1"],
@@ -97,7 +57,7 @@ fn client(ns: &Netns, what: &str, args: &[&str]) -> Proc {
     let mut all = vec!["client", "--server", "[::1]:4711", "--server", "[::1]:4712"];
     all.extend_from_slice(TIMING);
     all.extend_from_slice(args);
-    Proc::spawn(ns, what, &all)
+    spawn(ns, what, &all)
 }
 
 fn installer(ns: &Netns, extra: &[&str]) -> Proc {
@@ -597,14 +557,11 @@ fn the_go_projects_unit_command_lines_run_unchanged() {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let mut server = Proc {
-        child: Some(as_user.spawn().expect("spawn the server unit")),
-        what: "server unit".into(),
-    };
-    let mut unit_client = Proc::spawn(&ns, "client unit", GO_CLIENT_UNIT);
+    let mut server = ChildGuard(as_user.spawn().expect("spawn the server unit"));
+    let mut unit_client = spawn(&ns, "client unit", GO_CLIENT_UNIT);
     // A second client subscribes to VNI 123 and maps it to table 0 too: the
     // unit's announcements land in the main table.
-    let mut installer = Proc::spawn(
+    let mut installer = spawn(
         &ns,
         "installing client",
         &[
@@ -644,9 +601,12 @@ fn the_go_projects_unit_command_lines_run_unchanged() {
         "{body}"
     );
     // Nobody exited (under Restart=always an exit would be a crash loop).
-    for p in [&mut server, &mut unit_client, &mut installer] {
-        let child = p.child.as_mut().expect("running");
-        assert!(child.try_wait().unwrap().is_none(), "{} exited", p.what);
+    for (p, what) in [
+        (&mut server, "server unit"),
+        (&mut unit_client, "client unit"),
+        (&mut installer, "installing client"),
+    ] {
+        assert!(p.0.try_wait().unwrap().is_none(), "{what} exited");
     }
     assert_eq!(installer.terminate(), Some(0));
     assert_eq!(unit_client.terminate(), Some(0));

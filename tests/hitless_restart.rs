@@ -11,8 +11,9 @@
 
 use metalbond_test_support::http as http_support;
 use metalbond_test_support::netns as support;
+use metalbond_test_support::process::ChildGuard;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::{wait_until, KernelSampler, Netns};
@@ -23,45 +24,26 @@ const WAIT: Duration = Duration::from_secs(20);
 const SERVER: &str = "[::1]:4711";
 
 /// A process in the namespace, killed when dropped (also when a test fails).
-struct Proc(Child);
+type Proc = ChildGuard;
 
-impl Proc {
-    fn spawn(ns: &Netns, args: &[&str]) -> Proc {
-        let child = ns
-            .command(BIN)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn metalbond");
-        Proc(child)
-    }
-
-    /// SIGTERM, then wait (bounded) for the exit.
-    fn terminate(mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT;
-        while self.0.try_wait().ok().flatten().is_none() {
-            assert!(Instant::now() < deadline, "no exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts `metalbond ARGS` in `ns`.
+fn spawn(ns: &Netns, args: &[&str]) -> Proc {
+    let child = ns
+        .command(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn metalbond");
+    ChildGuard(child)
 }
 
 fn server(ns: &Netns, extra: &[&str]) -> Proc {
     let mut args = vec!["server", "--listen", SERVER, "--keepalive", "1"];
     args.extend_from_slice(extra);
-    Proc::spawn(ns, &args)
+    spawn(ns, &args)
 }
 
 /// A client of the one server; `reconnect_ms` is its first reconnect delay.
@@ -78,7 +60,7 @@ fn client(ns: &Netns, reconnect_ms: &str, extra: &[&str]) -> Proc {
         "1",
     ];
     args.extend_from_slice(extra);
-    Proc::spawn(ns, &args)
+    spawn(ns, &args)
 }
 
 fn installer(ns: &Netns, extra: &[&str]) -> Proc {

@@ -32,6 +32,23 @@ impl ChildGuard {
             libc::kill(self.0.id() as i32, sig);
         }
     }
+
+    /// SIGTERM, then waits (`WAIT`, scaled by the patience) for the exit;
+    /// its exit code (`None`: ended by a signal). Panics when it does not
+    /// exit.
+    pub fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let status = crate::eventually_some(WAIT, "the process to exit on SIGTERM", || {
+            self.0.try_wait().ok().flatten()
+        });
+        status.code()
+    }
+
+    /// SIGKILL: the process dies without any goodbye.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A port that was free a moment ago on `ip` (`127.0.0.1`, `[::1]`).
