@@ -16,6 +16,7 @@
 
 use metalbond_test_support::go_peer as go_peer_support;
 use metalbond_test_support::server as server_support;
+use metalbond_utils::pacing::PACED_UNREAD;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
@@ -356,8 +357,13 @@ fn our_client_paces_its_announcements_only_to_a_server_that_does_not_declare_a_s
         declared > GO_READ_BUFFER,
         "our client paced a server that reads as a stream: {declared} bytes unread"
     );
+    // Paced: at most PACED_UNREAD (20 KiB) unread, plus what the early
+    // growth of the receiver's window hides from the estimate (pacing.rs
+    // leaves 24 KiB for it): 44 KiB, well below the 64 KiB read that resets
+    // a Go peer. Typically 14 KiB here; 36 KiB seen once on a machine
+    // loaded by two parallel builds.
     assert!(
-        go_like < GO_READ_BUFFER / 2,
+        go_like < (PACED_UNREAD + 24 * 1024) as usize,
         "our client did not pace a Go-like server: {go_like} bytes unread"
     );
 }
