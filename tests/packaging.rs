@@ -884,6 +884,32 @@ fn dockerfile_copies_what_exists_and_passes_hadolint() {
             );
         }
     }
+    // Cargo reads every workspace member's manifest: the build stage needs
+    // each member's top-level directory.
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[1..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let manifest = read("Cargo.toml");
+    let members = manifest
+        .split("[workspace]")
+        .nth(1)
+        .and_then(|w| w.split("members = [").nth(1))
+        .and_then(|m| m.split(']').next())
+        .expect("Cargo.toml lists the workspace members");
+    for member in members.split(',').map(|m| m.trim().trim_matches('"')) {
+        let Some(top) = member.split('/').next().filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        assert!(
+            copied.contains(&top),
+            "Dockerfile does not copy {top} (workspace member {member})"
+        );
+    }
     assert!(
         dockerfile.contains("USER 65532"),
         "runtime image runs as non-root"
