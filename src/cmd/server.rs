@@ -173,7 +173,8 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.policy.is_some() {
         watched.push(SIGHUP);
     }
-    let mut signals = signal_hook::iterator::Signals::new(&watched).map_err(ServerError::Signal)?;
+    let mut signals = signal_hook::iterator::Signals::new(&watched)
+        .map_err(|e| format!("cannot install signal handler: {e}"))?;
     let handle = Arc::new(Server::start(ServerConfig::try_from(args)?)?);
     // `--http`: status pages on their own threads, reading the handle's
     // atomics and snapshots (a bind failure stops the server: Drop).

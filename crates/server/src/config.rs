@@ -190,9 +190,6 @@ pub enum ServerError {
     /// The `--policy` file cannot be read or is invalid (names the place).
     #[error("{0}")]
     Policy(#[from] PolicyError),
-    /// Installing the SIGINT/SIGTERM handler failed.
-    #[error("cannot install signal handler: {0}")]
-    Signal(std::io::Error),
 }
 
 #[cfg(test)]
