@@ -10,10 +10,11 @@
 //! `PeerSession`) where a test must see or control the exact frames.
 
 use metalbond_test_support::netns as support;
+use metalbond_test_support::process::{ChildGuard, CollectedLines};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -259,88 +260,46 @@ fn missing_cap_net_admin_fails_at_start() {
 /// A `metalbond` process whose stderr lines are collected as they come;
 /// killed (SIGKILL) when dropped unless terminated before.
 struct Running {
-    /// The process (`None` once it was waited for).
-    child: Option<Child>,
-    /// Every stderr line so far.
-    lines: Arc<Mutex<Vec<String>>>,
+    /// The process.
+    child: ChildGuard,
+    /// Its stderr lines so far.
+    lines: CollectedLines,
 }
 
 impl Running {
     fn spawn(mut cmd: Command) -> Running {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn metalbond");
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Running {
-            child: Some(child),
-            lines,
-        }
+        let mut child = ChildGuard(
+            cmd.env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn metalbond"),
+        );
+        let lines = CollectedLines::from(child.0.stderr.take().expect("piped stderr"));
+        Running { child, lines }
     }
 
     fn stderr(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.lines.text()
     }
 
     /// Waits (bounded) for a stderr line containing `text`.
     fn wait_line(&self, text: &str) -> bool {
-        wait_until(WAIT, || {
-            self.lines.lock().unwrap().iter().any(|l| l.contains(text))
-        })
+        self.lines.wait_for(text, 1, WAIT)
     }
 
     fn lines_containing(&self, text: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(text))
-            .count()
+        self.lines.count(text)
     }
 
     fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child.0.try_wait().unwrap().is_none()
     }
 
     /// SIGTERM and wait (bounded) for the exit status.
-    fn terminate(mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        // SAFETY: sending a signal to our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("metalbond did not exit on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    fn terminate(self) -> Option<i32> {
+        self.child.terminate()
     }
 }
 
@@ -648,7 +607,7 @@ fn client_memory_per_received_route() {
     let mut cmd = Command::new(bin);
     cmd.args(["client", "--server", &address, "--subscribe", "1"]);
     let mut c = Running::spawn(cmd);
-    let pid = c.child.as_ref().unwrap().id();
+    let pid = c.child.pid();
     let (stream, _) = listener.accept().unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     // Handshake, then answer keepalives on a thread while pushing.

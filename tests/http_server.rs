@@ -8,10 +8,11 @@
 //! stopped in `Drop` even when an assertion fails.
 
 use metalbond_test_support::eventually_some;
+use metalbond_test_support::process::{stderr_of, wait_exit, ChildGuard};
 use metalbond_test_support::vni;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -340,18 +341,6 @@ fn browser_shows_a_route_announced_to_the_reflector() {
     drop(announcer);
 }
 
-/// A `metalbond` process, SIGKILLed on drop if still running.
-struct Process(Option<Child>);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A loopback port that was free a moment ago.
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -372,7 +361,7 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut proc = Process(Some(child));
+    let proc = ChildGuard(child);
     let metrics = eventually_some(WAIT, "the binary's /metrics", || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(2)))
@@ -400,19 +389,7 @@ fn server_binary_serves_http_flag_and_stops_on_sigterm() {
     let (_, _, peers) = get(&format!("http://{http}/peers"));
     assert!(peers.contains("ESTABLISHED"), "{peers}");
 
-    let pid = proc.0.as_ref().unwrap().id() as libc::pid_t;
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = proc.0.as_mut().unwrap().try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    proc.0 = None;
-    assert!(status.success(), "exit status {status}");
+    assert_eq!(proc.terminate(), Some(0), "exit status after SIGTERM");
 }
 
 #[test]
@@ -428,24 +405,9 @@ fn http_port_in_use_stops_the_binary_with_a_clear_error() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut proc = Process(Some(child));
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = proc.0.as_mut().unwrap().try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "server kept running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    proc.0
-        .take()
-        .unwrap()
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let mut proc = ChildGuard(child);
+    let status = wait_exit(&mut proc);
+    let err = stderr_of(&mut proc);
     assert!(!status.success());
     assert!(err.contains(&http.to_string()), "stderr: {err}");
     assert!(err.contains("already in use"), "stderr: {err}");
@@ -580,7 +542,7 @@ fn routes_json_and_yaml_are_the_go_documents() {
 /// A `metalbond server --http` process with its stderr in a file (removed on
 /// drop), optionally under a low RLIMIT_NOFILE.
 struct StatusProcess {
-    proc: Process,
+    proc: ChildGuard,
     listen: SocketAddr,
     http: SocketAddr,
     log: std::path::PathBuf,
@@ -619,7 +581,7 @@ impl StatusProcess {
             }
         }
         let p = StatusProcess {
-            proc: Process(Some(cmd.spawn().unwrap())),
+            proc: ChildGuard(cmd.spawn().unwrap()),
             listen,
             http,
             log,
@@ -631,7 +593,7 @@ impl StatusProcess {
     }
 
     fn pid(&self) -> u32 {
-        self.proc.0.as_ref().unwrap().id()
+        self.proc.pid()
     }
 
     /// One field of /proc/<pid>/status (`VmRSS` in KiB, `Threads`).
@@ -666,7 +628,7 @@ impl StatusProcess {
     }
 
     fn still_running(&mut self) -> bool {
-        self.proc.0.as_mut().unwrap().try_wait().unwrap().is_none()
+        self.proc.0.try_wait().unwrap().is_none()
     }
 
     fn log(&self) -> String {

@@ -19,11 +19,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metalbond_wire::Route;
-use server_support::process::{free_port, server, wait_exit, wait_listening, ChildGuard};
+use server_support::process::{
+    free_port, server, wait_exit, wait_listening, ChildGuard, CollectedLines,
+};
 use server_support::{add, remove, route, TestPeer, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_metalbond");
@@ -33,7 +34,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_metalbond");
 struct Watch {
     child: ChildGuard,
     lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
+    stderr: CollectedLines,
 }
 
 impl Watch {
@@ -59,20 +60,7 @@ impl Watch {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.0.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let stderr = CollectedLines::from(child.0.stderr.take().unwrap());
         Watch {
             child,
             lines,
@@ -104,20 +92,16 @@ impl Watch {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.text()
     }
 
-    /// Waits until stderr holds `text` `times` times.
+    /// Waits until `times` stderr lines hold `text`.
     fn wait_stderr(&self, text: &str, times: usize) {
-        let deadline = Instant::now() + WAIT;
-        while self.stderr().matches(text).count() < times {
-            assert!(
-                Instant::now() < deadline,
-                "stderr never said {text:?} {times} times:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            self.stderr.wait_for(text, times, WAIT),
+            "stderr never said {text:?} {times} times:\n{}",
+            self.stderr()
+        );
     }
 }
 

@@ -21,13 +21,13 @@
 
 use metalbond_test_support::http as http_support;
 use metalbond_test_support::netns as netlink_support;
+use metalbond_test_support::process::{stderr_of, wait_exit, ChildGuard};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use netlink_support::Netns;
@@ -97,50 +97,28 @@ impl Drop for TempDir {
     }
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts `cmd` (stderr piped), killed when the guard drops.
+fn spawn(cmd: &mut Command) -> ChildGuard {
+    ChildGuard(
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+    )
 }
 
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        Proc(
-            cmd.env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
-        )
-    }
+/// Waits (bounded) for the exit; its code and stderr.
+fn finish(child: &mut ChildGuard) -> (Option<i32>, String) {
+    let status = wait_exit(child);
+    (status.code(), stderr_of(child))
+}
 
-    /// Waits (bounded) for exit; its status and stderr.
-    fn wait_exit(&mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "process did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        (status.code(), err)
-    }
-
-    fn terminate(&mut self) -> (Option<i32>, String) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        self.wait_exit()
-    }
+/// SIGTERM, then `finish`.
+fn terminate(child: &mut ChildGuard) -> (Option<i32>, String) {
+    child.signal(libc::SIGTERM);
+    finish(child)
 }
 
 fn free_port() -> u16 {
@@ -296,21 +274,21 @@ fn every_metric_the_dashboard_and_alerts_use_exists_on_a_live_server_and_client(
     // families only exist then) through a veth standing in for the tunnel.
     let Some(ns) = Netns::create() else { return };
     ns.add_tunnel("mbtun0");
-    let mut server = Proc::spawn(ns.command(BIN).args([
+    let mut server = spawn(ns.command(BIN).args([
         "server",
         "--listen",
         "127.0.0.1:4711",
         "--http",
         "127.0.0.1:4712",
     ]));
-    let mut announcer = Proc::spawn(ns.command(BIN).args([
+    let mut announcer = spawn(ns.command(BIN).args([
         "client",
         "--server",
         "127.0.0.1:4711",
         "--announce",
         "23#10.0.23.0/24#2001:db8::1",
     ]));
-    let mut client = Proc::spawn(ns.command(BIN).args([
+    let mut client = spawn(ns.command(BIN).args([
         "client",
         "--server",
         "127.0.0.1:4711",
@@ -411,9 +389,9 @@ fn every_metric_the_dashboard_and_alerts_use_exists_on_a_live_server_and_client(
             "{family} is used by neither dashboard nor rules"
         );
     }
-    assert_eq!(client.terminate().0, Some(0));
-    assert_eq!(announcer.terminate().0, Some(0));
-    assert_eq!(server.terminate().0, Some(0));
+    assert_eq!(terminate(&mut client).0, Some(0));
+    assert_eq!(terminate(&mut announcer).0, Some(0));
+    assert_eq!(terminate(&mut server).0, Some(0));
 }
 
 #[test]
@@ -632,7 +610,7 @@ fn server_notifies_ready_once_listening() {
     let notify = NotifySocket::new();
     let port = free_port();
     let http = free_port();
-    let mut server = Proc::spawn(
+    let mut server = spawn(
         Command::new(BIN)
             .args([
                 "server",
@@ -652,14 +630,14 @@ fn server_notifies_ready_once_listening() {
     // READY means both ports answer now, not soon.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("MetalBond port after READY=1");
     std::net::TcpStream::connect(("127.0.0.1", http)).expect("--http port after READY=1");
-    assert_eq!(server.terminate().0, Some(0));
+    assert_eq!(terminate(&mut server).0, Some(0));
 }
 
 #[test]
 fn client_notifies_ready_once_every_server_is_up_or_failed_once() {
     let port = free_port();
     let mut server =
-        Proc::spawn(Command::new(BIN).args(["server", "--listen", &format!("127.0.0.1:{port}")]));
+        spawn(Command::new(BIN).args(["server", "--listen", &format!("127.0.0.1:{port}")]));
     let deadline = Instant::now() + WAIT;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "server did not listen");
@@ -668,7 +646,7 @@ fn client_notifies_ready_once_every_server_is_up_or_failed_once() {
     // One reachable server, one that refuses connections.
     let refused = free_port();
     let notify = NotifySocket::new();
-    let mut client = Proc::spawn(
+    let mut client = spawn(
         Command::new(BIN)
             .args([
                 "client",
@@ -688,7 +666,7 @@ fn client_notifies_ready_once_every_server_is_up_or_failed_once() {
     // With only the refusing server, READY=1 still comes (after its first
     // failure), and says so.
     let notify = NotifySocket::new();
-    let mut lonely = Proc::spawn(
+    let mut lonely = spawn(
         Command::new(BIN)
             .args(["client", "--server", &format!("127.0.0.1:{refused}")])
             .env("NOTIFY_SOCKET", &notify.path),
@@ -698,9 +676,9 @@ fn client_notifies_ready_once_every_server_is_up_or_failed_once() {
         msg.contains("READY=1") && msg.contains("STATUS=0 of 1 servers established"),
         "{msg}"
     );
-    assert_eq!(lonely.terminate().0, Some(0));
-    assert_eq!(client.terminate().0, Some(0));
-    assert_eq!(server.terminate().0, Some(0));
+    assert_eq!(terminate(&mut lonely).0, Some(0));
+    assert_eq!(terminate(&mut client).0, Some(0));
+    assert_eq!(terminate(&mut server).0, Some(0));
 }
 
 // ---------------------------------------------------------------------------
@@ -770,7 +748,7 @@ fn server_without_io_uring_exits_naming_the_seccomp_profile() {
     let mut cmd = Command::new(BIN);
     cmd.args(["server", "--listen", &format!("127.0.0.1:{}", free_port())]);
     block_io_uring(&mut cmd);
-    let (code, stderr) = Proc::spawn(&mut cmd).wait_exit();
+    let (code, stderr) = finish(&mut spawn(&mut cmd));
     assert_eq!(code, Some(1), "{stderr}");
     let line = stderr
         .lines()
@@ -813,7 +791,7 @@ fn server_under_a_small_memlock_limit_exits_naming_the_limit_to_raise() {
             Ok(())
         });
     }
-    let (code, stderr) = Proc::spawn(&mut cmd).wait_exit();
+    let (code, stderr) = finish(&mut spawn(&mut cmd));
     assert_eq!(code, Some(1), "{stderr}");
     let line = stderr
         .lines()

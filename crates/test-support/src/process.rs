@@ -2,9 +2,10 @@
 //! to listen or exit, read its stderr and its memory from `/proc`. The child
 //! is killed when the guard drops, also when a test fails.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::server::WAIT;
@@ -80,7 +81,7 @@ pub fn server_command(args: &[&str]) -> Command {
 /// Waits until every address in `addrs` accepts; `Err(stderr)` when the
 /// server exits first.
 pub fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<(), String> {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + crate::patient(WAIT);
     for addr in addrs {
         loop {
             if child.0.try_wait().unwrap().is_some() {
@@ -96,16 +97,12 @@ pub fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<()
     Ok(())
 }
 
-/// Waits for the child to exit (bounded by `WAIT`).
+/// Waits for the child to exit (bounded by `WAIT`, scaled by the
+/// patience).
 pub fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "server did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::eventually_some(WAIT, "the process to exit", || {
+        child.0.try_wait().ok().flatten()
+    })
 }
 
 /// Everything the child wrote to stderr (call after it exited, or after
@@ -127,4 +124,46 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The lines a child writes to a pipe, collected by a thread as they come
+/// (so the child never blocks on a full pipe, and a test can wait for a
+/// line while the child runs).
+#[derive(Clone, Default)]
+pub struct CollectedLines(Arc<Mutex<Vec<String>>>);
+
+impl CollectedLines {
+    /// Starts collecting the lines of `pipe` (a child's stdout or stderr).
+    pub fn from(pipe: impl Read + Send + 'static) -> CollectedLines {
+        let lines = CollectedLines::default();
+        let sink = lines.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        lines
+    }
+
+    /// Every line so far, joined by newlines.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+
+    /// How many lines so far contain `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
+    /// Waits (`limit`, scaled by the patience) until `times` lines contain
+    /// `text`.
+    pub fn wait_for(&self, text: &str, times: usize, limit: Duration) -> bool {
+        crate::wait_until(limit, || self.count(text) >= times)
+    }
 }
