@@ -5,8 +5,8 @@
 //! Owns: `Family`, the `const`s naming each family, `ALL` (the table the
 //! README list is generated from and checked against), and the label value
 //! constants. Renderers (`http::metrics`) and status adapters
-//! (`server::status`, `client::status`) take names and help texts from here
-//! instead of writing them out.
+//! (`server::status_source`, `client::status_source`) take names and help
+//! texts from here instead of writing them out.
 //!
 //! Must never: change a name, a help text or a label value: dashboards
 //! (`deploy/grafana`), alert rules (`deploy/prometheus`) and scrapers depend

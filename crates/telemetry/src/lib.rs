@@ -5,8 +5,8 @@
 //! Owns: `LatencyHistogram` / `HistogramView` (lock-free latency buckets and
 //! their snapshot), `NetlinkView` (the kernel-route counters of a client),
 //! the status model and the `StatusSource` trait the status pages read
-//! (`status`, implemented by `server::ServerStatusSource` and
-//! `client::status::ClientStatusSource`), and the one table of metric
+//! (`status`, implemented by `metalbond_server::ServerStatusSource` and
+//! `metalbond_client::ClientStatusSource`), and the one table of metric
 //! families and label values (`families`).
 //!
 //! Must never: render anything (that is `http`'s job) or depend on a module

@@ -26,8 +26,8 @@ pub use super::families::MetricKind;
 use super::{HistogramView, NetlinkView};
 
 /// Where the status pages get their data. Implemented by the server's
-/// (`server::ServerStatusSource`) and the client's
-/// (`client::status::ClientStatusSource`) adapters; every method is called
+/// (`metalbond_server::ServerStatusSource`) and the client's
+/// (`metalbond_client::ClientStatusSource`) adapters; every method is called
 /// on an HTTP thread and must return a copy without blocking the data path
 /// for long.
 pub trait StatusSource: Send + Sync + 'static {
