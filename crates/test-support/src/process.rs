@@ -39,10 +39,7 @@ impl ChildGuard {
     /// exit.
     pub fn terminate(mut self) -> Option<i32> {
         self.signal(libc::SIGTERM);
-        let status = crate::eventually_some(WAIT, "the process to exit on SIGTERM", || {
-            self.0.try_wait().ok().flatten()
-        });
-        status.code()
+        exit_status(&mut self, "the process did not exit on SIGTERM").code()
     }
 
     /// SIGKILL: the process dies without any goodbye.
@@ -100,9 +97,25 @@ pub fn wait_listening(child: &mut ChildGuard, addrs: &[SocketAddr]) -> Result<()
 /// Waits for the child to exit (bounded by `WAIT`, scaled by the
 /// patience).
 pub fn wait_exit(child: &mut ChildGuard) -> std::process::ExitStatus {
-    crate::eventually_some(WAIT, "the process to exit", || {
-        child.0.try_wait().ok().flatten()
-    })
+    exit_status(child, "the process did not exit")
+}
+
+/// The child's exit status, looked at every 5 ms (tests time what follows
+/// an exit from the moment this returns), within `WAIT` scaled by the
+/// patience; panics with `what` otherwise.
+fn exit_status(child: &mut ChildGuard, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + crate::patient(WAIT);
+    loop {
+        if let Some(status) = child.0.try_wait().ok().flatten() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {:?}",
+            crate::patient(WAIT)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Everything the child wrote to stderr (call after it exited, or after
