@@ -530,6 +530,7 @@ fn connection_cap_head_limit_and_timeouts_with_short_limits() {
         max_head_bytes: 8192,
         header_read_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(2),
+        ..Default::default()
     };
     let fleet = Arc::new(Fleet::default());
     let handle =
@@ -618,4 +619,62 @@ fn connection_cap_head_limit_and_timeouts_with_short_limits() {
     let _ = big.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "answer: {answer}");
+}
+
+/// A reader that stops reading its `/api/v1/routes` page keeps the page's
+/// place among `HttpLimits::max_route_pages` until it has taken the bytes:
+/// meanwhile another page request is answered 503 at once, afterwards 200.
+/// So the memory slow readers pin is bounded by the cap, not by how many
+/// connections they hold.
+#[test]
+fn a_slow_reader_holds_its_route_page_place_until_it_has_read_the_page() {
+    use std::io::{Read, Write};
+    let fleet = Arc::new(Fleet::default());
+    let hop = NextHop::standard("2001:db8::1".parse().unwrap());
+    for i in 0..10_000u32 {
+        let prefix: IpNet = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
+        fleet.announce(Route::new(vni(23), prefix, hop));
+    }
+    let limits = metalbond_http::HttpLimits {
+        max_route_pages: 1,
+        ..Default::default()
+    };
+    let handle =
+        metalbond_http::serve_with_limits("127.0.0.1:0".parse().unwrap(), fleet.clone(), limits)
+            .unwrap();
+    let srv = Running {
+        fleet,
+        handle: Some(handle),
+    };
+    let addr = srv.addr();
+    let url = format!("http://{addr}/api/v1/routes?vni=23&limit=10000");
+
+    // The slow reader: asks for a page of 10,000 routes (about 1.8 MB, more
+    // than the sockets buffer) and reads nothing yet.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /api/v1/routes?vni=23&limit=10000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let refused = metalbond_test_support::eventually_some(
+        Duration::from_secs(10),
+        "a page request refused while the slow reader holds the place",
+        || {
+            let (status, _, body) = get(&url);
+            (status == 503).then_some(body)
+        },
+    );
+    assert!(refused.contains("route pages are being sent"), "{refused}");
+
+    // The slow reader takes its page: the place is free again.
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !seen.ends_with(b"}\n") {
+        let n = slow.read(&mut buf).expect("the page keeps coming");
+        assert!(n > 0, "closed before the page ended");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.len() > 1_000_000, "{} bytes", seen.len());
+    let (status, _, body) = get(&url);
+    assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
 }

@@ -181,6 +181,8 @@ pub fn serve_with_limits(
         source,
         cache: RouteCache::default(),
         started: Instant::now(),
+        pages: PagesInFlight::default(),
+        max_pages: limits.max_route_pages,
     });
     let (thread, stop) = listener::start(listener, addr, responder, limits.clone())?;
     tracing::info!(
@@ -460,6 +462,10 @@ pub(crate) struct Responder {
     cache: RouteCache,
     /// When the status port opened: `uptime_seconds` counts from here.
     started: Instant,
+    /// `/api/v1/routes` pages not yet written to their readers.
+    pages: PagesInFlight,
+    /// At most this many of them (`HttpLimits::max_route_pages`).
+    max_pages: usize,
 }
 
 impl Responder {
@@ -540,12 +546,31 @@ impl Responder {
                     Err(e) => internal_error(&e),
                 }
             }
-            "/api/v1/routes" => match api::routes(self.source.as_ref(), query) {
-                Ok(body) => Reply::text(200, "application/json", body),
-                Err((status, message)) => {
-                    Reply::text(status, "application/json", api::error_body(&message))
+            "/api/v1/routes" => {
+                let Some(ticket) = self.pages.acquire(self.max_pages) else {
+                    return Reply::text(
+                        503,
+                        "application/json",
+                        api::error_body(&format!(
+                            "{} route pages are being sent already; retry in a moment",
+                            self.max_pages
+                        )),
+                    );
+                };
+                match api::routes(self.source.as_ref(), query) {
+                    Ok(body) => Reply {
+                        status: 200,
+                        content_type: "application/json",
+                        body: Body::Page(Bytes::from_owner(TicketedPage {
+                            json: body.into_bytes(),
+                            _ticket: ticket,
+                        })),
+                    },
+                    Err((status, message)) => {
+                        Reply::text(status, "application/json", api::error_body(&message))
+                    }
                 }
-            },
+            }
             "/api/v1/peers" => json_reply(&api::peers(self.source.as_ref())),
             api_path if api_path.starts_with("/api/") => Reply::text(
                 404,
@@ -609,6 +634,57 @@ enum Body {
     Owned(String),
     /// `/routes.json` or `/routes.yaml`.
     Document(DocumentStream),
+    /// An `/api/v1/routes` page; its bytes own a `PageTicket`, so the page
+    /// counts as in flight until hyper has written (and dropped) them.
+    Page(Bytes),
+}
+
+/// Counts `/api/v1/routes` pages in flight (`HttpLimits::max_route_pages`).
+#[derive(Default)]
+struct PagesInFlight(Arc<AtomicUsize>);
+
+impl PagesInFlight {
+    /// A ticket for one more page, unless `max` are in flight.
+    fn acquire(&self, max: usize) -> Option<PageTicket> {
+        let mut now = self.0.load(Ordering::Relaxed);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match self
+                .0
+                .compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(PageTicket(self.0.clone())),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+}
+
+/// One page in flight; returned when dropped.
+struct PageTicket(Arc<AtomicUsize>);
+
+impl Drop for PageTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A page's JSON holding its ticket: `Bytes::from_owner` drops both when
+/// the last reference to the bytes goes, after they were written (or the
+/// connection closed).
+struct TicketedPage {
+    /// The rendered page.
+    json: Vec<u8>,
+    /// Its place among the pages in flight.
+    _ticket: PageTicket,
+}
+
+impl AsRef<[u8]> for TicketedPage {
+    fn as_ref(&self) -> &[u8] {
+        &self.json
+    }
 }
 
 impl Reply {
@@ -676,6 +752,50 @@ mod tests {
     }
 
     const AGE: Duration = Duration::from_millis(30);
+
+    /// A responder for `source` that sends at most `max_pages` route
+    /// pages at once.
+    fn responder(source: CountingSource, max_pages: usize) -> Responder {
+        Responder {
+            source: Arc::new(source),
+            cache: RouteCache::default(),
+            started: Instant::now(),
+            pages: PagesInFlight::default(),
+            max_pages,
+        }
+    }
+
+    #[test]
+    fn route_pages_in_flight_are_capped_until_their_bytes_are_written() {
+        let r = responder(CountingSource::new(3000), 2);
+        let page = |after: &str| r.answer("/api/v1/routes", &format!("vni=23&limit=1000{after}"));
+        let bytes = |reply: Reply| match reply.body {
+            Body::Page(b) => b,
+            _ => panic!("status {}: not a page", reply.status),
+        };
+        let first = bytes(page(""));
+        // hyper holds a clone of the bytes while it writes them.
+        let writing = first.clone();
+        let second = bytes(page(""));
+        let third = page("");
+        assert_eq!(third.status, 503);
+        let Body::Owned(text) = &third.body else {
+            panic!("a 503 carries its reason")
+        };
+        assert!(text.contains("2 route pages are being sent"), "{text}");
+        // The first page is dropped by the handler but still being written.
+        drop(first);
+        assert_eq!(page("").status, 503);
+        // Written: its place is free.
+        drop(writing);
+        let fourth = bytes(page(""));
+        assert!(fourth.len() > 1000, "a page of 1,000 routes");
+        drop((second, fourth));
+        assert_eq!(r.pages.0.load(Ordering::Relaxed), 0);
+        // Errors take no place.
+        assert_eq!(r.answer("/api/v1/routes", "vni=99").status, 404);
+        assert_eq!(r.pages.0.load(Ordering::Relaxed), 0);
+    }
 
     fn expire() {
         std::thread::sleep(AGE + Duration::from_millis(10));

@@ -70,6 +70,12 @@ pub struct HttpLimits {
     /// with no request being rendered, is closed: a client that stopped
     /// reading its answer (the header timeout does not run then).
     pub idle_timeout: Duration,
+    /// `/api/v1/routes` pages being rendered or written at once. A page
+    /// holds up to 10,000 destinations (about 1.8 MB of JSON) until its
+    /// reader has taken it; one more request is answered `503` at once, so
+    /// the memory slow readers can pin is bounded (32 × 1.8 MB) whatever
+    /// `max_connections` allows.
+    pub max_route_pages: usize,
 }
 
 impl Default for HttpLimits {
@@ -79,6 +85,7 @@ impl Default for HttpLimits {
             max_head_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15),
+            max_route_pages: 32,
         }
     }
 }
@@ -559,6 +566,7 @@ fn into_response(reply: Reply) -> Response<ReplyBody> {
         Body::Owned(text) if text.is_empty() => ReplyBody::Full(None),
         Body::Owned(text) => ReplyBody::Full(Some(Bytes::from(text.into_bytes()))),
         Body::Document(doc) => ReplyBody::Document(doc, 0),
+        Body::Page(page) => ReplyBody::Full(Some(page)),
     };
     let mut response = Response::new(body);
     *response.status_mut() =
