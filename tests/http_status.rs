@@ -78,6 +78,7 @@ impl StatusSource for Fleet {
             grace_left: None,
             peer_id: Some("1.0".to_string()),
             routes_stale: None,
+            policy_rule: None,
         }]
     }
     fn metrics(&self) -> MetricsView {

@@ -313,6 +313,21 @@ fn policy_refuses_hijacks_and_reload_withdraws_what_became_forbidden() {
         assert!(Instant::now() < deadline, "B still subscribed: {b_subs:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // /api/v1/peers names each session's rule (as the running policy
+    // resolves its address).
+    let (_, _, api) = get(&format!("http://{http}/api/v1/peers"));
+    let api: serde_json::Value = serde_json::from_str(&api).unwrap();
+    let rule_of = |source: &str| {
+        api["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["address"].as_str().unwrap().starts_with(source))
+            .map(|p| p["policy_rule"].clone())
+    };
+    assert_eq!(rule_of("127.0.0.2:"), Some("tenant-a".into()), "{api}");
+    assert_eq!(rule_of("127.0.0.3:"), Some("tenant-b".into()), "{api}");
+    assert_eq!(rule_of("127.0.0.5:"), Some("watcher".into()), "{api}");
     let (_, _, table) = get(&format!("http://{http}/routes.json"));
     assert!(!table.contains("10.1.1.0/24"), "{table}");
     assert!(

@@ -147,6 +147,7 @@ impl StatusSource for ClientStatusSource {
                     grace_left: None,
                     peer_id: None,
                     routes_stale: Some(core.present.stale_held_by(*id) as u64),
+                    policy_rule: None,
                 }
             })
             .collect()

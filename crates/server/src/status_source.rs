@@ -141,7 +141,23 @@ impl StatusSource for ServerStatusSource {
     }
 
     fn peers(&self) -> Vec<PeerView> {
-        self.handle.peers().into_iter().map(peer_view).collect()
+        let policy = self.handle.policy().map(|p| p.current());
+        self.handle
+            .peers()
+            .into_iter()
+            .map(|p| {
+                let rule = policy.as_ref().map(|policy| {
+                    policy.rule_for(p.addr.ip()).map_or_else(
+                        || metalbond_telemetry::status::NO_RULE_LABEL.to_string(),
+                        |r| r.name.clone(),
+                    )
+                });
+                PeerView {
+                    policy_rule: rule,
+                    ..peer_view(p)
+                }
+            })
+            .collect()
     }
 
     fn policy(&self) -> Option<metalbond_telemetry::status::PolicyStatus> {
@@ -306,5 +322,6 @@ fn peer_view(p: PeerInfo) -> PeerView {
         grace_left: p.grace_left.map(|d| Duration::from_secs(d.as_secs())),
         peer_id: Some(p.id.to_string()),
         routes_stale: None,
+        policy_rule: None,
     }
 }

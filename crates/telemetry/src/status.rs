@@ -470,6 +470,12 @@ pub struct PeerView {
     /// (stale, `--stale-hold`); left out on the server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes_stale: Option<u64>,
+    /// Server with `--policy`: the rule this peer's session applies (the
+    /// first whose `peers` match its address, as the session resolves it at
+    /// connect and after each reload); `(no rule)` for a peer no rule
+    /// matches; left out without a policy and on the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_rule: Option<String>,
 }
 
 fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {
