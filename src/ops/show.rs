@@ -274,23 +274,33 @@ fn summary_text(s: &serde_json::Value) -> String {
 }
 
 fn peers_text(p: &serde_json::Value) -> String {
+    let peers: Vec<&serde_json::Value> = p["peers"].as_array().into_iter().flatten().collect();
+    // A server with --policy names each peer's rule.
+    let rules = peers.iter().any(|peer| peer.get("policy_rule").is_some());
     let mut out = String::new();
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  VNIS",
+        "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  ",
         "ADDRESS", "STATE", "SINCE", "ANNOUNCED", "RECEIVED"
     );
-    for peer in p["peers"].as_array().into_iter().flatten() {
-        let _ = writeln!(
+    if rules {
+        let _ = write!(out, "{:<16}  ", "RULE");
+    }
+    out.push_str("VNIS\n");
+    for peer in peers {
+        let _ = write!(
             out,
-            "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  {}",
+            "{:<42}  {:<14}  {:<20}  {:>9}  {:>9}  ",
             cell(&peer["address"]),
             cell(&peer["state"]),
             cell(&peer["connected_since"]),
             cell(&peer["routes_announced"]),
             cell(&peer["routes_received"]),
-            cell(&peer["vnis_subscribed"]),
         );
+        if rules {
+            let _ = write!(out, "{:<16}  ", cell(&peer["policy_rule"]));
+        }
+        let _ = writeln!(out, "{}", cell(&peer["vnis_subscribed"]));
     }
     out
 }
@@ -331,4 +341,31 @@ fn routes_text(routes: &[serde_json::Value]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_table_shows_a_rule_column_only_under_a_policy() {
+        let peer = |rule: Option<&str>| {
+            let mut p = serde_json::json!({
+                "address": "127.0.0.2:40000",
+                "state": "ESTABLISHED",
+                "routes_announced": 3,
+                "vnis_subscribed": [100],
+            });
+            if let Some(rule) = rule {
+                p["policy_rule"] = rule.into();
+            }
+            p
+        };
+        let plain = peers_text(&serde_json::json!({ "peers": [peer(None)] }));
+        assert!(!plain.contains("RULE"), "{plain}");
+        assert!(plain.lines().nth(1).unwrap().ends_with("  100"), "{plain}");
+        let ruled = peers_text(&serde_json::json!({ "peers": [peer(Some("tenant-a"))] }));
+        assert!(ruled.lines().next().unwrap().contains("RULE"), "{ruled}");
+        assert!(ruled.contains("tenant-a"), "{ruled}");
+    }
 }
