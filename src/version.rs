@@ -1,8 +1,8 @@
 //! The build's identity: crate version and git commit, shown by `--version`,
 //! the start line, the status page and `/metrics`.
 //!
-//! Owns: the three constants. Must never: depend on anything (every feature
-//! set compiles it).
+//! Owns: the three constants (the commit from the binary's `build.rs`; no
+//! library crate knows it). Must never: depend on anything.
 
 /// The crate version (`Cargo.toml`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

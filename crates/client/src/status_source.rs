@@ -29,8 +29,8 @@ pub struct ClientStatusSource {
     inner: Weak<ClientInner>,
     /// The kernel-route worker's counters, when routes are installed.
     netlink: Option<Box<dyn KernelStatsSource>>,
-    /// What the start-up rule decided (`readiness::ClientReadiness`, which
-    /// `metalbond client` applies); `None`: an embedder's client with no
+    /// What the start-up rule decided (the binary's `readiness::ClientReadiness`,
+    /// which `metalbond client` applies); `None`: an embedder's client with no
     /// rule, always ready.
     ready: Option<ReadyLatch>,
 }

@@ -4,17 +4,17 @@
 //!
 //! Owns: `LockOrRecover` and `TtlCache`.
 //!
-//! Must never: import any other module of this crate (it sits below all of
-//! them) or hold a lock longer than the caller's closure.
+//! Must never: import anything of the workspace (every crate above may use
+//! it) or hold a lock longer than the caller's closure.
 
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 /// Lock, and if a thread panicked while holding the lock, take the data as
-/// it was left. Every lock in this crate guards data that stays consistent
-/// between statements (counters, maps, slots), so a panic elsewhere must not
-/// turn into a second panic here (the status pages and the client's API
-/// would otherwise die with the first failure).
+/// it was left. Every lock in this workspace guards data that stays
+/// consistent between statements (counters, maps, slots), so a panic
+/// elsewhere must not turn into a second panic here (the status pages and
+/// the client's API would otherwise die with the first failure).
 pub trait LockOrRecover<T: ?Sized> {
     /// The guard, poisoned or not.
     fn lock_or_recover(&self) -> MutexGuard<'_, T>;
