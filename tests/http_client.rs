@@ -7,6 +7,7 @@
 //! in `Drop` even when an assertion fails.
 
 use metalbond_test_support::eventually_some;
+use metalbond_test_support::process::ChildGuard;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -225,14 +226,7 @@ fn client_binary_readyz_waits_for_every_server_to_settle() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(
+    let _child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_metalbond"))
             .args([
                 "client",

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use metalbond_wire::Route;
 use server_support::process::{
-    free_port, server, wait_exit, wait_listening, ChildGuard, CollectedLines,
+    free_port, server, stderr_of, wait_exit, wait_listening, ChildGuard, CollectedLines,
 };
 use server_support::{add, remove, route, TestPeer, WAIT};
 
@@ -269,34 +269,28 @@ fn subscribed_client(listen: SocketAddr) -> (ChildGuard, SocketAddr) {
 
 /// `metalbond diff ARGS`: exit code and stdout (bounded by `WAIT`).
 fn diff(args: &[&str]) -> (i32, String, String) {
+    run("diff", args)
+}
+
+/// `metalbond SUBCOMMAND ARGS` to its end: exit code, stdout and stderr
+/// (bounded by `WAIT`).
+fn run(subcommand: &str, args: &[&str]) -> (i32, String, String) {
     let mut child = ChildGuard(
         Command::new(BIN)
-            .arg("diff")
+            .arg(subcommand)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn metalbond diff"),
+            .unwrap_or_else(|e| panic!("spawn metalbond {subcommand}: {e}")),
     );
     let status = wait_exit(&mut child);
     let mut out = String::new();
-    let mut err = String::new();
-    child
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), out, err)
+    if let Some(mut stdout) = child.0.stdout.take() {
+        stdout.read_to_string(&mut out).unwrap();
+    }
+    (status.code().unwrap_or(-1), out, stderr_of(&mut child))
 }
 
 /// `GET /api/v1/summary` of a status port, parsed.
@@ -453,34 +447,12 @@ fn to(prefix: &str, hop: u16) -> Route {
 
 /// `metalbond show ARGS` against `http`: exit code and stdout.
 fn show(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .arg("show")
-            .args(["--http", &http.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn metalbond show"),
-    );
-    let status = wait_exit(&mut child);
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), out, err)
+    let http = http.to_string();
+    let all: Vec<&str> = ["--http", http.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    run("show", &all)
 }
 
 /// `GET /api/v1/routes?QUERY`: status and parsed body.

@@ -15,15 +15,16 @@
 use metalbond_test_support::loadgen as loadgen_support;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use loadgen_support::{run_bounded, text};
+use metalbond_test_support::process::ChildGuard;
 
 /// A running server process, killed when dropped.
 struct Server {
-    child: Child,
+    child: ChildGuard,
     addr: SocketAddr,
 }
 
@@ -39,40 +40,35 @@ impl Server {
                 .unwrap()
                 .port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let child = Command::new(&bin)
-                .args(["server", "--listen", &addr.to_string()])
-                // Not piped: an unread pipe would fill with the server's
-                // session log and stall it.
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let child = ChildGuard(
+                Command::new(&bin)
+                    .args(["server", "--listen", &addr.to_string()])
+                    // Not piped: an unread pipe would fill with the server's
+                    // session log and stall it.
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
             let mut server = Server { child, addr };
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(5) {
                 if TcpStream::connect(addr).is_ok() {
                     return server;
                 }
-                if let Ok(Some(_)) = server.child.try_wait() {
+                if let Ok(Some(_)) = server.child.0.try_wait() {
                     break;
                 }
                 thread::sleep(Duration::from_millis(20));
             }
-            let _ = server.child.kill();
+            drop(server);
             eprintln!("server on {addr} did not come up");
         }
         panic!("could not start {}", bin.display());
     }
 
     fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid().to_string()
     }
 }
 

@@ -227,10 +227,5 @@ impl PolicyStore {
     }
 }
 
-/// The example policy of the README ("Peer policy"): a fleet's management
-/// network, gateways, hypervisors and tenants. Tests parse it; the README
-/// must show it unchanged (a test of the `metalbond` package checks).
-pub const EXAMPLE: &str = include_str!("example.yaml");
-
 #[cfg(test)]
 mod tests;

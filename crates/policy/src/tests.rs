@@ -3,6 +3,11 @@
 use std::net::IpAddr;
 
 use super::*;
+
+/// The example policy of the README ("Peer policy"): a fleet's management
+/// network, gateways, hypervisors and tenants (`metalbond`'s `cmd::policy`
+/// tests check the README shows it unchanged).
+const EXAMPLE: &str = include_str!("example.yaml");
 use metalbond_wire::types::{NextHop, NextHopKind, Route, Vni};
 
 fn ip(s: &str) -> IpAddr {

@@ -116,37 +116,25 @@ pub fn vni(n: u32) -> Vni {
 }
 
 /// The `metalbond` binary under test: `METALBOND_BIN`, or the one built
-/// into the same target directory as the running test (`cargo test` at the
-/// top level builds it for the root package's tests).
+/// into the same target directory as the running test
+/// (`target/<profile>/deps/<test>` → `target/<profile>/metalbond`; `cargo
+/// test` at the top level builds it for the root package's tests). A
+/// library crate has no `CARGO_BIN_EXE_*` to find it by.
 pub fn metalbond_bin() -> PathBuf {
-    sibling_bin("metalbond")
-}
-
-/// A binary of the workspace named `name`, in the target directory the
-/// running test was built into (`target/<profile>/deps/<test>` →
-/// `target/<profile>/<name>`), or `METALBOND_BIN` for `metalbond`.
-pub fn sibling_bin(name: &str) -> PathBuf {
-    if name == "metalbond" {
-        if let Some(bin) = std::env::var_os("METALBOND_BIN") {
-            return PathBuf::from(bin);
-        }
+    if let Some(bin) = std::env::var_os("METALBOND_BIN") {
+        return PathBuf::from(bin);
     }
     let exe = std::env::current_exe().expect("the test knows its own path");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("a test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join(name);
+    let bin = profile_dir.join("metalbond");
     assert!(
         bin.is_file(),
         "{} is not built: run the tests from the top level (`cargo test --release` \
-         builds it), or `cargo build --release -p {}` first",
-        bin.display(),
-        if name == "loadgen" {
-            "metalbond-loadgen"
-        } else {
-            "metalbond"
-        }
+         builds it), or `cargo build --release -p metalbond` first",
+        bin.display()
     );
     bin
 }

@@ -1,5 +1,5 @@
-//! Running the real `loadgen` binary from tests (`loadgen/tests/`): the
-//! binary's path, a second time bound, and the text of a run.
+//! Running the real `loadgen` binary from tests (`loadgen/tests/`): a
+//! second time bound, and the text of a run.
 //!
 //! Owns: the second time guard (loadgen stops itself at `--time-limit`; if it
 //! ever does not, it is killed after 60 s so a test cannot hang) and the text
@@ -45,9 +45,4 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// The `loadgen` binary (built next to the test that runs it).
-pub fn loadgen_bin() -> std::path::PathBuf {
-    crate::sibling_bin("loadgen")
 }
