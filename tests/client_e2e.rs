@@ -514,6 +514,92 @@ fn an_installing_client_is_ready_once_the_first_sync_is_in_the_kernel() {
     announcer.shutdown();
 }
 
+/// The client's routes API says where each received route stands in the
+/// kernel: `installed` once it is in table 100, `not_installed` for a next
+/// hop that is not IPv6 and for a VNI without an `--install-routes` table;
+/// every next hop has an RFC 3339 `since`.
+#[test]
+fn a_clients_routes_api_says_what_is_in_the_kernel() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_tunnel(DEV);
+    let _s1 = server(&ns, 4711);
+    let _s2 = server(&ns, 4712);
+    let _announcer = client(
+        &ns,
+        "announcer",
+        &[
+            "--announce",
+            "23#10.0.23.0/24#2001:db8::1,23#10.0.25.0/24#192.0.2.1,24#10.0.24.0/24#2001:db8::1",
+        ],
+    );
+    let _installer = installer(&ns, &["--subscribe", "24", "--http", "[::1]:4791"]);
+    let kernel_states = |vni: u32| -> Vec<(String, String, String)> {
+        let answer = ns.run(move || {
+            std::net::TcpStream::connect("[::1]:4791")
+                .ok()
+                .map(|_| http_support::get(&format!("http://[::1]:4791/api/v1/routes?vni={vni}")))
+        });
+        let Some((200, _, body)) = answer else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let mut out = Vec::new();
+        for r in v["routes"].as_array().into_iter().flatten() {
+            for h in r["next_hops"].as_array().into_iter().flatten() {
+                let since = h["since"].as_str().unwrap_or("");
+                assert!(
+                    since.parse::<humantime::Timestamp>().is_ok() && since.ends_with('Z'),
+                    "since is RFC 3339 UTC: {h}"
+                );
+                out.push((
+                    r["prefix"].as_str().unwrap_or("").to_string(),
+                    h["address"].as_str().unwrap_or("").to_string(),
+                    h["kernel"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+        out
+    };
+    let want23 = vec![
+        (
+            "10.0.23.0/24".to_string(),
+            "2001:db8::1".to_string(),
+            "installed".to_string(),
+        ),
+        (
+            "10.0.25.0/24".to_string(),
+            "192.0.2.1".to_string(),
+            "not_installed".to_string(),
+        ),
+    ];
+    let mut last = Vec::new();
+    let ok = wait_until(WAIT, || {
+        last = kernel_states(23);
+        last == want23
+    });
+    assert!(ok, "VNI 23: {last:?}");
+    assert_eq!(
+        routes(&ns),
+        table(&[("10.0.23.0/24", &["2001:db8::1"])]),
+        "what the API calls installed is in the kernel"
+    );
+    let mut last = Vec::new();
+    let ok = wait_until(WAIT, || {
+        last = kernel_states(24);
+        !last.is_empty()
+    });
+    assert!(ok, "VNI 24 never arrived");
+    assert_eq!(
+        last,
+        vec![(
+            "10.0.24.0/24".to_string(),
+            "2001:db8::1".to_string(),
+            "not_installed".to_string()
+        )],
+        "VNI 24 has no table"
+    );
+}
+
 /// The Go project's server unit (`debian/systemd/metalbond-server.service`),
 /// its `ExecStart` arguments unchanged.
 const GO_SERVER_UNIT: &[&str] = &[

@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metalbond_wire::Route;
 use server_support::process::{
@@ -492,8 +492,32 @@ fn entries(v: &serde_json::Value) -> Vec<(String, Vec<HopBy>)> {
         .collect()
 }
 
+/// A next hop's `since`, checked to be RFC 3339 UTC and between `from`
+/// (truncated to the second) and now.
+fn since_between(hop: &serde_json::Value, from: SystemTime) -> SystemTime {
+    let text = hop["since"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no since: {hop}"));
+    assert!(text.ends_with('Z'), "UTC: {text}");
+    let at: SystemTime = text
+        .parse::<humantime::Timestamp>()
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .into();
+    let floor = from
+        - Duration::from_nanos(u64::from(
+            from.duration_since(UNIX_EPOCH).unwrap().subsec_nanos(),
+        ));
+    assert!(
+        at >= floor && at <= SystemTime::now(),
+        "{text} is not between {} and now",
+        humantime::format_rfc3339(from)
+    );
+    at
+}
+
 #[test]
 fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
+    let started = SystemTime::now();
     let (_srv, listen, http) = server_with_http();
     let (wide, narrow, both, third) = (
         to("10.0.0.0/8", 1),
@@ -529,6 +553,11 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
         "the most specific prefix, every next hop, who announces each"
     );
     assert_eq!(v["routes"][0]["next_hops"][0]["type"], "standard");
+    let first_seen = since_between(&v["routes"][0]["next_hops"][0], started);
+    assert!(
+        v["routes"][0]["next_hops"][0].get("kernel").is_none(),
+        "{v}"
+    );
     assert!(v.get("next").is_none(), "{v}");
     let (_, wide_hit) = api_routes(http, "vni=23&lookup=10.9.9.9");
     assert_eq!(entries(&wide_hit)[0].0, "10.0.0.0/8");
@@ -568,7 +597,11 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
     let (code, out, err) = show(http, &["route", "10.0.23.5", "--vni", "23"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("10.0.23.0/24") && out.contains("2001:db8::3"),
+        out.contains("10.0.23.0/24")
+            && out.contains("2001:db8::3")
+            && out.contains(&humantime::format_rfc3339_seconds(first_seen).to_string())
+            && out.contains("SINCE")
+            && !out.contains("KERNEL"),
         "{out}"
     );
     let (code, out, _) = show(http, &["route", "11.0.0.1", "--vni", "23"]);
@@ -605,6 +638,7 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
 
 #[test]
 fn a_clients_routes_api_says_which_server_sent_each_route() {
+    let started = SystemTime::now();
     let (_srv, listen, _http) = server_with_http();
     let _a = announcer(listen, &[to("10.0.23.0/24", 2)]);
     let server = listen.to_string();
@@ -616,6 +650,8 @@ fn a_clients_routes_api_says_which_server_sent_each_route() {
     assert_eq!(hop["address"], "2001:db8::2", "{v}");
     assert_eq!(hop["announced_by"], serde_json::json!([server]), "{v}");
     assert_eq!(hop["stale"], false, "{v}");
+    since_between(hop, started);
+    assert_eq!(hop["kernel"], "not_installed", "no --install-routes: {v}");
     let (status, _, body) = http_support::get(&format!("http://{client_http}/api/v1/peers"));
     assert_eq!(status, 200, "{body}");
     let peers: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -635,7 +671,10 @@ fn a_clients_routes_api_says_which_server_sent_each_route() {
         &["routes", "--vni", "23", "--peer", "127.0.0.1"],
     );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("10.0.23.0/24"), "{out}");
+    assert!(
+        out.contains("10.0.23.0/24") && out.contains("KERNEL") && out.contains("not_installed"),
+        "{out}"
+    );
 }
 
 /// `/readyz` of a client (and systemd's READY=1, the same rule) waits for

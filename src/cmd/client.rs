@@ -555,7 +555,7 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ClientStatusSource::new(
                     &client,
                     kernel.as_ref().map(|k| {
-                        Box::new(k.stats()) as Box<dyn metalbond_telemetry::KernelStatsSource>
+                        Box::new(k.status()) as Box<dyn metalbond_telemetry::KernelStatsSource>
                     }),
                 )
                 .with_readiness(ready.clone()),

@@ -305,13 +305,25 @@ fn peers_text(p: &serde_json::Value) -> String {
     out
 }
 
+/// The routes table: one line per next hop, with a KERNEL column when the
+/// daemon is a client (its next hops carry `kernel`).
 fn routes_text(routes: &[serde_json::Value]) -> String {
+    let hops = || {
+        routes
+            .iter()
+            .flat_map(|r| r["next_hops"].as_array().into_iter().flatten())
+    };
+    let kernel = hops().any(|h| h.get("kernel").is_some());
     let mut out = String::new();
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "{:>8}  {:<24}  {:<28}  {:<12}  ANNOUNCED BY",
-        "VNI", "PREFIX", "NEXT HOP", "TYPE"
+        "{:>8}  {:<24}  {:<28}  {:<12}  {:<20}  ",
+        "VNI", "PREFIX", "NEXT HOP", "TYPE", "SINCE"
     );
+    if kernel {
+        let _ = write!(out, "{:<13}  ", "KERNEL");
+    }
+    let _ = writeln!(out, "ANNOUNCED BY");
     for r in routes {
         for h in r["next_hops"].as_array().into_iter().flatten() {
             let mut kind = cell(&h["type"]);
@@ -329,15 +341,19 @@ fn routes_text(routes: &[serde_json::Value]) -> String {
             if h["stale"] == true {
                 kind.push_str(" stale");
             }
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "{:>8}  {:<24}  {:<28}  {:<12}  {}",
+                "{:>8}  {:<24}  {:<28}  {:<12}  {:<20}  ",
                 cell(&r["vni"]),
                 cell(&r["prefix"]),
                 cell(&h["address"]),
                 kind,
-                cell(&h["announced_by"]),
+                cell(&h["since"]),
             );
+            if kernel {
+                let _ = write!(out, "{:<13}  ", cell(&h["kernel"]));
+            }
+            let _ = writeln!(out, "{}", cell(&h["announced_by"]));
         }
     }
     out
@@ -346,6 +362,30 @@ fn routes_text(routes: &[serde_json::Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_table_shows_since_and_a_kernel_column_only_for_a_client() {
+        let route = |kernel: Option<&str>| {
+            let mut hop = serde_json::json!({
+                "address": "2001:db8::1",
+                "type": "standard",
+                "target_vni": 0,
+                "announced_by": ["[::1]:4711"],
+                "since": "2026-12-07T10:00:00Z",
+            });
+            if let Some(k) = kernel {
+                hop["kernel"] = k.into();
+            }
+            serde_json::json!({"vni": 23, "prefix": "10.0.23.0/24", "next_hops": [hop]})
+        };
+        let server = routes_text(&[route(None)]);
+        assert!(server.contains("SINCE") && server.contains("2026-12-07T10:00:00Z"));
+        assert!(!server.contains("KERNEL"), "{server}");
+        let client = routes_text(&[route(Some("failed"))]);
+        let lines: Vec<&str> = client.lines().collect();
+        let column = lines[0].find("KERNEL").expect(&client);
+        assert_eq!(lines[1].find("failed"), Some(column), "{client}");
+    }
 
     #[test]
     fn the_peer_table_shows_a_rule_column_only_under_a_policy() {

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
+use metalbond_utils::Since;
 use metalbond_wire::digest::VniDigest;
 use metalbond_wire::types::{Action, IpNet, NextHop, NextHopKind, Route, Vni};
 
@@ -47,6 +48,16 @@ pub enum PresentChange {
     Remove(Route),
 }
 
+/// What the client keeps per received route besides the route itself.
+#[derive(Clone, Copy, Debug)]
+struct HeldRoute {
+    /// Servers holding it (fresh or stale).
+    servers: u32,
+    /// When it was first received from any server (the routes API's
+    /// `since`); kept while servers come and go, reset once none holds it.
+    since: Since,
+}
+
 /// Received routes per server and the resulting present set.
 #[derive(Default, Debug)]
 pub struct PresentRoutes {
@@ -57,10 +68,11 @@ pub struct PresentRoutes {
     /// again since (see the module doc), one set per lost session, oldest
     /// first. Disjoint from `per_server` and from each other.
     stale: HashMap<ServerId, VecDeque<HashSet<Route>>>,
-    /// Route → number of servers holding it. Ordered so that the routes of
-    /// one (VNI, prefix) are adjacent (`Route` orders by VNI, prefix, next
-    /// hop): loop prevention reaches them with one range scan.
-    held: BTreeMap<Route, u32>,
+    /// Route → number of servers holding it and when it was first
+    /// received. Ordered so that the routes of one (VNI, prefix) are
+    /// adjacent (`Route` orders by VNI, prefix, next hop): loop prevention
+    /// reaches them with one range scan.
+    held: BTreeMap<Route, HeldRoute>,
     /// (VNI, prefix) we announce → number of our routes with that key.
     own: HashMap<(Vni, IpNet), u32>,
     /// Digest of the received routes (`held`'s keys) per VNI, whether
@@ -103,6 +115,15 @@ impl PresentRoutes {
             .keys()
             .filter(|r| !self.is_own(&Self::key(r)))
             .copied()
+            .collect()
+    }
+
+    /// Every present route with when it was first received, sorted.
+    pub fn present_since(&self) -> Vec<(Route, Since)> {
+        self.held
+            .iter()
+            .filter(|(r, _)| !self.is_own(&Self::key(r)))
+            .map(|(r, h)| (*r, h.since))
             .collect()
     }
 
@@ -310,9 +331,12 @@ impl PresentRoutes {
     }
 
     fn hold(&mut self, route: Route, out: &mut Vec<PresentChange>) {
-        let count = self.held.entry(route).or_insert(0);
-        *count += 1;
-        if *count == 1 {
+        let held = self.held.entry(route).or_insert(HeldRoute {
+            servers: 0,
+            since: Since::now(),
+        });
+        held.servers += 1;
+        if held.servers == 1 {
             self.digests.entry(route.vni).or_default().add(&route);
             if !self.own.contains_key(&Self::key(&route)) {
                 out.push(PresentChange::Add(route));
@@ -322,7 +346,7 @@ impl PresentRoutes {
 
     fn release(&mut self, route: Route, out: &mut Vec<PresentChange>) {
         match self.held.get_mut(&route) {
-            Some(n) if *n > 1 => *n -= 1,
+            Some(held) if held.servers > 1 => held.servers -= 1,
             Some(_) => {
                 self.held.remove(&route);
                 if let Some(d) = self.digests.get_mut(&route.vni) {

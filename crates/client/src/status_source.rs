@@ -4,24 +4,26 @@
 //!
 //! Owns: `ClientStatusSource`, the mapping from the client's core (servers,
 //! subscriptions, announcements, present routes, disconnects), its traffic
-//! counters and the kernel-route worker's counters to the status views.
+//! counters and the kernel-route worker's counters and per-route states to
+//! the status views.
 //!
 //! Must never: hold the client lock while rendering or writing (each view
 //! is copied under one short lock), or keep a stopped client alive (it
 //! holds a `Weak`).
 
+use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 
 use super::state::ClientInner;
 use super::Client;
 use metalbond_telemetry::families::{self, queue};
 use metalbond_telemetry::status::{
-    count_states, MetricFamily, MetricsView, PeerView, QueueDepth, ReadyLatch, RouteTableView,
-    RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
+    count_states, MetricFamily, MetricsView, NextHopEntryView, PeerView, QueueDepth, ReadyLatch,
+    RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
 };
-use metalbond_telemetry::KernelStatsSource;
+use metalbond_telemetry::{KernelRouteState, KernelStatsSource};
 use metalbond_wire::session::SessionState;
-use metalbond_wire::types::Vni;
+use metalbond_wire::types::{IpNet, Route, Vni};
 
 /// The client as the status pages see it.
 pub struct ClientStatusSource {
@@ -72,23 +74,59 @@ impl StatusSource for ClientStatusSource {
             return Err("the client has shut down".into());
         };
         let core = inner.lock();
-        let received = core.present.present();
-        let (routes, next) = request.select_from(&received);
-        if routes.is_empty() && !received.iter().any(|r| r.vni == request.vni) {
+        // Sorted by route, so each route's `since` is a binary search away.
+        let received = core.present.present_since();
+        if !received.iter().any(|(r, _)| r.vni == request.vni) {
             return Err(format!("no routes received in VNI {}", request.vni));
         }
-        let annotated = routes.into_iter().map(|r| {
-            let mut from = Vec::new();
-            let mut fresh = false;
-            for (id, s) in &core.servers {
-                if core.present.holds(*id, &r) {
-                    from.push(s.address.clone());
-                    fresh |= core.present.holds_fresh(*id, &r);
+        let all: Vec<Route> = received.iter().map(|(r, _)| *r).collect();
+        let (routes, next) = request.select_from(&all);
+        let since = |r: &Route| {
+            received
+                .binary_search_by(|(x, _)| x.cmp(r))
+                .ok()
+                .map(|i| received[i].1.to_system_time())
+        };
+        let hops: Vec<NextHopEntryView> = routes
+            .iter()
+            .map(|r| {
+                let mut from = Vec::new();
+                let mut fresh = false;
+                for (id, s) in &core.servers {
+                    if core.present.holds(*id, r) {
+                        from.push(s.address.clone());
+                        fresh |= core.present.holds_fresh(*id, r);
+                    }
                 }
-            }
-            from.sort();
-            (r, from, Some(!fresh))
-        });
+                from.sort();
+                NextHopEntryView {
+                    next_hop: r.next_hop,
+                    announced_by: from,
+                    stale: Some(!fresh),
+                    since: since(r),
+                    kernel: None,
+                }
+            })
+            .collect();
+        drop(core);
+        // The kernel's view after the client's lock is released: the two
+        // locks are never held together.
+        let keys: Vec<(IpNet, IpAddr)> = routes
+            .iter()
+            .map(|r| (r.destination, r.next_hop.target))
+            .collect();
+        let states = match &self.netlink {
+            Some(kernel) => kernel.route_states(request.vni, &keys),
+            None => vec![KernelRouteState::NotInstalled; keys.len()],
+        };
+        let annotated = routes
+            .iter()
+            .zip(hops)
+            .zip(states)
+            .map(|((r, mut hop), state)| {
+                hop.kernel = Some(state);
+                (r.vni, r.destination, hop)
+            });
         Ok(RoutesPageView::grouped(annotated, next))
     }
 

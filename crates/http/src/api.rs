@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use crate::{build_commit, VERSION};
 use metalbond_telemetry::{
-    RouteSelect, RoutesPageView, RoutesRequest, StatusSource, VniSummaryView,
+    format_rfc3339, KernelRouteState, RouteSelect, RoutesPageView, RoutesRequest, StatusSource,
+    VniSummaryView,
 };
 use metalbond_wire::types::{IpNet, NextHop, NextHopKind, Vni};
 
@@ -201,8 +202,8 @@ fn names(entry: &str, peer: std::net::IpAddr) -> bool {
 }
 
 /// A next hop as every `/api/v1` document and operator command writes it;
-/// on `/api/v1/routes` also who announced it and, on a client, whether it
-/// is stale.
+/// on `/api/v1/routes` also who announced it since when and, on a client,
+/// whether it is stale and where it stands in the kernel.
 #[derive(Serialize)]
 struct ApiNextHop<'a> {
     /// Underlay address.
@@ -223,6 +224,13 @@ struct ApiNextHop<'a> {
     /// Client only: held from a lost session only.
     #[serde(skip_serializing_if = "Option::is_none")]
     stale: Option<bool>,
+    /// When the next hop appeared, RFC 3339 UTC to the second (routes API
+    /// only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+    /// Client only: `installed` | `pending` | `failed` | `not_installed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<&'static str>,
 }
 
 impl ApiNextHop<'_> {
@@ -241,6 +249,8 @@ impl ApiNextHop<'_> {
             nat_port_to,
             announced_by: None,
             stale: None,
+            since: None,
+            kernel: None,
         }
     }
 }
@@ -281,6 +291,8 @@ fn page_json(page: &RoutesPageView, peer: Option<std::net::IpAddr>) -> String {
                 .map(|h| ApiNextHop {
                     announced_by: Some(&h.announced_by),
                     stale: h.stale,
+                    since: h.since.map(format_rfc3339),
+                    kernel: h.kernel.map(KernelRouteState::as_str),
                     ..ApiNextHop::new(&h.next_hop)
                 })
                 .collect();

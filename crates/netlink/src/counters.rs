@@ -128,16 +128,6 @@ impl KernelRouteStats {
     }
 }
 
-impl metalbond_telemetry::KernelStatsSource for KernelRouteStats {
-    fn view(&self) -> NetlinkView {
-        KernelRouteStats::view(self)
-    }
-
-    fn pending_routes(&self) -> u64 {
-        KernelRouteStats::pending_routes(self)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,7 @@ mod nexthop;
 mod routes;
 mod socket;
 mod state;
+mod status;
 mod walk;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -74,6 +75,7 @@ pub use socket::KernelError;
 use socket::{Request, RouteSocket};
 use state::InstalledRoutes;
 pub use state::{ApplyReport, RouteChange, RouteKey};
+pub use status::KernelStatus;
 
 /// What the netlink thread needs to know, from `--install-routes`, `--tun`,
 /// `--ipv4-only` and `--cleanup`.
@@ -282,6 +284,15 @@ impl KernelRoutes {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// What the client's status source shows of the kernel: counters and
+    /// each received route's kernel state.
+    pub fn status(&self) -> KernelStatus {
+        KernelStatus {
+            stats: self.stats(),
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// A sink for present-route changes.
@@ -1164,6 +1175,68 @@ mod tests {
         run_batch(&shared, &mut kernel);
         assert_eq!(prefixes(&kernel), ["10.0.0.0/24"]);
         assert!(lock(&shared.stale).is_none());
+    }
+
+    #[test]
+    fn each_received_route_has_its_kernel_state() {
+        use metalbond_telemetry::{KernelRouteState as S, KernelStatsSource};
+        let mut kernel = FakeKernel::default();
+        kernel.refuse_dst = Some(hv(3));
+        let shared = Arc::new(shared(InstalledRoutes::new(OIF, HashSet::new())));
+        let status = KernelStatus {
+            stats: KernelRouteStats {
+                counters: shared.counters.clone(),
+            },
+            shared: Arc::downgrade(&shared),
+        };
+        want(&shared, "10.0.0.0/24", &[hv(1), hv(2)]);
+        want(&shared, "2001:db8:9::/64", &[hv(1)]);
+        want(&shared, "2001:db8:7::/64", &[hv(3)]);
+        run_batch(&shared, &mut kernel);
+        want(&shared, "2001:db8:6::/64", &[hv(1)]);
+        let vni23 = Vni::new(23).unwrap();
+        let ask = |vni: Vni, hops: &[(&str, &str)]| {
+            let hops: Vec<(IpNet, IpAddr)> = hops
+                .iter()
+                .map(|(p, h)| (p.parse().unwrap(), h.parse().unwrap()))
+                .collect();
+            status.route_states(vni, &hops)
+        };
+        assert_eq!(
+            ask(
+                vni23,
+                &[
+                    ("10.0.0.0/24", "2001:db8::1"),
+                    ("10.0.0.0/24", "2001:db8::2"),
+                    ("2001:db8:9::/64", "2001:db8::1"),
+                    ("2001:db8:7::/64", "2001:db8::3"),
+                    ("2001:db8:6::/64", "2001:db8::1"),
+                    ("10.0.0.0/24", "2001:db8::5"),
+                    ("10.0.0.0/24", "192.0.2.1"),
+                ]
+            ),
+            [
+                S::Installed,
+                S::Installed,
+                S::Installed,
+                S::Failed,
+                S::Pending,
+                S::Pending,
+                S::NotInstalled,
+            ],
+            "installed, refused, queued, queued next to installed ones, not IPv6"
+        );
+        assert_eq!(
+            ask(Vni::new(24).unwrap(), &[("10.0.0.0/24", "2001:db8::1")]),
+            [S::NotInstalled],
+            "a VNI without a table"
+        );
+        drop(shared);
+        assert_eq!(
+            ask(vni23, &[("10.0.0.0/24", "2001:db8::1")]),
+            [S::NotInstalled],
+            "the netlink thread is gone"
+        );
     }
 
     #[test]

@@ -387,6 +387,26 @@ impl InstalledRoutes {
         out
     }
 
+    /// Does the route at `key`, as the kernel acknowledged it, leave
+    /// through underlay address `next_hop`?
+    pub fn routes_via(&self, key: &RouteKey, next_hop: Ipv6Addr) -> bool {
+        match self.routes.get(key) {
+            None => false,
+            Some(InstalledForm::Inline(hops)) => hops.contains(&next_hop),
+            Some(InstalledForm::Object(id)) => match self.by_id.get(id) {
+                Some(ObjectKey::Encap { dst, .. }) => *dst == next_hop,
+                Some(ObjectKey::Group { members, .. }) => members.contains(&next_hop),
+                None => false,
+            },
+        }
+    }
+
+    /// Was the last change of the route at `key` refused (and waits for a
+    /// retry)?
+    pub fn is_failing(&self, key: &RouteKey) -> bool {
+        self.failing.contains(key)
+    }
+
     /// Is a route installed (as far as the kernel acknowledged) at `key`?
     pub fn has(&self, key: &RouteKey) -> bool {
         self.routes.contains_key(key)

@@ -27,6 +27,16 @@ impl PeerId {
         (self.0 >> Self::SEQ_BITS) as usize
     }
 
+    /// The id as one number, for tables that store it packed.
+    pub(crate) fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    /// The id `to_bits` gave.
+    pub(crate) fn from_bits(bits: u64) -> PeerId {
+        PeerId(bits)
+    }
+
     /// The per-shard sequence number (for log fields).
     pub fn seq(self) -> u64 {
         self.0 & ((1 << Self::SEQ_BITS) - 1)

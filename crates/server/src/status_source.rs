@@ -16,8 +16,9 @@ use std::time::Duration;
 use super::{DisconnectCounts, PeerId, PeerInfo, RouteQuery, ServerHandle, ShardStats};
 use metalbond_telemetry::families::{self, Family};
 use metalbond_telemetry::status::{
-    count_states, MetricFamily, MetricSample, MetricsView, PeerView, QueueDepth, RouteSelect,
-    RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource, VniSummaryView,
+    count_states, MetricFamily, MetricSample, MetricsView, NextHopEntryView, PeerView, QueueDepth,
+    RouteSelect, RouteTableView, RoutesPageView, RoutesRequest, StatusRole, StatusSource,
+    VniSummaryView,
 };
 use metalbond_utils::TtlCache;
 use metalbond_wire::session::SessionState;
@@ -105,7 +106,7 @@ impl StatusSource for ServerStatusSource {
         };
         // Each route with its announcers' addresses, in page order.
         let annotated = page.routes.into_iter().map(|r| {
-            let by = r
+            let announced_by = r
                 .announcers
                 .iter()
                 .map(|id| {
@@ -114,7 +115,14 @@ impl StatusSource for ServerStatusSource {
                         .map_or_else(|| format!("peer {id}"), ToString::to_string)
                 })
                 .collect();
-            (r.route, by, None)
+            let hop = NextHopEntryView {
+                next_hop: r.route.next_hop,
+                announced_by,
+                stale: None,
+                since: Some(r.since.to_system_time()),
+                kernel: None,
+            };
+            (r.route.vni, r.route.destination, hop)
         });
         Ok(RoutesPageView::grouped(annotated, next))
     }

@@ -10,10 +10,11 @@
 //!
 //! Memory: a table holds each route once, as a compact key (`TableKey`:
 //! destination bytes and an interned next-hop id, 9 bytes for IPv4; the VNI
-//! is the table's) mapped to its first announcer (8 bytes) in an ordered map
-//! per address family (`ChunkMap`: sorted chunks that ascending inserts fill
-//! completely, ~18 bytes per IPv4 route); the rare further announcers of a
-//! route live in a side map.
+//! is the table's) mapped to its first announcer and the second it entered
+//! the table (`RouteEntry`, 12 bytes) in an ordered map per address family
+//! (`ChunkMap`: sorted chunks that ascending inserts fill completely, ~22
+//! bytes per IPv4 route); the rare further announcers of a route live in a
+//! side map.
 //!
 //! Must never: touch sockets, channels or encoding. It answers "did the table
 //! change?" and "who must hear about it?"; the owner turns that into frames.
@@ -28,8 +29,42 @@ use std::sync::Arc;
 use super::chunk_map::ChunkMap;
 use super::route_set::{FastHash, NextHopId, NextHopTable, TableKey, V4Key, V6Key};
 use super::PeerId;
+use metalbond_utils::Since;
 use metalbond_wire::digest::VniDigest;
 use metalbond_wire::types::{IpNet, Route, Vni};
+
+/// What the table keeps per route: its first announcer and when the route
+/// entered the table (the routes API's `since`). 12 bytes, 4-aligned: the
+/// announcer's id is held as two halves so that, next to the 4-byte time,
+/// the u64 adds no padding (16 bytes as `(PeerId, Since)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RouteEntry {
+    /// `PeerId` bits, high half first.
+    first: [u32; 2],
+    /// When the route entered the table (kept while announcers change).
+    since: Since,
+}
+
+impl RouteEntry {
+    fn new(first: PeerId, since: Since) -> RouteEntry {
+        let mut entry = RouteEntry {
+            first: [0; 2],
+            since,
+        };
+        entry.set_first(first);
+        entry
+    }
+
+    /// The first announcer.
+    fn first(&self) -> PeerId {
+        PeerId::from_bits((u64::from(self.first[0]) << 32) | u64::from(self.first[1]))
+    }
+
+    fn set_first(&mut self, peer: PeerId) {
+        let bits = peer.to_bits();
+        self.first = [(bits >> 32) as u32, bits as u32];
+    }
+}
 
 /// What an announce or withdraw changed for the subscribers of a VNI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +115,12 @@ pub struct SyncChunk {
 pub struct VniTable {
     /// The VNI (keys do not carry it).
     vni: Vni,
-    /// IPv4 route key → first announcer, ordered so a sync scan can resume.
-    v4: ChunkMap<V4Key, PeerId>,
-    /// IPv6 route key → first announcer (scanned after all IPv4 keys).
-    v6: ChunkMap<V6Key, PeerId>,
+    /// IPv4 route key → first announcer and since, ordered so a sync scan
+    /// can resume.
+    v4: ChunkMap<V4Key, RouteEntry>,
+    /// IPv6 route key → first announcer and since (scanned after all IPv4
+    /// keys).
+    v6: ChunkMap<V6Key, RouteEntry>,
     /// Further announcers of the routes that have more than one, in the
     /// order they came (never empty, never holding the first announcer).
     more: HashMap<TableKey, Vec<PeerId>, FastHash>,
@@ -138,8 +175,8 @@ impl VniTable {
         Some(TableKey::new(&route.destination, id))
     }
 
-    /// The first announcer of the route with `key`, to change it.
-    fn first_mut(&mut self, key: &TableKey) -> Option<&mut PeerId> {
+    /// The entry of the route with `key`, to change its first announcer.
+    fn entry_mut(&mut self, key: &TableKey) -> Option<&mut RouteEntry> {
         match key {
             TableKey::V4(k) => self.v4.get_mut(k),
             TableKey::V6(k) => self.v6.get_mut(k),
@@ -149,8 +186,8 @@ impl VniTable {
     /// The first announcer of the route with `key`.
     fn first(&self, key: &TableKey) -> Option<PeerId> {
         match key {
-            TableKey::V4(k) => self.v4.get(k).copied(),
-            TableKey::V6(k) => self.v6.get(k).copied(),
+            TableKey::V4(k) => self.v4.get(k).map(RouteEntry::first),
+            TableKey::V6(k) => self.v6.get(k).map(RouteEntry::first),
         }
     }
 
@@ -174,20 +211,26 @@ impl VniTable {
     /// it, so a second announcer makes the route visible to the first one
     /// (`Change::ForOne`).
     pub fn announce_change(&mut self, route: Route, peer: PeerId) -> Change {
+        self.announce_change_at(route, peer, Since::now())
+    }
+
+    /// `announce_change` at time `now` (the route's `since` if it is new).
+    fn announce_change_at(&mut self, route: Route, peer: PeerId, now: Since) -> Change {
         // One tree descent: take the next hop's id first, give the extra
         // reference back if the route was there already.
         let id = self.hops.acquire(route.next_hop);
         let key = TableKey::new(&route.destination, id);
-        let first = match key {
-            TableKey::V4(k) => self.v4.insert_new(k, peer),
-            TableKey::V6(k) => self.v6.insert_new(k, peer),
+        let entry = RouteEntry::new(peer, now);
+        let existing = match key {
+            TableKey::V4(k) => self.v4.insert_new(k, entry),
+            TableKey::V6(k) => self.v6.insert_new(k, entry),
         };
-        let first = match first {
+        let first = match existing {
             Ok(()) => {
                 self.digest.add(&route);
                 return Change::Table;
             }
-            Err(first) => first,
+            Err(existing) => existing.first(),
         };
         self.hops.release(id);
         if first == peer {
@@ -239,8 +282,8 @@ impl VniTable {
             if sole {
                 self.more.remove(&key);
             }
-            if let Some(f) = self.first_mut(&key) {
-                *f = next;
+            if let Some(entry) = self.entry_mut(&key) {
+                entry.set_first(next);
             }
             return if sole {
                 Change::ForOne(next)
@@ -318,13 +361,13 @@ impl VniTable {
     fn entries_after(
         &self,
         cursor: Option<TableKey>,
-    ) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
+    ) -> impl Iterator<Item = (TableKey, RouteEntry)> + '_ {
         self.entries(cursor.map_or(Bound::Unbounded, Bound::Excluded))
     }
 
     /// Entries from `from` on, IPv4 then IPv6: the one ordered scan of
     /// the table (sync chunks, snapshots, route pages and look-ups).
-    fn entries(&self, from: Bound<TableKey>) -> impl Iterator<Item = (TableKey, PeerId)> + '_ {
+    fn entries(&self, from: Bound<TableKey>) -> impl Iterator<Item = (TableKey, RouteEntry)> + '_ {
         // A bound on an IPv6 key starts past every IPv4 key.
         let (v4_from, v6_from) = match from {
             Bound::Unbounded => (Some(Bound::Unbounded), Bound::Unbounded),
@@ -355,14 +398,14 @@ impl VniTable {
         let mut routes = Vec::with_capacity(max.min(self.route_count()));
         let mut last = cursor;
         let mut done = true;
-        for (scanned, (key, first)) in self.entries_after(cursor.map(|c| c.0)).enumerate() {
+        for (scanned, (key, entry)) in self.entries_after(cursor.map(|c| c.0)).enumerate() {
             if routes.len() >= max || scanned >= max.saturating_mul(4) {
                 done = false;
                 break;
             }
             last = Some(SyncCursor(key));
             // Another peer announces it: the first one, or one of the others.
-            if first != peer || self.more.contains_key(&key) {
+            if entry.first() != peer || self.more.contains_key(&key) {
                 routes.push(self.route_of(&key));
             }
         }
@@ -424,7 +467,7 @@ impl VniTable {
         let from = TableKey::new(destination, NextHopId::FIRST);
         self.entries(Bound::Included(from))
             .take_while(|(k, _)| k.destination() == *destination)
-            .map(|(k, first)| self.announced(&k, first))
+            .map(|(k, entry)| self.announced(&k, entry))
             .collect()
     }
 
@@ -453,7 +496,7 @@ impl VniTable {
         let cursor = after.map(|d| TableKey::new(d, NextHopId::LAST));
         let mut out: Vec<AnnouncedRoute> = Vec::new();
         let mut seen = 0usize;
-        for (k, first) in self.entries_after(cursor) {
+        for (k, entry) in self.entries_after(cursor) {
             let d = k.destination();
             if out.last().is_none_or(|r| r.route.destination != d) {
                 if seen == destinations {
@@ -461,20 +504,22 @@ impl VniTable {
                 }
                 seen += 1;
             }
-            out.push(self.announced(&k, first));
+            out.push(self.announced(&k, entry));
         }
         (out, false)
     }
 
-    /// The route of `key` and its announcers, `first` first.
-    fn announced(&self, key: &TableKey, first: PeerId) -> AnnouncedRoute {
-        let mut announcers = vec![first];
+    /// The route of `key`, its announcers (the first one first) and when
+    /// it entered the table.
+    fn announced(&self, key: &TableKey, entry: RouteEntry) -> AnnouncedRoute {
+        let mut announcers = vec![entry.first()];
         if let Some(more) = self.more.get(key) {
             announcers.extend_from_slice(more);
         }
         AnnouncedRoute {
             route: self.route_of(key),
             announcers,
+            since: entry.since,
         }
     }
 
@@ -501,6 +546,9 @@ pub struct AnnouncedRoute {
     pub route: Route,
     /// Its announcers, in the order they announced it.
     pub announcers: Vec<PeerId>,
+    /// When it entered the table (the first announcement; kept while
+    /// further announcers come and go).
+    pub since: Since,
 }
 
 /// Heap bytes per route, measured per thread in unit tests (see
@@ -643,6 +691,27 @@ mod tests {
             VniDigest::of(all.iter().filter(|r| **r != route(3)))
         );
         assert_eq!(t.digest().routes(), 99);
+    }
+
+    #[test]
+    fn a_route_keeps_its_since_while_announcers_come_and_go() {
+        let at = |secs: u64| {
+            Since::from_system_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        };
+        let since = |t: &VniTable| t.announced_routes_to(&route(1).destination)[0].since;
+        let mut t = VniTable::new(route(1).vni);
+        t.announce_change_at(route(1), p(0, 1), at(100));
+        t.announce_change_at(route(1), p(1, 2), at(200));
+        assert_eq!(since(&t), at(100), "a second announcer changes nothing");
+        t.withdraw(&route(1), p(0, 1));
+        assert_eq!(
+            t.announced_routes_to(&route(1).destination)[0].announcers,
+            [p(1, 2)]
+        );
+        assert_eq!(since(&t), at(100), "nor does the first one leaving");
+        t.withdraw(&route(1), p(1, 2));
+        t.announce_change_at(route(1), p(0, 1), at(300));
+        assert_eq!(since(&t), at(300), "gone and back: a new since");
     }
 
     #[test]
@@ -799,7 +868,8 @@ mod tests {
         );
         assert_eq!((table.route_count(), set.len()), (N as usize, N as usize));
         // Full `Route`s cost ~140 (table) and ~110 (set) bytes per route; a
-        // `BTreeMap` of compact keys ~36 (half-full leaves); `ChunkMap` ~19.
+        // `BTreeMap` of compact keys ~36 (half-full leaves); `ChunkMap` ~19,
+        // ~23 since each route keeps its 4-byte `since`.
         assert!(per_route(table_bytes) < 25.0, "owner table grew");
         assert!(per_route(set_bytes) < 40.0, "route set grew");
     }

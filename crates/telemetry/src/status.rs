@@ -67,7 +67,9 @@ pub trait StatusSource: Send + Sync + 'static {
         }
         let (routes, next) = request.select_from(&all);
         Ok(RoutesPageView::grouped(
-            routes.into_iter().map(|r| (r, Vec::new(), None)),
+            routes
+                .into_iter()
+                .map(|r| (r.vni, r.destination, NextHopEntryView::bare(r.next_hop))),
             next,
         ))
     }
@@ -180,6 +182,25 @@ pub struct NextHopEntryView {
     /// Client: the route is held from a lost session only (stale); `None`
     /// on the server.
     pub stale: Option<bool>,
+    /// When this next hop appeared: on the server when the route entered
+    /// the table, on the client when it was first received (from any
+    /// server). Whole seconds.
+    pub since: Option<SystemTime>,
+    /// Client: where the route stands in the kernel; `None` on the server.
+    pub kernel: Option<crate::KernelRouteState>,
+}
+
+impl NextHopEntryView {
+    /// The next hop with nothing known about who sent it or when.
+    pub fn bare(next_hop: NextHop) -> NextHopEntryView {
+        NextHopEntryView {
+            next_hop,
+            announced_by: Vec::new(),
+            stale: None,
+            since: None,
+            kernel: None,
+        }
+    }
 }
 
 /// One destination on `/api/v1/routes` with every selected next hop.
@@ -203,27 +224,22 @@ pub struct RoutesPageView {
 }
 
 impl RoutesPageView {
-    /// Groups `routes` (sorted by destination, each with who announced it
-    /// and whether it is stale) into one entry per destination.
+    /// Groups next hops (sorted by VNI and destination, each with who
+    /// announced it and since when) into one entry per destination.
     pub fn grouped(
-        routes: impl IntoIterator<Item = (metalbond_wire::types::Route, Vec<String>, Option<bool>)>,
+        hops: impl IntoIterator<Item = (Vni, IpNet, NextHopEntryView)>,
         next: Option<IpNet>,
     ) -> RoutesPageView {
         let mut page = RoutesPageView {
             routes: Vec::new(),
             next,
         };
-        for (r, announced_by, stale) in routes {
-            let hop = NextHopEntryView {
-                next_hop: r.next_hop,
-                announced_by,
-                stale,
-            };
+        for (vni, prefix, hop) in hops {
             match page.routes.last_mut() {
-                Some(e) if e.vni == r.vni && e.prefix == r.destination => e.next_hops.push(hop),
+                Some(e) if e.vni == vni && e.prefix == prefix => e.next_hops.push(hop),
                 _ => page.routes.push(RouteEntryView {
-                    vni: r.vni,
-                    prefix: r.destination,
+                    vni,
+                    prefix,
                     next_hops: vec![hop],
                 }),
             }
@@ -406,9 +422,15 @@ pub fn kind_name(kind: NextHopKind) -> &'static str {
     }
 }
 
+/// RFC 3339 in UTC to the second ("2026-11-25T11:13:31Z"): every time
+/// the `/api/v1` documents carry.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// "YYYY-MM-DD HH:MM:SS" in UTC (the Go implementation's `date` layout).
 pub fn format_date(t: SystemTime) -> String {
-    let rfc = humantime::format_rfc3339_seconds(t).to_string();
+    let rfc = format_rfc3339(t);
     // "2026-11-25T11:13:31Z" → "2026-11-25 11:13:31"
     rfc.trim_end_matches('Z').replacen('T', " ", 1)
 }
@@ -496,7 +518,7 @@ fn ser_vnis<S: Serializer>(vnis: &[Vni], s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string()),
+        Some(t) => s.serialize_str(&format_rfc3339(*t)),
         None => s.serialize_none(),
     }
 }
@@ -686,5 +708,5 @@ pub struct RuleStatus {
 }
 
 fn ser_loaded_at<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+    s.serialize_str(&format_rfc3339(*t))
 }

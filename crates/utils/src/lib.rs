@@ -1,6 +1,7 @@
 //! Pieces every role of MetalBond shares that are neither protocol nor
 //! role: poison-tolerant locking and a TTL cache (`LockOrRecover`,
-//! `TtlCache`), the panic policy and its test-only fault hook
+//! `TtlCache`), `Since` (a 4-byte wall-clock second for per-route
+//! timestamps), the panic policy and its test-only fault hook
 //! (`panic_policy`), and the output pacing a session to a deployed Go peer
 //! needs (`pacing`, which reads the kernel's `TCP_INFO` of a socket it is
 //! handed).
@@ -11,6 +12,8 @@
 
 pub mod pacing;
 pub mod panic_policy;
+mod since;
 mod util;
 
+pub use since::Since;
 pub use util::*;
