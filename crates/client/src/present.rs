@@ -118,10 +118,21 @@ impl PresentRoutes {
             .collect()
     }
 
-    /// Every present route with when it was first received, sorted.
-    pub fn present_since(&self) -> Vec<(Route, Since)> {
+    /// The present routes of `vni` with when each was first received,
+    /// sorted (one range of the ordered map, not a copy of every VNI).
+    pub fn present_in(&self, vni: Vni) -> Vec<(Route, Since)> {
+        let first = Route {
+            vni,
+            destination: IpNet::V4(Default::default()),
+            next_hop: NextHop {
+                target: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                target_vni: 0,
+                kind: NextHopKind::Standard,
+            },
+        };
         self.held
-            .iter()
+            .range(first..)
+            .take_while(|(r, _)| r.vni == vni)
             .filter(|(r, _)| !self.is_own(&Self::key(r)))
             .map(|(r, h)| (*r, h.since))
             .collect()
@@ -383,6 +394,33 @@ mod tests {
         let mut out = Vec::new();
         f(&mut out);
         out
+    }
+
+    #[test]
+    fn present_in_is_one_vnis_present_routes_with_their_since() {
+        let mut p = PresentRoutes::new();
+        let routes = [
+            route(22, "2001:db8::/64", "2001:db8::1"),
+            route(23, "0.0.0.0/0", "2001:db8::1"),
+            route(23, "10.0.0.0/24", "2001:db8::1"),
+            route(23, "2001:db8::/64", "2001:db8::2"),
+            route(24, "0.0.0.0/0", "2001:db8::1"),
+        ];
+        for r in routes {
+            run(|o| p.received(A, Action::Add, r, o));
+        }
+        let own = route(23, "10.0.0.0/24", "2001:db8::9");
+        run(|o| p.own_announced(&own, o));
+        let before = Since::now();
+        let got = p.present_in(Vni::new(23).unwrap());
+        let got_routes: Vec<Route> = got.iter().map(|(r, _)| *r).collect();
+        assert_eq!(
+            got_routes,
+            [routes[1], routes[3]],
+            "VNI 23 only, sorted, not what we announce ourselves"
+        );
+        assert!(got.iter().all(|(_, s)| *s <= before));
+        assert!(p.present_in(Vni::new(25).unwrap()).is_empty());
     }
 
     #[test]

@@ -75,8 +75,8 @@ impl StatusSource for ClientStatusSource {
         };
         let core = inner.lock();
         // Sorted by route, so each route's `since` is a binary search away.
-        let received = core.present.present_since();
-        if !received.iter().any(|(r, _)| r.vni == request.vni) {
+        let received = core.present.present_in(request.vni);
+        if received.is_empty() {
             return Err(format!("no routes received in VNI {}", request.vni));
         }
         let all: Vec<Route> = received.iter().map(|(r, _)| *r).collect();
