@@ -17,6 +17,7 @@
 //! past its time limit, or change the wire format (latency is measured with
 //! a send-time table on our side, nothing travels in the messages).
 
+mod chaos;
 mod checker;
 mod plan;
 mod report;
@@ -55,6 +56,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum ScenarioCmd {
+    /// A fleet of real processes in network namespaces (3 reflectors,
+    /// hypervisors installing routes, flapping announcers) under faults
+    /// drawn from a seed; checks every kernel during and after (needs root,
+    /// iproute2, nftables).
+    Chaos(chaos::ChaosArgs),
     /// P peers over V VNIs; each subscribes S VNIs and announces R routes in
     /// each; measures convergence.
     Fleet {
@@ -183,6 +189,10 @@ struct FleetArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let common = match &cli.scenario {
+        ScenarioCmd::Chaos(args) => {
+            init_logging(false);
+            return chaos::main(args.clone());
+        }
         ScenarioCmd::Fleet { common, .. }
         | ScenarioCmd::Burst { common, .. }
         | ScenarioCmd::Churn { common, .. }
@@ -452,6 +462,7 @@ fn plan_for(cmd: &ScenarioCmd) -> Result<(&'static str, Plan, serde_json::Value)
                 Ok(serde_json::json!({"peers": peers, "duration": duration})),
             )
         }
+        ScenarioCmd::Chaos(_) => return Err("chaos has no simulated peers".into()),
     };
     Ok((name, plan, parameters.unwrap_or_default()))
 }
@@ -544,6 +555,7 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             let phase = ctl.begin("hold");
             phases.push(ctl.hold(&phase, Duration::from_secs_f64(*duration))?);
         }
+        ScenarioCmd::Chaos(_) => return Err("chaos has no simulated peers".into()),
     }
     Ok(phases)
 }
