@@ -490,3 +490,122 @@ impl Sampler {
             .process_checks += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WARMUP: Duration = Duration::from_secs(5);
+
+    /// A timeline with `fault` from `start` to `end` seconds after origin.
+    fn timeline(faults: &[(FaultKind, u64, Option<u64>)]) -> Timeline {
+        let t = Timeline::new(WARMUP);
+        for (id, (kind, start, end)) in faults.iter().enumerate() {
+            t.lock().push(Happened {
+                fault: Fault {
+                    id,
+                    at: Duration::from_secs(*start),
+                    lasts: Duration::ZERO,
+                    kind: kind.clone(),
+                },
+                start: t.origin + Duration::from_secs(*start),
+                end: end.map(|e| t.origin + Duration::from_secs(e)),
+            });
+        }
+        t
+    }
+
+    fn at(t: &Timeline, secs: u64) -> Instant {
+        t.origin + Duration::from_secs(secs)
+    }
+
+    const H1: Announcer = Announcer::Hypervisor(1);
+
+    #[test]
+    fn one_reflector_down_leaves_a_path_and_a_partition_from_the_others_does_not() {
+        let t = timeline(&[
+            (FaultKind::ReflectorKill { reflector: 0 }, 10, Some(20)),
+            (
+                FaultKind::Partition {
+                    hypervisor: 2,
+                    reflectors: vec![1, 2],
+                },
+                12,
+                Some(14),
+            ),
+        ]);
+        assert!(t.path_up(H1, 2, 3, at(&t, 11)), "r1 and r2 carry it");
+        assert!(
+            !t.path_up(H1, 2, 3, at(&t, 13)),
+            "r0 down, h2 cut from r1, r2"
+        );
+        assert!(
+            !t.path_up(H1, 2, 3, at(&t, 18)),
+            "the partition healed 4 s ago: still warming up"
+        );
+        assert!(t.path_up(H1, 2, 3, at(&t, 20)), "warmed up via r1");
+        assert!(t.path_up(H1, 3, 3, at(&t, 13)), "h3 is not cut");
+    }
+
+    #[test]
+    fn a_dead_announcer_or_a_bounced_tunnel_suspends_the_check() {
+        let t = timeline(&[
+            (FaultKind::ClientKill { hypervisor: 1 }, 10, Some(12)),
+            (FaultKind::TunnelBounce { hypervisor: 4 }, 30, None),
+            (FaultKind::FlapBurst { flapper: 0 }, 50, Some(51)),
+            (FaultKind::PolicyReload { reflector: 0 }, 60, Some(60)),
+        ]);
+        assert!(!t.path_up(H1, 2, 3, at(&t, 16)), "h1 restarted 4 s ago");
+        assert!(t.path_up(H1, 2, 3, at(&t, 18)));
+        assert!(!t.path_up(H1, 4, 3, at(&t, 40)), "h4's tunnel is down");
+        assert!(
+            t.path_up(Announcer::Hypervisor(4), 2, 3, at(&t, 40)),
+            "h4 still announces"
+        );
+        assert!(!t.path_up(Announcer::Flapper(0), 2, 3, at(&t, 52)));
+        assert!(
+            t.path_up(H1, 2, 3, at(&t, 60)),
+            "a policy reload must not disturb anything"
+        );
+        assert_eq!(
+            t.describe(at(&t, 52)).len(),
+            2,
+            "{:?}",
+            t.describe(at(&t, 52))
+        );
+    }
+
+    #[test]
+    fn differences_name_missing_extra_and_wrong_ecmp() {
+        let p = |s: &str| -> IpNet { s.parse().unwrap() };
+        let a = |n: u16| Ipv6Addr::new(0xfd00, 0, 0, n, 0, 0, 0, 2);
+        let mut expected = Expected::new();
+        for (prefix, hops) in [("10.0.1.0/24", vec![1, 2]), ("10.0.2.0/24", vec![3])] {
+            let e = expected.entry((100, p(prefix))).or_default();
+            for h in hops {
+                e.entry(a(h))
+                    .or_default()
+                    .insert(Announcer::Hypervisor(h as usize));
+            }
+        }
+        let mut kernel = Kernel::new();
+        kernel.insert((100, p("10.0.1.0/24")), [a(1)].into());
+        kernel.insert((100, p("10.0.9.0/24")), [a(9)].into());
+        let d = differences(&expected, &kernel);
+        let text = format!("{d:?}");
+        assert_eq!(d.len(), 3, "{text}");
+        assert!(
+            text.contains("10.0.2.0/24") && text.contains("missing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("10.0.9.0/24") && text.contains("extra"),
+            "{text}"
+        );
+        assert!(text.contains("next hops"), "{text}");
+        kernel.insert((100, p("10.0.1.0/24")), [a(1), a(2)].into());
+        kernel.insert((100, p("10.0.2.0/24")), [a(3)].into());
+        kernel.remove(&(100, p("10.0.9.0/24")));
+        assert!(differences(&expected, &kernel).is_empty());
+    }
+}

@@ -113,6 +113,23 @@ pub fn main(args: ChaosArgs) -> ExitCode {
             } else {
                 println!("{text}");
             }
+            for v in &report.violations {
+                eprintln!(
+                    "chaos: VIOLATION seed {} at {:.1}s on {}: {}{}; faults in force: {}",
+                    report.seed,
+                    v.at,
+                    v.client,
+                    v.route
+                        .as_deref()
+                        .map_or(String::new(), |r| format!("{r}: ")),
+                    v.what,
+                    if v.faults.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.faults.join("; ")
+                    }
+                );
+            }
             eprintln!(
                 "chaos: seed {} — {} faults, {} route checks, {} violations{}",
                 report.seed,

@@ -158,6 +158,12 @@ fn a_route_deleted_behind_the_checkers_back_is_reported_with_the_seed() {
         .and_then(|l| l.strip_suffix(" by hand on h1"))
         .unwrap_or_else(|| panic!("the self-test names its route: {text}"))
         .to_string();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("chaos: VIOLATION seed 11 at ") && l.contains(" on h1: ")),
+        "each violation is printed with the seed: {text}"
+    );
     let violations = report["violations"].as_array().cloned().unwrap_or_default();
     assert!(
         violations.iter().any(|v| v["client"] == "h1"
