@@ -495,8 +495,16 @@ fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
         peak.insert(role.into(), (max as f64 / 1048576.0 * 10.0).round() / 10.0);
     }
     let counts = *sampler.counts.lock().unwrap_or_else(|e| e.into_inner());
+    let passed = violations.is_empty();
+    // The processes' logs are kept for a failed run only.
+    let logs = if passed {
+        let _ = std::fs::remove_dir_all(&fleet.dir);
+        "removed (the run passed)".to_string()
+    } else {
+        fleet.dir.display().to_string()
+    };
     Ok(ChaosReport {
-        passed: violations.is_empty(),
+        passed,
         seed,
         duration_seconds: args.duration,
         reflectors: layout.reflectors,
@@ -513,7 +521,7 @@ fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
         checks: counts,
         violations,
         peak_rss_mib: peak,
-        logs: fleet.dir.display().to_string(),
+        logs,
         faults,
     })
 }
