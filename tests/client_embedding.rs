@@ -474,7 +474,8 @@ fn the_server_sees_the_local_source_address() {
         client.add_server_with(
             &server.address,
             ServerOptions {
-                local_address: Some("::1".parse().unwrap())
+                local_address: Some("::1".parse().unwrap()),
+                ..ServerOptions::default()
             }
         ),
         Err(ClientError::LocalAddressFamily { .. })
@@ -484,6 +485,7 @@ fn the_server_sees_the_local_source_address() {
             &server.address,
             ServerOptions {
                 local_address: Some(local),
+                ..ServerOptions::default()
             },
         )
         .unwrap();

@@ -79,6 +79,7 @@ impl StatusSource for Fleet {
             peer_id: Some("1.0".to_string()),
             routes_stale: None,
             policy_rule: None,
+            tcp_md5: None,
         }]
     }
     fn metrics(&self) -> MetricsView {

@@ -139,6 +139,13 @@ pub struct ClientOptions {
     /// behaviour).
     #[arg(long = "stale-hold", value_name = "SECS", default_value_t = defaults::STALE_HOLD.as_secs(), value_parser = parse_stale_hold)]
     pub stale_hold: u64,
+    /// Sign the sessions with TCP-MD5 (RFC 2385), the key read from PATH
+    /// (refused if every user may read it; one trailing newline is not part
+    /// of the key; re-read at every connect, so a new key applies from the
+    /// next reconnect). SERVER=PATH signs only the session to that --server
+    /// (as written there); a bare PATH every other session. Repeatable.
+    #[arg(long = "md5-key-file", value_name = "[SERVER=]PATH")]
+    pub md5_key_files: Vec<String>,
 }
 
 /// The command line's defaults (what clap fills in when no flag is given).
@@ -155,6 +162,7 @@ impl Default for ClientOptions {
             reconnect_max_secs: defaults::RECONNECT_MAX.as_secs(),
             max_routes_per_server: defaults::MAX_ROUTES_PER_SERVER,
             stale_hold: defaults::STALE_HOLD.as_secs(),
+            md5_key_files: Vec::new(),
         }
     }
 }
@@ -264,6 +272,9 @@ pub struct ClientSettings {
     pub http: Option<SocketAddr>,
     /// Session timing and limits.
     pub config: ClientConfig,
+    /// Per server (as given to --server), the TCP-MD5 key file signing its
+    /// session (`--md5-key-file`); servers not listed are unsigned.
+    pub md5_key_files: BTreeMap<String, std::path::PathBuf>,
     /// What the flags meant where a value stands for something else (table
     /// 0, keepalive 0): logged at info once logging is up.
     pub notes: Vec<String>,
@@ -434,6 +445,55 @@ pub fn parse_table_mapping(value: &str) -> Result<(Vni, KernelTable), String> {
 }
 
 impl ClientArgs {
+    /// `--md5-key-file [SERVER=]PATH` per server, each key file read once
+    /// here so a missing, empty or world-readable one stops the start with
+    /// a clear line (it is read again at every connect).
+    fn md5_key_files(&self) -> Result<BTreeMap<String, std::path::PathBuf>, ArgError> {
+        let form = "[SERVER=]PATH, SERVER one of the --server values";
+        let mut default: Option<&str> = None;
+        let mut per_server = BTreeMap::new();
+        for value in &self.options.md5_key_files {
+            let (server, path) = match value.split_once('=') {
+                Some((server, path)) if self.servers.iter().any(|s| s == server) => {
+                    (Some(server), path)
+                }
+                _ => (None, value.as_str()),
+            };
+            if let Err(e) = metalbond_utils::tcp_md5::Md5Key::read(std::path::Path::new(path)) {
+                return Err(ArgError::new("--md5-key-file", value, form, e.to_string()));
+            }
+            match server {
+                Some(server) => {
+                    if per_server.insert(server.to_string(), path.into()).is_some() {
+                        return Err(ArgError::new(
+                            "--md5-key-file",
+                            value,
+                            form,
+                            format!("{server} has a key file already"),
+                        ));
+                    }
+                }
+                None if default.is_some() => {
+                    return Err(ArgError::new(
+                        "--md5-key-file",
+                        value,
+                        form,
+                        "a key file for every server is given already".into(),
+                    ))
+                }
+                None => default = Some(path),
+            }
+        }
+        if let Some(path) = default {
+            for server in &self.servers {
+                per_server
+                    .entry(server.clone())
+                    .or_insert_with(|| path.into());
+            }
+        }
+        Ok(per_server)
+    }
+
     /// Checks what depends on several flags (each value was checked by its
     /// parser): `--install-routes` needs `--tun`, a VNI maps to one table.
     pub fn settings(&self) -> Result<ClientSettings, ArgError> {
@@ -479,7 +539,9 @@ impl ClientArgs {
                 keepalive
             ));
         }
+        let md5_key_files = self.md5_key_files()?;
         Ok(ClientSettings {
+            md5_key_files,
             servers: self.servers.clone(),
             subscriptions: self.subscribe.clone(),
             announcements: self.announce.clone(),
@@ -570,7 +632,11 @@ pub fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
         warn_duplicate(client.announce(*route));
     }
     for server in &settings.servers {
-        warn_duplicate(client.add_server(server));
+        let options = metalbond_client::ServerOptions {
+            md5_key_file: settings.md5_key_files.get(server).cloned(),
+            ..Default::default()
+        };
+        warn_duplicate(client.add_server_with(server, options));
     }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

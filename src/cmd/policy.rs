@@ -173,6 +173,10 @@ fn describe(out: &mut String, r: &Rule) {
             OnViolation::Close => "close the session",
         }
     );
+    if let Some(auth) = &r.auth {
+        // The file, never the key.
+        let _ = writeln!(out, "  auth: TCP-MD5, key from {}", auth.key_file.display());
+    }
 }
 
 #[cfg(test)]

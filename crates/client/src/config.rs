@@ -57,10 +57,15 @@ impl Default for ClientConfig {
 }
 
 /// Per-server settings for `Client::add_server_with`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Source address of the TCP connection (Go's `AddPeer(addr, localIP)`):
     /// bound before connecting, port chosen by the kernel. `None`: the
     /// kernel picks the source by its routes.
     pub local_address: Option<IpAddr>,
+    /// Sign the session with TCP-MD5 (RFC 2385), the key read from this
+    /// file at every connect attempt (so a new key takes effect at the next
+    /// reconnect; a file every user may read is refused). A wrong or
+    /// missing key shows as a connect timeout: the server drops the SYN.
+    pub md5_key_file: Option<std::path::PathBuf>,
 }

@@ -34,7 +34,8 @@
 
 use std::io::Read;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,9 +48,10 @@ use super::present::ServerId;
 use super::state::{ClientInner, SessionBacklog};
 use super::traffic::TrafficMeter;
 use super::writer::SessionWriter;
+use metalbond_utils::tcp_md5::{install_key, Md5Key, Md5KeyError};
 use metalbond_wire::codec::{FrameBuffer, FrameDecoder, Message};
 use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
-use metalbond_wire::types::{Action, Route};
+use metalbond_wire::types::{Action, IpNet, Route};
 
 /// What wakes a server thread.
 pub(super) enum Event {
@@ -139,6 +141,8 @@ pub(super) struct Target {
     pub(super) address: String,
     /// Source address to bind before connecting.
     pub(super) local_address: Option<IpAddr>,
+    /// TCP-MD5 key file, read at each connect attempt.
+    pub(super) md5_key_file: Option<PathBuf>,
     /// Set when the slot is removed or the client shuts down.
     pub(super) stop: Arc<AtomicBool>,
 }
@@ -158,6 +162,7 @@ pub(super) fn run_server(
         id,
         address,
         local_address,
+        md5_key_file,
         stop,
     } = target;
     // Every event of this server's sessions (this thread and its reader
@@ -170,7 +175,11 @@ pub(super) fn run_server(
     let mut last_error: Option<ConnectError> = None;
     while !stop.load(Ordering::SeqCst) {
         inner.set_state(id, SessionState::Connecting);
-        match connect(&address, local_address, config.connect_timeout, &stop) {
+        let from = Source {
+            local: local_address,
+            md5_key_file: md5_key_file.as_deref(),
+        };
+        match connect(&address, &from, config.connect_timeout, &stop) {
             Ok(stream) => {
                 generation += 1;
                 last_error = None;
@@ -287,13 +296,21 @@ pub(super) enum ConnectError {
         source: std::io::Error,
     },
     /// The TCP connect to one of the addresses did not complete in time.
-    #[error("{addr}: connect timed out after {after:?}")]
+    #[error("{addr}: connect timed out after {after:?}{}", if *signed { " (the session is signed with TCP-MD5: a server that expects another key, or none, drops the SYN like this)" } else { "" })]
     TimedOut {
         /// The address tried.
         addr: SocketAddr,
         /// The connect timeout.
         after: Duration,
+        /// A TCP-MD5 key was configured (the likely cause, then).
+        signed: bool,
     },
+    /// The TCP-MD5 key file cannot be used (names the file, never the key).
+    #[error("{0}")]
+    Md5Key(Md5KeyError),
+    /// The kernel refused the TCP-MD5 key on the socket.
+    #[error("cannot sign the session with TCP-MD5: {0}")]
+    Md5Install(std::io::Error),
 }
 
 impl ConnectError {
@@ -323,6 +340,8 @@ impl ConnectError {
                 a == b && os(e) == os(f)
             }
             (TimedOut { addr: a, .. }, TimedOut { addr: b, .. }) => a == b,
+            (Md5Key(a), Md5Key(b)) => a.to_string() == b.to_string(),
+            (Md5Install(a), Md5Install(b)) => os(a) == os(b),
             _ => false,
         }
     }
@@ -334,7 +353,7 @@ impl ConnectError {
 /// a pending TCP connect is abandoned.
 fn connect(
     address: &str,
-    local: Option<IpAddr>,
+    from: &Source<'_>,
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<TcpStream, ConnectError> {
@@ -346,7 +365,7 @@ fn connect(
         if stop.load(Ordering::SeqCst) {
             return Err(ConnectError::Stopped);
         }
-        match connect_one(addr, local, timeout, stop) {
+        match connect_one(addr, from, timeout, stop) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
@@ -392,20 +411,35 @@ fn resolve(address: &str, stop: &AtomicBool) -> Result<Vec<SocketAddr>, ConnectE
     }
 }
 
-/// One TCP connect to `addr` (bound to `local` first if given), abandoned
+/// Where a connection comes from: its source address and signature.
+pub(super) struct Source<'a> {
+    /// Bound before connecting, if given.
+    local: Option<IpAddr>,
+    /// Sign with the TCP-MD5 key in this file, if given.
+    md5_key_file: Option<&'a Path>,
+}
+
+/// One TCP connect to `addr` (bound and signed as `from` says), abandoned
 /// after `timeout` or once `stop` is set.
 fn connect_one(
     addr: SocketAddr,
-    local: Option<IpAddr>,
+    from: &Source<'_>,
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<TcpStream, ConnectError> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(ConnectError::Socket)?;
-    if let Some(ip) = local {
+    if let Some(ip) = from.local {
         socket
             .bind(&SocketAddr::new(ip, 0).into())
             .map_err(|source| ConnectError::BindLocal { ip, source })?;
+    }
+    if let Some(path) = from.md5_key_file {
+        let key = Md5Key::read(path).map_err(ConnectError::Md5Key)?;
+        // SAFETY: `socket` outlives the borrow (socket2 0.4 has no `AsFd`).
+        let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+        install_key(fd, addr.is_ipv6(), IpNet::from(addr.ip()), Some(&key))
+            .map_err(ConnectError::Md5Install)?;
     }
     let failed = |source| ConnectError::Connect { addr, source };
     socket.set_nonblocking(true).map_err(failed)?;
@@ -419,6 +453,7 @@ fn connect_one(
                     return Err(ConnectError::TimedOut {
                         addr,
                         after: timeout,
+                        signed: from.md5_key_file.is_some(),
                     })
                 }
                 Err(WaitFailed::Io(e)) => return Err(failed(e)),
@@ -716,14 +751,19 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::ENETUNREACH),
         };
         assert!(!refused(4711).same_cause(&unreachable));
-        let timed_out = ConnectError::TimedOut {
+        let timed_out = |signed| ConnectError::TimedOut {
             addr: SocketAddr::from(([127, 0, 0, 1], 4711)),
             after: Duration::from_secs(3),
+            signed,
         };
-        assert!(!refused(4711).same_cause(&timed_out));
+        assert!(!refused(4711).same_cause(&timed_out(false)));
         assert_eq!(
-            timed_out.to_string(),
+            timed_out(false).to_string(),
             "127.0.0.1:4711: connect timed out after 3s"
+        );
+        assert!(
+            timed_out(true).to_string().contains("signed with TCP-MD5"),
+            "a configured key is named as the likely cause"
         );
         assert_eq!(
             refused(4711).to_string(),

@@ -301,6 +301,7 @@ impl Client {
             ServerSlot {
                 address: address.into(),
                 local_address: options.local_address,
+                md5: options.md5_key_file.is_some(),
                 state: SessionState::Connecting,
                 backlog: None,
                 wake: tx.clone(),
@@ -316,6 +317,7 @@ impl Client {
             id,
             address: address.to_string(),
             local_address: options.local_address,
+            md5_key_file: options.md5_key_file.clone(),
             stop,
         };
         let inner = self.inner().clone();
@@ -325,7 +327,12 @@ impl Client {
             .spawn(move || connection::run_server(inner, target, rx, tx));
         match spawned {
             Ok(_) => {
-                tracing::info!(server = %address, local = ?options.local_address, "server added");
+                tracing::info!(
+                    server = %address,
+                    local = ?options.local_address,
+                    tcp_md5 = options.md5_key_file.is_some(),
+                    "server added"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -456,6 +463,7 @@ impl Client {
                 connected_since: s.connected_since,
                 traffic: s.traffic.snapshot(),
                 local_address: s.local_address,
+                md5: s.md5,
             })
             .collect()
     }

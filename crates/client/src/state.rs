@@ -57,6 +57,8 @@ pub struct ServerStatus {
     /// The source address asked for in `ServerOptions` (`None`: the
     /// kernel's choice).
     pub local_address: Option<IpAddr>,
+    /// The session is signed with TCP-MD5 (`ServerOptions::md5_key_file`).
+    pub md5: bool,
 }
 
 /// Most queued subscription changes before a session is reset and resynced
@@ -107,6 +109,8 @@ pub(crate) struct ServerSlot {
     pub(crate) address: String,
     /// Source address to bind before connecting, if asked for.
     pub(crate) local_address: Option<IpAddr>,
+    /// The session is signed with TCP-MD5 (a key file is configured).
+    pub(crate) md5: bool,
     /// Current session state.
     pub(crate) state: SessionState,
     /// Pending messages while ESTABLISHED; `None` otherwise (the next

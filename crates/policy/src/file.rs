@@ -22,11 +22,12 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::rule::{
-    AnnounceGrant, NextHopAddrs, NextHopTypes, OnViolation, Rule, RuleCounters, RuleLimits,
-    TargetVnis, VniSet,
+    AnnounceGrant, NextHopAddrs, NextHopTypes, OnViolation, Rule, RuleAuth, RuleCounters,
+    RuleLimits, TargetVnis, VniSet,
 };
 use super::Policy;
 use ipnet::Ipv4Net;
+use metalbond_utils::tcp_md5::Md5Key;
 use metalbond_wire::types::{IpNet, Vni};
 
 /// The only format version this build reads.
@@ -122,6 +123,18 @@ struct RuleFile {
     /// `refuse` (default) or `close`.
     #[serde(default)]
     on_violation: ViolationFile,
+    /// Session protection: a TCP-MD5 key for the rule's peer prefixes.
+    #[serde(default)]
+    auth: Option<AuthFile>,
+}
+
+/// `auth:` as written.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    /// The file holding the key (relative paths from the policy file's
+    /// directory).
+    md5_key_file: String,
 }
 
 /// One `announce` entry as written.
@@ -335,6 +348,7 @@ pub fn parse(
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(file.rules.len());
     let mut warnings = Vec::new();
+    let base = Path::new(path).parent().unwrap_or(Path::new("."));
     for (i, r) in file.rules.into_iter().enumerate() {
         let position = i + 1;
         let name = r.name.clone();
@@ -342,6 +356,7 @@ pub fn parse(
         let rule = compile_rule(
             position,
             r,
+            base,
             &mut names,
             &mut |w| warnings.push(note(w)),
             counters,
@@ -355,6 +370,13 @@ pub fn parse(
         rules.push(Arc::new(rule));
     }
     warnings.extend(super::shadow::shadowed(&rules));
+    warnings.extend(keyed_prefix_warnings(&rules));
+    conflicting_keys(&rules).map_err(|message| PolicyError::Rule {
+        path: path.to_string(),
+        position: message.0,
+        name: message.1,
+        message: message.2,
+    })?;
     Ok(Policy {
         revision: file.revision,
         rules,
@@ -368,6 +390,7 @@ pub fn parse(
 fn compile_rule(
     position: usize,
     r: RuleFile,
+    base: &Path,
     names: &mut HashSet<String>,
     warn: &mut dyn FnMut(String),
     counters: &mut dyn FnMut(&str) -> Arc<RuleCounters>,
@@ -415,7 +438,16 @@ fn compile_rule(
             "limits must be positive (to forbid, leave `announce` / `subscribe` out)".into(),
         );
     }
+    let auth = match &r.auth {
+        None => None,
+        Some(a) => {
+            let key_file = base.join(&a.md5_key_file);
+            let key = Md5Key::read(&key_file).map_err(|e| format!("auth: {e}"))?;
+            Some(RuleAuth { key_file, key })
+        }
+    };
     Ok(Rule {
+        auth,
         counters: counters(&r.name),
         name: r.name,
         position,
@@ -431,6 +463,57 @@ fn compile_rule(
             ViolationFile::Close => OnViolation::Close,
         },
     })
+}
+
+/// Two rules that key the same peer prefix with different keys cannot
+/// both be installed (the kernel holds one key per prefix): the later
+/// rule's position, name and the message.
+fn conflicting_keys(rules: &[Arc<Rule>]) -> Result<(), (usize, String, String)> {
+    let mut seen: Vec<(IpNet, &Rule)> = Vec::new();
+    for rule in rules {
+        let Some(auth) = &rule.auth else { continue };
+        for p in &rule.peers {
+            if let Some((_, other)) = seen
+                .iter()
+                .find(|(q, other)| q == p && other.auth.as_ref().is_some_and(|o| o.key != auth.key))
+            {
+                return Err((
+                    rule.position,
+                    rule.name.clone(),
+                    format!(
+                        "auth: peers {p} are keyed by rule {:?} with another key (one key per prefix)",
+                        other.name
+                    ),
+                ));
+            }
+            seen.push((*p, rule));
+        }
+    }
+    Ok(())
+}
+
+/// A rule without `auth` whose peers lie inside another rule's keyed
+/// prefix: the kernel asks those peers for that key whatever the rule
+/// order says (keys go by the most specific keyed prefix).
+fn keyed_prefix_warnings(rules: &[Arc<Rule>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for plain in rules.iter().filter(|r| r.auth.is_none()) {
+        for p in &plain.peers {
+            for keyed in rules.iter().filter(|r| r.auth.is_some()) {
+                if let Some(q) = keyed
+                    .peers
+                    .iter()
+                    .find(|q| q.prefix_len() <= p.prefix_len() && q.contains(&p.network()))
+                {
+                    out.push(format!(
+                        "rule {} ({:?}): peers {p} lie inside {q}, which rule {:?} keys with TCP-MD5: the kernel asks them for that key",
+                        plain.position, plain.name, keyed.name
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One `announce` entry (`which`: `announce[j]`, for messages) as the

@@ -28,6 +28,7 @@ mod shadow;
 
 pub use metalbond_telemetry::status::{PolicyStatus, RuleStatus, NO_RULE_LABEL};
 use metalbond_utils::{LockOrRecover, RwLockOrRecover};
+use metalbond_wire::types::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ use std::time::SystemTime;
 pub use file::{PolicyError, FORMAT_VERSION};
 pub use peer::{PeerPolicy, Verdict};
 pub use refusal_log::RefusalLog;
-pub use rule::{Denial, OnViolation, Rule, RuleCounters, TargetVnis, VniSet};
+pub use rule::{Denial, OnViolation, Rule, RuleAuth, RuleCounters, TargetVnis, VniSet};
 
 /// A compiled policy: rules in file order, first match wins; no match
 /// denies.
@@ -63,6 +64,22 @@ impl Policy {
         self.rules
             .iter()
             .find(|r| r.matching_prefix(source).is_some())
+    }
+
+    /// Every keyed peer prefix and its key (rules with `auth`), for the
+    /// listening sockets: one entry per prefix (the policy refuses two
+    /// keys for one prefix).
+    pub fn md5_keys(&self) -> Vec<(IpNet, metalbond_utils::tcp_md5::Md5Key)> {
+        let mut out: Vec<(IpNet, metalbond_utils::tcp_md5::Md5Key)> = Vec::new();
+        for rule in &self.rules {
+            let Some(auth) = &rule.auth else { continue };
+            for p in &rule.peers {
+                if !out.iter().any(|(q, _)| q == p) {
+                    out.push((*p, auth.key.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Parses `text` on its own (tests, `policy check`), with fresh counters.

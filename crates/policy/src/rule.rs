@@ -341,6 +341,17 @@ pub struct Rule {
     pub on_violation: OnViolation,
     /// Hits and denials (shared with the store, across reloads).
     pub counters: Arc<RuleCounters>,
+    /// `auth:`: the TCP-MD5 key its peers must sign with.
+    pub auth: Option<RuleAuth>,
+}
+
+/// A rule's session protection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleAuth {
+    /// Where the key was read from (shown; the key never is).
+    pub key_file: std::path::PathBuf,
+    /// The key.
+    pub key: metalbond_utils::tcp_md5::Md5Key,
 }
 
 impl Rule {

@@ -421,3 +421,76 @@ fn rules_that_earlier_rules_shadow_are_warned_about() {
     .unwrap();
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
 }
+
+/// A directory with key files `a` and `b` (mode 0600) and `open` (0644).
+fn key_dir(tag: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mb-policy-keys-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, key, mode) in [
+        ("a", "key a\n", 0o600),
+        ("b", "key b\n", 0o600),
+        ("open", "k\n", 0o644),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn auth_reads_the_key_relative_to_the_policy_and_lists_keyed_prefixes() {
+    let dir = key_dir("ok");
+    let path = dir.join("policy.yaml");
+    let text = "version: 1\nrules:\n  - name: plain\n    peers: [10.1.0.0/16]\n  - name: hv\n    peers: [10.0.0.0/8, 2001:db8::/32]\n    auth: { md5_key_file: a }\n";
+    let p = Policy::from_yaml(path.to_str().unwrap(), text).unwrap();
+    let keys = p.md5_keys();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0].0, "10.0.0.0/8".parse::<IpNet>().unwrap());
+    let auth = p.rules[1].auth.as_ref().unwrap();
+    assert_eq!(auth.key_file, dir.join("a"));
+    assert!(p.rules[0].auth.is_none());
+    let shown = format!("{p:?}");
+    assert!(!shown.contains("key a"), "{shown}");
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("10.1.0.0/16") && w.contains("TCP-MD5")),
+        "an unkeyed rule inside a keyed prefix: {:?}",
+        p.warnings
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_world_readable_missing_or_conflicting_key_is_refused_naming_the_rule() {
+    let dir = key_dir("bad");
+    let path = dir.join("policy.yaml");
+    let path = path.to_str().unwrap();
+    let rule = |file: &str| {
+        format!("version: 1\nrules:\n  - name: hv\n    peers: [10.0.0.0/8]\n    auth: {{ md5_key_file: {file} }}\n")
+    };
+    let e = Policy::from_yaml(path, &rule("open"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rule 1") && e.contains("readable by every user"),
+        "{e}"
+    );
+    let e = Policy::from_yaml(path, &rule("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rule 1") && e.contains("missing"), "{e}");
+    let e = Policy::from_yaml(path, "version: 1\nrules:\n  - name: hv\n    peers: [10.0.0.0/8]\n    auth: { md5_key_file: a, other: 1 }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other"), "unknown keys refused: {e}");
+    let two = "version: 1\nrules:\n  - name: one\n    peers: [10.0.0.0/8]\n    auth: { md5_key_file: a }\n  - name: two\n    peers: [10.0.0.0/8]\n    auth: { md5_key_file: b }\n";
+    let e = Policy::from_yaml(path, two).unwrap_err().to_string();
+    assert!(
+        e.contains("rule 2") && e.contains("one key per prefix"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

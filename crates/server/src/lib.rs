@@ -46,6 +46,7 @@ mod context;
 mod fanout;
 mod grace;
 mod host;
+mod listener_keys;
 mod local_event;
 mod mesh;
 mod out_queue;
@@ -97,6 +98,11 @@ impl Server {
         host::probe_io_uring()?;
         let n = config.shards;
         let (listeners, addrs) = bind_all(&config.listen)?;
+        let keys = config
+            .policy
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.current().md5_keys());
+        let listener_keys = listener_keys::ListenerKeys::install(&listeners, &addrs, keys)?;
         let (senders, receivers) = shard_mesh(n);
         let config = Arc::new(config);
         // Listeners are spread over the shards; each remembers its place in
@@ -117,6 +123,7 @@ impl Server {
             counters: Vec::new(),
             ghosts: ghosts.clone(),
             config: config.clone(),
+            listener_keys,
         };
         let shard_inputs = senders
             .into_iter()
@@ -309,6 +316,8 @@ pub struct ServerHandle {
     ghosts: Arc<grace::GhostIndex>,
     /// The configuration the server runs with.
     config: Arc<ServerConfig>,
+    /// TCP-MD5 keys of the policy's `auth` rules on the listening sockets.
+    listener_keys: listener_keys::ListenerKeys,
 }
 
 /// The fix for glommio's refusal to start under a small RLIMIT_MEMLOCK
@@ -443,7 +452,16 @@ impl ServerHandle {
         let Some(store) = &self.config.policy else {
             return Ok(None);
         };
-        store.reload()?;
+        let policy = store.reload()?;
+        // Keys first: a session the reload closes for a changed key must
+        // find the new key when it reconnects.
+        if let Err((prefix, addr, e)) = self.listener_keys.apply(policy.md5_keys()) {
+            tracing::error!(
+                peers = %prefix,
+                listen = %addr,
+                "cannot install the TCP-MD5 key of the reloaded policy: {e}"
+            );
+        }
         for c in &self.controls {
             let _ = c.send(Control::PolicyReloaded);
         }

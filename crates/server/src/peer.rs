@@ -588,7 +588,8 @@ fn close_for_policy(conn: &PeerConn, reason: String) -> CloseReason {
 }
 
 /// After a policy reload (the store's generation moved): resolves the
-/// peer's rule again, takes the routes the new rule refuses out of
+/// peer's rule again, closes the session if the rule's TCP-MD5 key
+/// changed, takes the routes the new rule refuses out of
 /// `announced` into `withdrawing` (the caller withdraws them, as if the peer
 /// had sent REMOVE) and drops the subscriptions it refuses. Newly allowed
 /// routes are not invented: the peer sends them again on its next session.
@@ -604,6 +605,15 @@ fn reapply_policy(
         return Ok(());
     }
     let policy = PeerPolicy::resolve(store, conn.addr).map_err(|r| close_for_policy(conn, r))?;
+    let key = |p: &PeerPolicy| p.rule().auth.as_ref().map(|a| a.key.clone());
+    if key(old) != key(&policy) {
+        // Signed with the old key (or unsigned): the peer reconnects and
+        // the listener asks for the new one. Not its fault: it keeps its
+        // grace.
+        let reason = CloseReason::KeyChanged;
+        conn.close(reason.clone());
+        return Err(reason);
+    }
     let mut withdrawn = 0usize;
     for (vni, set) in rs.announced.iter_mut() {
         let refused = set.take_if(|r| {

@@ -162,6 +162,7 @@ impl StatusSource for ServerStatusSource {
                 });
                 PeerView {
                     policy_rule: rule,
+                    tcp_md5: None,
                     ..peer_view(p)
                 }
             })
@@ -331,5 +332,6 @@ fn peer_view(p: PeerInfo) -> PeerView {
         peer_id: Some(p.id.to_string()),
         routes_stale: None,
         policy_rule: None,
+        tcp_md5: None,
     }
 }

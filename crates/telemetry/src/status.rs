@@ -498,6 +498,11 @@ pub struct PeerView {
     /// matches; left out without a policy and on the client.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_rule: Option<String>,
+    /// Client: whether the session is signed with TCP-MD5 (a key file is
+    /// configured for this server), so a connect timeout can be read as a
+    /// likely key mismatch; left out on the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_md5: Option<bool>,
 }
 
 fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {

@@ -163,6 +163,11 @@ pub enum CloseReason {
     /// own description).
     #[error("{0}")]
     Policy(String),
+    /// A policy reload changed the TCP-MD5 key of the peer's rule: the
+    /// session was signed with the old key (or none), the peer reconnects
+    /// with the new one. Not the peer's fault.
+    #[error("the TCP-MD5 key of the peer's policy rule changed: reconnect with the new key")]
+    KeyChanged,
     /// The client queued more changes for a busy server than it may hold:
     /// it reconnects to resync instead.
     #[error("too many queued changes for a busy server; reconnecting to resync")]
@@ -190,7 +195,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::SlowSubscriber { .. } | CloseReason::WriteStall(_) => "slow_peer",
             CloseReason::PeerLimit { .. } | CloseReason::ServerRouteLimit { .. } => "limit",
-            CloseReason::Policy(_) => "policy",
+            CloseReason::Policy(_) | CloseReason::KeyChanged => "policy",
             CloseReason::ResyncBacklog | CloseReason::ReaderGone => "local",
         }
     }
