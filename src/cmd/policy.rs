@@ -252,4 +252,25 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn a_keyed_rule_names_its_key_file_and_never_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mb-check-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("hv.key");
+        std::fs::write(&key, "very secret\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.join("p.yaml");
+        let text = "version: 1\nrules:\n  - name: hv\n    peers: [10.0.0.0/8]\n    auth: { md5_key_file: hv.key }\n";
+        let policy = Policy::from_yaml(path.to_str().unwrap(), text).unwrap();
+        let (out, code) = report(path.to_str().unwrap(), &policy, None);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains("auth: TCP-MD5, key from") && out.contains("hv.key"),
+            "{out}"
+        );
+        assert!(!out.contains("very secret"), "{out}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
