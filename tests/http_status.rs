@@ -80,6 +80,7 @@ impl StatusSource for Fleet {
             routes_stale: None,
             policy_rule: None,
             tcp_md5: None,
+            throttled: None,
         }]
     }
     fn metrics(&self) -> MetricsView {

@@ -161,9 +161,13 @@ fn describe(out: &mut String, r: &Rule) {
     };
     let _ = writeln!(
         out,
-        "  limits: routes {}, subscriptions {}",
+        "  limits: routes {}, subscriptions {}, updates {}",
         limit(r.limits.max_routes, "--max-routes-per-peer"),
-        limit(r.limits.max_subscriptions, "--max-subscriptions-per-peer")
+        limit(r.limits.max_subscriptions, "--max-subscriptions-per-peer"),
+        match r.limits.update_rate {
+            Some(rate) => format!("{}/s (burst {})", rate.per_second, rate.burst),
+            None => "global --max-updates-per-second".into(),
+        }
     );
     let _ = writeln!(
         out,

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalbond_policy::PolicyStore;
+use metalbond_policy::{PolicyStore, UpdateRate};
 use metalbond_server::{PeerLimits, Server, ServerConfig, ServerError, ServerStatusSource};
 use metalbond_wire::defaults;
 
@@ -66,6 +66,16 @@ pub struct ServerArgs {
     /// VNIs one peer may subscribe to at once; one more closes that peer.
     #[arg(long, default_value_t = defaults::MAX_SUBSCRIPTIONS_PER_PEER)]
     pub max_subscriptions_per_peer: usize,
+    /// UPDATEs one peer may send per second (0: no limit). A peer above it
+    /// is read more slowly (TCP back-pressure): nothing is dropped, its
+    /// subscribers get every change later, its session stays up. A policy
+    /// rule's `limits.max_updates_per_second` replaces it.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_updates_per_second: u32,
+    /// UPDATEs a peer may send at once before --max-updates-per-second
+    /// applies (default: one second's worth).
+    #[arg(long, value_name = "N")]
+    pub update_burst: Option<u32>,
     /// Seconds a new connection has to complete its handshake (HELLO, then
     /// the first KEEPALIVE) before it is closed; 0 leaves only the keepalive
     /// hold timer (2.5 × interval).
@@ -121,6 +131,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 .then(|| Duration::from_secs(a.write_stall_timeout)),
             max_routes_per_peer: a.max_routes_per_peer,
             max_subscriptions_per_peer: a.max_subscriptions_per_peer,
+            update_rate: (a.max_updates_per_second > 0).then(|| UpdateRate {
+                per_second: a.max_updates_per_second,
+                burst: a.update_burst.unwrap_or(a.max_updates_per_second).max(1),
+            }),
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
         };

@@ -187,6 +187,7 @@ impl StatusSource for ClientStatusSource {
                     routes_stale: Some(core.present.stale_held_by(*id) as u64),
                     policy_rule: None,
                     tcp_md5: Some(s.md5),
+                    throttled: None,
                 }
             })
             .collect()

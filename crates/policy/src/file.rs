@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::rule::{
     AnnounceGrant, NextHopAddrs, NextHopTypes, OnViolation, Rule, RuleAuth, RuleCounters,
-    RuleLimits, TargetVnis, VniSet,
+    RuleLimits, TargetVnis, UpdateRate, VniSet,
 };
 use super::Policy;
 use ipnet::Ipv4Net;
@@ -164,6 +164,11 @@ struct LimitsFile {
     max_routes: Option<usize>,
     /// Subscriptions at once.
     max_subscriptions: Option<usize>,
+    /// UPDATEs a peer may send per second (beyond `burst`, its socket is
+    /// read more slowly; nothing is dropped).
+    max_updates_per_second: Option<u32>,
+    /// UPDATEs a peer may send at once before the rate applies.
+    burst: Option<u32>,
 }
 
 /// `on_violation:` as written.
@@ -433,7 +438,14 @@ fn compile_rule(
         .enumerate()
         .map(|(j, g)| compile_grant(&format!("announce[{j}]"), g, warn))
         .collect::<Result<Vec<_>, _>>()?;
-    if r.limits.max_routes == Some(0) || r.limits.max_subscriptions == Some(0) {
+    if r.limits.burst.is_some() && r.limits.max_updates_per_second.is_none() {
+        return Err("limits: `burst` needs `max_updates_per_second`".into());
+    }
+    if r.limits.max_routes == Some(0)
+        || r.limits.max_subscriptions == Some(0)
+        || r.limits.max_updates_per_second == Some(0)
+        || r.limits.burst == Some(0)
+    {
         return Err(
             "limits must be positive (to forbid, leave `announce` / `subscribe` out)".into(),
         );
@@ -457,6 +469,13 @@ fn compile_rule(
         limits: RuleLimits {
             max_routes: r.limits.max_routes,
             max_subscriptions: r.limits.max_subscriptions,
+            update_rate: r
+                .limits
+                .max_updates_per_second
+                .map(|per_second| UpdateRate {
+                    per_second,
+                    burst: r.limits.burst.unwrap_or(per_second),
+                }),
         },
         on_violation: match r.on_violation {
             ViolationFile::Refuse => OnViolation::Refuse,

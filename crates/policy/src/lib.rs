@@ -39,7 +39,7 @@ use std::time::SystemTime;
 pub use file::{PolicyError, FORMAT_VERSION};
 pub use peer::{PeerPolicy, Verdict};
 pub use refusal_log::RefusalLog;
-pub use rule::{Denial, OnViolation, Rule, RuleAuth, RuleCounters, TargetVnis, VniSet};
+pub use rule::{Denial, OnViolation, Rule, RuleAuth, RuleCounters, TargetVnis, UpdateRate, VniSet};
 
 /// A compiled policy: rules in file order, first match wins; no match
 /// denies.
@@ -214,6 +214,8 @@ impl PolicyStore {
                 .filter(|(_, n)| *n > 0)
                 .collect(),
             withdrawn: c.withdrawn_count(),
+            updates_admitted: c.admitted_count(),
+            throttled_seconds: c.throttled_seconds(),
         };
         let mut rules: Vec<RuleStatus> = policy
             .rules

@@ -138,6 +138,16 @@ impl PeerPolicy {
         self.rule.limits.max_subscriptions
     }
 
+    /// The rule's update rate, replacing `--max-updates-per-second`.
+    pub fn update_rate(&self) -> Option<crate::UpdateRate> {
+        self.rule.limits.update_rate
+    }
+
+    /// The rule's counters (shared across reloads by rule name).
+    pub fn counters(&self) -> &std::sync::Arc<crate::RuleCounters> {
+        &self.rule.counters
+    }
+
     /// Where a limit of the rule is set (`key`: `max_routes`,
     /// `max_subscriptions`), for the close reason of a peer above it.
     pub fn limit_origin(&self, key: &str) -> String {

@@ -281,6 +281,19 @@ pub struct RuleLimits {
     pub max_routes: Option<usize>,
     /// VNIs a peer may subscribe to at once.
     pub max_subscriptions: Option<usize>,
+    /// UPDATEs a peer may send: replaces `--max-updates-per-second`.
+    pub update_rate: Option<UpdateRate>,
+}
+
+/// A per-peer update rate: a token bucket of `burst` UPDATEs refilled at
+/// `per_second`. A peer over it is read more slowly (TCP back-pressure);
+/// nothing it sends is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateRate {
+    /// Sustained UPDATEs per second (≥ 1).
+    pub per_second: u32,
+    /// UPDATEs at once (≥ 1).
+    pub burst: u32,
 }
 
 /// Counters of one rule name; kept across reloads (a rule keeps its name),
@@ -293,6 +306,10 @@ pub struct RuleCounters {
     denied: [AtomicU64; Denial::ALL.len()],
     /// Routes withdrawn because a reload no longer allowed them.
     withdrawn: AtomicU64,
+    /// UPDATEs admitted under an update rate.
+    admitted: AtomicU64,
+    /// Microseconds peers spent waiting for their update rate.
+    throttled_micros: AtomicU64,
 }
 
 impl RuleCounters {
@@ -304,6 +321,26 @@ impl RuleCounters {
     pub fn denied(&self, why: Denial) {
         self.denied[why.slot()].fetch_add(1, Ordering::Relaxed);
     }
+    /// `n` UPDATEs were admitted under the update rate, after waiting
+    /// `waited` for it.
+    pub fn rate_limited(&self, n: u64, waited: std::time::Duration) {
+        self.admitted.fetch_add(n, Ordering::Relaxed);
+        if !waited.is_zero() {
+            self.throttled_micros
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// UPDATEs admitted under an update rate.
+    pub fn admitted_count(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Seconds peers spent waiting for their update rate.
+    pub fn throttled_seconds(&self) -> f64 {
+        self.throttled_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
     /// `n` routes were withdrawn by a reload.
     pub fn withdrawn(&self, n: u64) {
         self.withdrawn.fetch_add(n, Ordering::Relaxed);

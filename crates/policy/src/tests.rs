@@ -494,3 +494,33 @@ fn a_world_readable_missing_or_conflicting_key_is_refused_naming_the_rule() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_update_rate_is_a_positive_rate_with_a_burst_defaulting_to_one_second() {
+    let with = |limits: &str| {
+        Policy::from_yaml(
+            "t",
+            &format!(
+                "version: 1\nrules:\n  - name: r\n    peers: [10.0.0.0/8]\n    limits: {limits}\n"
+            ),
+        )
+    };
+    let p = with("{ max_updates_per_second: 1000 }").unwrap();
+    assert_eq!(
+        p.rules[0].limits.update_rate,
+        Some(UpdateRate {
+            per_second: 1000,
+            burst: 1000
+        })
+    );
+    let p = with("{ max_updates_per_second: 10, burst: 50 }").unwrap();
+    assert_eq!(p.rules[0].limits.update_rate.map(|r| r.burst), Some(50));
+    for bad in [
+        "{ burst: 5 }",
+        "{ max_updates_per_second: 0 }",
+        "{ max_updates_per_second: 5, burst: 0 }",
+    ] {
+        let e = with(bad).unwrap_err().to_string();
+        assert!(e.contains("rule 1"), "{bad}: {e}");
+    }
+}

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalbond_policy::{PolicyError, PolicyStore};
+use metalbond_policy::{PolicyError, PolicyStore, UpdateRate};
 use metalbond_wire::defaults;
 
 /// Longest `--peer-grace`: a day (a departed peer's routes held longer
@@ -45,6 +45,9 @@ pub struct PeerLimits {
     /// Time a new connection has to reach ESTABLISHED (`None`: only the
     /// hold timer applies).
     pub handshake_timeout: Option<Duration>,
+    /// UPDATEs one peer may send (`None`: no limit); a policy rule's
+    /// `limits.max_updates_per_second` replaces it.
+    pub update_rate: Option<UpdateRate>,
 }
 
 impl Default for PeerLimits {
@@ -56,6 +59,7 @@ impl Default for PeerLimits {
             max_routes_per_peer: defaults::MAX_ROUTES_PER_PEER,
             max_subscriptions_per_peer: defaults::MAX_SUBSCRIPTIONS_PER_PEER,
             handshake_timeout: Some(defaults::HANDSHAKE_TIMEOUT),
+            update_rate: None,
         }
     }
 }

@@ -350,6 +350,7 @@ impl GraceHolds {
                     bytes_out: 0,
                     queued_bytes: 0,
                     coalesced_routes: 0,
+                    throttled: false,
                     connected_since: e.departed,
                     grace_left: Some(e.deadline.saturating_duration_since(now)),
                 })

@@ -42,6 +42,7 @@ use super::local_event::LocalEvent;
 use super::owner::{OwnerInput, ShardDelivery};
 use super::route_set::RouteSet;
 use super::snapshot::PeerInfo;
+use super::update_budget::UpdateBudget;
 use super::PeerId;
 use metalbond_policy::{PeerPolicy, Verdict};
 use metalbond_wire::codec::{FrameDecoder, Message};
@@ -73,6 +74,8 @@ pub(crate) struct PeerConn {
     subscribed: RefCell<BTreeMap<Vni, Subscription>>,
     /// SUBSCRIBEs so far (wrapping): numbers each subscription.
     subscribe_count: Cell<u32>,
+    /// Waiting for its update rate (`UpdateBudget`) now: `/peers` says so.
+    throttled: Cell<bool>,
     /// When the connection was accepted.
     connected_since: SystemTime,
 }
@@ -91,6 +94,7 @@ impl PeerConn {
             routes_announced: Cell::new(0),
             subscribed: RefCell::new(BTreeMap::new()),
             subscribe_count: Cell::new(0),
+            throttled: Cell::new(false),
             connected_since: SystemTime::now(),
         }
     }
@@ -183,6 +187,7 @@ impl PeerConn {
             bytes_out: traffic.bytes_out,
             queued_bytes: out.queued_bytes(),
             coalesced_routes: out.coalesced_len(),
+            throttled: self.throttled.get(),
             connected_since: self.connected_since,
             grace_left: None,
         }
@@ -224,6 +229,9 @@ struct ReaderState {
     /// routing message (work for an owner): the reader is subject to
     /// back-pressure before its next read.
     routed: bool,
+    /// The peer's update rate, if one applies (a rule's, or the server's
+    /// `--max-updates-per-second`). Boxed: most sessions have none.
+    update_budget: Option<Box<UpdateBudget>>,
 }
 
 /// The session of a freshly accepted connection, from the handshake to
@@ -287,6 +295,7 @@ fn start(
             }
         },
     };
+    let update_budget = update_budget_for(shard, policy.as_deref(), now);
     let rs = ReaderState {
         session,
         handshake: Some(shard.admission().enter_handshake(conn.id)),
@@ -295,8 +304,61 @@ fn start(
         withdrawing: Vec::new(),
         policy,
         routed: false,
+        update_budget,
     };
     (rs, reader, writer_task)
+}
+
+/// The update rate a session is held to: its rule's, else the server's
+/// (`--max-updates-per-second`), else none.
+fn update_budget_for(
+    shard: &ShardContext,
+    policy: Option<&PeerPolicy>,
+    now: Instant,
+) -> Option<Box<UpdateBudget>> {
+    let rate = policy
+        .and_then(PeerPolicy::update_rate)
+        .or(shard.config().limits.update_rate)?;
+    let counters = policy.map(|p| p.counters().clone());
+    Some(Box::new(UpdateBudget::new(rate, counters, now)))
+}
+
+/// Takes a token of the peer's update rate for one UPDATE, waiting for it
+/// (and reading nothing meanwhile) when there is none; `Err` if the
+/// connection closed while waiting. Boxed by the caller only when a wait
+/// is needed, so the read loop's future stays small.
+async fn throttle(
+    shard: &ShardContext,
+    conn: &PeerConn,
+    budget: &mut UpdateBudget,
+    mut wait: Duration,
+) -> Result<(), CloseReason> {
+    conn.throttled.set(true);
+    loop {
+        let started = Instant::now();
+        let closed = conn.io.close_event().wait();
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(wait).await;
+            },
+            closed,
+        )
+        .await;
+        budget.waited(started.elapsed());
+        if let Some(reason) = conn.io.close_reason() {
+            conn.throttled.set(false);
+            return Err(reason);
+        }
+        match budget.take(Instant::now()) {
+            Ok(()) => break,
+            Err(more) => wait = more,
+        }
+    }
+    conn.throttled.set(false);
+    if let Some((admitted, waited)) = budget.flush() {
+        shard.counters().rate_limited(admitted, waited);
+    }
+    Ok(())
 }
 
 /// The exactly-once cleanup of a session whose read loop ended and whose
@@ -505,6 +567,21 @@ async fn read_loop(
                         Ok(None) => break None,
                         Ok(Some(msg)) => {
                             frames += 1;
+                            if let (Message::Update { .. }, Some(budget)) =
+                                (&msg, rs.update_budget.as_deref_mut())
+                            {
+                                if let Err(wait) = budget.take(Instant::now()) {
+                                    let waited =
+                                        Box::pin(throttle(shard, conn, budget, wait)).await;
+                                    if let Err(reason) = waited {
+                                        break Some(reason);
+                                    }
+                                } else if budget.due() {
+                                    if let Some((admitted, waited)) = budget.flush() {
+                                        shard.counters().rate_limited(admitted, waited);
+                                    }
+                                }
+                            }
                             if let Err(reason) = on_message(shard, conn, rs, msg) {
                                 break Some(reason);
                             }
@@ -649,6 +726,13 @@ fn reapply_policy(
                 vni: *vni,
             },
         );
+    }
+    let rate = policy.update_rate().or(shard.config().limits.update_rate);
+    if rate != rs.update_budget.as_ref().map(|b| b.rate()) {
+        if let Some((admitted, waited)) = rs.update_budget.as_mut().and_then(|b| b.flush()) {
+            shard.counters().rate_limited(admitted, waited);
+        }
+        rs.update_budget = update_budget_for(shard, Some(&policy), Instant::now());
     }
     policy.rule().counters.withdrawn(withdrawn as u64);
     tracing::info!(

@@ -83,6 +83,11 @@ pub struct ShardCounters {
     /// Connections accepted and closed at once: `--max-peers` reached with
     /// every place held by an established session (nobody to evict).
     connections_refused: AtomicU64,
+    /// UPDATEs admitted under `--max-updates-per-second` (sessions
+    /// without a policy rule; a rule counts its own).
+    rate_admitted: AtomicU64,
+    /// Microseconds those sessions waited for their update rate.
+    rate_throttled_micros: AtomicU64,
     /// Disconnects by cause.
     disconnects: DisconnectCounters,
     /// Time from the owner taking a change to the fan-out batch carrying it
@@ -134,6 +139,12 @@ impl ShardCounters {
         add(&self.bytes_written, bytes as u64);
         add(&self.write_calls, calls as u64);
     }
+    /// Sessions without a policy rule: `admitted` UPDATEs passed their
+    /// update rate after waiting `waited` in all.
+    pub(crate) fn rate_limited(&self, admitted: u64, waited: std::time::Duration) {
+        add(&self.rate_admitted, admitted);
+        add(&self.rate_throttled_micros, waited.as_micros() as u64);
+    }
     /// One read of `bytes` bytes from a peer, `frames` frames decoded.
     pub(crate) fn read(&self, frames: u64, bytes: usize) {
         add(&self.frames_read, frames);
@@ -178,6 +189,8 @@ impl ShardCounters {
             coalesce_episodes: get(&self.coalesce_episodes),
             shard_batches_in: get(&self.shard_batches_in),
             connections_refused: get(&self.connections_refused),
+            rate_admitted: get(&self.rate_admitted),
+            rate_throttled_micros: get(&self.rate_throttled_micros),
             grace_routes,
             disconnects: DisconnectCounts {
                 eof: get(&d.eof),
@@ -282,6 +295,11 @@ pub struct ShardStats {
     /// Connections refused because `--max-peers` was reached (accepted and
     /// closed at once; not counted as peers or disconnects).
     pub connections_refused: u64,
+    /// UPDATEs admitted under `--max-updates-per-second` (sessions without
+    /// a policy rule).
+    pub rate_admitted: u64,
+    /// Microseconds those sessions waited for their update rate.
+    pub rate_throttled_micros: u64,
     /// Routes of departed peers held for `--peer-grace` now (what their
     /// ghosts still hold: not what a successor took over).
     pub grace_routes: u64,
@@ -333,6 +351,8 @@ pub struct PeerInfo {
     pub queued_bytes: usize,
     /// Route changes coalesced for it and not yet written (slow peer).
     pub coalesced_routes: usize,
+    /// Waiting for its update rate now (its socket read more slowly).
+    pub throttled: bool,
     /// When the connection was accepted; for a departed peer whose routes
     /// are held (`grace_left` is set), when its session ended.
     pub connected_since: SystemTime,

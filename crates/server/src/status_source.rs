@@ -234,8 +234,24 @@ impl StatusSource for ServerStatusSource {
                 s.peers_established + s.peers_handshaking
             }),
         ];
-        if let Some(policy) = self.handle.policy() {
-            extra.extend(policy_families(&policy.status()));
+        match self.handle.policy() {
+            Some(policy) => extra.extend(policy_families(&policy.status())),
+            None => {
+                // `--max-updates-per-second` without a policy: one series.
+                let admitted: u64 = stats.shards.iter().map(|s| s.rate_admitted).sum();
+                let micros: u64 = stats.shards.iter().map(|s| s.rate_throttled_micros).sum();
+                if admitted > 0 || micros > 0 {
+                    let label = [("rule", metalbond_telemetry::status::NO_POLICY_LABEL)];
+                    extra.push(MetricFamily::of(
+                        &families::UPDATE_RATE_ADMITTED,
+                        vec![MetricSample::new(&label, admitted)],
+                    ));
+                    extra.push(MetricFamily::of(
+                        &families::UPDATE_RATE_THROTTLED,
+                        vec![MetricSample::float(&label, micros as f64 / 1e6)],
+                    ));
+                }
+            }
         }
 
         MetricsView {
@@ -274,7 +290,16 @@ fn policy_families(p: &metalbond_telemetry::status::PolicyStatus) -> Vec<MetricF
     let mut denied = Vec::new();
     let mut hits = Vec::new();
     let mut withdrawn = Vec::new();
+    let mut admitted = Vec::new();
+    let mut throttled = Vec::new();
     for r in &p.rules {
+        if r.updates_admitted > 0 || r.throttled_seconds > 0.0 {
+            admitted.push(MetricSample::new(&[("rule", &r.name)], r.updates_admitted));
+            throttled.push(MetricSample::float(
+                &[("rule", &r.name)],
+                r.throttled_seconds,
+            ));
+        }
         for (reason, n) in &r.denied {
             denied.push(MetricSample::new(
                 &[("rule", &r.name), ("reason", reason)],
@@ -292,6 +317,8 @@ fn policy_families(p: &metalbond_telemetry::status::PolicyStatus) -> Vec<MetricF
         MetricFamily::of(&families::POLICY_DENIED, denied),
         MetricFamily::of(&families::POLICY_RULE_HITS, hits),
         MetricFamily::of(&families::POLICY_WITHDRAWN, withdrawn),
+        MetricFamily::of(&families::UPDATE_RATE_ADMITTED, admitted),
+        MetricFamily::of(&families::UPDATE_RATE_THROTTLED, throttled),
         MetricFamily::of(
             &families::POLICY_INFO,
             vec![MetricSample::new(
@@ -333,5 +360,6 @@ fn peer_view(p: PeerInfo) -> PeerView {
         routes_stale: None,
         policy_rule: None,
         tcp_md5: None,
+        throttled: Some(p.throttled),
     }
 }

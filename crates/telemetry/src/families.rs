@@ -293,6 +293,22 @@ pub const POLICY_WITHDRAWN: Family = family(
     &["rule"],
     Server,
 );
+/// `metalbond_update_rate_admitted_total{rule}` (with an update rate).
+pub const UPDATE_RATE_ADMITTED: Family = family(
+    "metalbond_update_rate_admitted_total",
+    "UPDATEs admitted under a per-peer update rate (--max-updates-per-second or the rule's limits.max_updates_per_second), per rule (\"(no policy)\" without --policy).",
+    Counter,
+    &["rule"],
+    Server,
+);
+/// `metalbond_update_rate_throttled_seconds_total{rule}` (with an update rate).
+pub const UPDATE_RATE_THROTTLED: Family = family(
+    "metalbond_update_rate_throttled_seconds_total",
+    "Seconds peers spent waiting for their update rate (their sockets read more slowly, nothing dropped), per rule.",
+    Counter,
+    &["rule"],
+    Server,
+);
 /// `metalbond_policy_info{revision,format_version}` (with `--policy`).
 pub const POLICY_INFO: Family = family(
     "metalbond_policy_info",
@@ -364,6 +380,8 @@ pub const ALL: &[Family] = &[
     POLICY_DENIED,
     POLICY_RULE_HITS,
     POLICY_WITHDRAWN,
+    UPDATE_RATE_ADMITTED,
+    UPDATE_RATE_THROTTLED,
     POLICY_INFO,
     POLICY_GENERATION,
     POLICY_RELOAD_FAILURES,

@@ -503,6 +503,11 @@ pub struct PeerView {
     /// likely key mismatch; left out on the server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_md5: Option<bool>,
+    /// Server: the peer is waiting for its update rate now (its socket
+    /// is read more slowly: `--max-updates-per-second`, a rule's
+    /// `limits.max_updates_per_second`); left out on the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<bool>,
 }
 
 fn ser_state<S: Serializer>(state: &SessionState, s: S) -> Result<S::Ok, S::Error> {
@@ -654,6 +659,17 @@ impl MetricFamily {
 }
 
 impl MetricSample {
+    /// A sample with a fractional value (seconds).
+    pub fn float(labels: &[(&str, &str)], value: f64) -> MetricSample {
+        MetricSample {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value,
+        }
+    }
+
     /// A sample with `labels` (name, value) and an integer value.
     pub fn new(labels: &[(&str, &str)], value: u64) -> MetricSample {
         MetricSample {
@@ -697,6 +713,10 @@ pub struct PolicyStatus {
 /// contain parentheses or spaces, so it never collides with one).
 pub const NO_RULE_LABEL: &str = "(no rule)";
 
+/// `rule` label of the update-rate counters of a server without a policy
+/// (`--max-updates-per-second` alone).
+pub const NO_POLICY_LABEL: &str = "(no policy)";
+
 /// One rule's counts.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RuleStatus {
@@ -710,6 +730,10 @@ pub struct RuleStatus {
     pub denied: std::collections::BTreeMap<&'static str, u64>,
     /// Routes withdrawn because a reload no longer allowed them.
     pub withdrawn: u64,
+    /// UPDATEs admitted under the rule's (or the server's) update rate.
+    pub updates_admitted: u64,
+    /// Seconds its peers spent waiting for their update rate.
+    pub throttled_seconds: f64,
 }
 
 fn ser_loaded_at<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

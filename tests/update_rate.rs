@@ -1,0 +1,207 @@
+//! The per-peer update rate (`--max-updates-per-second`) with a real
+//! server process: a peer flapping one route far faster than its rate is
+//! slowed (its socket read more slowly), never cut off and never loses a
+//! message; its subscriber ends with the exact final state; a bystander
+//! on the same shard is not queued behind it; `/api/v1/peers` shows it
+//! throttled and `/metrics` counts what was admitted and how long it
+//! waited.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use metalbond_test_support::http as http_support;
+use metalbond_test_support::process::{free_port, server, wait_listening, CollectedLines};
+use metalbond_test_support::server::{add, apply, remove, route, TestPeer};
+use metalbond_wire::codec::Message;
+use metalbond_wire::types::{Route, Vni};
+
+/// Updates the flapper sends: ADD, REMOVE, ..., ending with ADD.
+const FLAPS: usize = 4001;
+/// The server's rate: FLAPS take at least (FLAPS - burst) / rate seconds.
+const RATE: u32 = 1000;
+
+fn subscriber(addr: std::net::SocketAddr, vni: u32) -> TestPeer {
+    let (p, _) = TestPeer::established(addr, 1);
+    p.keep_alive(Duration::from_millis(500));
+    p.send(&Message::Subscribe(Vni::new(vni).unwrap()));
+    p
+}
+
+/// Applies the updates that arrive until none came for `quiet`.
+fn drain(p: &mut TestPeer, state: &mut BTreeSet<Route>, quiet: Duration) {
+    while let Some((a, r)) = p.recv_update(quiet) {
+        apply(state, a, r);
+    }
+}
+
+#[test]
+fn a_peer_over_its_update_rate_is_slowed_not_cut_and_nothing_is_lost() {
+    let addr = free_port("127.0.0.1");
+    let http = free_port("127.0.0.1");
+    let mut srv = server(&[
+        "--listen",
+        &addr.to_string(),
+        "--http",
+        &http.to_string(),
+        "--shards",
+        "1",
+        "--keepalive",
+        "1",
+        "--max-updates-per-second",
+        &RATE.to_string(),
+    ]);
+    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
+    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let mut sub = subscriber(addr, 23);
+    let mut watcher = subscriber(addr, 24);
+    let (bystander, _) = TestPeer::established(addr, 1);
+    bystander.keep_alive(Duration::from_millis(500));
+    let (mut flapper, _) = TestPeer::established(addr, 1);
+    flapper.keep_alive(Duration::from_millis(500));
+
+    let r = route(23, 1, 1);
+    let flaps: Vec<Message> = (0..FLAPS)
+        .map(|i| if i % 2 == 0 { add(r) } else { remove(r) })
+        .collect();
+    let started = Instant::now();
+    flapper.send_all(&flaps);
+
+    // While it is slowed: /api/v1/peers says so, and a bystander's route
+    // on the same shard goes straight through.
+    let mut throttled_seen = false;
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = http_support::get(&format!("http://{http}/api/v1/peers")).2;
+        let peers: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let any = peers["peers"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["throttled"] == true));
+        if any {
+            throttled_seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        throttled_seen,
+        "the flapper shows as throttled: {body}\n{}",
+        log.text()
+    );
+    let b = route(24, 2, 2);
+    let sent = Instant::now();
+    bystander.send(&add(b));
+    assert_eq!(
+        watcher.recv_update(Duration::from_secs(10)),
+        Some((metalbond_wire::Action::Add, b))
+    );
+    let bystander_latency = sent.elapsed();
+
+    // Every flap is handled (the KEEPALIVE behind them is answered), at
+    // the rate: the first `burst` (one second's worth) at once, the rest
+    // at RATE per second.
+    flapper.sync_point();
+    let took = started.elapsed();
+    let least = Duration::from_secs_f64((FLAPS as f64 - f64::from(RATE)) / f64::from(RATE));
+    assert!(
+        took >= least.mul_f64(0.95),
+        "{FLAPS} updates at {RATE}/s took {took:?}: not slowed"
+    );
+    assert!(
+        bystander_latency < least / 2,
+        "the bystander waited {bystander_latency:?} (the flapper's backlog: {least:?})"
+    );
+    let mut state = BTreeSet::new();
+    drain(&mut sub, &mut state, Duration::from_millis(700));
+    assert_eq!(state, BTreeSet::from([r]), "the final state, once each");
+    assert!(!flapper.closed_within(Duration::from_millis(10)));
+    assert!(
+        !log.text().contains("no keepalive from peer"),
+        "the slowed session was not timed out\n{}",
+        log.text()
+    );
+    let (_, _, metrics) = http_support::get(&format!("http://{http}/metrics"));
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert!(
+        value("metalbond_update_rate_admitted_total{rule=\"(no policy)\"}") >= FLAPS as f64,
+        "{metrics}"
+    );
+    assert!(
+        value("metalbond_update_rate_throttled_seconds_total{rule=\"(no policy)\"}")
+            >= least.as_secs_f64() * 0.5,
+        "{metrics}"
+    );
+    println!(
+        "{FLAPS} flaps at {RATE}/s handled in {took:?}; bystander latency meanwhile {bystander_latency:?}"
+    );
+}
+
+/// A policy rule's `limits.max_updates_per_second` / `burst` replace the
+/// server's flag for its peers, and are counted under the rule's name.
+#[test]
+fn a_rules_update_rate_applies_to_its_peers_and_is_counted_under_its_name() {
+    let dir = std::env::temp_dir().join(format!("mb-rate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\nrules:\n  - name: flappy\n    peers: [127.0.0.0/8]\n    subscribe: [23]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 500, burst: 100 }\n",
+    )
+    .unwrap();
+    let addr = free_port("127.0.0.1");
+    let http = free_port("127.0.0.1");
+    let mut srv = server(&[
+        "--listen",
+        &addr.to_string(),
+        "--http",
+        &http.to_string(),
+        "--keepalive",
+        "1",
+        "--max-updates-per-second",
+        "100000",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
+    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let mut sub = subscriber(addr, 23);
+    let (mut flapper, _) = TestPeer::established(addr, 1);
+    flapper.keep_alive(Duration::from_millis(500));
+    let r = route(23, 1, 1);
+    let flaps: Vec<Message> = (0..1101)
+        .map(|i| if i % 2 == 0 { add(r) } else { remove(r) })
+        .collect();
+    let started = Instant::now();
+    flapper.send_all(&flaps);
+    flapper.sync_point();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "1,000 updates beyond the burst at the rule's 500/s took {took:?}\n{}",
+        log.text()
+    );
+    let mut state = BTreeSet::new();
+    drain(&mut sub, &mut state, Duration::from_millis(700));
+    assert_eq!(state, BTreeSet::from([r]));
+    let (_, _, metrics) = http_support::get(&format!("http://{http}/metrics"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("metalbond_update_rate_admitted_total{rule=\"flappy\"} ")),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("metalbond_update_rate_throttled_seconds_total{rule=\"flappy\"} ")),
+        "{metrics}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
