@@ -205,3 +205,167 @@ fn a_rules_update_rate_applies_to_its_peers_and_is_counted_under_its_name() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Latency percentiles (p50, p99, max) of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// A bystander's route changes, one every 20 ms for `length`, each timed
+/// from the send to its arrival at the watcher.
+fn bystander_latencies(
+    bystander: &TestPeer,
+    watcher: &mut TestPeer,
+    length: Duration,
+) -> Vec<Duration> {
+    let b = route(24, 2, 2);
+    let mut out = Vec::new();
+    let end = Instant::now() + length;
+    let mut present = false;
+    while Instant::now() < end {
+        let sent = Instant::now();
+        bystander.send(&if present { remove(b) } else { add(b) });
+        present = !present;
+        match watcher.recv_update(Duration::from_secs(5)) {
+            Some((_, r)) if r == b => out.push(sent.elapsed()),
+            other => panic!(
+                "bystander's change {} lost after {:?}: {other:?}",
+                out.len(),
+                sent.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if present {
+        // Leave the route withdrawn, as found.
+        bystander.send(&remove(b));
+        assert_eq!(
+            watcher.recv_update(Duration::from_secs(5)),
+            Some((metalbond_wire::Action::Remove, b))
+        );
+    }
+    out
+}
+
+/// Measurement (figures in BENCHMARKS.md, "Session protection"): a peer
+/// offering 100,000 updates/s of one route for 10 s against a policy
+/// rule of 1,000/s, on the same shard as a bystander whose route changes
+/// every 20 ms; the bystander's latency before and during the flood, and
+/// the subscriber's exact final state. Run: `cargo test --release --test
+/// update_rate -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand; figures in BENCHMARKS.md"]
+fn bystander_latency_next_to_a_peer_flapping_at_100k_per_second() {
+    let dir = std::env::temp_dir().join(format!("mb-rate-m-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\nrules:\n  - name: flapper\n    peers: [127.0.0.2/32]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 1000 }\n  - name: fleet\n    peers: [127.0.0.0/8]\n    subscribe: [23, 24]\n    announce:\n      - vnis: [24]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n",
+    )
+    .unwrap();
+    let addr = free_port("127.0.0.1");
+    let http = free_port("127.0.0.1");
+    let mut srv = server(&[
+        "--listen",
+        &addr.to_string(),
+        "--http",
+        &http.to_string(),
+        "--shards",
+        "1",
+        "--keepalive",
+        "1",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
+    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let mut sub = subscriber(addr, 23);
+    let mut watcher = subscriber(addr, 24);
+    let (bystander, _) = TestPeer::established(addr, 1);
+    bystander.keep_alive(Duration::from_millis(500));
+    let baseline = bystander_latencies(&bystander, &mut watcher, Duration::from_secs(3));
+
+    let mut flapper = TestPeer::connect_from(addr, "127.0.0.2".parse().unwrap());
+    // A small send buffer, so the backlog left when the flood stops is
+    // seconds, not minutes, at 1,000/s.
+    socket2::SockRef::from(&*flapper.writer_clone().lock().unwrap())
+        .set_send_buffer_size(64 << 10)
+        .unwrap();
+    flapper.handshake(1);
+    flapper.keep_alive(Duration::from_millis(500));
+    let r = route(23, 1, 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let flapper = flapper.writer_clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // 1,000 updates every 10 ms: 100,000/s offered; the writes
+            // block once the server stops reading (TCP back-pressure).
+            let batch: Vec<Message> = (0..1000)
+                .map(|i| if i % 2 == 0 { add(r) } else { remove(r) })
+                .collect();
+            let mut bytes = Vec::new();
+            for m in &batch {
+                bytes.extend_from_slice(&metalbond_test_support::server::frame(m));
+            }
+            let mut offered = 0u64;
+            let started = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = started + Duration::from_millis(10) * (offered / 1000) as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if std::io::Write::write_all(&mut *flapper.lock().unwrap(), &bytes).is_err() {
+                    break;
+                }
+                offered += 1000;
+            }
+            // End on an ADD: the final state has the route.
+            let _ = std::io::Write::write_all(
+                &mut *flapper.lock().unwrap(),
+                &metalbond_test_support::server::frame(&add(r)),
+            );
+            (offered + 1, started.elapsed())
+        })
+    };
+    let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bystander_latencies(&bystander, &mut watcher, Duration::from_secs(10))
+    }))
+    .unwrap_or_else(|_| {
+        let peers = http_support::get(&format!("http://{http}/api/v1/peers")).2;
+        let metrics = http_support::get(&format!("http://{http}/metrics")).2;
+        let queues: Vec<&str> = metrics.lines().filter(|l| l.contains("queue")).collect();
+        panic!(
+            "server log:\n{}\npeers: {peers}\nqueues: {queues:#?}",
+            log.text()
+        )
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (written, writing) = flooding.join().unwrap();
+    // The flapper's backlog (what TCP buffered) is admitted at 1,000/s:
+    // the subscriber is quiet once it is through.
+    let drained = Instant::now();
+    let mut state = BTreeSet::new();
+    drain(&mut sub, &mut state, Duration::from_millis(1500));
+    let backlog = drained.elapsed();
+    assert!(
+        !flapper.closed_within(Duration::from_millis(1)),
+        "the flapper was cut off"
+    );
+    assert_eq!(state, BTreeSet::from([r]), "the exact final state");
+    let (b50, b99, bmax) = percentiles(baseline);
+    let (d50, d99, dmax) = percentiles(during);
+    println!(
+        "flapper wrote {written} updates in {writing:?} ({:.0}/s accepted by TCP) against 1,000/s",
+        written as f64 / writing.as_secs_f64()
+    );
+    println!("bystander latency alone:        p50 {b50:?} p99 {b99:?} max {bmax:?}");
+    println!("bystander latency next to it:   p50 {d50:?} p99 {d99:?} max {dmax:?}");
+    println!(
+        "backlog admitted after the flood stopped: {backlog:?}; subscriber final state: {state:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

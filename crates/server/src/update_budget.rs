@@ -22,6 +22,9 @@ use metalbond_policy::{RuleCounters, UpdateRate};
 
 /// UPDATEs counted locally before they are added to the shared counters.
 const FLUSH_EVERY: u64 = 1024;
+/// Shortest wait for tokens: a few of them per timer wake-up (2 at
+/// 1,000/s), short against any rate.
+const MIN_WAIT: Duration = Duration::from_millis(2);
 
 /// One peer's bucket.
 pub(crate) struct UpdateBudget {
@@ -74,9 +77,14 @@ impl UpdateBudget {
             return Ok(());
         }
         let missing = 1.0 - self.tokens;
-        Err(Duration::from_secs_f64(
-            missing / f64::from(self.rate.per_second),
-        ))
+        let until_one = Duration::from_secs_f64(missing / f64::from(self.rate.per_second));
+        // Tokens come in batches of MIN_WAIT's worth: one timer wake-up
+        // per token would cost the shard 1,000 wake-ups a second per slowed
+        // peer at 1,000/s. At most the time to refill the whole burst (a
+        // bucket of one at 1,000/s would otherwise be held to 500/s).
+        let refill =
+            Duration::from_secs_f64(f64::from(self.rate.burst) / f64::from(self.rate.per_second));
+        Err(until_one.max(MIN_WAIT.min(refill)))
     }
 
     /// The peer waited `d` for a token.
@@ -121,15 +129,26 @@ mod tests {
         let mut b = UpdateBudget::new(rate, Some(counters.clone()), t0);
         assert!(b.take(t0).is_ok() && b.take(t0).is_ok() && b.take(t0).is_ok());
         let wait = b.take(t0).unwrap_err();
-        assert!(
-            wait > Duration::from_micros(900) && wait <= Duration::from_millis(1),
-            "{wait:?}"
+        assert_eq!(
+            wait, MIN_WAIT,
+            "at least MIN_WAIT, not the 1 ms to one token"
         );
         assert!(
             b.take(t0 + Duration::from_millis(1)).is_ok(),
             "one token a millisecond"
         );
         assert!(b.take(t0 + Duration::from_millis(1)).is_err());
+        // A bucket of one refills in less than MIN_WAIT: waits that long.
+        let mut one = UpdateBudget::new(
+            UpdateRate {
+                per_second: 1000,
+                burst: 1,
+            },
+            None,
+            t0,
+        );
+        one.take(t0).unwrap();
+        assert_eq!(one.take(t0).unwrap_err(), Duration::from_millis(1));
         // A long pause refills the burst, not more.
         let later = t0 + Duration::from_secs(10);
         for _ in 0..3 {

@@ -232,6 +232,11 @@ impl TestPeer {
         });
     }
 
+    /// The writing half, for a test that writes from another thread.
+    pub fn writer_clone(&self) -> Arc<Mutex<TcpStream>> {
+        self.writer.clone()
+    }
+
     pub fn send(&self, msg: &Message) {
         self.send_raw(&frame(msg));
     }
