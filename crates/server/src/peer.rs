@@ -576,10 +576,6 @@ async fn read_loop(
                                     if let Err(reason) = waited {
                                         break Some(reason);
                                     }
-                                } else if budget.due() {
-                                    if let Some((admitted, waited)) = budget.flush() {
-                                        shard.counters().rate_limited(admitted, waited);
-                                    }
                                 }
                             }
                             if let Err(reason) = on_message(shard, conn, rs, msg) {
@@ -595,6 +591,15 @@ async fn read_loop(
                 };
                 conn.io.count_read(frames, n);
                 shard.counters().read(frames, n);
+                // What the update rate admitted in this read is counted now
+                // (once per read, not per UPDATE), so /metrics is current.
+                if let Some((admitted, waited)) = rs
+                    .update_budget
+                    .as_deref_mut()
+                    .and_then(UpdateBudget::flush)
+                {
+                    shard.counters().rate_limited(admitted, waited);
+                }
                 if let Some(reason) = failure {
                     return reason;
                 }

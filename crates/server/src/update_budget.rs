@@ -9,8 +9,8 @@
 //!
 //! Owns: the bucket and the counts of what it admitted and how long it
 //! made the peer wait, flushed to the rule's counters (or the shard's,
-//! without a policy) every `FLUSH_EVERY` UPDATEs and at every wait, so the
-//! shared counters are not touched per UPDATE.
+//! without a policy) at every wait and after every read, so the shared
+//! counters are not touched per UPDATE.
 //!
 //! Must never: drop or reorder a message, or sleep itself (it says how
 //! long; the read loop waits, also watching the connection close).
@@ -20,8 +20,6 @@ use std::time::{Duration, Instant};
 
 use metalbond_policy::{RuleCounters, UpdateRate};
 
-/// UPDATEs counted locally before they are added to the shared counters.
-const FLUSH_EVERY: u64 = 1024;
 /// Shortest wait for tokens: a few of them per timer wake-up (2 at
 /// 1,000/s), short against any rate.
 const MIN_WAIT: Duration = Duration::from_millis(2);
@@ -92,14 +90,12 @@ impl UpdateBudget {
         self.waited += d;
     }
 
-    /// Should the counts go to the shared counters now?
-    pub(crate) fn due(&self) -> bool {
-        self.admitted >= FLUSH_EVERY || !self.waited.is_zero()
-    }
-
     /// Hands the counts over: to the rule's counters, or (`None` kept) back
     /// to the caller for the shard's.
     pub(crate) fn flush(&mut self) -> Option<(u64, Duration)> {
+        if self.admitted == 0 && self.waited.is_zero() {
+            return None;
+        }
         let taken = (
             std::mem::take(&mut self.admitted),
             std::mem::take(&mut self.waited),
@@ -156,7 +152,6 @@ mod tests {
         }
         assert!(b.take(later).is_err());
         b.waited(Duration::from_millis(5));
-        assert!(b.due());
         assert_eq!(b.flush(), None, "counted on the rule");
         assert_eq!(counters.admitted_count(), 7);
         assert!((counters.throttled_seconds() - 0.005).abs() < 1e-9);
