@@ -182,3 +182,139 @@ fn a_world_readable_key_stops_the_server_and_the_client_with_one_line() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Present routes of a subscriber, counted.
+#[derive(Clone, Default)]
+struct Counted(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl metalbond_client::RouteSink for Counted {
+    fn add_route(
+        &mut self,
+        _: metalbond_wire::types::Vni,
+        _: metalbond_wire::types::IpNet,
+        _: metalbond_wire::types::NextHop,
+    ) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn remove_route(
+        &mut self,
+        _: metalbond_wire::types::Vni,
+        _: metalbond_wire::types::IpNet,
+        _: metalbond_wire::types::NextHop,
+    ) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Measurement (figures in BENCHMARKS.md, "Session protection"): what
+/// TCP-MD5 costs. A burst of 100,000 routes from one library client to
+/// two subscribers through a real server, then their withdrawal, with
+/// every session unsigned or signed (a keyed rule for 127.0.0.2),
+/// alternated 3 times; time to the subscribers' exact state and the
+/// server's CPU. Run: `cargo test --release --test tcp_md5 -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand; figures in BENCHMARKS.md"]
+fn what_signing_costs_a_burst_and_its_withdrawal() {
+    const N: u32 = 100_000;
+    let dir = std::env::temp_dir().join(format!("mb-md5-cost-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = key_file(&dir, "key", "measurement key");
+    for round in 0..6 {
+        let signed = round % 2 == 1;
+        let policy = dir.join("policy.yaml");
+        let auth = if signed { "    auth: { md5_key_file: key }\n" } else { "" };
+        std::fs::write(
+            &policy,
+            format!("version: 1\nrules:\n  - name: all\n    peers: [127.0.0.2/32]\n    subscribe: [23]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n{auth}  - name: probe\n    peers: [127.0.0.1/32]\n"),
+        )
+        .unwrap();
+        let listen = free_port("127.0.0.1");
+        let mut srv = server(&[
+            "--listen",
+            &listen.to_string(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ]);
+        let _log = CollectedLines::from(srv.0.stderr.take().unwrap());
+        // From 127.0.0.1, which no key covers.
+        wait_listening(&mut srv, &[listen]).unwrap_or_else(|e| panic!("{e}"));
+        let options = || ServerOptions {
+            local_address: Some("127.0.0.2".parse().unwrap()),
+            md5_key_file: signed.then(|| key.clone()),
+        };
+        let subscribers: Vec<(Client, Counted)> = (0..2)
+            .map(|_| {
+                let counted = Counted::default();
+                let c = Client::new(ClientConfig::default(), counted.clone());
+                c.subscribe(metalbond_wire::Vni::new(23).unwrap()).unwrap();
+                c.add_server_with(&listen.to_string(), options()).unwrap();
+                (c, counted)
+            })
+            .collect();
+        let announcer = Client::new(ClientConfig::default(), LogSink);
+        announcer.add_server_with(&listen.to_string(), options()).unwrap();
+        assert!(wait_until(WAIT, || established(&announcer)
+            && subscribers.iter().all(|(c, _)| established(c))));
+        let count = |n: i64| {
+            subscribers
+                .iter()
+                .all(|(_, c)| c.0.load(std::sync::atomic::Ordering::Relaxed) == n)
+        };
+        let cpu0 = cpu_seconds(srv.pid());
+        let t0 = std::time::Instant::now();
+        metalbond_test_support::netns::announce_numbered_routes(
+            &announcer,
+            metalbond_wire::Vni::new(23).unwrap(),
+            N,
+        );
+        assert!(wait_until(Duration::from_secs(60), || count(i64::from(N))));
+        let burst = t0.elapsed();
+        let cpu1 = cpu_seconds(srv.pid());
+        // Churn: one route changed 2,000 times, 1 ms apart: each change its
+        // own small segment in and out, where a signature costs the most.
+        const CHURN: u32 = 2000;
+        let churned = metalbond_wire::Route::new(
+            metalbond_wire::Vni::new(23).unwrap(),
+            "10.255.0.1/32".parse().unwrap(),
+            metalbond_wire::NextHop::standard("2001:db8::1".parse().unwrap()),
+        );
+        for i in 0..CHURN {
+            if i % 2 == 0 {
+                announcer.announce(churned).unwrap();
+            } else {
+                announcer.withdraw(churned).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(wait_until(Duration::from_secs(60), || count(i64::from(N))));
+        let cpu_churn = cpu_seconds(srv.pid()) - cpu1;
+        let t1 = std::time::Instant::now();
+        let cpu1 = cpu_seconds(srv.pid());
+        announcer.shutdown();
+        assert!(wait_until(Duration::from_secs(60), || count(0)));
+        let withdrawal = t1.elapsed();
+        let cpu2 = cpu_seconds(srv.pid());
+        println!(
+            "{}: burst of {N} to 2 subscribers {:.3} s (server CPU {:.2} s); churn {CHURN} changes, server CPU {:.0} us a change; withdrawal {:.3} s (server CPU {:.2} s)",
+            if signed { "signed  " } else { "unsigned" },
+            burst.as_secs_f64(),
+            cpu1 - cpu0 - cpu_churn,
+            cpu_churn / f64::from(CHURN) * 1e6,
+            withdrawal.as_secs_f64(),
+            cpu2 - cpu1
+        );
+        for (c, _) in subscribers {
+            c.shutdown();
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
