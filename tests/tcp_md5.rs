@@ -70,9 +70,12 @@ fn only_sessions_signed_with_their_rules_key_are_established_and_a_reload_rotate
     )
     .unwrap();
     let listen = free_port("127.0.0.1");
+    let http = free_port("127.0.0.1");
     let mut srv = server(&[
         "--listen",
         &listen.to_string(),
+        "--http",
+        &http.to_string(),
         "--keepalive",
         "1",
         "--policy",
@@ -100,6 +103,19 @@ fn only_sessions_signed_with_their_rules_key_are_established_and_a_reload_rotate
     assert_ne!(state(&unsigned), SessionState::Established, "unsigned");
     assert_ne!(state(&wrong), SessionState::Established, "wrong key");
     assert!(signed.servers()[0].md5 && !unsigned.servers()[0].md5);
+    let (_, _, metrics) = metalbond_test_support::http::get(&format!("http://{http}/metrics"));
+    let dropped = |reason: &str| -> u64 {
+        let series = format!("metalbond_tcp_md5_dropped_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{metrics}"))
+    };
+    assert!(
+        dropped("missing") > 0 && dropped("wrong") > 0,
+        "the kernel's drops of unsigned and wrongly signed SYNs are on /metrics"
+    );
     drop((unsigned, wrong));
 
     // Rotation: the server's key changes by reload; the signed session is
@@ -231,7 +247,11 @@ fn what_signing_costs_a_burst_and_its_withdrawal() {
     for round in 0..6 {
         let signed = round % 2 == 1;
         let policy = dir.join("policy.yaml");
-        let auth = if signed { "    auth: { md5_key_file: key }\n" } else { "" };
+        let auth = if signed {
+            "    auth: { md5_key_file: key }\n"
+        } else {
+            ""
+        };
         std::fs::write(
             &policy,
             format!("version: 1\nrules:\n  - name: all\n    peers: [127.0.0.2/32]\n    subscribe: [23]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n{auth}  - name: probe\n    peers: [127.0.0.1/32]\n"),
@@ -261,7 +281,9 @@ fn what_signing_costs_a_burst_and_its_withdrawal() {
             })
             .collect();
         let announcer = Client::new(ClientConfig::default(), LogSink);
-        announcer.add_server_with(&listen.to_string(), options()).unwrap();
+        announcer
+            .add_server_with(&listen.to_string(), options())
+            .unwrap();
         assert!(wait_until(WAIT, || established(&announcer)
             && subscribers.iter().all(|(c, _)| established(c))));
         let count = |n: i64| {

@@ -234,6 +234,13 @@ impl StatusSource for ServerStatusSource {
                 s.peers_established + s.peers_handshaking
             }),
         ];
+        if self
+            .handle
+            .policy()
+            .is_some_and(|p| p.current().rules.iter().any(|r| r.auth.is_some()))
+        {
+            extra.push(md5_drops());
+        }
         match self.handle.policy() {
             Some(policy) => extra.extend(policy_families(&policy.status())),
             None => {
@@ -281,6 +288,45 @@ impl StatusSource for ServerStatusSource {
             extra,
         }
     }
+}
+
+/// The kernel's TCP-MD5 drop counters (`/proc/net/netstat`, `TcpExt`
+/// `TCPMD5NotFound`, `TCPMD5Unexpected`, `TCPMD5Failure`): what a keyed
+/// rule turned away. Namespace-wide, as the kernel counts them; zeros if
+/// the file cannot be read.
+fn md5_drops() -> MetricFamily {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let counters = tcp_ext_counters(&netstat);
+    let samples = [
+        ("missing", "TCPMD5NotFound"),
+        ("unexpected", "TCPMD5Unexpected"),
+        ("wrong", "TCPMD5Failure"),
+    ]
+    .iter()
+    .map(|(reason, field)| {
+        let n = counters
+            .iter()
+            .find(|(k, _)| k == field)
+            .map_or(0, |(_, v)| *v);
+        MetricSample::new(&[("reason", reason)], n)
+    })
+    .collect();
+    MetricFamily::of(&families::TCP_MD5_DROPPED, samples)
+}
+
+/// The `TcpExt:` counters of `/proc/net/netstat` text (a line of names,
+/// then a line of values).
+fn tcp_ext_counters(netstat: &str) -> Vec<(String, u64)> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Vec::new();
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
 }
 
 /// The policy's families: refusals per rule and reason (non-zero series
@@ -361,5 +407,20 @@ fn peer_view(p: PeerInfo) -> PeerView {
         policy_rule: None,
         tcp_md5: None,
         throttled: Some(p.throttled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_ext_counters_pair_names_with_values() {
+        let text = "TcpExt: SyncookiesSent TCPMD5NotFound TCPMD5Unexpected TCPMD5Failure\nTcpExt: 0 7 1 3\nIpExt: InNoRoutes\nIpExt: 0\n";
+        let c = tcp_ext_counters(text);
+        assert_eq!(c.len(), 4);
+        assert!(c.contains(&("TCPMD5NotFound".to_string(), 7)));
+        assert!(c.contains(&("TCPMD5Failure".to_string(), 3)));
+        assert!(tcp_ext_counters("").is_empty());
     }
 }

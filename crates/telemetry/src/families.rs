@@ -309,6 +309,14 @@ pub const UPDATE_RATE_THROTTLED: Family = family(
     &["rule"],
     Server,
 );
+/// `metalbond_tcp_md5_dropped_total{reason}` (with a keyed policy rule).
+pub const TCP_MD5_DROPPED: Family = family(
+    "metalbond_tcp_md5_dropped_total",
+    "TCP segments the kernel dropped for their TCP-MD5 signature, in the server's network namespace (all sockets): reason missing (unsigned where a key is set), unexpected (signed where none is), wrong (bad signature).",
+    Counter,
+    &["reason"],
+    Server,
+);
 /// `metalbond_policy_info{revision,format_version}` (with `--policy`).
 pub const POLICY_INFO: Family = family(
     "metalbond_policy_info",
@@ -382,6 +390,7 @@ pub const ALL: &[Family] = &[
     POLICY_WITHDRAWN,
     UPDATE_RATE_ADMITTED,
     UPDATE_RATE_THROTTLED,
+    TCP_MD5_DROPPED,
     POLICY_INFO,
     POLICY_GENERATION,
     POLICY_RELOAD_FAILURES,
