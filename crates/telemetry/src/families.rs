@@ -463,14 +463,17 @@ pub fn readme_table() -> String {
 mod tests {
     use super::*;
 
-    /// Names are unique and valid, counters end in `_total`.
+    /// Names are unique and valid (lower case, digits, `_`; `metalbond_`
+    /// first), counters end in `_total`.
     #[test]
     fn names_are_unique_and_well_formed() {
         for (i, f) in ALL.iter().enumerate() {
             assert!(ALL[i + 1..].iter().all(|g| g.name != f.name), "{}", f.name);
             assert!(f.name.starts_with("metalbond_"), "{}", f.name);
             assert!(
-                f.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                f.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{}",
                 f.name
             );
