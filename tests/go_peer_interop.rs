@@ -83,7 +83,18 @@ fn assert_took_exactly(who: &str, seen: &Summary, routes: &HashSet<Route>, want:
 
 /// A Go client subscribes to a VNI of `n` routes and must take the whole
 /// sync.
+/// The tests where our server paces a Go client model take turns: the
+/// model's reader thread must get the CPU as a real client's does, and
+/// twelve tests at once on two cores once starved it long enough for 64 KiB
+/// to pile up unread (seen once in a full suite run; never alone).
+static PACED_GO_CLIENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_paced_go_client() -> std::sync::MutexGuard<'static, ()> {
+    PACED_GO_CLIENT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn sync_to_go_client(n: u32) {
+    let _one = one_paced_go_client();
     let (srv, _announcer, want) = server_holding(n);
     let go = GoClientModel::connect(srv.addr, &[vni(VNI)], GoPeerConfig::default());
     go.wait_until(LIMIT, |s| s.routes >= want.len());
@@ -190,6 +201,7 @@ fn announcer_and_fast_subscriber() -> (TestServer, TestPeer, TestPeer) {
 
 #[test]
 fn go_client_subscribing_during_a_burst_converges_beside_a_fast_subscriber() {
+    let _one = one_paced_go_client();
     const N: u32 = 100_000;
     let (srv, announcer, mut fast) = announcer_and_fast_subscriber();
 
