@@ -34,24 +34,68 @@ fn drain(p: &mut TestPeer, state: &mut BTreeSet<Route>, quiet: Duration) {
     }
 }
 
+/// A `metalbond server` under test: its listen and status addresses, its
+/// log, and the directory of its policy file (removed on drop).
+struct RateServer {
+    /// Killed when the server is dropped.
+    _process: metalbond_test_support::process::ChildGuard,
+    log: CollectedLines,
+    addr: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl RateServer {
+    /// `metalbond server --listen --http --keepalive 1 FLAGS`, with
+    /// `--policy` holding `policy` if given.
+    fn start(tag: &str, policy: Option<&str>, flags: &[&str]) -> RateServer {
+        let addr = free_port("127.0.0.1");
+        let http = free_port("127.0.0.1");
+        let (addr_s, http_s) = (addr.to_string(), http.to_string());
+        let mut args = vec!["--listen", &addr_s, "--http", &http_s, "--keepalive", "1"];
+        args.extend_from_slice(flags);
+        let dir = policy.map(|text| {
+            let dir = std::env::temp_dir().join(format!("mb-rate-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("policy.yaml"), text).unwrap();
+            dir
+        });
+        let file = dir
+            .as_ref()
+            .map(|d| d.join("policy.yaml").display().to_string());
+        if let Some(file) = &file {
+            args.extend(["--policy", file.as_str()]);
+        }
+        let mut srv = server(&args);
+        let log = CollectedLines::from(srv.0.stderr.take().unwrap());
+        wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+        RateServer {
+            _process: srv,
+            log,
+            addr,
+            http,
+            dir,
+        }
+    }
+}
+
+impl Drop for RateServer {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 #[test]
 fn a_peer_over_its_update_rate_is_slowed_not_cut_and_nothing_is_lost() {
-    let addr = free_port("127.0.0.1");
-    let http = free_port("127.0.0.1");
-    let mut srv = server(&[
-        "--listen",
-        &addr.to_string(),
-        "--http",
-        &http.to_string(),
-        "--shards",
-        "1",
-        "--keepalive",
-        "1",
-        "--max-updates-per-second",
-        &RATE.to_string(),
-    ]);
-    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
-    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let rate = RATE.to_string();
+    let server = RateServer::start(
+        "flag",
+        None,
+        &["--shards", "1", "--max-updates-per-second", &rate],
+    );
+    let (addr, http, log) = (server.addr, server.http, &server.log);
     let mut sub = subscriber(addr, 23);
     let mut watcher = subscriber(addr, 24);
     let (bystander, _) = TestPeer::established(addr, 1);
@@ -146,30 +190,12 @@ fn a_peer_over_its_update_rate_is_slowed_not_cut_and_nothing_is_lost() {
 /// server's flag for its peers, and are counted under the rule's name.
 #[test]
 fn a_rules_update_rate_applies_to_its_peers_and_is_counted_under_its_name() {
-    let dir = std::env::temp_dir().join(format!("mb-rate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        "version: 1\nrules:\n  - name: flappy\n    peers: [127.0.0.0/8]\n    subscribe: [23]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 500, burst: 100 }\n",
-    )
-    .unwrap();
-    let addr = free_port("127.0.0.1");
-    let http = free_port("127.0.0.1");
-    let mut srv = server(&[
-        "--listen",
-        &addr.to_string(),
-        "--http",
-        &http.to_string(),
-        "--keepalive",
-        "1",
-        "--max-updates-per-second",
-        "100000",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
-    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
-    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let server = RateServer::start(
+        "rule",
+        Some("version: 1\nrules:\n  - name: flappy\n    peers: [127.0.0.0/8]\n    subscribe: [23]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 500, burst: 100 }\n"),
+        &["--max-updates-per-second", "100000"],
+    );
+    let (addr, http, log) = (server.addr, server.http, &server.log);
     let mut sub = subscriber(addr, 23);
     let (mut flapper, _) = TestPeer::established(addr, 1);
     flapper.keep_alive(Duration::from_millis(500));
@@ -203,7 +229,6 @@ fn a_rules_update_rate_applies_to_its_peers_and_is_counted_under_its_name() {
                 .starts_with("metalbond_update_rate_throttled_seconds_total{rule=\"flappy\"} ")),
         "{metrics}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Latency percentiles (p50, p99, max) of `samples`.
@@ -258,30 +283,8 @@ fn bystander_latencies(
 #[test]
 #[ignore = "measurement, run by hand; figures in BENCHMARKS.md"]
 fn bystander_latency_next_to_a_peer_flapping_at_100k_per_second() {
-    let dir = std::env::temp_dir().join(format!("mb-rate-m-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        "version: 1\nrules:\n  - name: flapper\n    peers: [127.0.0.2/32]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 1000 }\n  - name: fleet\n    peers: [127.0.0.0/8]\n    subscribe: [23, 24]\n    announce:\n      - vnis: [24]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n",
-    )
-    .unwrap();
-    let addr = free_port("127.0.0.1");
-    let http = free_port("127.0.0.1");
-    let mut srv = server(&[
-        "--listen",
-        &addr.to_string(),
-        "--http",
-        &http.to_string(),
-        "--shards",
-        "1",
-        "--keepalive",
-        "1",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
-    let log = CollectedLines::from(srv.0.stderr.take().unwrap());
-    wait_listening(&mut srv, &[addr]).unwrap_or_else(|e| panic!("{e}"));
+    let server = RateServer::start("bystander", Some("version: 1\nrules:\n  - name: flapper\n    peers: [127.0.0.2/32]\n    announce:\n      - vnis: [23]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n    limits: { max_updates_per_second: 1000 }\n  - name: fleet\n    peers: [127.0.0.0/8]\n    subscribe: [23, 24]\n    announce:\n      - vnis: [24]\n        prefixes: [10.0.0.0/8]\n        next_hops: [2001:db8::/32]\n"), &["--shards", "1"]);
+    let (addr, http, log) = (server.addr, server.http, &server.log);
     let mut sub = subscriber(addr, 23);
     let mut watcher = subscriber(addr, 24);
     let (bystander, _) = TestPeer::established(addr, 1);
@@ -367,5 +370,4 @@ fn bystander_latency_next_to_a_peer_flapping_at_100k_per_second() {
     println!(
         "backlog admitted after the flood stopped: {backlog:?}; subscriber final state: {state:?}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

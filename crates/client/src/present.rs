@@ -121,15 +121,8 @@ impl PresentRoutes {
     /// The present routes of `vni` with when each was first received,
     /// sorted (one range of the ordered map, not a copy of every VNI).
     pub fn present_in(&self, vni: Vni) -> Vec<(Route, Since)> {
-        let first = Route {
-            vni,
-            destination: IpNet::V4(Default::default()),
-            next_hop: NextHop {
-                target: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                target_vni: 0,
-                kind: NextHopKind::Standard,
-            },
-        };
+        // The smallest destination: 0.0.0.0/0.
+        let first = Self::first_route((vni, IpNet::V4(Default::default())));
         self.held
             .range(first..)
             .take_while(|(r, _)| r.vni == vni)
@@ -314,9 +307,10 @@ impl PresentRoutes {
         }
     }
 
-    /// Every held route of `key`, in next-hop order.
-    fn held_with_key(&self, key: (Vni, IpNet)) -> impl Iterator<Item = Route> + '_ {
-        let first = Route {
+    /// The smallest route of `key` in `Route`'s order (VNI, destination,
+    /// next hop): where a range over the held routes of `key` starts.
+    fn first_route(key: (Vni, IpNet)) -> Route {
+        Route {
             vni: key.0,
             destination: key.1,
             // The smallest next hop in `NextHop`'s order.
@@ -325,9 +319,13 @@ impl PresentRoutes {
                 target_vni: 0,
                 kind: NextHopKind::Standard,
             },
-        };
+        }
+    }
+
+    /// Every held route of `key`, in next-hop order.
+    fn held_with_key(&self, key: (Vni, IpNet)) -> impl Iterator<Item = Route> + '_ {
         self.held
-            .range(first..)
+            .range(Self::first_route(key)..)
             .map(|(r, _)| *r)
             .take_while(move |r| Self::key(r) == key)
     }
