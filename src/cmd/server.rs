@@ -41,14 +41,15 @@ pub struct ServerArgs {
     /// (resolved at start, first address).
     #[arg(long, value_name = "ADDR:PORT")]
     pub http: Option<String>,
-    /// Per-peer output limit in bytes before a slow subscriber is switched to
-    /// per-route coalescing.
+    /// Per-peer output limit in bytes above which a slow subscriber gets no
+    /// more live fan-out and is caught up from the table instead.
     #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES)]
     pub max_queued_bytes: usize,
-    /// Pending coalesced route changes a slow subscriber may accumulate
-    /// before it is disconnected (it then reconnects and resyncs).
-    #[arg(long, default_value_t = defaults::MAX_COALESCED_ROUTES)]
-    pub max_coalesced_routes: usize,
+    /// No effect since slow subscribers are caught up from the table (they
+    /// hold nothing per route any more); accepted so that existing command
+    /// lines keep working.
+    #[arg(long, hide = true, value_name = "N")]
+    pub max_coalesced_routes: Option<usize>,
     /// Seconds a subscriber may leave its socket unwritable (not reading at
     /// all) while output is pending before it is disconnected; 0 disables.
     #[arg(long, default_value_t = defaults::WRITE_STALL_TIMEOUT.as_secs())]
@@ -126,7 +127,6 @@ impl TryFrom<ServerArgs> for ServerConfig {
         c.max_peers = a.max_peers;
         c.limits = PeerLimits {
             max_queued_bytes: a.max_queued_bytes,
-            max_coalesced_routes: a.max_coalesced_routes,
             write_stall_timeout: (a.write_stall_timeout > 0)
                 .then(|| Duration::from_secs(a.write_stall_timeout)),
             max_routes_per_peer: a.max_routes_per_peer,

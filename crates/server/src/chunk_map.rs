@@ -206,6 +206,13 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
         }
     }
 
+    /// Changes every value in place (keys and order stay).
+    pub fn for_each_value_mut(&mut self, mut f: impl FnMut(&mut V)) {
+        for chunk in self.chunks.values_mut() {
+            chunk.vals.iter_mut().for_each(&mut f);
+        }
+    }
+
     /// Entries from `from` on (after the key for `Excluded`, from it for
     /// `Included`, all for `Unbounded`), in key order.
     pub fn range_from(&self, from: Bound<K>) -> impl Iterator<Item = (K, V)> + '_ {

@@ -28,11 +28,9 @@ pub const DEFAULT_MAX_PEERS: usize = defaults::MAX_PEERS;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerLimits {
     /// Encoded frames queued for one peer (shared buffers included) above
-    /// which new changes are coalesced per route instead of queued.
+    /// which the peer is caught up from the owners' tables instead of sent
+    /// the live fan-out (see `catch_up`).
     pub max_queued_bytes: usize,
-    /// Coalesced pending route changes above which the peer is cut off with
-    /// a logged reason (memory stays bounded whatever the churn).
-    pub max_coalesced_routes: usize,
     /// A peer whose socket stays unwritable this long with output pending is
     /// cut off (`None`: never).
     pub write_stall_timeout: Option<Duration>,
@@ -54,7 +52,6 @@ impl Default for PeerLimits {
     fn default() -> Self {
         PeerLimits {
             max_queued_bytes: defaults::MAX_QUEUED_BYTES,
-            max_coalesced_routes: defaults::MAX_COALESCED_ROUTES,
             write_stall_timeout: Some(defaults::WRITE_STALL_TIMEOUT),
             max_routes_per_peer: defaults::MAX_ROUTES_PER_PEER,
             max_subscriptions_per_peer: defaults::MAX_SUBSCRIPTIONS_PER_PEER,

@@ -105,11 +105,7 @@ impl Connection {
     pub(crate) fn new(id: PeerId, limits: &PeerLimits) -> Connection {
         Connection {
             id,
-            out: RefCell::new(OutQueue::new(
-                id,
-                limits.max_queued_bytes,
-                limits.max_coalesced_routes,
-            )),
+            out: RefCell::new(OutQueue::new(id, limits.max_queued_bytes)),
             writer_wake: LocalEvent::default(),
             close_event: LocalEvent::default(),
             close_reason: OnceCell::new(),

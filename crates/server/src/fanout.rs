@@ -141,23 +141,26 @@ impl FanoutBuilder {
     /// subscribing at once that slack was tens of MiB (BENCHMARKS "Sync
     /// chunks in flight").
     pub fn additions(routes: &[Route]) -> FanoutBatch {
-        let bytes = routes
-            .iter()
-            .map(|&route| {
-                HEADER_LEN
-                    + Message::Update {
-                        action: Action::Add,
-                        route,
-                    }
-                    .payload_len()
-            })
+        Self::exact(routes.iter().map(|&route| (Action::Add, route)))
+    }
+
+    /// A catch-up chunk: `changes`, with no origin to skip, in a buffer of
+    /// exactly their size (as `additions`).
+    pub fn changes(changes: &[(Action, Route)]) -> FanoutBatch {
+        Self::exact(changes.iter().copied())
+    }
+
+    fn exact(changes: impl Iterator<Item = (Action, Route)> + Clone) -> FanoutBatch {
+        let bytes = changes
+            .clone()
+            .map(|(action, route)| HEADER_LEN + Message::Update { action, route }.payload_len())
             .sum();
         let mut builder = FanoutBuilder {
             buf: BytesMut::with_capacity(bytes),
             ..FanoutBuilder::default()
         };
-        for &route in routes {
-            builder.push(None, Action::Add, route);
+        for (action, route) in changes {
+            builder.push(None, action, route);
         }
         debug_assert_eq!(builder.buf.len(), bytes);
         builder.finish()

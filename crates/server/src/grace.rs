@@ -349,7 +349,6 @@ impl GraceHolds {
                     frames_out: 0,
                     bytes_out: 0,
                     queued_bytes: 0,
-                    coalesced_routes: 0,
                     throttled: false,
                     connected_since: e.departed,
                     grace_left: Some(e.deadline.saturating_duration_since(now)),

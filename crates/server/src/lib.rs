@@ -39,6 +39,7 @@
 
 mod accept;
 mod admission;
+mod catch_up;
 mod chunk_map;
 mod config;
 mod connection;

@@ -120,53 +120,65 @@ impl PeerConn {
         self.policy_event.notify();
     }
 
-    /// Queues a delivery from an owner (or coalesces it, or cuts the peer
-    /// off if even coalescing is over its limit).
-    pub(crate) fn deliver(&self, d: &ShardDelivery, counters: &super::snapshot::ShardCounters) {
+    /// Queues a delivery from an owner. A live delivery that leaves the
+    /// queue past its limit has the VNI's owner catch the peer up from its
+    /// table instead (once per subscription until the catch-up's first
+    /// chunk arrives): the queue then holds what was already on its way,
+    /// nothing per route the peer is behind.
+    pub(crate) fn deliver(&self, d: &ShardDelivery, shard: &ShardContext) {
         if self.io.is_closed() {
             return;
         }
-        match (self.subscribed.borrow_mut().get_mut(&d.vni), d.sync) {
+        let mut subscribed = self.subscribed.borrow_mut();
+        let sub = match (subscribed.get_mut(&d.vni), d.sync) {
             // Unsubscribed after the owner sent this: PROTOCOL.md says the
             // peer stops receiving the VNI at its UNSUBSCRIBE. (A pending sync
             // chunk is dropped too; the owner forgets the sync job when the
             // UNSUBSCRIBE reaches it.)
             (None, _) => return,
-            // This subscription's sync: what follows is for it too.
-            (Some(sub), Some(tag)) if tag.epoch == sub.epoch => sub.synced = true,
+            // This subscription's sync or catch-up: what follows is for it
+            // too, and the owner has heard of any lag reported.
+            (Some(sub), Some(tag)) if tag.epoch == sub.epoch => {
+                sub.synced = true;
+                sub.lag_reported = false;
+                sub
+            }
             // From a previous subscription of the same VNI: a sync chunk
             // of it, or anything before this subscription's first chunk.
             (Some(_), Some(_)) => return,
             (Some(sub), None) if !sub.synced => return,
-            (Some(_), None) => {}
-        }
-        let result = {
+            (Some(sub), None) => sub,
+        };
+        let behind = {
             let mut out = self.io.out().borrow_mut();
-            let episodes = out.coalesce_episodes;
-            let r = match d.sync {
+            match d.sync {
                 Some(tag) => {
                     out.push_sync(&d.batch, tag);
-                    Ok(())
+                    false
                 }
                 None => out.push_fanout(&d.batch),
-            };
-            if out.coalesce_episodes != episodes {
-                counters.coalesce_episode();
-                tracing::info!(
-                    parent: &self.span,
-                    queued = out.queued_bytes(),
-                    "slow subscriber: coalescing pending changes per route"
-                );
             }
-            r
         };
-        match result {
-            Ok(()) => self.io.wake_writer(),
-            Err(overflow) => self.close(CloseReason::SlowSubscriber {
-                pending: overflow.pending,
-                limit: overflow.limit,
-            }),
+        if behind && !sub.lag_reported {
+            sub.lag_reported = true;
+            shard.counters().catch_up_episode();
+            tracing::debug!(
+                parent: &self.span,
+                vni = %d.vni,
+                queued = self.io.out().borrow().queued_bytes(),
+                "slow subscriber: catching it up from the table"
+            );
+            shard.to_owner(
+                d.vni,
+                OwnerInput::Lagging {
+                    peer: self.id,
+                    vni: d.vni,
+                    epoch: sub.epoch,
+                },
+            );
         }
+        drop(subscribed);
+        self.io.wake_writer();
     }
 
     /// Snapshot for `ServerHandle::peers`.
@@ -186,7 +198,6 @@ impl PeerConn {
             frames_out: traffic.frames_out,
             bytes_out: traffic.bytes_out,
             queued_bytes: out.queued_bytes(),
-            coalesced_routes: out.coalesced_len(),
             throttled: self.throttled.get(),
             connected_since: self.connected_since,
             grace_left: None,
@@ -204,6 +215,9 @@ struct Subscription {
     /// the VNI are leftovers of an earlier subscription (sent before the
     /// owner saw the UNSUBSCRIBE) and are dropped: the sync covers them.
     synced: bool,
+    /// The owner was told the peer fell behind on this VNI and has not yet
+    /// sent the catch-up's first chunk: no second report meanwhile.
+    lag_reported: bool,
 }
 
 /// What the reader keeps about its peer.
@@ -893,6 +907,7 @@ fn on_subscribe(
         let sub = Subscription {
             epoch,
             synced: false,
+            lag_reported: false,
         };
         conn.subscribed.borrow_mut().insert(vni, sub);
         tracing::debug!(%vni, "SUBSCRIBE");

@@ -1,6 +1,6 @@
 //! Compact route keys, and route-keyed sets and maps that grow without long
 //! pauses: what one peer announces in one VNI (`RouteSet`), and a slow
-//! subscriber's coalesced pending changes (`RouteMap`, in `out_queue`).
+//! route-keyed map behind it (`RouteMap`).
 //!
 //! Owns: the compact form of a route the server's big structures hold
 //! (`V4Key`/`V6Key`/`TableKey`: destination bytes, prefix length and a
@@ -251,11 +251,6 @@ impl<K: Hash + Eq + Copy, V> Parts<K, V> {
         }
     }
 
-    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let p = self.part(key);
-        self.parts[p].get_mut(key)
-    }
-
     fn contains_key(&self, key: &K) -> bool {
         self.parts[self.part(key)].contains_key(key)
     }
@@ -290,23 +285,6 @@ impl<K: Hash + Eq + Copy, V> Parts<K, V> {
             });
         }
         self.len = self.parts.iter().map(HashMap::len).sum();
-    }
-
-    /// Removes up to `n` entries (any of them) into `out`.
-    fn take_some(&mut self, n: usize, out: &mut Vec<(K, V)>) {
-        for part in &mut self.parts {
-            let room = n.saturating_sub(out.len());
-            if room == 0 {
-                break;
-            }
-            let keys: Vec<K> = part.keys().take(room).copied().collect();
-            for key in keys {
-                if let Some(v) = part.remove(&key) {
-                    out.push((key, v));
-                    self.len -= 1;
-                }
-            }
-        }
     }
 
     /// From one part to `PARTS` (moves `SPLIT_AT` entries once).
@@ -364,11 +342,6 @@ impl<V> RouteMap<V> {
         self.v4.len + self.v6.len
     }
 
-    /// Nothing held?
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The key `route` has here, if its next hop is known.
     fn key_of(&self, route: &Route) -> Option<([u8; 4], TableKey)> {
         let id = self.hops.id_of(&route.next_hop)?;
@@ -384,14 +357,6 @@ impl<V> RouteMap<V> {
             Some((vni, TableKey::V4(k))) => self.v4.contains_key(&(vni, k)),
             Some((vni, TableKey::V6(k))) => self.v6.contains_key(&(vni, k)),
             None => false,
-        }
-    }
-
-    /// The value of `route`, to change it.
-    pub(crate) fn get_mut(&mut self, route: &Route) -> Option<&mut V> {
-        match self.key_of(route)? {
-            (vni, TableKey::V4(k)) => self.v4.get_mut(&(vni, k)),
-            (vni, TableKey::V6(k)) => self.v6.get_mut(&(vni, k)),
         }
     }
 
@@ -439,24 +404,6 @@ impl<V> RouteMap<V> {
         for id in gone {
             self.hops.release(id);
         }
-    }
-
-    /// Removes and returns up to `n` entries (any of them).
-    pub(crate) fn take_some(&mut self, n: usize) -> Vec<(Route, V)> {
-        let mut v4 = Vec::new();
-        self.v4.take_some(n, &mut v4);
-        let mut v6 = Vec::new();
-        self.v6.take_some(n - v4.len(), &mut v6);
-        let mut out = Vec::with_capacity(v4.len() + v6.len());
-        for ((vni, k), v) in v4 {
-            out.push((route_of(&vni, TableKey::V4(k), &self.hops), v));
-            self.hops.release(v4_hop(&k));
-        }
-        for ((vni, k), v) in v6 {
-            out.push((route_of(&vni, TableKey::V6(k), &self.hops), v));
-            self.hops.release(v6_hop(&k));
-        }
-        out
     }
 }
 
@@ -602,29 +549,18 @@ mod tests {
     }
 
     #[test]
-    fn map_values_retain_and_take_some_across_parts() {
+    fn map_values_and_retain_across_parts() {
         let mut m = RouteMap::default();
         let n = SPLIT_AT as u32 * 2;
         for i in 0..n {
             assert_eq!(m.insert(route(i), i), None);
         }
         assert_eq!(m.insert(route(7), 70), Some(7));
-        *m.get_mut(&route(8)).unwrap() = 80;
         assert_eq!(m.len(), n as usize);
         // Route i has VNI 1 + i % 2: keep the VNI 2 ones.
         m.retain(|r, _| r.vni == Vni::new(2).unwrap());
         assert_eq!(m.len(), n as usize / 2);
-        let mut got = Vec::new();
-        loop {
-            let some = m.take_some(1000);
-            assert!(some.len() <= 1000);
-            if some.is_empty() {
-                break;
-            }
-            got.extend(some);
-        }
-        assert!(m.is_empty());
-        assert_eq!(m.hops.live(), 0, "every next hop released");
+        let mut got: Vec<(Route, u32)> = m.into_iter().collect();
         got.sort();
         let want: Vec<(Route, u32)> = (1..n)
             .step_by(2)

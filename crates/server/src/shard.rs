@@ -208,7 +208,7 @@ impl Shard {
         let peers = self.peers.borrow();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
-                conn.deliver(d, self.ctx.counters());
+                conn.deliver(d, &self.ctx);
             }
         }
     }
@@ -259,6 +259,7 @@ impl Shard {
             let mut owner = self.owner.borrow_mut();
             owner.flush(out);
             self.ctx.counters().set_routes(owner.route_count());
+            self.ctx.counters().set_catch_ups(owner.catch_ups_active());
             if owner.has_sync_work() {
                 self.sync_wake.notify();
             }
@@ -592,6 +593,7 @@ async fn sync_pump(shard: Rc<Shard>) {
         let (progressed, budget_frees_at) = {
             let mut owner = shard.owner.borrow_mut();
             let progressed = owner.sync_step(&mut out);
+            shard.ctx.counters().set_catch_ups(owner.catch_ups_active());
             let frees_at = owner
                 .sync_waits_for_budget()
                 .then(|| owner.sync_budget_frees_at())

@@ -76,8 +76,10 @@ pub struct ShardCounters {
     frames_read: AtomicU64,
     /// Bytes read from this shard's peers.
     bytes_read: AtomicU64,
-    /// Times a peer fell behind and switched to per-route coalescing.
-    coalesce_episodes: AtomicU64,
+    /// Times a peer fell behind on a VNI and was handed to catch-up.
+    catch_up_episodes: AtomicU64,
+    /// Catch-ups in progress on this shard's owned VNIs (a gauge).
+    catch_ups: AtomicU64,
     /// Batches of messages received from other shards.
     shard_batches_in: AtomicU64,
     /// Connections accepted and closed at once: `--max-peers` reached with
@@ -150,8 +152,13 @@ impl ShardCounters {
         add(&self.frames_read, frames);
         add(&self.bytes_read, bytes as u64);
     }
-    pub(crate) fn coalesce_episode(&self) {
-        add(&self.coalesce_episodes, 1);
+    pub(crate) fn catch_up_episode(&self) {
+        add(&self.catch_up_episodes, 1);
+    }
+
+    /// Sets the gauge of catch-ups in progress on this shard's VNIs.
+    pub(crate) fn set_catch_ups(&self, n: usize) {
+        self.catch_ups.store(n as u64, Ordering::Relaxed);
     }
     pub(crate) fn shard_batch_in(&self) {
         add(&self.shard_batches_in, 1);
@@ -186,7 +193,8 @@ impl ShardCounters {
             write_calls: get(&self.write_calls),
             frames_read: get(&self.frames_read),
             bytes_read: get(&self.bytes_read),
-            coalesce_episodes: get(&self.coalesce_episodes),
+            catch_up_episodes: get(&self.catch_up_episodes),
+            catch_ups: get(&self.catch_ups),
             shard_batches_in: get(&self.shard_batches_in),
             connections_refused: get(&self.connections_refused),
             rate_admitted: get(&self.rate_admitted),
@@ -288,8 +296,10 @@ pub struct ShardStats {
     pub frames_read: u64,
     /// Bytes read.
     pub bytes_read: u64,
-    /// Times a peer switched to coalescing.
-    pub coalesce_episodes: u64,
+    /// Times a peer fell behind on a VNI and was handed to catch-up.
+    pub catch_up_episodes: u64,
+    /// Subscriptions being caught up from this shard's tables now.
+    pub catch_ups: u64,
     /// Batches received from other shards.
     pub shard_batches_in: u64,
     /// Connections refused because `--max-peers` was reached (accepted and
@@ -349,8 +359,6 @@ pub struct PeerInfo {
     pub bytes_out: u64,
     /// Bytes queued for it and not yet written.
     pub queued_bytes: usize,
-    /// Route changes coalesced for it and not yet written (slow peer).
-    pub coalesced_routes: usize,
     /// Waiting for its update rate now (its socket read more slowly).
     pub throttled: bool,
     /// When the connection was accepted; for a departed peer whose routes

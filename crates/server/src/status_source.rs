@@ -181,18 +181,16 @@ impl StatusSource for ServerStatusSource {
         let mut queue_depths = Vec::new();
         for shard in &stats.shards {
             let on_shard = peers.iter().filter(|p| p.shard == shard.shard);
-            let (bytes, coalesced) = on_shard.fold((0u64, 0u64), |(b, c), p| {
-                (b + p.queued_bytes as u64, c + p.coalesced_routes as u64)
-            });
+            let bytes = on_shard.fold(0u64, |b, p| b + p.queued_bytes as u64);
             queue_depths.push(QueueDepth {
                 queue: families::queue::PEER_OUT_BYTES.into(),
                 shard: Some(shard.shard),
                 depth: bytes,
             });
             queue_depths.push(QueueDepth {
-                queue: families::queue::PEER_COALESCED_ROUTES.into(),
+                queue: families::queue::PEER_CATCH_UPS.into(),
                 shard: Some(shard.shard),
-                depth: coalesced,
+                depth: shard.catch_ups,
             });
         }
 
@@ -222,7 +220,7 @@ impl StatusSource for ServerStatusSource {
         let mut extra = vec![
             per_shard(&families::CONNECTIONS_REFUSED, |s| s.connections_refused),
             per_shard(&families::WRITE_CALLS, |s| s.write_calls),
-            per_shard(&families::COALESCE_EPISODES, |s| s.coalesce_episodes),
+            per_shard(&families::CATCH_UP_EPISODES, |s| s.catch_up_episodes),
             per_shard(&families::SHARD_BATCHES_RECEIVED, |s| s.shard_batches_in),
             per_shard(&families::SHARD_ROUTES, |s| s.routes),
             per_shard(&families::GRACE_ROUTES, |s| s.grace_routes),

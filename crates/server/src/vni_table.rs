@@ -10,11 +10,16 @@
 //!
 //! Memory: a table holds each route once, as a compact key (`TableKey`:
 //! destination bytes and an interned next-hop id, 9 bytes for IPv4; the VNI
-//! is the table's) mapped to its first announcer and the second it entered
-//! the table (`RouteEntry`, 12 bytes) in an ordered map per address family
-//! (`ChunkMap`: sorted chunks that ascending inserts fill completely, ~22
+//! is the table's) mapped to its first announcer, the second it entered
+//! the table and the revision its visible state last changed at
+//! (`RouteEntry`, 16 bytes) in an ordered map per address family
+//! (`ChunkMap`: sorted chunks that ascending inserts fill completely, ~26
 //! bytes per IPv4 route); the rare further announcers of a route live in a
 //! side map.
+//!
+//! Lagging subscribers are caught up from this table (`catch_up`): a
+//! subscriber in `CatchingUp` gets no live batches; `catch_up_chunk` sends
+//! it the difference between what it saw and what is here now.
 //!
 //! Must never: touch sockets, channels or encoding. It answers "did the table
 //! change?" and "who must hear about it?"; the owner turns that into frames.
@@ -26,30 +31,36 @@ use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use super::catch_up::{self, CatchUp, Rev, RouteHistory, VisState, FIRST_REV};
 use super::chunk_map::ChunkMap;
 use super::route_set::{FastHash, NextHopId, NextHopTable, TableKey, V4Key, V6Key};
 use super::PeerId;
 use metalbond_utils::Since;
 use metalbond_wire::digest::VniDigest;
-use metalbond_wire::types::{IpNet, Route, Vni};
+use metalbond_wire::types::{Action, IpNet, Route, Vni};
 
-/// What the table keeps per route: its first announcer and when the route
-/// entered the table (the routes API's `since`). 12 bytes, 4-aligned: the
-/// announcer's id is held as two halves so that, next to the 4-byte time,
-/// the u64 adds no padding (16 bytes as `(PeerId, Since)`).
+/// What the table keeps per route: its first announcer, when the route
+/// entered the table (the routes API's `since`) and the revision its
+/// visible state last changed at (`catch_up::Rev`). 16 bytes, 4-aligned:
+/// the announcer's id is held as two halves so that, next to the 4-byte
+/// fields, the u64 adds no padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RouteEntry {
     /// `PeerId` bits, high half first.
     first: [u32; 2],
     /// When the route entered the table (kept while announcers change).
     since: Since,
+    /// When its `VisState` last changed (a catch-up compares it with the
+    /// subscriber's lag point).
+    rev: Rev,
 }
 
 impl RouteEntry {
-    fn new(first: PeerId, since: Since) -> RouteEntry {
+    fn new(first: PeerId, since: Since, rev: Rev) -> RouteEntry {
         let mut entry = RouteEntry {
             first: [0; 2],
             since,
+            rev,
         };
         entry.set_first(first);
         entry
@@ -79,6 +90,9 @@ pub enum Change {
     ForOne(PeerId),
 }
 
+/// Revisions are renumbered when the current one reaches this.
+const RENUMBER_AT: Rev = 1 << 31;
+
 /// Live subscribers grouped by shard: (shard index, its peers).
 pub type LiveGroups = Arc<Vec<(usize, Arc<[PeerId]>)>>;
 
@@ -99,6 +113,18 @@ pub enum Subscriber {
     },
     /// Has the whole table; receives the shared fan-out.
     Live,
+    /// Fell behind: gets no fan-out, is sent differences from the table
+    /// (its `CatchUp` says what it saw) until it holds the table again.
+    CatchingUp,
+}
+
+/// What a catch-up step produced.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CatchUpChunk {
+    /// Changes to send, in key order.
+    pub changes: Vec<(Action, Route)>,
+    /// The subscriber holds the table now and is live again.
+    pub done: bool,
 }
 
 /// What a scan step produced.
@@ -134,6 +160,16 @@ pub struct VniTable {
     /// The digest of the route set (`metalbond_wire::digest`), updated where a
     /// route enters or leaves: compared across reflectors.
     digest: VniDigest,
+    /// The revision changes are stamped with now.
+    rev: Rev,
+    /// Somebody's view was taken at `rev`: the next change moves it on.
+    rev_taken: bool,
+    /// Lagging subscribers being caught up, and what each has seen.
+    catch_ups: HashMap<PeerId, CatchUp>,
+    /// Earlier states some catch-up still needs, per route that changed
+    /// under one (empty while nobody catches up). Each key holds one
+    /// reference on its next hop's id, so a removed route's key stays valid.
+    history: BTreeMap<TableKey, RouteHistory>,
 }
 
 impl VniTable {
@@ -148,6 +184,10 @@ impl VniTable {
             subscribers: HashMap::new(),
             live_by_shard: None,
             digest: VniDigest::default(),
+            rev: FIRST_REV,
+            rev_taken: false,
+            catch_ups: HashMap::new(),
+            history: BTreeMap::new(),
         }
     }
 
@@ -220,18 +260,21 @@ impl VniTable {
         // reference back if the route was there already.
         let id = self.hops.acquire(route.next_hop);
         let key = TableKey::new(&route.destination, id);
-        let entry = RouteEntry::new(peer, now);
+        let rev = self.stamp();
+        let entry = RouteEntry::new(peer, now, rev);
         let existing = match key {
             TableKey::V4(k) => self.v4.insert_new(k, entry),
             TableKey::V6(k) => self.v6.insert_new(k, entry),
         };
-        let first = match existing {
+        let existing = match existing {
             Ok(()) => {
                 self.digest.add(&route);
+                self.changed(key, None);
                 return Change::Table;
             }
-            Err(existing) => existing.first(),
+            Err(existing) => existing,
         };
+        let first = existing.first();
         self.hops.release(id);
         if first == peer {
             return Change::None;
@@ -243,6 +286,8 @@ impl VniTable {
         more.push(peer);
         // The first announcer was the sole one: it sees the route now.
         if more.len() == 1 {
+            self.changed(key, Some((existing.rev, VisState::Sole(first))));
+            self.restamp(&key, rev);
             Change::ForOne(first)
         } else {
             Change::None
@@ -262,9 +307,10 @@ impl VniTable {
         let Some(key) = self.key_of(route) else {
             return Change::None;
         };
-        let Some(first) = self.first(&key) else {
+        let Some(entry) = self.entry(&key) else {
             return Change::None;
         };
+        let first = entry.first();
         if first == peer {
             let Some(more) = self.more.get_mut(&key) else {
                 // The sole announcer leaves: so does the route.
@@ -272,6 +318,12 @@ impl VniTable {
                     TableKey::V4(k) => self.v4.remove(&k),
                     TableKey::V6(k) => self.v6.remove(&k),
                 };
+                self.changed(key, Some((entry.rev, VisState::Sole(first))));
+                let rev = self.stamp();
+                if let Some(history) = self.history.get_mut(&key) {
+                    // Somebody catching up saw it: it stays as a removal.
+                    history.push((rev, VisState::Absent));
+                }
                 self.hops.release(key.hop());
                 self.digest.remove(route);
                 return Change::Table;
@@ -282,10 +334,13 @@ impl VniTable {
             if sole {
                 self.more.remove(&key);
             }
-            if let Some(entry) = self.entry_mut(&key) {
-                entry.set_first(next);
+            if let Some(e) = self.entry_mut(&key) {
+                e.set_first(next);
             }
             return if sole {
+                self.changed(key, Some((entry.rev, VisState::Multi)));
+                let rev = self.stamp();
+                self.restamp(&key, rev);
                 Change::ForOne(next)
             } else {
                 Change::None
@@ -301,10 +356,145 @@ impl VniTable {
         }
         if more.is_empty() {
             self.more.remove(&key);
+            self.changed(key, Some((entry.rev, VisState::Multi)));
+            let rev = self.stamp();
+            self.restamp(&key, rev);
             Change::ForOne(first)
         } else {
             Change::None
         }
+    }
+
+    /// The entry of the route with `key`.
+    fn entry(&self, key: &TableKey) -> Option<RouteEntry> {
+        match key {
+            TableKey::V4(k) => self.v4.get(k).copied(),
+            TableKey::V6(k) => self.v6.get(k).copied(),
+        }
+    }
+
+    /// Sets the revision of the route with `key`.
+    fn restamp(&mut self, key: &TableKey, rev: Rev) {
+        if let Some(e) = self.entry_mut(key) {
+            e.rev = rev;
+        }
+    }
+
+    /// The revision a change made now is stamped with: the current one,
+    /// moved on first if somebody's view was taken at it.
+    fn stamp(&mut self) -> Rev {
+        if self.rev_taken {
+            self.rev_taken = false;
+            self.rev = self.rev.saturating_add(1);
+        }
+        self.rev
+    }
+
+    /// Takes a view at the current revision (a catch-up starts, or one of
+    /// its chunks is scanned): changes after this get a later one.
+    fn take_view(&mut self) -> Rev {
+        if self.rev >= RENUMBER_AT {
+            self.renumber();
+        }
+        self.rev_taken = true;
+        self.rev
+    }
+
+    /// The visible state of the route with `key` changed from `old` (its
+    /// stamp and state; `None`: it was not in the table). Catch-ups that
+    /// have passed the key need another pass; the old state is kept if a
+    /// catch-up's view of the key is at or after the old stamp (it saw it).
+    fn changed(&mut self, key: TableKey, old: Option<(Rev, VisState)>) {
+        if self.catch_ups.is_empty() {
+            return;
+        }
+        for c in self.catch_ups.values_mut() {
+            c.changed(&key);
+        }
+        let Some((stamp, state)) = old else {
+            return;
+        };
+        if !self.catch_ups.values().any(|c| c.lag_point(&key) >= stamp) {
+            return;
+        }
+        let hops = &mut self.hops;
+        self.history
+            .entry(key)
+            .or_insert_with(|| {
+                hops.acquire(hops.hop(key.hop()));
+                Vec::new()
+            })
+            .push((stamp, state));
+    }
+
+    /// The visible state of the route with `key` now, and its stamp (`None`
+    /// while it is not in the table).
+    fn current(&self, key: &TableKey) -> Option<(Rev, VisState)> {
+        let entry = self.entry(key)?;
+        let state = if self.more.contains_key(key) {
+            VisState::Multi
+        } else {
+            VisState::Sole(entry.first())
+        };
+        Some((entry.rev, state))
+    }
+
+    /// Drops the history of `key` that no catch-up needs any more.
+    fn prune_history(&mut self, key: &TableKey) {
+        let Some(history) = self.history.get_mut(key) else {
+            return;
+        };
+        let lag_points: Vec<Rev> = self.catch_ups.values().map(|c| c.lag_point(key)).collect();
+        let stamp = match key {
+            TableKey::V4(k) => self.v4.get(k).map(|e| e.rev),
+            TableKey::V6(k) => self.v6.get(k).map(|e| e.rev),
+        };
+        if !catch_up::prune(history, stamp, &lag_points) {
+            self.history.remove(key);
+            self.hops.release(key.hop());
+        }
+    }
+
+    /// Nobody catches up any more: no history is needed.
+    fn forget_history(&mut self) {
+        for key in std::mem::take(&mut self.history).into_keys() {
+            self.hops.release(key.hop());
+        }
+    }
+
+    /// Renumbers revisions from `FIRST_REV` keeping every comparison a
+    /// catch-up makes (a stamp against a lag point), so revisions never
+    /// run out however long the server runs. Once per 2^31 views taken.
+    fn renumber(&mut self) {
+        let mut points: Vec<Rev> = self
+            .catch_ups
+            .values()
+            .flat_map(|c| c.lag_points().collect::<Vec<_>>())
+            .collect();
+        points.sort_unstable();
+        points.dedup();
+        // A lag point p_i becomes 2i + 2; any other revision x becomes
+        // 2 * #(points < x) + 1: `x > p` and `x <= p` hold as before.
+        let map = |x: Rev| -> Rev {
+            let below = points.partition_point(|p| *p < x) as Rev;
+            if points.binary_search(&x).is_ok() {
+                2 * below + 2
+            } else {
+                2 * below + 1
+            }
+        };
+        self.v4.for_each_value_mut(|e| e.rev = map(e.rev));
+        self.v6.for_each_value_mut(|e| e.rev = map(e.rev));
+        for h in self.history.values_mut() {
+            for r in h.iter_mut() {
+                r.0 = map(r.0);
+            }
+        }
+        for c in self.catch_ups.values_mut() {
+            c.remap(map);
+        }
+        self.rev = map(self.rev).max(FIRST_REV);
+        self.rev_taken = true;
     }
 
     /// Has `peer` been sent the current state of `route` (live, or syncing
@@ -343,6 +533,9 @@ impl VniTable {
         let was = self.subscribers.remove(&peer);
         if matches!(was, Some(Subscriber::Live)) {
             self.live_by_shard = None;
+        }
+        if self.catch_ups.remove(&peer).is_some() && self.catch_ups.is_empty() {
+            self.forget_history();
         }
         was.is_some()
     }
@@ -417,6 +610,120 @@ impl VniTable {
         };
         self.subscribers.insert(peer, state);
         Some(SyncChunk { routes, done })
+    }
+
+    /// `peer` fell behind (its output queue passed its limit): it gets no
+    /// more fan-out and is caught up from the table instead. Everything
+    /// recorded so far must have been flushed to it (a live subscriber has
+    /// seen the table as of now; a syncing one, the keys its scan passed).
+    /// False if it is not subscribed or already catching up.
+    pub fn start_catch_up(&mut self, peer: PeerId) -> bool {
+        let catch_up = match self.subscribers.get(&peer) {
+            Some(Subscriber::Live) => {
+                self.live_by_shard = None;
+                CatchUp::from_live(self.take_view())
+            }
+            Some(Subscriber::Syncing { cursor }) => {
+                let synced = cursor.map(|c| c.0);
+                CatchUp::from_sync(synced, self.take_view())
+            }
+            Some(Subscriber::CatchingUp) | None => return false,
+        };
+        self.subscribers.insert(peer, Subscriber::CatchingUp);
+        self.catch_ups.insert(peer, catch_up);
+        true
+    }
+
+    /// Is `peer` being caught up?
+    pub fn is_catching_up(&self, peer: PeerId) -> bool {
+        self.catch_ups.contains_key(&peer)
+    }
+
+    /// Routes with a remembered past state (catch-up bookkeeping).
+    #[cfg(test)]
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Next-hop ids in use (the history holds references too).
+    #[cfg(test)]
+    pub fn next_hops_in_use(&self) -> usize {
+        self.hops.live()
+    }
+
+    /// Next step of `peer`'s catch-up: up to `max` changes (a route whose
+    /// visibility to `peer` differs from what it saw), scanning at most
+    /// `8 * max` keys. When a clean pass ends, the subscriber is live again.
+    pub fn catch_up_chunk(&mut self, peer: PeerId, max: usize) -> Option<CatchUpChunk> {
+        let catch_up = self.catch_ups.get(&peer)?;
+        let from = catch_up.cursor();
+        let mut changes = Vec::new();
+        let mut with_history = Vec::new();
+        let mut last = None;
+        let mut end = true;
+        // The table's keys and those of removed routes still remembered,
+        // merged in key order.
+        let mut table = self.entries_after(from).map(|(k, _)| k).peekable();
+        let after = from.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut gone = self
+            .history
+            .range((after, Bound::Unbounded))
+            .map(|(k, _)| *k)
+            .filter(|k| self.entry(k).is_none())
+            .peekable();
+        let mut scanned = 0usize;
+        loop {
+            let key = match (table.peek(), gone.peek()) {
+                (None, None) => break,
+                (Some(t), Some(g)) if g < t => gone.next(),
+                (Some(_), _) => table.next(),
+                (None, Some(_)) => gone.next(),
+            };
+            let Some(key) = key else { break };
+            if changes.len() >= max || scanned >= max.saturating_mul(8) {
+                end = false;
+                break;
+            }
+            scanned += 1;
+            last = Some(key);
+            let current = self.current(&key);
+            let history = self.history.get(&key);
+            if history.is_some() {
+                with_history.push(key);
+            }
+            let stamp = current
+                .map(|c| c.0)
+                .or_else(|| history.and_then(|h| h.last()).map(|r| r.0));
+            let seen_at = catch_up.lag_point(&key);
+            if stamp.is_none_or(|s| s <= seen_at) {
+                continue;
+            }
+            let was = catch_up::state_at(history, current, seen_at).visible_to(peer);
+            let now = current.is_some_and(|(_, s)| s.visible_to(peer));
+            if was != now {
+                let action = if now { Action::Add } else { Action::Remove };
+                changes.push((action, self.route_of(&key)));
+            }
+        }
+        drop(table);
+        drop(gone);
+        let at = self.take_view();
+        let done = self
+            .catch_ups
+            .get_mut(&peer)
+            .is_some_and(|c| c.scanned(if end { None } else { last }, at));
+        for key in with_history {
+            self.prune_history(&key);
+        }
+        if done {
+            self.catch_ups.remove(&peer);
+            if self.catch_ups.is_empty() {
+                self.forget_history();
+            }
+            self.subscribers.insert(peer, Subscriber::Live);
+            self.live_by_shard = None;
+        }
+        Some(CatchUpChunk { changes, done })
     }
 
     /// Subscribers still syncing whose cursor is at or past `route`: they
@@ -836,6 +1143,62 @@ mod tests {
         assert_eq!(&*g[1].1, &[p(1, 3)]);
     }
 
+    /// Applies a catch-up's changes to what `peer` holds, strictly.
+    fn catch_up_fully(
+        t: &mut VniTable,
+        peer: PeerId,
+        held: &mut std::collections::BTreeSet<Route>,
+    ) {
+        for _ in 0..1000 {
+            let chunk = t.catch_up_chunk(peer, 3).expect("catching up");
+            for (a, r) in chunk.changes {
+                match a {
+                    Action::Add => assert!(held.insert(r), "dup ADD {r}"),
+                    Action::Remove => assert!(held.remove(&r), "REMOVE of unknown {r}"),
+                }
+            }
+            if chunk.done {
+                return;
+            }
+        }
+        panic!("catch-up did not end");
+    }
+
+    #[test]
+    fn revisions_are_renumbered_without_changing_what_a_catch_up_sends() {
+        let (a, s) = (p(0, 1), p(1, 2));
+        let mut t = VniTable::new(Vni::new(7).unwrap());
+        for i in 0..20 {
+            t.announce(route(i), a);
+        }
+        t.subscribe(s);
+        let mut held: std::collections::BTreeSet<Route> = (0..20).map(route).collect();
+        assert!(t.sync_chunk(s, 100).is_some_and(|c| c.done));
+        // Fallen behind just before revisions run out.
+        t.rev = RENUMBER_AT - 1;
+        assert!(t.start_catch_up(s));
+        for i in 0..10 {
+            t.withdraw(&route(i), a);
+        }
+        t.announce(route(3), a); // gone and back: nothing to send for it
+        t.announce(route(50), a);
+        // The next view taken renumbers; the catch-up must not notice.
+        let first = t.catch_up_chunk(s, 2).expect("catching up");
+        assert!(t.rev < 100, "renumbered: {}", t.rev);
+        for (act, r) in first.changes {
+            match act {
+                Action::Add => assert!(held.insert(r)),
+                Action::Remove => assert!(held.remove(&r)),
+            }
+        }
+        t.withdraw(&route(15), a);
+        catch_up_fully(&mut t, s, &mut held);
+        let want: std::collections::BTreeSet<Route> = t.routes_after(None).collect();
+        assert_eq!(held, want);
+        assert_eq!(t.subscriber(s), Some(Subscriber::Live));
+        assert_eq!(t.history_len(), 0);
+    }
+
     #[test]
     fn compact_tables_cost_tens_of_bytes_per_route() {
         use crate::route_set::RouteSet;
@@ -869,8 +1232,9 @@ mod tests {
         assert_eq!((table.route_count(), set.len()), (N as usize, N as usize));
         // Full `Route`s cost ~140 (table) and ~110 (set) bytes per route; a
         // `BTreeMap` of compact keys ~36 (half-full leaves); `ChunkMap` ~19,
-        // ~23 since each route keeps its 4-byte `since`.
-        assert!(per_route(table_bytes) < 25.0, "owner table grew");
+        // ~23 since each route keeps its 4-byte `since`, ~27 with the 4-byte
+        // revision catch-ups compare (issue #28).
+        assert!(per_route(table_bytes) < 29.0, "owner table grew");
         assert!(per_route(set_bytes) < 40.0, "route set grew");
     }
 }

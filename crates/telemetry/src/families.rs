@@ -221,10 +221,10 @@ pub const WRITE_CALLS: Family = family(
     &["shard"],
     Server,
 );
-/// `metalbond_coalesce_episodes_total{shard}`.
-pub const COALESCE_EPISODES: Family = family(
-    "metalbond_coalesce_episodes_total",
-    "Times a slow subscriber was switched to per-route coalescing, per shard.",
+/// `metalbond_catch_up_episodes_total{shard}`.
+pub const CATCH_UP_EPISODES: Family = family(
+    "metalbond_catch_up_episodes_total",
+    "Times a subscriber fell behind on a VNI and was caught up from the owner's table instead of sent the live fan-out, per shard of the subscriber.",
     Counter,
     &["shard"],
     Server,
@@ -379,7 +379,7 @@ pub const ALL: &[Family] = &[
     NETLINK_ERRORS,
     CONNECTIONS_REFUSED,
     WRITE_CALLS,
-    COALESCE_EPISODES,
+    CATCH_UP_EPISODES,
     SHARD_BATCHES_RECEIVED,
     SHARD_ROUTES,
     GRACE_ROUTES,
@@ -402,17 +402,14 @@ pub const ALL: &[Family] = &[
 pub mod queue {
     /// Server, per shard: bytes queued to that shard's peers.
     pub const PEER_OUT_BYTES: &str = "peer_out_bytes";
-    /// Server, per shard: route changes coalesced for that shard's slow peers.
-    pub const PEER_COALESCED_ROUTES: &str = "peer_coalesced_routes";
+    /// Server, per shard: subscriptions being caught up from that shard's
+    /// tables (subscribers that fell behind).
+    pub const PEER_CATCH_UPS: &str = "peer_catch_ups";
     /// Client with `--install-routes`: route keys changed and not yet
     /// written to the kernel.
     pub const NETLINK_PENDING_ROUTES: &str = "netlink_pending_routes";
     /// Every value, for the README.
-    pub const ALL: [&str; 3] = [
-        PEER_OUT_BYTES,
-        PEER_COALESCED_ROUTES,
-        NETLINK_PENDING_ROUTES,
-    ];
+    pub const ALL: [&str; 3] = [PEER_OUT_BYTES, PEER_CATCH_UPS, NETLINK_PENDING_ROUTES];
 }
 
 /// Values of the `op` label of the netlink families, in the order

@@ -22,12 +22,9 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 pub const LISTEN: &str = "[::]:4711";
 
 /// Server: `--max-queued-bytes`, per-peer output above which a slow
-/// subscriber is coalesced per route (4 MiB: a few seconds of heavy churn).
+/// subscriber is caught up from the table (4 MiB: a few seconds of heavy
+/// churn).
 pub const MAX_QUEUED_BYTES: usize = 4 << 20;
-
-/// Server: `--max-coalesced-routes`, pending coalesced changes above which
-/// a slow subscriber is cut off.
-pub const MAX_COALESCED_ROUTES: usize = 4_000_000;
 
 /// Server: `--write-stall-timeout`, seconds a subscriber's socket may stay
 /// unwritable with output pending before it is cut off.
