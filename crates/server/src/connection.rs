@@ -393,7 +393,7 @@ pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, mut writ
         }
         // A subscriber that reads as fast as we write never fills its
         // socket, so nothing above waits: without this, draining a large
-        // backlog (or a coalesced map of millions of routes) would hold the
+        // backlog (a burst to a peer that keeps up) would hold the
         // shard.
         glommio::yield_if_needed().await;
     }

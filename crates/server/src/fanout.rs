@@ -73,8 +73,8 @@ impl FanoutBatch {
         (parts, frames)
     }
 
-    /// Decodes the changes `peer` must receive (used only for a slow peer
-    /// whose pending output is being coalesced per route).
+    /// Decodes the changes `peer` must receive (tests check what each
+    /// subscriber sees with it).
     pub fn changes_for(&self, peer: PeerId) -> Vec<(Action, Route)> {
         let (parts, _) = self.parts_for(peer);
         let mut out = Vec::new();

@@ -11,7 +11,7 @@
 //!  ┌─ shard i: glommio executor pinned to a CPU ───────────────────────────┐
 //!  │ peer task (peer.rs), one per connection, in the peer's span           │
 //!  │   reader: socket → FrameDecoder → PeerSession ──OwnerInput──┐         │
-//!  │   writer (connection.rs): OutQueue (shared frames | coalesced)        │
+//!  │   writer (connection.rs): OutQueue (shared frames, sync chunks)       │
 //!  │           → sendmsg(iovec)  ▲                                ▼        │
 //!  │                             │ ShardDelivery     ShardOutbox[owner(vni)]    │
 //!  │ deliver ────────────────────┘                           │             │

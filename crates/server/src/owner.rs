@@ -1137,8 +1137,8 @@ mod tests {
             let mut acks: Vec<(PeerId, SyncTag)> = Vec::new();
             let mut out = Vec::new();
             let deliver = |out: &mut Vec<(usize, ShardDelivery)>,
-                               held: &mut BTreeMap<PeerId, BTreeSet<Route>>,
-                               acks: &mut Vec<(PeerId, SyncTag)>| {
+                           held: &mut BTreeMap<PeerId, BTreeSet<Route>>,
+                           acks: &mut Vec<(PeerId, SyncTag)>| {
                 for (_, d) in out.drain(..) {
                     for who in d.recipients.iter() {
                         let mine = held.entry(*who).or_default();

@@ -433,10 +433,6 @@ mod tests {
             CloseReason::KeepaliveTimeout(Duration::from_secs(12)),
             CloseReason::ZeroKeepalive,
             CloseReason::Malformed(DecodeError::Version(2).into()),
-            CloseReason::SlowSubscriber {
-                pending: 11,
-                limit: 10,
-            },
             CloseReason::WriteStall(Duration::from_secs(30)),
             CloseReason::PeerLimit {
                 what: "routes announced",

@@ -129,15 +129,6 @@ pub enum CloseReason {
     /// down or the server removed from it.
     #[error("shutting down")]
     Shutdown,
-    /// A subscriber fell so far behind that even coalescing its pending
-    /// changes per route passed `--max-coalesced-routes`.
-    #[error("slow subscriber: {pending} route changes pending (limit {limit})")]
-    SlowSubscriber {
-        /// Distinct routes with a pending change.
-        pending: usize,
-        /// `--max-coalesced-routes`.
-        limit: usize,
-    },
     /// A subscriber's socket took no data for `--write-stall-timeout`.
     #[error("slow subscriber: socket not writable for {0:?}")]
     WriteStall(Duration),
@@ -193,7 +184,7 @@ impl CloseReason {
             CloseReason::PeerClosed => "eof",
             CloseReason::Io(_) => "io",
             CloseReason::Shutdown => "shutdown",
-            CloseReason::SlowSubscriber { .. } | CloseReason::WriteStall(_) => "slow_peer",
+            CloseReason::WriteStall(_) => "slow_peer",
             CloseReason::PeerLimit { .. } | CloseReason::ServerRouteLimit { .. } => "limit",
             CloseReason::Policy(_) | CloseReason::KeyChanged => "policy",
             CloseReason::ResyncBacklog | CloseReason::ReaderGone => "local",
