@@ -81,7 +81,7 @@ impl PeerPolicy {
                 store.unmatched().denied(Denial::NoRule);
                 let reason = format!("policy: no rule matches {source}; the peer may do nothing");
                 if store.refusal_log().admit() {
-                    tracing::warn!(reason = %reason, "closing peer");
+                    tracing::warn!(peer = %source, reason = %reason, "closing peer");
                 }
                 Err(reason)
             }
@@ -163,7 +163,7 @@ impl PeerPolicy {
                 why.describe()
             );
             if self.log.admit() {
-                tracing::warn!(reason = %reason, "closing peer");
+                tracing::warn!(peer = %peer, reason = %reason, "closing peer");
             }
             return Verdict::Close(reason);
         }

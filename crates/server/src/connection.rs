@@ -15,10 +15,13 @@
 //!   write_loop ◀── OutQueue ◀── replies (HELLO, KEEPALIVE), Deliveries
 //! ```
 //!
-//! Idle sessions: every peer holds a `Connection` and a writer task for
-//! its life, 10,000 at once on a loaded server; the paths a connection that
-//! keeps up never takes (the wait for room in a full socket) are boxed
-//! futures, built when needed, not room in every writer task.
+//! Idle sessions: every peer holds a `Connection` for its life, 10,000s at
+//! once on a loaded server, and a writer task only while it has output:
+//! the drained writer parks its state (`WriterState`, boxed) here and ends;
+//! the session task starts a new one when output is queued (`writer_event`
+//! tells it). The paths a connection that keeps up never takes (the wait
+//! for room in a full socket) are boxed futures, built when needed, not
+//! room in every writer task.
 //!
 //! Must never: interpret a message or touch the peer's routes (that is
 //! `peer`), block the shard (all socket I/O is non-blocking), or import
@@ -65,8 +68,11 @@ pub(crate) struct Connection {
     id: PeerId,
     /// Pending output: session replies and deliveries.
     out: RefCell<OutQueue>,
-    /// Wakes the writer when output is queued or the connection is closed.
-    writer_wake: LocalEvent,
+    /// Notified when a writer parks and when the connection is closed: the
+    /// ending session task waits for the writer to be parked.
+    writer_event: LocalEvent,
+    /// The writer's state while no writer task runs (`None` while one does).
+    parked_writer: RefCell<Option<Box<WriterState>>>,
     /// Wakes the reader (and a writer waiting for room) when the connection
     /// is closed from elsewhere.
     close_event: LocalEvent,
@@ -106,7 +112,8 @@ impl Connection {
         Connection {
             id,
             out: RefCell::new(OutQueue::new(id, limits.max_queued_bytes)),
-            writer_wake: LocalEvent::default(),
+            writer_event: LocalEvent::default(),
+            parked_writer: RefCell::new(None),
             close_event: LocalEvent::default(),
             close_reason: OnceCell::new(),
             frames_in: Cell::new(0),
@@ -130,7 +137,7 @@ impl Connection {
             return;
         }
         self.close_event.notify();
-        self.writer_wake.notify();
+        self.writer_event.notify();
     }
 
     /// Is the connection closing?
@@ -148,14 +155,32 @@ impl Connection {
         &self.close_event
     }
 
-    /// The pending output (deliveries are queued here, then `wake_writer`).
+    /// The pending output (deliveries are queued here, then the writer is
+    /// started if it is parked: `peer::start_writer`).
     pub(crate) fn out(&self) -> &RefCell<OutQueue> {
         &self.out
     }
 
-    /// Tells the writer that output is queued.
-    pub(crate) fn wake_writer(&self) {
-        self.writer_wake.notify();
+    /// See `writer_event`.
+    pub(crate) fn writer_event(&self) -> &LocalEvent {
+        &self.writer_event
+    }
+
+    /// Is the writer parked (no writer task runs)?
+    pub(crate) fn writer_parked(&self) -> bool {
+        self.parked_writer.borrow().is_some()
+    }
+
+    /// Parks the writer's state (at the session's start, and by a writer
+    /// task that ends) and tells the session task.
+    pub(crate) fn park_writer(&self, state: Box<WriterState>) {
+        *self.parked_writer.borrow_mut() = Some(state);
+        self.writer_event.notify();
+    }
+
+    /// Takes the parked writer's state to start a writer task with it.
+    pub(crate) fn unpark_writer(&self) -> Option<Box<WriterState>> {
+        self.parked_writer.borrow_mut().take()
     }
 
     /// Queues a session reply (a KEEPALIVE only if none is waiting already,
@@ -172,9 +197,8 @@ impl Connection {
             .behind_mark
             .get()
             .is_some_and(|(at, mark)| self.bytes_out.get() < mark && at.elapsed() >= interval);
-        if self.out.borrow_mut().push_control(msg, ahead) {
-            self.writer_wake.notify();
-        }
+        // Queued or not, the caller starts a parked writer next.
+        self.out.borrow_mut().push_control(msg, ahead);
     }
 
     /// Moves the behind mark on once the peer has taken everything that was
@@ -284,55 +308,66 @@ impl Listener {
 pub(crate) enum ReadEvent {
     /// The socket read returned (bytes, EOF or error).
     Data(io::Result<usize>),
-    /// The session's next deadline passed (keepalive due or hold timer).
-    Deadline,
-    /// The connection was closed from elsewhere (writer, shard, shutdown).
-    Closed,
-    /// The peer policy was reloaded.
-    PolicyReloaded,
+    /// One of the events waited for (closed, policy reloaded, the session's
+    /// deadline due): the caller checks which.
+    Woken,
 }
 
-/// Waits for the first of: data (or EOF, or an error) on the socket, the
-/// session's deadline in `wait`, `closed`, `policy_reloaded`. The two wait
-/// futures are created by the caller before it checks their conditions,
-/// so no wake-up is lost.
+/// Waits for the first of: data (or EOF, or an error) on the socket, one
+/// of `events`. The event waits are created by the caller before it checks
+/// their conditions, so no wake-up is lost. No timer: the session's
+/// deadline comes as an event from the shard's clock (`session_clock`).
 pub(crate) async fn next_read_event(
     reader: &mut ReadHalf<TcpStream>,
     buf: &mut ReadBuf,
-    wait: Duration,
-    closed: EventWait<'_>,
-    policy_reloaded: EventWait<'_>,
+    events: [EventWait<'_>; 2],
 ) -> ReadEvent {
+    let [a, b] = events;
     future::or(
         async { ReadEvent::Data(reader.read(buf.as_mut()).await) },
-        future::or(
-            async {
-                glommio::timer::sleep(wait).await;
-                ReadEvent::Deadline
-            },
-            future::or(
-                async {
-                    closed.await;
-                    ReadEvent::Closed
-                },
-                async {
-                    policy_reloaded.await;
-                    ReadEvent::PolicyReloaded
-                },
-            ),
-        ),
+        async {
+            future::or(a, b).await;
+            ReadEvent::Woken
+        },
     )
     .await
+}
+
+/// The writer's state, kept between its runs (boxed in the `Connection`
+/// while no writer task runs).
+pub(crate) struct WriterState {
+    /// The socket's writing half.
+    socket: SocketWriter,
+    /// Pacing of a peer that has not shown it reads as a stream.
+    pacer: ReaderPacer,
+}
+
+impl WriterState {
+    /// The state of a new session's writer (reads the peer's TCP window).
+    pub(crate) fn new(socket: SocketWriter) -> Box<WriterState> {
+        let pacer = ReaderPacer::new(read_window(socket.fd()), Instant::now());
+        Box::new(WriterState { socket, pacer })
+    }
 }
 
 /// The writer task: moves the connection's `OutQueue` to the socket until
 /// the connection closes (or a write fails, which closes it). Paced (see
 /// `pacing`) until the peer has shown it reads as a stream.
-pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, mut writer: SocketWriter) {
-    let mut pacer = ReaderPacer::new(read_window(writer.fd()), Instant::now());
+pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, state: Box<WriterState>) {
+    let mut state = state;
+    write_until_drained(shard, conn, &mut state).await;
+    conn.park_writer(state);
+}
+
+/// The writer task's work: until the connection closes or nothing is
+/// queued.
+async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mut WriterState) {
+    let WriterState {
+        socket: writer,
+        pacer,
+    } = state;
     let mut drain = DrainWatch::new();
     loop {
-        let wake = conn.writer_wake.wait();
         if conn.is_closed() {
             return;
         }
@@ -342,7 +377,7 @@ pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, mut writ
             conn.close(reason);
             return;
         }
-        let wb = match next_write(conn, &mut pacer, writer.fd()) {
+        let wb = match next_write(conn, pacer, writer.fd()) {
             NextWrite::Batch(wb) => wb,
             NextWrite::Wait(d) => {
                 // A peer that takes nothing meanwhile is cut off by
@@ -356,12 +391,13 @@ pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, mut writ
             }
         };
         if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            // Drained: the task ends and the writer parks until output is
+            // queued again.
             conn.behind_mark.set(None);
-            wake.await;
-            continue;
+            return;
         }
         if !wb.parts.is_empty() {
-            match write_parts(conn, &mut writer, &wb.parts, shard, &mut drain).await {
+            match write_parts(conn, writer, &wb.parts, shard, &mut drain).await {
                 Ok(calls) => {
                     let now = Instant::now();
                     if pacer.wrote(wb.bytes, now) {

@@ -26,6 +26,7 @@ use super::local_event::LocalEvent;
 use super::mesh::{ShardMsg, ShardOutbox};
 use super::owner::OwnerInput;
 use super::route_set::RouteSet;
+use super::session_clock::SessionClock;
 use super::snapshot::ShardCounters;
 use super::PeerId;
 use metalbond_wire::types::Vni;
@@ -56,6 +57,8 @@ pub(crate) struct ShardContext {
     admission: Arc<Admission>,
     /// Routes of departed peers held for `--peer-grace` (see `grace`).
     grace: GraceHolds,
+    /// The deadlines of the shard's sessions (see `session_clock`).
+    clock: SessionClock,
 }
 
 impl ShardContext {
@@ -79,6 +82,7 @@ impl ShardContext {
             shutdown_event: LocalEvent::default(),
             admission,
             grace,
+            clock: SessionClock::new(),
         }
     }
 
@@ -105,6 +109,11 @@ impl ShardContext {
     /// `--max-peers` places and the handshake queue.
     pub(crate) fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// The deadlines of this shard's sessions.
+    pub(crate) fn clock(&self) -> &SessionClock {
+        &self.clock
     }
 
     /// `--peer-grace` holds of this shard.

@@ -55,6 +55,7 @@ mod owner;
 mod peer;
 mod peer_id;
 mod route_set;
+mod session_clock;
 mod shard;
 mod snapshot;
 mod status_source;

@@ -139,13 +139,21 @@ impl OutQueue {
         self.queued_bytes
     }
 
+    /// Frees the queue's slots if nothing is queued: a quiet peer (the
+    /// reader calls this at its session deadlines) holds no storage, where
+    /// a sync or a burst left it several slots for the session's life.
+    pub fn release_if_drained(&mut self) {
+        if self.items.is_empty() && self.items.capacity() > 0 {
+            self.items = VecDeque::new();
+        }
+    }
+
     /// Is the queue past `max_queued_bytes` (the peer is behind)?
     pub fn is_behind(&self) -> bool {
         self.queued_bytes > self.max_queued_bytes
     }
 
-    /// Anything left to write?
-    #[cfg(test)]
+    /// Anything left to write (or a sync marker to report)?
     pub fn has_output(&self) -> bool {
         !self.items.is_empty()
     }
@@ -311,7 +319,9 @@ impl OutQueue {
         }
         // A drained queue keeps the capacity of its largest burst for the
         // connection's life unless released (thousands of peers × a burst).
-        if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
+        // After a write of session replies only (an idle peer's KEEPALIVE)
+        // nothing stays either: idle peers hold no slot between replies.
+        if self.items.is_empty() && (self.items.capacity() > KEEP_ITEMS || wb.updates == 0) {
             self.items = VecDeque::new();
         }
         wb
@@ -381,7 +391,9 @@ impl OutQueue {
             wb.sync_written.push(*tag);
             self.items.pop_front();
         }
-        if self.items.is_empty() && self.items.capacity() > KEEP_ITEMS {
+        // After a write of session replies only (an idle peer's KEEPALIVE)
+        // nothing stays either: idle peers hold no slot between replies.
+        if self.items.is_empty() && (self.items.capacity() > KEEP_ITEMS || wb.updates == 0) {
             self.items = VecDeque::new();
         }
         wb

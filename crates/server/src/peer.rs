@@ -2,7 +2,7 @@
 //! exactly-once cleanup when it leaves.
 //!
 //! Owns: the per-peer state (`PeerConn`: session state, subscriptions,
-//! counts for snapshots, the peer's log span), the session task (`run`:
+//! counts for snapshots), the session task (`run`:
 //! handshake, the read loop turning frames into owner inputs, limits and
 //! policy) and the cleanup on disconnect: whatever ends the connection (EOF,
 //! error, keepalive timeout, protocol violation, slow peer, shutdown),
@@ -18,8 +18,15 @@
 //!   connection::write_loop ◀── OutQueue ◀── PeerConn::deliver ◀── shard (ShardDelivery)
 //! ```
 //!
-//! Every event of a peer's tasks is logged inside its span (`peer`,
-//! `peer_id`, `shard`), created once per session, never per message.
+//! Session events (info, warn) name their peer in fields (`peer`,
+//! `peer_id`, `shard`); per-route events (debug, trace) run inside the
+//! peer's span, which exists only when debug logging is on (at info it
+//! cost ~350 bytes a session, issue #28).
+//!
+//! The writer task runs only while the peer has output: the session task
+//! starts it when output is queued for a parked writer, and the writer
+//! parks again (its state boxed in the `Connection`) once the queue is
+//! drained, so an idle session holds one task, not two.
 //!
 //! Must never: keep a session alive after dropping an update for it, touch
 //! the socket other than through `connection`, or import `shard` (it
@@ -36,7 +43,7 @@ use glommio::net::TcpStream;
 use tracing::Instrument;
 
 use super::admission::HandshakeTicket;
-use super::connection::{self, Connection, ReadBuf, ReadEvent, Transport, READ_BUF_MIN};
+use super::connection::{self, Connection, ReadBuf, ReadEvent, Transport, WriterState};
 use super::context::ShardContext;
 use super::local_event::LocalEvent;
 use super::owner::{OwnerInput, ShardDelivery};
@@ -58,11 +65,10 @@ pub(crate) struct PeerConn {
     addr: SocketAddr,
     /// The transport: output queue, close latch, traffic counts.
     io: Connection,
-    /// The span every event about this peer is logged in.
-    span: tracing::Span,
-    /// Notified when the peer policy was reloaded: the reader resolves its
-    /// rule again and withdraws what became forbidden.
-    policy_event: LocalEvent,
+    /// Wakes the reader: the peer policy was reloaded (it resolves its rule
+    /// again and withdraws what became forbidden), or its session deadline
+    /// is due (the shard's `SessionClock`).
+    wake_event: LocalEvent,
     /// Session state, for snapshots and counters.
     state: Cell<SessionState>,
     /// Negotiated keepalive.
@@ -87,8 +93,7 @@ impl PeerConn {
             id,
             addr,
             io: Connection::new(id, &shard.config().limits),
-            span: tracing::info_span!("peer", peer = %addr, peer_id = %id, shard = shard.index()),
-            policy_event: LocalEvent::default(),
+            wake_event: LocalEvent::default(),
             state: Cell::new(SessionState::Connecting),
             keepalive: Cell::new(shard.config().keepalive),
             routes_announced: Cell::new(0),
@@ -110,14 +115,22 @@ impl PeerConn {
         self.state.get() == SessionState::Established
     }
 
-    /// The span of this peer's events.
-    pub(crate) fn span(&self) -> &tracing::Span {
-        &self.span
+    /// The span of this peer's per-route events: debug only (at info a
+    /// span per session cost ~350 bytes of the log subscriber's state for
+    /// each of 10,000s of idle sessions, issue #28). Built once per session
+    /// by its task.
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::debug_span!("peer", peer = %self.addr, peer_id = %self.id, shard = self.id.shard())
     }
 
     /// The peer policy was reloaded: the session resolves its rule again.
     pub(crate) fn policy_reloaded(&self) {
-        self.policy_event.notify();
+        self.wake_event.notify();
+    }
+
+    /// Its session deadline is due (the shard's clock task).
+    pub(crate) fn deadline_due(&self) {
+        self.wake_event.notify();
     }
 
     /// Queues a delivery from an owner. A live delivery that leaves the
@@ -125,7 +138,7 @@ impl PeerConn {
     /// table instead (once per subscription until the catch-up's first
     /// chunk arrives): the queue then holds what was already on its way,
     /// nothing per route the peer is behind.
-    pub(crate) fn deliver(&self, d: &ShardDelivery, shard: &ShardContext) {
+    pub(crate) fn deliver(self: &Rc<Self>, d: &ShardDelivery, shard: &Rc<ShardContext>) {
         if self.io.is_closed() {
             return;
         }
@@ -163,7 +176,8 @@ impl PeerConn {
             sub.lag_reported = true;
             shard.counters().catch_up_episode();
             tracing::debug!(
-                parent: &self.span,
+                peer = %self.addr,
+                peer_id = %self.id,
                 vni = %d.vni,
                 queued = self.io.out().borrow().queued_bytes(),
                 "slow subscriber: catching it up from the table"
@@ -178,7 +192,7 @@ impl PeerConn {
             );
         }
         drop(subscribed);
-        self.io.wake_writer();
+        start_writer(shard, self);
     }
 
     /// Snapshot for `ServerHandle::peers`.
@@ -246,6 +260,8 @@ struct ReaderState {
     /// The peer's update rate, if one applies (a rule's, or the server's
     /// `--max-updates-per-second`). Boxed: most sessions have none.
     update_budget: Option<Box<UpdateBudget>>,
+    /// The deadline registered with the shard's clock, if any.
+    clock_entry: Option<Instant>,
 }
 
 /// The session of a freshly accepted connection, from the handshake to
@@ -260,38 +276,68 @@ struct ReaderState {
 /// fn's arguments stay in its future for its whole life, the box is freed
 /// as soon as the session has started.
 pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: Box<Transport>) {
-    let (mut rs, reader, writer_task) = start(&shard, &conn, *transport);
+    let (mut rs, reader) = start(&shard, &conn, transport);
     let reason = read_loop(&shard, &conn, reader, &mut rs).await;
+    shard.clock().cancel(conn.id, rs.clock_entry.take());
     conn.close(reason);
-    writer_task.await;
+    // A running writer sees the close and parks: then the socket is ours.
+    loop {
+        let parked = conn.io.writer_event().wait();
+        if conn.io.writer_parked() {
+            break;
+        }
+        parked.await;
+    }
     Box::pin(finish(shard, conn, rs)).await;
 }
 
-/// The start of a session: counts and logs the connection, spawns its
-/// writer task (in the current span, the peer's) and resolves the peer's
-/// policy rule. Returns the reader's state, the reading half and the
-/// writer task.
+/// Starts the writer task if output waits for a parked writer (see the
+/// module doc). The task parks itself again when the queue is drained.
+/// Called wherever output is queued: deliveries, and the read loop after
+/// the replies of a read (before it may wait for back-pressure).
+fn start_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
+    if !conn.io.out().borrow().has_output() {
+        return;
+    }
+    let Some(state) = conn.io.unpark_writer() else {
+        return;
+    };
+    let shard = shard.clone();
+    let conn = conn.clone();
+    glommio::spawn_local(
+        async move { connection::write_loop(&shard, &conn.io, state).await }
+            .instrument(tracing::Span::current()),
+    )
+    .detach();
+}
+
+/// The start of a session: counts and logs the connection, parks its
+/// writer (started when output is queued) and resolves the peer's policy
+/// rule. Returns the reader's state and the reading half.
+// Boxed on purpose: the box comes from `spawn_peer` through `run`, and is
+// freed here rather than at the end of `run` (see the comment inside).
+#[allow(clippy::boxed_local)]
 fn start(
     shard: &Rc<ShardContext>,
     conn: &Rc<PeerConn>,
-    transport: Transport,
-) -> (ReaderState, ReadHalf<TcpStream>, glommio::Task<()>) {
+    transport: Box<Transport>,
+) -> (ReaderState, ReadHalf<TcpStream>) {
+    // Unboxed here, so the box is freed when this returns: moved out of in
+    // `run`, it would be freed only when `run` ends (64 bytes a session).
     let Transport {
         reader,
         writer,
         remote: _,
-    } = transport;
+    } = *transport;
     shard.counters().peer_connected();
-    tracing::info!("peer connected");
+    tracing::info!(
+        peer = %conn.addr,
+        peer_id = %conn.id,
+        shard = shard.index(),
+        "peer connected"
+    );
 
-    let writer_task = {
-        let shard = shard.clone();
-        let conn = conn.clone();
-        glommio::spawn_local(
-            async move { connection::write_loop(&shard, &conn.io, writer).await }
-                .instrument(tracing::Span::current()),
-        )
-    };
+    conn.io.park_writer(WriterState::new(writer));
     let now = Instant::now();
     let mut session = PeerSession::new(Role::Passive, shard.config().keepalive, now);
     if let Some(timeout) = shard.config().limits.handshake_timeout {
@@ -319,8 +365,9 @@ fn start(
         policy,
         routed: false,
         update_budget,
+        clock_entry: None,
     };
-    (rs, reader, writer_task)
+    (rs, reader)
 }
 
 /// The update rate a session is held to: its rule's, else the server's
@@ -412,7 +459,14 @@ async fn finish(shard: Rc<ShardContext>, conn: Rc<PeerConn>, mut rs: ReaderState
         }
     }
     shard.counters().peer_gone(was_established, &reason);
-    tracing::info!(reason = %reason, kind = reason.label(), "peer disconnected");
+    tracing::info!(
+        peer = %conn.addr,
+        peer_id = %id,
+        shard = id.shard(),
+        reason = %reason,
+        kind = reason.label(),
+        "peer disconnected"
+    );
 }
 
 /// Withdraws routes taken out of the peer's announcements (by an
@@ -448,6 +502,8 @@ fn hold_as_ghost(
         .grace()
         .add_ghost(peer, addr, routes, count, grace, max_routes);
     tracing::info!(
+        peer = %addr,
+        peer_id = %peer,
         routes = count,
         grace_secs = grace.as_secs(),
         "peer gone: its routes are held for the grace period"
@@ -515,7 +571,7 @@ fn drop_ghost_claims(shard: &ShardContext, conn: &PeerConn, route: Route) {
 /// Reads and handles the peer's frames until the session ends; returns
 /// why it ended.
 async fn read_loop(
-    shard: &ShardContext,
+    shard: &Rc<ShardContext>,
     conn: &Rc<PeerConn>,
     mut reader: ReadHalf<TcpStream>,
     rs: &mut ReaderState,
@@ -538,10 +594,11 @@ async fn read_loop(
         if let Some(r) = conn.io.close_reason() {
             return r;
         }
-        let policy_reloaded = conn.policy_event.wait();
+        let woken = conn.wake_event.wait();
         if let Err(reason) = reapply_policy(shard, conn, rs) {
             return reason;
         }
+        start_writer(shard, conn);
         if !rs.withdrawing.is_empty() {
             Box::pin(withdraw_taken(
                 shard,
@@ -550,27 +607,31 @@ async fn read_loop(
             ))
             .await;
         }
-        let wait = rs
-            .session
-            .next_deadline()
-            .saturating_duration_since(Instant::now());
-        let event =
-            connection::next_read_event(&mut reader, &mut buf, wait, closed, policy_reloaded).await;
-        match event {
-            // The reason, or the new policy, is picked up above.
-            ReadEvent::Closed | ReadEvent::PolicyReloaded => continue,
-            ReadEvent::Deadline => {
-                // Quiet peer: give back a grown buffer and the decoder's.
-                buf.shrink();
-                if rs.decoder.buffered() == 0 {
-                    rs.decoder = FrameDecoder::new();
-                }
-                match rs.session.on_tick(Instant::now()) {
-                    Err(reason) => return reason,
-                    Ok(Some(msg)) => conn.io.push_control(&msg, rs.session.interval()),
-                    Ok(None) => {}
-                }
+        let deadline = rs.session.next_deadline();
+        if Instant::now() >= deadline {
+            // Quiet peer: give back a grown buffer and the decoder's,
+            // and the output queue's slots once it is drained.
+            buf.shrink();
+            if rs.decoder.buffered() == 0 {
+                rs.decoder = FrameDecoder::new();
             }
+            conn.io.out().borrow_mut().release_if_drained();
+            match rs.session.on_tick(Instant::now()) {
+                Err(reason) => return reason,
+                Ok(Some(msg)) => {
+                    conn.io.push_control(&msg, rs.session.interval());
+                    start_writer(shard, conn);
+                }
+                Ok(None) => {}
+            }
+            continue;
+        }
+        // The shard's clock wakes the reader at the deadline.
+        rs.clock_entry = Some(shard.clock().wait_until(conn.id, deadline, rs.clock_entry));
+        let event = connection::next_read_event(&mut reader, &mut buf, [closed, woken]).await;
+        match event {
+            // The reason, the new policy or the deadline is picked up above.
+            ReadEvent::Woken => continue,
             ReadEvent::Data(Ok(0)) => return CloseReason::PeerClosed,
             ReadEvent::Data(Err(e)) => return CloseReason::Io(e.into()),
             ReadEvent::Data(Ok(n)) => {
@@ -618,12 +679,16 @@ async fn read_loop(
                     return reason;
                 }
                 // The decoder's buffer grew to hold this read and would keep
-                // that capacity for the connection's life: once it holds no
-                // partial frame, start afresh (a new decoder owns nothing).
-                if n > READ_BUF_MIN && rs.decoder.buffered() == 0 {
+                // it for the connection's life: once it holds no partial
+                // frame, start afresh (a new decoder owns nothing). After
+                // every read, not only large ones: an idle peer's KEEPALIVE
+                // left ~64 bytes, a fleet peer's first read ~290 (issue #28).
+                if rs.decoder.buffered() == 0 {
                     rs.decoder = FrameDecoder::new();
                 }
                 buf.adapt(n);
+                // The replies of this read go out before any wait below.
+                start_writer(shard, conn);
                 // Let the shard's other tasks run between large reads.
                 glommio::yield_if_needed().await;
             }
@@ -654,7 +719,12 @@ fn on_message(
             }
             rs.handshake = None;
             shard.counters().peer_established();
-            tracing::info!(keepalive = ?rs.session.interval(), "session established");
+            tracing::info!(
+                peer = %conn.addr,
+                peer_id = %conn.id,
+                keepalive = ?rs.session.interval(),
+                "session established"
+            );
         }
         Reaction::Deliver(m) => {
             rs.routed = true;
@@ -667,9 +737,9 @@ fn on_message(
 /// The peer went over one of its `PeerLimits`: it is closed (and its routes
 /// withdrawn) with a reason naming the limit and where it comes from (the
 /// flag that raises it, or the policy rule).
-fn over_limit(what: &'static str, max: usize, origin: String) -> CloseReason {
+fn over_limit(conn: &PeerConn, what: &'static str, max: usize, origin: String) -> CloseReason {
     let reason = CloseReason::PeerLimit { what, max, origin };
-    tracing::warn!(%reason, "closing peer");
+    tracing::warn!(peer = %conn.addr, peer_id = %conn.id, %reason, "closing peer");
     reason
 }
 
@@ -755,6 +825,8 @@ fn reapply_policy(
     }
     policy.rule().counters.withdrawn(withdrawn as u64);
     tracing::info!(
+        peer = %conn.addr,
+        peer_id = %conn.id,
         rule = %policy.rule().name,
         routes_withdrawn = withdrawn,
         subscriptions_dropped = dropped.len(),
@@ -826,7 +898,7 @@ fn on_announce(
             (Some(p), Some(_)) => p.limit_origin("max_routes"),
             _ => "--max-routes-per-peer".into(),
         };
-        return Err(over_limit("routes announced", max, flag));
+        return Err(over_limit(conn, "routes announced", max, flag));
     }
     if rs.announced.entry(vni).or_default().insert(route) {
         conn.routes_announced.set(conn.routes_announced.get() + 1);
@@ -898,7 +970,7 @@ fn on_subscribe(
                 (Some(p), Some(_)) => p.limit_origin("max_subscriptions"),
                 _ => "--max-subscriptions-per-peer".into(),
             };
-            return Err(over_limit("subscriptions", max, flag));
+            return Err(over_limit(conn, "subscriptions", max, flag));
         }
     }
     if !conn.subscribed.borrow().contains_key(&vni) {

@@ -445,8 +445,10 @@ impl<V> IntoIterator for RouteMap<V> {
 /// A set of routes; see the module doc.
 #[derive(Debug, Default)]
 pub(crate) struct RouteSet {
-    /// The routes, with nothing attached.
-    map: RouteMap<()>,
+    /// The routes, with nothing attached. Boxed: a peer's sets live in a
+    /// map by VNI whose slots (spare ones included) would each hold the
+    /// ~200-byte map inline, ~800 bytes per fleet peer (issue #28).
+    map: Box<RouteMap<()>>,
 }
 
 impl RouteSet {
@@ -491,7 +493,7 @@ impl IntoIterator for RouteSet {
     type IntoIter = std::iter::Map<RouteMapIntoIter<()>, fn((Route, ())) -> Route>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.map.into_iter().map(|(r, ())| r)
+        (*self.map).into_iter().map(|(r, ())| r)
     }
 }
 

@@ -178,7 +178,7 @@ impl Shard {
         let id = shard.ctx.new_peer_id();
         let conn = Rc::new(PeerConn::new(id, transport.remote, &shard.ctx));
         shard.peers.borrow_mut().insert(id, conn.clone());
-        let span = conn.span().clone();
+        let span = conn.span();
         peer::run(shard.ctx.clone(), conn, transport)
             .instrument(span)
             .await;
@@ -195,7 +195,7 @@ impl Shard {
         let conn = self.peers.borrow().get(&id).cloned();
         if let Some(conn) = conn {
             if conn.is_established() {
-                tracing::debug!(parent: conn.span(), "eviction skipped: handshake completed meanwhile");
+                tracing::debug!(peer_id = %id, "eviction skipped: handshake completed meanwhile");
                 return;
             }
             conn.close(CloseReason::Evicted {
@@ -473,6 +473,7 @@ fn start_tasks(
     }
     glommio::spawn_local(sync_pump(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
+    glommio::spawn_local(session_clock_task(shard.clone())).detach();
     for (listener, start) in listeners {
         let local = {
             let shard = shard.clone();
@@ -578,6 +579,34 @@ async fn memory_return(shard: Rc<Shard>) {
             // SAFETY: mi_collect only walks this thread's mimalloc heap; it
             // is a no-op for memory of any other allocator.
             unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+    }
+}
+
+/// The shard's one timer for its sessions' deadlines (`session_clock`):
+/// sleeps until the earliest, wakes the readers of the sessions due, and
+/// re-arms when an earlier deadline is registered. Ends at shutdown.
+async fn session_clock_task(shard: Rc<Shard>) {
+    let mut due = Vec::new();
+    while !shard.ctx.is_shutting_down() {
+        let earlier = shard.ctx.clock().earlier().wait();
+        let stop = shard.ctx.shutdown_event().wait();
+        let next = shard.ctx.clock().take_due(Instant::now(), &mut due);
+        {
+            let peers = shard.peers.borrow();
+            for id in due.drain(..) {
+                if let Some(conn) = peers.get(&id) {
+                    conn.deadline_due();
+                }
+            }
+        }
+        let woken = future::or(earlier, stop);
+        match next {
+            Some(at) => {
+                let sleep = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
+                future::or(sleep, woken).await;
+            }
+            None => woken.await,
         }
     }
 }
