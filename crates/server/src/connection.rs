@@ -700,11 +700,13 @@ pub(crate) fn remote_addr(stream: &TcpStream) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
 }
 
-/// Bytes a quiet peer is read with: enough for its KEEPALIVEs, a HELLO and
-/// a few UPDATEs. Held inline in the session task, so a quiet peer holds
-/// no read buffer on the heap (10,000 idle peers × `READ_BUF_MIN` was
-/// 40 MiB of the server's memory).
-pub(crate) const READ_BUF_QUIET: usize = 256;
+/// Bytes a quiet peer is read with: enough for its KEEPALIVEs, a HELLO, a
+/// SUBSCRIBE or an UPDATE; a read that fills it grows the buffer (`adapt`).
+/// Held inline in the session task, so a quiet peer holds no read buffer
+/// on the heap (10,000 idle peers × `READ_BUF_MIN` was 40 MiB of the
+/// server's memory). 64, not 256: the session task then fits mimalloc's
+/// 1,024-byte class instead of the 1,280-byte one (issue #28).
+pub(crate) const READ_BUF_QUIET: usize = 64;
 
 /// The reader's socket buffer: inline and small while the peer is quiet,
 /// on the heap and grown while its reads fill it (a burst of UPDATEs),
