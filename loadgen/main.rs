@@ -19,6 +19,7 @@
 
 mod chaos;
 mod checker;
+mod floor;
 mod plan;
 mod report;
 mod scenario;
@@ -61,6 +62,13 @@ enum ScenarioCmd {
     /// drawn from a seed; checks every kernel during and after (needs root,
     /// iproute2, nftables).
     Chaos(chaos::ChaosArgs),
+    /// The bare-send floor, no server: N loopback connections to a reader
+    /// process, one small frame per write() at --rate; reports CPU per
+    /// delivery of writer and reader.
+    Floor(floor::FloorArgs),
+    /// The floor's reader process (started by `floor`).
+    #[command(hide = true)]
+    FloorReader(floor::ReaderArgs),
     /// P peers over V VNIs; each subscribes S VNIs and announces R routes in
     /// each; measures convergence.
     Fleet {
@@ -193,6 +201,8 @@ fn main() -> ExitCode {
             init_logging(false);
             return chaos::main(args.clone());
         }
+        ScenarioCmd::Floor(args) => return floor::main(args.clone()),
+        ScenarioCmd::FloorReader(args) => return floor::reader_main(args.clone()),
         ScenarioCmd::Fleet { common, .. }
         | ScenarioCmd::Burst { common, .. }
         | ScenarioCmd::Churn { common, .. }
@@ -462,7 +472,9 @@ fn plan_for(cmd: &ScenarioCmd) -> Result<(&'static str, Plan, serde_json::Value)
                 Ok(serde_json::json!({"peers": peers, "duration": duration})),
             )
         }
-        ScenarioCmd::Chaos(_) => return Err("chaos has no simulated peers".into()),
+        ScenarioCmd::Chaos(_) | ScenarioCmd::Floor(_) | ScenarioCmd::FloorReader(_) => {
+            return Err("chaos and floor have no simulated peers".into())
+        }
     };
     Ok((name, plan, parameters.unwrap_or_default()))
 }
@@ -555,7 +567,9 @@ fn run_phases(ctl: &mut Controller, cmd: &ScenarioCmd) -> Result<Vec<PhaseReport
             let phase = ctl.begin("hold");
             phases.push(ctl.hold(&phase, Duration::from_secs_f64(*duration))?);
         }
-        ScenarioCmd::Chaos(_) => return Err("chaos has no simulated peers".into()),
+        ScenarioCmd::Chaos(_) | ScenarioCmd::Floor(_) | ScenarioCmd::FloorReader(_) => {
+            return Err("chaos and floor have no simulated peers".into())
+        }
     }
     Ok(phases)
 }

@@ -183,3 +183,45 @@ fn idle_sessions_survive_keepalive_rounds() {
     );
     assert_eq!(v["sessions_held"], 300);
 }
+
+/// `loadgen floor` (no server): 50 sockets to its own reader process for a
+/// second; every frame asked for is written and received, and the CPU
+/// figures are there. Speed is not asserted.
+#[test]
+fn floor_sends_what_it_was_asked() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.args([
+        "floor",
+        "--sockets",
+        "50",
+        "--rate",
+        "2000",
+        "--duration",
+        "1",
+        "--time-limit",
+        "20",
+        "--json",
+    ]);
+    let out = run_bounded(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["passed"], true, "{}", text(&out));
+    assert_eq!(v["deliveries"], 2000, "{}", text(&out));
+    assert_eq!(v["received_deliveries"], 2000, "{}", text(&out));
+    assert_eq!(v["writes"], 2000, "{}", text(&out));
+    assert!(
+        v["writer_cpu"]["total_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{}",
+        text(&out)
+    );
+    assert!(
+        v["writer_us_per_delivery"].as_f64().unwrap_or(0.0) > 0.0,
+        "{}",
+        text(&out)
+    );
+    assert!(
+        v["reader_cpu_lifetime"]["total_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{}",
+        text(&out)
+    );
+}
