@@ -300,7 +300,11 @@ fn bind(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener, Server
         sock.set_only_v6(true).map_err(err)?;
     }
     sock.bind(&addr.into()).map_err(err)?;
-    sock.listen(1024).map_err(err)?;
+    // A region's hypervisors reconnect at once after a reflector restart:
+    // a connection the backlog has no room for waits for its SYN's
+    // retransmission (1 s, then 3 s). 4096 is the kernel's default cap
+    // (net.core.somaxconn); 1024 overflowed at ~19,500 peers connecting.
+    sock.listen(LISTEN_BACKLOG).map_err(err)?;
     Ok(sock.into())
 }
 
@@ -339,6 +343,8 @@ fn memlock_hint(e: &glommio::GlommioError<()>) -> &'static str {
 /// glommio's 10 MiB default is pinned memory on every shard. 64 KiB is
 /// glommio's minimum.
 const SHARD_IO_MEMORY: usize = 64 << 10;
+/// Pending connections the listening socket queues (see `listen_socket`).
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// How long a snapshot request waits for a shard.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
