@@ -183,23 +183,6 @@ impl Connection {
         self.parked_writer.borrow_mut().take()
     }
 
-    /// Routes were queued: a running writer keeps waiting for more after
-    /// it drained, until the session's next quiet tick; wakes it.
-    pub(crate) fn routes_queued(&self) {
-        self.out.borrow_mut().set_quiet(false);
-        self.writer_event.notify();
-    }
-
-    /// The session's tick (a deadline): from now on a drained writer parks
-    /// (a waiting one is woken to do so).
-    pub(crate) fn session_tick(&self) {
-        let was_quiet = self.out.borrow().is_quiet();
-        if !was_quiet {
-            self.out.borrow_mut().set_quiet(true);
-            self.writer_event.notify();
-        }
-    }
-
     /// Queues a session reply (a KEEPALIVE only if none is waiting already,
     /// see `OutQueue::push_control`). A peer that does not read at all is
     /// cut off by the writer's stall timeout; meanwhile it costs one reply.
@@ -385,7 +368,6 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
     } = state;
     let mut drain = DrainWatch::new();
     loop {
-        let wake = conn.writer_event.wait();
         if conn.is_closed() {
             return;
         }
@@ -409,16 +391,10 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
             }
         };
         if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            // Drained: the task ends and the writer parks until output is
+            // queued again.
             conn.behind_mark.set(None);
-            // Drained. A quiet peer's writer ends and parks until output is
-            // queued again; a peer that was sent routes since its last
-            // session tick keeps its writer waiting (starting a task per
-            // delivery cost a fleet's convergence ~30 %).
-            if conn.out.borrow().is_quiet() {
-                return;
-            }
-            wake.await;
-            continue;
+            return;
         }
         if !wb.parts.is_empty() {
             match write_parts(conn, writer, &wb.parts, shard, &mut drain).await {

@@ -105,10 +105,6 @@ pub struct OutQueue {
     /// it (`metalbond_utils::pacing`). Set by the reader before any UPDATE is queued.
     /// Here, not in `Connection`, because it fits this struct's padding.
     peer_reads_stream: bool,
-    /// No routes were queued since the session's last tick: a drained
-    /// writer parks instead of waiting for more (`connection`). Here for
-    /// the same reason as `peer_reads_stream`.
-    quiet: bool,
 }
 
 /// The KEEPALIVE frame (version 1, empty payload, type 2): static, so a
@@ -119,16 +115,6 @@ impl OutQueue {
     /// The peer declared in its HELLO that it reads as a stream.
     pub fn mark_peer_reads_stream(&mut self) {
         self.peer_reads_stream = true;
-    }
-
-    /// See `quiet`.
-    pub fn is_quiet(&self) -> bool {
-        self.quiet
-    }
-
-    /// See `quiet`.
-    pub fn set_quiet(&mut self, quiet: bool) {
-        self.quiet = quiet;
     }
 
     /// Did the peer declare that it reads as a stream?
@@ -145,7 +131,6 @@ impl OutQueue {
             max_queued_bytes,
             keepalive_queued: false,
             peer_reads_stream: false,
-            quiet: true,
         }
     }
 

@@ -193,7 +193,6 @@ impl PeerConn {
             );
         }
         drop(subscribed);
-        self.io.routes_queued();
         start_writer(shard, self);
     }
 
@@ -299,9 +298,7 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: 
 }
 
 /// Starts the writer task if output waits for a parked writer (see the
-/// module doc), or wakes the running one. The task parks itself again
-/// when the queue is drained and the session was quiet since its last
-/// tick (no routes queued).
+/// module doc). The task parks itself again when the queue is drained.
 /// Called wherever output is queued: deliveries, and the read loop after
 /// the replies of a read (before it may wait for back-pressure).
 fn start_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
@@ -309,8 +306,6 @@ fn start_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
         return;
     }
     let Some(state) = conn.io.unpark_writer() else {
-        // Running: it may be waiting for more (a peer sent routes lately).
-        conn.io.writer_event().notify();
         return;
     };
     let shard = shard.clone();
@@ -627,7 +622,6 @@ async fn read_loop(
                 rs.decoder = FrameDecoder::new();
             }
             conn.io.out().borrow_mut().release_if_drained();
-            conn.io.session_tick();
             match rs.session.on_tick(Instant::now()) {
                 Err(reason) => return reason,
                 Ok(Some(msg)) => {
