@@ -295,23 +295,7 @@ impl VniOwner {
             OwnerInput::Subscribe { peer, vni, epoch } => {
                 let table = self.tables.entry(vni).or_insert_with(|| VniTable::new(vni));
                 if table.subscribe(peer) {
-                    self.credit
-                        .entry(peer)
-                        .or_insert(SyncCredit {
-                            chunks: SYNC_WINDOW,
-                            jobs: 0,
-                        })
-                        .jobs += 1;
-                    self.jobs.insert(
-                        (peer, vni),
-                        SyncJob {
-                            epoch,
-                            first: true,
-                            scanned: false,
-                            in_flight: VecDeque::new(),
-                        },
-                    );
-                    self.job_order.push_back((peer, vni));
+                    self.start_job(peer, vni, epoch);
                 }
             }
             OwnerInput::Unsubscribe { peer, vni } => {
@@ -350,25 +334,7 @@ impl VniOwner {
                             self.job_order.push_back(key);
                         }
                     }
-                    None => {
-                        self.credit
-                            .entry(peer)
-                            .or_insert(SyncCredit {
-                                chunks: SYNC_WINDOW,
-                                jobs: 0,
-                            })
-                            .jobs += 1;
-                        self.jobs.insert(
-                            key,
-                            SyncJob {
-                                epoch,
-                                first: true,
-                                scanned: false,
-                                in_flight: VecDeque::new(),
-                            },
-                        );
-                        self.job_order.push_back(key);
-                    }
+                    None => self.start_job(peer, vni, epoch),
                 }
             }
             OwnerInput::SyncWritten { peer, tag } => {
@@ -582,6 +548,28 @@ impl VniOwner {
                 },
             ));
         }
+    }
+
+    /// Starts the sync (or catch-up) job of `peer`'s subscription `epoch`
+    /// to `vni`, with its share of the peer's chunk credit.
+    fn start_job(&mut self, peer: PeerId, vni: Vni, epoch: u32) {
+        self.credit
+            .entry(peer)
+            .or_insert(SyncCredit {
+                chunks: SYNC_WINDOW,
+                jobs: 0,
+            })
+            .jobs += 1;
+        self.jobs.insert(
+            (peer, vni),
+            SyncJob {
+                epoch,
+                first: true,
+                scanned: false,
+                in_flight: VecDeque::new(),
+            },
+        );
+        self.job_order.push_back((peer, vni));
     }
 
     /// A sync job is over (scanned and written, or unsubscribed): its
