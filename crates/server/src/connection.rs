@@ -42,7 +42,7 @@ use super::config::PeerLimits;
 use super::context::ShardContext;
 use super::local_event::{EventWait, LocalEvent};
 use super::out_queue::{OutQueue, WriteBatch};
-use super::owner::OwnerInput;
+use super::owner::{OwnerInput, SyncTag};
 use super::PeerId;
 use metalbond_utils::pacing::{self, Budget, ReaderPacer, TcpWindow};
 use metalbond_wire::codec::Message;
@@ -350,6 +350,139 @@ impl WriterState {
     }
 }
 
+impl Connection {
+    /// Writes queued output at once, from the caller (the shard's delivery
+    /// pass, a reader with its replies), while the writer is parked: one
+    /// vectored `sendmsg` of up to `WRITE_BYTES`, no task. Starting a
+    /// writer task for every delivery to an idle peer cost a 2,000-peer
+    /// fleet ~30 % of its convergence and churn a task per delivery
+    /// (issue #28); the deliveries of one pass to one peer go out in one
+    /// call. True when nothing is left for a writer task: the queue is
+    /// drained, a writer task runs already, or the connection is closing.
+    /// False when the socket did not take everything (the rest went back
+    /// to the queue's front), more than one write waits, or the peer is
+    /// paced (`pacing`: the writer task times its writes).
+    pub(crate) fn write_while_parked(&self, shard: &ShardContext) -> bool {
+        if self.is_closed() {
+            return true;
+        }
+        let mut parked = self.parked_writer.borrow_mut();
+        let Some(state) = parked.as_deref_mut() else {
+            return true;
+        };
+        let WriterState { socket, pacer } = state;
+        let wb = {
+            let mut out = self.out.borrow_mut();
+            if !pacer.is_streaming() {
+                if !out.peer_reads_stream() {
+                    return !out.has_output();
+                }
+                tracing::debug!("peer declared it reads as a stream: output not paced");
+                pacer.stream();
+            }
+            out.take_for_write(WRITE_BYTES, WRITE_PARTS)
+        };
+        if wb.parts.is_empty() && wb.sync_written.is_empty() {
+            self.behind_mark.set(None);
+            return true;
+        }
+        let mut written = 0;
+        let mut calls = 0;
+        let mut at = (0, 0);
+        while at.0 < wb.parts.len() {
+            match send_vectored(socket.fd(), &wb.parts[at.0..], at.1) {
+                Ok(n) => {
+                    calls += 1;
+                    written += n;
+                    at = advance(&wb.parts, at, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    drop(parked);
+                    self.close(CloseReason::Io(e.into()));
+                    return true;
+                }
+            }
+            if at.0 < wb.parts.len() && calls >= 2 {
+                break;
+            }
+        }
+        self.count_written(shard, pacer, &wb, written, calls);
+        if at.0 < wb.parts.len() {
+            self.out
+                .borrow_mut()
+                .put_back(&wb.parts[at.0..], at.1, &wb.sync_written);
+            return false;
+        }
+        self.report_sync_written(shard, &wb.sync_written);
+        let mut out = self.out.borrow_mut();
+        if out.has_output() {
+            return false;
+        }
+        // Drained: the queue keeps no slots either (a fleet of 19,000
+        // peers kept a few each from its convergence).
+        out.release_if_drained();
+        self.behind_mark.set(None);
+        true
+    }
+
+    /// Counts a write of `bytes` of `wb` (all of it, or the part the
+    /// socket took: the batch's frames are counted whole either way) in
+    /// `calls` calls.
+    fn count_written(
+        &self,
+        shard: &ShardContext,
+        pacer: &mut ReaderPacer,
+        wb: &WriteBatch,
+        bytes: usize,
+        calls: usize,
+    ) {
+        let now = Instant::now();
+        if pacer.wrote(bytes, now) {
+            tracing::debug!("peer reads as a stream: output no longer paced");
+        }
+        self.out.borrow_mut().written(bytes);
+        self.frames_out
+            .set(self.frames_out.get() + wb.frames as u64);
+        self.bytes_out.set(self.bytes_out.get() + bytes as u64);
+        self.mark_behind(now);
+        shard
+            .counters()
+            .written(wb.frames, wb.updates, bytes, calls);
+        for born in &wb.fanout_born {
+            shard
+                .counters()
+                .fanout_written(now.saturating_duration_since(*born));
+        }
+    }
+
+    /// The sync chunks `tags` are on the socket: their owners may send the
+    /// next ones.
+    fn report_sync_written(&self, shard: &ShardContext, tags: &[SyncTag]) {
+        for &tag in tags {
+            shard.to_owner(tag.vni, OwnerInput::SyncWritten { peer: self.id, tag });
+        }
+    }
+}
+
+/// Where a write of `n` more bytes leaves a position (buffer index, offset
+/// into it) in `parts`.
+fn advance(parts: &[Bytes], (mut idx, mut off): (usize, usize), n: usize) -> (usize, usize) {
+    let mut left = n;
+    while left > 0 && idx < parts.len() {
+        let avail = parts[idx].len() - off;
+        if left >= avail {
+            left -= avail;
+            idx += 1;
+            off = 0;
+        } else {
+            off += left;
+            left = 0;
+        }
+    }
+    (idx, off)
+}
+
 /// The writer task: moves the connection's `OutQueue` to the socket until
 /// the connection closes (or a write fails, which closes it). Paced (see
 /// `pacing`) until the peer has shown it reads as a stream.
@@ -398,25 +531,7 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
         }
         if !wb.parts.is_empty() {
             match write_parts(conn, writer, &wb.parts, shard, &mut drain).await {
-                Ok(calls) => {
-                    let now = Instant::now();
-                    if pacer.wrote(wb.bytes, now) {
-                        tracing::debug!("peer reads as a stream: output no longer paced");
-                    }
-                    conn.out.borrow_mut().written(wb.bytes);
-                    conn.frames_out
-                        .set(conn.frames_out.get() + wb.frames as u64);
-                    conn.bytes_out.set(conn.bytes_out.get() + wb.bytes as u64);
-                    conn.mark_behind(now);
-                    shard
-                        .counters()
-                        .written(wb.frames, wb.updates, wb.bytes, calls);
-                    for born in &wb.fanout_born {
-                        shard
-                            .counters()
-                            .fanout_written(now.saturating_duration_since(*born));
-                    }
-                }
+                Ok(calls) => conn.count_written(shard, pacer, &wb, wb.bytes, calls),
                 Err(WriteFailed::AlreadyClosed) => return,
                 Err(WriteFailed::Close(reason)) => {
                     conn.close(reason);
@@ -424,9 +539,7 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
                 }
             }
         }
-        for tag in wb.sync_written {
-            shard.to_owner(tag.vni, OwnerInput::SyncWritten { peer: conn.id, tag });
-        }
+        conn.report_sync_written(shard, &wb.sync_written);
         // A subscriber that reads as fast as we write never fills its
         // socket, so nothing above waits: without this, draining a large
         // backlog (a burst to a peer that keeps up) would hold the
@@ -618,19 +731,7 @@ async fn write_parts(
         };
         calls += 1;
         sent += n as u64;
-        // Advance over what was written.
-        let mut left = n;
-        while left > 0 && idx < parts.len() {
-            let avail = parts[idx].len() - off;
-            if left >= avail {
-                left -= avail;
-                idx += 1;
-                off = 0;
-            } else {
-                off += left;
-                left = 0;
-            }
-        }
+        (idx, off) = advance(parts, (idx, off), n);
     }
     Ok(calls)
 }

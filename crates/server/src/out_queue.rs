@@ -420,6 +420,37 @@ impl OutQueue {
         self.queued_bytes -= dropped;
     }
 
+    /// A write from the delivery pass (`Connection::write_while_parked`)
+    /// ended short: what the socket did not take of a `WriteBatch` goes
+    /// back to the front, ahead of everything queued since, for the writer
+    /// task. `rest` starts `offset` bytes into its first buffer, mid-frame
+    /// possibly: these are written whatever happens (an UNSUBSCRIBE does
+    /// not drop them, `forget_vni`), only to a peer that reads as a stream
+    /// (a paced write must start at a frame boundary). The batch's frames
+    /// were counted when it was taken; its sync markers follow the rest.
+    pub fn put_back(&mut self, rest: &[Bytes], offset: usize, sync_written: &[SyncTag]) {
+        for tag in sync_written.iter().rev() {
+            self.items.push_front(OutItem::SyncChunkWritten(*tag));
+        }
+        for (i, part) in rest.iter().enumerate().rev() {
+            let bytes = if i == 0 {
+                part.slice(offset..)
+            } else {
+                part.clone()
+            };
+            if bytes.is_empty() {
+                continue;
+            }
+            self.items.push_front(OutItem::Frames {
+                bytes,
+                frames: 0,
+                control: true,
+                keepalive: false,
+                origin: Origin::Other,
+            });
+        }
+    }
+
     /// The writer put `bytes` (from a `WriteBatch`) on the socket.
     pub fn written(&mut self, bytes: usize) {
         self.queued_bytes = self.queued_bytes.saturating_sub(bytes);

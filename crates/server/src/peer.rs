@@ -83,6 +83,9 @@ pub(crate) struct PeerConn {
     subscribe_count: Cell<u32>,
     /// Waiting for its update rate (`UpdateBudget`) now: `/peers` says so.
     throttled: Cell<bool>,
+    /// Listed by its shard for the write at the end of the delivery pass
+    /// (`list_for_write`): listed once however many deliveries it gets.
+    write_listed: Cell<bool>,
     /// When the connection was accepted.
     connected_since: SystemTime,
 }
@@ -101,6 +104,7 @@ impl PeerConn {
             subscribed: RefCell::new(BTreeMap::new()),
             subscribe_count: Cell::new(0),
             throttled: Cell::new(false),
+            write_listed: Cell::new(false),
             connected_since: SystemTime::now(),
         }
     }
@@ -134,14 +138,16 @@ impl PeerConn {
         self.wake_event.notify();
     }
 
-    /// Queues a delivery from an owner. A live delivery that leaves the
+    /// Queues a delivery from an owner and says whether the shard should
+    /// list the peer for the write at its pass's end (see
+    /// `list_for_write`). A live delivery that leaves the
     /// queue past its limit has the VNI's owner catch the peer up from its
     /// table instead (once per subscription until the catch-up's first
     /// chunk arrives): the queue then holds what was already on its way,
     /// nothing per route the peer is behind.
-    pub(crate) fn deliver(self: &Rc<Self>, d: &ShardDelivery, shard: &Rc<ShardContext>) {
+    pub(crate) fn deliver(self: &Rc<Self>, d: &ShardDelivery, shard: &Rc<ShardContext>) -> bool {
         if self.io.is_closed() {
-            return;
+            return false;
         }
         let mut subscribed = self.subscribed.borrow_mut();
         let sub = match (subscribed.get_mut(&d.vni), d.sync) {
@@ -149,7 +155,7 @@ impl PeerConn {
             // peer stops receiving the VNI at its UNSUBSCRIBE. (A pending sync
             // chunk is dropped too; the owner forgets the sync job when the
             // UNSUBSCRIBE reaches it.)
-            (None, _) => return,
+            (None, _) => return false,
             // This subscription's sync or catch-up: what follows is for it
             // too, and the owner has heard of any lag reported.
             (Some(sub), Some(tag)) if tag.epoch == sub.epoch => {
@@ -159,8 +165,8 @@ impl PeerConn {
             }
             // From a previous subscription of the same VNI: a sync chunk
             // of it, or anything before this subscription's first chunk.
-            (Some(_), Some(_)) => return,
-            (Some(sub), None) if !sub.synced => return,
+            (Some(_), Some(_)) => return false,
+            (Some(sub), None) if !sub.synced => return false,
             (Some(sub), None) => sub,
         };
         let behind = {
@@ -193,7 +199,34 @@ impl PeerConn {
             );
         }
         drop(subscribed);
+        self.list_for_write()
+    }
+
+    /// Output was queued for the delivery pass: true when the shard should
+    /// list this peer for the write at the pass's end (`write_listed`).
+    fn list_for_write(&self) -> bool {
+        if self.write_listed.get()
+            || !self.io.writer_parked()
+            || !self.io.out().borrow().has_output()
+        {
+            return false;
+        }
+        self.write_listed.set(true);
+        true
+    }
+
+    /// The end of the shard's delivery pass: writes what this pass queued
+    /// (`start_writer`).
+    pub(crate) fn write_after_pass(self: &Rc<Self>, shard: &Rc<ShardContext>) {
+        self.write_listed.set(false);
         start_writer(shard, self);
+    }
+
+    /// Like `write_after_pass` when the pass has run long: a writer task
+    /// writes, so the shard's other tasks run first.
+    pub(crate) fn write_later(self: &Rc<Self>, shard: &Rc<ShardContext>) {
+        self.write_listed.set(false);
+        spawn_writer(shard, self);
     }
 
     /// Snapshot for `ServerHandle::peers`.
@@ -297,11 +330,21 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: 
     Box::pin(finish(shard, conn, rs)).await;
 }
 
-/// Starts the writer task if output waits for a parked writer (see the
-/// module doc). The task parks itself again when the queue is drained.
-/// Called wherever output is queued: deliveries, and the read loop after
-/// the replies of a read (before it may wait for back-pressure).
+/// Writes output waiting for a parked writer (see the module doc): at
+/// once, as far as the socket takes it (`Connection::write_while_parked`),
+/// and what is left by a writer task, which parks itself again when the
+/// queue is drained. Called wherever output is queued: the end of the
+/// shard's delivery pass, and the read loop after the replies of a read
+/// (before it may wait for back-pressure).
 fn start_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
+    if !conn.io.out().borrow().has_output() || conn.io.write_while_parked(shard) {
+        return;
+    }
+    spawn_writer(shard, conn);
+}
+
+/// Starts the writer task if output waits for a parked writer.
+fn spawn_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
     if !conn.io.out().borrow().has_output() {
         return;
     }

@@ -69,6 +69,9 @@ const SNAPSHOT_STEP_ROUTES: usize = 16 * 1024;
 /// few milliseconds of table work; fan-out buffers fill at ~1,500 changes,
 /// so flushing this often does not shrink them).
 const HANDLE_CHUNK: usize = 4096;
+/// Capacity of the delivery pass's write list kept between passes (one
+/// pointer each): a fan-out to more peers allocates its list for the pass.
+const KEEP_LISTED: usize = 4096;
 
 /// Requests from outside the shards (the `ServerHandle`).
 pub(crate) enum Control {
@@ -128,6 +131,11 @@ pub(crate) struct Shard {
     sync_wake: LocalEvent,
     /// This shard's peers.
     peers: RefCell<HashMap<PeerId, Rc<PeerConn>>>,
+    /// Peers the current delivery pass queued output for while their
+    /// writer was parked: written at the pass's end (`write_listed`), so a
+    /// peer's deliveries of one pass go out in one call and no writer task
+    /// starts for output the socket takes at once.
+    to_write: RefCell<Vec<Rc<PeerConn>>>,
 }
 
 impl Shard {
@@ -204,12 +212,40 @@ impl Shard {
         }
     }
 
+    /// Queues a delivery for its recipients on this shard; those whose
+    /// writer is parked are listed for `write_listed`.
     fn deliver(&self, d: &ShardDelivery) {
         let peers = self.peers.borrow();
+        let mut to_write = self.to_write.borrow_mut();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
-                conn.deliver(d, &self.ctx);
+                if conn.deliver(d, &self.ctx) {
+                    to_write.push(conn.clone());
+                }
             }
+        }
+    }
+
+    /// The end of a delivery pass: writes what it queued for the listed
+    /// peers, each in one call where the socket takes it. When the pass
+    /// has run past glommio's preemption time, the rest are written by
+    /// writer tasks instead, so the shard's other tasks run first.
+    fn write_listed(&self) {
+        let listed = std::mem::take(&mut *self.to_write.borrow_mut());
+        let mut late = false;
+        for conn in &listed {
+            late = late || glommio::executor().need_preempt();
+            if late {
+                conn.write_later(&self.ctx);
+            } else {
+                conn.write_after_pass(&self.ctx);
+            }
+        }
+        let mut listed = listed;
+        listed.clear();
+        let mut to_write = self.to_write.borrow_mut();
+        if to_write.is_empty() && listed.capacity() <= KEEP_LISTED {
+            *to_write = listed;
         }
     }
 
@@ -265,6 +301,7 @@ impl Shard {
             }
         }
         self.route(std::mem::take(out));
+        self.write_listed();
     }
 
     /// Copies the owned tables for the status pages, in steps of
@@ -396,6 +433,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         owner: RefCell::new(VniOwner::new(config.sync_chunk_routes)),
         sync_wake: LocalEvent::default(),
         peers: RefCell::new(HashMap::new()),
+        to_write: RefCell::new(Vec::new()),
     });
     start_tasks(&shard, connected_senders, connected_receivers, listeners);
     let _ = ready.send(Ok(()));
@@ -630,6 +668,7 @@ async fn sync_pump(shard: Rc<Shard>) {
             (progressed, frees_at)
         };
         shard.route(out);
+        shard.write_listed();
         if progressed {
             future::yield_now().await;
         } else if let Some(at) = budget_frees_at {
