@@ -9,12 +9,13 @@
 //! Must never: run a peer's session (the receiving shard does), stop before
 //! shutdown, or import `shard` (local hand-overs go through a callback).
 
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::future;
 
-use glommio::net::AcceptedTcpStream;
+use glommio::net::{AcceptedTcpStream, TcpStream};
 
 use super::admission::{Admit, PeerSlot};
 use super::connection::Listener;
@@ -22,11 +23,42 @@ use super::context::ShardContext;
 use super::mesh::ShardMsg;
 use super::PeerId;
 
+/// A connection just accepted, on its way to the shard that will run it.
+pub(crate) enum Accepted {
+    /// Accepted by glommio (io_uring), not yet bound to an executor.
+    Uring(AcceptedTcpStream),
+    /// Taken from the backlog right after (`Listener::accept_ready`).
+    Drained(OwnedFd),
+}
+
+impl Accepted {
+    /// The connection as a stream of the calling shard's executor.
+    pub(crate) fn bind(self) -> TcpStream {
+        match self {
+            Accepted::Uring(stream) => stream.bind_to_executor(),
+            // SAFETY: the descriptor is a connected TCP socket we own; the
+            // stream owns it from now on.
+            Accepted::Drained(fd) => unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) },
+        }
+    }
+
+    /// The remote address, for a refusal's warning.
+    fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Accepted::Uring(stream) => stream.peer_addr().ok(),
+            Accepted::Drained(fd) => socket2::SockRef::from(fd)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket()),
+        }
+    }
+}
+
 /// What an accept loop hands to its own shard (other shards get the same
 /// as a `ShardMsg`).
 pub(crate) enum Handover {
     /// A new connection for this shard, with its place under `--max-peers`.
-    Connection(AcceptedTcpStream, PeerSlot),
+    Connection(Accepted, PeerSlot),
     /// Evict this peer of this shard if it is still in its handshake.
     Evict(PeerId),
 }
@@ -37,6 +69,12 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 /// How long an accept loop waits after a failed accept before trying again
 /// (out of descriptors: a retry at once would fail at once).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Connections taken from the backlog without io_uring after each io_uring
+/// accept, at most (`Listener::accept_ready`). One reactor turn per
+/// accepted connection let a region reconnecting at once overflow the
+/// backlog (19,500 peers: ~90 SYNs dropped, each retransmitted a second
+/// later, connect 4.1 s or 7.4 s by luck, issue #28).
+const DRAIN_BACKLOG: usize = 128;
 
 /// A warning that would repeat many times a second (refused or failed
 /// accepts): logged at most once per `ACCEPT_LOG_EVERY`, with the number of
@@ -79,6 +117,43 @@ pub(crate) async fn accept_loop(
     let mut next = start;
     let mut refusals = RepeatedWarning::default();
     let mut failures = RepeatedWarning::default();
+    // Gives a new connection its place under `--max-peers` and its shard.
+    let mut place = |stream: Accepted| {
+        let slot = match shard.admission().admit() {
+            Admit::Slot(slot) => slot,
+            Admit::InPlaceOf { slot, evict } => {
+                if evict.shard() == shard.index() {
+                    local(Handover::Evict(evict));
+                } else {
+                    shard.send(evict.shard(), ShardMsg::Evict(evict));
+                }
+                slot
+            }
+            Admit::Refused => {
+                shard.counters().connection_refused();
+                if let Some(refused) = refusals.occurred() {
+                    let peer = stream.peer_addr();
+                    tracing::warn!(
+                        ?peer,
+                        refused,
+                        max_peers = shard.admission().max(),
+                        "connection refused: --max-peers reached"
+                    );
+                }
+                // An `AcceptedTcpStream` does not close its fd when
+                // dropped; a bound `TcpStream` does.
+                drop(stream.bind());
+                return;
+            }
+        };
+        let dest = next % shard.shards();
+        next = next.wrapping_add(1);
+        if dest == shard.index() {
+            local(Handover::Connection(stream, slot));
+        } else {
+            shard.send(dest, ShardMsg::Connection(stream, slot));
+        }
+    };
     loop {
         if shard.is_shutting_down() {
             break;
@@ -91,52 +166,33 @@ pub(crate) async fn accept_loop(
             },
         )
         .await;
-        match accepted {
+        let stream = match accepted {
             None => break,
-            Some(Ok(stream)) => {
-                let slot = match shard.admission().admit() {
-                    Admit::Slot(slot) => slot,
-                    Admit::InPlaceOf { slot, evict } => {
-                        if evict.shard() == shard.index() {
-                            local(Handover::Evict(evict));
-                        } else {
-                            shard.send(evict.shard(), ShardMsg::Evict(evict));
-                        }
-                        slot
-                    }
-                    Admit::Refused => {
-                        shard.counters().connection_refused();
-                        if let Some(refused) = refusals.occurred() {
-                            let peer = stream.peer_addr().ok();
-                            tracing::warn!(
-                                ?peer,
-                                refused,
-                                max_peers = shard.admission().max(),
-                                "connection refused: --max-peers reached"
-                            );
-                        }
-                        // An `AcceptedTcpStream` does not close its fd when
-                        // dropped; a bound `TcpStream` does.
-                        drop(stream.bind_to_executor());
-                        continue;
-                    }
-                };
-                let dest = next % shard.shards();
-                next = next.wrapping_add(1);
-                if dest == shard.index() {
-                    local(Handover::Connection(stream, slot));
-                } else {
-                    shard.send(dest, ShardMsg::Connection(stream, slot));
-                }
-            }
+            Some(Ok(stream)) => stream,
             Some(Err(e)) => {
                 // E.g. out of file descriptors: log, back off, keep serving.
                 if let Some(failed) = failures.occurred() {
                     tracing::warn!(error = %e, failed, "accept failed; retrying");
                 }
                 glommio::timer::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        place(Accepted::Uring(stream));
+        // The rest of the backlog, without a reactor turn each.
+        for _ in 0..DRAIN_BACKLOG {
+            match listener.accept_ready() {
+                Ok(Some(fd)) => place(Accepted::Drained(fd)),
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(failed) = failures.occurred() {
+                        tracing::warn!(error = %e, failed, "accept failed; retrying");
+                    }
+                    break;
+                }
             }
         }
+        glommio::yield_if_needed().await;
     }
     // Dropping the listener closes the socket, but an accept queued in
     // io_uring would keep it listening (see `stop_listening`).

@@ -30,7 +30,7 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -294,6 +294,45 @@ impl Listener {
         // the glommio listener owns it from now on.
         let accept = unsafe { TcpListener::from_raw_fd(fd) };
         Listener { accept, fd }
+    }
+
+    /// A connection waiting in the backlog, accepted without blocking and
+    /// without io_uring (`None` when the backlog is empty). Only the
+    /// listener's one accept loop accepts on it, and not while its io_uring
+    /// accept is pending, so a connection `poll` reports is still there for
+    /// `accept4`, which therefore does not block on the blocking socket.
+    pub(crate) fn accept_ready(&self) -> io::Result<Option<OwnedFd>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 || pfd.revents & libc::POLLIN == 0 {
+            return Ok(None);
+        }
+        // SAFETY: `self.fd` is our listening socket; no address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                self.fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     /// Stops listening at once (see `stop_listening`) and closes the socket.

@@ -24,8 +24,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 
 use futures_lite::future;
-use glommio::net::AcceptedTcpStream;
 
+use super::accept::Accepted;
 use super::admission::PeerSlot;
 use super::local_event::LocalEvent;
 use super::owner::{OwnerInput, ShardDelivery};
@@ -56,7 +56,7 @@ pub(crate) enum ShardMsg {
     Deliver(Box<ShardDelivery>),
     /// A new connection handed over by an accept loop, with its place
     /// under `--max-peers`.
-    Connection(AcceptedTcpStream, PeerSlot),
+    Connection(Accepted, PeerSlot),
     /// Close this peer of the receiving shard if it is still in its
     /// handshake: an accept loop gave its place to a new connection
     /// (`Shard::evict`).

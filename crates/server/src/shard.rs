@@ -155,9 +155,7 @@ impl Shard {
     /// accept loop of this shard chose it).
     fn handle_local(self: &Rc<Self>, handover: Handover) {
         match handover {
-            Handover::Connection(accepted, slot) => {
-                self.spawn_peer(accepted.bind_to_executor(), slot)
-            }
+            Handover::Connection(accepted, slot) => self.spawn_peer(accepted.bind(), slot),
             Handover::Evict(id) => self.evict(id),
         }
     }
@@ -270,9 +268,7 @@ impl Shard {
                     owner_touched = true;
                 }
                 ShardMsg::Deliver(d) => self.deliver(&d),
-                ShardMsg::Connection(accepted, slot) => {
-                    self.spawn_peer(accepted.bind_to_executor(), slot)
-                }
+                ShardMsg::Connection(accepted, slot) => self.spawn_peer(accepted.bind(), slot),
                 ShardMsg::Evict(id) => self.evict(id),
             }
             handled += 1;
