@@ -61,6 +61,7 @@ mod snapshot;
 mod status_source;
 mod sync_budget;
 mod update_budget;
+mod vni_map;
 mod vni_table;
 
 /// The VNI owner's table and fan-out logic without shards or sockets, as

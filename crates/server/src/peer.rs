@@ -33,10 +33,10 @@
 //! reaches its shard only through `ShardContext`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_lite::io::ReadHalf;
 use glommio::net::TcpStream;
@@ -50,8 +50,10 @@ use super::owner::{OwnerInput, ShardDelivery};
 use super::route_set::RouteSet;
 use super::snapshot::PeerInfo;
 use super::update_budget::UpdateBudget;
+use super::vni_map::VniMap;
 use super::PeerId;
 use metalbond_policy::{PeerPolicy, Verdict};
+use metalbond_utils::Since;
 use metalbond_wire::codec::{FrameDecoder, Message};
 use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role, SessionState};
 use metalbond_wire::types::{Action, Route, Vni};
@@ -78,7 +80,7 @@ pub(crate) struct PeerConn {
     routes_announced: Cell<usize>,
     /// VNIs subscribed, each with its subscription's state (see
     /// `Subscription`).
-    subscribed: RefCell<BTreeMap<Vni, Subscription>>,
+    subscribed: RefCell<VniMap<Subscription>>,
     /// SUBSCRIBEs so far (wrapping): numbers each subscription.
     subscribe_count: Cell<u32>,
     /// Waiting for its update rate (`UpdateBudget`) now: `/peers` says so.
@@ -86,8 +88,9 @@ pub(crate) struct PeerConn {
     /// Listed by its shard for the write at the end of the delivery pass
     /// (`list_for_write`): listed once however many deliveries it gets.
     write_listed: Cell<bool>,
-    /// When the connection was accepted.
-    connected_since: SystemTime,
+    /// When the connection was accepted, to the second (4 bytes: a
+    /// `SystemTime`'s 16 took `PeerConn` out of its size class).
+    connected_since: Since,
 }
 
 impl PeerConn {
@@ -101,11 +104,11 @@ impl PeerConn {
             state: Cell::new(SessionState::Connecting),
             keepalive_ms: Cell::new(millis(shard.config().keepalive)),
             routes_announced: Cell::new(0),
-            subscribed: RefCell::new(BTreeMap::new()),
+            subscribed: RefCell::new(VniMap::default()),
             subscribe_count: Cell::new(0),
             throttled: Cell::new(false),
             write_listed: Cell::new(false),
-            connected_since: SystemTime::now(),
+            connected_since: Since::now(),
         }
     }
 
@@ -240,14 +243,14 @@ impl PeerConn {
             shard,
             keepalive: Duration::from_millis(u64::from(self.keepalive_ms.get())),
             routes_announced: self.routes_announced.get(),
-            vnis_subscribed: self.subscribed.borrow().keys().copied().collect(),
+            vnis_subscribed: self.subscribed.borrow().keys().collect(),
             frames_in: traffic.frames_in,
             bytes_in: traffic.bytes_in,
             frames_out: traffic.frames_out,
             bytes_out: traffic.bytes_out,
             queued_bytes: out.queued_bytes(),
             throttled: self.throttled.get(),
-            connected_since: self.connected_since,
+            connected_since: self.connected_since.to_system_time(),
             grace_left: None,
         }
     }
@@ -283,7 +286,7 @@ struct ReaderState {
     /// Bytes → frames.
     decoder: FrameDecoder,
     /// Routes the peer announces, per VNI (withdrawn on disconnect).
-    announced: HashMap<Vni, RouteSet>,
+    announced: VniMap<RouteSet>,
     /// Routes an UNSUBSCRIBE took out of `announced` whose withdrawals the
     /// read loop still has to send (with `withdraw_all`, before it handles
     /// the peer's next message, so they stay in order).
@@ -409,7 +412,7 @@ fn start(
         session,
         handshake: Some(shard.admission().enter_handshake(conn.id)),
         decoder: FrameDecoder::new(),
-        announced: HashMap::new(),
+        announced: VniMap::default(),
         withdrawing: Vec::new(),
         policy,
         routed: false,
@@ -485,7 +488,7 @@ async fn finish(shard: Rc<ShardContext>, conn: Rc<PeerConn>, mut rs: ReaderState
     rs.session.close();
     conn.state.set(SessionState::Closed);
     let subscribed = std::mem::take(&mut *conn.subscribed.borrow_mut());
-    for vni in subscribed.into_keys() {
+    for vni in subscribed.keys() {
         shard.to_owner(vni, OwnerInput::Unsubscribe { peer: id, vni });
     }
     // Routes of an explicit UNSUBSCRIBE still being withdrawn go at once.
@@ -499,7 +502,13 @@ async fn finish(shard: Rc<ShardContext>, conn: Rc<PeerConn>, mut rs: ReaderState
         // `--peer-grace`: a ghost holds them for a while (not when the
         // server itself is shutting down: the tables go with it).
         Some(grace) if !shard.is_shutting_down() && !reason.is_peer_fault() => {
-            hold_as_ghost(&shard, id, conn.addr, announced, grace);
+            hold_as_ghost(
+                &shard,
+                id,
+                conn.addr,
+                announced.into_iter().collect(),
+                grace,
+            );
         }
         _ => {
             for (vni, routes) in announced {
@@ -841,7 +850,7 @@ fn reapply_policy(
         });
         if refused.len() > 0 {
             withdrawn += refused.len();
-            rs.withdrawing.push((*vni, refused));
+            rs.withdrawing.push((vni, refused));
         }
     }
     rs.announced.retain(|_, set| set.len() > 0);
@@ -851,7 +860,6 @@ fn reapply_policy(
         .subscribed
         .borrow()
         .keys()
-        .copied()
         .filter(|v| !policy.allows_subscribe(*v))
         .collect();
     for vni in &dropped {
@@ -949,7 +957,7 @@ fn on_announce(
         };
         return Err(over_limit(conn, "routes announced", max, flag));
     }
-    if rs.announced.entry(vni).or_default().insert(route) {
+    if rs.announced.get_or_default(vni).insert(route) {
         conn.routes_announced.set(conn.routes_announced.get() + 1);
         tracing::debug!(%route, "ADD");
         shard.to_owner(
