@@ -298,20 +298,21 @@ impl<K: Hash + Eq + Copy, V> Parts<K, V> {
     }
 }
 
-/// A `RouteMap` key for an IPv4 route: the VNI (big-endian) and the
-/// route's key within it. 13 bytes, alignment 1.
-type V4MapKey = ([u8; 4], V4Key);
-/// A `RouteMap` key for an IPv6 route (25 bytes).
-type V6MapKey = ([u8; 4], V6Key);
-
-/// A map from routes (of any VNI) to `V`, holding each route as a compact
-/// key; see the module doc.
+/// A map from the routes of one VNI to `V`, holding each route as its
+/// compact key within the VNI (`V4Key`/`V6Key`, alignment 1) and the VNI
+/// once: with the VNI in every key (13 bytes an IPv4 key instead of 9) a
+/// peer's million routes took ~5 MB more (issue #28). Every route a map
+/// holds has the VNI of its first one (its owner keys maps by VNI); a route
+/// of another VNI is never held: `contains_key` is false for it, `insert`
+/// refuses it.
 #[derive(Debug)]
 pub(crate) struct RouteMap<V> {
+    /// The VNI of the routes held (of the first inserted).
+    vni: Option<Vni>,
     /// IPv4 routes.
-    v4: Parts<V4MapKey, V>,
+    v4: Parts<V4Key, V>,
     /// IPv6 routes.
-    v6: Parts<V6MapKey, V>,
+    v6: Parts<V6Key, V>,
     /// The next hops of the routes held.
     hops: NextHopTable,
 }
@@ -319,6 +320,7 @@ pub(crate) struct RouteMap<V> {
 impl<V> Default for RouteMap<V> {
     fn default() -> RouteMap<V> {
         RouteMap {
+            vni: None,
             v4: Parts::default(),
             v6: Parts::default(),
             hops: NextHopTable::default(),
@@ -326,11 +328,10 @@ impl<V> Default for RouteMap<V> {
     }
 }
 
-/// The route a map key stands for.
-fn route_of(vni: &[u8; 4], key: TableKey, hops: &NextHopTable) -> Route {
+/// The route a map key of `vni` stands for.
+fn route_of(vni: Vni, key: TableKey, hops: &NextHopTable) -> Route {
     Route {
-        // The bytes were made from a valid `Vni`.
-        vni: Vni::from_low_bits(u32::from_be_bytes(*vni)),
+        vni,
         destination: key.destination(),
         next_hop: hops.hop(key.hop()),
     }
@@ -342,46 +343,52 @@ impl<V> RouteMap<V> {
         self.v4.len + self.v6.len
     }
 
-    /// The key `route` has here, if its next hop is known.
-    fn key_of(&self, route: &Route) -> Option<([u8; 4], TableKey)> {
+    /// The key `route` has here, if it is of this map's VNI and its next
+    /// hop is known.
+    fn key_of(&self, route: &Route) -> Option<TableKey> {
+        if self.vni != Some(route.vni) {
+            return None;
+        }
         let id = self.hops.id_of(&route.next_hop)?;
-        Some((
-            route.vni.get().to_be_bytes(),
-            TableKey::new(&route.destination, id),
-        ))
+        Some(TableKey::new(&route.destination, id))
     }
 
     /// Is `route` held?
     pub(crate) fn contains_key(&self, route: &Route) -> bool {
         match self.key_of(route) {
-            Some((vni, TableKey::V4(k))) => self.v4.contains_key(&(vni, k)),
-            Some((vni, TableKey::V6(k))) => self.v6.contains_key(&(vni, k)),
+            Some(TableKey::V4(k)) => self.v4.contains_key(&k),
+            Some(TableKey::V6(k)) => self.v6.contains_key(&k),
             None => false,
         }
     }
 
-    /// Sets `route` to `value`; the previous value, if any.
-    pub(crate) fn insert(&mut self, route: Route, value: V) -> Option<V> {
+    /// Sets `route` to `value`; `Ok` with the previous value, if any, or
+    /// `Err` with `value` back for a route of another VNI than the map's.
+    pub(crate) fn insert(&mut self, route: Route, value: V) -> Result<Option<V>, V> {
+        match self.vni {
+            None => self.vni = Some(route.vni),
+            Some(vni) if vni != route.vni => return Err(value),
+            Some(_) => {}
+        }
         // One lookup: take the next hop's id first, give the extra
         // reference back if the route was held already.
         let id = self.hops.acquire(route.next_hop);
-        let vni = route.vni.get().to_be_bytes();
         let old = match TableKey::new(&route.destination, id) {
-            TableKey::V4(k) => self.v4.insert((vni, k), value),
-            TableKey::V6(k) => self.v6.insert((vni, k), value),
+            TableKey::V4(k) => self.v4.insert(k, value),
+            TableKey::V6(k) => self.v6.insert(k, value),
         };
         if old.is_some() {
             self.hops.release(id);
         }
-        old
+        Ok(old)
     }
 
     /// Removes `route`; its value, if it was held.
     pub(crate) fn remove(&mut self, route: &Route) -> Option<V> {
-        let (vni, key) = self.key_of(route)?;
+        let key = self.key_of(route)?;
         let old = match key {
-            TableKey::V4(k) => self.v4.remove(&(vni, k)),
-            TableKey::V6(k) => self.v6.remove(&(vni, k)),
+            TableKey::V4(k) => self.v4.remove(&k),
+            TableKey::V6(k) => self.v6.remove(&k),
         };
         if old.is_some() {
             self.hops.release(key.hop());
@@ -391,15 +398,16 @@ impl<V> RouteMap<V> {
 
     /// Keeps only the entries for which `keep` is true.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route, &mut V) -> bool) {
+        let Some(vni) = self.vni else { return };
         let hops = &self.hops;
         let mut gone = Vec::new();
         self.v4.retain(
-            |(vni, k), v| keep(&route_of(vni, TableKey::V4(*k), hops), v),
-            |(_, k)| gone.push(v4_hop(k)),
+            |k, v| keep(&route_of(vni, TableKey::V4(*k), hops), v),
+            |k| gone.push(v4_hop(k)),
         );
         self.v6.retain(
-            |(vni, k), v| keep(&route_of(vni, TableKey::V6(*k), hops), v),
-            |(_, k)| gone.push(v6_hop(k)),
+            |k, v| keep(&route_of(vni, TableKey::V6(*k), hops), v),
+            |k| gone.push(v6_hop(k)),
         );
         for id in gone {
             self.hops.release(id);
@@ -409,10 +417,12 @@ impl<V> RouteMap<V> {
 
 /// The routes of a `RouteMap`, consumed.
 pub(crate) struct RouteMapIntoIter<V> {
+    /// The map's VNI (`None`: it never held a route).
+    vni: Option<Vni>,
     /// IPv4 entries left.
-    v4: std::iter::Flatten<std::vec::IntoIter<HashMap<V4MapKey, V, FastHash>>>,
+    v4: std::iter::Flatten<std::vec::IntoIter<HashMap<V4Key, V, FastHash>>>,
     /// IPv6 entries left.
-    v6: std::iter::Flatten<std::vec::IntoIter<HashMap<V6MapKey, V, FastHash>>>,
+    v6: std::iter::Flatten<std::vec::IntoIter<HashMap<V6Key, V, FastHash>>>,
     /// Next hops of both.
     hops: NextHopTable,
 }
@@ -421,11 +431,12 @@ impl<V> Iterator for RouteMapIntoIter<V> {
     type Item = (Route, V);
 
     fn next(&mut self) -> Option<(Route, V)> {
-        if let Some(((vni, k), v)) = self.v4.next() {
-            return Some((route_of(&vni, TableKey::V4(k), &self.hops), v));
+        let vni = self.vni?;
+        if let Some((k, v)) = self.v4.next() {
+            return Some((route_of(vni, TableKey::V4(k), &self.hops), v));
         }
-        let ((vni, k), v) = self.v6.next()?;
-        Some((route_of(&vni, TableKey::V6(k), &self.hops), v))
+        let (k, v) = self.v6.next()?;
+        Some((route_of(vni, TableKey::V6(k), &self.hops), v))
     }
 }
 
@@ -435,6 +446,7 @@ impl<V> IntoIterator for RouteMap<V> {
 
     fn into_iter(self) -> RouteMapIntoIter<V> {
         RouteMapIntoIter {
+            vni: self.vni,
             v4: self.v4.parts.into_iter().flatten(),
             v6: self.v6.parts.into_iter().flatten(),
             hops: self.hops,
@@ -447,7 +459,9 @@ impl<V> IntoIterator for RouteMap<V> {
 /// plain vector of exactly their number; past `FEW_ROUTES` the set becomes
 /// a `RouteMap`. A fleet of 19,000 peers × 5 routes held ~900 bytes per
 /// peer in maps (a boxed map, its next-hop table and per-family tables),
-/// 280 in vectors (issue #28).
+/// 280 in vectors (issue #28). A set holds routes of one VNI (a peer's
+/// sets are kept by VNI): `insert` refuses a route of another VNI than its
+/// first, as `RouteMap` does.
 #[derive(Debug, Default)]
 pub(crate) struct RouteSet {
     /// The routes, in one of two forms.
@@ -495,7 +509,7 @@ impl RouteSet {
     pub(crate) fn insert(&mut self, route: Route) -> bool {
         match &mut self.form {
             SetForm::Few(v) if v.len() < FEW_ROUTES => {
-                if v.contains(&route) {
+                if v.contains(&route) || v.first().is_some_and(|r| r.vni != route.vni) {
                     return false;
                 }
                 v.reserve_exact(1);
@@ -506,15 +520,18 @@ impl RouteSet {
                 if v.contains(&route) {
                     return false;
                 }
-                let mut map = Box::<RouteMap<()>>::default();
-                for r in v.drain(..) {
-                    map.insert(r, ());
+                if v.first().is_some_and(|r| r.vni != route.vni) {
+                    return false;
                 }
-                map.insert(route, ());
+                let mut map = Box::<RouteMap<()>>::default();
+                for r in v.drain(..).chain([route]) {
+                    // All of the set's VNI, checked above.
+                    let _ = map.insert(r, ());
+                }
                 self.form = SetForm::Many(map);
                 true
             }
-            SetForm::Many(m) => m.insert(route, ()).is_none(),
+            SetForm::Many(m) => matches!(m.insert(route, ()), Ok(None)),
         }
     }
 
@@ -602,7 +619,7 @@ mod tests {
     fn route(i: u32) -> Route {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i);
         Route::new(
-            Vni::new(1 + i % 2).unwrap(),
+            Vni::new(1).unwrap(),
             format!("{ip}/32").parse().unwrap(),
             NextHop::standard("2001:db8::1".parse().unwrap()),
         )
@@ -610,7 +627,7 @@ mod tests {
 
     fn v6_route(i: u32, hop: u8) -> Route {
         Route::new(
-            Vni::new(7).unwrap(),
+            Vni::new(1).unwrap(),
             format!("2001:db8:{i:x}::/64").parse().unwrap(),
             NextHop {
                 target: format!("2001:db8::{hop}").parse().unwrap(),
@@ -618,6 +635,37 @@ mod tests {
                 kind: NextHopKind::Nat { from: 10, to: 20 },
             },
         )
+    }
+
+    /// Is this `route(i)` of an odd `i`?
+    fn odd(r: &Route) -> bool {
+        match r.destination.addr() {
+            std::net::IpAddr::V4(a) => u32::from(a) % 2 == 1,
+            std::net::IpAddr::V6(_) => false,
+        }
+    }
+
+    #[test]
+    fn a_set_or_map_holds_routes_of_its_first_routes_vni_only() {
+        let other = |i: u32| Route {
+            vni: Vni::new(2).unwrap(),
+            ..route(i)
+        };
+        let mut s = RouteSet::default();
+        assert!(s.insert(route(1)));
+        assert!(!s.insert(other(2)), "another VNI, vector form");
+        assert!(!s.contains(&other(1)));
+        for i in 2..=FEW_ROUTES as u32 + 1 {
+            assert!(s.insert(route(i)));
+        }
+        assert!(matches!(s.form, SetForm::Many(_)));
+        assert!(!s.insert(other(1)), "another VNI, map form");
+        assert!(!s.contains(&other(1)) && !s.remove(&other(1)));
+        assert_eq!(s.len(), FEW_ROUTES + 1);
+        let mut m = RouteMap::default();
+        assert_eq!(m.insert(route(1), 1), Ok(None));
+        assert_eq!(m.insert(other(1), 2), Err(2));
+        assert_eq!(m.len(), 1);
     }
 
     #[test]
@@ -646,7 +694,7 @@ mod tests {
         for i in 0..6 {
             few.insert(route(i));
         }
-        let taken = few.take_if(|r| r.vni == Vni::new(1).unwrap());
+        let taken = few.take_if(|r| !odd(r));
         let mut got: Vec<Route> = taken.into_iter().collect();
         got.sort();
         assert_eq!(got, vec![route(0), route(2), route(4)]);
@@ -690,12 +738,12 @@ mod tests {
         let mut m = RouteMap::default();
         let n = SPLIT_AT as u32 * 2;
         for i in 0..n {
-            assert_eq!(m.insert(route(i), i), None);
+            assert_eq!(m.insert(route(i), i), Ok(None));
         }
-        assert_eq!(m.insert(route(7), 70), Some(7));
+        assert_eq!(m.insert(route(7), 70), Ok(Some(7)));
         assert_eq!(m.len(), n as usize);
-        // Route i has VNI 1 + i % 2: keep the VNI 2 ones.
-        m.retain(|r, _| r.vni == Vni::new(2).unwrap());
+        // Keep the odd-numbered ones.
+        m.retain(|r, _| odd(r));
         assert_eq!(m.len(), n as usize / 2);
         let mut got: Vec<(Route, u32)> = m.into_iter().collect();
         got.sort();
