@@ -46,6 +46,7 @@ use glommio::channels::shared_channel::{
     ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
 use glommio::net::TcpStream;
+use glommio::{Latency, Shares};
 use tracing::Instrument;
 
 use super::accept::{accept_loop, Handover};
@@ -508,15 +509,34 @@ fn start_tasks(
     glommio::spawn_local(sync_pump(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
     glommio::spawn_local(session_clock_task(shard.clone())).detach();
+    // Accepts run in a task queue of their own whose I/O is latency
+    // sensitive: glommio then preempts the shard's other tasks as soon as
+    // a connection is accepted, where in the shared queue an accept waited
+    // behind thousands of new sessions' handshakes and the backlog (4,096)
+    // overflowed while a region's hypervisors connected at once: each
+    // dropped SYN costs its peer a second (issue #28).
+    let accepts = glommio::executor().create_task_queue(
+        Shares::Static(1000),
+        Latency::Matters(ACCEPT_LATENCY),
+        "accept",
+    );
     for (listener, start) in listeners {
         let local = {
             let shard = shard.clone();
             move |msg| shard.handle_local(msg)
         };
         let listener = Listener::from_std(listener);
-        glommio::spawn_local(accept_loop(shard.ctx.clone(), listener, start, local)).detach();
+        let task = accept_loop(shard.ctx.clone(), listener, start, local);
+        if let Err(e) = glommio::spawn_local_into(task, accepts).map(|t| t.detach()) {
+            // The queue was just created on this executor: not expected.
+            tracing::error!(error = %e, shard = shard.ctx.index(), "accept loop not started");
+        }
     }
 }
+
+/// How soon an accepted connection is taken from the kernel when the shard
+/// is busy (see `start_tasks`).
+const ACCEPT_LATENCY: Duration = Duration::from_millis(5);
 
 /// Answers the handle's requests until it asks for shutdown (or is gone).
 /// Polled, so the handle needs no executor of its own.
