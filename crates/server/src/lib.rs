@@ -242,6 +242,7 @@ fn spawn_shard(
                 LocalExecutorBuilder::new(placement)
                     .name(&format!("mb-shard-{index}"))
                     .io_memory(SHARD_IO_MEMORY)
+                    .ring_depth(SHARD_RING_DEPTH)
                     .make()
             });
             match made {
@@ -344,6 +345,16 @@ fn memlock_hint(e: &glommio::GlommioError<()>) -> &'static str {
 /// glommio's 10 MiB default is pinned memory on every shard. 64 KiB is
 /// glommio's minimum.
 const SHARD_IO_MEMORY: usize = 64 << 10;
+/// Submission entries of each of a shard's io_uring rings (glommio's
+/// default is 128). The kernel sizes a ring's table of cancellable
+/// requests from it (2^(log2(completion entries) − 5) hash buckets, at
+/// most 256), and every pending socket read is such a request: with 128
+/// there were 8 buckets for 10,000s of idle sessions, and each
+/// cancellation (glommio re-arms its timers that way, several times per
+/// reactor turn) walked thousands of them: 45 % of the server's CPU while
+/// 19,500 peers connected, which took 8–23 s instead of 4–5 (issue #28).
+/// 2048 gives 128 buckets, for ~1 MiB of ring memory per shard.
+const SHARD_RING_DEPTH: usize = 2048;
 /// Pending connections the listening socket queues (see `listen_socket`).
 const LISTEN_BACKLOG: i32 = 4096;
 
