@@ -132,11 +132,14 @@ pub(crate) struct Shard {
     sync_wake: LocalEvent,
     /// This shard's peers.
     peers: RefCell<HashMap<PeerId, Rc<PeerConn>>>,
-    /// Peers the current delivery pass queued output for while their
-    /// writer was parked: written at the pass's end (`write_listed`), so a
-    /// peer's deliveries of one pass go out in one call and no writer task
+    /// Peers delivery passes queued output for while their writer was
+    /// parked: written by the shard's write task (`write_listed`), which
+    /// runs once the tasks already woken have run, so a peer's deliveries
+    /// of every pass in between go out in one call, and no writer task
     /// starts for output the socket takes at once.
     to_write: RefCell<Vec<Rc<PeerConn>>>,
+    /// Wakes the write task: `to_write` is no longer empty.
+    write_wake: LocalEvent,
 }
 
 impl Shard {
@@ -216,6 +219,7 @@ impl Shard {
     fn deliver(&self, d: &ShardDelivery) {
         let peers = self.peers.borrow();
         let mut to_write = self.to_write.borrow_mut();
+        let was_empty = to_write.is_empty();
         for id in d.recipients.iter() {
             if let Some(conn) = peers.get(id) {
                 if conn.deliver(d, &self.ctx) {
@@ -223,12 +227,15 @@ impl Shard {
                 }
             }
         }
+        if was_empty && !to_write.is_empty() {
+            self.write_wake.notify();
+        }
     }
 
-    /// The end of a delivery pass: writes what it queued for the listed
-    /// peers, each in one call where the socket takes it. When the pass
-    /// has run past glommio's preemption time, the rest are written by
-    /// writer tasks instead, so the shard's other tasks run first.
+    /// Writes what delivery passes queued for the listed peers, each in
+    /// one call where the socket takes it. When glommio's preemption time
+    /// has passed meanwhile, the rest are written by writer tasks instead,
+    /// so the shard's other tasks run first.
     fn write_listed(&self) {
         let listed = std::mem::take(&mut *self.to_write.borrow_mut());
         let mut late = false;
@@ -298,7 +305,6 @@ impl Shard {
             }
         }
         self.route(std::mem::take(out));
-        self.write_listed();
     }
 
     /// Copies the owned tables for the status pages, in steps of
@@ -431,6 +437,7 @@ pub(crate) async fn run(setup: ShardSetup) {
         sync_wake: LocalEvent::default(),
         peers: RefCell::new(HashMap::new()),
         to_write: RefCell::new(Vec::new()),
+        write_wake: LocalEvent::default(),
     });
     start_tasks(&shard, connected_senders, connected_receivers, listeners);
     let _ = ready.send(Ok(()));
@@ -507,6 +514,7 @@ fn start_tasks(
         glommio::spawn_local(flusher(shard.clone(), dest, sender)).detach();
     }
     glommio::spawn_local(sync_pump(shard.clone())).detach();
+    glommio::spawn_local(write_task(shard.clone())).detach();
     glommio::spawn_local(memory_return(shard.clone())).detach();
     glommio::spawn_local(session_clock_task(shard.clone())).detach();
     // Accepts run in a task queue of their own whose I/O is latency
@@ -665,6 +673,24 @@ async fn session_clock_task(shard: Rc<Shard>) {
     }
 }
 
+/// Writes the output delivery passes queued for peers whose writer is
+/// parked (`Shard::write_listed`), after the tasks woken before it: a
+/// write per delivery pass made more, smaller writes than the per-peer
+/// writer tasks it replaced, which ran after every task woken before them
+/// (a 19,000-peer fleet converged ~20 % slower). Ends at shutdown.
+async fn write_task(shard: Rc<Shard>) {
+    while !shard.ctx.is_shutting_down() {
+        let wake = shard.write_wake.wait();
+        let stop = shard.ctx.shutdown_event().wait();
+        if shard.to_write.borrow().is_empty() {
+            future::or(wake, stop).await;
+            continue;
+        }
+        shard.write_listed();
+        glommio::yield_if_needed().await;
+    }
+}
+
 /// Sends SUBSCRIBE sync chunks, one per step, yielding between steps so the
 /// shard's other peers keep being served during a large sync. Waits for a
 /// wake-up (a chunk written, a new subscription) when no job can go on, and
@@ -684,7 +710,6 @@ async fn sync_pump(shard: Rc<Shard>) {
             (progressed, frees_at)
         };
         shard.route(out);
-        shard.write_listed();
         if progressed {
             future::yield_now().await;
         } else if let Some(at) = budget_frees_at {
