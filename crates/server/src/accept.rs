@@ -72,8 +72,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Connections taken from the backlog without io_uring after each io_uring
 /// accept, at most (`Listener::accept_ready`). One reactor turn per
 /// accepted connection let a region reconnecting at once overflow the
-/// backlog (19,500 peers: ~90 SYNs dropped, each retransmitted a second
-/// later, connect 4.1 s or 7.4 s by luck, issue #28).
+/// 4,096 backlog (19,500 peers: ~90 SYNs dropped, each retransmitted a
+/// second later, issue #28).
 const DRAIN_BACKLOG: usize = 128;
 
 /// A warning that would repeat many times a second (refused or failed

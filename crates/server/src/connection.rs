@@ -390,13 +390,12 @@ impl WriterState {
 }
 
 impl Connection {
-    /// Writes queued output at once, from the caller (the shard's delivery
-    /// pass, a reader with its replies), while the writer is parked: one
-    /// vectored `sendmsg` of up to `WRITE_BYTES`, no task. Starting a
-    /// writer task for every delivery to an idle peer cost a 2,000-peer
-    /// fleet ~30 % of its convergence and churn a task per delivery
-    /// (issue #28); the deliveries of one pass to one peer go out in one
-    /// call. True when nothing is left for a writer task: the queue is
+    /// Writes queued output at once, from the caller (the shard's write
+    /// task, a reader with its replies), while the writer is parked: one
+    /// vectored `sendmsg` of up to `WRITE_BYTES`, no task of its own. A
+    /// writer task started for every delivery to an idle peer cost churn a
+    /// task per delivery (issue #28); the deliveries queued for a peer
+    /// since the shard's write task last ran go out in one call. True when nothing is left for a writer task: the queue is
     /// drained, a writer task runs already, or the connection is closing.
     /// False when the socket did not take everything (the rest went back
     /// to the queue's front), more than one write waits, or the peer is
@@ -412,12 +411,8 @@ impl Connection {
         let WriterState { socket, pacer } = state;
         let wb = {
             let mut out = self.out.borrow_mut();
-            if !pacer.is_streaming() {
-                if !out.peer_reads_stream() {
-                    return !out.has_output();
-                }
-                tracing::debug!("peer declared it reads as a stream: output not paced");
-                pacer.stream();
+            if !streams(pacer, &out) {
+                return !out.has_output();
             }
             out.take_for_write(WRITE_BYTES, WRITE_PARTS)
         };
@@ -657,6 +652,16 @@ impl DrainWatch {
     }
 }
 
+/// Is the peer's output unpaced? It is once the peer has shown it reads as
+/// a stream, or declared so in its HELLO (then the pacer learns it here).
+fn streams(pacer: &mut ReaderPacer, out: &OutQueue) -> bool {
+    if !pacer.is_streaming() && out.peer_reads_stream() {
+        tracing::debug!("peer declared it reads as a stream: output not paced");
+        pacer.stream();
+    }
+    pacer.is_streaming()
+}
+
 /// What the writer does next.
 enum NextWrite {
     /// Write this (empty: nothing is queued).
@@ -669,11 +674,7 @@ enum NextWrite {
 /// whole frames within the pacing budget for one that is paced.
 fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: BorrowedFd<'_>) -> NextWrite {
     let mut out = conn.out.borrow_mut();
-    if !pacer.is_streaming() && out.peer_reads_stream() {
-        tracing::debug!("peer declared it reads as a stream: output not paced");
-        pacer.stream();
-    }
-    if pacer.is_streaming() {
+    if streams(pacer, &out) {
         return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
     }
     let Some(next) = out.next_frame_len() else {

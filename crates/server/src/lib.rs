@@ -350,8 +350,7 @@ const SHARD_IO_MEMORY: usize = 64 << 10;
 /// requests from it (2^(log2(completion entries) − 5) hash buckets, at
 /// most 256), and every pending socket read is such a request: with 128
 /// there were 8 buckets for 10,000s of idle sessions, and each
-/// cancellation (glommio re-arms its timers that way, several times per
-/// reactor turn) walked thousands of them: 45 % of the server's CPU while
+/// cancellation glommio submits walked thousands of them: 45 % of the server's CPU while
 /// 19,500 peers connected, which took 8–23 s instead of 4–5 (issue #28).
 /// 2048 gives 128 buckets, for ~1 MiB of ring memory per shard.
 const SHARD_RING_DEPTH: usize = 2048;

@@ -427,7 +427,8 @@ impl OutQueue {
     /// possibly: these are written whatever happens (an UNSUBSCRIBE does
     /// not drop them, `forget_vni`), only to a peer that reads as a stream
     /// (a paced write must start at a frame boundary). The batch's frames
-    /// were counted when it was taken; its sync markers follow the rest.
+    /// were counted when it was taken; its sync markers follow the rest
+    /// (and go at an UNSUBSCRIBE like any, the owner forgets the job then).
     pub fn put_back(&mut self, rest: &[Bytes], offset: usize, sync_written: &[SyncTag]) {
         for tag in sync_written.iter().rev() {
             self.items.push_front(OutItem::SyncChunkWritten(*tag));
@@ -638,6 +639,48 @@ mod tests {
         assert_eq!(wb.frames, 2, "the KEEPALIVE and the live frame stay");
         q.written(wb.bytes);
         assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn what_a_short_write_left_goes_first_whole_and_keeps_its_marker() {
+        let vni = Vni::new(1).unwrap();
+        for unsubscribed in [false, true] {
+            let mut q = OutQueue::new(PeerId::new(1, 1), 1 << 20);
+            q.push_sync(&batch(&[(Action::Add, 1), (Action::Add, 2)]), tag(vni));
+            let wb = q.take_for_write(1 << 20, 64);
+            assert_eq!(wb.sync_written, vec![tag(vni)]);
+            // The socket took 5 bytes: the rest goes back, mid-frame.
+            q.written(5);
+            q.put_back(&wb.parts, 5, &wb.sync_written);
+            q.push_fanout(&batch(&[(Action::Add, 3)]));
+            if unsubscribed {
+                // Unwritten sync chunks go, half a frame never does (the
+                // marker goes: the owner forgets the job at the UNSUBSCRIBE).
+                q.forget_vni(vni);
+            }
+            let rest = q.take_for_write(1 << 20, 64);
+            assert_eq!(&rest.parts[0][..], &wb.parts[0][5..], "the rest first");
+            let marker = if unsubscribed { vec![] } else { vec![tag(vni)] };
+            assert_eq!(rest.sync_written, marker, "its marker follows it");
+            let mut bytes = wb.parts[0][..5].to_vec();
+            for p in &rest.parts {
+                bytes.extend_from_slice(p);
+            }
+            let mut dec = FrameDecoder::new();
+            dec.extend(&bytes);
+            let mut got = Vec::new();
+            while let Some(Message::Update { route, .. }) = dec.next_message().unwrap() {
+                got.push(route);
+            }
+            assert_eq!(
+                got,
+                vec![route(1), route(2), route(3)],
+                "whole frames, in order"
+            );
+            assert_eq!(q.queued_bytes(), rest.bytes, "counted once");
+            q.written(rest.bytes);
+            assert!(!q.has_output());
+        }
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub(crate) struct PeerConn {
     subscribe_count: Cell<u32>,
     /// Waiting for its update rate (`UpdateBudget`) now: `/peers` says so.
     throttled: Cell<bool>,
-    /// Listed by its shard for the write at the end of the delivery pass
-    /// (`list_for_write`): listed once however many deliveries it gets.
+    /// Listed by its shard for the shard's write task (`list_for_write`):
+    /// listed once however many deliveries it gets meanwhile.
     write_listed: Cell<bool>,
     /// When the connection was accepted, to the second (4 bytes: a
     /// `SystemTime`'s 16 took `PeerConn` out of its size class).
@@ -142,8 +142,7 @@ impl PeerConn {
     }
 
     /// Queues a delivery from an owner and says whether the shard should
-    /// list the peer for the write at its pass's end (see
-    /// `list_for_write`). A live delivery that leaves the
+    /// list the peer for its write task (see `list_for_write`). A live delivery that leaves the
     /// queue past its limit has the VNI's owner catch the peer up from its
     /// table instead (once per subscription until the catch-up's first
     /// chunk arrives): the queue then holds what was already on its way,
@@ -205,8 +204,9 @@ impl PeerConn {
         self.list_for_write()
     }
 
-    /// Output was queued for the delivery pass: true when the shard should
-    /// list this peer for the write at the pass's end (`write_listed`).
+    /// Output was queued by a delivery: true when the shard should list
+    /// this peer for its write task (its writer is parked and it is not
+    /// listed yet).
     fn list_for_write(&self) -> bool {
         if self.write_listed.get()
             || !self.io.writer_parked()
@@ -218,15 +218,15 @@ impl PeerConn {
         true
     }
 
-    /// The end of the shard's delivery pass: writes what this pass queued
-    /// (`start_writer`).
-    pub(crate) fn write_after_pass(self: &Rc<Self>, shard: &Rc<ShardContext>) {
+    /// The shard's write task got to this listed peer: writes what the
+    /// deliveries queued (`start_writer`).
+    pub(crate) fn write_queued(self: &Rc<Self>, shard: &Rc<ShardContext>) {
         self.write_listed.set(false);
         start_writer(shard, self);
     }
 
-    /// Like `write_after_pass` when the pass has run long: a writer task
-    /// writes, so the shard's other tasks run first.
+    /// Like `write_queued` when the write task has run long: a writer
+    /// task writes, so the shard's other tasks run first.
     pub(crate) fn write_later(self: &Rc<Self>, shard: &Rc<ShardContext>) {
         self.write_listed.set(false);
         spawn_writer(shard, self);
@@ -336,9 +336,9 @@ pub(crate) async fn run(shard: Rc<ShardContext>, conn: Rc<PeerConn>, transport: 
 /// Writes output waiting for a parked writer (see the module doc): at
 /// once, as far as the socket takes it (`Connection::write_while_parked`),
 /// and what is left by a writer task, which parks itself again when the
-/// queue is drained. Called wherever output is queued: the end of the
-/// shard's delivery pass, and the read loop after the replies of a read
-/// (before it may wait for back-pressure).
+/// queue is drained. Called wherever output is queued: the shard's write
+/// task for the peers deliveries listed, and the read loop after the
+/// replies of a read (before it may wait for back-pressure).
 fn start_writer(shard: &Rc<ShardContext>, conn: &Rc<PeerConn>) {
     if !conn.io.out().borrow().has_output() || conn.io.write_while_parked(shard) {
         return;

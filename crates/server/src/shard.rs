@@ -70,8 +70,8 @@ const SNAPSHOT_STEP_ROUTES: usize = 16 * 1024;
 /// few milliseconds of table work; fan-out buffers fill at ~1,500 changes,
 /// so flushing this often does not shrink them).
 const HANDLE_CHUNK: usize = 4096;
-/// Capacity of the delivery pass's write list kept between passes (one
-/// pointer each): a fan-out to more peers allocates its list for the pass.
+/// Capacity of the write task's list kept between rounds (one pointer
+/// each): a fan-out to more peers allocates its list for the round.
 const KEEP_LISTED: usize = 4096;
 
 /// Requests from outside the shards (the `ServerHandle`).
@@ -237,18 +237,17 @@ impl Shard {
     /// has passed meanwhile, the rest are written by writer tasks instead,
     /// so the shard's other tasks run first.
     fn write_listed(&self) {
-        let listed = std::mem::take(&mut *self.to_write.borrow_mut());
+        let mut listed = std::mem::take(&mut *self.to_write.borrow_mut());
         let mut late = false;
-        for conn in &listed {
+        for conn in listed.drain(..) {
             late = late || glommio::executor().need_preempt();
             if late {
                 conn.write_later(&self.ctx);
             } else {
-                conn.write_after_pass(&self.ctx);
+                conn.write_queued(&self.ctx);
             }
         }
-        let mut listed = listed;
-        listed.clear();
+        // The emptied list's room serves the next round.
         let mut to_write = self.to_write.borrow_mut();
         if to_write.is_empty() && listed.capacity() <= KEEP_LISTED {
             *to_write = listed;
