@@ -526,6 +526,10 @@ fn routes_api_and_show_answer_who_announces_what_covers_an_address() {
         to("10.0.23.0/24", 3),
     );
     let a = announcer(listen, &[wide, narrow]);
+    // b announces only once a's routes are in: the announcers of a route
+    // are listed in the order they announced it, and a and b may sit on
+    // different shards.
+    vni_entry(http, 23, 2);
     let mut b = TestPeer::connect_from(listen, "127.0.0.2".parse().unwrap());
     b.handshake(60);
     b.keep_alive(Duration::from_secs(1));
