@@ -40,6 +40,30 @@ fn keep_heap_in_small_pages() {
     }
 }
 
+/// mimalloc's `mi_option_purge_delay` (`include/mimalloc.h`, the same
+/// place in its v2 and v3 option lists; `tests::purge_delay_is_that_option`
+/// checks it still is).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Returns heap memory freed in bulk to the kernel at once instead of a
+/// second later (mimalloc v3's default delay, 1,000 ms).
+///
+/// Buffers encoded on a VNI's owner shard are freed on the subscribers'
+/// shards; while the delay runs, the owner's heap takes fresh pages for
+/// the next batch, so a 1,000,000-route burst to 4 subscribers peaked at
+/// 68–80 MiB and with no delay at 57–59 MiB, as fast (BENCHMARKS "Issue
+/// #28, third sitting"). `MIMALLOC_PURGE_DELAY` in the environment
+/// (mimalloc's own switch) is left to win.
+fn return_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: sets one integer option of the allocator; mimalloc reads it
+    // each time it schedules a purge, so setting it while threads run is
+    // allowed (none run yet).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 /// MetalBond: distributes overlay routes between hypervisors.
 #[derive(Parser, Debug)]
 #[command(name = "metalbond", version = logging::LONG_VERSION, about)]
@@ -73,6 +97,7 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_heap_in_small_pages();
+    return_freed_memory_at_once();
     // `metalbond generate-docs DIR` (packaging): outside the clap definition
     // so that it appears in none of the pages and completions it writes.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -192,5 +217,24 @@ fn ignore_sighup() {
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP; it will end the process"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Option 15 holds 1,000 before anyone sets it: mimalloc v3's default
+    /// for `purge_delay` (`src/options.c`: 1,000 ms), and no neighbour's
+    /// (14 and 16 hold 1 and 0). Fails if a mimalloc upgrade moves the
+    /// option or its default.
+    #[test]
+    fn purge_delay_is_that_option() {
+        // SAFETY: reads one integer option of the allocator.
+        let value = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(
+            value,
+            1000,
+            "option {} is not mimalloc's purge_delay (or MIMALLOC_PURGE_DELAY is set)",
+            super::MI_OPTION_PURGE_DELAY
+        );
     }
 }
