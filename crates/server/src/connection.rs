@@ -48,13 +48,19 @@ use metalbond_utils::pacing::{self, Budget, ReaderPacer, TcpWindow};
 use metalbond_wire::codec::Message;
 use metalbond_wire::session::CloseReason;
 
-/// Heap read buffer of a peer whose reads filled the quiet buffer
-/// (`READ_BUF_QUIET`): the first step of its growth.
-pub(crate) const READ_BUF_MIN: usize = 4 * 1024;
+/// Heap read buffer of a peer whose read filled the quiet buffer
+/// (`READ_BUF_QUIET`): the first step of its growth. 1 KiB, not 4: a
+/// fleet peer's start (HELLO, SUBSCRIBE, a few UPDATEs, ~250 bytes) fits,
+/// and the buffer is held from that read to the next; when 19,000 peers
+/// started at once, 4 KiB each was 17 MiB of the server's peak (issue #28).
+const READ_BUF_FIRST: usize = 1024;
+/// A read shorter than this (or than a smaller buffer) ends a burst: the
+/// grown buffer goes back to the heap.
+const READ_BUF_MIN: usize = 4 * 1024;
 /// Read buffer of a peer streaming UPDATEs: the buffer grows ×4 up to this
 /// size while reads fill it, and goes back to the inline quiet buffer as
-/// soon as a read comes back short of `READ_BUF_MIN` (the burst is over) or
-/// the peer goes quiet (a session deadline fires).
+/// soon as a read comes back short of `READ_BUF_MIN` or of the buffer (the
+/// burst is over) or the peer goes quiet (a session deadline fires).
 const READ_BUF_MAX: usize = 64 * 1024;
 /// Bytes handed to one write at most.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -888,20 +894,20 @@ impl ReadBuf {
     }
 
     /// After a read of `n` bytes: grow when it filled the buffer; give a
-    /// grown buffer back when the read was shorter than `READ_BUF_MIN` (the
-    /// burst is over). A peer that announces a few dozen routes at start-up
-    /// used to keep 4 KiB until its next read, a keepalive interval later:
-    /// 8 MiB of a 2,000-peer fleet's start.
+    /// grown buffer back when the read was shorter than the buffer or than
+    /// `READ_BUF_MIN` (the burst is over). A peer that announces a few
+    /// dozen routes at start-up used to keep 4 KiB until its next read, a
+    /// keepalive interval later: 8 MiB of a 2,000-peer fleet's start.
     pub(crate) fn adapt(&mut self, n: usize) {
         let len = self.len();
         if n == len && len < READ_BUF_MAX {
             let next = if self.grown.is_empty() {
-                READ_BUF_MIN
+                READ_BUF_FIRST
             } else {
                 (len * 4).min(READ_BUF_MAX)
             };
             self.grown = vec![0u8; next];
-        } else if n < READ_BUF_MIN && !self.grown.is_empty() {
+        } else if n < len.min(READ_BUF_MIN) && !self.grown.is_empty() {
             self.grown = Vec::new();
         }
     }
@@ -970,11 +976,17 @@ mod tests {
             "a short read keeps the quiet buffer"
         );
         b.adapt(READ_BUF_QUIET);
-        assert_eq!(b.len(), READ_BUF_MIN, "a full quiet read moves to the heap");
+        assert_eq!(
+            b.len(),
+            READ_BUF_FIRST,
+            "a full quiet read moves to the heap"
+        );
         b.adapt(100);
         assert_eq!(b.len(), READ_BUF_QUIET, "a short read ends the burst");
         assert_eq!(b.grown.capacity(), 0);
         b.adapt(READ_BUF_QUIET);
+        b.adapt(READ_BUF_FIRST);
+        assert_eq!(b.len(), READ_BUF_MIN, "a full first step grows ×4");
         b.adapt(READ_BUF_MIN);
         assert_eq!(b.len(), READ_BUF_MIN * 4);
         b.adapt(READ_BUF_MIN * 4);
@@ -990,7 +1002,7 @@ mod tests {
             "a short read gives a grown buffer back"
         );
         b.adapt(READ_BUF_QUIET);
-        assert_eq!(b.len(), READ_BUF_MIN);
+        assert_eq!(b.len(), READ_BUF_FIRST);
         b.shrink();
         assert_eq!(
             b.len(),
