@@ -150,13 +150,19 @@ pub(crate) fn v6_hop(k: &V6Key) -> NextHopId {
 /// reused for another one (which, since no route holds it, changes no key
 /// in use; a key held elsewhere, such as a sync cursor, keeps its place in
 /// the order).
+///
+/// A table of up to `HOPS_BY_SCAN` next hops finds one by scanning `hops`;
+/// only a larger one keeps the hash index `ids`. A fleet's VNI has a
+/// next hop per hypervisor in it, a score or so: 1,000 such VNIs held
+/// ~1.2 MB of hash indexes (issue #28).
 #[derive(Debug, Default)]
 pub(crate) struct NextHopTable {
-    /// Next hop per id.
+    /// Next hop per id, each next hop at most once.
     hops: Vec<NextHop>,
     /// Routes holding each id.
     users: Vec<u32>,
-    /// Id per next hop, live or dormant.
+    /// Id per next hop, live or dormant, once `hops` is longer than
+    /// `HOPS_BY_SCAN` (empty before).
     ids: HashMap<NextHop, NextHopId, FastHash>,
     /// Ids whose count fell to zero, each listed once (`listed`); one that
     /// was revived since is skipped when popped.
@@ -165,10 +171,22 @@ pub(crate) struct NextHopTable {
     listed: Vec<bool>,
 }
 
+/// Next hops a `NextHopTable` finds by a scan: 32 comparisons of a few
+/// words cost about what hashing the next hop does.
+const HOPS_BY_SCAN: usize = 32;
+
 impl NextHopTable {
     /// The id of `hop` if it has one (live or dormant).
     pub(crate) fn id_of(&self, hop: &NextHop) -> Option<NextHopId> {
-        self.ids.get(hop).copied()
+        if self.hops.len() <= HOPS_BY_SCAN {
+            // At most 32 ids: the position fits.
+            self.hops
+                .iter()
+                .position(|h| h == hop)
+                .map(|i| NextHopId(i as u32))
+        } else {
+            self.ids.get(hop).copied()
+        }
     }
 
     /// The next hop of `id` (an id this table issued).
@@ -178,7 +196,7 @@ impl NextHopTable {
 
     /// One more route uses `hop`: its id.
     pub(crate) fn acquire(&mut self, hop: NextHop) -> NextHopId {
-        if let Some(id) = self.ids.get(&hop).copied() {
+        if let Some(id) = self.id_of(&hop) {
             self.users[id.0 as usize] += 1;
             return id;
         }
@@ -186,10 +204,12 @@ impl NextHopTable {
             let i = id.0 as usize;
             self.listed[i] = false;
             if self.users[i] == 0 {
-                self.ids.remove(&self.hops[i]);
+                if self.hops.len() > HOPS_BY_SCAN {
+                    self.ids.remove(&self.hops[i]);
+                    self.ids.insert(hop, id);
+                }
                 self.hops[i] = hop;
                 self.users[i] = 1;
-                self.ids.insert(hop, id);
                 return id;
             }
         }
@@ -198,7 +218,15 @@ impl NextHopTable {
         self.hops.push(hop);
         self.users.push(1);
         self.listed.push(false);
-        self.ids.insert(hop, id);
+        if self.hops.len() == HOPS_BY_SCAN + 1 {
+            // From now on by the index: every next hop, this one included.
+            self.ids = (0u32..)
+                .zip(&self.hops)
+                .map(|(i, h)| (*h, NextHopId(i)))
+                .collect();
+        } else if self.hops.len() > HOPS_BY_SCAN {
+            self.ids.insert(hop, id);
+        }
         id
     }
 
@@ -455,31 +483,68 @@ impl<V> IntoIterator for RouteMap<V> {
 }
 
 /// A set of routes; see the module doc. A peer announcing a few routes in
-/// a VNI (a fleet's hypervisors announce a handful each) holds them in a
+/// a VNI (a fleet's hypervisors announce a handful each, all through their
+/// own underlay address) holds their prefixes and, once, the VNI and the
+/// next hop (`OneHop`); a few routes through several next hops are a
 /// plain vector of exactly their number; past `FEW_ROUTES` the set becomes
 /// a `RouteMap`. A fleet of 19,000 peers × 5 routes held ~900 bytes per
 /// peer in maps (a boxed map, its next-hop table and per-family tables),
-/// 280 in vectors (issue #28). A set holds routes of one VNI (a peer's
-/// sets are kept by VNI): `insert` refuses a route of another VNI than its
-/// first, as `RouteMap` does.
+/// 280 in vectors of routes, 160 with one next hop (issue #28). A set
+/// holds routes of one VNI (a peer's sets are kept by VNI): `insert`
+/// refuses a route of another VNI than its first, as `RouteMap` does.
 #[derive(Debug, Default)]
 pub(crate) struct RouteSet {
-    /// The routes, in one of two forms.
+    /// The routes, in one of three forms.
     form: SetForm,
 }
 
-/// Most routes a `RouteSet` holds in its vector: a linear search over this
+/// Most routes a `RouteSet` holds in a vector: a linear search over this
 /// many is as quick as a hash look-up, and a peer cannot make it longer.
 const FEW_ROUTES: usize = 16;
 
-/// The two forms of a `RouteSet`.
+/// The three forms of a `RouteSet`.
 #[derive(Debug)]
 enum SetForm {
-    /// Up to `FEW_ROUTES` routes, unordered, capacity kept at their number.
+    /// Up to `FEW_ROUTES` routes through one next hop. Boxed: the VNI and
+    /// the next hop would make every set (a peer's first one sits in its
+    /// session task) 40 bytes larger.
+    OneHop(Box<OneHop>),
+    /// Up to `FEW_ROUTES` routes, unordered, capacity kept at their number
+    /// (none while empty).
     Few(Vec<Route>),
     /// More. Boxed: a peer's sets live in a map by VNI whose slots (spare
     /// ones included) would each hold the ~200-byte map inline.
     Many(Box<RouteMap<()>>),
+}
+
+/// Routes of one VNI through one next hop: 18 bytes a route instead of 56.
+#[derive(Debug)]
+struct OneHop {
+    /// The routes' VNI.
+    vni: Vni,
+    /// The routes' next hop.
+    hop: NextHop,
+    /// Their destinations, unordered, unique, capacity kept at their
+    /// number; never empty (an emptied set goes back to `Few`).
+    prefixes: Vec<IpNet>,
+}
+
+impl OneHop {
+    /// Does this set hold `route`?
+    fn holds(&self, route: &Route) -> bool {
+        route.vni == self.vni
+            && route.next_hop == self.hop
+            && self.prefixes.contains(&route.destination)
+    }
+
+    /// The routes, by value.
+    fn routes(&self) -> impl Iterator<Item = Route> + '_ {
+        self.prefixes.iter().map(|p| Route {
+            vni: self.vni,
+            destination: *p,
+            next_hop: self.hop,
+        })
+    }
 }
 
 impl Default for SetForm {
@@ -492,6 +557,7 @@ impl RouteSet {
     /// Routes held.
     pub(crate) fn len(&self) -> usize {
         match &self.form {
+            SetForm::OneHop(o) => o.prefixes.len(),
             SetForm::Few(v) => v.len(),
             SetForm::Many(m) => m.len(),
         }
@@ -500,44 +566,83 @@ impl RouteSet {
     /// Is `route` held?
     pub(crate) fn contains(&self, route: &Route) -> bool {
         match &self.form {
+            SetForm::OneHop(o) => o.holds(route),
             SetForm::Few(v) => v.contains(route),
             SetForm::Many(m) => m.contains_key(route),
         }
     }
 
-    /// Adds `route`; false if it was already held.
+    /// Adds `route`; false if it was already held (or is of another VNI).
     pub(crate) fn insert(&mut self, route: Route) -> bool {
         match &mut self.form {
-            SetForm::Few(v) if v.len() < FEW_ROUTES => {
-                if v.contains(&route) || v.first().is_some_and(|r| r.vni != route.vni) {
+            SetForm::Few(v) if v.is_empty() => {
+                self.form = SetForm::OneHop(Box::new(OneHop {
+                    vni: route.vni,
+                    hop: route.next_hop,
+                    prefixes: vec![route.destination],
+                }));
+                true
+            }
+            SetForm::OneHop(o) => {
+                if o.vni != route.vni || o.holds(&route) {
                     return false;
                 }
-                v.reserve_exact(1);
-                v.push(route);
+                if o.hop == route.next_hop && o.prefixes.len() < FEW_ROUTES {
+                    o.prefixes.reserve_exact(1);
+                    o.prefixes.push(route.destination);
+                    return true;
+                }
+                // Another next hop, or one route too many: the routes held
+                // and this one in the form their number calls for.
+                let held: Vec<Route> = o.routes().chain([route]).collect();
+                self.form = if held.len() <= FEW_ROUTES {
+                    SetForm::Few(held)
+                } else {
+                    SetForm::Many(Box::new(Self::map_of(held)))
+                };
                 true
             }
             SetForm::Few(v) => {
-                if v.contains(&route) {
+                if v.contains(&route) || v.first().is_some_and(|r| r.vni != route.vni) {
                     return false;
                 }
-                if v.first().is_some_and(|r| r.vni != route.vni) {
-                    return false;
+                if v.len() < FEW_ROUTES {
+                    v.reserve_exact(1);
+                    v.push(route);
+                } else {
+                    let held: Vec<Route> = v.drain(..).chain([route]).collect();
+                    self.form = SetForm::Many(Box::new(Self::map_of(held)));
                 }
-                let mut map = Box::<RouteMap<()>>::default();
-                for r in v.drain(..).chain([route]) {
-                    // All of the set's VNI, checked above.
-                    let _ = map.insert(r, ());
-                }
-                self.form = SetForm::Many(map);
                 true
             }
             SetForm::Many(m) => matches!(m.insert(route, ()), Ok(None)),
         }
     }
 
+    /// A map of `routes`, all of one VNI (checked by the caller).
+    fn map_of(routes: Vec<Route>) -> RouteMap<()> {
+        let mut map = RouteMap::default();
+        for r in routes {
+            let _ = map.insert(r, ());
+        }
+        map
+    }
+
     /// Removes `route`; false if it was not held.
     pub(crate) fn remove(&mut self, route: &Route) -> bool {
         match &mut self.form {
+            SetForm::OneHop(o) => {
+                if !o.holds(route) {
+                    return false;
+                }
+                o.prefixes.retain(|p| *p != route.destination);
+                if o.prefixes.is_empty() {
+                    self.form = SetForm::default();
+                } else {
+                    o.prefixes.shrink_to_fit();
+                }
+                true
+            }
             SetForm::Few(v) => match v.iter().position(|r| r == route) {
                 Some(i) => {
                     v.swap_remove(i);
@@ -555,6 +660,17 @@ impl RouteSet {
     pub(crate) fn take_if(&mut self, mut take: impl FnMut(&Route) -> bool) -> RouteSet {
         let mut taken = RouteSet::default();
         match &mut self.form {
+            SetForm::OneHop(_) => {
+                let mut kept = RouteSet::default();
+                for r in std::mem::take(self) {
+                    if take(&r) {
+                        taken.insert(r);
+                    } else {
+                        kept.insert(r);
+                    }
+                }
+                *self = kept;
+            }
             SetForm::Few(v) => {
                 v.retain(|r| {
                     if take(r) {
@@ -581,6 +697,15 @@ impl RouteSet {
 
 /// The routes of a `RouteSet`, by value.
 pub(crate) enum RouteSetIntoIter {
+    /// Of a set through one next hop.
+    OneHop {
+        /// The routes' VNI.
+        vni: Vni,
+        /// Their next hop.
+        hop: NextHop,
+        /// Their destinations.
+        prefixes: std::vec::IntoIter<IpNet>,
+    },
     /// Of a set in vector form.
     Few(std::vec::IntoIter<Route>),
     /// Of a set in map form (boxed: the map's iterator is several times
@@ -593,6 +718,11 @@ impl Iterator for RouteSetIntoIter {
 
     fn next(&mut self) -> Option<Route> {
         match self {
+            RouteSetIntoIter::OneHop { vni, hop, prefixes } => prefixes.next().map(|p| Route {
+                vni: *vni,
+                destination: p,
+                next_hop: *hop,
+            }),
             RouteSetIntoIter::Few(it) => it.next(),
             RouteSetIntoIter::Many(it) => it.next().map(|(r, ())| r),
         }
@@ -605,6 +735,14 @@ impl IntoIterator for RouteSet {
 
     fn into_iter(self) -> RouteSetIntoIter {
         match self.form {
+            SetForm::OneHop(o) => {
+                let OneHop { vni, hop, prefixes } = *o;
+                RouteSetIntoIter::OneHop {
+                    vni,
+                    hop,
+                    prefixes: prefixes.into_iter(),
+                }
+            }
             SetForm::Few(v) => RouteSetIntoIter::Few(v.into_iter()),
             SetForm::Many(m) => RouteSetIntoIter::Many(Box::new((*m).into_iter())),
         }
@@ -668,17 +806,29 @@ mod tests {
         assert_eq!(m.len(), 1);
     }
 
+    /// `route(i)` through next hop `2001:db8::{hop}` instead.
+    fn via(i: u32, hop: u16) -> Route {
+        Route {
+            next_hop: NextHop::standard(std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, 0, 0, 0, 0, hop,
+            ))),
+            ..route(i)
+        }
+    }
+
     #[test]
-    fn a_few_routes_are_a_vector_of_their_number_and_more_become_a_map() {
+    fn a_few_routes_are_their_prefixes_or_a_vector_of_their_number_and_more_become_a_map() {
         let mut s = RouteSet::default();
         for i in 0..FEW_ROUTES as u32 {
             assert!(s.insert(route(i)));
             assert!(!s.insert(route(i)), "second insert of {i}");
-            let SetForm::Few(v) = &s.form else {
-                panic!("{} routes are few", i + 1)
+            let SetForm::OneHop(o) = &s.form else {
+                panic!("{} routes through one next hop", i + 1)
             };
-            assert_eq!(v.capacity(), i as usize + 1, "no spare room");
+            assert_eq!(o.prefixes.capacity(), i as usize + 1, "no spare room");
         }
+        assert!(!s.contains(&via(3, 9)), "same prefix, another next hop");
+        assert!(!s.remove(&via(3, 9)));
         assert!(s.remove(&route(3)));
         assert!(!s.remove(&route(3)));
         assert!(!s.contains(&route(3)));
@@ -689,7 +839,43 @@ mod tests {
         assert!(!s.insert(route(5)), "held before the change of form");
         assert_eq!(s.len(), FEW_ROUTES + 1);
         assert!((0..FEW_ROUTES as u32).all(|i| s.contains(&route(i))));
-        // take_if in the vector form.
+
+        // A second next hop: a vector of routes, then a map.
+        let mut mixed = RouteSet::default();
+        assert!(mixed.insert(route(1)) && mixed.insert(route(2)));
+        assert!(mixed.insert(via(1, 9)), "same prefix, another next hop");
+        let SetForm::Few(v) = &mixed.form else {
+            panic!("two next hops are a vector")
+        };
+        assert_eq!(v.capacity(), 3);
+        assert!(mixed.contains(&route(1)) && mixed.contains(&via(1, 9)));
+        for i in 3..FEW_ROUTES as u32 {
+            assert!(mixed.insert(via(i, 9)));
+        }
+        assert!(matches!(mixed.form, SetForm::Few(_)));
+        assert!(mixed.insert(via(100, 9)));
+        assert!(matches!(mixed.form, SetForm::Many(_)));
+        assert_eq!(mixed.len(), FEW_ROUTES + 1);
+
+        // Emptied, a one-hop set holds nothing on the heap; a full one
+        // turns into a map when a second next hop comes.
+        let mut one = RouteSet::default();
+        assert!(one.insert(route(1)) && one.remove(&route(1)));
+        assert!(matches!(&one.form, SetForm::Few(v) if v.capacity() == 0));
+        for i in 0..FEW_ROUTES as u32 {
+            one.insert(route(i));
+        }
+        assert!(one.insert(via(0, 9)));
+        assert!(matches!(one.form, SetForm::Many(_)));
+        assert_eq!(one.len(), FEW_ROUTES + 1);
+        let mut back: Vec<Route> = one.into_iter().collect();
+        back.sort();
+        let mut want: Vec<Route> = (0..FEW_ROUTES as u32).map(route).collect();
+        want.push(via(0, 9));
+        want.sort();
+        assert_eq!(back, want);
+
+        // take_if in both small forms.
         let mut few = RouteSet::default();
         for i in 0..6 {
             few.insert(route(i));
@@ -701,6 +887,18 @@ mod tests {
         let mut left: Vec<Route> = few.into_iter().collect();
         left.sort();
         assert_eq!(left, vec![route(1), route(3), route(5)]);
+        let mut few = RouteSet::default();
+        for i in 0..6 {
+            few.insert(if i % 3 == 0 { via(i, 9) } else { route(i) });
+        }
+        assert!(matches!(few.form, SetForm::Few(_)));
+        let taken = few.take_if(|r| !odd(r));
+        let mut got: Vec<Route> = taken.into_iter().collect();
+        got.sort();
+        let mut want = vec![via(0, 9), route(2), route(4)];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(few.len(), 3);
     }
 
     #[test]
@@ -811,6 +1009,44 @@ mod tests {
             t.acquire(b);
         }
         assert!(t.free.len() <= 1);
+    }
+
+    #[test]
+    fn next_hops_are_found_alike_by_scan_and_by_index() {
+        let hop = |i: u16| {
+            NextHop::standard(std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, 0, 0, 0, 1, i,
+            )))
+        };
+        let mut t = NextHopTable::default();
+        let n = HOPS_BY_SCAN as u16 * 3;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(t.acquire(hop(i)));
+            assert_eq!(t.ids.is_empty(), usize::from(i) < HOPS_BY_SCAN, "{i}");
+            assert!((0..=i).all(|j| t.id_of(&hop(j)) == Some(ids[usize::from(j)])));
+            assert_eq!(t.id_of(&hop(i + 1)), None);
+        }
+        assert_eq!(t.ids.len(), usize::from(n));
+        // A dormant id reused by the index keeps it exact.
+        t.release(ids[5]);
+        let reused = t.acquire(hop(1000));
+        assert_eq!(reused, ids[5]);
+        assert_eq!(
+            (t.id_of(&hop(5)), t.id_of(&hop(1000))),
+            (None, Some(reused))
+        );
+        assert_eq!(t.ids.len(), usize::from(n));
+        // And by the scan.
+        let mut small = NextHopTable::default();
+        let a = small.acquire(hop(1));
+        small.release(a);
+        assert_eq!(small.acquire(hop(2)), a);
+        assert_eq!(
+            (small.id_of(&hop(1)), small.id_of(&hop(2))),
+            (None, Some(a))
+        );
+        assert!(small.ids.is_empty());
     }
 
     #[test]
