@@ -383,15 +383,25 @@ async fn handle(shard: &Rc<Shard>, cmd: Command) -> Reply {
 /// Opens sessions for `peers`, a limited number of connects at a time, and
 /// waits until each is ESTABLISHED, lost, or the deadline passes.
 async fn connect_all(shard: &Rc<Shard>, peers: &[PeerId], start: bool) -> Reply {
-    let concurrency = shard.shared.connect_concurrency.max(1);
-    for chunk in peers.chunks(concurrency) {
-        let tasks: Vec<_> = chunk
-            .iter()
-            .map(|p| glommio::spawn_local(connect_peer(shard.clone(), *p, start)))
-            .collect();
-        for t in tasks {
-            t.await;
-        }
+    // A window of `concurrency` attempts, refilled as each one ends (not
+    // chunks waited for whole: one slow attempt, a SYN retransmitted after
+    // a second, held up the 63 behind it).
+    let window = Rc::new(glommio::sync::Semaphore::new(
+        shard.shared.connect_concurrency.max(1) as u64,
+    ));
+    let mut tasks = Vec::with_capacity(peers.len());
+    for p in peers {
+        let Ok(permit) = window.acquire_static_permit(1).await else {
+            break; // the semaphore is never closed
+        };
+        let (shard, p) = (shard.clone(), *p);
+        tasks.push(glommio::spawn_local(async move {
+            connect_peer(shard, p, start).await;
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await;
     }
     loop {
         let pending = peers.iter().any(|p| {
