@@ -167,8 +167,12 @@ fn unread_at_a_subscriber_that_waits(reads_stream: bool) -> usize {
 /// which a Go peer neither sends nor minds): the server writes to them as
 /// fast as the socket takes, from the first byte. A peer that does not say
 /// so (every Go peer) is paced: far less than the Go reader's 64 KiB waits
-/// unread at it. (Measured: 126,976 bytes declared, 14,004 Go-like; before
-/// the declaration existed both were paced, before pacing both unpaced.)
+/// unread at it. (Measured: 126,976 bytes declared, 14,004 Go-like, once
+/// 37,260 with the machine busy; before the declaration existed both were
+/// paced, before pacing both unpaced.) The Go-like bound is the pacer's
+/// own: `PACED_UNREAD` plus the 24 KiB it leaves for the growth of the
+/// peer's window early on (`metalbond_utils::pacing`), under the 64 KiB a
+/// Go reader takes in one read.
 #[test]
 fn only_a_peer_that_declares_it_reads_as_a_stream_is_written_to_unpaced() {
     let declared = unread_at_a_subscriber_that_waits(true);
@@ -178,9 +182,10 @@ fn only_a_peer_that_declares_it_reads_as_a_stream_is_written_to_unpaced() {
         declared > GO_READ_BUFFER,
         "a declared stream reader was paced: {declared} bytes unread"
     );
+    let paced_bound = PACED_UNREAD as usize + 24 * 1024;
     assert!(
-        go_like < GO_READ_BUFFER / 2,
-        "a Go-like peer was not paced: {go_like} bytes unread"
+        go_like < paced_bound && paced_bound < GO_READ_BUFFER,
+        "a Go-like peer was not paced: {go_like} bytes unread (bound {paced_bound})"
     );
 }
 
