@@ -51,8 +51,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Buffers encoded on a VNI's owner shard are freed on the subscribers'
 /// shards; while the delay runs, the owner's heap takes fresh pages for
 /// the next batch, so a 1,000,000-route burst to 4 subscribers peaked at
-/// 68–80 MiB and with no delay at 57–59 MiB, as fast (BENCHMARKS "Issue
-/// #28, third sitting"). `MIMALLOC_PURGE_DELAY` in the environment
+/// 57–83 MiB (median 74) and with no delay at 55–68 MiB (median 59), as
+/// fast (BENCHMARKS "Issue #28, third sitting"). `MIMALLOC_PURGE_DELAY` in the environment
 /// (mimalloc's own switch) is left to win.
 fn return_freed_memory_at_once() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {

@@ -401,8 +401,10 @@ impl Connection {
     /// vectored `sendmsg` of up to `WRITE_BYTES`, no task of its own. A
     /// writer task started for every delivery to an idle peer cost churn a
     /// task per delivery (issue #28); the deliveries queued for a peer
-    /// since the shard's write task last ran go out in one call. True when nothing is left for a writer task: the queue is
-    /// drained, a writer task runs already, or the connection is closing.
+    /// since the shard's write task last ran go out in one call.
+    ///
+    /// True when nothing is left for a writer task: the queue is drained,
+    /// a writer task runs already, or the connection is closing.
     /// False when the socket did not take everything (the rest went back
     /// to the queue's front), more than one write waits, or the peer is
     /// paced (`pacing`: the writer task times its writes).

@@ -142,11 +142,11 @@ impl PeerConn {
     }
 
     /// Queues a delivery from an owner and says whether the shard should
-    /// list the peer for its write task (see `list_for_write`). A live delivery that leaves the
-    /// queue past its limit has the VNI's owner catch the peer up from its
-    /// table instead (once per subscription until the catch-up's first
-    /// chunk arrives): the queue then holds what was already on its way,
-    /// nothing per route the peer is behind.
+    /// list the peer for its write task (see `list_for_write`). A live
+    /// delivery that leaves the queue past its limit has the VNI's owner
+    /// catch the peer up from its table instead (once per subscription
+    /// until the catch-up's first chunk arrives): the queue then holds what
+    /// was already on its way, nothing per route the peer is behind.
     pub(crate) fn deliver(self: &Rc<Self>, d: &ShardDelivery, shard: &Rc<ShardContext>) -> bool {
         if self.io.is_closed() {
             return false;
