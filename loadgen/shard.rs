@@ -39,6 +39,7 @@ use metalbond_wire::session::{CloseReason, PeerSession, Reaction, Role};
 use metalbond_wire::Action;
 
 use crate::checker::{Difference, HeldRoutes};
+use crate::connect::{connect, SourceAddrs};
 use crate::plan::{PeerId, Plan, RouteId};
 
 /// Settings and state every shard and the controller share.
@@ -57,6 +58,8 @@ pub struct Shared {
     /// Connection attempts a shard has in flight at once (the server's
     /// accept backlog is finite).
     pub connect_concurrency: usize,
+    /// Where each peer's connection comes from.
+    pub sources: SourceAddrs,
     /// The run's time limit: nothing waits past it.
     pub deadline: Instant,
     /// Zero point of the send-time table.
@@ -445,7 +448,7 @@ async fn connect_peer(shard: Rc<Shard>, p: PeerId, start: bool) {
     let shared = &shard.shared;
     let mut delay = Duration::from_millis(20);
     let stream = loop {
-        let err = match TcpStream::connect_timeout(shared.server, Duration::from_secs(3)).await {
+        let err = match connect(shared.server, p, shared.sources, Duration::from_secs(3)).await {
             Ok(s) => break s,
             Err(e) => e.to_string(),
         };
