@@ -384,13 +384,22 @@ pub(crate) struct WriterState {
     /// The socket's writing half.
     socket: SocketWriter,
     /// Pacing of a peer that has not shown it reads as a stream.
-    pacer: ReaderPacer,
+    pacer: Pacing,
 }
+
+/// The writer's pacing: the pacer while the peer may still be paced,
+/// nothing once it streams (declared in its HELLO, proven by how it reads,
+/// or its window unknown to the kernel). Our clients declare it, so their
+/// sessions drop the pacer's ~200 bytes at their first write: 4 MiB of a
+/// 19,000-peer fleet (issue #28). A Go peer keeps it until it has proven
+/// itself.
+type Pacing = Option<Box<ReaderPacer>>;
 
 impl WriterState {
     /// The state of a new session's writer (reads the peer's TCP window).
     pub(crate) fn new(socket: SocketWriter) -> Box<WriterState> {
         let pacer = ReaderPacer::new(read_window(socket.fd()), Instant::now());
+        let pacer = (!pacer.is_streaming()).then(|| Box::new(pacer));
         Box::new(WriterState { socket, pacer })
     }
 }
@@ -474,14 +483,15 @@ impl Connection {
     fn count_written(
         &self,
         shard: &ShardContext,
-        pacer: &mut ReaderPacer,
+        pacing: &mut Pacing,
         wb: &WriteBatch,
         bytes: usize,
         calls: usize,
     ) {
         let now = Instant::now();
-        if pacer.wrote(bytes, now) {
+        if pacing.as_deref_mut().is_some_and(|p| p.wrote(bytes, now)) {
             tracing::debug!("peer reads as a stream: output no longer paced");
+            *pacing = None;
         }
         self.out.borrow_mut().written(bytes);
         self.frames_out
@@ -661,13 +671,19 @@ impl DrainWatch {
 }
 
 /// Is the peer's output unpaced? It is once the peer has shown it reads as
-/// a stream, or declared so in its HELLO (then the pacer learns it here).
-fn streams(pacer: &mut ReaderPacer, out: &OutQueue) -> bool {
-    if !pacer.is_streaming() && out.peer_reads_stream() {
+/// a stream, or declared so in its HELLO (learnt here): then the pacer is
+/// dropped.
+fn streams(pacing: &mut Pacing, out: &OutQueue) -> bool {
+    let Some(pacer) = pacing else {
+        return true;
+    };
+    if out.peer_reads_stream() {
         tracing::debug!("peer declared it reads as a stream: output not paced");
-        pacer.stream();
+    } else if !pacer.is_streaming() {
+        return false;
     }
-    pacer.is_streaming()
+    *pacing = None;
+    true
 }
 
 /// What the writer does next.
@@ -680,11 +696,15 @@ enum NextWrite {
 
 /// The next write: everything the socket takes for a peer that streams,
 /// whole frames within the pacing budget for one that is paced.
-fn next_write(conn: &Connection, pacer: &mut ReaderPacer, sock: BorrowedFd<'_>) -> NextWrite {
+fn next_write(conn: &Connection, pacing: &mut Pacing, sock: BorrowedFd<'_>) -> NextWrite {
     let mut out = conn.out.borrow_mut();
-    if streams(pacer, &out) {
+    if streams(pacing, &out) {
         return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
     }
+    // Not streaming: `streams` kept the pacer.
+    let Some(pacer) = pacing.as_deref_mut() else {
+        return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
+    };
     let Some(next) = out.next_frame_len() else {
         return NextWrite::Batch(out.take_frames(0, WRITE_PARTS));
     };
