@@ -90,8 +90,13 @@ pub struct Report {
     pub connect_retries: u64,
     /// Highest server RSS sampled during the run (`--server-pid`), bytes.
     pub server_rss_peak_bytes: Option<u64>,
-    /// The server's own high-water mark (VmHWM) at the end, bytes.
+    /// The server's own high-water mark (VmHWM) at the end of the run's
+    /// phases and check, before the simulated peers close, bytes.
     pub server_rss_hwm_bytes: Option<u64>,
+    /// VmHWM again once every simulated peer has closed, bytes: all of them
+    /// leaving at once (every route withdrawn and fanned out to those still
+    /// there) is a peak of its own, reported apart from the run's.
+    pub server_rss_hwm_after_close_bytes: Option<u64>,
     /// The server's RSS before the first peer connected, bytes: the base
     /// the per-route figure is measured from.
     pub server_rss_start_bytes: Option<u64>,
@@ -198,7 +203,11 @@ impl Report {
             let _ = write!(s, "; server RSS peak {:.1} MiB", mib(b));
         }
         if let Some(b) = self.server_rss_hwm_bytes {
-            let _ = write!(s, " (VmHWM {:.1} MiB)", mib(b));
+            let _ = write!(s, " (VmHWM {:.1} MiB", mib(b));
+            if let Some(c) = self.server_rss_hwm_after_close_bytes.filter(|&c| c > b) {
+                let _ = write!(s, "; {:.1} MiB once the peers closed", mib(c));
+            }
+            let _ = write!(s, ")");
         }
         if let Some(per_route) = self.server_bytes_per_route() {
             let _ = write!(s, "; {per_route:.0} B per route over the start");

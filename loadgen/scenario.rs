@@ -32,6 +32,10 @@ use crate::shard::{Command, Reply, Shared};
 /// is abandoned (shards stop waiting at the deadline themselves).
 const SHARD_GRACE: Duration = Duration::from_secs(10);
 
+/// How long the server's RSS must not rise after the peers closed before
+/// its high-water mark counts as final (`server_hwm_after_close`).
+const QUIET_AFTER_CLOSE: Duration = Duration::from_millis(500);
+
 /// Counter values at one instant, to measure a phase by difference.
 #[derive(Clone, Copy, Default, Debug)]
 struct Snapshot {
@@ -177,6 +181,26 @@ impl Controller {
         self.server_pid
             .as_deref()
             .and_then(|pid| proc_status_bytes(pid, "VmHWM"))
+    }
+
+    /// Waits (at most 5 s) until the server has taken in the closing of
+    /// every peer, then returns its VmHWM: done once its RSS has not risen
+    /// for half a second. The departures' peak comes a moment after the
+    /// sockets close, not when they do.
+    pub fn server_hwm_after_close(&self) -> Option<u64> {
+        let pid = self.server_pid.as_deref()?;
+        let start = Instant::now();
+        let mut high = proc_status_bytes(pid, "VmRSS")?;
+        let mut risen = start;
+        while start.elapsed() < Duration::from_secs(5) && risen.elapsed() < QUIET_AFTER_CLOSE {
+            std::thread::sleep(Duration::from_millis(20));
+            let rss = proc_status_bytes(pid, "VmRSS")?;
+            if rss > high {
+                high = rss;
+                risen = Instant::now();
+            }
+        }
+        self.server_hwm()
     }
 
     /// Sends one command per shard (`make(shard)`; `None` skips the shard)
