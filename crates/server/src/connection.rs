@@ -943,6 +943,38 @@ impl ReadBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metalbond_utils::pacing::TcpWindow;
+
+    fn paced() -> Pacing {
+        let window = TcpWindow {
+            acked: 0,
+            window: 65_535,
+            mss: 1_448,
+            unit: 1,
+        };
+        Some(Box::new(ReaderPacer::new(Some(window), Instant::now())))
+    }
+
+    #[test]
+    fn a_session_keeps_its_pacer_only_while_the_peer_may_be_paced() {
+        let mut out = OutQueue::new(PeerId::new(0, 1), 1 << 20);
+        let mut pacing = paced();
+        assert!(!streams(&mut pacing, &out), "a Go peer is paced");
+        assert!(pacing.is_some(), "and keeps its pacer");
+        out.mark_peer_reads_stream();
+        assert!(streams(&mut pacing, &out), "a declared stream is not paced");
+        assert!(pacing.is_none(), "and keeps no pacing state");
+        assert!(streams(&mut pacing, &out));
+
+        // One proven by its reads drops it as well.
+        let out = OutQueue::new(PeerId::new(0, 2), 1 << 20);
+        let mut pacing = paced();
+        if let Some(p) = pacing.as_deref_mut() {
+            p.stream();
+        }
+        assert!(streams(&mut pacing, &out));
+        assert!(pacing.is_none());
+    }
 
     #[test]
     fn a_peer_taking_a_trickle_is_stalled_one_taking_a_stream_is_not() {
