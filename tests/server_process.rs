@@ -177,13 +177,18 @@ fn a_restart_on_the_same_port_binds_at_once() {
     // on the same port straight away. The old process's listening socket
     // must not linger (an accept queued in io_uring used to keep it in
     // LISTEN after exit, so 1 restart in 5 to 15 failed with "in use").
-    // Listening is detected without connecting (a bind of our own fails),
-    // so the server's first accept is still queued when it is stopped.
-    let addr = free_port("127.0.0.1");
+    // Listening is detected without connecting and without binding (from
+    // /proc/net/tcp), so the server's first accept is still queued when it
+    // is stopped, and no probe of ours holds the port when it binds (a
+    // bind-and-drop probe did, for a moment every 10 ms).
+    // The port is outside the ephemeral range: between two rounds nothing
+    // holds it, and an ephemeral one was once handed to another test's
+    // outgoing connection meanwhile ("in use" in round 4).
+    let addr = free_port_outside_ephemeral("127.0.0.1");
     for round in 0..40 {
         let mut child = server(&["--listen", &addr.to_string(), "--shards", "2"]);
         let deadline = Instant::now() + WAIT;
-        while TcpListener::bind(addr).is_ok() {
+        while !listening_on(addr) {
             if child.0.try_wait().unwrap().is_some() {
                 panic!("restart {round} failed: {}", stderr_of(&mut child));
             }
@@ -196,6 +201,24 @@ fn a_restart_on_the_same_port_binds_at_once() {
         }
         assert!(wait_exit(&mut child).success(), "round {round}");
     }
+}
+
+/// Is a socket listening on IPv4 `addr`? From `/proc/net/tcp` (local
+/// address as little-endian hex, state `0A`), touching no socket.
+fn listening_on(addr: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("listening_on reads /proc/net/tcp: IPv4 only, not {addr}");
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        cols.nth(1) == Some(local.as_str()) && cols.nth(1) == Some("0A")
+    })
 }
 
 /// Starts a server on a free loopback port with stderr written to a file

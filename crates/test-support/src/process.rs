@@ -55,6 +55,34 @@ pub fn free_port(ip: &str) -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A free port on `ip` below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), for a test that leaves its port
+/// unbound between restarts: a port from `free_port` is an ephemeral one,
+/// and any test's outgoing connection may be given it meanwhile (then the
+/// restart fails with "in use"). Falls back to `free_port` when the range
+/// leaves no ports below it.
+pub fn free_port_outside_ephemeral(ip: &str) -> SocketAddr {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low <= 10_000 {
+        return free_port(ip);
+    }
+    // Start where other test processes are unlikely to: an offset from
+    // our pid, then walk the range.
+    let span = u32::from(low - 10_000);
+    let start = std::process::id() % span;
+    (0..span)
+        .map(|i| 10_000 + ((start + i) % span) as u16)
+        .find_map(|port| {
+            TcpListener::bind(format!("{ip}:{port}"))
+                .ok()
+                .and_then(|l| l.local_addr().ok())
+        })
+        .unwrap_or_else(|| free_port(ip))
+}
+
 /// `metalbond server ARGS`, stderr piped, stdout discarded.
 pub fn server(args: &[&str]) -> ChildGuard {
     server_command(args)
