@@ -76,7 +76,8 @@ pub async fn connect(
 /// connect time), awaited by repeating `connect(2)`: on loopback the
 /// handshake has almost always finished when the first call returns, so the
 /// timer rarely runs; a SYN the server's full backlog dropped is resent by
-/// the kernel and seen here within its retransmission time.
+/// the kernel and seen here within its retransmission time (the waits
+/// double from 1 to 50 ms).
 async fn connect_from(
     server: SocketAddr,
     source: Ipv4Addr,
@@ -87,7 +88,10 @@ async fn connect_from(
     socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
     socket.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
-    let mut wait = Duration::from_millis(1);
+    // The first look comes at once: the SYN-ACK of a loopback server is
+    // taken in when the first call returns, so the second call usually
+    // finds the connection made, and only a dropped SYN waits on the timer.
+    let mut wait = Duration::ZERO;
     loop {
         match socket.connect(&server.into()) {
             Ok(()) => break,
@@ -105,8 +109,10 @@ async fn connect_from(
                 "connection timed out",
             ));
         }
-        sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(50));
+        if !wait.is_zero() {
+            sleep(wait).await;
+        }
+        wait = (wait * 2).clamp(Duration::from_millis(1), Duration::from_millis(50));
     }
     // glommio drives its sockets through io_uring and expects them
     // blocking, as its own connect makes them.
