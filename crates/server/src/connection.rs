@@ -384,7 +384,7 @@ pub(crate) struct WriterState {
     /// The socket's writing half.
     socket: SocketWriter,
     /// Pacing of a peer that has not shown it reads as a stream.
-    pacer: Pacing,
+    pacing: Pacing,
 }
 
 /// The writer's pacing: the pacer while the peer may still be paced,
@@ -399,8 +399,8 @@ impl WriterState {
     /// The state of a new session's writer (reads the peer's TCP window).
     pub(crate) fn new(socket: SocketWriter) -> Box<WriterState> {
         let pacer = ReaderPacer::new(read_window(socket.fd()), Instant::now());
-        let pacer = (!pacer.is_streaming()).then(|| Box::new(pacer));
-        Box::new(WriterState { socket, pacer })
+        let pacing = (!pacer.is_streaming()).then(|| Box::new(pacer));
+        Box::new(WriterState { socket, pacing })
     }
 }
 
@@ -425,10 +425,10 @@ impl Connection {
         let Some(state) = parked.as_deref_mut() else {
             return true;
         };
-        let WriterState { socket, pacer } = state;
+        let WriterState { socket, pacing } = state;
         let wb = {
             let mut out = self.out.borrow_mut();
-            if !streams(pacer, &out) {
+            if paced(pacing, &out).is_some() {
                 return !out.has_output();
             }
             out.take_for_write(WRITE_BYTES, WRITE_PARTS)
@@ -458,7 +458,7 @@ impl Connection {
                 break;
             }
         }
-        self.count_written(shard, pacer, &wb, written, calls);
+        self.count_written(shard, pacing, &wb, written, calls);
         if at.0 < wb.parts.len() {
             self.out
                 .borrow_mut()
@@ -549,7 +549,7 @@ pub(crate) async fn write_loop(shard: &ShardContext, conn: &Connection, state: B
 async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mut WriterState) {
     let WriterState {
         socket: writer,
-        pacer,
+        pacing,
     } = state;
     let mut drain = DrainWatch::new();
     loop {
@@ -562,7 +562,7 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
             conn.close(reason);
             return;
         }
-        let wb = match next_write(conn, pacer, writer.fd()) {
+        let wb = match next_write(conn, pacing, writer.fd()) {
             NextWrite::Batch(wb) => wb,
             NextWrite::Wait(d) => {
                 // A peer that takes nothing meanwhile is cut off by
@@ -583,7 +583,7 @@ async fn write_until_drained(shard: &ShardContext, conn: &Connection, state: &mu
         }
         if !wb.parts.is_empty() {
             match write_parts(conn, writer, &wb.parts, shard, &mut drain).await {
-                Ok(calls) => conn.count_written(shard, pacer, &wb, wb.bytes, calls),
+                Ok(calls) => conn.count_written(shard, pacing, &wb, wb.bytes, calls),
                 Err(WriteFailed::AlreadyClosed) => return,
                 Err(WriteFailed::Close(reason)) => {
                     conn.close(reason);
@@ -670,20 +670,19 @@ impl DrainWatch {
     }
 }
 
-/// Is the peer's output unpaced? It is once the peer has shown it reads as
-/// a stream, or declared so in its HELLO (learnt here): then the pacer is
-/// dropped.
-fn streams(pacing: &mut Pacing, out: &OutQueue) -> bool {
-    let Some(pacer) = pacing else {
-        return true;
-    };
-    if out.peer_reads_stream() {
-        tracing::debug!("peer declared it reads as a stream: output not paced");
-    } else if !pacer.is_streaming() {
-        return false;
+/// The pacer of a peer whose output is still paced; `None` once the peer
+/// has shown it reads as a stream, or declared so in its HELLO (learnt
+/// here), and then the pacer is dropped.
+fn paced<'a>(pacing: &'a mut Pacing, out: &OutQueue) -> Option<&'a mut ReaderPacer> {
+    let streaming = out.peer_reads_stream() || pacing.as_deref()?.is_streaming();
+    if streaming {
+        if out.peer_reads_stream() {
+            tracing::debug!("peer declared it reads as a stream: output not paced");
+        }
+        *pacing = None;
+        return None;
     }
-    *pacing = None;
-    true
+    pacing.as_deref_mut()
 }
 
 /// What the writer does next.
@@ -698,11 +697,7 @@ enum NextWrite {
 /// whole frames within the pacing budget for one that is paced.
 fn next_write(conn: &Connection, pacing: &mut Pacing, sock: BorrowedFd<'_>) -> NextWrite {
     let mut out = conn.out.borrow_mut();
-    if streams(pacing, &out) {
-        return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
-    }
-    // Not streaming: `streams` kept the pacer.
-    let Some(pacer) = pacing.as_deref_mut() else {
+    let Some(pacer) = paced(pacing, &out) else {
         return NextWrite::Batch(out.take_for_write(WRITE_BYTES, WRITE_PARTS));
     };
     let Some(next) = out.next_frame_len() else {
@@ -945,7 +940,7 @@ mod tests {
     use super::*;
     use metalbond_utils::pacing::TcpWindow;
 
-    fn paced() -> Pacing {
+    fn go_peer_pacing() -> Pacing {
         let window = TcpWindow {
             acked: 0,
             window: 65_535,
@@ -958,21 +953,24 @@ mod tests {
     #[test]
     fn a_session_keeps_its_pacer_only_while_the_peer_may_be_paced() {
         let mut out = OutQueue::new(PeerId::new(0, 1), 1 << 20);
-        let mut pacing = paced();
-        assert!(!streams(&mut pacing, &out), "a Go peer is paced");
+        let mut pacing = go_peer_pacing();
+        assert!(paced(&mut pacing, &out).is_some(), "a Go peer is paced");
         assert!(pacing.is_some(), "and keeps its pacer");
         out.mark_peer_reads_stream();
-        assert!(streams(&mut pacing, &out), "a declared stream is not paced");
+        assert!(
+            paced(&mut pacing, &out).is_none(),
+            "a declared stream is not paced"
+        );
         assert!(pacing.is_none(), "and keeps no pacing state");
-        assert!(streams(&mut pacing, &out));
+        assert!(paced(&mut pacing, &out).is_none());
 
         // One proven by its reads drops it as well.
         let out = OutQueue::new(PeerId::new(0, 2), 1 << 20);
-        let mut pacing = paced();
+        let mut pacing = go_peer_pacing();
         if let Some(p) = pacing.as_deref_mut() {
             p.stream();
         }
-        assert!(streams(&mut pacing, &out));
+        assert!(paced(&mut pacing, &out).is_none());
         assert!(pacing.is_none());
     }
 
