@@ -45,10 +45,30 @@ impl SourceAddrs {
             _ => SourceAddrs::Kernel,
         }
     }
+
+    /// `self`, if this host lets a socket bind a per-peer source (a
+    /// sandbox may refuse the option or the address); else `Kernel`, said
+    /// once. Checked before the run, so that a host's refusal is not
+    /// retried per peer until the deadline and counted as the server's.
+    pub fn usable(self) -> SourceAddrs {
+        if self == SourceAddrs::Kernel {
+            return self;
+        }
+        match bound_socket(source_for(PeerId(0))) {
+            Ok(_) => self,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot bind a per-peer source address ({e}); every peer connects from the kernel's one"
+                );
+                SourceAddrs::Kernel
+            }
+        }
+    }
 }
 
 /// Peer `p`'s own loopback address: 127.1.0.1 for peer 0, 250 peers per
-/// third octet (the last octet stays 1–250), so 16,777,216 / 256 · 250 ≫
+/// third octet (the last octet stays 1–250) and 254 second octets, so
+/// 254 · 256 · 250 = 16,256,000 addresses before they repeat, far above
 /// any run's peers. Never 127.0.0.x, where the server and tests live.
 pub fn source_for(p: PeerId) -> Ipv4Addr {
     let n = p.0;
@@ -83,9 +103,7 @@ async fn connect_from(
     source: Ipv4Addr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    bind_address_no_port(&socket)?;
-    socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
+    let socket = bound_socket(source)?;
     socket.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
     // The first look comes at once: the SYN-ACK of a loopback server is
@@ -120,6 +138,14 @@ async fn connect_from(
     // SAFETY: the descriptor is a connected TCP socket this function owns;
     // `into_raw_fd` hands that ownership to the stream.
     Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// A TCP socket bound to `source`, its port left to the connect.
+fn bound_socket(source: Ipv4Addr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
+    Ok(socket)
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`: the bind fixes the address only, and the

@@ -163,10 +163,10 @@ struct CommonArgs {
     /// Connection attempts in flight per shard.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
-    /// Every peer connects from the kernel's one source address. Default
-    /// for a server on IPv4 loopback: each peer from its own 127.x.y.z, as
-    /// hypervisors each have theirs (one shared source makes the kernel's
-    /// ephemeral-port search the cost of a large connect).
+    /// Every peer connects from the kernel's one source address. Without
+    /// it, a server on IPv4 loopback is reached from a 127.x.y.z of each
+    /// peer's own, as hypervisors each have theirs (one shared source makes
+    /// the kernel's ephemeral-port search the cost of a large connect).
     #[arg(long)]
     single_source: bool,
     /// Receive buffer per peer in KiB (default: 64 up to 64 peers, 16 up to
@@ -329,7 +329,7 @@ fn run(cmd: ScenarioCmd, common: &CommonArgs) -> Result<Report, String> {
         keepalive: Duration::from_secs(common.keepalive),
         declare_stream: !common.go_hello,
         connect_concurrency: common.connect_concurrency,
-        sources: SourceAddrs::for_server(server, common.single_source),
+        sources: SourceAddrs::for_server(server, common.single_source).usable(),
         deadline: started + Duration::from_secs_f64(common.time_limit),
         epoch: started,
         counters: Counters::default(),

@@ -204,14 +204,15 @@ fn a_restart_on_the_same_port_binds_at_once() {
 }
 
 /// Is a socket listening on IPv4 `addr`? From `/proc/net/tcp` (local
-/// address as little-endian hex, state `0A`), touching no socket.
+/// address as the host-order hex of the network-order u32, state `0A`),
+/// touching no socket.
 fn listening_on(addr: SocketAddr) -> bool {
     let SocketAddr::V4(v4) = addr else {
         panic!("listening_on reads /proc/net/tcp: IPv4 only, not {addr}");
     };
     let local = format!(
         "{:08X}:{:04X}",
-        u32::from_le_bytes(v4.ip().octets()),
+        u32::from_ne_bytes(v4.ip().octets()),
         v4.port()
     );
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");

@@ -59,8 +59,9 @@ pub fn free_port(ip: &str) -> SocketAddr {
 /// (`net.ipv4.ip_local_port_range`), for a test that leaves its port
 /// unbound between restarts: a port from `free_port` is an ephemeral one,
 /// and any test's outgoing connection may be given it meanwhile (then the
-/// restart fails with "in use"). Falls back to `free_port` when the range
-/// leaves no ports below it.
+/// restart fails with "in use"). Takes one from 10,000 up to the range's
+/// start; falls back to `free_port` when the range starts at or below
+/// 10,000 or none there is free.
 pub fn free_port_outside_ephemeral(ip: &str) -> SocketAddr {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
