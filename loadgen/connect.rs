@@ -17,7 +17,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
@@ -152,14 +152,28 @@ fn bound_socket(source: Ipv4Addr) -> io::Result<Socket> {
 /// port is chosen at connect time for the whole 4-tuple (otherwise bind
 /// reserves a port of its own for every peer, as a listener would).
 fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid descriptor, and an option value of the size given.
+    // SAFETY: `socket` owns the descriptor and outlives the call
+    // (socket2 0.4's `Socket` has no `AsFd`).
+    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    set_int_option(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+/// `setsockopt(2)` of an integer option (socket2 0.4 has neither this
+/// one nor `TCP_QUICKACK`, which the floor sets).
+pub fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: a descriptor open for the borrow, and an option value of the
+    // size given.
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

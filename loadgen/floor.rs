@@ -23,7 +23,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ use clap::Args;
 use metalbond_wire::codec::{encode_frame, Message};
 use metalbond_wire::{Action, IpNet, NextHop, Route, Vni};
 use serde::Serialize;
+
+use crate::connect::set_int_option;
 
 /// Largest socket count (each process holds one descriptor per socket).
 const MAX_SOCKETS: usize = 100_000;
@@ -769,17 +771,8 @@ fn reader(args: &ReaderArgs) -> Result<(), String> {
 /// TCP_QUICKACK 0: the kernel delays this socket's next ACKs (it clears
 /// the mode by itself now and then, so it is set again after every read).
 fn no_quickack(s: &TcpStream) {
-    let zero: libc::c_int = 0;
-    // SAFETY: setsockopt on an open socket with a pointer to a local int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // A socket that refuses it is measured with quick ACKs, no worse.
+    let _ = set_int_option(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0);
 }
 
 fn say(out: &mut impl Write, line: &str) -> Result<(), String> {

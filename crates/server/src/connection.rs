@@ -674,9 +674,9 @@ impl DrainWatch {
 /// has shown it reads as a stream, or declared so in its HELLO (learnt
 /// here), and then the pacer is dropped.
 fn paced<'a>(pacing: &'a mut Pacing, out: &OutQueue) -> Option<&'a mut ReaderPacer> {
-    let streaming = out.peer_reads_stream() || pacing.as_deref()?.is_streaming();
-    if streaming {
-        if out.peer_reads_stream() {
+    let declared = out.peer_reads_stream();
+    if declared || pacing.as_deref()?.is_streaming() {
+        if declared {
             tracing::debug!("peer declared it reads as a stream: output not paced");
         }
         *pacing = None;
