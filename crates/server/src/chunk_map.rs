@@ -1,5 +1,7 @@
 //! `ChunkMap`: an ordered map of small `Copy` keys and values kept in
-//! sorted chunks of up to `CHUNK` entries, for the owner's route tables.
+//! sorted chunks of up to `CHUNK` entries, for the owner's route tables and
+//! a peer's large announcements (`route_set::RouteKeySet`, with `()` values:
+//! a zero-sized value takes no storage).
 //!
 //! Why not `BTreeMap`: its leaves hold 11 entries and a leaf split leaves
 //! both halves about half full, which is what ascending inserts (a peer
@@ -206,6 +208,26 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
         }
     }
 
+    /// Keeps the entries for which `keep` holds (in key order; a chunk left
+    /// empty is dropped, a thinned one gives back spare storage).
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        self.chunks.retain(|_, chunk| {
+            let mut kept = 0;
+            for i in 0..chunk.keys.len() {
+                if keep(&chunk.keys[i], &chunk.vals[i]) {
+                    chunk.keys[kept] = chunk.keys[i];
+                    chunk.vals[kept] = chunk.vals[i];
+                    kept += 1;
+                }
+            }
+            chunk.keys.truncate(kept);
+            chunk.vals.truncate(kept);
+            chunk.trim();
+            kept > 0
+        });
+        self.len = self.chunks.values().map(Chunk::len).sum();
+    }
+
     /// Changes every value in place (keys and order stay).
     pub fn for_each_value_mut(&mut self, mut f: impl FnMut(&mut V)) {
         for chunk in self.chunks.values_mut() {
@@ -241,6 +263,41 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
                 .copied()
                 .zip(chunk.vals[from..].iter().copied())
         })
+    }
+}
+
+/// The entries of a `ChunkMap`, consumed in key order; each chunk's storage
+/// is freed as soon as its entries are taken.
+pub struct ChunkMapIntoIter<K, V> {
+    /// Chunks not yet started.
+    chunks: std::collections::btree_map::IntoValues<K, Chunk<K, V>>,
+    /// The keys and values of the chunk being taken.
+    current: std::iter::Zip<std::vec::IntoIter<K>, std::vec::IntoIter<V>>,
+}
+
+impl<K, V> Iterator for ChunkMapIntoIter<K, V> {
+    type Item = (K, V);
+
+    fn next(&mut self) -> Option<(K, V)> {
+        loop {
+            if let Some(entry) = self.current.next() {
+                return Some(entry);
+            }
+            let chunk = self.chunks.next()?;
+            self.current = chunk.keys.into_iter().zip(chunk.vals);
+        }
+    }
+}
+
+impl<K, V> IntoIterator for ChunkMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = ChunkMapIntoIter<K, V>;
+
+    fn into_iter(self) -> ChunkMapIntoIter<K, V> {
+        ChunkMapIntoIter {
+            chunks: self.chunks.into_values(),
+            current: Vec::new().into_iter().zip(Vec::new()),
+        }
     }
 }
 
@@ -343,6 +400,28 @@ mod tests {
         }
         assert_eq!(m.len(), 0);
         assert!(m.chunks.is_empty());
+    }
+
+    /// `retain` and consuming iteration keep the order and the invariants.
+    #[test]
+    fn retain_and_into_iter_agree_with_an_ordered_map() {
+        let mut m: ChunkMap<u32, u64> = ChunkMap::default();
+        let mut reference: BTreeMap<u32, u64> = BTreeMap::new();
+        for (n, k) in scattered(10_000, 42).into_iter().enumerate() {
+            if m.insert_new(k, n as u64).is_ok() {
+                reference.insert(k, n as u64);
+            }
+        }
+        m.retain(|k, v| k % 3 != 0 && v % 2 == 0);
+        reference.retain(|k, v| k % 3 != 0 && *v % 2 == 0);
+        check_invariants(&m);
+        assert_eq!(m.len(), reference.len());
+        m.retain(|k, _| *k < 1_000);
+        reference.retain(|k, _| *k < 1_000);
+        check_invariants(&m);
+        assert!(m.into_iter().eq(reference.into_iter()));
+        let empty: ChunkMap<u32, u64> = ChunkMap::default();
+        assert_eq!(empty.into_iter().count(), 0);
     }
 
     /// Ascending inserts fill chunks completely: what makes this map

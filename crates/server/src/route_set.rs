@@ -1,12 +1,11 @@
-//! Compact route keys, and route-keyed sets and maps that grow without long
-//! pauses: what one peer announces in one VNI (`RouteSet`), and a slow
-//! route-keyed map behind it (`RouteMap`).
+//! Compact route keys, and the sets of routes one peer announces in one
+//! VNI (`RouteSet`, and `RouteKeySet` behind it for large announcements).
 //!
 //! Owns: the compact form of a route the server's big structures hold
 //! (`V4Key`/`V6Key`/`TableKey`: destination bytes, prefix length and a
 //! `NextHopId` instead of the 56-byte `Route`), the next-hop interning table
 //! behind it (`NextHopTable`: a fleet has few hypervisors, so a million
-//! routes share a handful of next hops), and `RouteMap`/`RouteSet`.
+//! routes share a handful of next hops), and `RouteKeySet`/`RouteSet`.
 //!
 //! Key bytes are big-endian, so the derived order of a key is the order of
 //! `(destination, next-hop id)`: for one VNI, IPv4 keys sort like the
@@ -15,38 +14,33 @@
 //! next hop. Anything that relies on an order (the owner's sync cursor)
 //! compares keys, never `Route`s against keys.
 //!
-//! Maps: a single `HashMap` doubles its table when it fills, and at a
-//! million routes that one insert moves the whole table into freshly
-//! faulted memory (~0.35 s measured on the shard thread with 56-byte keys,
-//! during which no other peer of the shard is served). Above `SPLIT_AT`
-//! routes a map is split into `PARTS` parts picked by a hash of their own,
-//! so a growth step moves at most 1/`PARTS` of the routes.
+//! Growth: a large set keeps its keys in sorted chunks (`ChunkMap`), so no
+//! insert moves more than one chunk; the hash tables it replaced doubled
+//! when they filled, and at a million routes one insert moved the whole
+//! table (~0.35 s on the shard thread with 56-byte keys) until they were
+//! split in parts.
 //!
-//! Hashing: foldhash with a per-map random seed instead of std's SipHash.
-//! Keys come from peers, so the hash must be seeded (a fixed hash such as
-//! FxHash would let a peer pick colliding routes); foldhash is seeded and
-//! several times faster on these short keys, and the number of routes a
-//! peer can put into one map is bounded by `--max-routes-per-peer` anyway.
+//! Hashing: the next-hop index (and the owner's side map of further
+//! announcers) hash with foldhash and a per-map random seed instead of
+//! std's SipHash. Keys come from peers, so the hash must be seeded (a fixed
+//! hash such as FxHash would let a peer pick colliding keys); foldhash is
+//! seeded and several times faster on short keys.
 //!
-//! Must never: change what a map holds when it splits, iterate in an order
-//! anyone relies on (there is none), or hand out a `NextHopId` to another
-//! table (ids mean something only in the table that issued them).
+//! Must never: iterate in an order anyone relies on beyond the key order
+//! documented here, or hand out a `NextHopId` to another table (ids mean
+//! something only in the table that issued them).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
+use super::chunk_map::{ChunkMap, ChunkMapIntoIter};
 use metalbond_wire::types::{IpNet, NextHop, Route, Vni};
 
-/// The seeded hasher of every route-keyed map here (see the module doc).
+/// The seeded hasher of the server's hash maps keyed by what peers send
+/// (see the module doc).
 pub(crate) type FastHash = foldhash::fast::RandomState;
-
-/// Routes a map holds before it is split into parts.
-const SPLIT_AT: usize = 16 * 1024;
-/// Parts of a split map (a power of two, at most 2^63).
-const PARTS: usize = 64;
 
 /// A next hop's number in one `NextHopTable`: 4 bytes in a key instead of
 /// the 28-byte `NextHop`.
@@ -247,116 +241,34 @@ impl NextHopTable {
     }
 }
 
-/// A hash map split in parts above `SPLIT_AT` entries (see the module doc).
-#[derive(Debug)]
-struct Parts<K, V> {
-    /// One part until `SPLIT_AT` entries, then `PARTS` parts.
-    parts: Vec<HashMap<K, V, FastHash>>,
-    /// Picks an entry's part once split. Separate from the parts' own
-    /// hashers, so the entries of one part still spread over its table.
-    pick: FastHash,
-    /// Entries in all parts.
-    len: usize,
-}
-
-impl<K, V> Default for Parts<K, V> {
-    fn default() -> Parts<K, V> {
-        Parts {
-            parts: vec![HashMap::default()],
-            pick: FastHash::default(),
-            len: 0,
-        }
-    }
-}
-
-impl<K: Hash + Eq + Copy, V> Parts<K, V> {
-    fn part(&self, key: &K) -> usize {
-        if self.parts.len() == 1 {
-            0
-        } else {
-            // The top bits: PARTS is a power of two.
-            (self.pick.hash_one(key) >> (64 - PARTS.trailing_zeros())) as usize
-        }
-    }
-
-    fn contains_key(&self, key: &K) -> bool {
-        self.parts[self.part(key)].contains_key(key)
-    }
-
-    fn insert(&mut self, key: K, value: V) -> Option<V> {
-        if self.parts.len() == 1 && self.len >= SPLIT_AT {
-            self.split();
-        }
-        let p = self.part(&key);
-        let old = self.parts[p].insert(key, value);
-        self.len += usize::from(old.is_none());
-        old
-    }
-
-    fn remove(&mut self, key: &K) -> Option<V> {
-        let p = self.part(key);
-        let old = self.parts[p].remove(key);
-        self.len -= usize::from(old.is_some());
-        old
-    }
-
-    /// Keeps the entries for which `keep` holds; calls `dropped` with each
-    /// other key.
-    fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool, mut dropped: impl FnMut(&K)) {
-        for part in &mut self.parts {
-            part.retain(|k, v| {
-                let kept = keep(k, v);
-                if !kept {
-                    dropped(k);
-                }
-                kept
-            });
-        }
-        self.len = self.parts.iter().map(HashMap::len).sum();
-    }
-
-    /// From one part to `PARTS` (moves `SPLIT_AT` entries once).
-    fn split(&mut self) {
-        let fresh = (0..PARTS).map(|_| HashMap::default()).collect();
-        let old = std::mem::replace(&mut self.parts, fresh);
-        for (key, v) in old.into_iter().flatten() {
-            let p = self.part(&key);
-            self.parts[p].insert(key, v);
-        }
-    }
-}
-
-/// A map from the routes of one VNI to `V`, holding each route as its
-/// compact key within the VNI (`V4Key`/`V6Key`, alignment 1) and the VNI
-/// once: with the VNI in every key (13 bytes an IPv4 key instead of 9) a
-/// peer's million routes took ~5 MB more (issue #28). Every route a map
-/// holds has the VNI of its first one (its owner keys maps by VNI); a route
-/// of another VNI is never held: `contains_key` is false for it, `insert`
-/// refuses it.
-#[derive(Debug)]
-pub(crate) struct RouteMap<V> {
+/// A set of one VNI's routes, each held as its compact key within the VNI
+/// (`V4Key`/`V6Key`) in sorted chunks (`ChunkMap`), with the VNI and the
+/// next hops once: what a peer announcing more than `FEW_ROUTES` routes in
+/// a VNI holds. Every route a set holds has the VNI of its first one (its
+/// owner keeps sets by VNI); a route of another VNI is never held:
+/// `contains` is false for it, `insert` refuses it.
+///
+/// Why chunks and not a hash table: a peer announces its routes once and
+/// the set is asked about them only on a change of that peer, so what
+/// counts is the bytes each route costs while it sits there. A hash table
+/// doubles when it fills and sits between 44 % and 88 % full: a
+/// million-route announcement held 16.1 MB in hash tables of 9-byte keys
+/// (48 % full); in chunks that an announcement in order fills completely
+/// it is ~10 bytes a route, and no insert ever moves more than one chunk
+/// (issue #28).
+#[derive(Debug, Default)]
+pub(crate) struct RouteKeySet {
     /// The VNI of the routes held (of the first inserted).
     vni: Option<Vni>,
     /// IPv4 routes.
-    v4: Parts<V4Key, V>,
+    v4: ChunkMap<V4Key, ()>,
     /// IPv6 routes.
-    v6: Parts<V6Key, V>,
+    v6: ChunkMap<V6Key, ()>,
     /// The next hops of the routes held.
     hops: NextHopTable,
 }
 
-impl<V> Default for RouteMap<V> {
-    fn default() -> RouteMap<V> {
-        RouteMap {
-            vni: None,
-            v4: Parts::default(),
-            v6: Parts::default(),
-            hops: NextHopTable::default(),
-        }
-    }
-}
-
-/// The route a map key of `vni` stands for.
+/// The route a set's key of `vni` stands for.
 fn route_of(vni: Vni, key: TableKey, hops: &NextHopTable) -> Route {
     Route {
         vni,
@@ -365,13 +277,13 @@ fn route_of(vni: Vni, key: TableKey, hops: &NextHopTable) -> Route {
     }
 }
 
-impl<V> RouteMap<V> {
+impl RouteKeySet {
     /// Routes held.
     pub(crate) fn len(&self) -> usize {
-        self.v4.len + self.v6.len
+        self.v4.len() + self.v6.len()
     }
 
-    /// The key `route` has here, if it is of this map's VNI and its next
+    /// The key `route` has here, if it is of this set's VNI and its next
     /// hop is known.
     fn key_of(&self, route: &Route) -> Option<TableKey> {
         if self.vni != Some(route.vni) {
@@ -382,101 +294,110 @@ impl<V> RouteMap<V> {
     }
 
     /// Is `route` held?
-    pub(crate) fn contains_key(&self, route: &Route) -> bool {
+    pub(crate) fn contains(&self, route: &Route) -> bool {
         match self.key_of(route) {
-            Some(TableKey::V4(k)) => self.v4.contains_key(&k),
-            Some(TableKey::V6(k)) => self.v6.contains_key(&k),
+            Some(TableKey::V4(k)) => self.v4.get(&k).is_some(),
+            Some(TableKey::V6(k)) => self.v6.get(&k).is_some(),
             None => false,
         }
     }
 
-    /// Sets `route` to `value`; `Ok` with the previous value, if any, or
-    /// `Err` with `value` back for a route of another VNI than the map's.
-    pub(crate) fn insert(&mut self, route: Route, value: V) -> Result<Option<V>, V> {
+    /// Adds `route`; false if it was held already or is of another VNI
+    /// than the set's.
+    pub(crate) fn insert(&mut self, route: Route) -> bool {
         match self.vni {
             None => self.vni = Some(route.vni),
-            Some(vni) if vni != route.vni => return Err(value),
+            Some(vni) if vni != route.vni => return false,
             Some(_) => {}
         }
-        // One lookup: take the next hop's id first, give the extra
+        // One look-up: take the next hop's id first, give the extra
         // reference back if the route was held already.
         let id = self.hops.acquire(route.next_hop);
-        let old = match TableKey::new(&route.destination, id) {
-            TableKey::V4(k) => self.v4.insert(k, value),
-            TableKey::V6(k) => self.v6.insert(k, value),
+        let added = match TableKey::new(&route.destination, id) {
+            TableKey::V4(k) => self.v4.insert_new(k, ()).is_ok(),
+            TableKey::V6(k) => self.v6.insert_new(k, ()).is_ok(),
         };
-        if old.is_some() {
+        if !added {
             self.hops.release(id);
         }
-        Ok(old)
+        added
     }
 
-    /// Removes `route`; its value, if it was held.
-    pub(crate) fn remove(&mut self, route: &Route) -> Option<V> {
-        let key = self.key_of(route)?;
-        let old = match key {
-            TableKey::V4(k) => self.v4.remove(&k),
-            TableKey::V6(k) => self.v6.remove(&k),
+    /// Removes `route`; false if it was not held.
+    pub(crate) fn remove(&mut self, route: &Route) -> bool {
+        let Some(key) = self.key_of(route) else {
+            return false;
         };
-        if old.is_some() {
+        let removed = match key {
+            TableKey::V4(k) => self.v4.remove(&k).is_some(),
+            TableKey::V6(k) => self.v6.remove(&k).is_some(),
+        };
+        if removed {
             self.hops.release(key.hop());
         }
-        old
+        removed
     }
 
-    /// Keeps only the entries for which `keep` is true.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route, &mut V) -> bool) {
+    /// Keeps only the routes for which `keep` is true.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route) -> bool) {
         let Some(vni) = self.vni else { return };
         let hops = &self.hops;
         let mut gone = Vec::new();
-        self.v4.retain(
-            |k, v| keep(&route_of(vni, TableKey::V4(*k), hops), v),
-            |k| gone.push(v4_hop(k)),
-        );
-        self.v6.retain(
-            |k, v| keep(&route_of(vni, TableKey::V6(*k), hops), v),
-            |k| gone.push(v6_hop(k)),
-        );
+        self.v4.retain(|k, ()| {
+            let kept = keep(&route_of(vni, TableKey::V4(*k), hops));
+            if !kept {
+                gone.push(v4_hop(k));
+            }
+            kept
+        });
+        self.v6.retain(|k, ()| {
+            let kept = keep(&route_of(vni, TableKey::V6(*k), hops));
+            if !kept {
+                gone.push(v6_hop(k));
+            }
+            kept
+        });
         for id in gone {
             self.hops.release(id);
         }
     }
 }
 
-/// The routes of a `RouteMap`, consumed.
-pub(crate) struct RouteMapIntoIter<V> {
-    /// The map's VNI (`None`: it never held a route).
+/// The routes of a `RouteKeySet`, consumed (IPv4 first, each family in key
+/// order).
+pub(crate) struct RouteKeySetIntoIter {
+    /// The set's VNI (`None`: it never held a route).
     vni: Option<Vni>,
-    /// IPv4 entries left.
-    v4: std::iter::Flatten<std::vec::IntoIter<HashMap<V4Key, V, FastHash>>>,
-    /// IPv6 entries left.
-    v6: std::iter::Flatten<std::vec::IntoIter<HashMap<V6Key, V, FastHash>>>,
+    /// IPv4 keys left.
+    v4: ChunkMapIntoIter<V4Key, ()>,
+    /// IPv6 keys left.
+    v6: ChunkMapIntoIter<V6Key, ()>,
     /// Next hops of both.
     hops: NextHopTable,
 }
 
-impl<V> Iterator for RouteMapIntoIter<V> {
-    type Item = (Route, V);
+impl Iterator for RouteKeySetIntoIter {
+    type Item = Route;
 
-    fn next(&mut self) -> Option<(Route, V)> {
+    fn next(&mut self) -> Option<Route> {
         let vni = self.vni?;
-        if let Some((k, v)) = self.v4.next() {
-            return Some((route_of(vni, TableKey::V4(k), &self.hops), v));
+        if let Some((k, ())) = self.v4.next() {
+            return Some(route_of(vni, TableKey::V4(k), &self.hops));
         }
-        let (k, v) = self.v6.next()?;
-        Some((route_of(vni, TableKey::V6(k), &self.hops), v))
+        let (k, ()) = self.v6.next()?;
+        Some(route_of(vni, TableKey::V6(k), &self.hops))
     }
 }
 
-impl<V> IntoIterator for RouteMap<V> {
-    type Item = (Route, V);
-    type IntoIter = RouteMapIntoIter<V>;
+impl IntoIterator for RouteKeySet {
+    type Item = Route;
+    type IntoIter = RouteKeySetIntoIter;
 
-    fn into_iter(self) -> RouteMapIntoIter<V> {
-        RouteMapIntoIter {
+    fn into_iter(self) -> RouteKeySetIntoIter {
+        RouteKeySetIntoIter {
             vni: self.vni,
-            v4: self.v4.parts.into_iter().flatten(),
-            v6: self.v6.parts.into_iter().flatten(),
+            v4: self.v4.into_iter(),
+            v6: self.v6.into_iter(),
             hops: self.hops,
         }
     }
@@ -487,11 +408,11 @@ impl<V> IntoIterator for RouteMap<V> {
 /// own underlay address) holds their prefixes and, once, the VNI and the
 /// next hop (`OneHop`); a few routes through several next hops are a
 /// plain vector of exactly their number; past `FEW_ROUTES` the set becomes
-/// a `RouteMap`. A fleet of 19,000 peers × 5 routes held ~900 bytes per
+/// a `RouteKeySet`. A fleet of 19,000 peers × 5 routes held ~900 bytes per
 /// peer in maps (a boxed map, its next-hop table and per-family tables),
 /// 280 in vectors of routes, 160 with one next hop (issue #28). A set
 /// holds routes of one VNI (a peer's sets are kept by VNI): `insert`
-/// refuses a route of another VNI than its first, as `RouteMap` does.
+/// refuses a route of another VNI than its first, as `RouteKeySet` does.
 #[derive(Debug, Default)]
 pub(crate) struct RouteSet {
     /// The routes, in one of three forms.
@@ -513,8 +434,8 @@ enum SetForm {
     /// (none while empty).
     Few(Vec<Route>),
     /// More. Boxed: a peer's sets live in a map by VNI whose slots (spare
-    /// ones included) would each hold the ~200-byte map inline.
-    Many(Box<RouteMap<()>>),
+    /// ones included) would each hold the ~200-byte key set inline.
+    Many(Box<RouteKeySet>),
 }
 
 /// Routes of one VNI through one next hop: 18 bytes a route instead of 56.
@@ -568,7 +489,7 @@ impl RouteSet {
         match &self.form {
             SetForm::OneHop(o) => o.holds(route),
             SetForm::Few(v) => v.contains(route),
-            SetForm::Many(m) => m.contains_key(route),
+            SetForm::Many(m) => m.contains(route),
         }
     }
 
@@ -615,15 +536,15 @@ impl RouteSet {
                 }
                 true
             }
-            SetForm::Many(m) => matches!(m.insert(route, ()), Ok(None)),
+            SetForm::Many(m) => m.insert(route),
         }
     }
 
     /// A map of `routes`, all of one VNI (checked by the caller).
-    fn map_of(routes: Vec<Route>) -> RouteMap<()> {
-        let mut map = RouteMap::default();
+    fn map_of(routes: Vec<Route>) -> RouteKeySet {
+        let mut map = RouteKeySet::default();
         for r in routes {
-            let _ = map.insert(r, ());
+            map.insert(r);
         }
         map
     }
@@ -651,7 +572,7 @@ impl RouteSet {
                 }
                 None => false,
             },
-            SetForm::Many(m) => m.remove(route).is_some(),
+            SetForm::Many(m) => m.remove(route),
         }
     }
 
@@ -682,7 +603,7 @@ impl RouteSet {
                 });
                 v.shrink_to_fit();
             }
-            SetForm::Many(m) => m.retain(|r, _| {
+            SetForm::Many(m) => m.retain(|r| {
                 if take(r) {
                     taken.insert(*r);
                     false
@@ -708,9 +629,9 @@ pub(crate) enum RouteSetIntoIter {
     },
     /// Of a set in vector form.
     Few(std::vec::IntoIter<Route>),
-    /// Of a set in map form (boxed: the map's iterator is several times
-    /// the vector's).
-    Many(Box<RouteMapIntoIter<()>>),
+    /// Of a set in key-set form (boxed: its iterator is several times the
+    /// vector's).
+    Many(Box<RouteKeySetIntoIter>),
 }
 
 impl Iterator for RouteSetIntoIter {
@@ -724,7 +645,7 @@ impl Iterator for RouteSetIntoIter {
                 next_hop: *hop,
             }),
             RouteSetIntoIter::Few(it) => it.next(),
-            RouteSetIntoIter::Many(it) => it.next().map(|(r, ())| r),
+            RouteSetIntoIter::Many(it) => it.next(),
         }
     }
 }
@@ -784,7 +705,7 @@ mod tests {
     }
 
     #[test]
-    fn a_set_or_map_holds_routes_of_its_first_routes_vni_only() {
+    fn a_set_holds_routes_of_its_first_routes_vni_only() {
         let other = |i: u32| Route {
             vni: Vni::new(2).unwrap(),
             ..route(i)
@@ -797,12 +718,13 @@ mod tests {
             assert!(s.insert(route(i)));
         }
         assert!(matches!(s.form, SetForm::Many(_)));
-        assert!(!s.insert(other(1)), "another VNI, map form");
+        assert!(!s.insert(other(1)), "another VNI, key-set form");
         assert!(!s.contains(&other(1)) && !s.remove(&other(1)));
         assert_eq!(s.len(), FEW_ROUTES + 1);
-        let mut m = RouteMap::default();
-        assert_eq!(m.insert(route(1), 1), Ok(None));
-        assert_eq!(m.insert(other(1), 2), Err(2));
+        let mut m = RouteKeySet::default();
+        assert!(m.insert(route(1)));
+        assert!(!m.insert(other(1)));
+        assert!(!m.contains(&other(1)) && !m.remove(&other(1)));
         assert_eq!(m.len(), 1);
     }
 
@@ -817,7 +739,7 @@ mod tests {
     }
 
     #[test]
-    fn a_few_routes_are_their_prefixes_or_a_vector_of_their_number_and_more_become_a_map() {
+    fn a_few_routes_are_their_prefixes_or_a_vector_of_their_number_and_more_a_key_set() {
         let mut s = RouteSet::default();
         for i in 0..FEW_ROUTES as u32 {
             assert!(s.insert(route(i)));
@@ -833,14 +755,14 @@ mod tests {
         assert!(!s.remove(&route(3)));
         assert!(!s.contains(&route(3)));
         assert!(s.insert(route(3)));
-        // One more than FEW_ROUTES: a map with every route.
+        // One more than FEW_ROUTES: a key set with every route.
         assert!(s.insert(route(100)));
         assert!(matches!(s.form, SetForm::Many(_)));
         assert!(!s.insert(route(5)), "held before the change of form");
         assert_eq!(s.len(), FEW_ROUTES + 1);
         assert!((0..FEW_ROUTES as u32).all(|i| s.contains(&route(i))));
 
-        // A second next hop: a vector of routes, then a map.
+        // A second next hop: a vector of routes, then a key set.
         let mut mixed = RouteSet::default();
         assert!(mixed.insert(route(1)) && mixed.insert(route(2)));
         assert!(mixed.insert(via(1, 9)), "same prefix, another next hop");
@@ -858,7 +780,7 @@ mod tests {
         assert_eq!(mixed.len(), FEW_ROUTES + 1);
 
         // Emptied, a one-hop set holds nothing on the heap; a full one
-        // turns into a map when a second next hop comes.
+        // turns into a key set when a second next hop comes.
         let mut one = RouteSet::default();
         assert!(one.insert(route(1)) && one.remove(&route(1)));
         assert!(matches!(&one.form, SetForm::Few(v) if v.capacity() == 0));
@@ -901,54 +823,58 @@ mod tests {
         assert_eq!(few.len(), 3);
     }
 
+    /// A large set, built in order and out of order, against a `BTreeSet`:
+    /// same answers, same routes back, and an in-order announcement fills
+    /// its chunks (what makes it ~10 bytes a route).
     #[test]
-    fn set_holds_the_same_routes_before_and_after_splitting() {
-        let mut s = RouteSet::default();
-        let n = SPLIT_AT as u32 * 3;
-        for i in 0..n {
-            assert!(s.insert(route(i)));
-            assert!(!s.insert(route(i)), "second insert of {i}");
+    fn a_large_set_holds_exactly_its_routes_in_any_insert_order() {
+        let n = 50_000u32;
+        // In order, then a scattered order (a multiplicative permutation).
+        let scattered: Vec<u32> = (0..n).map(|i| i.wrapping_mul(40_503) % n).collect();
+        for order in [(0..n).collect::<Vec<u32>>(), scattered] {
+            let mut s = RouteSet::default();
+            let mut reference = std::collections::BTreeSet::new();
+            for &i in &order {
+                assert!(s.insert(route(i)));
+                assert!(!s.insert(route(i)), "second insert of {i}");
+                reference.insert(route(i));
+            }
+            let SetForm::Many(set) = &s.form else {
+                panic!("a set of {n} routes is a key set")
+            };
+            assert_eq!(set.v4.len(), n as usize);
+            assert_eq!(s.len(), n as usize);
+            assert!((0..n).all(|i| s.contains(&route(i))));
+            assert!(!s.contains(&route(n)) && !s.contains(&via(1, 9)));
+            for i in (0..n).step_by(2) {
+                assert!(s.remove(&route(i)));
+                assert!(!s.remove(&route(i)));
+                reference.remove(&route(i));
+            }
+            assert_eq!(s.len(), reference.len());
+            let left: Vec<Route> = s.into_iter().collect();
+            assert_eq!(
+                left,
+                reference.into_iter().collect::<Vec<_>>(),
+                "in key order"
+            );
         }
-        let SetForm::Many(map) = &s.form else {
-            panic!("a set of {n} routes is a map")
-        };
-        assert_eq!(map.v4.parts.len(), PARTS, "split once past SPLIT_AT");
-        assert!(
-            map.v4.parts.iter().all(|p| !p.is_empty()),
-            "the routes spread over all parts"
-        );
-        assert_eq!(s.len(), n as usize);
-        assert!((0..n).all(|i| s.contains(&route(i))));
-        assert!(!s.contains(&route(n)));
-        for i in (0..n).step_by(2) {
-            assert!(s.remove(&route(i)));
-            assert!(!s.remove(&route(i)));
-        }
-        assert_eq!(s.len(), n as usize / 2);
-        let mut left: Vec<Route> = s.into_iter().collect();
-        left.sort();
-        let want: Vec<Route> = (1..n).step_by(2).map(route).collect();
-        assert_eq!(left, want);
     }
 
     #[test]
-    fn map_values_and_retain_across_parts() {
-        let mut m = RouteMap::default();
-        let n = SPLIT_AT as u32 * 2;
+    fn retain_releases_the_next_hops_of_what_it_drops() {
+        let mut m = RouteKeySet::default();
+        let n = 1_000u32;
         for i in 0..n {
-            assert_eq!(m.insert(route(i), i), Ok(None));
+            assert!(m.insert(if i % 2 == 1 { route(i) } else { via(i, 9) }));
         }
-        assert_eq!(m.insert(route(7), 70), Ok(Some(7)));
-        assert_eq!(m.len(), n as usize);
-        // Keep the odd-numbered ones.
-        m.retain(|r, _| odd(r));
-        assert_eq!(m.len(), n as usize / 2);
-        let mut got: Vec<(Route, u32)> = m.into_iter().collect();
-        got.sort();
-        let want: Vec<(Route, u32)> = (1..n)
-            .step_by(2)
-            .map(|i| (route(i), if i == 7 { 70 } else { i }))
-            .collect();
+        assert_eq!(m.hops.live(), 2);
+        // Keep the odd-numbered ones: every route through 2001:db8::9 goes.
+        m.retain(odd);
+        assert_eq!((m.len(), m.hops.live()), (n as usize / 2, 1));
+        assert!(!m.contains(&via(2, 9)) && m.contains(&route(3)));
+        let got: Vec<Route> = m.into_iter().collect();
+        let want: Vec<Route> = (1..n).step_by(2).map(route).collect();
         assert_eq!(got, want);
     }
 
