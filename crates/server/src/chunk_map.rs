@@ -208,10 +208,13 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
         }
     }
 
-    /// Keeps the entries for which `keep` holds (in key order; a chunk left
-    /// empty is dropped, a thinned one gives back spare storage).
+    /// Keeps the entries for which `keep` holds, in key order. Chunks left
+    /// empty are dropped and thinned neighbours merged (while two fit in
+    /// three quarters of one), so a map that kept a few of many entries
+    /// does not hold them one to a chunk.
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        self.chunks.retain(|_, chunk| {
+        let mut kept_chunks: Vec<(K, Chunk<K, V>)> = Vec::new();
+        for (index, mut chunk) in std::mem::take(&mut self.chunks) {
             let mut kept = 0;
             for i in 0..chunk.keys.len() {
                 if keep(&chunk.keys[i], &chunk.vals[i]) {
@@ -222,10 +225,22 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
             }
             chunk.keys.truncate(kept);
             chunk.vals.truncate(kept);
+            match kept_chunks.last_mut() {
+                _ if kept == 0 => {}
+                // Every key here is above the previous chunk's keys and
+                // below the next index key: appended, the order holds.
+                Some((_, previous)) if previous.len() + kept <= CHUNK * 3 / 4 => {
+                    previous.keys.extend_from_slice(&chunk.keys);
+                    previous.vals.extend_from_slice(&chunk.vals);
+                }
+                _ => kept_chunks.push((index, chunk)),
+            }
+        }
+        for (_, chunk) in &mut kept_chunks {
             chunk.trim();
-            kept > 0
-        });
-        self.len = self.chunks.values().map(Chunk::len).sum();
+        }
+        self.len = kept_chunks.iter().map(|(_, c)| c.len()).sum();
+        self.chunks = kept_chunks.into_iter().collect();
     }
 
     /// Changes every value in place (keys and order stay).
@@ -419,6 +434,13 @@ mod tests {
         m.retain(|k, _| *k < 1_000);
         reference.retain(|k, _| *k < 1_000);
         check_invariants(&m);
+        // Any two neighbours hold more than 3/4 of a chunk between them.
+        assert!(
+            m.chunks.len() <= m.len() / (CHUNK * 3 / 8) + 1,
+            "thinned chunks merged: {} chunks for {} keys",
+            m.chunks.len(),
+            m.len()
+        );
         assert!(m.into_iter().eq(reference.into_iter()));
         let empty: ChunkMap<u32, u64> = ChunkMap::default();
         assert_eq!(empty.into_iter().count(), 0);

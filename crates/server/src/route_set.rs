@@ -239,6 +239,12 @@ impl NextHopTable {
     pub(crate) fn live(&self) -> usize {
         self.users.iter().filter(|u| **u > 0).count()
     }
+
+    /// References held, over all next hops (one per route using one).
+    #[cfg(test)]
+    pub(crate) fn references(&self) -> usize {
+        self.users.iter().map(|u| *u as usize).sum()
+    }
 }
 
 /// A set of one VNI's routes, each held as its compact key within the VNI
@@ -338,6 +344,12 @@ impl RouteKeySet {
         removed
     }
 
+    /// Next-hop references held: equal to `len` while the counts are exact.
+    #[cfg(test)]
+    fn hop_users(&self) -> usize {
+        self.hops.references()
+    }
+
     /// Keeps only the routes for which `keep` is true.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Route) -> bool) {
         let Some(vni) = self.vni else { return };
@@ -420,7 +432,8 @@ pub(crate) struct RouteSet {
 }
 
 /// Most routes a `RouteSet` holds in a vector: a linear search over this
-/// many is as quick as a hash look-up, and a peer cannot make it longer.
+/// many is as quick as a look-up in sorted chunks, and a peer cannot make
+/// it longer.
 const FEW_ROUTES: usize = 16;
 
 /// The three forms of a `RouteSet`.
@@ -723,7 +736,8 @@ mod tests {
         assert_eq!(s.len(), FEW_ROUTES + 1);
         let mut m = RouteKeySet::default();
         assert!(m.insert(route(1)));
-        assert!(!m.insert(other(1)));
+        assert!(!m.insert(route(1)) && !m.insert(other(1)));
+        assert_eq!(m.hop_users(), 1, "a duplicate gives its reference back");
         assert!(!m.contains(&other(1)) && !m.remove(&other(1)));
         assert_eq!(m.len(), 1);
     }
@@ -852,6 +866,10 @@ mod tests {
                 reference.remove(&route(i));
             }
             assert_eq!(s.len(), reference.len());
+            let SetForm::Many(set) = &s.form else {
+                panic!("still a key set")
+            };
+            assert_eq!(set.hop_users(), set.len(), "a reference per route held");
             let left: Vec<Route> = s.into_iter().collect();
             assert_eq!(
                 left,
@@ -872,6 +890,7 @@ mod tests {
         // Keep the odd-numbered ones: every route through 2001:db8::9 goes.
         m.retain(odd);
         assert_eq!((m.len(), m.hops.live()), (n as usize / 2, 1));
+        assert_eq!(m.hop_users(), m.len(), "a reference per route held");
         assert!(!m.contains(&via(2, 9)) && m.contains(&route(3)));
         let got: Vec<Route> = m.into_iter().collect();
         let want: Vec<Route> = (1..n).step_by(2).map(route).collect();
