@@ -106,7 +106,11 @@ impl Server {
             .policy
             .as_ref()
             .map_or_else(Vec::new, |p| p.current().md5_keys());
+        // Keys before listen(): the kernel completes handshakes into the
+        // backlog as soon as a socket listens, so a peer of a keyed rule
+        // connecting in between would be accepted unsigned.
         let listener_keys = listener_keys::ListenerKeys::install(&listeners, &addrs, keys)?;
+        listen_all(&listeners, &addrs)?;
         let (senders, receivers) = shard_mesh(n);
         let config = Arc::new(config);
         // Listeners are spread over the shards; each remembers its place in
@@ -182,7 +186,8 @@ impl Server {
 }
 
 /// Binds every address of `--listen` (v6-only when there are several);
-/// returns the sockets and the addresses they got (a port 0 resolved).
+/// returns the sockets, not yet listening (`listen_all`), and the addresses
+/// they got (a port 0 resolved).
 fn bind_all(
     listen: &[SocketAddr],
 ) -> Result<(Vec<std::net::TcpListener>, Vec<SocketAddr>), ServerError> {
@@ -197,6 +202,27 @@ fn bind_all(
         listeners.push(l);
     }
     Ok((listeners, addrs))
+}
+
+/// Starts every bound socket listening.
+fn listen_all(
+    listeners: &[std::net::TcpListener],
+    addrs: &[SocketAddr],
+) -> Result<(), ServerError> {
+    for (l, addr) in listeners.iter().zip(addrs) {
+        // A region's hypervisors reconnect at once after a reflector
+        // restart: a connection the backlog has no room for waits for its
+        // SYN's retransmission (1 s, then 3 s). 4096 is the kernel's
+        // default cap (net.core.somaxconn); 1024 overflowed at ~19,500
+        // peers connecting.
+        socket2::SockRef::from(l)
+            .listen(LISTEN_BACKLOG)
+            .map_err(|source| ServerError::Listen {
+                addr: *addr,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Per shard, its senders to every other shard and its receivers from
@@ -286,8 +312,9 @@ fn await_shards(
     Ok(())
 }
 
-/// Binds a listening socket: SO_REUSEADDR, and v6-only for IPv6 when several
-/// addresses are given (so `[::]:4711` and `0.0.0.0:4711` can coexist).
+/// Binds a socket to listen on (`listen_all` starts it): SO_REUSEADDR, and
+/// v6-only for IPv6 when several addresses are given (so `[::]:4711` and
+/// `0.0.0.0:4711` can coexist).
 fn bind(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener, ServerError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| ServerError::Listen { addr, source };
@@ -302,11 +329,6 @@ fn bind(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener, Server
         sock.set_only_v6(true).map_err(err)?;
     }
     sock.bind(&addr.into()).map_err(err)?;
-    // A region's hypervisors reconnect at once after a reflector restart:
-    // a connection the backlog has no room for waits for its SYN's
-    // retransmission (1 s, then 3 s). 4096 is the kernel's default cap
-    // (net.core.somaxconn); 1024 overflowed at ~19,500 peers connecting.
-    sock.listen(LISTEN_BACKLOG).map_err(err)?;
     Ok(sock.into())
 }
 
