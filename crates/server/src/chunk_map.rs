@@ -26,6 +26,10 @@ use std::ops::Bound;
 
 /// Entries a chunk holds at most.
 const CHUNK: usize = 64;
+/// Most entries two neighbouring chunks may hold to be merged into one
+/// (after removals, or a `retain`): room is left for inserts, so a merged
+/// chunk does not split again at once.
+const MERGED_AT_MOST: usize = CHUNK * 3 / 4;
 
 /// Sorted keys and their values, `keys[i]` ↦ `vals[i]`.
 #[derive(Debug, Clone, Default)]
@@ -183,7 +187,7 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
     }
 
     /// The chunk at `index` became small: it takes in the next chunk if
-    /// both fit in three quarters of one, else gives back spare storage.
+    /// both fit in `MERGED_AT_MOST`, else gives back spare storage.
     fn merge_next_into(&mut self, index: K) {
         let next = self
             .chunks
@@ -192,7 +196,7 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
             .map(|(k, c)| (*k, c.len()));
         let len = self.chunks.get(&index).map_or(0, Chunk::len);
         match next {
-            Some((next_index, next_len)) if len + next_len <= CHUNK * 3 / 4 => {
+            Some((next_index, next_len)) if len + next_len <= MERGED_AT_MOST => {
                 if let Some(next) = self.chunks.remove(&next_index) {
                     if let Some(chunk) = self.chunks.get_mut(&index) {
                         chunk.keys.extend_from_slice(&next.keys);
@@ -210,7 +214,7 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
 
     /// Keeps the entries for which `keep` holds, in key order. Chunks left
     /// empty are dropped and thinned neighbours merged (while two fit in
-    /// three quarters of one), so a map that kept a few of many entries
+    /// `MERGED_AT_MOST`), so a map that kept a few of many entries
     /// does not hold them one to a chunk.
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
         let mut kept_chunks: Vec<(K, Chunk<K, V>)> = Vec::new();
@@ -229,7 +233,7 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
                 _ if kept == 0 => {}
                 // Every key here is above the previous chunk's keys and
                 // below the next index key: appended, the order holds.
-                Some((_, previous)) if previous.len() + kept <= CHUNK * 3 / 4 => {
+                Some((_, previous)) if previous.len() + kept <= MERGED_AT_MOST => {
                     previous.keys.extend_from_slice(&chunk.keys);
                     previous.vals.extend_from_slice(&chunk.vals);
                 }
@@ -434,9 +438,9 @@ mod tests {
         m.retain(|k, _| *k < 1_000);
         reference.retain(|k, _| *k < 1_000);
         check_invariants(&m);
-        // Any two neighbours hold more than 3/4 of a chunk between them.
+        // Any two neighbours hold more than MERGED_AT_MOST between them.
         assert!(
-            m.chunks.len() <= m.len() / (CHUNK * 3 / 8) + 1,
+            m.chunks.len() <= m.len() / (MERGED_AT_MOST / 2) + 1,
             "thinned chunks merged: {} chunks for {} keys",
             m.chunks.len(),
             m.len()
